@@ -1,0 +1,1 @@
+"""One module per algorithm; the registry in ``fastconv._dispatch`` lists them."""

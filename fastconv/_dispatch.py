@@ -1,0 +1,80 @@
+"""The algorithm registry and the resolution of ``algorithm=`` (``'auto'`` included).
+
+Each :class:`Algorithm` entry is complete: the three passes, ``supports`` and ``cost``.  A new
+algorithm is one module in ``_algorithms/`` plus one ``register`` line at the bottom of this file;
+tests and benchmarks parametrise over :func:`algorithms`, so they pick it up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ._algorithms import direct
+
+PASSES = ("forward", "grad_input", "grad_weight")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One convolution algorithm.
+
+    ``forward(x, w, b, p) -> y``, ``grad_input(gy, w, p) -> gx`` and ``grad_weight(gy, x, p) -> gw``
+    take validated arrays and :class:`~fastconv._validation.ConvParams`.  ``supports(p, pass_)``
+    returns ``None`` when the algorithm can serve that pass, else the reason in words.
+    ``cost(p, pass_)`` estimates seconds; ``'auto'`` picks the cheapest supported entry.
+    """
+
+    name: str
+    forward: Callable
+    grad_input: Callable
+    grad_weight: Callable
+    supports: Callable[..., Optional[str]]
+    cost: Callable[..., float]
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(alg: Algorithm) -> None:
+    _REGISTRY[alg.name] = alg
+
+
+def algorithms() -> tuple:
+    """Names of the registered convolution algorithms, e.g. ``('direct', ...)``.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> "direct" in fastconv.algorithms()
+    True
+    """
+    return tuple(_REGISTRY)
+
+
+def select(fn, algorithm, p, pass_) -> Algorithm:
+    """Resolve ``algorithm`` (a registered name or ``'auto'``) for one pass of one geometry.
+
+    An explicit name that cannot serve the case raises; it never falls back to another algorithm.
+    """
+    if not isinstance(algorithm, str):
+        raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
+    if algorithm == "auto":
+        best, best_cost = None, float("inf")
+        for alg in _REGISTRY.values():
+            if alg.supports(p, pass_) is None:
+                c = alg.cost(p, pass_)
+                if c < best_cost:
+                    best, best_cost = alg, c
+        return best  # 'direct' supports everything, so there is always one
+    alg = _REGISTRY.get(algorithm)
+    if alg is None:
+        names = ", ".join(repr(n) for n in ("auto",) + algorithms())
+        raise ValueError(f"{fn}: algorithm must be one of {names}, got {algorithm!r}")
+    reason = alg.supports(p, pass_)
+    if reason is not None:
+        raise ValueError(f"{fn}: algorithm={algorithm!r} cannot compute the {pass_} pass here: {reason}")
+    return alg
+
+
+register(Algorithm("direct", direct.forward, direct.grad_input, direct.grad_weight,
+                   direct.supports, direct.cost))

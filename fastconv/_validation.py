@@ -1,0 +1,323 @@
+"""Argument normalisation, output-size formulas and every user-facing error message.
+
+Public functions call one ``check_*`` function here; it returns contiguous arrays and a frozen
+parameter record, so nothing past this module re-validates.  Messages read
+``<function>: <argument> <rule>, got <value>``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------- arrays and scalars
+def as_float_array(fn, name, a, ndim, dtype=None):
+    """Check that ``a`` is a float32/float64 ndarray of ``ndim`` dims (and of ``dtype`` if given)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must have dtype float32 or float64, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got {a.ndim}-D array of shape {a.shape}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have the same dtype as the input ({dtype}), got {a.dtype}")
+    return a
+
+
+def _int(fn, name, v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+    return int(v)
+
+
+def pair(fn, name, v):
+    """Normalise an int or a pair of ints to a tuple of two Python ints."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+        return _int(fn, name, v[0]), _int(fn, name, v[1])
+    v = _int(fn, name, v)
+    return v, v
+
+
+def positive_pair(fn, name, v):
+    p = pair(fn, name, v)
+    if p[0] < 1 or p[1] < 1:
+        raise ValueError(f"{fn}: {name} must be positive, got {p}")
+    return p
+
+
+def nonnegative_pair(fn, name, v):
+    p = pair(fn, name, v)
+    if p[0] < 0 or p[1] < 0:
+        raise ValueError(f"{fn}: {name} must be non-negative, got {p}")
+    return p
+
+
+def _bool(fn, name, v):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {v!r}")
+    return bool(v)
+
+
+def shape4(fn, name, v):
+    """Normalise a user-given 4-D shape (N, C, H, W)."""
+    if not isinstance(v, (tuple, list)) or len(v) != 4:
+        raise ValueError(f"{fn}: {name} must be a shape (N, C, H, W), got {v!r}")
+    out = tuple(_int(fn, name, d) for d in v)
+    if min(out) < 0 or min(out[1:]) < 1:
+        raise ValueError(f"{fn}: {name} must have N >= 0 and positive C, H, W, got {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 40
+
+
+def check_memory(fn, what, nbytes):
+    """Refuse, before allocating, arrays that could not fit in this machine's memory."""
+    limit = _physical_memory()
+    if nbytes > limit:
+        raise ValueError(
+            f"{fn}: {what} would need {nbytes / 2**30:.1f} GiB, more than this machine's "
+            f"{limit / 2**30:.1f} GiB of memory"
+        )
+
+
+# --------------------------------------------------------------------------- geometry
+def conv_out_size(size, pad_total, kernel, stride, dilation):
+    """``floor((size + pad_total - dilation*(kernel-1) - 1) / stride) + 1`` (PyTorch's formula)."""
+    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pool_out_size(size, pad, kernel, stride, dilation, ceil_mode):
+    """PyTorch's pooling size: like convolution, rounding up under ``ceil_mode`` unless the last
+    window would start in the right padding."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """Frozen geometry of one convolution (Notation: n c h w input, k r s weight, g groups,
+    cg = c/g and kg = k/g per group, sh sw stride, ph0 ph1 pw0 pw1 top/bottom/left/right padding,
+    dh dw dilation, oh ow output)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    sh: int
+    sw: int
+    ph0: int
+    ph1: int
+    pw0: int
+    pw1: int
+    dh: int
+    dw: int
+    g: int
+    oh: int
+    ow: int
+    dtype: np.dtype
+
+    @property
+    def cg(self):
+        return self.c // self.g
+
+    @property
+    def kg(self):
+        return self.k // self.g
+
+    @property
+    def hp(self):
+        return self.h + self.ph0 + self.ph1
+
+    @property
+    def wp(self):
+        return self.w + self.pw0 + self.pw1
+
+    @property
+    def padded(self):
+        return self.ph0 or self.ph1 or self.pw0 or self.pw1
+
+    @property
+    def x_shape(self):
+        return (self.n, self.c, self.h, self.w)
+
+    @property
+    def w_shape(self):
+        return (self.k, self.cg, self.r, self.s)
+
+    @property
+    def y_shape(self):
+        return (self.n, self.k, self.oh, self.ow)
+
+    @property
+    def macs(self):
+        """Multiply-accumulates of the forward pass (each gradient costs the same)."""
+        return self.n * self.k * self.oh * self.ow * self.cg * self.r * self.s
+
+    @property
+    def itemsize(self):
+        return self.dtype.itemsize
+
+
+def _conv_padding(fn, padding, ks, stride, dilation):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{fn}: padding='same' requires stride 1, got stride={stride}")
+            pads = []
+            for k, d in zip(ks, dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))  # extra row/column at the end, as PyTorch
+            return pads[0], pads[1]
+        raise ValueError(f"{fn}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = nonnegative_pair(fn, "padding", padding)
+    return (ph, ph), (pw, pw)
+
+
+def conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups):
+    """Validate the geometry of a convolution and return its :class:`ConvParams`."""
+    n, c, h, w = x_shape
+    k, cg, r, s = w_shape
+    if min(w_shape) < 1:
+        raise ValueError(f"{fn}: weight must have positive dimensions (K, C/groups, R, S), got {tuple(w_shape)}")
+    if min(c, h, w) < 1:
+        raise ValueError(f"{fn}: input must have positive C, H and W, got shape {tuple(x_shape)}")
+    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"{fn}: groups must be an int, got {groups!r}")
+    groups = int(groups)
+    if groups < 1:
+        raise ValueError(f"{fn}: groups must be positive, got {groups}")
+    st = positive_pair(fn, "stride", stride)
+    dl = positive_pair(fn, "dilation", dilation)
+    if c != cg * groups:
+        raise ValueError(
+            f"{fn}: input channels must equal weight.shape[1] * groups ({cg} * {groups} = {cg * groups}), "
+            f"got {c} (input shape {tuple(x_shape)}, weight shape {tuple(w_shape)})"
+        )
+    if k % groups:
+        raise ValueError(f"{fn}: weight.shape[0] (out channels) must be divisible by groups={groups}, got {k}")
+    (ph0, ph1), (pw0, pw1) = _conv_padding(fn, padding, (r, s), st, dl)
+    oh = conv_out_size(h, ph0 + ph1, r, st[0], dl[0])
+    ow = conv_out_size(w, pw0 + pw1, s, st[1], dl[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"{fn}: dilated kernel must fit in the padded input: kernel "
+            f"({dl[0] * (r - 1) + 1} x {dl[1] * (s - 1) + 1}) after dilation {dl}, padded input "
+            f"({h + ph0 + ph1} x {w + pw0 + pw1}), got input {h}x{w}, kernel {r}x{s}, padding {padding!r}"
+        )
+    p = ConvParams(n, c, h, w, k, r, s, st[0], st[1], ph0, ph1, pw0, pw1, dl[0], dl[1], groups, oh, ow,
+                   np.dtype(dtype))
+    isz = p.itemsize
+    check_memory(fn, f"output of shape {p.y_shape} plus a padded copy of the input",
+                 isz * (n * k * oh * ow + n * c * p.hp * p.wp))
+    return p
+
+
+def check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups):
+    """Validate a forward call; returns ``(x, weight, bias, params)``."""
+    x = as_float_array(fn, "input", x, 4)
+    weight = as_float_array(fn, "weight", weight, 4, x.dtype)
+    if bias is not None:
+        bias = as_float_array(fn, "bias", bias, 1, x.dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (out channels), got {bias.shape}")
+    p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups)
+    return x, weight, bias, p
+
+
+def check_conv2d_backward(fn, grad_output, x, weight, stride, padding, dilation, groups):
+    """Validate a backward call; returns ``(grad_output, x, weight, params)``."""
+    x = as_float_array(fn, "input", x, 4)
+    weight = as_float_array(fn, "weight", weight, 4, x.dtype)
+    grad_output = as_float_array(fn, "grad_output", grad_output, 4, x.dtype)
+    p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups)
+    if grad_output.shape != p.y_shape:
+        raise ValueError(f"{fn}: grad_output must have the output's shape {p.y_shape}, got {grad_output.shape}")
+    return grad_output, x, weight, p
+
+
+# --------------------------------------------------------------------------- pooling
+@dataclass(frozen=True)
+class PoolParams:
+    """Frozen geometry of one pooling (kh kw window, sh sw stride, ph pw padding, dh dw dilation)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+    oh: int
+    ow: int
+
+    @property
+    def y_shape(self):
+        return (self.n, self.c, self.oh, self.ow)
+
+
+def pool_params(fn, x_shape, kernel_size, stride, padding, dilation, ceil_mode):
+    n, c, h, w = x_shape
+    if min(c, h, w) < 1:
+        raise ValueError(f"{fn}: input must have positive C, H and W, got shape {tuple(x_shape)}")
+    kh, kw = positive_pair(fn, "kernel_size", kernel_size)
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        sh, sw = kh, kw  # PyTorch: no stride (None or []) means stride = kernel_size
+    else:
+        sh, sw = positive_pair(fn, "stride", stride)
+    ph, pw = nonnegative_pair(fn, "padding", padding)
+    dh, dw = positive_pair(fn, "dilation", dilation)
+    ceil_mode = _bool(fn, "ceil_mode", ceil_mode)
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(
+            f"{fn}: padding must be at most half of kernel_size ({kh}, {kw}), got ({ph}, {pw})"
+        )
+    oh = pool_out_size(h, ph, kh, sh, dh, ceil_mode)
+    ow = pool_out_size(w, pw, kw, sw, dw, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"{fn}: output size must be positive: input {h}x{w} with kernel_size ({kh}, {kw}), "
+            f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}) gives {oh}x{ow}"
+        )
+    check_memory(fn, f"output of shape {(n, c, oh, ow)}", 16 * n * c * oh * ow)
+    return PoolParams(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
+
+
+def check_grad_like(fn, grad_output, shape, dtype=None):
+    grad_output = as_float_array(fn, "grad_output", grad_output, 4, dtype)
+    if grad_output.shape != tuple(shape):
+        raise ValueError(f"{fn}: grad_output must have the output's shape {tuple(shape)}, got {grad_output.shape}")
+    return grad_output
+
+
+def check_indices(fn, indices, shape):
+    if not isinstance(indices, np.ndarray):
+        raise TypeError(f"{fn}: indices must be a numpy.ndarray, got {type(indices).__name__}")
+    if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
+        raise TypeError(f"{fn}: indices must have an integer dtype, got {indices.dtype}")
+    if indices.shape != tuple(shape):
+        raise ValueError(f"{fn}: indices must have grad_output's shape {tuple(shape)}, got {indices.shape}")
+    return indices

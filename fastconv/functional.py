@@ -1,0 +1,298 @@
+"""Stateless public operations: validate, choose an algorithm, allocate, call a kernel.
+
+Semantics follow ``torch.nn.functional``: NCHW arrays, weights ``(K, C/groups, R, S)``, int-or-pair
+arguments, float32 or float64 (the output has the input's dtype).  Inputs are never modified, and
+non-contiguous or read-only arrays are accepted.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _validation as V
+from ._algorithms import pooling
+from ._algorithms.common import bias_grad
+from ._dispatch import select
+
+
+class Conv2dGrads(NamedTuple):
+    """Gradients of a convolution with respect to its input, weight and bias."""
+
+    grad_input: np.ndarray
+    grad_weight: np.ndarray
+    grad_bias: np.ndarray
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+    """2-D convolution (cross-correlation, as in deep learning) of a batch of images.
+
+    ``y[n, k, i, j] = b[k] + sum_{c, r, s} x_pad[n, g*C/groups + c, i*sh + r*dh, j*sw + s*dw] * w[k, c, r, s]``
+    where ``g = k // (K/groups)`` is the group of output channel ``k``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+    weight : ndarray, shape (K, C/groups, R, S), same dtype as ``x``
+    bias : ndarray, shape (K,), optional
+    stride, dilation : int or (int, int), positive
+    padding : int, (int, int), 'same' or 'valid'
+        Zeros added on both sides.  ``'same'`` (stride 1 only) keeps ``H x W``, padding
+        ``dilation*(R-1)`` in total with the extra row/column at the bottom/right, as PyTorch.
+    groups : int
+        ``C`` and ``K`` must be divisible by it; ``groups == C`` is a depthwise convolution.
+    algorithm : str
+        ``'auto'`` (cheapest eligible by the cost model) or a name from :func:`fastconv.algorithms`.
+
+    Returns
+    -------
+    y : ndarray, shape (N, K, OH, OW)
+        ``OH = floor((H + 2*ph - dh*(R-1) - 1) / sh) + 1`` and likewise ``OW``.
+
+    Raises
+    ------
+    TypeError
+        Non-ndarray or non-float inputs, mixed dtypes, non-int arguments.
+    ValueError
+        Bad shapes, channel/group mismatch, non-positive stride or dilation, negative padding, a
+        kernel larger than the padded input, an unknown algorithm or one that cannot serve the case.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> w = np.ones((1, 1, 3, 3), dtype=np.float32)
+    >>> fastconv.conv2d(x, w)[0, 0]
+    array([[45., 54.],
+           [81., 90.]], dtype=float32)
+    >>> fastconv.conv2d(x, w, padding="same").shape
+    (1, 1, 4, 4)
+    """
+    fn = "conv2d"
+    x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups)
+    alg = select(fn, algorithm, p, "forward")
+    if p.n == 0:
+        return np.zeros(p.y_shape, dtype=p.dtype)
+    return alg.forward(x, weight, bias, p)
+
+
+def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+    """Gradients of :func:`conv2d` with respect to input, weight and bias.
+
+    ``grad_input`` is the transposed convolution of ``grad_output`` with the weight -- the
+    correlation of the stride-dilated ``grad_output`` with the flipped, channel-swapped kernel
+    (``W.T @ g`` for the convolution's matrix ``W``); ``grad_weight`` correlates ``grad_output``
+    with the input; ``grad_bias = grad_output.sum(axis=(0, 2, 3))``.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (N, K, OH, OW)
+        Gradient of the loss with respect to the output of ``conv2d(x, weight, ...)``.
+    x, weight, stride, padding, dilation, groups
+        As given to :func:`conv2d`.
+    algorithm : str
+        ``'auto'`` chooses for each pass (grad_input, grad_weight) separately; a name is used for
+        both and raises if it cannot serve either.
+
+    Returns
+    -------
+    Conv2dGrads
+        ``(grad_input (N, C, H, W), grad_weight (K, C/groups, R, S), grad_bias (K,))``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.ones((1, 1, 3, 3)); w = np.ones((1, 1, 2, 2))
+    >>> g = fastconv.conv2d_backward(np.ones((1, 1, 2, 2)), x, w)
+    >>> g.grad_input[0, 0]
+    array([[1., 2., 1.],
+           [2., 4., 2.],
+           [1., 2., 1.]])
+    >>> g.grad_weight[0, 0], g.grad_bias
+    (array([[4., 4.],
+           [4., 4.]]), array([4.]))
+    """
+    fn = "conv2d_backward"
+    grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
+                                                        dilation, groups)
+    alg_i = select(fn, algorithm, p, "grad_input")
+    alg_w = select(fn, algorithm, p, "grad_weight")
+    if p.n == 0:
+        return Conv2dGrads(np.zeros(p.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
+    return Conv2dGrads(alg_i.grad_input(grad_output, weight, p),
+                       alg_w.grad_weight(grad_output, x, p),
+                       bias_grad(grad_output))
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2-D max pooling.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to ``kernel_size``.
+    padding : int or (int, int)
+        Implicit -inf on both sides; at most half of ``kernel_size``.
+    dilation : int or (int, int)
+    ceil_mode : bool
+        Round the output size up (a last window may start in the input or left padding only).
+    return_indices : bool
+        Also return the flat position ``ih*W + iw`` of each maximum in its ``H x W`` plane (int64).
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+        ``OH = floor((H + 2*ph - dh*(kh-1) - 1 + (sh-1 if ceil_mode else 0)) / sh) + 1``, reduced by
+        one under ``ceil_mode`` when the last window would start at or after ``H + ph``.
+    indices : ndarray of int64, same shape (only with ``return_indices=True``)
+
+    Notes
+    -----
+    NaN propagates (a NaN in the window is the maximum); of equal maxima the first is indexed.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> y, i = fastconv.max_pool2d(x, 2, return_indices=True)
+    >>> y[0, 0], i[0, 0]
+    (array([[ 5.,  7.],
+           [13., 15.]]), array([[ 5,  7],
+           [13, 15]]))
+    """
+    fn = "max_pool2d"
+    x = V.as_float_array(fn, "input", x, 4)
+    p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    return_indices = V._bool(fn, "return_indices", return_indices)
+    y, idx = pooling.max_forward(x, p)
+    return (y, idx) if return_indices else y
+
+
+def max_pool2d_backward(grad_output, indices, input_shape):
+    """Gradient of :func:`max_pool2d`: each ``grad_output`` element goes to the input position
+    its ``indices`` entry names (and sums where windows overlap on one maximum).
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (N, C, OH, OW)
+    indices : integer ndarray, same shape, from ``max_pool2d(..., return_indices=True)``
+    input_shape : tuple (N, C, H, W)
+
+    Returns
+    -------
+    grad_input : ndarray, shape ``input_shape``, dtype of ``grad_output``
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes, or an index outside ``[0, H*W)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> y, i = fastconv.max_pool2d(x, 2, return_indices=True)
+    >>> fastconv.max_pool2d_backward(np.ones_like(y), i, x.shape)[0, 0]
+    array([[0., 0., 0., 0.],
+           [0., 1., 0., 1.],
+           [0., 0., 0., 0.],
+           [0., 1., 0., 1.]])
+    """
+    fn = "max_pool2d_backward"
+    input_shape = V.shape4(fn, "input_shape", input_shape)
+    grad_output = V.as_float_array(fn, "grad_output", grad_output, 4)
+    if grad_output.shape[:2] != input_shape[:2]:
+        raise ValueError(f"{fn}: grad_output must have input_shape's N and C {input_shape[:2]}, "
+                         f"got shape {grad_output.shape}")
+    indices = V.check_indices(fn, indices, grad_output.shape)
+    V.check_memory(fn, f"grad_input of shape {input_shape}", grad_output.itemsize * int(np.prod(input_shape)))
+    gx, ok = pooling.max_backward(grad_output, indices, input_shape)
+    if not ok:
+        hw = input_shape[2] * input_shape[3]
+        raise ValueError(f"{fn}: indices must lie in [0, H*W) = [0, {hw}), got values from "
+                         f"{int(indices.min())} to {int(indices.max())}")
+    return gx
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """2-D average pooling.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+    kernel_size, stride, padding, ceil_mode
+        As :func:`max_pool2d` (no dilation); padding is zeros.
+    count_include_pad : bool
+        Divide by the window size clipped to the padded input (True) or by the number of real input
+        elements in the window (False).
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+        ``OH`` as :func:`max_pool2d` with dilation 1.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> fastconv.avg_pool2d(x, 2)[0, 0]
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    >>> fastconv.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)[0, 0, 0]
+    array([2.5, 3. , 4. , 4.5])
+    """
+    fn = "avg_pool2d"
+    x = V.as_float_array(fn, "input", x, 4)
+    p = V.pool_params(fn, x.shape, kernel_size, stride, padding, 1, ceil_mode)
+    return pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad))
+
+
+def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True):
+    """Gradient of :func:`avg_pool2d`: each ``grad_output`` element spread evenly (by the same
+    divisor as the forward pass) over the input elements of its window.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> fastconv.avg_pool2d_backward(np.ones((1, 1, 1, 1)), (1, 1, 2, 2), 2)[0, 0]
+    array([[0.25, 0.25],
+           [0.25, 0.25]])
+    """
+    fn = "avg_pool2d_backward"
+    input_shape = V.shape4(fn, "input_shape", input_shape)
+    p = V.pool_params(fn, input_shape, kernel_size, stride, padding, 1, ceil_mode)
+    grad_output = V.check_grad_like(fn, grad_output, p.y_shape)
+    return pooling.avg_backward(grad_output, p, V._bool(fn, "count_include_pad", count_include_pad))
+
+
+def relu(x):
+    """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch).
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> fastconv.relu(np.array([-1.0, 0.0, 2.0]))
+    array([0., 0., 2.])
+    """
+    x = V.as_float_array("relu", "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
+    return np.maximum(x, x.dtype.type(0))
+
+
+def relu_backward(grad_output, x):
+    """Gradient of :func:`relu`: ``grad_output`` where ``x > 0``, else 0.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> fastconv.relu_backward(np.ones(3), np.array([-1.0, 0.0, 2.0]))
+    array([0., 0., 1.])
+    """
+    fn = "relu_backward"
+    x = V.as_float_array(fn, "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
+    grad_output = V.as_float_array(fn, "grad_output", grad_output, x.ndim, x.dtype)
+    if grad_output.shape != x.shape:
+        raise ValueError(f"{fn}: grad_output must have the input's shape {x.shape}, got {grad_output.shape}")
+    return np.where(x > 0, grad_output, grad_output.dtype.type(0))
