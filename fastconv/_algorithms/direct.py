@@ -51,15 +51,22 @@ def _forward(xp, w, b, y, wp, sh, sw, dh, dw, g, kb, rb):
             for r in range(rr):
                 for s in range(ss):
                     base = (i0 * sh + r * dh) * wp + s * dw
-                    for q in range(nk):
-                        wv = w[k0 + q, c, r, s]
-                        a = acc[q]
-                        if sw == 1:
+                    # a slice view, not base + j indexing: numba's negative-index wraparound
+                    # on base + j blocks LLVM's vectoriser
+                    if sw == 1:  # contiguous slice: its own type, so LLVM emits unit-stride vectors
+                        xc = xv[base:base + ln]
+                        for q in range(nk):
+                            wv = w[k0 + q, c, r, s]
+                            a = acc[q]
                             for j in range(ln):
-                                a[j] += wv * xv[base + j]
-                        else:
+                                a[j] += wv * xc[j]
+                    else:
+                        xs = xv[base:base + (ln - 1) * sw + 1:sw]
+                        for q in range(nk):
+                            wv = w[k0 + q, c, r, s]
+                            a = acc[q]
                             for j in range(ln):
-                                a[j] += wv * xv[base + j * sw]
+                                a[j] += wv * xs[j]
         for q in range(nk):
             for i in range(i0, i1):
                 o = (i - i0) * wp
@@ -87,13 +94,14 @@ def _grad_input(gy, w, gxp, wp, sh, sw, dh, dw, g, cb):
                         base = (i * sh + r * dh) * wp + s * dw
                         for cc in range(nc):
                             wv = w[k, c0 + cc, r, s]
-                            gv = gxp[n, gi * cg + c0 + cc]
                             if sw == 1:
+                                gc = gxp[n, gi * cg + c0 + cc, base:base + ow]
                                 for j in range(ow):
-                                    gv[base + j] += wv * grow[j]
+                                    gc[j] += wv * grow[j]
                             else:
+                                gs = gxp[n, gi * cg + c0 + cc, base:base + (ow - 1) * sw + 1:sw]
                                 for j in range(ow):
-                                    gv[base + j * sw] += wv * grow[j]
+                                    gs[j] += wv * grow[j]
 
 
 @kernel
@@ -115,11 +123,13 @@ def _grad_weight(gy, xp, gw, wp, sh, sw, dh, dw, g, zero):
                         base = (i * sh + r * dh) * wp + s * dw
                         d = zero
                         if sw == 1:
+                            xc = xv[base:base + ow]
                             for j in range(ow):
-                                d += grow[j] * xv[base + j]
+                                d += grow[j] * xc[j]
                         else:
+                            xs = xv[base:base + (ow - 1) * sw + 1:sw]
                             for j in range(ow):
-                                d += grow[j] * xv[base + j * sw]
+                                d += grow[j] * xs[j]
                         acc[r, s] += d
         gw[k, c] = acc
 
