@@ -1,0 +1,88 @@
+"""Shared test configuration: tolerances, the optional-torch fixture, comparison helpers and the
+hypothesis profiles."""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import fastconv
+
+# --------------------------------------------------------------------------- hypothesis
+# "ci" (default) stays bounded; "long" with --hypothesis-profile=long or FASTCONV_HYPOTHESIS_PROFILE=long.
+settings.register_profile("ci", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("FASTCONV_HYPOTHESIS_PROFILE", "ci"))
+
+# --------------------------------------------------------------------------- tolerances
+# (rtol, atol) per dtype, for results of order one computed from inputs of order one.  Gradients
+# reduce over more terms (the batch and output positions) than the forward pass, hence looser.
+TOL = {
+    np.dtype(np.float32): {"forward": (2e-5, 2e-5), "grad": (1e-4, 1e-4)},
+    np.dtype(np.float64): {"forward": (1e-12, 1e-12), "grad": (1e-11, 1e-11)},
+}
+# Central-difference checks in float64: conv and pooling are (piecewise) linear, so the only error is
+# rounding, about eps * |f| / step.
+FD_STEP = 1e-6
+FD_RTOL = 1e-6
+
+DTYPES = [np.float32, np.float64]
+ALGORITHMS = fastconv.algorithms()
+
+
+@pytest.fixture
+def torch():
+    """The torch module, or a skip when it is not installed."""
+    return pytest.importorskip("torch")
+
+
+def skip_if_unsupported(exc):
+    """Turn an explicit algorithm's refusal of a pass into a skip; re-raise any other ValueError."""
+    if "cannot compute the" in str(exc):
+        pytest.skip(str(exc))
+    raise exc
+
+
+def run_conv(algorithm, x, w, b=None, grad_output=None, **kw):
+    """Forward (and, with ``grad_output``, backward) of one algorithm as a dict of named results.
+
+    A ValueError saying the algorithm cannot compute a pass becomes a skip.
+    """
+    try:
+        out = {"forward": fastconv.conv2d(x, w, b, algorithm=algorithm, **kw)}
+        if grad_output is not None:
+            g = fastconv.conv2d_backward(grad_output, x, w, algorithm=algorithm, **kw)
+            out.update(grad_input=g.grad_input, grad_weight=g.grad_weight, grad_bias=g.grad_bias)
+    except ValueError as exc:
+        skip_if_unsupported(exc)
+    return out
+
+
+def assert_results(got, want, dtype, scale=1.0):
+    """Compare named results (``'forward'`` and gradients) with separate tolerances.
+
+    Checks type, shape and dtype of every result before any value; ``want`` may be float64.
+    ``scale`` widens atol for results whose magnitude grows with the problem size.
+    """
+    dtype = np.dtype(dtype)
+    assert set(got) >= set(want), f"missing results {set(want) - set(got)}"
+    for name, expected in want.items():
+        actual = got[name]
+        assert isinstance(actual, np.ndarray), f"{name}: got {type(actual).__name__}"
+        assert actual.shape == np.shape(expected), f"{name}: shape {actual.shape} != {np.shape(expected)}"
+        assert actual.dtype == dtype, f"{name}: dtype {actual.dtype} != {dtype}"
+    for name, expected in want.items():
+        rtol, atol = TOL[dtype]["forward" if name == "forward" else "grad"]
+        np.testing.assert_allclose(got[name], expected, rtol=rtol, atol=atol * scale, err_msg=name)
+
+
+def random_array(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def distinct_values(rng, shape, dtype=np.float64):
+    """A random permutation of well-separated values: no ties, so max-pool is differentiable."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n).reshape(shape) / max(n, 1) - 0.5).astype(dtype)
