@@ -1,0 +1,347 @@
+"""max_pool2d, avg_pool2d and their backward functions against the NumPy reference, PyTorch and
+finite differences."""
+import numpy as np
+import pytest
+
+import fastconv
+import reference as ref
+from conftest import DTYPES, FD_RTOL, FD_STEP, assert_results, distinct_values, random_array
+
+# (id, input shape, keyword arguments of max_pool2d)
+MAX_CASES = [
+    ("k2", (2, 3, 6, 6), {"kernel_size": 2}),
+    ("n1-c1-overlap", (1, 1, 5, 5), {"kernel_size": 2, "stride": 1}),
+    ("k1", (1, 2, 3, 4), {"kernel_size": 1}),
+    ("k3-s2-p1", (2, 2, 7, 7), {"kernel_size": 3, "stride": 2, "padding": 1}),
+    ("k3-s1-p1", (1, 2, 5, 6), {"kernel_size": 3, "stride": 1, "padding": 1}),
+    ("asymmetric", (1, 3, 7, 5), {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0)}),
+    ("kernel-eq-input", (2, 1, 4, 5), {"kernel_size": (4, 5)}),
+    ("stride-gt-kernel", (1, 2, 9, 9), {"kernel_size": 2, "stride": 3}),
+    ("dilation", (2, 2, 9, 8), {"kernel_size": 3, "stride": 1, "padding": 1, "dilation": 2}),
+    ("dilation-asym", (1, 2, 9, 9), {"kernel_size": (2, 3), "stride": 2, "padding": 1, "dilation": (3, 2)}),
+    ("ceil", (2, 2, 7, 6), {"kernel_size": 2, "ceil_mode": True}),
+    ("ceil-pad", (1, 2, 6, 7), {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}),
+    ("ceil-dilation", (1, 1, 8, 8), {"kernel_size": 2, "stride": 3, "dilation": 2, "ceil_mode": True}),
+    ("ceil-stride-list", (1, 2, 5, 8), {"kernel_size": [3, 2], "stride": [2, 3], "ceil_mode": True}),
+]
+MAX_IDS = [c[0] for c in MAX_CASES]
+
+# (id, input shape, keyword arguments of avg_pool2d)
+AVG_CASES = [
+    ("k2", (2, 3, 6, 6), {"kernel_size": 2}),
+    ("n1-c1-overlap", (1, 1, 5, 5), {"kernel_size": 2, "stride": 1}),
+    ("k3-s2-p1", (2, 2, 7, 7), {"kernel_size": 3, "stride": 2, "padding": 1}),
+    ("k3-s2-p1-exclude-pad", (2, 2, 7, 7), {"kernel_size": 3, "stride": 2, "padding": 1,
+                                            "count_include_pad": False}),
+    ("asymmetric", (1, 3, 7, 5), {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 1)}),
+    ("kernel-eq-input", (2, 1, 4, 5), {"kernel_size": (4, 5)}),
+    ("stride-gt-kernel", (1, 2, 9, 9), {"kernel_size": 2, "stride": 3}),
+    ("ceil", (2, 2, 7, 6), {"kernel_size": 2, "ceil_mode": True}),
+    ("ceil-pad", (1, 2, 6, 7), {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}),
+    ("ceil-pad-exclude-pad", (1, 2, 6, 7), {"kernel_size": 3, "stride": 2, "padding": 1,
+                                            "ceil_mode": True, "count_include_pad": False}),
+    ("ceil-k4-s3-p2", (1, 1, 8, 9), {"kernel_size": 4, "stride": 3, "padding": 2, "ceil_mode": True}),
+    ("ceil-k4-s3-p2-exclude", (1, 1, 8, 9), {"kernel_size": 4, "stride": 3, "padding": 2,
+                                             "ceil_mode": True, "count_include_pad": False}),
+]
+AVG_IDS = [c[0] for c in AVG_CASES]
+
+
+def _max_out_shape(shape, kw):
+    return ref.max_pool2d(np.zeros(shape), **kw)[0].shape
+
+
+def _avg_out_shape(shape, kw):
+    return ref.avg_pool2d(np.zeros(shape), **kw).shape
+
+
+def _strided_copy(a):
+    """A non-contiguous view (every other element along W of a wider array) with ``a``'s values."""
+    big = np.zeros(a.shape[:3] + (2 * a.shape[3],), a.dtype)
+    big[..., ::2] = a
+    return big[..., ::2]
+
+
+def _transposed_copy(a):
+    """An F-ordered-planes view with ``a``'s values."""
+    return np.ascontiguousarray(a.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+
+
+# --------------------------------------------------------------------------- max_pool2d
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MAX_CASES, ids=MAX_IDS)
+def test_max_pool_matches_reference(case, dtype):
+    _, shape, kw = case
+    x = random_array(np.random.default_rng(0), shape, dtype)
+    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    y_ref, idx_ref = ref.max_pool2d(x, **kw)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert idx.shape == y_ref.shape and idx.dtype == np.int64
+    np.testing.assert_array_equal(y, y_ref)  # a maximum is one of the inputs: exact
+    np.testing.assert_array_equal(idx, idx_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MAX_CASES, ids=MAX_IDS)
+def test_max_pool_matches_torch(torch, case, dtype):
+    _, shape, kw = case
+    x = random_array(np.random.default_rng(1), shape, dtype)
+    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    ty, tidx = torch.nn.functional.max_pool2d(torch.tensor(x), **kw, return_indices=True)
+    assert y.shape == tuple(ty.shape) and y.dtype == dtype
+    np.testing.assert_array_equal(y, ty.numpy())
+    np.testing.assert_array_equal(idx, tidx.numpy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MAX_CASES, ids=MAX_IDS)
+def test_max_pool_backward_matches_reference_and_torch(case, dtype):
+    _, shape, kw = case
+    rng = np.random.default_rng(2)
+    x = distinct_values(rng, shape, dtype)
+    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    gy = random_array(rng, y.shape, dtype)
+    gx = fastconv.max_pool2d_backward(gy, idx, x.shape)
+    assert_results({"grad_input": gx}, {"grad_input": ref.max_pool2d_backward(gy, ref.max_pool2d(x, **kw)[1],
+                                                                            x.shape)}, dtype)
+    torch = pytest.importorskip("torch")
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(tx, **kw).backward(torch.tensor(gy))
+    assert_results({"grad_input": gx}, {"grad_input": tx.grad.numpy()}, dtype)
+
+
+@pytest.mark.parametrize("case", MAX_CASES, ids=MAX_IDS)
+def test_max_pool_backward_matches_finite_differences(case):
+    # tie-free input with gaps of 1/size >> step: the argmax stays put, the function is linear
+    _, shape, kw = case
+    rng = np.random.default_rng(3)
+    x = distinct_values(rng, shape)
+    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    gy = rng.standard_normal(y.shape)
+    v = rng.standard_normal(shape)
+
+    def loss(a):
+        return float(np.vdot(fastconv.max_pool2d(a, **kw), gy))
+
+    numeric = (loss(x + FD_STEP * v) - loss(x - FD_STEP * v)) / (2 * FD_STEP)
+    analytic = float(np.vdot(fastconv.max_pool2d_backward(gy, idx, shape), v))
+    assert analytic == pytest.approx(numeric, rel=FD_RTOL, abs=FD_RTOL)
+
+
+def _nan_input(dtype):
+    x = random_array(np.random.default_rng(4), (2, 2, 6, 7), dtype)
+    x[0, 0, 0, 0] = np.nan              # NaN first in its window
+    x[0, 1, 2, 3] = np.nan              # NaN in overlapping windows
+    x[1, 0, 4, 4] = x[1, 0, 4, 6] = np.nan  # two NaNs in one window: the last one is indexed
+    x[1, 1, 1, :] = np.inf
+    x[1, 1, 2:4, 0:2] = -np.inf         # a 2x2 window of -inf only
+    x[1, 1, 5, 5] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [{"kernel_size": 2}, {"kernel_size": 3, "stride": 1, "padding": 1},
+                                {"kernel_size": 3, "stride": 2, "ceil_mode": True}], ids=["k2", "k3-s1-p1", "k3-ceil"])
+def test_max_pool_propagates_nan_like_torch(kw, dtype):
+    x = _nan_input(dtype)
+    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    y_ref, idx_ref = ref.max_pool2d(x, **kw)
+    assert np.isnan(y).any()
+    np.testing.assert_array_equal(y, y_ref)  # NaNs in the same places
+    np.testing.assert_array_equal(idx, idx_ref)
+    torch = pytest.importorskip("torch")
+    ty, tidx = torch.nn.functional.max_pool2d(torch.tensor(x), **kw, return_indices=True)
+    np.testing.assert_array_equal(y, ty.numpy())
+    np.testing.assert_array_equal(idx, tidx.numpy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_ties_index_the_first_element(dtype):
+    x = np.ones((1, 2, 5, 5), dtype)
+    y, idx = fastconv.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    y_ref, idx_ref = ref.max_pool2d(x, 3, stride=2, padding=1)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+    assert idx[0, 0, 0, 0] == 0 and idx[0, 0, 1, 1] == 1 * 5 + 1
+
+
+def test_max_pool_window_entirely_outside_the_input_like_torch(torch):
+    # dilation 3 with padding 1 puts both taps of the only window outside a 2x2 input
+    x = np.arange(4.0).reshape(1, 1, 2, 2)
+    y, idx = fastconv.max_pool2d(x, 2, stride=1, padding=1, dilation=3, return_indices=True)
+    ty, tidx = torch.nn.functional.max_pool2d(torch.tensor(x), 2, stride=1, padding=1, dilation=3,
+                                              return_indices=True)
+    np.testing.assert_array_equal(y, ty.numpy())
+    np.testing.assert_array_equal(idx, tidx.numpy())
+
+
+def test_max_pool_without_indices_returns_only_values():
+    x = random_array(np.random.default_rng(5), (1, 2, 4, 4), np.float32)
+    y = fastconv.max_pool2d(x, 2)
+    assert isinstance(y, np.ndarray)
+    np.testing.assert_array_equal(y, fastconv.max_pool2d(x, 2, return_indices=True)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", [_strided_copy, _transposed_copy], ids=["strided", "transposed"])
+def test_max_pool_non_contiguous_and_read_only(view, dtype):
+    kw = {"kernel_size": 3, "stride": 2, "padding": 1}
+    rng = np.random.default_rng(6)
+    x = distinct_values(rng, (2, 2, 7, 6), dtype)
+    y_ref, idx_ref = ref.max_pool2d(x, **kw)
+    gy = random_array(rng, y_ref.shape, dtype)
+    gx_ref = ref.max_pool2d_backward(gy, idx_ref, x.shape)
+    xv, gyv, idxv = view(x), view(gy), view(idx_ref)
+    assert not (xv.flags.c_contiguous or gyv.flags.c_contiguous or idxv.flags.c_contiguous)
+    for read_only in (False, True):
+        for a in (xv, gyv, idxv):
+            a.setflags(write=not read_only)
+        y, idx = fastconv.max_pool2d(xv, **kw, return_indices=True)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(idx, idx_ref)
+        assert_results({"grad_input": fastconv.max_pool2d_backward(gyv, idxv, x.shape)},
+                       {"grad_input": gx_ref}, dtype)
+
+
+def test_max_pool_does_not_modify_inputs():
+    rng = np.random.default_rng(7)
+    x = distinct_values(rng, (2, 2, 6, 6), np.float32)
+    xv = _transposed_copy(x)
+    y, idx = fastconv.max_pool2d(xv, 3, stride=1, padding=1, return_indices=True)
+    gy = random_array(rng, y.shape, np.float32)
+    copies = [a.copy() for a in (x, xv, gy, idx)]
+    fastconv.max_pool2d(x, 3, stride=1, padding=1, return_indices=True)
+    fastconv.max_pool2d_backward(gy, idx, x.shape)
+    for a, a0 in zip((x, xv, gy, idx), copies):
+        np.testing.assert_array_equal(a, a0)
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64, np.uint16])
+def test_max_pool_backward_accepts_integer_index_dtypes(idx_dtype):
+    rng = np.random.default_rng(8)
+    x = distinct_values(rng, (1, 2, 4, 4))
+    _, idx = fastconv.max_pool2d(x, 2, return_indices=True)
+    gy = rng.standard_normal((1, 2, 2, 2))
+    gx = fastconv.max_pool2d_backward(gy, idx.astype(idx_dtype), x.shape)
+    np.testing.assert_array_equal(gx, ref.max_pool2d_backward(gy, idx, x.shape))
+
+
+@pytest.mark.parametrize("bad", [-1, 16, 10**6])
+def test_max_pool_backward_rejects_out_of_range_indices(bad):
+    gy = np.ones((1, 2, 2, 2))
+    idx = np.zeros((1, 2, 2, 2), np.int64)
+    idx[0, 1, 1, 0] = bad
+    with pytest.raises(ValueError, match=r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 16\)"):
+        fastconv.max_pool2d_backward(gy, idx, (1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_empty_batch(dtype):
+    x = np.zeros((0, 3, 6, 5), dtype)
+    y, idx = fastconv.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    assert y.shape == idx.shape == (0, 3, 3, 3) and y.dtype == dtype
+    gx = fastconv.max_pool2d_backward(y, idx, x.shape)
+    assert gx.shape == x.shape and gx.dtype == dtype
+
+
+# --------------------------------------------------------------------------- avg_pool2d
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", AVG_CASES, ids=AVG_IDS)
+def test_avg_pool_matches_reference(case, dtype):
+    _, shape, kw = case
+    rng = np.random.default_rng(10)
+    x = random_array(rng, shape, dtype)
+    gy = random_array(rng, _avg_out_shape(shape, kw), dtype)
+    got = {"forward": fastconv.avg_pool2d(x, **kw),
+           "grad_input": fastconv.avg_pool2d_backward(gy, x.shape, **kw)}
+    want = {"forward": ref.avg_pool2d(x, **kw), "grad_input": ref.avg_pool2d_backward(gy, x.shape, **kw)}
+    assert_results(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", AVG_CASES, ids=AVG_IDS)
+def test_avg_pool_matches_torch(torch, case, dtype):
+    _, shape, kw = case
+    rng = np.random.default_rng(11)
+    x = random_array(rng, shape, dtype)
+    gy = random_array(rng, _avg_out_shape(shape, kw), dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.avg_pool2d(tx, **kw)
+    ty.backward(torch.tensor(gy))
+    got = {"forward": fastconv.avg_pool2d(x, **kw),
+           "grad_input": fastconv.avg_pool2d_backward(gy, x.shape, **kw)}
+    assert_results(got, {"forward": ty.detach().numpy(), "grad_input": tx.grad.numpy()}, dtype)
+
+
+@pytest.mark.parametrize("case", AVG_CASES, ids=AVG_IDS)
+def test_avg_pool_backward_matches_finite_differences(case):
+    _, shape, kw = case
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape)
+    gy = rng.standard_normal(_avg_out_shape(shape, kw))
+    v = rng.standard_normal(shape)
+
+    def loss(a):
+        return float(np.vdot(fastconv.avg_pool2d(a, **kw), gy))
+
+    numeric = (loss(x + FD_STEP * v) - loss(x - FD_STEP * v)) / (2 * FD_STEP)
+    analytic = float(np.vdot(fastconv.avg_pool2d_backward(gy, shape, **kw), v))
+    assert analytic == pytest.approx(numeric, rel=FD_RTOL, abs=FD_RTOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", [_strided_copy, _transposed_copy], ids=["strided", "transposed"])
+def test_avg_pool_non_contiguous_and_read_only(view, dtype):
+    kw = {"kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False}
+    rng = np.random.default_rng(13)
+    x = random_array(rng, (2, 2, 7, 6), dtype)
+    gy = random_array(rng, _avg_out_shape(x.shape, kw), dtype)
+    want = {"forward": ref.avg_pool2d(x, **kw), "grad_input": ref.avg_pool2d_backward(gy, x.shape, **kw)}
+    xv, gyv = view(x), view(gy)
+    assert not (xv.flags.c_contiguous or gyv.flags.c_contiguous)
+    for read_only in (False, True):
+        for a in (xv, gyv):
+            a.setflags(write=not read_only)
+        got = {"forward": fastconv.avg_pool2d(xv, **kw),
+               "grad_input": fastconv.avg_pool2d_backward(gyv, x.shape, **kw)}
+        assert_results(got, want, dtype)
+
+
+def test_avg_pool_does_not_modify_inputs():
+    rng = np.random.default_rng(14)
+    x = random_array(rng, (2, 2, 6, 6), np.float64)
+    gy = random_array(rng, (2, 2, 6, 6), np.float64)
+    copies = [x.copy(), gy.copy()]
+    fastconv.avg_pool2d(x, 3, stride=1, padding=1)
+    fastconv.avg_pool2d_backward(gy, x.shape, 3, stride=1, padding=1)
+    np.testing.assert_array_equal(x, copies[0])
+    np.testing.assert_array_equal(gy, copies[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avg_pool_propagates_nan(dtype):
+    x = np.zeros((1, 1, 4, 4), dtype)
+    x[0, 0, 0, 0] = np.nan
+    y = fastconv.avg_pool2d(x, 2)
+    assert np.isnan(y[0, 0, 0, 0]) and not np.isnan(y[0, 0, 1:, :]).any() and not np.isnan(y[0, 0, :, 1:]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avg_pool_empty_batch(dtype):
+    x = np.zeros((0, 3, 6, 5), dtype)
+    y = fastconv.avg_pool2d(x, 2)
+    assert y.shape == (0, 3, 3, 2) and y.dtype == dtype
+    gx = fastconv.avg_pool2d_backward(y, x.shape, 2)
+    assert gx.shape == x.shape and gx.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_results_are_deterministic(dtype):
+    rng = np.random.default_rng(15)
+    x = random_array(rng, (3, 4, 9, 9), dtype)
+    y1, i1 = fastconv.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    y2, i2 = fastconv.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    assert y1.tobytes() == y2.tobytes() and i1.tobytes() == i2.tobytes()
+    a1 = fastconv.avg_pool2d_backward(y1, x.shape, 3, stride=2, padding=1)
+    a2 = fastconv.avg_pool2d_backward(y1, x.shape, 3, stride=2, padding=1)
+    assert a1.tobytes() == a2.tobytes()
