@@ -1,4 +1,5 @@
-"""Pieces every convolution algorithm shares: the padded input copy and the bias gradient."""
+"""Pieces every convolution algorithm shares: padded (and phase-split) plane copies and the bias
+gradient."""
 import numpy as np
 from numba import prange
 
@@ -14,6 +15,67 @@ def _bias_grad(gy, out):
             for o in range(m):
                 acc += gy[n, k, o]
         out[k] = acc
+
+
+# Zero elements after every flat plane: kernels may round a run up to whole vectors (see SLACK users)
+SLACK = 32
+
+
+@kernel
+def _pad_planes(x, out, sw, hp, wq, top, left, check, bad):
+    # plane p of out holds, for phase f, row i, slot q at f*hp*wq + i*wq + q, the element
+    # x[p, i - top, q*sw + f - left], or 0 outside x; top/left may be negative (a crop).  The
+    # SLACK tail is zeroed.  With check, bad[p] = 1 when plane p of x holds a NaN or Inf.
+    pp, h, w = x.shape
+    for p in prange(pp):
+        o = out[p]
+        o[sw * hp * wq:] = 0
+        nonfinite = x[p, 0, 0] * 0  # turns NaN once an Inf or NaN is multiplied in
+        for f in range(sw):
+            q_lo = max(0, (left - f + sw - 1) // sw)          # first slot with column >= 0
+            q_hi = min(wq, (w + left - f + sw - 1) // sw)     # one past the last column < w
+            for i in range(hp):
+                r0 = f * hp * wq + i * wq
+                xi = i - top
+                if xi < 0 or xi >= h or q_hi <= q_lo:
+                    o[r0:r0 + wq] = 0
+                    continue
+                o[r0:r0 + q_lo] = 0
+                o[r0 + q_hi:r0 + wq] = 0
+                c0 = q_lo * sw + f - left
+                if sw == 1:
+                    src = x[p, xi, c0:c0 + q_hi - q_lo]
+                    o[r0 + q_lo:r0 + q_hi] = src
+                    if check:
+                        for j in range(src.shape[0]):
+                            nonfinite += src[j] * 0
+                else:
+                    for j in range(q_hi - q_lo):
+                        v = x[p, xi, c0 + j * sw]
+                        o[r0 + q_lo + j] = v
+                        if check:
+                            nonfinite += v * 0
+        if check and nonfinite != 0:
+            bad[p] = 1
+
+
+def pad_planes(a, top, bottom, left, right, sw=1, check_finite=False):
+    """Zero-pad (negative: crop) the planes of ``a`` (n, c, h, w) and split columns by phase.
+
+    Returns ``(planes, hp, wq, finite)``: ``planes`` of shape (n, c, sw*hp*wq + SLACK) holds padded
+    element ``(i, j)`` at ``(j % sw)*hp*wq + i*wq + j // sw`` (``hp = h + top + bottom``,
+    ``wq = ceil((w + left + right) / sw)``) followed by SLACK zeros; ``finite`` says whether ``a``
+    is free of NaN/Inf (computed only with ``check_finite``, else True).  One parallel pass.
+    """
+    n, c, h, w = a.shape
+    hp, wp = h + top + bottom, w + left + right
+    wq = -(-wp // sw)
+    out = np.empty((n * c, sw * hp * wq + SLACK), dtype=a.dtype)
+    bad = np.zeros(n * c, dtype=np.uint8)
+    if n * c:
+        _pad_planes(np.ascontiguousarray(a).reshape(n * c, h, w), out, sw, hp, wq, top, left,
+                    bool(check_finite), bad)
+    return out.reshape(n, c, -1), hp, wq, not bad.any()
 
 
 def pad_input(x, p):

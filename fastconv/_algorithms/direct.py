@@ -1,75 +1,169 @@
 """Direct loop-nest convolution: forward, grad_input and grad_weight.
 
 Notation: n c h w input; k r s weight (cg = c/g, kg = k/g per group g); oh ow output; sh sw stride;
-dh dw dilation; hp wp padded input.  Kernels see padded planes flattened to 1-D (``xp[n, c, hp*wp]``),
-so a tap ``(r, s)`` of output row ``i`` starts at ``(i*sh + r*dh)*wp + s*dw``.
+dh dw dilation; hp wp padded input; t a tap = (c, r, s) of one group, tn = cg*r*s taps.
 
-* forward: one work item = (image, group, block of ``kb`` output channels, block of ``rb`` output
-  rows).  Each input row segment is loaded once and used for all ``kb`` channels.  With stride 1 a
-  block of rows is one contiguous run of the flattened plane (the ``wp - ow`` columns between rows
-  are computed and thrown away), so the inner loop is long and contiguous even for small images.
-* grad_input: the transpose -- every output gradient scatters ``w * g`` back over its window.  One
-  work item owns whole input planes (image, group, block of input channels), so the ``+=`` never
-  races.  Rows are never merged here, so padding columns never mix garbage into a sum.
-* grad_weight: one work item per ``(k, c)`` pair reduces over the batch and output rows, in a fixed
-  order, so results do not depend on the thread count.
+Layout.  The padded input is split by column phase (``iw % sw``) and each plane flattened to 1-D:
+element ``(ih, iw)`` sits at ``(iw % sw)*hp*wq + ih*wq + iw // sw`` with ``wq = ceil(wp / sw)``.
+Then every tap of every output row reads a *contiguous* run, whatever the stride: tap t of output
+row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padded input.
+
+* forward: one work item = (image, group, block of output channels, block of output rows).  The
+  micro-kernel updates 4 output channels from 4 taps per pass over a row segment (16 FMAs per 8
+  loads), so it is not bound by L1 traffic.  With ``sh == 1`` a block of rows is one contiguous run
+  (the ``wq - ow`` columns between rows are computed and thrown away), so the inner loop is long
+  even for small images.
+* grad_input, stride 1: the forward kernel applied to the zero-padded output gradient with the
+  flipped, channel-swapped kernel (the transpose of the convolution is a correlation with the
+  flipped kernel).  Larger strides: a scatter of ``w * g`` over each window, one work item per
+  block of input planes so the ``+=`` never races.
+* grad_weight: one work item per (4 output channels, 4 taps) block reduces over the batch and
+  output positions in a fixed order, so results do not depend on the thread count.  Rows are merged
+  into one run per image only when the input is finite (a garbage column times zero gradient is
+  NaN when the input there is Inf).
 """
 import numpy as np
+import numba
 from numba import prange
 
-from .._jit import kernel
-from .common import pad_input
+from .._jit import FASTMATH, kernel
+from .common import SLACK, pad_input, pad_planes
 
-# Elements of the forward accumulator tile (kb * row-block length): sized to stay in L1/L2.
-_FWD_TILE = 4096
-_FWD_KB = 8
-_GI_CB = 8
+_FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
+_FWD_KB = 8       # output channels per forward work item
+_GI_CB = 8        # input channels per work item of the strided grad_input scatter
+
+# Micro-kernels: serial, uncached, compiled into the calling parallel kernel.
+_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+
+
+@_micro
+def _mac4x4(a0, a1, a2, a3, x0, x1, x2, x3, wt, k, t, ln):
+    w00, w01, w02, w03 = wt[k, t], wt[k, t + 1], wt[k, t + 2], wt[k, t + 3]
+    w10, w11, w12, w13 = wt[k + 1, t], wt[k + 1, t + 1], wt[k + 1, t + 2], wt[k + 1, t + 3]
+    w20, w21, w22, w23 = wt[k + 2, t], wt[k + 2, t + 1], wt[k + 2, t + 2], wt[k + 2, t + 3]
+    w30, w31, w32, w33 = wt[k + 3, t], wt[k + 3, t + 1], wt[k + 3, t + 2], wt[k + 3, t + 3]
+    for j in range(ln):
+        v0, v1, v2, v3 = x0[j], x1[j], x2[j], x3[j]
+        a0[j] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
+        a1[j] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
+        a2[j] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3
+        a3[j] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3
+
+
+@_micro
+def _mac1x4(a0, x0, x1, x2, x3, wt, k, t, ln):
+    w0, w1, w2, w3 = wt[k, t], wt[k, t + 1], wt[k, t + 2], wt[k, t + 3]
+    for j in range(ln):
+        a0[j] += w0 * x0[j] + w1 * x1[j] + w2 * x2[j] + w3 * x3[j]
+
+
+@_micro
+def _mac1x1(a0, x0, w0, ln):
+    for j in range(ln):
+        a0[j] += w0 * x0[j]
+
+
+@_micro
+def _dot4x4(acc, q, t, g0, g1, g2, g3, x0, x1, x2, x3, zero):
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+    for j in range(g0.shape[0]):
+        u0, u1, u2, u3 = g0[j], g1[j], g2[j], g3[j]
+        v0, v1, v2, v3 = x0[j], x1[j], x2[j], x3[j]
+        s00 += u0 * v0
+        s01 += u0 * v1
+        s02 += u0 * v2
+        s03 += u0 * v3
+        s10 += u1 * v0
+        s11 += u1 * v1
+        s12 += u1 * v2
+        s13 += u1 * v3
+        s20 += u2 * v0
+        s21 += u2 * v1
+        s22 += u2 * v2
+        s23 += u2 * v3
+        s30 += u3 * v0
+        s31 += u3 * v1
+        s32 += u3 * v2
+        s33 += u3 * v3
+    acc[q, t] += s00
+    acc[q, t + 1] += s01
+    acc[q, t + 2] += s02
+    acc[q, t + 3] += s03
+    acc[q + 1, t] += s10
+    acc[q + 1, t + 1] += s11
+    acc[q + 1, t + 2] += s12
+    acc[q + 1, t + 3] += s13
+    acc[q + 2, t] += s20
+    acc[q + 2, t + 1] += s21
+    acc[q + 2, t + 2] += s22
+    acc[q + 2, t + 3] += s23
+    acc[q + 3, t] += s30
+    acc[q + 3, t + 1] += s31
+    acc[q + 3, t + 2] += s32
+    acc[q + 3, t + 3] += s33
+
+
+@_micro
+def _dot1(g0, x0, zero):
+    s = zero
+    for j in range(g0.shape[0]):
+        s += g0[j] * x0[j]
+    return s
 
 
 @kernel
-def _forward(xp, w, b, y, wp, sh, sw, dh, dw, g, kb, rb):
+def _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb):
     nn, kk_, oh, ow = y.shape
-    cg, rr, ss = w.shape[1], w.shape[2], w.shape[3]
+    tn = wt.shape[1]
+    cg = xq.shape[1] // g
     kg = kk_ // g
     nkb = (kg + kb - 1) // kb
     nrb = (oh + rb - 1) // rb
-    for t in prange(nn * g * nkb * nrb):
-        ib = t % nrb
-        kbi = (t // nrb) % nkb
-        gi = (t // (nrb * nkb)) % g
-        n = t // (nrb * nkb * g)
+    t4 = tn - tn % 4
+    for it in prange(nn * g * nkb * nrb):
+        ib = it % nrb
+        kbi = (it // nrb) % nkb
+        gi = (it // (nrb * nkb)) % g
+        n = it // (nrb * nkb * g)
         k0 = gi * kg + kbi * kb
         nk = min(kb, (gi + 1) * kg - k0)
         i0 = ib * rb
         i1 = min(i0 + rb, oh)
-        ln = (i1 - i0 - 1) * wp + ow  # rows are merged only when sh == sw == 1 (rb > 1)
+        # several rows only when sh == 1; rounded up to whole vectors (the planes' SLACK makes that
+        # safe) because a scalar remainder loop would cost as much as the vector body on short runs
+        ln = (i1 - i0 - 1) * wq + ow
+        ln = min(ln + (-ln) % 16, ln + SLACK)
+        row0 = i0 * sh * wq
+        xv = xq[n]
+        c0 = gi * cg
         acc = np.empty((nk, ln), dtype=y.dtype)
         for q in range(nk):
             acc[q, :] = b[k0 + q]
-        for c in range(cg):
-            xv = xp[n, gi * cg + c]
-            for r in range(rr):
-                for s in range(ss):
-                    base = (i0 * sh + r * dh) * wp + s * dw
-                    # a slice view, not base + j indexing: numba's negative-index wraparound
-                    # on base + j blocks LLVM's vectoriser
-                    if sw == 1:  # contiguous slice: its own type, so LLVM emits unit-stride vectors
-                        xc = xv[base:base + ln]
-                        for q in range(nk):
-                            wv = w[k0 + q, c, r, s]
-                            a = acc[q]
-                            for j in range(ln):
-                                a[j] += wv * xc[j]
-                    else:
-                        xs = xv[base:base + (ln - 1) * sw + 1:sw]
-                        for q in range(nk):
-                            wv = w[k0 + q, c, r, s]
-                            a = acc[q]
-                            for j in range(ln):
-                                a[j] += wv * xs[j]
+        for t in range(0, t4, 4):
+            # slice views, not xv[c, base + j]: numba's negative-index wraparound on base + j
+            # keeps LLVM from vectorising
+            o0, o1, o2, o3 = row0 + tb[t], row0 + tb[t + 1], row0 + tb[t + 2], row0 + tb[t + 3]
+            x0 = xv[c0 + tc[t], o0:o0 + ln]
+            x1 = xv[c0 + tc[t + 1], o1:o1 + ln]
+            x2 = xv[c0 + tc[t + 2], o2:o2 + ln]
+            x3 = xv[c0 + tc[t + 3], o3:o3 + ln]
+            q = 0
+            while q + 4 <= nk:
+                _mac4x4(acc[q], acc[q + 1], acc[q + 2], acc[q + 3], x0, x1, x2, x3, wt, k0 + q, t, ln)
+                q += 4
+            while q < nk:
+                _mac1x4(acc[q], x0, x1, x2, x3, wt, k0 + q, t, ln)
+                q += 1
+        for t in range(t4, tn):
+            o0 = row0 + tb[t]
+            x0 = xv[c0 + tc[t], o0:o0 + ln]
+            for q in range(nk):
+                _mac1x1(acc[q], x0, wt[k0 + q, t], ln)
         for q in range(nk):
             for i in range(i0, i1):
-                o = (i - i0) * wp
+                o = (i - i0) * wq
                 y[n, k0 + q, i, :] = acc[q, o:o + ow]
 
 
@@ -105,54 +199,76 @@ def _grad_input(gy, w, gxp, wp, sh, sw, dh, dw, g, cb):
 
 
 @kernel
-def _grad_weight(gy, xp, gw, wp, sh, sw, dh, dw, g, zero):
-    nn, kk_, oh, ow = gy.shape
-    cg, rr, ss = gw.shape[1], gw.shape[2], gw.shape[3]
+def _grad_weight(gy, xq, tc, tb, gw, seg_g, seg_x, seg_len, g, zero):
+    nn, kk_ = gy.shape[0], gy.shape[1]
+    tn = gw.shape[1]
+    cg = xq.shape[1] // g
     kg = kk_ // g
-    for t in prange(kk_ * cg):
-        k = t // cg
-        c = t % cg
-        ci = (k // kg) * cg + c
-        acc = np.zeros((rr, ss), dtype=gw.dtype)
+    nqb = (kg + 3) // 4
+    ntb = (tn + 3) // 4
+    nseg = seg_g.shape[0]
+    for it in prange(g * nqb * ntb):
+        tbi = it % ntb
+        qbi = (it // ntb) % nqb
+        gi = it // (ntb * nqb)
+        k0 = gi * kg + qbi * 4
+        nk = min(4, (gi + 1) * kg - k0)
+        t0 = tbi * 4
+        nt = min(4, tn - t0)
+        c0 = gi * cg
+        acc = np.zeros((4, 4), dtype=gw.dtype)
         for n in range(nn):
-            xv = xp[n, ci]
-            for i in range(oh):
-                grow = gy[n, k, i]
-                for r in range(rr):
-                    for s in range(ss):
-                        base = (i * sh + r * dh) * wp + s * dw
-                        d = zero
-                        if sw == 1:
-                            xc = xv[base:base + ow]
-                            for j in range(ow):
-                                d += grow[j] * xc[j]
-                        else:
-                            xs = xv[base:base + (ow - 1) * sw + 1:sw]
-                            for j in range(ow):
-                                d += grow[j] * xs[j]
-                        acc[r, s] += d
-        gw[k, c] = acc
+            gv = gy[n]
+            xv = xq[n]
+            for sg in range(nseg):
+                a, b, ln = seg_g[sg], seg_x[sg], seg_len[sg]
+                if nk == 4 and nt == 4:
+                    o0, o1, o2, o3 = b + tb[t0], b + tb[t0 + 1], b + tb[t0 + 2], b + tb[t0 + 3]
+                    _dot4x4(acc, 0, 0, gv[k0, a:a + ln], gv[k0 + 1, a:a + ln], gv[k0 + 2, a:a + ln],
+                            gv[k0 + 3, a:a + ln], xv[c0 + tc[t0], o0:o0 + ln], xv[c0 + tc[t0 + 1], o1:o1 + ln],
+                            xv[c0 + tc[t0 + 2], o2:o2 + ln], xv[c0 + tc[t0 + 3], o3:o3 + ln], zero)
+                else:
+                    for q in range(nk):
+                        for u in range(nt):
+                            o = b + tb[t0 + u]
+                            acc[q, u] += _dot1(gv[k0 + q, a:a + ln], xv[c0 + tc[t0 + u], o:o + ln], zero)
+        for q in range(nk):
+            for u in range(nt):
+                gw[k0 + q, t0 + u] = acc[q, u]
 
 
 # --------------------------------------------------------------------------- Python drivers
-def _row_block(p):
-    if p.sh != 1 or p.sw != 1:
-        return 1
-    kb = min(_FWD_KB, p.kg)
-    return max(1, min(p.oh, (_FWD_TILE // kb - p.ow) // p.wp + 1))
+def _taps(cg, r, s, dh, dw, sw, hp, wq):
+    """Channel and start offset of every tap (c, r, s) in the phase-split plane layout."""
+    c_i, r_i, s_i = np.meshgrid(np.arange(cg), np.arange(r), np.arange(s), indexing="ij")
+    col = s_i.ravel() * dw
+    tb = (col % sw) * hp * wq + r_i.ravel() * dh * wq + col // sw
+    return c_i.ravel().astype(np.int64), tb.astype(np.int64)
 
 
-def forward(x, w, b, p):
-    xp = pad_input(x, p).reshape(p.n, p.c, p.hp * p.wp)
-    y = np.empty(p.y_shape, dtype=p.dtype)
+def _conv(xq, hp, wq, w, b, sh, sw, dh, dw, g, oh, ow):
+    """Forward convolution of planes laid out by :func:`pad_planes` by (k, c/g, r, s) weights."""
+    n = xq.shape[0]
+    k, cg, r, s = w.shape
+    tc, tb = _taps(cg, r, s, dh, dw, sw, hp, wq)
+    y = np.empty((n, k, oh, ow), dtype=xq.dtype)
+    kb = min(_FWD_KB, k // g)
+    rb = 1 if sh != 1 else max(1, min(oh, (_FWD_TILE // kb - ow) // wq + 1))
     if b is None:
-        b = np.zeros(p.k, dtype=p.dtype)
-    _forward(xp, np.ascontiguousarray(w), np.ascontiguousarray(b), y,
-             p.wp, p.sh, p.sw, p.dh, p.dw, p.g, min(_FWD_KB, p.kg), _row_block(p))
+        b = np.zeros(k, dtype=xq.dtype)
+    _forward(xq, np.ascontiguousarray(w).reshape(k, cg * r * s), tc, tb, np.ascontiguousarray(b), y,
+             wq, sh, g, kb, rb)
     return y
 
 
+def forward(x, w, b, p):
+    xq, hp, wq, _ = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw)
+    return _conv(xq, hp, wq, w, b, p.sh, p.sw, p.dh, p.dw, p.g, p.oh, p.ow)
+
+
 def grad_input(gy, w, p):
+    if p.sh == 1 and p.sw == 1:
+        return _grad_input_by_correlation(gy, w, p)
     gxp = np.zeros((p.n, p.c, p.hp * p.wp), dtype=p.dtype)
     _grad_input(np.ascontiguousarray(gy), np.ascontiguousarray(w), gxp,
                 p.wp, p.sh, p.sw, p.dh, p.dw, p.g, min(_GI_CB, p.cg))
@@ -162,11 +278,37 @@ def grad_input(gy, w, p):
     return np.ascontiguousarray(gxp[:, :, p.ph0:p.ph0 + p.h, p.pw0:p.pw0 + p.w])
 
 
+def _grad_input_by_correlation(gy, w, p):
+    """Stride 1: gx = correlation of gy, zero-padded by the kernel extent, with the flipped kernel
+    whose in/out channels are swapped within each group."""
+    # gx[ih] collects gy[ih + ph0 - r*dh]: gy row u goes to row u + eh - ph0 of a gradient padded
+    # to h + eh rows (negative padding crops rows that only ever meet input padding).
+    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    top, left = eh - p.ph0, ew - p.pw0
+    gyp, _, _, _ = pad_planes(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left)
+    wf = w[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
+    wf = np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s)
+    return _conv(gyp, p.h + eh, p.w + ew, wf, None, 1, 1, p.dh, p.dw, p.g, p.h, p.w)
+
+
 def grad_weight(gy, x, p):
-    xp = pad_input(x, p).reshape(p.n, p.c, p.hp * p.wp)
-    gw = np.empty(p.w_shape, dtype=p.dtype)
-    _grad_weight(np.ascontiguousarray(gy), xp, gw, p.wp, p.sh, p.sw, p.dh, p.dw, p.g, p.dtype.type(0))
-    return gw
+    xq, hp, wq, finite = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw, check_finite=p.sh == 1)
+    tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)
+    if p.sh == 1 and finite:
+        # one contiguous run per image: gy laid out with the plane's row pitch, zeros between rows
+        g2, _, _, _ = pad_planes(gy, 0, 0, 0, wq - p.ow)
+        seg_g = np.zeros(1, np.int64)
+        seg_x = np.zeros(1, np.int64)
+        ln = (p.oh - 1) * wq + p.ow
+        seg_len = np.array([ln + (-ln) % 16], np.int64)  # zeros pad gy to whole vectors (SLACK)
+    else:
+        g2 = np.ascontiguousarray(gy).reshape(p.n, p.k, p.oh * p.ow)
+        rows = np.arange(p.oh, dtype=np.int64)
+        seg_g, seg_x = rows * p.ow, rows * p.sh * wq
+        seg_len = np.full(p.oh, p.ow, np.int64)
+    gw = np.empty((p.k, p.cg * p.r * p.s), dtype=p.dtype)
+    _grad_weight(g2, xq, tc, tb, gw, seg_g, seg_x, seg_len, p.g, p.dtype.type(0))
+    return gw.reshape(p.w_shape)
 
 
 def supports(p, pass_):
@@ -177,6 +319,6 @@ def supports(p, pass_):
 # Cost model (seconds): a per-call floor plus multiply-accumulates at a rate that falls for short
 # inner loops (rows shorter than a vector register waste lanes).  Refined by issue 5's calibration.
 def cost(p, pass_):
-    inner = p.ow if (pass_ != "forward" or p.sh != 1 or p.sw != 1) else min(p.oh * p.wp, 512)
-    eff = min(1.0, inner / 64.0) * (1.0 if p.sw == 1 else 0.3)
-    return 2e-5 + p.macs / (4e9 * max(eff, 0.05))
+    inner = p.ow if (pass_ == "grad_input" and (p.sh != 1 or p.sw != 1)) else min(p.oh * p.wp, 512)
+    eff = min(1.0, inner / 64.0) * (1.0 if p.sw == 1 or pass_ != "grad_input" else 0.3)
+    return 2e-5 + p.macs / (8e9 * max(eff, 0.05))
