@@ -269,7 +269,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
 
 
 def relu(x):
-    """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch).
+    """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch); always a new array.
 
     Examples
     --------
@@ -278,11 +278,12 @@ def relu(x):
     array([0., 0., 2.])
     """
     x = V.as_float_array("relu", "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
-    return np.maximum(x, x.dtype.type(0))
+    return np.maximum(x, x.dtype.type(0), out=np.empty_like(x))
 
 
 def relu_backward(grad_output, x):
-    """Gradient of :func:`relu`: ``grad_output`` where ``x > 0``, else 0.
+    """Gradient of :func:`relu`: 0 where ``x <= 0``, else ``grad_output`` (so a NaN input passes the
+    gradient through, as PyTorch's ``threshold_backward``).
 
     Examples
     --------
@@ -295,4 +296,4 @@ def relu_backward(grad_output, x):
     grad_output = V.as_float_array(fn, "grad_output", grad_output, x.ndim, x.dtype)
     if grad_output.shape != x.shape:
         raise ValueError(f"{fn}: grad_output must have the input's shape {x.shape}, got {grad_output.shape}")
-    return np.where(x > 0, grad_output, grad_output.dtype.type(0))
+    return np.where(x <= 0, grad_output.dtype.type(0), grad_output)
