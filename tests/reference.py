@@ -226,4 +226,5 @@ def relu(x):
 
 
 def relu_backward(grad_output, x):
-    return np.where(np.asarray(x) > 0, grad_output, 0).astype(np.asarray(grad_output).dtype)
+    # PyTorch threshold_backward: zero where x <= 0; a NaN input (NaN <= 0 is false) passes the gradient
+    return np.where(np.asarray(x) <= 0, 0, grad_output).astype(np.asarray(grad_output).dtype)
