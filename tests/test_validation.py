@@ -1,0 +1,259 @@
+"""Every user-facing error, as a table of (function, args, kwargs, exception, message pattern).
+
+Messages read ``<function>: <argument> <rule>, got <value>``; each pattern names both.
+"""
+import re
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import (avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max_pool2d,
+                      max_pool2d_backward, relu, relu_backward)
+
+F32, F64 = np.float32, np.float64
+X = np.zeros((1, 2, 5, 5), F32)          # conv input
+W = np.zeros((4, 2, 3, 3), F32)          # conv weight -> output (1, 4, 3, 3)
+B = np.zeros(4, F32)
+GY = np.zeros((1, 4, 3, 3), F32)
+P = np.zeros((1, 2, 6, 6), F32)          # pooling input; kernel 2 -> output (1, 2, 3, 3)
+PGY = np.zeros((1, 2, 3, 3), F32)
+IDX = np.zeros((1, 2, 3, 3), np.int64)
+HUGE = (10**6, 1024, 1024, 1024)         # ~4 PB in float32
+
+
+def huge(shape=HUGE, dtype=F32):
+    """A zero-stride view of an array far larger than any machine's memory."""
+    return np.broadcast_to(np.zeros((1,) * len(shape), dtype), shape)
+
+
+def row(id_, fn, args, kwargs, exc, pattern, marks=()):
+    return pytest.param(fn, args, kwargs, exc, pattern, id=id_, marks=marks)
+
+
+ERRORS = [
+    # ---- conv2d: arrays
+    row("input-list", conv2d, (X.tolist(), W), {}, TypeError, r"conv2d: input must be a numpy.ndarray, got list"),
+    row("weight-list", conv2d, (X, W.tolist()), {}, TypeError, r"conv2d: weight must be a numpy.ndarray, got list"),
+    row("input-0d", conv2d, (np.array(1.0, F32), W), {}, ValueError, r"conv2d: input must be 4-D, got 0-D"),
+    row("input-3d", conv2d, (X[0], W), {}, ValueError, r"conv2d: input must be 4-D, got 3-D"),
+    row("weight-5d", conv2d, (X, W[None]), {}, ValueError, r"conv2d: weight must be 4-D, got 5-D"),
+    row("bias-2d", conv2d, (X, W, B[None]), {}, ValueError, r"conv2d: bias must be 1-D, got 2-D"),
+    row("bias-shape", conv2d, (X, W, B[:3]), {}, ValueError, r"conv2d: bias must have shape \(4,\) .*got \(3,\)"),
+    row("input-int", conv2d, (X.astype(np.int64), W), {}, TypeError,
+        r"conv2d: input must have dtype float32 or float64, got int64"),
+    row("input-bool", conv2d, (X.astype(bool), W), {}, TypeError, r"conv2d: input must have dtype .*got bool"),
+    row("input-complex", conv2d, (X.astype(np.complex128), W), {}, TypeError,
+        r"conv2d: input must have dtype .*got complex128"),
+    row("input-object", conv2d, (X.astype(object), W), {}, TypeError, r"conv2d: input must have dtype .*got object"),
+    row("input-float16", conv2d, (X.astype(np.float16), W.astype(np.float16)), {}, TypeError,
+        r"conv2d: input must have dtype .*got float16"),
+    row("weight-float16", conv2d, (X, W.astype(np.float16)), {}, TypeError, r"conv2d: weight must have dtype .*got float16"),
+    row("weight-mixed-dtype", conv2d, (X, W.astype(F64)), {}, TypeError,
+        r"conv2d: weight must have the same dtype as the input \(float32\), got float64"),
+    row("bias-mixed-dtype", conv2d, (X, W, B.astype(F64)), {}, TypeError,
+        r"conv2d: bias must have the same dtype as the input \(float32\), got float64"),
+    # ---- conv2d: geometry
+    row("channel-mismatch", conv2d, (X, np.zeros((4, 3, 3, 3), F32)), {}, ValueError,
+        r"conv2d: input channels must equal weight.shape\[1\] \* groups \(3 \* 1 = 3\), got 2"),
+    row("group-mismatch", conv2d, (X, W), {"groups": 2}, ValueError,
+        r"conv2d: input channels must equal weight.shape\[1\] \* groups \(2 \* 2 = 4\), got 2"),
+    row("k-not-divisible-by-groups", conv2d, (np.zeros((1, 4, 5, 5), F32), np.zeros((3, 2, 3, 3), F32)),
+        {"groups": 2}, ValueError, r"conv2d: weight.shape\[0\] \(out channels\) must be divisible by groups=2, got 3"),
+    row("groups-zero", conv2d, (X, W), {"groups": 0}, ValueError, r"conv2d: groups must be positive, got 0"),
+    row("groups-float", conv2d, (X, W), {"groups": 1.0}, TypeError, r"conv2d: groups must be an int, got 1.0"),
+    row("groups-bool", conv2d, (X, W), {"groups": True}, TypeError, r"conv2d: groups must be an int, got True"),
+    row("stride-zero", conv2d, (X, W), {"stride": 0}, ValueError, r"conv2d: stride must be positive, got \(0, 0\)"),
+    row("stride-negative", conv2d, (X, W), {"stride": (1, -1)}, ValueError,
+        r"conv2d: stride must be positive, got \(1, -1\)"),
+    row("stride-float", conv2d, (X, W), {"stride": 1.0}, TypeError, r"conv2d: stride must be an int or a pair of ints, got 1.0"),
+    row("stride-bool", conv2d, (X, W), {"stride": True}, TypeError, r"conv2d: stride must be an int .*got True"),
+    row("stride-bool-in-pair", conv2d, (X, W), {"stride": (1, False)}, TypeError, r"conv2d: stride must be an int .*got False"),
+    row("stride-triple", conv2d, (X, W), {"stride": (1, 1, 1)}, ValueError, r"conv2d: stride must be an int or a pair"),
+    row("stride-str", conv2d, (X, W), {"stride": "1"}, TypeError, r"conv2d: stride must be an int or a pair"),
+    row("dilation-zero", conv2d, (X, W), {"dilation": 0}, ValueError, r"conv2d: dilation must be positive, got \(0, 0\)"),
+    row("dilation-bool", conv2d, (X, W), {"dilation": True}, TypeError, r"conv2d: dilation must be an int"),
+    row("padding-negative", conv2d, (X, W), {"padding": -1}, ValueError,
+        r"conv2d: padding must be non-negative, got \(-1, -1\)"),
+    row("padding-negative-pair", conv2d, (X, W), {"padding": (0, -2)}, ValueError,
+        r"conv2d: padding must be non-negative, got \(0, -2\)"),
+    row("padding-bad-string", conv2d, (X, W), {"padding": "full"}, ValueError,
+        r"conv2d: padding must be an int, a pair, 'same' or 'valid', got 'full'"),
+    row("padding-float", conv2d, (X, W), {"padding": 0.5}, TypeError, r"conv2d: padding must be an int"),
+    row("same-with-stride", conv2d, (X, W), {"padding": "same", "stride": 2}, ValueError,
+        r"conv2d: padding='same' requires stride 1, got stride=\(2, 2\)"),
+    row("kernel-larger-than-input", conv2d, (X, np.zeros((4, 2, 6, 3), F32)), {}, ValueError,
+        r"conv2d: dilated kernel must fit in the padded input.*input 5x5, kernel 6x3"),
+    row("dilated-kernel-larger-than-input", conv2d, (X, W), {"dilation": 3}, ValueError,
+        r"conv2d: dilated kernel must fit in the padded input: kernel \(7 x 7\)"),
+    row("algorithm-unknown", conv2d, (X, W), {"algorithm": "winograd"}, ValueError,
+        r"conv2d: algorithm must be one of 'auto', 'direct'.*, got 'winograd'"),
+    row("algorithm-not-str", conv2d, (X, W), {"algorithm": 1}, TypeError, r"conv2d: algorithm must be a str, got int"),
+    row("algorithm-none", conv2d, (X, W), {"algorithm": None}, TypeError, r"conv2d: algorithm must be a str, got NoneType"),
+    row("output-too-large", conv2d, (huge(), np.zeros((1, 1024, 1, 1), F32)), {}, ValueError,
+        r"conv2d: output of shape \(1000000, 1, 1024, 1024\).* would need [\d.]+ GiB, more than"),
+    # ---- conv2d_backward
+    row("bwd-grad-output-shape", conv2d_backward, (GY[:, :3], X, W), {}, ValueError,
+        r"conv2d_backward: grad_output must have the output's shape \(1, 4, 3, 3\), got \(1, 3, 3, 3\)"),
+    row("bwd-grad-output-shape-stride", conv2d_backward, (GY, X, W), {"stride": 2}, ValueError,
+        r"conv2d_backward: grad_output must have the output's shape \(1, 4, 2, 2\)"),
+    row("bwd-grad-output-3d", conv2d_backward, (GY[0], X, W), {}, ValueError, r"conv2d_backward: grad_output must be 4-D"),
+    row("bwd-grad-output-dtype", conv2d_backward, (GY.astype(F64), X, W), {}, TypeError,
+        r"conv2d_backward: grad_output must have the same dtype as the input \(float32\), got float64"),
+    row("bwd-grad-output-list", conv2d_backward, (GY.tolist(), X, W), {}, TypeError,
+        r"conv2d_backward: grad_output must be a numpy.ndarray, got list"),
+    row("bwd-input-int", conv2d_backward, (GY, X.astype(np.int32), W), {}, TypeError,
+        r"conv2d_backward: input must have dtype float32 or float64, got int32"),
+    row("bwd-weight-mixed", conv2d_backward, (GY, X, W.astype(F64)), {}, TypeError,
+        r"conv2d_backward: weight must have the same dtype"),
+    row("bwd-group-mismatch", conv2d_backward, (GY, X, W), {"groups": 2}, ValueError,
+        r"conv2d_backward: input channels must equal weight.shape\[1\] \* groups"),
+    row("bwd-stride-zero", conv2d_backward, (GY, X, W), {"stride": (0, 1)}, ValueError,
+        r"conv2d_backward: stride must be positive, got \(0, 1\)"),
+    row("bwd-same-with-stride", conv2d_backward, (GY, X, W), {"padding": "same", "stride": (1, 2)}, ValueError,
+        r"conv2d_backward: padding='same' requires stride 1"),
+    row("bwd-algorithm-unknown", conv2d_backward, (GY, X, W), {"algorithm": "fast"}, ValueError,
+        r"conv2d_backward: algorithm must be one of 'auto'.*got 'fast'"),
+    row("bwd-algorithm-not-str", conv2d_backward, (GY, X, W), {"algorithm": b"direct"}, TypeError,
+        r"conv2d_backward: algorithm must be a str, got bytes"),
+    row("bwd-output-too-large", conv2d_backward,
+        (huge((10**6, 1, 1024, 1024)), huge(), np.zeros((1, 1024, 1, 1), F32)), {}, ValueError,
+        r"conv2d_backward: output of shape .* would need [\d.]+ GiB"),
+    # ---- max_pool2d
+    row("max-input-list", max_pool2d, (P.tolist(), 2), {}, TypeError, r"max_pool2d: input must be a numpy.ndarray, got list"),
+    row("max-input-0d", max_pool2d, (np.array(1.0), 2), {}, ValueError, r"max_pool2d: input must be 4-D, got 0-D"),
+    row("max-input-3d", max_pool2d, (P[0], 2), {}, ValueError, r"max_pool2d: input must be 4-D, got 3-D"),
+    row("max-input-int", max_pool2d, (P.astype(np.int16), 2), {}, TypeError, r"max_pool2d: input must have dtype .*got int16"),
+    row("max-input-float16", max_pool2d, (P.astype(np.float16), 2), {}, TypeError,
+        r"max_pool2d: input must have dtype .*got float16"),
+    row("max-kernel-zero", max_pool2d, (P, 0), {}, ValueError, r"max_pool2d: kernel_size must be positive, got \(0, 0\)"),
+    row("max-kernel-float", max_pool2d, (P, 2.0), {}, TypeError, r"max_pool2d: kernel_size must be an int"),
+    row("max-kernel-bool", max_pool2d, (P, True), {}, TypeError, r"max_pool2d: kernel_size must be an int"),
+    row("max-stride-zero", max_pool2d, (P, 2), {"stride": 0}, ValueError, r"max_pool2d: stride must be positive"),
+    row("max-padding-negative", max_pool2d, (P, 2), {"padding": -1}, ValueError,
+        r"max_pool2d: padding must be non-negative, got \(-1, -1\)"),
+    row("max-padding-over-half-kernel", max_pool2d, (P, 3), {"padding": (1, 2)}, ValueError,
+        r"max_pool2d: padding must be at most half of kernel_size \(3, 3\), got \(1, 2\)"),
+    row("max-dilation-zero", max_pool2d, (P, 2), {"dilation": 0}, ValueError, r"max_pool2d: dilation must be positive"),
+    row("max-output-too-small", max_pool2d, (P, 7), {}, ValueError,
+        r"max_pool2d: output size must be positive: input 6x6 with kernel_size \(7, 7\).* gives 0x0"),
+    row("max-dilated-output-too-small", max_pool2d, (P, 3), {"dilation": 3}, ValueError,
+        r"max_pool2d: output size must be positive"),
+    row("max-ceil-mode-int", max_pool2d, (P, 2), {"ceil_mode": 1}, TypeError, r"max_pool2d: ceil_mode must be a bool, got 1"),
+    row("max-return-indices-str", max_pool2d, (P, 2), {"return_indices": "yes"}, TypeError,
+        r"max_pool2d: return_indices must be a bool, got 'yes'"),
+    row("max-output-too-large", max_pool2d, (huge(), 1), {}, ValueError,
+        r"max_pool2d: output of shape \(1000000, 1024, 1024, 1024\) would need [\d.]+ GiB"),
+    # ---- max_pool2d_backward
+    row("maxb-input-shape-length", max_pool2d_backward, (PGY, IDX, (2, 6, 6)), {}, ValueError,
+        r"max_pool2d_backward: input_shape must be a shape \(N, C, H, W\), got \(2, 6, 6\)"),
+    row("maxb-input-shape-array", max_pool2d_backward, (PGY, IDX, np.array([1, 2, 6, 6])), {}, ValueError,
+        r"max_pool2d_backward: input_shape must be a shape"),
+    row("maxb-input-shape-float", max_pool2d_backward, (PGY, IDX, (1, 2, 6.0, 6)), {}, TypeError,
+        r"max_pool2d_backward: input_shape must be an int"),
+    row("maxb-input-shape-zero-h", max_pool2d_backward, (PGY, IDX, (1, 2, 0, 6)), {}, ValueError,
+        r"max_pool2d_backward: input_shape must have N >= 0 and positive C, H, W, got \(1, 2, 0, 6\)"),
+    row("maxb-grad-output-nc", max_pool2d_backward, (PGY, IDX, (1, 3, 6, 6)), {}, ValueError,
+        r"max_pool2d_backward: grad_output must have input_shape's N and C \(1, 3\), got shape \(1, 2, 3, 3\)"),
+    row("maxb-grad-output-int", max_pool2d_backward, (IDX, IDX, P.shape), {}, TypeError,
+        r"max_pool2d_backward: grad_output must have dtype .*got int64"),
+    row("maxb-grad-output-3d", max_pool2d_backward, (PGY[0], IDX, P.shape), {}, ValueError,
+        r"max_pool2d_backward: grad_output must be 4-D"),
+    row("maxb-indices-list", max_pool2d_backward, (PGY, IDX.tolist(), P.shape), {}, TypeError,
+        r"max_pool2d_backward: indices must be a numpy.ndarray, got list"),
+    row("maxb-indices-float", max_pool2d_backward, (PGY, IDX.astype(F64), P.shape), {}, TypeError,
+        r"max_pool2d_backward: indices must have an integer dtype, got float64"),
+    row("maxb-indices-bool", max_pool2d_backward, (PGY, IDX.astype(bool), P.shape), {}, TypeError,
+        r"max_pool2d_backward: indices must have an integer dtype, got bool"),
+    row("maxb-indices-shape", max_pool2d_backward, (PGY, IDX[..., :2], P.shape), {}, ValueError,
+        r"max_pool2d_backward: indices must have grad_output's shape \(1, 2, 3, 3\), got \(1, 2, 3, 2\)"),
+    row("maxb-indices-negative", max_pool2d_backward, (PGY, IDX - 1, P.shape), {}, ValueError,
+        r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 36\), got values from -1 to -1"),
+    row("maxb-indices-too-large", max_pool2d_backward, (PGY, IDX + 36, P.shape), {}, ValueError,
+        r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 36\), got values from 36 to 36"),
+    row("maxb-grad-input-too-large", max_pool2d_backward,
+        (huge((10**6, 1024, 1, 1)), huge((10**6, 1024, 1, 1), np.int64), HUGE), {}, ValueError,
+        r"max_pool2d_backward: grad_input of shape \(1000000, 1024, 1024, 1024\) would need [\d.]+ GiB"),
+    # ---- avg_pool2d
+    row("avg-input-list", avg_pool2d, (P.tolist(), 2), {}, TypeError, r"avg_pool2d: input must be a numpy.ndarray"),
+    row("avg-input-5d", avg_pool2d, (P[None], 2), {}, ValueError, r"avg_pool2d: input must be 4-D, got 5-D"),
+    row("avg-input-complex", avg_pool2d, (P.astype(np.complex64), 2), {}, TypeError,
+        r"avg_pool2d: input must have dtype .*got complex64"),
+    row("avg-kernel-negative", avg_pool2d, (P, (2, -1)), {}, ValueError, r"avg_pool2d: kernel_size must be positive"),
+    row("avg-stride-float", avg_pool2d, (P, 2), {"stride": 1.5}, TypeError, r"avg_pool2d: stride must be an int"),
+    row("avg-padding-over-half-kernel", avg_pool2d, (P, 2), {"padding": 2}, ValueError,
+        r"avg_pool2d: padding must be at most half of kernel_size"),
+    row("avg-output-too-small", avg_pool2d, (P, (2, 8)), {}, ValueError, r"avg_pool2d: output size must be positive"),
+    row("avg-ceil-mode-none", avg_pool2d, (P, 2), {"ceil_mode": None}, TypeError, r"avg_pool2d: ceil_mode must be a bool"),
+    row("avg-count-include-pad-int", avg_pool2d, (P, 2), {"count_include_pad": 0}, TypeError,
+        r"avg_pool2d: count_include_pad must be a bool, got 0"),
+    row("avg-output-too-large", avg_pool2d, (huge(), 1), {}, ValueError, r"avg_pool2d: output of shape .* GiB"),
+    # ---- avg_pool2d_backward
+    row("avgb-grad-output-shape", avg_pool2d_backward, (PGY, P.shape, 3), {}, ValueError,
+        r"avg_pool2d_backward: grad_output must have the output's shape \(1, 2, 2, 2\), got \(1, 2, 3, 3\)"),
+    row("avgb-grad-output-int", avg_pool2d_backward, (IDX, P.shape, 2), {}, TypeError,
+        r"avg_pool2d_backward: grad_output must have dtype .*got int64"),
+    row("avgb-grad-output-list", avg_pool2d_backward, (PGY.tolist(), P.shape, 2), {}, TypeError,
+        r"avg_pool2d_backward: grad_output must be a numpy.ndarray"),
+    row("avgb-input-shape", avg_pool2d_backward, (PGY, "shape", 2), {}, ValueError,
+        r"avg_pool2d_backward: input_shape must be a shape"),
+    row("avgb-input-shape-bool", avg_pool2d_backward, (PGY, (1, 2, True, 6), 2), {}, TypeError,
+        r"avg_pool2d_backward: input_shape must be an int"),
+    row("avgb-padding-over-half-kernel", avg_pool2d_backward, (PGY, P.shape, 2), {"padding": 2}, ValueError,
+        r"avg_pool2d_backward: padding must be at most half"),
+    row("avgb-count-include-pad-none", avg_pool2d_backward, (PGY, P.shape, 2), {"count_include_pad": None},
+        TypeError, r"avg_pool2d_backward: count_include_pad must be a bool"),
+    row("avgb-output-too-large", avg_pool2d_backward, (huge(), HUGE, 1), {}, ValueError,
+        r"avg_pool2d_backward: output of shape .* GiB"),
+    row("avgb-grad-input-too-large", avg_pool2d_backward, (np.zeros((1, 1, 1, 1)), (1, 1, 10**7, 10**7), 10**7),
+        {}, ValueError, r"avg_pool2d_backward: .*would need [\d.]+ GiB",
+        marks=pytest.mark.xfail(strict=True, raises=MemoryError,
+                                reason="avg_pool2d_backward checks the memory of the output, not of "
+                                       "grad_input; np.zeros raises MemoryError instead")),
+    # ---- relu
+    row("relu-list", relu, ([1.0, -1.0],), {}, TypeError, r"relu: input must be a numpy.ndarray, got list"),
+    row("relu-int", relu, (np.arange(3),), {}, TypeError, r"relu: input must have dtype float32 or float64, got int64"),
+    row("relu-float16", relu, (np.zeros(3, np.float16),), {}, TypeError, r"relu: input must have dtype .*got float16"),
+    row("relub-shape", relu_backward, (np.zeros(3), np.zeros(4)), {}, ValueError,
+        r"relu_backward: grad_output must have the input's shape \(4,\), got \(3,\)"),
+    row("relub-ndim", relu_backward, (np.zeros((2, 2)), np.zeros(4)), {}, ValueError,
+        r"relu_backward: grad_output must be 1-D, got 2-D"),
+    row("relub-dtype", relu_backward, (np.zeros(4, F32), np.zeros(4)), {}, TypeError,
+        r"relu_backward: grad_output must have the same dtype as the input \(float64\), got float32"),
+    row("relub-input-list", relu_backward, (np.zeros(2), [1.0, 2.0]), {}, TypeError,
+        r"relu_backward: input must be a numpy.ndarray, got list"),
+    row("relub-grad-list", relu_backward, ([1.0, 2.0], np.zeros(2)), {}, TypeError,
+        r"relu_backward: grad_output must be a numpy.ndarray, got list"),
+]
+
+
+@pytest.mark.parametrize("fn, args, kwargs, exc, pattern", ERRORS)
+def test_error(fn, args, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern) as info:
+        fn(*args, **kwargs)
+    assert str(info.value).startswith(fn.__name__ + ": ")  # the function is named first
+
+
+def test_error_table_covers_every_public_function():
+    covered = {p.values[0].__name__ for p in ERRORS}
+    public = {name for name in fastconv.__all__ if callable(getattr(fastconv, name))}
+    assert public - covered <= {"Conv2dGrads", "algorithms"}
+
+
+@pytest.mark.parametrize("algorithm", fastconv.algorithms() + ("auto",))
+def test_accepted_argument_spellings(algorithm):
+    # numpy ints, lists as pairs, numpy bools and stride=None / [] are all valid
+    x = np.random.default_rng(0).standard_normal((1, 2, 6, 6))
+    w = np.random.default_rng(1).standard_normal((2, 2, 3, 3))
+    y = fastconv.conv2d(x, w, stride=np.int64(1), padding=[1, np.int32(1)], dilation=(1, 1),
+                        groups=np.int8(1), algorithm=algorithm)
+    np.testing.assert_array_equal(y, fastconv.conv2d(x, w, padding=1, algorithm=algorithm))
+    for stride in (None, [], 2, (2, 2)):
+        np.testing.assert_array_equal(fastconv.max_pool2d(x, 2, stride=stride), fastconv.max_pool2d(x, 2))
+    np.testing.assert_array_equal(fastconv.avg_pool2d(x, 2, ceil_mode=np.bool_(False)), fastconv.avg_pool2d(x, 2))
+
+
+def test_explicit_algorithm_never_falls_back():
+    # an unknown name is refused even where 'auto' would succeed
+    with pytest.raises(ValueError, match=re.escape("'auto'")):
+        fastconv.conv2d(X, W, algorithm="AUTO")
