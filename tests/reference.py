@@ -162,8 +162,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 def max_pool2d_backward(grad_output, indices, input_shape):
     """Add each ``grad_output`` element to the input position its index names."""
     n, c, h, w = input_shape
-    gy = np.asarray(grad_output, np.float64).reshape(n * c, -1)
-    idx = np.asarray(indices).reshape(n * c, -1)
+    gy = np.asarray(grad_output, np.float64)
+    m = gy.shape[2] * gy.shape[3]
+    gy, idx = gy.reshape(n * c, m), np.asarray(indices).reshape(n * c, m)
     gx = np.zeros((n * c, h * w))
     for plane in range(n * c):
         for o in range(gy.shape[1]):
