@@ -19,7 +19,12 @@ from .._jit import kernel
 def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
+    # output columns whose whole window lies inside the input: no clipping there
+    j_lo = min(ow, (pw + sw - 1) // sw)
+    j_hi = max(j_lo, min(ow, (w - 1 - (kw - 1) * dw + pw) // sw + 1))
     for p in prange(pp):
+        best = np.empty(ow, dtype=np.float64)  # float64 holds float32 values exactly
+        bi = np.empty(ow, dtype=np.int64)
         for i in range(oh):
             h0 = i * sh - ph
             h1 = min(h0 + (kh - 1) * dh + 1, h)
@@ -27,19 +32,44 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
                 h0 += dh
             for j in range(ow):
                 w0 = j * sw - pw
-                w1 = min(w0 + (kw - 1) * dw + 1, w)
                 while w0 < 0:
                     w0 += dw
-                best = -np.inf  # float64 compares float32 values exactly
-                bi = h0 * w + w0
-                for ih in range(h0, h1, dh):
+                best[j] = -np.inf
+                bi[j] = h0 * w + w0
+            for ih in range(h0, h1, dh):
+                xr = x[p, ih]
+                base = ih * w
+                for j in range(j_lo):
+                    w0 = j * sw - pw
+                    w1 = min(w0 + (kw - 1) * dw + 1, w)
+                    while w0 < 0:
+                        w0 += dw
                     for iw in range(w0, w1, dw):
-                        v = x[p, ih, iw]
-                        if v > best or v != v:
-                            best = v
-                            bi = ih * w + iw
-                y[p, i, j] = best
-                idx[p, i, j] = bi
+                        v = xr[iw]
+                        if v > best[j] or v != v:
+                            best[j] = v
+                            bi[j] = base + iw
+                for s in range(kw):
+                    off = s * dw - pw
+                    for j in range(j_lo, j_hi):
+                        iw = j * sw + off
+                        v = xr[iw]
+                        if v > best[j] or v != v:
+                            best[j] = v
+                            bi[j] = base + iw
+                for j in range(j_hi, ow):
+                    w0 = j * sw - pw
+                    w1 = min(w0 + (kw - 1) * dw + 1, w)
+                    while w0 < 0:
+                        w0 += dw
+                    for iw in range(w0, w1, dw):
+                        v = xr[iw]
+                        if v > best[j] or v != v:
+                            best[j] = v
+                            bi[j] = base + iw
+            for j in range(ow):
+                y[p, i, j] = best[j]
+                idx[p, i, j] = bi[j]
 
 
 @kernel
@@ -47,12 +77,14 @@ def _max_backward(gy, idx, gx, bad):
     pp, hw = gx.shape
     m = gy.shape[1]
     for p in prange(pp):
+        g = gx[p]
+        g[:] = 0  # zeroed by the thread that scatters into it: parallel first touch
         for o in range(m):
             t = idx[p, o]
             if t < 0 or t >= hw:
                 bad[p] = 1
             else:
-                gx[p, t] += gy[p, o]
+                g[t] += gy[p, o]
 
 
 @kernel
@@ -119,9 +151,11 @@ def max_forward(x, p):
 def max_backward(gy, idx, input_shape):
     """Scatter ``gy`` to the flat positions ``idx``; returns ``(grad_input, ok)``."""
     n, c, h, w = input_shape
-    gx = np.zeros((n * c, h * w), dtype=gy.dtype)
+    gx = np.empty((n * c, h * w), dtype=gy.dtype)
     bad = np.zeros(n * c, dtype=np.uint8)
-    if gx.size and gy.size:
+    if gy.size == 0:
+        gx[:] = 0
+    elif gx.size:
         _max_backward(np.ascontiguousarray(gy).reshape(n * c, -1),
                       np.ascontiguousarray(idx, dtype=np.int64).reshape(n * c, -1), gx, bad)
     return gx.reshape(input_shape), not bad.any()
