@@ -6,6 +6,7 @@ parameter record, so nothing past this module re-validates.  Messages read
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ def shape4(fn, name, v):
 
 
 # --------------------------------------------------------------------------- memory
+@functools.lru_cache(maxsize=None)
 def _physical_memory():
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
