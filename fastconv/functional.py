@@ -265,6 +265,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
     input_shape = V.shape4(fn, "input_shape", input_shape)
     p = V.pool_params(fn, input_shape, kernel_size, stride, padding, 1, ceil_mode)
     grad_output = V.check_grad_like(fn, grad_output, p.y_shape)
+    V.check_memory(fn, f"grad_input of shape {input_shape}", grad_output.itemsize * int(np.prod(input_shape)))
     return pooling.avg_backward(grad_output, p, V._bool(fn, "count_include_pad", count_include_pad))
 
 
