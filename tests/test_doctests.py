@@ -1,0 +1,27 @@
+"""Run the docstring examples of the public modules (pyproject's testpaths keep pytest's own
+doctest collection to tests/, so they are run from here)."""
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+
+MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    with np.printoptions(legacy=False):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                                 verbose=False)
+    assert result.attempted > 0, f"no examples found in {name}"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+def test_public_functions_have_examples():
+    import fastconv
+    for name in fastconv.__all__:
+        obj = getattr(fastconv, name)
+        if callable(obj) and not isinstance(obj, type):
+            assert ">>>" in (obj.__doc__ or ""), f"{name} has no runnable example"
