@@ -29,6 +29,9 @@ CASES = [
     ("same-even", (1, 2, 6, 7), (2, 2, 2, 4), {"padding": "same"}),
     ("same-dilated", (1, 2, 7, 7), (2, 2, 3, 2), {"padding": "same", "dilation": 2}),
     ("valid", (1, 2, 6, 6), (2, 2, 3, 3), {"padding": "valid"}),
+    # planes and channel counts big enough that kernels split them into several (partial) blocks
+    ("row-blocks", (1, 2, 40, 37), (10, 2, 3, 3), {"padding": 1}),
+    ("channel-blocks-groups", (2, 18, 6, 5), (20, 9, 3, 2), {"groups": 2, "padding": (0, 1)}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -233,8 +236,10 @@ def test_no_bias_equals_zero_bias_and_keeps_dtype(algorithm, dtype):
 def _shape_suite():
     """The public shape suite (shared/shapes.json) shrunk to N=1, few channels and small images,
     keeping each layer's kernel, stride, padding, dilation and depthwise-ness."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "shapes.json"
-    if not path.exists():
+    here = pathlib.Path(__file__).resolve().parent
+    paths = [p / "shared" / "shapes.json" for p in (here.parent, here.parent.parent)]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
         return []
     cases = []
     for c in json.loads(path.read_text())["conv2d"]:
@@ -263,3 +268,18 @@ def test_explicit_algorithm_refusal_is_the_only_skipped_error():
         skip_if_unsupported(ValueError("conv2d: algorithm='x' cannot compute the forward pass here: y"))
     with pytest.raises(ValueError, match="stride"):
         skip_if_unsupported(ValueError("conv2d: stride must be positive"))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_concurrent_calls_from_python_threads(algorithm):
+    # kernels release the GIL; parallel kernels entered from several threads must neither abort
+    # (numba's workqueue layer would) nor mix up results
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [make_inputs(case, np.float64, seed=20 + i) for i, case in enumerate(CASES[:4])]
+    serial = [run_conv(algorithm, x, w, b, gy, **kw) for x, w, b, gy, kw in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda a: run_conv(algorithm, a[0], a[1], a[2], a[3], **a[4]), inputs * 3))
+    for i, got in enumerate(threaded):
+        for name, value in serial[i % len(inputs)].items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)

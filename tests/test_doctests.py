@@ -3,7 +3,6 @@ doctest collection to tests/, so they are run from here)."""
 import doctest
 import importlib
 
-import numpy as np
 import pytest
 
 MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch"]
@@ -12,9 +11,7 @@ MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch"]
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
-    with np.printoptions(legacy=False):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                                 verbose=False)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"no examples found in {name}"
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
 
