@@ -6,6 +6,7 @@
 >>> fastconv.conv2d(x, w, padding=1).shape
 (2, 4, 8, 8)
 """
+from ._config import get_workspace_limit, set_workspace_limit
 from ._dispatch import algorithms
 from .functional import (
     Conv2dGrads,
@@ -28,8 +29,10 @@ __all__ = [
     "avg_pool2d_backward",
     "conv2d",
     "conv2d_backward",
+    "get_workspace_limit",
     "max_pool2d",
     "max_pool2d_backward",
     "relu",
     "relu_backward",
+    "set_workspace_limit",
 ]

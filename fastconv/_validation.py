@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._config import resolve_workspace_limit
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -134,6 +136,7 @@ class ConvParams:
     oh: int
     ow: int
     dtype: np.dtype
+    workspace_limit: int = 64 * 1024 * 1024  # bytes of scratch memory one call may use
 
     @property
     def cg(self):
@@ -194,7 +197,7 @@ def _conv_padding(fn, padding, ks, stride, dilation):
     return (ph, ph), (pw, pw)
 
 
-def conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups):
+def conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups, workspace_limit=None):
     """Validate the geometry of a convolution and return its :class:`ConvParams`."""
     n, c, h, w = x_shape
     k, cg, r, s = w_shape
@@ -226,14 +229,14 @@ def conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups):
             f"({h + ph0 + ph1} x {w + pw0 + pw1}), got input {h}x{w}, kernel {r}x{s}, padding {padding!r}"
         )
     p = ConvParams(n, c, h, w, k, r, s, st[0], st[1], ph0, ph1, pw0, pw1, dl[0], dl[1], groups, oh, ow,
-                   np.dtype(dtype))
+                   np.dtype(dtype), resolve_workspace_limit(fn, workspace_limit))
     isz = p.itemsize
     check_memory(fn, f"output of shape {p.y_shape} plus a padded copy of the input",
                  isz * (n * k * oh * ow + n * c * p.hp * p.wp))
     return p
 
 
-def check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups):
+def check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups, workspace_limit=None):
     """Validate a forward call; returns ``(x, weight, bias, params)``."""
     x = as_float_array(fn, "input", x, 4)
     weight = as_float_array(fn, "weight", weight, 4, x.dtype)
@@ -241,16 +244,17 @@ def check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups):
         bias = as_float_array(fn, "bias", bias, 1, x.dtype)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (out channels), got {bias.shape}")
-    p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups)
+    p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups, workspace_limit)
     return x, weight, bias, p
 
 
-def check_conv2d_backward(fn, grad_output, x, weight, stride, padding, dilation, groups):
+def check_conv2d_backward(fn, grad_output, x, weight, stride, padding, dilation, groups,
+                          workspace_limit=None):
     """Validate a backward call; returns ``(grad_output, x, weight, params)``."""
     x = as_float_array(fn, "input", x, 4)
     weight = as_float_array(fn, "weight", weight, 4, x.dtype)
     grad_output = as_float_array(fn, "grad_output", grad_output, 4, x.dtype)
-    p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups)
+    p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups, workspace_limit)
     if grad_output.shape != p.y_shape:
         raise ValueError(f"{fn}: grad_output must have the output's shape {p.y_shape}, got {grad_output.shape}")
     return grad_output, x, weight, p

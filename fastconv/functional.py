@@ -24,7 +24,8 @@ class Conv2dGrads(NamedTuple):
     grad_bias: np.ndarray
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
+           workspace_limit=None):
     """2-D convolution (cross-correlation, as in deep learning) of a batch of images.
 
     ``y[n, k, i, j] = b[k] + sum_{c, r, s} x_pad[n, g*C/groups + c, i*sh + r*dh, j*sw + s*dw] * w[k, c, r, s]``
@@ -43,6 +44,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         ``C`` and ``K`` must be divisible by it; ``groups == C`` is a depthwise convolution.
     algorithm : str
         ``'auto'`` (cheapest eligible by the cost model) or a name from :func:`fastconv.algorithms`.
+    workspace_limit : int, optional
+        Scratch-memory budget of this call in bytes (default: :func:`fastconv.get_workspace_limit`).
 
     Returns
     -------
@@ -69,14 +72,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     (1, 1, 4, 4)
     """
     fn = "conv2d"
-    x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups)
+    x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
+                                          workspace_limit)
     alg = select(fn, algorithm, p, "forward")
     if p.n == 0:
         return np.zeros(p.y_shape, dtype=p.dtype)
     return alg.forward(x, weight, bias, p)
 
 
-def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
+                    workspace_limit=None):
     """Gradients of :func:`conv2d` with respect to input, weight and bias.
 
     ``grad_input`` is the transposed convolution of ``grad_output`` with the weight -- the
@@ -93,6 +98,8 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     algorithm : str
         ``'auto'`` chooses for each pass (grad_input, grad_weight) separately; a name is used for
         both and raises if it cannot serve either.
+    workspace_limit : int, optional
+        Scratch-memory budget of this call in bytes (default: :func:`fastconv.get_workspace_limit`).
 
     Returns
     -------
@@ -114,7 +121,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     """
     fn = "conv2d_backward"
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
-                                                        dilation, groups)
+                                                        dilation, groups, workspace_limit)
     alg_i = select(fn, algorithm, p, "grad_input")
     alg_w = select(fn, algorithm, p, "grad_weight")
     if p.n == 0:

@@ -119,6 +119,15 @@ ERRORS = [
     row("bwd-output-too-large", conv2d_backward,
         (huge((10**6, 1, 1024, 1024)), huge(), np.zeros((1, 1024, 1, 1), F32)), {}, ValueError,
         r"conv2d_backward: output of shape .* would need [\d.]+ GiB"),
+    row("bwd-workspace-limit-zero", conv2d_backward, (GY, X, W), {"workspace_limit": 0}, ValueError,
+        r"conv2d_backward: workspace_limit must be positive \(bytes\), got 0"),
+    row("fwd-workspace-limit-float", conv2d, (X, W), {"workspace_limit": 1e6}, TypeError,
+        r"conv2d: workspace_limit must be an int number of bytes, got 1000000.0"),
+    # ---- settings
+    row("set-workspace-limit-negative", fastconv.set_workspace_limit, (-1,), {}, ValueError,
+        r"set_workspace_limit: workspace_limit must be positive \(bytes\), got -1"),
+    row("set-workspace-limit-str", fastconv.set_workspace_limit, ("64M",), {}, TypeError,
+        r"set_workspace_limit: workspace_limit must be an int number of bytes, got '64M'"),
     # ---- max_pool2d
     row("max-input-list", max_pool2d, (P.tolist(), 2), {}, TypeError, r"max_pool2d: input must be a numpy.ndarray, got list"),
     row("max-input-0d", max_pool2d, (np.array(1.0), 2), {}, ValueError, r"max_pool2d: input must be 4-D, got 0-D"),
@@ -234,7 +243,7 @@ def test_error(fn, args, kwargs, exc, pattern):
 def test_error_table_covers_every_public_function():
     covered = {p.values[0].__name__ for p in ERRORS}
     public = {name for name in fastconv.__all__ if callable(getattr(fastconv, name))}
-    assert public - covered <= {"Conv2dGrads", "algorithms"}
+    assert public - covered <= {"Conv2dGrads", "algorithms", "get_workspace_limit"}
 
 
 @pytest.mark.parametrize("algorithm", fastconv.algorithms() + ("auto",))
