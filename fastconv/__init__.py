@@ -8,6 +8,8 @@
 """
 from ._config import get_workspace_limit, set_workspace_limit
 from ._dispatch import algorithms
+from ._threads import get_num_threads, max_threads, set_num_threads, threads
+from ._tuning import autotune_cache_path, choose_algorithm, clear_autotune_cache, get_autotune, set_autotune
 from .functional import (
     Conv2dGrads,
     avg_pool2d,
@@ -23,6 +25,15 @@ from .functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "autotune_cache_path",
+    "choose_algorithm",
+    "clear_autotune_cache",
+    "get_autotune",
+    "get_num_threads",
+    "max_threads",
+    "set_autotune",
+    "set_num_threads",
+    "threads",
     "Conv2dGrads",
     "algorithms",
     "avg_pool2d",

@@ -39,6 +39,16 @@ def register(alg: Algorithm) -> None:
     _REGISTRY[alg.name] = alg
 
 
+def registry() -> dict:
+    """Name -> :class:`Algorithm` (a copy)."""
+    return dict(_REGISTRY)
+
+
+def eligible(p, pass_) -> list:
+    """The registered algorithms that can serve this pass of this geometry."""
+    return [alg for alg in _REGISTRY.values() if alg.supports(p, pass_) is None]
+
+
 def algorithms() -> tuple:
     """Names of the registered convolution algorithms, e.g. ``('direct', ...)``.
 
@@ -51,6 +61,11 @@ def algorithms() -> tuple:
     return tuple(_REGISTRY)
 
 
+def autotune_enabled() -> bool:
+    from ._tuning import get_autotune
+    return get_autotune()
+
+
 def select(fn, algorithm, p, pass_) -> Algorithm:
     """Resolve ``algorithm`` (a registered name or ``'auto'``) for one pass of one geometry.
 
@@ -59,6 +74,9 @@ def select(fn, algorithm, p, pass_) -> Algorithm:
     if not isinstance(algorithm, str):
         raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
     if algorithm == "auto":
+        if autotune_enabled():
+            from ._tuning import tuned
+            return tuned(p, pass_)
         best, best_cost = None, float("inf")
         for alg in _REGISTRY.values():
             if alg.supports(p, pass_) is None:

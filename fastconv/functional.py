@@ -14,6 +14,7 @@ from . import _validation as V
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
 from ._dispatch import select
+from ._threads import apply as apply_threads
 
 
 class Conv2dGrads(NamedTuple):
@@ -72,6 +73,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     (1, 1, 4, 4)
     """
     fn = "conv2d"
+    apply_threads()
     x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
                                           workspace_limit)
     alg = select(fn, algorithm, p, "forward")
@@ -120,6 +122,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
            [4., 4.]]), array([4.]))
     """
     fn = "conv2d_backward"
+    apply_threads()
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
     alg_i = select(fn, algorithm, p, "grad_input")
@@ -170,6 +173,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
            [13, 15]]))
     """
     fn = "max_pool2d"
+    apply_threads()
     x = V.as_float_array(fn, "input", x, 4)
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     return_indices = V._bool(fn, "return_indices", return_indices)
@@ -208,6 +212,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
            [0., 1., 0., 1.]])
     """
     fn = "max_pool2d_backward"
+    apply_threads()
     input_shape = V.shape4(fn, "input_shape", input_shape)
     grad_output = V.as_float_array(fn, "grad_output", grad_output, 4)
     if grad_output.shape[:2] != input_shape[:2]:
@@ -251,6 +256,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     array([2.5, 3. , 4. , 4.5])
     """
     fn = "avg_pool2d"
+    apply_threads()
     x = V.as_float_array(fn, "input", x, 4)
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, 1, ceil_mode)
     return pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad))
@@ -269,6 +275,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
            [0.25, 0.25]])
     """
     fn = "avg_pool2d_backward"
+    apply_threads()
     input_shape = V.shape4(fn, "input_shape", input_shape)
     p = V.pool_params(fn, input_shape, kernel_size, stride, padding, 1, ceil_mode)
     grad_output = V.check_grad_like(fn, grad_output, p.y_shape)

@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch"]
+MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch", "fastconv._config", "fastconv._threads",
+           "fastconv._tuning"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -27,7 +27,9 @@ def huge(shape=HUGE, dtype=F32):
     return np.broadcast_to(np.zeros((1,) * len(shape), dtype), shape)
 
 
-def row(id_, fn, args, kwargs, exc, pattern, marks=()):
+def row(id_, fn, args, kwargs, exc, pattern, marks=(), id_fn=None):
+    if id_fn is not None:  # a wrapper (e.g. entering a context manager) stands in for a public function
+        fn.__name__ = id_fn
     return pytest.param(fn, args, kwargs, exc, pattern, id=id_, marks=marks)
 
 
@@ -128,6 +130,26 @@ ERRORS = [
         r"set_workspace_limit: workspace_limit must be positive \(bytes\), got -1"),
     row("set-workspace-limit-str", fastconv.set_workspace_limit, ("64M",), {}, TypeError,
         r"set_workspace_limit: workspace_limit must be an int number of bytes, got '64M'"),
+    row("set-num-threads-zero", fastconv.set_num_threads, (0,), {}, ValueError,
+        r"set_num_threads: n must be between 1 and \d+ \(NUMBA_NUM_THREADS\), got 0"),
+    row("set-num-threads-too-many", fastconv.set_num_threads, (10**6,), {}, ValueError,
+        r"set_num_threads: n must be between 1 and \d+ .*got 1000000"),
+    row("set-num-threads-float", fastconv.set_num_threads, (1.0,), {}, TypeError, r"set_num_threads: n must be an int, got 1.0"),
+    row("threads-zero", lambda n: fastconv.threads(n).__enter__(), (0,), {}, ValueError,
+        r"threads: n must be between 1 and", id_fn="threads"),
+    row("set-autotune-str", fastconv.set_autotune, ("yes",), {}, TypeError, r"set_autotune: enabled must be a bool, got 'yes'"),
+    row("choose-pass-unknown", fastconv.choose_algorithm, ((1, 2, 5, 5), (4, 2, 3, 3)), {"pass_": "backward"}, ValueError,
+        r"choose_algorithm: pass_ must be one of 'forward', 'grad_input', 'grad_weight', got 'backward'"),
+    row("choose-dtype-int", fastconv.choose_algorithm, ((1, 2, 5, 5), (4, 2, 3, 3)), {"dtype": "int32"}, TypeError,
+        r"choose_algorithm: dtype must be float32 or float64, got int32"),
+    row("choose-x-shape-3", fastconv.choose_algorithm, ((2, 5, 5), (4, 2, 3, 3)), {}, ValueError,
+        r"choose_algorithm: x_shape must be a shape \(N, C, H, W\), got \(2, 5, 5\)"),
+    row("choose-weight-shape-str", fastconv.choose_algorithm, ((1, 2, 5, 5), "4,2,3,3"), {}, ValueError,
+        r"choose_algorithm: weight_shape must be a shape \(K, C/groups, R, S\)"),
+    row("choose-group-mismatch", fastconv.choose_algorithm, ((1, 3, 5, 5), (4, 2, 3, 3)), {}, ValueError,
+        r"choose_algorithm: input channels must equal weight.shape\[1\] \* groups"),
+    row("choose-measure-int", fastconv.choose_algorithm, ((1, 2, 5, 5), (4, 2, 3, 3)), {"measure": 1}, TypeError,
+        r"choose_algorithm: measure must be a bool, got 1"),
     # ---- max_pool2d
     row("max-input-list", max_pool2d, (P.tolist(), 2), {}, TypeError, r"max_pool2d: input must be a numpy.ndarray, got list"),
     row("max-input-0d", max_pool2d, (np.array(1.0), 2), {}, ValueError, r"max_pool2d: input must be 4-D, got 0-D"),
@@ -243,7 +265,9 @@ def test_error(fn, args, kwargs, exc, pattern):
 def test_error_table_covers_every_public_function():
     covered = {p.values[0].__name__ for p in ERRORS}
     public = {name for name in fastconv.__all__ if callable(getattr(fastconv, name))}
-    assert public - covered <= {"Conv2dGrads", "algorithms", "get_workspace_limit"}
+    # functions without arguments cannot be called wrongly
+    assert public - covered <= {"Conv2dGrads", "algorithms", "get_workspace_limit", "get_num_threads", "max_threads",
+                                "get_autotune", "autotune_cache_path", "clear_autotune_cache"}
 
 
 @pytest.mark.parametrize("algorithm", fastconv.algorithms() + ("auto",))

@@ -1,0 +1,151 @@
+"""How many cores fastconv uses: numba's pool and the BLAS pool together.
+
+fastconv's kernels run on numba's thread pool.  BLAS is used in two places: inside numba kernels
+(scipy's OpenBLAS, which the im2col algorithm holds to one thread per worker so the two pools never
+compete) and outside them (numpy's OpenBLAS, e.g. in :class:`fastconv.layers.Linear`).  The setting
+here governs numba's pool and numpy's BLAS together; by default both use every core numba was
+started with (``NUMBA_NUM_THREADS``), and they never run at the same time, so the machine is never
+oversubscribed.
+
+numba's thread count is a per-Python-thread setting; fastconv re-applies its own setting at the
+start of every call, so :func:`set_num_threads` holds for calls from any thread, and the
+:func:`threads` context manager overrides it for the calling thread only.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numba
+import numpy as np
+
+_global: int | None = None        # set_num_threads(); None = numba's default
+_local = threading.local()        # threads() overrides, per Python thread
+_blas_lock = threading.Lock()
+_blas_threads: int | None = None
+
+
+def max_threads() -> int:
+    """The most threads fastconv can use: numba's pool size (``NUMBA_NUM_THREADS``).
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> fastconv.max_threads() >= 1
+    True
+    """
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _check(fn, n):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{fn}: n must be an int, got {n!r}")
+    top = max_threads()
+    if not 1 <= n <= top:
+        raise ValueError(f"{fn}: n must be between 1 and {top} (NUMBA_NUM_THREADS), got {n}")
+    return int(n)
+
+
+def _numpy_blas(n):
+    """Limit numpy's BLAS pool to ``n`` threads (scipy's, used inside kernels, is left alone)."""
+    global _blas_threads
+    with _blas_lock:
+        if _blas_threads == n:
+            return
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            return
+        for ctl in ThreadpoolController().select(user_api="blas").lib_controllers:
+            if "numpy" in ctl.filepath:
+                ctl.set_num_threads(n)
+        _blas_threads = n
+
+
+def current() -> int:
+    """Threads the next fastconv call from this Python thread will use."""
+    n = getattr(_local, "n", None)
+    if n is None:
+        n = _global
+    return numba.get_num_threads() if n is None else n
+
+
+def apply() -> None:
+    """Make numba's pool in this Python thread match fastconv's setting (called by every op)."""
+    n = getattr(_local, "n", None)
+    if n is None:
+        n = _global
+    if n is not None and numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def set_num_threads(n):
+    """Set how many threads fastconv uses (numba's pool and numpy's BLAS), for calls from any thread.
+
+    Parameters
+    ----------
+    n : int
+        ``1 <= n <= NUMBA_NUM_THREADS`` (the size numba's pool was started with; by default the
+        number of cores).
+
+    Returns
+    -------
+    int
+        The previous setting.
+
+    See Also
+    --------
+    threads : the same, for a ``with`` block in the calling thread.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> old = fastconv.set_num_threads(1)
+    >>> fastconv.get_num_threads()
+    1
+    >>> _ = fastconv.set_num_threads(old)
+    """
+    global _global
+    n = _check("set_num_threads", n)
+    old = current()
+    _global = n
+    numba.set_num_threads(n)
+    _numpy_blas(n)
+    return old
+
+
+def get_num_threads():
+    """Threads fastconv uses for calls from this Python thread.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> 1 <= fastconv.get_num_threads() <= fastconv.max_threads()
+    True
+    """
+    return current()
+
+
+@contextlib.contextmanager
+def threads(n):
+    """Context manager: run the enclosed fastconv calls of this Python thread on ``n`` threads.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> with fastconv.threads(1):
+    ...     fastconv.get_num_threads()
+    1
+    """
+    n = _check("threads", n)
+    prev = getattr(_local, "n", None)
+    prev_numba = numba.get_num_threads()
+    _local.n = n
+    numba.set_num_threads(n)
+    _numpy_blas(n)
+    try:
+        yield n
+    finally:
+        _local.n = prev
+        numba.set_num_threads(prev_numba)
+        _numpy_blas(current())

@@ -1,0 +1,290 @@
+"""Choosing an algorithm: the cost model's choice, measured choices, and the on-disk autotune cache.
+
+With autotuning on (:func:`set_autotune` or ``FASTCONV_AUTOTUNE=1``), the first ``'auto'`` call for a
+key -- geometry, dtype, pass, workspace limit, thread count, CPU model and fastconv version -- times
+every eligible algorithm once on synthetic data of that shape (after one untimed warm-up call, so JIT
+compilation is not counted) and remembers the fastest, in memory and in ``autotune.json`` in the
+cache directory (``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv``, else
+``~/.cache/fastconv``).  Later processes reuse it.  Writes merge with the file's current content and
+land by atomic rename, so concurrent processes never leave a torn file; a corrupt file or one from
+another fastconv version is ignored with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+
+from . import _dispatch, _threads
+from . import _validation as V
+
+FORMAT = 1
+_lock = threading.Lock()
+_memory: dict[str, str] = {}
+_enabled = os.environ.get("FASTCONV_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
+_loaded = False
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cache_path() -> str:
+    """Path of the autotune cache file."""
+    base = os.environ.get("FASTCONV_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "fastconv")
+    return os.path.join(base, "autotune.json")
+
+
+def _key(p, pass_) -> str:
+    geo = (p.n, p.c, p.h, p.w, p.k, p.r, p.s, p.sh, p.sw, p.ph0, p.ph1, p.pw0, p.pw1, p.dh, p.dw, p.g)
+    return "|".join([",".join(map(str, geo)), p.dtype.name, pass_, f"ws={p.workspace_limit}",
+                     f"threads={_threads.current()}", _cpu(), _version()])
+
+
+def _read_file(path):
+    """Entries of the cache file, or {} (with a warning) when it is unreadable or foreign."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"fastconv: ignoring unreadable autotune cache {path}: {e}", RuntimeWarning, stacklevel=3)
+        return {}
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == _version()
+            and isinstance(data.get("entries"), dict)):
+        warnings.warn(f"fastconv: ignoring autotune cache {path} written by another fastconv version or format",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+    return {k: v for k, v in data["entries"].items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _write_file(path, key, name):
+    """Merge one entry into the file by write-to-temp + atomic rename (best effort: never raises)."""
+    try:
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            entries = _read_file(path)
+        entries[key] = name
+        fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"format": FORMAT, "version": _version(), "entries": entries}, f, indent=0)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        warnings.warn(f"fastconv: could not write autotune cache {path}: {e}", RuntimeWarning, stacklevel=3)
+
+
+def set_autotune(enabled):
+    """Turn measured algorithm selection for ``algorithm='auto'`` on or off.
+
+    When on, the first ``'auto'`` call for a shape times each eligible algorithm once and caches the
+    winner in memory and on disk (see :func:`autotune_cache_path`).  Also enabled by the
+    environment variable ``FASTCONV_AUTOTUNE=1``.
+
+    Parameters
+    ----------
+    enabled : bool
+
+    Returns
+    -------
+    bool
+        The previous setting.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> old = fastconv.set_autotune(False)
+    >>> fastconv.get_autotune()
+    False
+    >>> _ = fastconv.set_autotune(old)
+    """
+    global _enabled
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"set_autotune: enabled must be a bool, got {enabled!r}")
+    old, _enabled = _enabled, bool(enabled)
+    return old
+
+
+def get_autotune():
+    """Whether ``algorithm='auto'`` measures (True) or uses the cost model (False).
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> isinstance(fastconv.get_autotune(), bool)
+    True
+    """
+    return _enabled
+
+
+def autotune_cache_path():
+    """Path of the on-disk autotune cache (it may not exist yet).
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> fastconv.autotune_cache_path().endswith("autotune.json")
+    True
+    """
+    return cache_path()
+
+
+def clear_autotune_cache():
+    """Forget every measured choice, in memory and on disk.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> fastconv.clear_autotune_cache()
+    """
+    global _loaded
+    with _lock:
+        _memory.clear()
+        _loaded = False
+        try:
+            os.remove(cache_path())
+        except FileNotFoundError:
+            pass
+
+
+def _synthetic(p, pass_, rng):
+    """Random operands of the right shapes for one pass."""
+    def a(shape):
+        return rng.standard_normal(shape).astype(p.dtype)
+    if pass_ == "forward":
+        return a(p.x_shape), a(p.w_shape), a((p.k,))
+    if pass_ == "grad_input":
+        return a(p.y_shape), a(p.w_shape)
+    return a(p.y_shape), a(p.x_shape)
+
+
+def measure_all(p, pass_, repeats=1):
+    """Seconds of each eligible algorithm for one pass (best of ``repeats`` after one warm-up call)."""
+    rng = np.random.default_rng(0)
+    args = _synthetic(p, pass_, rng)
+    times = {}
+    for alg in _dispatch.eligible(p, pass_):
+        f = getattr(alg, pass_)
+        f(*args, p)  # warm-up: compiles on first use
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(*args, p)
+            best = min(best, time.perf_counter() - t0)
+        times[alg.name] = best
+    return times
+
+
+def tuned(p, pass_):
+    """The autotuned algorithm for this key (measured now on a miss), as an ``Algorithm``."""
+    global _loaded
+    key = _key(p, pass_)
+    with _lock:
+        if not _loaded:
+            disk = _read_file(cache_path())
+            for k, v in disk.items():
+                _memory.setdefault(k, v)
+            _loaded = True
+        name = _memory.get(key)
+    reg = _dispatch.registry()
+    if name is not None and name in reg and reg[name].supports(p, pass_) is None:
+        return reg[name]
+    times = measure_all(p, pass_)
+    name = min(times, key=times.get)
+    with _lock:
+        _memory[key] = name
+        _write_file(cache_path(), key, name)
+    return reg[name]
+
+
+def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1, *, dtype="float32",
+                     pass_="forward", measure=False, workspace_limit=None):
+    """The algorithm ``algorithm='auto'`` would use for one pass of a convolution.
+
+    Parameters
+    ----------
+    x_shape, weight_shape : tuple of 4 ints
+        ``(N, C, H, W)`` and ``(K, C/groups, R, S)``.
+    stride, padding, dilation, groups
+        As for :func:`fastconv.conv2d`.
+    dtype : str or dtype
+        ``'float32'`` or ``'float64'``.
+    pass_ : {'forward', 'grad_input', 'grad_weight'}
+        Each pass chooses on its own.
+    measure : bool
+        If True, time every eligible algorithm once on random data of this shape (after an
+        untimed warm-up) and return ``(fastest name, {name: seconds})``.
+    workspace_limit : int, optional
+        Per-call scratch budget in bytes (default :func:`fastconv.get_workspace_limit`).
+
+    Returns
+    -------
+    str or (str, dict)
+        The cost model's choice (or, with autotuning on, the cached measured one); with
+        ``measure=True`` the measured winner and every eligible algorithm's time.
+
+    Notes
+    -----
+    The cost model's accuracy on the public suite is reported in the README's Performance section
+    (fraction of shapes and passes where its choice is within 10% of the measured best), from
+    ``benchmarks/calibrate.py``.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> fastconv.choose_algorithm((1, 8, 16, 16), (8, 1, 3, 3), padding=1, groups=8) in fastconv.algorithms()
+    True
+    >>> name, times = fastconv.choose_algorithm((1, 2, 8, 8), (2, 2, 3, 3), measure=True)
+    >>> name == min(times, key=times.get)
+    True
+    """
+    fn = "choose_algorithm"
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in V.FLOAT_DTYPES:
+        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dt}")
+    if pass_ not in _dispatch.PASSES:
+        raise ValueError(f"{fn}: pass_ must be one of {', '.join(map(repr, _dispatch.PASSES))}, got {pass_!r}")
+    if not isinstance(measure, (bool, np.bool_)):
+        raise TypeError(f"{fn}: measure must be a bool, got {measure!r}")
+    xs = V.shape4(fn, "x_shape", x_shape)
+    if not isinstance(weight_shape, (tuple, list)) or len(weight_shape) != 4:
+        raise ValueError(f"{fn}: weight_shape must be a shape (K, C/groups, R, S), got {weight_shape!r}")
+    ws = tuple(V._int(fn, "weight_shape", d) for d in weight_shape)
+    p = V.conv_params(fn, xs, ws, dt, stride, padding, dilation, groups, workspace_limit)
+    _threads.apply()
+    if measure:
+        times = measure_all(p, pass_)
+        return min(times, key=times.get), times
+    return _dispatch.select(fn, "auto", p, pass_).name

@@ -1,0 +1,54 @@
+"""set_num_threads / get_num_threads / threads govern numba's pool and numpy's BLAS together."""
+import threading
+
+import numba
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import fastconv
+
+
+def numpy_blas_threads():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+
+@pytest.fixture
+def restore():
+    old = fastconv.get_num_threads()
+    yield
+    fastconv.set_num_threads(old)
+
+
+def test_set_num_threads_sets_numba_and_numpy_blas(restore):
+    fastconv.set_num_threads(1)
+    assert fastconv.get_num_threads() == 1 and numba.get_num_threads() == 1
+    assert set(numpy_blas_threads()) <= {1}
+    top = fastconv.max_threads()
+    assert fastconv.set_num_threads(top) == 1
+    assert numba.get_num_threads() == top
+
+
+def test_setting_holds_in_other_python_threads(restore):
+    """numba's own setting is per thread; fastconv re-applies its own at every call."""
+    fastconv.set_num_threads(1)
+    seen = []
+
+    def work():
+        numba.set_num_threads(fastconv.max_threads())  # someone else changed this thread's numba setting
+        fastconv.conv2d(np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)))
+        seen.append(numba.get_num_threads())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [1]
+
+
+def test_threads_context_restores(restore):
+    fastconv.set_num_threads(fastconv.max_threads())
+    with fastconv.threads(1) as n:
+        assert n == 1 and fastconv.get_num_threads() == 1 and numba.get_num_threads() == 1
+        y1 = fastconv.conv2d(np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3)))
+    assert fastconv.get_num_threads() == fastconv.max_threads()
+    np.testing.assert_array_equal(y1, 27.0)
