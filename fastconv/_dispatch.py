@@ -35,8 +35,12 @@ class Algorithm:
 _REGISTRY: dict[str, Algorithm] = {}
 
 
+_AUTO_CACHE: dict = {}  # (params, pass) -> the cost model's choice
+
+
 def register(alg: Algorithm) -> None:
     _REGISTRY[alg.name] = alg
+    _AUTO_CACHE.clear()
 
 
 def registry() -> dict:
@@ -61,9 +65,7 @@ def algorithms() -> tuple:
     return tuple(_REGISTRY)
 
 
-def autotune_enabled() -> bool:
-    from ._tuning import get_autotune
-    return get_autotune()
+AUTOTUNE = [False]  # set by fastconv._tuning.set_autotune (and FASTCONV_AUTOTUNE at import)
 
 
 def select(fn, algorithm, p, pass_) -> Algorithm:
@@ -74,15 +76,20 @@ def select(fn, algorithm, p, pass_) -> Algorithm:
     if not isinstance(algorithm, str):
         raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
     if algorithm == "auto":
-        if autotune_enabled():
+        if AUTOTUNE[0]:
             from ._tuning import tuned
             return tuned(p, pass_)
-        best, best_cost = None, float("inf")
-        for alg in _REGISTRY.values():
-            if alg.supports(p, pass_) is None:
-                c = alg.cost(p, pass_)
-                if c < best_cost:
-                    best, best_cost = alg, c
+        best = _AUTO_CACHE.get((p, pass_))
+        if best is None:
+            best_cost = float("inf")
+            for alg in _REGISTRY.values():
+                if alg.supports(p, pass_) is None:
+                    c = alg.cost(p, pass_)
+                    if c < best_cost:
+                        best, best_cost = alg, c
+            if len(_AUTO_CACHE) > 4096:
+                _AUTO_CACHE.clear()
+            _AUTO_CACHE[(p, pass_)] = best
         return best  # 'direct' supports everything, so there is always one
     alg = _REGISTRY.get(algorithm)
     if alg is None:

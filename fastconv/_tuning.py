@@ -29,6 +29,7 @@ _lock = threading.Lock()
 _memory: dict[str, str] = {}
 _enabled = os.environ.get("FASTCONV_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
 _loaded = False
+_dispatch.AUTOTUNE[0] = _enabled
 
 
 def _version():
@@ -131,6 +132,7 @@ def set_autotune(enabled):
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"set_autotune: enabled must be a bool, got {enabled!r}")
     old, _enabled = _enabled, bool(enabled)
+    _dispatch.AUTOTUNE[0] = _enabled
     return old
 
 

@@ -197,8 +197,39 @@ def _conv_padding(fn, padding, ks, stride, dilation):
     return (ph, ph), (pw, pw)
 
 
+_PARAMS_CACHE: dict = {}
+
+
+def _typed(v):
+    """A hashable key for an argument that tells ``1``, ``True`` and ``1.0`` apart."""
+    if isinstance(v, tuple):
+        return tuple(_typed(e) for e in v)
+    return type(v), v
+
+
 def conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups, workspace_limit=None):
-    """Validate the geometry of a convolution and return its :class:`ConvParams`."""
+    """Validate the geometry of a convolution and return its :class:`ConvParams`.
+
+    Valid geometries are remembered (a layer calls with the same arguments every step), so repeated
+    calls skip the checks; invalid ones always raise afresh.
+    """
+    try:
+        key = (tuple(x_shape), tuple(w_shape), np.dtype(dtype), _typed(stride), _typed(padding),
+               _typed(dilation), _typed(groups), _typed(workspace_limit),
+               resolve_workspace_limit(fn, None) if workspace_limit is None else None)
+        p = _PARAMS_CACHE.get(key)
+    except TypeError:  # unhashable argument (a list): validate without the cache
+        key, p = None, None
+    if p is None:
+        p = _conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups, workspace_limit)
+        if key is not None:
+            if len(_PARAMS_CACHE) > 4096:
+                _PARAMS_CACHE.clear()
+            _PARAMS_CACHE[key] = p
+    return p
+
+
+def _conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups, workspace_limit):
     n, c, h, w = x_shape
     k, cg, r, s = w_shape
     if min(w_shape) < 1:

@@ -287,3 +287,14 @@ def test_explicit_algorithm_never_falls_back():
     # an unknown name is refused even where 'auto' would succeed
     with pytest.raises(ValueError, match=re.escape("'auto'")):
         fastconv.conv2d(X, W, algorithm="AUTO")
+
+
+def test_remembered_geometry_never_hides_an_error():
+    """conv_params caches valid geometries; an equal-hashing invalid argument must still raise."""
+    conv2d(X, W, stride=1, dilation=1)
+    with pytest.raises(TypeError, match="conv2d: stride must be an int"):
+        conv2d(X, W, stride=True)
+    with pytest.raises(TypeError, match="conv2d: dilation must be an int"):
+        conv2d(X, W, dilation=1.0)
+    with pytest.raises(TypeError, match="conv2d: groups must be an int"):
+        conv2d(X, W, groups=True)
