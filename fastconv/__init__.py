@@ -21,6 +21,21 @@ from .functional import (
     relu,
     relu_backward,
 )
+from . import layers
+from .layers import (
+    SGD,
+    Adam,
+    AvgPool2d,
+    Conv2d,
+    CrossEntropyLoss,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Parameter,
+    ReLU,
+    Sequential,
+)
+from .matrix import conv2d_as_matrix, summary
 
 __version__ = "0.1.0"
 
@@ -46,4 +61,18 @@ __all__ = [
     "relu",
     "relu_backward",
     "set_workspace_limit",
+    "layers",
+    "Adam",
+    "AvgPool2d",
+    "Conv2d",
+    "CrossEntropyLoss",
+    "Flatten",
+    "Linear",
+    "MaxPool2d",
+    "Parameter",
+    "ReLU",
+    "SGD",
+    "Sequential",
+    "conv2d_as_matrix",
+    "summary",
 ]
