@@ -1,0 +1,472 @@
+"""``python -m fastconv bench``: time fastconv on a shape suite against PyTorch (or plain NumPy).
+
+For every case and pass the contestants -- each registered algorithm, ``auto`` and the reference
+(PyTorch's CPU ops when torch is installed, else a plain NumPy implementation) -- are warmed (JIT
+compile and first-touch costs stay out of the figures) and then timed interleaved, round by round,
+in one process with the same thread count, so the ratios hold even when the machine is busy.  A
+plain float32 matrix product (sgemm, 1024^3) timed in the same run gives each row a
+"% of sgemm" yardstick: how close the layer gets to the machine's dense-GEMM speed.
+
+Examples
+--------
+>>> from fastconv.bench import Row, format_table
+>>> rows = [Row("conv2d", "lenet5-c1", "forward", "direct", 1.5, 10.0, 2.0, 12.5),
+...         Row("conv2d", "lenet5-c1", "forward", "torch", 3.0, 5.0, 1.0, 6.25)]
+>>> print(format_table(rows, "torch"))
+shape      pass     algorithm     ms  GFLOP/s  vs torch  % sgemm
+---------  -------  ---------  -----  -------  --------  -------
+lenet5-c1  forward  direct      1.50     10.0     x2.00     12.5
+lenet5-c1  forward  torch       3.00      5.0     x1.00      6.2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from . import cases as _cases
+
+PASS_ALIASES = {"fwd": "forward", "bwd": "backward", "forward": "forward", "backward": "backward"}
+
+
+class Row(NamedTuple):
+    """One line of the table: times in ms, speeds in GFLOP/s, ``vs_ref`` = reference time / this time."""
+
+    op: str
+    shape: str
+    pass_: str
+    algorithm: str
+    ms: float
+    gflops: float
+    vs_ref: float
+    pct_sgemm: float
+
+
+# --------------------------------------------------------------------------- timing
+def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15):
+    """Median seconds per call of each function in ``fns``, timed round-robin.
+
+    Every function is called twice first (compile, caches, page faults); the number of rounds fills
+    ``budget`` seconds, clipped to ``[min_rounds, max_rounds]``.
+
+    >>> t = time_interleaved([lambda: sum(range(100)), lambda: None], budget=0.01)
+    >>> len(t), all(s >= 0 for s in t)
+    (2, True)
+    """
+    est = []
+    for f in fns:
+        f()
+        t0 = time.perf_counter()
+        f()
+        est.append(time.perf_counter() - t0)
+    rounds = int(min(max_rounds, max(min_rounds, budget / max(sum(est), 1e-9))))
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
+
+
+def sgemm_gflops(size=1024, rounds=5):
+    """Best GFLOP/s of a float32 ``size^3`` matrix product with numpy's BLAS as currently limited."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty((size, size), np.float32)
+    np.matmul(a, b, out=out)
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size ** 3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- plain NumPy references
+def _windows(xp, i, j, case):
+    """``xp[..., i*dh + sh*oh_index, j*dw + sw*ow_index]`` for all output positions (a strided view)."""
+    (sh, sw), (dh, dw) = case.stride, case.dilation
+    return xp[..., i * dh: i * dh + sh * (case.oh - 1) + 1: sh, j * dw: j * dw + sw * (case.ow - 1) + 1: sw]
+
+
+def numpy_conv2d(x, w, b, case):
+    """Forward convolution as ``R*S`` batched matrix products (plain NumPy, the no-torch baseline)."""
+    n, g = x.shape[0], case.groups
+    cg, kg, p = case.c // g, case.k // g, case.oh * case.ow
+    ph, pw = case.padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))).reshape(n, g, cg, x.shape[2] + 2 * ph, -1)
+    wg = w.reshape(g, kg, cg, case.r, case.s)
+    y = np.zeros((n, g, kg, p), x.dtype)
+    for i in range(case.r):
+        for j in range(case.s):
+            y += wg[:, :, :, i, j] @ _windows(xp, i, j, case).reshape(n, g, cg, p)
+    return y.reshape(n, case.k, case.oh, case.ow) + b[:, None, None]
+
+
+def numpy_conv2d_backward(gy, x, w, case):
+    """grad_input, grad_weight, grad_bias of :func:`numpy_conv2d`."""
+    n, g = x.shape[0], case.groups
+    cg, kg, p = case.c // g, case.k // g, case.oh * case.ow
+    ph, pw = case.padding
+    h, wd = x.shape[2], x.shape[3]
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))).reshape(n, g, cg, h + 2 * ph, wd + 2 * pw)
+    wg = w.reshape(g, kg, cg, case.r, case.s)
+    gyg = gy.reshape(n, g, kg, p)
+    gxp = np.zeros_like(xp)
+    gw = np.empty_like(wg)
+    for i in range(case.r):
+        for j in range(case.s):
+            xs = _windows(xp, i, j, case).reshape(n, g, cg, p)
+            gw[:, :, :, i, j] = (gyg @ xs.transpose(0, 1, 3, 2)).sum(axis=0)
+            _windows(gxp, i, j, case)[...] += (wg[:, :, :, i, j].transpose(0, 2, 1) @ gyg).reshape(
+                n, g, cg, case.oh, case.ow)
+    gx = gxp[..., ph:ph + h, pw:pw + wd].reshape(x.shape)
+    return gx, gw.reshape(w.shape), gy.sum(axis=(0, 2, 3))
+
+
+def numpy_max_pool2d(x, case):
+    """Max pooling with flat ``ih*W + iw`` indices of the maxima (plain NumPy)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    (kh, kw), (sh, sw), (ph, pw) = case.kernel, case.stride, case.padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf)
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :case.oh, :case.ow]
+    win = win.reshape(win.shape[:4] + (kh * kw,))
+    a = win.argmax(axis=-1)
+    y = np.take_along_axis(win, a[..., None], axis=-1)[..., 0]
+    ih = np.arange(case.oh)[:, None] * sh + a // kw - ph
+    iw = np.arange(case.ow)[None, :] * sw + a % kw - pw
+    return y, ih * x.shape[3] + iw
+
+
+def numpy_max_pool2d_backward(gy, idx, shape):
+    """Scatter-add of ``gy`` to the maxima (plain NumPy)."""
+    n, c, h, w = shape
+    gx = np.zeros((n * c, h * w), gy.dtype)
+    np.add.at(gx, (np.arange(n * c)[:, None], idx.reshape(n * c, -1)), gy.reshape(n * c, -1))
+    return gx.reshape(shape)
+
+
+# --------------------------------------------------------------------------- contestants
+def _torch_conv(case, x, w, b, gy, torch):
+    tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, w, b, gy))
+    kw = case.kwargs
+    aten = torch.ops.aten
+
+    def forward():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(tx, tw, tb, **kw)
+
+    def backward():
+        aten.convolution_backward(tgy, tx, tw, [case.k], list(case.stride), list(case.padding),
+                                  list(case.dilation), False, [0, 0], case.groups, [True, True, True])
+    return {"forward": forward, "backward": backward}
+
+
+def _torch_pool(case, x, gy, torch):
+    tx, tgy = torch.from_numpy(x), torch.from_numpy(gy)
+    k, s, p = list(case.kernel), list(case.stride), list(case.padding)
+    aten = torch.ops.aten
+    _, tidx = aten.max_pool2d_with_indices(tx, k, s, p, [1, 1], False)
+    return {"forward": lambda: aten.max_pool2d_with_indices(tx, k, s, p, [1, 1], False),
+            "backward": lambda: aten.max_pool2d_with_indices_backward(tgy, tx, k, s, p, [1, 1], False, tidx)}
+
+
+def _conv_contestants(case, pass_, algorithms, reference, torch):
+    """``[(name, fn)]`` for one conv case and pass; algorithms that cannot serve it are left out."""
+    import fastconv
+    x, w, b = case.arrays()
+    gy = case.grad_output()
+    kw = case.kwargs
+    out = []
+    for alg in algorithms:
+        if pass_ == "forward":
+            def fn(alg=alg):
+                return fastconv.conv2d(x, w, b, **kw, algorithm=alg)
+        else:
+            def fn(alg=alg):
+                return fastconv.conv2d_backward(gy, x, w, **kw, algorithm=alg)
+        try:
+            fn()  # the compile happens here, outside any timing
+        except ValueError as exc:
+            if "cannot compute" in str(exc):
+                continue
+            raise
+        out.append((alg, fn))
+    if reference == "torch":
+        out.append(("torch", _torch_conv(case, x, w, b, gy, torch)[pass_]))
+    elif pass_ == "forward":
+        out.append(("numpy", lambda: numpy_conv2d(x, w, b, case)))
+    else:
+        out.append(("numpy", lambda: numpy_conv2d_backward(gy, x, w, case)))
+    return out
+
+
+def _pool_contestants(case, pass_, reference, torch):
+    import fastconv
+    x, gy = case.arrays(), case.grad_output()
+    kw = case.kwargs
+    _, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    if pass_ == "forward":
+        out = [("fastconv", lambda: fastconv.max_pool2d(x, **kw, return_indices=True))]
+    else:
+        out = [("fastconv", lambda: fastconv.max_pool2d_backward(gy, idx, x.shape))]
+    if reference == "torch":
+        out.append(("torch", _torch_pool(case, x, gy, torch)[pass_]))
+    elif pass_ == "forward":
+        out.append(("numpy", lambda: numpy_max_pool2d(x, case)))
+    else:
+        _, nidx = numpy_max_pool2d(x, case)
+        out.append(("numpy", lambda: numpy_max_pool2d_backward(gy, nidx, x.shape)))
+    return out
+
+
+def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch", budget=1.0,
+        min_rounds=3, max_rounds=15, sgemm=None, progress=True):
+    """Time every case and pass of ``suite``; returns a list of :class:`Row` (reference rows included).
+
+    ``algorithms`` defaults to ``('auto',) + fastconv.algorithms()``; ``reference`` is ``'torch'``
+    or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by.
+    """
+    import fastconv
+    torch = None
+    if reference == "torch":
+        import torch
+    algorithms = ("auto",) + fastconv.algorithms() if algorithms is None else tuple(algorithms)
+    tasks = [("conv2d", c, p) for c in suite.conv for p in passes]
+    tasks += [("max_pool2d", c, p) for c in suite.pool for p in passes]
+    bar = _progress(len(tasks), progress)
+    rows = []
+    try:
+        for op, case, pass_ in tasks:
+            bar.set_postfix_str(f"{case.name} {pass_}")
+            if op == "conv2d":
+                named = _conv_contestants(case, pass_, algorithms, reference, torch)
+            else:
+                named = _pool_contestants(case, pass_, reference, torch)
+            times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds)
+            t_ref = times[-1]
+            flops = case.flops(pass_)
+            for (name, _), t in zip(named, times):
+                gf = flops / t / 1e9
+                pct = 100.0 * gf / sgemm if (sgemm and op == "conv2d") else float("nan")
+                rows.append(Row(op, case.name, pass_, name, 1e3 * t, gf, t_ref / t, pct))
+            bar.update(1)
+    finally:
+        bar.close()
+    return rows
+
+
+class _NoBar:
+    def set_postfix_str(self, s):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="fastconv bench", unit="case", file=sys.stderr, leave=False)
+
+
+# --------------------------------------------------------------------------- output
+def format_table(rows, reference):
+    """The rows as an aligned text table (pooling rows show element operations as GFLOP/s, no % sgemm)."""
+    head = ("shape", "pass", "algorithm", "ms", "GFLOP/s", f"vs {reference}", "% sgemm")
+    body = [(r.shape if r.op == "conv2d" else f"{r.shape} (pool)", r.pass_, r.algorithm, f"{r.ms:.2f}",
+             f"{r.gflops:.1f}", f"x{r.vs_ref:.2f}", "-" if math.isnan(r.pct_sgemm) else f"{r.pct_sgemm:.1f}")
+            for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    left = 3  # text columns are left-aligned, numbers right-aligned
+
+    def line(cells):
+        return "  ".join(c.ljust(wd) if i < left else c.rjust(wd)
+                         for i, (c, wd) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(head), line(["-" * wd for wd in widths])] + [line(b) for b in body])
+
+
+def summary(rows, reference):
+    """Geometric-mean speed vs the reference per (op, algorithm, pass), as text lines."""
+    groups = {}
+    for r in rows:
+        if r.algorithm != reference:
+            groups.setdefault((r.op, r.algorithm, r.pass_), []).append(r.vs_ref)
+    lines = []
+    for (op, alg, pass_), v in groups.items():
+        gm = math.exp(sum(math.log(x) for x in v) / len(v))
+        lines.append(f"{op} {alg:8} {pass_:8}: x{gm:.2f} vs {reference} (geometric mean over {len(v)} shapes)")
+    return lines
+
+
+def plot(rows, reference, path):
+    """Grouped bar chart of speed vs the reference (one group per shape and pass) written to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys((r.shape, r.pass_) for r in rows))
+    algs = list(dict.fromkeys(r.algorithm for r in rows if r.algorithm != reference))
+    speed = {(r.shape, r.pass_, r.algorithm): r.vs_ref for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(groups) * max(1, len(algs))), 4.5))
+    width = 0.8 / max(1, len(algs))
+    for i, alg in enumerate(algs):
+        xs = [gi + (i - (len(algs) - 1) / 2) * width for gi, g in enumerate(groups) if g + (alg,) in speed]
+        ys = [speed[g + (alg,)] for g in groups if g + (alg,) in speed]
+        ax.bar(xs, ys, width, label=alg)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"speed vs {reference} (>1: faster)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="python -m fastconv bench",
+        description="Time fastconv's conv2d and max_pool2d (forward and backward) on a shape suite "
+                    "against PyTorch (or plain NumPy when torch is not installed).")
+    p.add_argument("--shapes", metavar="FILE", help="a shape file like fastconv/shapes.json (default: the public suite)")
+    p.add_argument("--only", metavar="NAME[,NAME]", help="only these cases of the suite")
+    p.add_argument("--passes", default="forward,backward", help="forward,backward (or fwd,bwd); default both")
+    p.add_argument("--algorithms", metavar="ALG[,ALG]",
+                   help="conv algorithms to time (default: auto and every registered one)")
+    p.add_argument("--threads", type=int, help="threads for fastconv, the reference and sgemm (default: all)")
+    p.add_argument("--reference", choices=("torch", "numpy"), help="baseline (default: torch when installed)")
+    p.add_argument("--quick", action="store_true", help="few rounds per case: a rough figure in seconds")
+    p.add_argument("--budget", type=float, help="seconds of timing per case and pass (default 1.0, quick 0.2)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write a grouped bar chart (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(msg):
+    print(f"fastconv bench: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None):
+    """Run the benchmark command line (``python -m fastconv bench --help``); returns the exit status."""
+    try:
+        a = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed by argparse
+        return int(exc.code or 0)
+    import fastconv
+
+    passes = []
+    for s in a.passes.split(","):
+        if s.strip() not in PASS_ALIASES:
+            return _fail(f"--passes must name forward/backward (fwd/bwd), got {s.strip()!r}")
+        passes.append(PASS_ALIASES[s.strip()])
+    passes = tuple(dict.fromkeys(passes))
+    known = ("auto",) + fastconv.algorithms()
+    algorithms = None
+    if a.algorithms:
+        algorithms = tuple(s.strip() for s in a.algorithms.split(",") if s.strip())
+        bad = [s for s in algorithms if s not in known]
+        if bad or not algorithms:
+            return _fail(f"--algorithms must name some of {', '.join(known)}, got {a.algorithms!r}")
+    try:
+        suite = _cases.load_suite(a.shapes)
+        if a.only:
+            suite = suite.only(a.only)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _fail("--plot needs matplotlib: pip install 'fastconv[bench]' (or matplotlib)")
+    reference = a.reference
+    if reference is None:
+        try:
+            import torch  # noqa: F401
+            reference = "torch"
+        except ImportError:
+            reference = "numpy"
+    elif reference == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return _fail("--reference torch needs PyTorch installed")
+
+    import numba
+    threads = a.threads if a.threads is not None else numba.config.NUMBA_NUM_THREADS
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        return _fail(f"--threads must be between 1 and NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS}, "
+                     f"got {threads}")
+    _set_threads(threads, reference)
+    budget = a.budget if a.budget is not None else (0.2 if a.quick else 1.0)
+    rounds = (1, 5) if a.quick else (3, 15)
+
+    sgemm = sgemm_gflops(rounds=3 if a.quick else 7)
+    rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=sgemm, progress=not a.no_progress)
+    rows_sorted = rows
+    header = (f"fastconv {fastconv.__version__} | {threads} threads | reference: {reference}"
+              f"{' ' + _torch_version() if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
+              f"{platform.machine()} {os.cpu_count()} cpus")
+    print(header)
+    print(format_table(rows_sorted, reference))
+    print()
+    print("\n".join(summary(rows, reference)))
+    if a.json:
+        doc = {"meta": {"fastconv": fastconv.__version__, "threads": threads, "reference": reference,
+                        "sgemm_gflops": sgemm, "machine": platform.machine(), "cpus": os.cpu_count(),
+                        "python": platform.python_version(), "numpy": np.__version__,
+                        "numba": numba.__version__, "quick": a.quick,
+                        "torch": _torch_version() if reference == "torch" else None},
+               "rows": [dict(r._asdict()) for r in rows]}
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, allow_nan=True)
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot(rows, reference, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def _torch_version():
+    import torch
+    return f"torch {torch.__version__}"
+
+
+def _set_threads(n, reference):
+    """One thread count for fastconv (numba and its BLAS use), numpy's BLAS and torch."""
+    import fastconv
+    import numba
+    if hasattr(fastconv, "set_num_threads"):
+        fastconv.set_num_threads(n)
+    numba.set_num_threads(n)
+    # numpy's own BLAS only (sgemm, the NumPy reference): the BLAS that kernels call inside numba is
+    # fastconv's business.
+    try:
+        from threadpoolctl import ThreadpoolController
+        for ctl in ThreadpoolController().select(user_api="blas").lib_controllers:
+            if "numpy" in ctl.filepath:
+                ctl.set_num_threads(n)
+    except ImportError:
+        pass
+    if reference == "torch":
+        import torch
+        torch.set_num_threads(n)
