@@ -13,10 +13,10 @@ Examples
 >>> rows = [Row("conv2d", "lenet5-c1", "forward", "direct", 1.5, 10.0, 2.0, 12.5),
 ...         Row("conv2d", "lenet5-c1", "forward", "torch", 3.0, 5.0, 1.0, 6.25)]
 >>> print(format_table(rows, "torch"))
-shape      pass     algorithm     ms  GFLOP/s  vs torch  % sgemm
----------  -------  ---------  -----  -------  --------  -------
-lenet5-c1  forward  direct      1.50     10.0     x2.00     12.5
-lenet5-c1  forward  torch       3.00      5.0     x1.00      6.2
+shape      pass     algorithm    ms  GFLOP/s  vs torch  % sgemm
+---------  -------  ---------  ----  -------  --------  -------
+lenet5-c1  forward  direct     1.50     10.0     x2.00     12.5
+lenet5-c1  forward  torch      3.00      5.0     x1.00      6.2
 """
 from __future__ import annotations
 
@@ -290,7 +290,7 @@ def _progress(total, enabled):
 def format_table(rows, reference):
     """The rows as an aligned text table (pooling rows show element operations as GFLOP/s, no % sgemm)."""
     head = ("shape", "pass", "algorithm", "ms", "GFLOP/s", f"vs {reference}", "% sgemm")
-    body = [(r.shape if r.op == "conv2d" else f"{r.shape} (pool)", r.pass_, r.algorithm, f"{r.ms:.2f}",
+    body = [(r.shape if r.op == "conv2d" else f"{r.shape} (pool)", r.pass_, r.algorithm, f"{r.ms:.2f}" if r.ms >= 1 else f"{r.ms:.3f}",
              f"{r.gflops:.1f}", f"x{r.vs_ref:.2f}", "-" if math.isnan(r.pct_sgemm) else f"{r.pct_sgemm:.1f}")
             for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
