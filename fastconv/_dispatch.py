@@ -6,6 +6,9 @@ tests and benchmarks parametrise over :func:`algorithms`, so they pick it up.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +39,31 @@ _REGISTRY: dict[str, Algorithm] = {}
 
 
 _AUTO_CACHE: dict = {}  # (params, pass) -> the cost model's choice
+_CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_calibration.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_calibration() -> dict:
+    try:
+        with open(_CAL_PATH, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def calibration() -> dict:
+    """``{"algorithm/pass": [a, b]}``: auto's cost for that pass is ``a * alg.cost(p, pass) + b`` seconds.
+
+    Fitted by ``benchmarks/calibrate.py --write`` (see ``_calibration.json`` for the machine, date and
+    the accuracy of the resulting choice); empty when no calibration is shipped.
+    """
+    return dict(_load_calibration().get("coef", {}))
+
+
+def calibrated_cost(alg, p, pass_) -> float:
+    """The cost model's estimate in seconds, with this machine's fitted correction applied."""
+    a, b = _load_calibration().get("coef", {}).get(f"{alg.name}/{pass_}", (1.0, 0.0))
+    return a * alg.cost(p, pass_) + b
 
 
 def register(alg: Algorithm) -> None:
@@ -84,7 +112,7 @@ def select(fn, algorithm, p, pass_) -> Algorithm:
             best_cost = float("inf")
             for alg in _REGISTRY.values():
                 if alg.supports(p, pass_) is None:
-                    c = alg.cost(p, pass_)
+                    c = calibrated_cost(alg, p, pass_)
                     if c < best_cost:
                         best, best_cost = alg, c
             if len(_AUTO_CACHE) > 4096:

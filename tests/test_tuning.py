@@ -30,7 +30,7 @@ def test_choose_matches_cost_model_and_is_eligible(pass_):
     name = fastconv.choose_algorithm(**GEOM, pass_=pass_)
     assert name in fastconv.algorithms()
     p = fastconv._validation.conv_params("t", GEOM["x_shape"], GEOM["weight_shape"], np.float32, 1, 1, 1, 1)
-    costs = {a.name: a.cost(p, pass_) for a in _dispatch.eligible(p, pass_)}
+    costs = {a.name: _dispatch.calibrated_cost(a, p, pass_) for a in _dispatch.eligible(p, pass_)}
     assert name == min(costs, key=costs.get)
 
 
@@ -126,3 +126,14 @@ def test_env_variable_enables_autotune(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import fastconv; print(fastconv.get_autotune())"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True"
+
+
+def test_calibration_correction_changes_the_choice(monkeypatch):
+    """auto ranks algorithms by a * cost + b with the fitted (a, b) of each algorithm and pass."""
+    p = fastconv._validation.conv_params("t", (1, 2, 8, 8), (2, 2, 3, 3), np.float32, 1, 0, 1, 1)
+    direct = _dispatch.registry()["direct"]
+    base = _dispatch.calibrated_cost(direct, p, "forward")
+    monkeypatch.setattr(_dispatch, "_load_calibration", lambda: {"coef": {"direct/forward": [2.0, 1.0]}})
+    assert _dispatch.calibrated_cost(direct, p, "forward") == pytest.approx(2.0 * direct.cost(p, "forward") + 1.0)
+    assert _dispatch.calibration() == {"direct/forward": [2.0, 1.0]}
+    assert base != _dispatch.calibrated_cost(direct, p, "forward")

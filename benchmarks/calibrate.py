@@ -1,0 +1,152 @@
+"""Fit the constants of ``algorithm='auto'``'s cost model on this machine and report its accuracy.
+
+    python benchmarks/calibrate.py                 # measure, fit, print the table (writes nothing)
+    python benchmarks/calibrate.py --write         # ... and store the fit in fastconv/_calibration.json
+    python benchmarks/calibrate.py --only lenet5-c1,resnet50-1x1-256 --rounds 3
+
+Every registered algorithm's ``cost(p, pass_)`` is a model of seconds with constants guessed from
+first principles.  This script times every eligible algorithm, per pass, on the public suite
+(``fastconv/shapes.json``) and on batch-1 copies of it (the small-layer regime where per-call
+overheads decide), then fits for each (algorithm, pass) a correction ``a * cost + b`` by least
+squares on relative error.  ``'auto'`` applies the stored correction.  The printed table shows, per
+shape and pass, the measured best algorithm, the calibrated model's pick and its time over the best;
+the summary line is the fraction of cases where the pick is within 10% of the best.
+
+Timing: one untimed warm-up call (JIT compilation), then the median of ``--rounds`` calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+import fastconv
+from fastconv import _dispatch
+from fastconv import _validation as V
+from fastconv.cases import load_suite
+
+CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(fastconv.__file__)), "_calibration.json")
+
+
+def timeit(f, rounds, budget=1.5):
+    f()
+    ts = []
+    t_end = time.perf_counter() + budget
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+        if time.perf_counter() > t_end and len(ts) >= 2:
+            break
+    return float(np.median(ts))
+
+
+def cases(only):
+    suite = load_suite()
+    conv = suite.conv if not only else [suite.conv_case(n) for n in only]
+    out = []
+    for c in conv:
+        out.append((c.name, c))
+        if c.n > 1:
+            out.append((c.name + "@n1", c.scaled(batch=1)))
+    return out
+
+
+def measure(cases_, rounds, dtype=np.float32):
+    rows = []
+    for label, c in cases_:
+        x, w, b = c.arrays(dtype)
+        gy = c.grad_output(dtype)
+        kw = c.kwargs
+        p = V.conv_params("calibrate", x.shape, w.shape, x.dtype, kw["stride"], kw["padding"], kw["dilation"],
+                          kw["groups"])
+        for pass_ in _dispatch.PASSES:
+            args = {"forward": (x, w, b), "grad_input": (gy, w), "grad_weight": (gy, x)}[pass_]
+            times, raw = {}, {}
+            for alg in _dispatch.eligible(p, pass_):
+                f = getattr(alg, pass_)
+                times[alg.name] = timeit(lambda: f(*args, p), rounds)
+                raw[alg.name] = alg.cost(p, pass_)
+            rows.append({"case": label, "pass": pass_, "times": times, "raw": raw})
+            print(f"  {label:24s} {pass_:12s} " + "  ".join(f"{k} {v * 1e3:8.3f} ms" for k, v in times.items()),
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def fit(rows):
+    """Per (algorithm, pass): (a, b) minimising sum(((a*raw + b) / measured - 1)^2), a > 0, b >= 0."""
+    coef = {}
+    keys = {(name, r["pass"]) for r in rows for name in r["times"]}
+    for name, pass_ in sorted(keys):
+        pts = [(r["raw"][name], r["times"][name]) for r in rows if r["pass"] == pass_ and name in r["times"]]
+        A = np.array([[raw / m, 1.0 / m] for raw, m in pts])
+        a, b = np.linalg.lstsq(A, np.ones(len(pts)), rcond=None)[0]
+        if a <= 0 or b < 0:  # fall back to a pure scale (geometric mean of the ratios)
+            a, b = math.exp(np.mean([math.log(m / raw) for raw, m in pts])), 0.0
+        coef[f"{name}/{pass_}"] = [float(a), float(b)]
+    return coef
+
+
+def pick(row, coef):
+    def cal(name):
+        a, b = coef.get(f"{name}/{row['pass']}", (1.0, 0.0))
+        return a * row["raw"][name] + b
+    return min(row["raw"], key=cal)
+
+
+def report(rows, coef):
+    within = {pass_: [0, 0] for pass_ in _dispatch.PASSES}
+    print(f"| case | pass | best | best ms | auto pick | auto / best |")
+    print("|---|---|---|---:|---|---:|")
+    for r in rows:
+        best = min(r["times"], key=r["times"].get)
+        choice = pick(r, coef)
+        ratio = r["times"][choice] / r["times"][best]
+        within[r["pass"]][0] += ratio <= 1.1
+        within[r["pass"]][1] += 1
+        print(f"| {r['case']} | {r['pass']} | {best} | {r['times'][best] * 1e3:.3f} | {choice} | {ratio:.2f} |")
+    acc = {k: v[0] / v[1] for k, v in within.items() if v[1]}
+    total = sum(v[0] for v in within.values()) / max(1, sum(v[1] for v in within.values()))
+    print("\nauto within 10% of the best: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
+          + f"; all passes {total:.0%}")
+    return acc, total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated case names")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--write", action="store_true", help="store the fit in fastconv/_calibration.json")
+    ap.add_argument("--json", help="also write the measurements to this file")
+    a = ap.parse_args(argv)
+    only = a.only.split(",") if a.only else None
+    rows = measure(cases(only), a.rounds)
+    print("## with the stored calibration (as shipped)")
+    acc0, total0 = report(rows, _dispatch.calibration())
+    coef = fit(rows)
+    print("\n## with the new fit")
+    acc, total = report(rows, coef)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": rows, "coef": coef}, f, indent=1)
+    if a.write:
+        from fastconv._tuning import _cpu
+        import numba
+        data = {"machine": f"{_cpu()}, {os.cpu_count()} cores", "threads": fastconv.get_num_threads(),
+                "date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "numpy": np.__version__,
+                "python": platform.python_version(), "cases": len(rows), "accuracy": acc, "accuracy_all": total,
+                "coef": coef}
+        with open(CAL_PATH, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {CAL_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
