@@ -95,7 +95,7 @@ class Parameter:
     __slots__ = ("data", "grad")
 
     def __init__(self, data):
-        self.data = data
+        self.data = V.as_float_array("Parameter", "data", data, data.ndim if isinstance(data, np.ndarray) else 0)
         self.grad = np.zeros_like(data)
 
     @property

@@ -252,6 +252,67 @@ ERRORS = [
         r"relu_backward: input must be a numpy.ndarray, got list"),
     row("relub-grad-list", relu_backward, ([1.0, 2.0], np.zeros(2)), {}, TypeError,
         r"relu_backward: grad_output must be a numpy.ndarray, got list"),
+    # ---- conv2d_as_matrix and summary
+    row("matrix-input-shape-4d", fastconv.conv2d_as_matrix, (W, X.shape), {}, ValueError,
+        r"conv2d_as_matrix: input_shape must be one image's shape \(C, H, W\), got \(1, 2, 5, 5\)"),
+    row("matrix-input-shape-zero", fastconv.conv2d_as_matrix, (W, (2, 0, 5)), {}, ValueError,
+        r"conv2d_as_matrix: input_shape must have positive C, H, W, got \(2, 0, 5\)"),
+    row("matrix-weight-int", fastconv.conv2d_as_matrix, (W.astype(int), (2, 5, 5)), {}, TypeError,
+        r"conv2d_as_matrix: weight must have dtype float32 or float64"),
+    row("matrix-channels", fastconv.conv2d_as_matrix, (W, (3, 5, 5)), {}, ValueError,
+        r"conv2d_as_matrix: input channels must equal weight.shape\[1\] \* groups"),
+    row("matrix-sparse-str", fastconv.conv2d_as_matrix, (W, (2, 5, 5)), {"sparse": "yes"}, TypeError,
+        r"conv2d_as_matrix: sparse must be a bool, got 'yes'"),
+    row("summary-model", fastconv.summary, ([], (1, 8, 8)), {}, TypeError,
+        r"summary: model must be a fastconv layer or Sequential, got list"),
+    row("summary-input-shape", fastconv.summary, (fastconv.ReLU(), 5), {}, ValueError,
+        r"summary: input_shape must be one sample's shape"),
+    # ---- layer constructors (errors raised at construction, not at the first forward)
+    row("Conv2d-in-channels-zero", fastconv.Conv2d, (0, 4, 3), {}, ValueError,
+        r"Conv2d: in_channels must be positive, got 0"),
+    row("Conv2d-out-channels-float", fastconv.Conv2d, (2, 4.0, 3), {}, TypeError,
+        r"Conv2d: out_channels must be an int, got 4.0"),
+    row("Conv2d-groups", fastconv.Conv2d, (3, 4, 3), {"groups": 2}, ValueError,
+        r"Conv2d: in_channels and out_channels must be divisible by groups=2, got 3 and 4"),
+    row("Conv2d-kernel-zero", fastconv.Conv2d, (2, 4, 0), {}, ValueError, r"Conv2d: kernel_size must be positive"),
+    row("Conv2d-padding-same-stride", fastconv.Conv2d, (2, 4, 3), {"stride": 2, "padding": "same"}, ValueError,
+        r"Conv2d: padding='same' requires stride 1"),
+    row("Conv2d-padding-negative", fastconv.Conv2d, (2, 4, 3), {"padding": -1}, ValueError,
+        r"Conv2d: padding must be non-negative"),
+    row("Conv2d-bias-int", fastconv.Conv2d, (2, 4, 3), {"bias": 1}, TypeError, r"Conv2d: bias must be a bool, got 1"),
+    row("Conv2d-algorithm", fastconv.Conv2d, (2, 4, 3), {"algorithm": "fast"}, ValueError,
+        r"Conv2d: algorithm must be one of 'auto'.*got 'fast'"),
+    row("Conv2d-dtype", fastconv.Conv2d, (2, 4, 3), {"dtype": np.float16}, TypeError,
+        r"Conv2d: dtype must be float32 or float64, got float16"),
+    row("Conv2d-rng", fastconv.Conv2d, (2, 4, 3), {"rng": "seed"}, TypeError,
+        r"Conv2d: rng must be None, an int seed or a numpy.random.Generator, got 'seed'"),
+    row("MaxPool2d-kernel-zero", fastconv.MaxPool2d, (0,), {}, ValueError, r"MaxPool2d: kernel_size must be positive"),
+    row("MaxPool2d-padding", fastconv.MaxPool2d, (2,), {"padding": 2}, ValueError,
+        r"MaxPool2d: padding must be at most half of kernel_size \(2, 2\), got \(2, 2\)"),
+    row("AvgPool2d-stride-float", fastconv.AvgPool2d, (2,), {"stride": 1.5}, TypeError,
+        r"AvgPool2d: stride must be an int"),
+    row("AvgPool2d-count-include-pad", fastconv.AvgPool2d, (2,), {"count_include_pad": 1}, TypeError,
+        r"AvgPool2d: count_include_pad must be a bool"),
+    row("Linear-in-features", fastconv.Linear, (-1, 3), {}, ValueError, r"Linear: in_features must be positive, got -1"),
+    row("Linear-dtype", fastconv.Linear, (2, 3), {"dtype": np.int32}, TypeError,
+        r"Linear: dtype must be float32 or float64, got int32"),
+    row("Sequential-not-a-layer", fastconv.Sequential, (fastconv.ReLU(), len), {}, TypeError,
+        r"Sequential: layers must be fastconv layers, got builtin_function_or_method at position 1"),
+    row("Parameter-list", fastconv.Parameter, ([1.0],), {}, TypeError,
+        r"Parameter: data must be a numpy.ndarray, got list"),
+    row("CrossEntropyLoss-reduction", fastconv.CrossEntropyLoss, ("none",), {}, ValueError,
+        r"CrossEntropyLoss: reduction must be 'mean' or 'sum', got 'none'"),
+    row("SGD-empty", fastconv.SGD, ([], 0.1), {}, ValueError, r"SGD: params must contain at least one Parameter"),
+    row("SGD-arrays", fastconv.SGD, ([np.zeros(2)], 0.1), {}, TypeError,
+        r"SGD: params must be Parameter objects \(model.parameters\(\)\), got ndarray"),
+    row("SGD-lr-negative", fastconv.SGD, ([fastconv.Parameter(np.zeros(2))], -0.1), {}, ValueError,
+        r"SGD: lr must be a finite number >= 0, got -0.1"),
+    row("SGD-nesterov", fastconv.SGD, ([fastconv.Parameter(np.zeros(2))], 0.1), {"nesterov": True}, ValueError,
+        r"SGD: nesterov requires momentum > 0 and dampening = 0"),
+    row("Adam-betas", fastconv.Adam, ([fastconv.Parameter(np.zeros(2))],), {"betas": (0.9, 1.0)}, ValueError,
+        r"Adam: betas must be a pair of numbers in \[0, 1\), got \(0.9, 1.0\)"),
+    row("Adam-eps-str", fastconv.Adam, ([fastconv.Parameter(np.zeros(2))],), {"eps": "1e-8"}, TypeError,
+        r"Adam: eps must be a number, got '1e-8'"),
 ]
 
 
@@ -265,9 +326,10 @@ def test_error(fn, args, kwargs, exc, pattern):
 def test_error_table_covers_every_public_function():
     covered = {p.values[0].__name__ for p in ERRORS}
     public = {name for name in fastconv.__all__ if callable(getattr(fastconv, name))}
-    # functions without arguments cannot be called wrongly
+    # functions without arguments cannot be called wrongly; ReLU() and Flatten() take no arguments
+    # (their forward errors are relu's and Flatten's, tested in test_layers.py)
     assert public - covered <= {"Conv2dGrads", "algorithms", "get_workspace_limit", "get_num_threads", "max_threads",
-                                "get_autotune", "autotune_cache_path", "clear_autotune_cache"}
+                                "get_autotune", "autotune_cache_path", "clear_autotune_cache", "ReLU", "Flatten"}
 
 
 @pytest.mark.parametrize("algorithm", fastconv.algorithms() + ("auto",))
