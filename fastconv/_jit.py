@@ -20,4 +20,8 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
-kernel = numba.njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
+# NUMBA_BOUNDSCHECK=1 (a CI job) is silently ignored inside prange bodies (numba issues 4600, 9380),
+# where all our indexing is: under it kernels compile serial and uncached, so every index is checked
+# and no serial build can land in the cache that normal runs read.
+BOUNDSCHECK = bool(numba.config.BOUNDSCHECK)
+kernel = numba.njit(parallel=not BOUNDSCHECK, cache=not BOUNDSCHECK, fastmath=FASTMATH, nogil=True)

@@ -245,3 +245,22 @@ def test_avg_pool_matches_torch(case):
     check(got, want, dtype, {"forward": kh * kw_, "grad_input": kh * kw_})
     np.testing.assert_array_equal(xv, x)
     np.testing.assert_array_equal(gyv, gy)
+
+
+def test_boundscheck_run_checks_kernel_indexing():
+    # the NUMBA_BOUNDSCHECK=1 job is only worth running if kernels really check (numba ignores the
+    # flag inside prange bodies, hence serial kernels under it)
+    import numba
+    from numba import prange
+
+    from fastconv._jit import kernel
+
+    if not numba.config.BOUNDSCHECK:
+        pytest.skip("only under NUMBA_BOUNDSCHECK=1")
+
+    def shifted_copy(a, out):
+        for i in prange(out.shape[0]):
+            out[i] = a[i + 1]
+
+    with pytest.raises(IndexError):
+        kernel(shifted_copy)(np.arange(4.0), np.empty(4))
