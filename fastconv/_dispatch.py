@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ._algorithms import direct
+from ._algorithms import direct, im2col
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
@@ -131,3 +131,5 @@ def select(fn, algorithm, p, pass_) -> Algorithm:
 
 register(Algorithm("direct", direct.forward, direct.grad_input, direct.grad_weight,
                    direct.supports, direct.cost))
+register(Algorithm("im2col", im2col.forward, im2col.grad_input, im2col.grad_weight,
+                   im2col.supports, im2col.cost))
