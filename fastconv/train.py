@@ -1,0 +1,141 @@
+"""``python -m fastconv train``: train a LeNet-style CNN with fastconv's layers.
+
+By default on scikit-learn's bundled 8x8 digits (offline; 20% held out per class for testing), or
+with ``--data DIR`` on MNIST / Fashion-MNIST IDX files (their own train/test files).  Prints a
+progress bar per epoch (tqdm, when installed), then the epoch's loss, train and test accuracy and time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import _data
+from .layers import Adam, Conv2d, CrossEntropyLoss, Flatten, Linear, MaxPool2d, ReLU, SGD, Sequential
+
+
+def build_model(image_shape, classes=10, *, rng=None, dtype=np.float32):
+    """LeNet-style CNN for ``(C, H, W)`` images: two (3x3 conv 'same', ReLU, 2x2 max-pool) stages with
+    16 and 32 channels, then a 64-unit hidden layer and ``classes`` logits."""
+    rng = np.random.default_rng(rng)
+    c, h, w = image_shape
+    flat = 32 * (h // 4) * (w // 4)
+    return Sequential(
+        Conv2d(c, 16, 3, padding=1, dtype=dtype, rng=rng), ReLU(), MaxPool2d(2),
+        Conv2d(16, 32, 3, padding=1, dtype=dtype, rng=rng), ReLU(), MaxPool2d(2),
+        Flatten(), Linear(flat, 64, dtype=dtype, rng=rng), ReLU(), Linear(64, classes, dtype=dtype, rng=rng),
+    )
+
+
+def train_epoch(model, loss_fn, optimizer, x, y, batch_size, rng, progress=None):
+    """One pass over ``(x, y)`` in shuffled mini-batches; returns the mean loss and the accuracy."""
+    order = rng.permutation(len(x))
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        idx = order[start:start + batch_size]
+        xb, yb = x[idx], y[idx]
+        optimizer.zero_grad()
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        total_loss += loss * len(idx)
+        correct += int((logits.argmax(axis=1) == yb).sum())
+        if progress is not None:
+            progress.update(len(idx))
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    return total_loss / len(x), correct / len(x)
+
+
+def evaluate(model, x, y, batch_size=500):
+    """Accuracy of ``model`` on ``(x, y)``."""
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        correct += int((logits.argmax(axis=1) == y[start:start + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m fastconv train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", metavar="DIR", help="directory with MNIST-format IDX files (.gz or raw) "
+                   "instead of the bundled 8x8 digits")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
+    p.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 adam, 0.05 sgd)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of the bundled digits held out for testing (default 0.2)")
+    p.add_argument("--save", metavar="FILE", help="save the trained parameters to this .npz file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _progress_bar(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    prog = "fastconv train"
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            print(f"{prog}: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
+                  file=sys.stderr)
+            return 2
+    if not 0 < args.test_fraction < 1:
+        print(f"{prog}: error: --test-fraction must lie in (0, 1), got {args.test_fraction}", file=sys.stderr)
+        return 2
+    try:
+        if args.data:
+            x_tr, y_tr, x_te, y_te = _data.load_idx_dir(args.data)
+            source = f"IDX files in {args.data}"
+        else:
+            x_tr, y_tr, x_te, y_te = _data.load_digits(args.test_fraction, args.seed)
+            source = "scikit-learn's 8x8 digits"
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    classes = 10
+    model = build_model(x_tr.shape[1:], classes, rng=args.seed)
+    loss_fn = CrossEntropyLoss()
+    if args.optimizer == "adam":
+        opt = Adam(model.parameters(), lr=3e-3 if args.lr is None else args.lr)
+    else:
+        opt = SGD(model.parameters(), lr=0.05 if args.lr is None else args.lr, momentum=0.9)
+    print(f"{source}: {len(x_tr)} train / {len(x_te)} test images of {x_tr.shape[2]}x{x_tr.shape[3]}; "
+          f"{model.num_parameters():,} parameters; {args.optimizer}, batch {args.batch_size}")
+    rng = np.random.default_rng(args.seed + 1)
+    start = time.perf_counter()
+    test_acc = 0.0
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        bar = _progress_bar(len(x_tr), f"epoch {epoch}/{args.epochs}", not args.no_progress)
+        try:
+            loss, train_acc = train_epoch(model, loss_fn, opt, x_tr, y_tr, args.batch_size, rng, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        t_train = time.perf_counter() - t0
+        test_acc = evaluate(model, x_te, y_te)
+        print(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  train acc {100 * train_acc:6.2f}%  "
+              f"test acc {100 * test_acc:6.2f}%  time {t_train:.2f}s", flush=True)
+    total = time.perf_counter() - start
+    print(f"test accuracy {100 * test_acc:.2f}% after {args.epochs} epochs in {total:.1f}s")
+    if args.save:
+        model.save(args.save)
+        print(f"saved parameters to {args.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
