@@ -1,0 +1,530 @@
+"""FFT convolution: forward, grad_input and grad_weight through spectra, for large kernels.
+
+Notation: n c h w input; k r s weight (cg = c/g, kg = k/g per group g); oh ow output; sh sw stride;
+dh dw dilation; eh = dh*(r-1), ew = dw*(s-1) the dilated kernel's extent minus one; nh nw the FFT
+size of one tile, wf = nw//2 + 1 its half-spectrum width; u, v frequency row and column.
+
+Method (all three passes are circular correlations/convolutions at a size with no wrap-around on
+the outputs that are kept):
+
+* forward: ``Y = X * conj(W)`` per frequency, summed over the group's input channels, where ``X``
+  is the real 2-D FFT of a (tile of the) zero-padded input and ``W`` the kernel's DFT with the
+  dilation folded into the twiddles; inverse FFT, then every ``sh``-th row / ``sw``-th column of
+  the tile is kept.  Stride is *compute then subsample*: the work is that of stride 1, so a stride
+  of 2 wastes ~3/4 of it (``cost`` charges it, and ``'auto'`` then prefers another algorithm).
+* grad_input: ``GX = GYup * W`` (GYup: spectrum of grad_output spread out by the stride), summed
+  over the group's output channels: the transpose of the forward correlation, not a fallback.
+* grad_weight: ``Z = X * conj(GYup)`` summed over the batch, then the inverse transform evaluated
+  only at the ``r x s`` dilated tap positions.
+
+Kernel spectra are never materialised for the whole frequency plane: the DFT along ``s`` (a few
+``wf x s`` products per kernel, :func:`_kernel_rows`) is done first, and the DFT along ``r`` is
+evaluated per frequency inside the contraction kernel, right before the channel sum uses it (R
+complex multiply-adds per (c, k) and frequency -- cheaper than an FFT of a mostly-zero plane, and
+it keeps the spectra in cache).  grad_weight does the same in reverse (:func:`_spectral_wgrad`,
+:func:`_wgrad_rows`).  Nothing is cached between calls: weights change every training step.
+
+FFT library: ``scipy.fft`` called from Python with ``workers=`` (numba's thread count), on
+channels-last buffers ``(nh, nw, batch, channels)`` so the 2-D transforms over axes (0, 1) come out
+frequency-major, as the contraction reads them.  Measured against rocket-fft (FFTs inside
+``@njit(parallel=True)``, one plane per prange iteration) on this 2-core box: the transform times
+were of the same order (64x64 planes, float32: scipy 7-9 ms vs rocket-fft 12 ms for 512 forward
+transforms; float64 the other way round; all under heavy load noise), but each parallel kernel
+with a rocket-fft call costs 3-6 s of cold compilation per dtype (measured: 5.6 s for an rfft2
+kernel, 2.8 s for irfft2), which on top of the conv kernels broke the CI time budget before.  With
+scipy the numba kernels here contain no FFT and compile in a few seconds for both dtypes.
+
+Memory: the work is cut into spatial tiles (overlap-save: each output tile reads its input tile
+plus the kernel's halo), batch chunks and output-channel chunks so that the buffers and spectra of
+one step stay under ``p.workspace_limit`` bytes (:func:`_plan`); when even the smallest tiling
+cannot fit, :func:`supports` says so.
+
+Accuracy: the error of a transform-based convolution is relative to the *norms* of the inputs,
+not to each output: for every output element, ``|y - y_exact| <= C * eps * log2(nh*nw) *
+sqrt(nh*nw) * max|x| * sum|w|``-like bounds hold; tested (tests/test_fft.py) as
+``|y - y_ref| <= 50 * eps * log2(nh*nw) * (||x_tile||_2 * ||w||_2 summed over channels)``
+with ``eps`` the dtype's machine epsilon.  A small output next to large ones is therefore *not*
+accurate to its own relative precision (unlike the direct method): inputs with a wide dynamic
+range lose the small outputs' digits in float32.
+
+NaN and Inf: a non-finite value anywhere in an input tile turns the whole corresponding output
+tile NaN (for every output channel of that image; a non-finite weight makes every output of its
+channel NaN), because every frequency mixes every position.  PyTorch (and the direct algorithm)
+only poison the windows that touch the value.  With one tile per plane (the usual case) that is the
+whole output plane.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import numba
+import numpy as np
+import scipy.fft as sfft
+from numba import prange
+
+from .._jit import kernel
+
+
+# --------------------------------------------------------------------------- kernels
+@kernel
+def _pack(src, buf, n0, c0, off_h, up_h, lo_h, hi_h, off_w, up_w, lo_w, hi_w):
+    # buf[bh, bw, n, c] = src[n0 + n, c0 + c, (off_h + bh) / up_h, (off_w + bw) / up_w] where the
+    # division is exact and the row lies in [lo_h, hi_h) (column in [lo_w, hi_w)), else 0
+    nh, nw, nb, cc = buf.shape
+    for bh in prange(nh):
+        t = off_h + bh
+        row = t // up_h
+        if t % up_h != 0 or row < lo_h or row >= hi_h:
+            buf[bh] = 0
+            continue
+        for bw in range(nw):
+            tw = off_w + bw
+            col = tw // up_w
+            if tw % up_w != 0 or col < lo_w or col >= hi_w:
+                buf[bh, bw] = 0
+                continue
+            for n in range(nb):
+                for c in range(cc):
+                    buf[bh, bw, n, c] = src[n0 + n, c0 + c, row, col]
+
+
+@kernel
+def _unpack(buf, out, n0, c0, o0h, o1h, o0w, o1w, b0h, b0w, st_h, st_w, bias):
+    # out[n0 + n, c0 + c, i, j] = buf[b0h + (i - o0h)*st_h, b0w + (j - o0w)*st_w, n, c] + bias[c0 + c]
+    nb, cc = buf.shape[2], buf.shape[3]
+    for i in prange(o0h, o1h):
+        bh = b0h + (i - o0h) * st_h
+        for j in range(o0w, o1w):
+            bw = b0w + (j - o0w) * st_w
+            for n in range(nb):
+                for c in range(cc):
+                    out[n0 + n, c0 + c, i, j] = buf[bh, bw, n, c] + bias[c0 + c]
+
+
+@kernel
+def _kernel_rows(wt, ew, t):
+    # t[v, r, 0/1, j] = sum_s wt[r, s, j] * (cos, sin)(2 pi v s dw / nw): the DFT along s of every
+    # kernel row, j = c*kb + k; ew[v, s, 0/1] holds the twiddles
+    wf, rr = t.shape[0], t.shape[1]
+    ss, m = wt.shape[1], wt.shape[2]
+    for v in prange(wf):
+        for r in range(rr):
+            tr = t[v, r, 0]
+            ti = t[v, r, 1]
+            tr[:] = 0
+            ti[:] = 0
+            for s in range(ss):
+                cr, ci = ew[v, s, 0], ew[v, s, 1]
+                x = wt[r, s]
+                for j in range(m):
+                    tr[j] += cr * x[j]
+                    ti[j] += ci * x[j]
+
+
+@kernel
+def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg):
+    # Per frequency (u, v): the kernel spectrum Wc[c, k] = sum_r e^{+i 2 pi u r dh/nh} t[v, r, c, k]
+    # (k in this chunk [k0, k0 + kb)), then
+    #   forward:    out[u, v, n, q]  = sum_c a[u, v, n, c] * Wc[c, k0 + q]       (a = X,  out = Y chunk)
+    #   grad_input: out[u, v, n, c] += sum_q a[u, v, n, k0 + q] * conj(Wc[c, q]) (a = GY, out = GX)
+    # restricted to each group.  prange over v: every (u, v) of out belongs to one iteration.
+    nh, wf, nb = a.shape[0], a.shape[1], a.shape[2]
+    rr = t.shape[1]
+    kb = t.shape[3] // cg
+    for v in prange(wf):
+        tv = t[v]
+        wr = np.empty(kb, dtype=t.dtype)
+        wi = np.empty(kb, dtype=t.dtype)
+        accr = np.empty((nb, kb), dtype=t.dtype)
+        acci = np.empty((nb, kb), dtype=t.dtype)
+        for u in range(nh):
+            if grad_input:
+                for n in range(nb):
+                    for q in range(kb):
+                        z = a[u, v, n, k0 + q]
+                        accr[n, q] = z.real
+                        acci[n, q] = z.imag
+            else:
+                accr[:] = 0
+                acci[:] = 0
+            q0 = 0
+            while q0 < kb:
+                gi = (k0 + q0) // kg
+                q1 = min(kb, (gi + 1) * kg - k0)
+                ln = q1 - q0
+                for cl in range(cg):
+                    base = cl * kb + q0
+                    wr0 = wr[:ln]
+                    wi0 = wi[:ln]
+                    wr0[:] = 0
+                    wi0[:] = 0
+                    for r in range(rr):
+                        cr, ci = eh[u, r, 0], eh[u, r, 1]
+                        tr = tv[r, 0, base:base + ln]
+                        ti = tv[r, 1, base:base + ln]
+                        for j in range(ln):
+                            wr0[j] += cr * tr[j] - ci * ti[j]
+                            wi0[j] += cr * ti[j] + ci * tr[j]
+                    c = gi * cg + cl
+                    if grad_input:
+                        for n in range(nb):
+                            gr = accr[n, q0:q1]
+                            gim = acci[n, q0:q1]
+                            sr = wr0[0] * 0
+                            si = wr0[0] * 0
+                            for j in range(ln):
+                                sr += gr[j] * wr0[j] + gim[j] * wi0[j]
+                                si += gim[j] * wr0[j] - gr[j] * wi0[j]
+                            out[u, v, n, c] += complex(sr, si)
+                    else:
+                        for n in range(nb):
+                            z = a[u, v, n, c]
+                            xr, xi = z.real, z.imag
+                            ar = accr[n, q0:q1]
+                            ai = acci[n, q0:q1]
+                            for j in range(ln):
+                                ar[j] += xr * wr0[j] - xi * wi0[j]
+                                ai[j] += xr * wi0[j] + xi * wr0[j]
+                q0 = q1
+            if not grad_input:
+                for n in range(nb):
+                    for q in range(kb):
+                        out[u, v, n, q] = complex(accr[n, q], acci[n, q])
+
+
+@kernel
+def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg):
+    # Per frequency (u, v): Z[c, q] = sum_n x[u, v, n, c] * conj(gy[u, v, n, k0 + q]) within each
+    # group, then qs[v, r, c, q] += e^{+i 2 pi u r dh/nh} * Z[c, q] (the inverse DFT along rows,
+    # evaluated only at the r tap rows).  prange over v: qs[v] belongs to one iteration, and the
+    # sum over u runs in a fixed order.
+    nh, wf, nb = x.shape[0], x.shape[1], x.shape[2]
+    rr = qs.shape[1]
+    kb = qs.shape[3] // cg
+    for v in prange(wf):
+        qv = qs[v]
+        zr = np.empty(kb, dtype=qs.dtype)
+        zi = np.empty(kb, dtype=qs.dtype)
+        gr = np.empty((nb, kb), dtype=qs.dtype)
+        gim = np.empty((nb, kb), dtype=qs.dtype)
+        for u in range(nh):
+            for n in range(nb):
+                for q in range(kb):
+                    z = gy[u, v, n, k0 + q]
+                    gr[n, q] = z.real
+                    gim[n, q] = z.imag
+            q0 = 0
+            while q0 < kb:
+                gi = (k0 + q0) // kg
+                q1 = min(kb, (gi + 1) * kg - k0)
+                ln = q1 - q0
+                for cl in range(cg):
+                    c = gi * cg + cl
+                    z0r = zr[:ln]
+                    z0i = zi[:ln]
+                    z0r[:] = 0
+                    z0i[:] = 0
+                    for n in range(nb):
+                        xz = x[u, v, n, c]
+                        xr, xi = xz.real, xz.imag
+                        g0 = gr[n, q0:q1]
+                        g1 = gim[n, q0:q1]
+                        for j in range(ln):
+                            z0r[j] += xr * g0[j] + xi * g1[j]
+                            z0i[j] += xi * g0[j] - xr * g1[j]
+                    base = cl * kb + q0
+                    for r in range(rr):
+                        cr, ci = eh[u, r, 0], eh[u, r, 1]
+                        pr = qv[r, 0, base:base + ln]
+                        pi = qv[r, 1, base:base + ln]
+                        for j in range(ln):
+                            pr[j] += cr * z0r[j] - ci * z0i[j]
+                            pi[j] += cr * z0i[j] + ci * z0r[j]
+                q0 = q1
+
+
+@kernel
+def _wgrad_rows(qs, ew, gwt):
+    # gwt[r, s, j] += sum_v Re(qs[v, r, j] * ew[v, s]): the inverse real DFT along columns at the s
+    # tap columns; ew carries the Hermitian weights (1 or 2) and 1/(nh*nw).  Fixed order over v.
+    wf, rr = qs.shape[0], qs.shape[1]
+    ss, m = gwt.shape[1], gwt.shape[2]
+    for it in prange(rr * ss):
+        r = it // ss
+        s = it % ss
+        acc = gwt[r, s]
+        for v in range(wf):
+            cr, ci = ew[v, s, 0], ew[v, s, 1]
+            pr = qs[v, r, 0]
+            pi = qs[v, r, 1]
+            for j in range(m):
+                acc[j] += cr * pr[j] - ci * pi[j]
+
+
+# --------------------------------------------------------------------------- planning
+class Plan(NamedTuple):
+    """How one pass is cut: FFT size (nh, nw), tile extent (th, tw) in the pass's output rows and
+    columns, batch chunk nb and output-channel chunk kb; ws is the workspace in bytes."""
+
+    nh: int
+    nw: int
+    th: int
+    tw: int
+    nb: int
+    kb: int
+    ws: int
+
+
+def _span(pass_, t, st, e):
+    """Rows of the FFT buffer that a tile of ``t`` rows of the pass's output needs."""
+    return t + e if pass_ == "grad_input" else (t - 1) * st + e + 1
+
+
+def _tile(pass_, nfft, st, e):
+    """Most rows of the pass's output that one FFT of length ``nfft`` serves (< 1: none)."""
+    return nfft - e if pass_ == "grad_input" else (nfft - e - 1) // st + 1
+
+
+def _sizes(pass_, total, st, e):
+    """Candidate FFT lengths, largest (whole extent in one tile) first."""
+    full = sfft.next_fast_len(_span(pass_, total, st, e), real=True)
+    cand = {full}
+    for m in range(2, 17):
+        cand.add(sfft.next_fast_len(_span(pass_, -(-total // m), st, e), real=True))
+    t = 1
+    while t < total:
+        cand.add(sfft.next_fast_len(_span(pass_, t, st, e), real=True))
+        t *= 2
+    return sorted((c for c in cand if c <= full), reverse=True)
+
+
+def _workspace(p, pass_, nh, nw, nb, kb):
+    isz = p.itemsize
+    pl, f = nh * nw, nh * (nw // 2 + 1)
+    t = f // nh * p.r * 2 * p.cg * kb * isz  # kernel row DFTs (or grad_weight's row sums)
+    c, k = p.c, p.k
+    if pass_ == "forward":
+        # real input tile, its spectrum, scipy's temporary, the output chunk's spectrum and tile
+        return pl * nb * c * isz + 2 * f * nb * c * 2 * isz + t + f * nb * kb * 2 * isz + pl * nb * kb * isz
+    if pass_ == "grad_input":
+        return (pl * nb * k * isz + 2 * f * nb * k * 2 * isz + t + 2 * f * nb * c * 2 * isz
+                + pl * nb * c * isz)
+    return (pl * nb * (c + k) * isz + 2 * f * nb * (c + k) * 2 * isz + t
+            + p.r * p.s * p.cg * kb * isz)
+
+
+# Cost-model constants (seconds), fitted on the 2-core AVX-512 development box (numba 0.68, scipy
+# 1.17) under shared load, rounded *up*: a call has a fixed floor (a dozen scipy/numba dispatches
+# and buffer allocations, ~0.4 ms measured on tiny planes), so small layers never look cheap.
+_C_CALL = 4e-4        # per call
+_C_STEP = 1.5e-4      # per (tile, batch chunk, channel chunk) step: 4-6 kernel / FFT launches
+_C_FFT = 1.6e-9       # per plane element per log2(plane size), forward or inverse, per thread pair
+_C_MAC = 1.0e-10      # per complex multiply-add in the contraction kernels (~40 GFLOP/s real)
+_C_MEM = 2.0e-9       # per element packed into / unpacked from a channels-last buffer
+
+
+def _cost_of(p, pass_, pl):
+    nh, nw, th, tw, nb, kb = pl.nh, pl.nw, pl.th, pl.tw, pl.nb, pl.kb
+    tot_h, tot_w = (p.h, p.w) if pass_ == "grad_input" else (p.oh, p.ow)
+    tiles = -(-tot_h // th) * -(-tot_w // tw)
+    nch, kch = -(-p.n // nb), -(-p.k // kb)
+    f = nh * (nw // 2 + 1)
+    planes = p.n * (p.c + p.k)
+    fft = planes * nh * nw * math.log2(max(nh * nw, 2)) * _C_FFT
+    macs = f * p.cg * p.k * (p.n + nch * p.r)
+    mem = planes * nh * nw * _C_MEM
+    return _C_CALL + tiles * (fft + macs * _C_MAC + mem + nch * kch * _C_STEP)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(p, pass_):
+    """The cheapest :class:`Plan` whose workspace fits ``p.workspace_limit``, or a reason string."""
+    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    tot_h, tot_w = (p.h, p.w) if pass_ == "grad_input" else (p.oh, p.ow)
+    best, best_cost, smallest = None, float("inf"), None
+    for nh in _sizes(pass_, tot_h, p.sh, eh):
+        th = min(tot_h, _tile(pass_, nh, p.sh, eh))
+        if th < 1:
+            continue
+        for nw in _sizes(pass_, tot_w, p.sw, ew):
+            tw = min(tot_w, _tile(pass_, nw, p.sw, ew))
+            if tw < 1:
+                continue
+            nb = p.n
+            while True:
+                kb = p.k
+                while kb > 1 and _workspace(p, pass_, nh, nw, nb, kb) > p.workspace_limit:
+                    kb = -(-kb // 2)
+                ws = _workspace(p, pass_, nh, nw, nb, kb)
+                if ws <= p.workspace_limit or nb == 1:
+                    break
+                nb = -(-nb // 2)
+            pl = Plan(nh, nw, th, tw, nb, kb, ws)
+            if smallest is None or ws < smallest.ws:
+                smallest = pl
+            if ws > p.workspace_limit:
+                continue
+            c = _cost_of(p, pass_, pl)
+            if c < best_cost:
+                best, best_cost = pl, c
+    if best is None:
+        need = smallest.ws if smallest else 0
+        return (f"its smallest tiling needs {need} bytes of workspace, more than workspace_limit="
+                f"{p.workspace_limit}")
+    return best
+
+
+def supports(p, pass_):
+    """Every geometry, as long as one tiling fits the workspace limit (else the reason).
+
+    Strides are served by computing the stride-1 result of each tile and subsampling it, which
+    wastes ``1 - 1/(sh*sw)`` of the work; :func:`cost` charges that waste.
+    """
+    pl = _plan(p, pass_)
+    return pl if isinstance(pl, str) else None
+
+
+def cost(p, pass_):
+    """Estimated seconds of one pass (``inf`` when unsupported).
+
+    Transforms cost ``~ planes * nh*nw*log2(nh*nw)``, the contraction ``~ nh*wf*cg*k*(n + r)``
+    complex multiply-adds per tile, whatever the stride: stride ``sh x sw`` costs as much as the
+    stride-1 convolution of the same padded input.  A fixed per-call floor keeps small layers with
+    the direct method.
+    """
+    pl = _plan(p, pass_)
+    if isinstance(pl, str):
+        return float("inf")
+    return _cost_of(p, pass_, pl)
+
+
+# --------------------------------------------------------------------------- twiddles
+def _twiddles(nfft, count, step, length, dtype, sign=1.0, weights=None):
+    """(length, count, 2) table of (cos, sin)(sign * 2 pi * i * j * step / nfft), i < length, j < count.
+
+    Angles are reduced modulo ``nfft`` in integers first, so large products lose no accuracy.
+    """
+    i = np.arange(length, dtype=np.int64)[:, None]
+    j = np.arange(count, dtype=np.int64)[None, :]
+    ang = sign * 2.0 * np.pi * ((i * j * step) % nfft) / nfft
+    tab = np.stack([np.cos(ang), np.sin(ang)], axis=-1)
+    if weights is not None:
+        tab *= weights[:, None, None]
+    return np.ascontiguousarray(tab.astype(dtype))
+
+
+def _kernel_row_dfts(w, k0, k1, nw, wf, dw, dtype):
+    """``t`` (wf, r, 2, cg*kb) for output channels [k0, k1): DFT along s of every kernel row."""
+    kb, cg, r, s = k1 - k0, w.shape[1], w.shape[2], w.shape[3]
+    wt = np.ascontiguousarray(w[k0:k1].transpose(2, 3, 1, 0)).reshape(r, s, cg * kb)
+    t = np.empty((wf, r, 2, cg * kb), dtype=dtype)
+    _kernel_rows(wt, _twiddles(nw, s, dw, wf, dtype), t)
+    return t
+
+
+def _workers():
+    return numba.get_num_threads()
+
+
+def _chunks(total, size):
+    return [(a, min(a + size, total)) for a in range(0, total, size)]
+
+
+# --------------------------------------------------------------------------- passes
+def forward(x, w, b, p):
+    pl = _plan(p, "forward")
+    if isinstance(pl, str):  # select() refuses before this; kept for direct callers
+        raise ValueError(f"conv2d: algorithm='fft' cannot compute the forward pass here: {pl}")
+    dt = p.dtype
+    nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
+    x = np.ascontiguousarray(x)
+    w = np.ascontiguousarray(w)
+    bias = np.zeros(p.k, dt) if b is None else np.ascontiguousarray(b)
+    eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
+    y = np.empty(p.y_shape, dt)
+    kchunks = _chunks(p.k, pl.kb)
+    tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
+    buf = np.empty((nh, nw, pl.nb, p.c), dt)
+    for i0, i1 in _chunks(p.oh, pl.th):
+        for j0, j1 in _chunks(p.ow, pl.tw):
+            for n0, n1 in _chunks(p.n, pl.nb):
+                xb = buf[:, :, :n1 - n0]
+                _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
+                xs = sfft.rfft2(xb, axes=(0, 1), workers=_workers())
+                for k0, k1 in kchunks:
+                    t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
+                    ys = np.empty((nh, wf, n1 - n0, k1 - k0), xs.dtype)
+                    _spectral_conv(xs, t, eh_tab, ys, False, k0, p.kg, p.cg)
+                    yb = sfft.irfft2(ys, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
+                    _unpack(yb, y, n0, k0, i0, i1, j0, j1, 0, 0, p.sh, p.sw, bias)
+    return y
+
+
+def grad_input(gy, w, p):
+    pl = _plan(p, "grad_input")
+    if isinstance(pl, str):
+        raise ValueError(f"conv2d_backward: algorithm='fft' cannot compute the grad_input pass here: {pl}")
+    dt = p.dtype
+    nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
+    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    gy = np.ascontiguousarray(gy)
+    w = np.ascontiguousarray(w)
+    eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
+    gx = np.empty(p.x_shape, dt)
+    zero_bias = np.zeros(p.c, dt)
+    kchunks = _chunks(p.k, pl.kb)
+    tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
+    buf = np.empty((nh, nw, pl.nb, p.k), dt)
+    for y0, y1 in _chunks(p.h, pl.th):
+        for x0, x1 in _chunks(p.w, pl.tw):
+            for n0, n1 in _chunks(p.n, pl.nb):
+                gb = buf[:, :, :n1 - n0]
+                # buffer row b holds the stride-spread gradient at padded row y0 + ph0 - eh + b
+                _pack(gy, gb, n0, 0, y0 + p.ph0 - eh, p.sh, 0, p.oh, x0 + p.pw0 - ew, p.sw, 0, p.ow)
+                gs = sfft.rfft2(gb, axes=(0, 1), workers=_workers())
+                gxs = np.zeros((nh, wf, n1 - n0, p.c), gs.dtype)
+                for k0, k1 in kchunks:
+                    t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
+                    _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg)
+                xb = sfft.irfft2(gxs, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
+                _unpack(xb, gx, n0, 0, y0, y1, x0, x1, eh, ew, 1, 1, zero_bias)
+    return gx
+
+
+def grad_weight(gy, x, p):
+    pl = _plan(p, "grad_weight")
+    if isinstance(pl, str):
+        raise ValueError(f"conv2d_backward: algorithm='fft' cannot compute the grad_weight pass here: {pl}")
+    dt = p.dtype
+    nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
+    x = np.ascontiguousarray(x)
+    gy = np.ascontiguousarray(gy)
+    eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
+    # Hermitian half-spectrum: columns 0 and nw/2 (nw even) appear once in the full sum, the others twice
+    cv = np.full(wf, 2.0)
+    cv[0] = 1.0
+    if nw % 2 == 0:
+        cv[-1] = 1.0
+    ew_tab = _twiddles(nw, p.s, p.dw, wf, dt, weights=cv / (nh * nw))
+    gwt = np.zeros((p.r, p.s, p.cg, p.k), dt)  # (r, s, c, k): accumulated over tiles and chunks
+    xbuf = np.empty((nh, nw, pl.nb, p.c), dt)
+    gbuf = np.empty((nh, nw, pl.nb, p.k), dt)
+    kchunks = _chunks(p.k, pl.kb)
+    for i0, i1 in _chunks(p.oh, pl.th):
+        for j0, j1 in _chunks(p.ow, pl.tw):
+            for n0, n1 in _chunks(p.n, pl.nb):
+                xb, gb = xbuf[:, :, :n1 - n0], gbuf[:, :, :n1 - n0]
+                _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
+                _pack(gy, gb, n0, 0, i0 * p.sh, p.sh, i0, i1, j0 * p.sw, p.sw, j0, j1)
+                xs = sfft.rfft2(xb, axes=(0, 1), workers=_workers())
+                gs = sfft.rfft2(gb, axes=(0, 1), workers=_workers())
+                for k0, k1 in kchunks:
+                    kb = k1 - k0
+                    qs = np.zeros((wf, p.r, 2, p.cg * kb), dt)
+                    _spectral_wgrad(xs, gs, eh_tab, qs, k0, p.kg, p.cg)
+                    part = np.zeros((p.r, p.s, p.cg * kb), dt)
+                    _wgrad_rows(qs, ew_tab, part)
+                    gwt[:, :, :, k0:k1] += part.reshape(p.r, p.s, p.cg, kb)
+    return np.ascontiguousarray(gwt.transpose(3, 2, 0, 1))
