@@ -66,7 +66,7 @@ def fastconv_epoch(model, loss_fn, opt, x, y, order, batch=BATCH):
         idx = order[start:start + batch]
         opt.zero_grad()
         loss_fn(model(x[idx]), y[idx])
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)
         opt.step()
 
 
@@ -142,7 +142,7 @@ def layer_profile(model, loss_fn, opt, x, y, order, batch=BATCH):
         add("loss", t0)
         for i in reversed(range(len(model))):
             t0 = time.perf_counter()
-            g = model[i].backward(g)
+            g = model[i].backward(g, input_grad=False) if i == 0 else model[i].backward(g)
             add(f"{i} {type(model[i]).__name__} backward", t0)
         t0 = time.perf_counter()
         opt.step()

@@ -21,7 +21,7 @@ drawn from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``kaiming_uniform_(a=sqrt(5))
 >>> for _ in range(20):
 ...     opt.zero_grad()
 ...     loss = loss_fn(model(x), np.arange(5))
-...     _ = model.backward(loss_fn.backward())
+...     _ = model.backward(loss_fn.backward(), input_grad=False)
 ...     opt.step()
 >>> bool(loss < first / 10)
 True
@@ -35,7 +35,9 @@ import numpy as np
 
 from . import _validation as V
 from . import functional as F
-from ._dispatch import algorithms
+from ._algorithms.common import bias_grad
+from ._dispatch import algorithms, select
+from ._threads import apply as apply_threads
 
 __all__ = [
     "Parameter", "Module", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "Flatten", "Linear", "Sequential",
@@ -81,6 +83,23 @@ def _rng(fn, rng):
 def _uniform(rng, shape, fan_in, dtype):
     bound = 1.0 / math.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _conv_param_grads(grad_output, x, weight, stride, padding, dilation, groups, algorithm):
+    """Weight and bias gradients of a convolution without its input gradient.
+
+    :func:`fastconv.conv2d_backward` always computes all three; this is its validation and
+    dispatch for the ``grad_weight`` pass alone (for a network's first layer, whose input gradient
+    nobody uses -- a third of that layer's backward time).
+    """
+    fn = "conv2d_backward"
+    apply_threads()
+    grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
+                                                        dilation, groups)
+    alg = select(fn, algorithm, p, "grad_weight")
+    if p.n == 0:
+        return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
+    return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)
 
 
 # --------------------------------------------------------------------------- parameters and modules
@@ -260,8 +279,16 @@ class Conv2d(Module):
         self._x = x
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, input_grad=True):
+        """Add the weight and bias gradients to ``.grad``; return the input gradient (``None`` and
+        not computed with ``input_grad=False``, as for a network's input)."""
         x = self._cached("_x")
+        if not input_grad:
+            gw, gb = _conv_param_grads(grad_output, x, self.weight.data, **self._geometry())
+            self.weight.grad += gw
+            if self.bias is not None:
+                self.bias.grad += gb
+            return None
         g = F.conv2d_backward(grad_output, x, self.weight.data, **self._geometry())
         self.weight.grad += g.grad_weight
         if self.bias is not None:
@@ -449,7 +476,7 @@ class Linear(Module):
         self._x = x
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, input_grad=True):
         fn = "Linear.backward"
         x = self._cached("_x")
         grad_output = V.as_float_array(fn, "grad_output", grad_output, 2, self.dtype)
@@ -459,7 +486,7 @@ class Linear(Module):
         self.weight.grad += grad_output.T @ x
         if self.bias is not None:
             self.bias.grad += grad_output.sum(axis=0)
-        return grad_output @ self.weight.data
+        return grad_output @ self.weight.data if input_grad else None
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.in_features,):
@@ -503,10 +530,15 @@ class Sequential(Module):
             x = layer(x)
         return x
 
-    def backward(self, grad_output):
-        for layer in reversed(self.layers):
+    def backward(self, grad_output, input_grad=True):
+        """Backward through all layers; ``input_grad=False`` skips the first layer's input gradient
+        where it can (a network's input needs none) and returns ``None``."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if i == 0 and not input_grad and isinstance(layer, (Conv2d, Linear)):
+                return layer.backward(grad_output, input_grad=False)
             grad_output = layer.backward(grad_output)
-        return grad_output
+        return grad_output if input_grad else None
 
     def output_shape(self, input_shape):
         for layer in self.layers:
@@ -577,6 +609,12 @@ class CrossEntropyLoss:
 
 # --------------------------------------------------------------------------- optimisers
 class _Optimizer:
+    """Parameters are gathered, per dtype, into one flat buffer whose views become their ``.data``
+    and ``.grad``: a step is then a handful of whole-buffer operations instead of a handful per
+    parameter (what PyTorch's ``foreach`` implementations do).  Layers read ``.data`` and add into
+    ``.grad`` in place, so they see the views; a parameter whose ``.data`` or ``.grad`` was replaced
+    by another array is copied back into the buffer at the next step."""
+
     def __init__(self, fn, params, lr, weight_decay):
         params = list(params)
         if not params:
@@ -585,19 +623,47 @@ class _Optimizer:
             if not isinstance(p, Parameter):
                 raise TypeError(f"{fn}: params must be Parameter objects (model.parameters()), "
                                 f"got {type(p).__name__}")
-        self.params = params
+        self.params = list({id(p): p for p in params}.values())  # each parameter once
         self.lr = _nonnegative_number(fn, "lr", lr)
         self.weight_decay = _nonnegative_number(fn, "weight_decay", weight_decay)
+        self._groups = []  # (params, flat data, flat grad, [(data view, grad view)])
+        for dt in dict.fromkeys(p.data.dtype for p in self.params):
+            group = [p for p in self.params if p.data.dtype == dt]
+            total = sum(p.data.size for p in group)
+            data, grad = np.empty(total, dt), np.empty(total, dt)
+            self._groups.append((group, data, grad, []))
+        self._bind(force=True)
+
+    def _bind(self, force=False):
+        """Point every parameter's ``.data`` and ``.grad`` at its slice of the group buffers."""
+        for group, data, grad, views in self._groups:
+            if not force and all(p.data is d and p.grad is g for p, (d, g) in zip(group, views)):
+                continue
+            views.clear()
+            off = 0
+            for p in group:
+                n = p.data.size
+                d, g = data[off:off + n].reshape(p.data.shape), grad[off:off + n].reshape(p.data.shape)
+                if p.data is not d:
+                    d[...] = p.data
+                if p.grad is not g:
+                    g[...] = p.grad
+                p.data, p.grad = d, g
+                views.append((d, g))
+                off += n
 
     def zero_grad(self):
         """Set every parameter's gradient to zero."""
-        for p in self.params:
-            p.grad[...] = 0
+        self._bind()
+        for _, _, grad, _ in self._groups:
+            grad[...] = 0
 
-    def _grad(self, p):
-        if self.weight_decay:
-            return p.grad + self.weight_decay * p.data
-        return p.grad
+    def step(self):
+        """Update every parameter from its ``.grad``."""
+        self._bind()
+        for i, (_, data, grad, _) in enumerate(self._groups):
+            g = grad + self.weight_decay * data if self.weight_decay else grad
+            self._update(i, data, g)
 
 
 class SGD(_Optimizer):
@@ -621,21 +687,18 @@ class SGD(_Optimizer):
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError(f"{fn}: nesterov requires momentum > 0 and dampening = 0, "
                              f"got momentum={momentum}, dampening={dampening}")
-        self._bufs = [None] * len(self.params)
+        self._bufs = [None] * len(self._groups)
 
-    def step(self):
-        """Update every parameter from its ``.grad``."""
-        for i, p in enumerate(self.params):
-            g = self._grad(p)
-            if self.momentum:
-                buf = self._bufs[i]
-                if buf is None:
-                    buf = self._bufs[i] = np.array(g, copy=True)
-                else:
-                    buf *= self.momentum
-                    buf += (1.0 - self.dampening) * g
-                g = g + self.momentum * buf if self.nesterov else buf
-            p.data -= self.lr * g
+    def _update(self, i, data, g):
+        if self.momentum:
+            buf = self._bufs[i]
+            if buf is None:
+                buf = self._bufs[i] = np.array(g, copy=True)
+            else:
+                buf *= self.momentum
+                buf += (1.0 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        data -= self.lr * g
 
 
 class Adam(_Optimizer):
@@ -657,22 +720,26 @@ class Adam(_Optimizer):
             raise ValueError(f"{fn}: betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.eps = _nonnegative_number(fn, "eps", eps)
         self.t = 0
-        self._m = [np.zeros_like(p.data) for p in self.params]
-        self._v = [np.zeros_like(p.data) for p in self.params]
+        self._m = [np.zeros_like(data) for _, data, _, _ in self._groups]
+        self._v = [np.zeros_like(data) for _, data, _, _ in self._groups]
 
     def step(self):
         """Update every parameter from its ``.grad``."""
         self.t += 1
+        super().step()
+
+    def _update(self, i, data, g):
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** self.t)
-        for p, m, v in zip(self.params, self._m, self._v):
-            g = self._grad(p)
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = np.sqrt(v)
-            denom /= bc2_sqrt
-            denom += self.eps
-            p.data -= step_size * (m / denom)
+        m, v = self._m[i], self._v[i]
+        m *= b1
+        m += (1.0 - b1) * g
+        v *= b2
+        v += (1.0 - b2) * (g * g)
+        denom = np.sqrt(v)
+        denom /= bc2_sqrt
+        denom += self.eps
+        m_hat = m / denom
+        m_hat *= step_size
+        data -= m_hat
