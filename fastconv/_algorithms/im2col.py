@@ -262,7 +262,7 @@ def _grad_weight(gy, x, gwp, buf, kind, g, k, r, s, sh, sw, ph, pw, dh, dw, oh, 
 
 # ---------------------------------------------------------------------------------------- one pool
 class _SerialBlas:
-    """Hold every loaded BLAS library to one thread while a kernel runs (re-entrant, thread-safe).
+    """Hold the BLAS that kernels call to one thread while they run (re-entrant, thread-safe).
 
     The first entrant saves each library's thread count and sets 1; the last one out restores it.
     Library handles are looked up once (threadpoolctl), so entering costs a few microseconds.
@@ -277,7 +277,10 @@ class _SerialBlas:
     def _find(self):
         from threadpoolctl import ThreadpoolController
         import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba calls must be loaded to be found)
-        return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        # numpy's own BLAS (a separate library in wheels) is not called inside kernels and belongs
+        # to fastconv.set_num_threads; a BLAS that numpy and scipy share is limited like scipy's.
+        return [lib for lib in ThreadpoolController().lib_controllers
+                if lib.user_api == "blas" and "numpy" not in lib.filepath]
 
     def __enter__(self):
         with self._lock:
