@@ -39,6 +39,7 @@ into per-split partial sums added in split order after the parallel loop.  So re
 the thread count and the budget (through the split and the tile size) only by rounding, and a
 given configuration always gives the same bits.
 """
+import dataclasses
 import threading
 
 import numba
@@ -47,6 +48,7 @@ from numba import prange, types
 from numba.np.linalg import ensure_blas
 
 from .._jit import FASTMATH, kernel
+from .common import SLACK, pad_planes
 
 # ---------------------------------------------------------------------------------------- BLAS
 ensure_blas()  # numba's dot needs scipy; fail at import with numba's message rather than in a kernel
@@ -84,146 +86,236 @@ def _valid_cols(ss, sw, pw, dw, w, ow):
     return lo, max(lo, hi)
 
 
+# Gather and scatter.  The column tile holds, for tap t and tile position u, col[t*ld + coff + u];
+# one image's rows i0 .. i1-1 fill positions u = (i - i0)*ow + j.  Two source layouts:
+# * planes (padded): the zero-padded, column-phase-split planes of common.pad_planes, where every
+#   tap of every output row is one contiguous run of ow elements: no bounds, no strides;
+# * raw (n, c, h*w) planes with bounds checks, used when a padded copy does not fit the budget.
+# Copies are explicit loops over 1-D views: numba's slice assignment costs ~10x more on short rows.
 @_micro
-def _im2col(xn, col, c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, ow):
-    # col[t*m + (i - i0)*ow + j] for the taps of channels c0 .. c0+nc-1 and output rows i0 .. i1-1
-    h, w = xn.shape[1], xn.shape[2]
-    m = (i1 - i0) * ow
+def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, wq, ow):
     for cc in range(nc):
-        xc = xn[c0 + cc]
+        xp = xq[c0 + cc]
         for rr in range(r):
             for ss in range(s):
-                t0 = ((cc * r + rr) * s + ss) * m
+                cs = ss * dw
+                base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
+                t0 = ((cc * r + rr) * s + ss) * ld + coff
+                for i in range(i0, i1):
+                    d = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
+                    v = xp[base + i * sh * wq:base + i * sh * wq + ow]
+                    for j in range(ow):
+                        d[j] = v[j]
+
+
+@_micro
+def _col2im_planes(col, gq, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, wq, ow):
+    for cc in range(nc):
+        gp = gq[c0 + cc]
+        for rr in range(r):
+            for ss in range(s):
+                cs = ss * dw
+                base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
+                t0 = ((cc * r + rr) * s + ss) * ld + coff
+                for i in range(i0, i1):
+                    v = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
+                    d = gp[base + i * sh * wq:base + i * sh * wq + ow]
+                    for j in range(ow):
+                        d[j] += v[j]
+
+
+@_micro
+def _im2col_raw(xn, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, h, w, ow):
+    for cc in range(nc):
+        xp = xn[c0 + cc]
+        for rr in range(r):
+            for ss in range(s):
+                t0 = ((cc * r + rr) * s + ss) * ld + coff
                 lo, hi = _valid_cols(ss, sw, pw, dw, w, ow)
                 iw0 = lo * sw - pw + ss * dw
                 for i in range(i0, i1):
-                    o = t0 + (i - i0) * ow
+                    d = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
                     ih = i * sh - ph + rr * dh
                     if ih < 0 or ih >= h or hi == lo:
-                        col[o:o + ow] = 0
+                        for j in range(ow):
+                            d[j] = 0
                         continue
-                    col[o:o + lo] = 0
-                    col[o + hi:o + ow] = 0
-                    if sw == 1:
-                        col[o + lo:o + hi] = xc[ih, iw0:iw0 + hi - lo]
-                    else:
-                        for j in range(hi - lo):
-                            col[o + lo + j] = xc[ih, iw0 + j * sw]
+                    for j in range(lo):
+                        d[j] = 0
+                    for j in range(hi, ow):
+                        d[j] = 0
+                    v = xp[ih * w + iw0:]
+                    for j in range(hi - lo):
+                        d[lo + j] = v[j * sw]
 
 
 @_micro
-def _col2im(col, gn, c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, ow):
-    # the transpose of _im2col: gn[c0 + cc, ih, iw] += col[...] for every in-bounds tap
-    h, w = gn.shape[1], gn.shape[2]
-    m = (i1 - i0) * ow
+def _col2im_raw(col, gn, coff, ld, c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, h, w, ow):
     for cc in range(nc):
-        gc = gn[c0 + cc]
+        gp = gn[c0 + cc]
         for rr in range(r):
             for ss in range(s):
-                t0 = ((cc * r + rr) * s + ss) * m
+                t0 = ((cc * r + rr) * s + ss) * ld + coff
                 lo, hi = _valid_cols(ss, sw, pw, dw, w, ow)
-                if hi == lo:
-                    continue
                 iw0 = lo * sw - pw + ss * dw
                 for i in range(i0, i1):
                     ih = i * sh - ph + rr * dh
-                    if ih < 0 or ih >= h:
+                    if ih < 0 or ih >= h or hi == lo:
                         continue
-                    o = t0 + (i - i0) * ow + lo
-                    if sw == 1:
-                        dst = gc[ih, iw0:iw0 + hi - lo]
-                        src = col[o:o + hi - lo]
-                        for j in range(hi - lo):
-                            dst[j] += src[j]
-                    else:
-                        for j in range(hi - lo):
-                            gc[ih, iw0 + j * sw] += col[o + j]
+                    v = col[t0 + (i - i0) * ow + lo:]
+                    d = gp[ih * w + iw0:]
+                    for j in range(hi - lo):
+                        d[j * sw] += v[j]
+
+
+@_micro
+def _gather(src, col, coff, ld, n, c0, nc, i0, i1, padded, r, s, sh, sw, ph, pw, dh, dw, hp, wq, h, w, ow):
+    if padded:
+        _im2col_planes(src[n], col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, wq, ow)
+    else:
+        _im2col_raw(src[n], col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, h, w, ow)
 
 
 # ---------------------------------------------------------------------------------------- kernels
+# Every kernel deals its items round-robin to the nw = buf.shape[0] workers; worker wid uses only
+# buf[wid].  A tile is nb whole images (rb == oh) or a block of rb rows of one image (nb == 1):
+# m = images * rows * ow positions.  src is (n, c, L): padded planes, or raw planes (n, c, h*w).
 @kernel
-def _forward(x, wt, b, y, buf, kind, has_bias, g, r, s, sh, sw, ph, pw, dh, dw, oh, ow, rb, direct):
-    # x (n, c, h, w); wt (k*tn,); y (n*k*oh*ow,); buf (nw, >= tn*rb*ow).  Item = (image, group, row
-    # block), dealt round-robin to the nw workers.  direct: x[n, g] is the column matrix (1x1).
-    nn, c, h, w = x.shape
+def _forward(src, wt, b, y, buf, kind, has_bias, padded, direct, g, r, s, sh, sw, ph, pw, dh, dw,
+             hp, wq, h, w, oh, ow, nb, rb, mmax):
+    # wt (k*tn,); y (n*k*oh*ow,); buf (nw, tn*mmax [+ kg*mmax staging when nb > 1]).
+    # Item = (image block, group, row block).  One image: the GEMM writes its rows of y in place
+    # (row pitch oh*ow, bias pre-filled and beta = 1).  Several: into staging, then copied out.
+    # direct (1x1, stride 1, no padding): src[n, group] is the column matrix; no gather.
+    nn, c = src.shape[0], src.shape[1]
     k = b.shape[0]
     kg, cg = k // g, c // g
     tn = cg * r * s
     nw = buf.shape[0]
+    nnb = (nn + nb - 1) // nb
     nrb = (oh + rb - 1) // rb
-    items = nn * g * nrb
+    items = nnb * g * nrb
     plane = oh * ow
-    xf = x.reshape(-1)
     for wid in prange(nw):
         col = buf[wid]
+        stage = col[tn * mmax:]
         one = np.ones(1, dtype=y.dtype)
-        beta = np.full(1, 1.0 if has_bias else 0.0, dtype=y.dtype)
+        zero = np.zeros(1, dtype=y.dtype)
+        beta = one if has_bias else zero
         for it in range(wid, items, nw):
             ib = it % nrb
             gi = (it // nrb) % g
-            n = it // (nrb * g)
+            n0 = (it // (nrb * g)) * nb
+            n1 = min(nn, n0 + nb)
             i0 = ib * rb
             i1 = min(oh, i0 + rb)
-            m = (i1 - i0) * ow
-            y0 = (n * k + gi * kg) * plane + i0 * ow
-            if has_bias:
-                for q in range(kg):
-                    y[y0 + q * plane:y0 + q * plane + m] = b[gi * kg + q]
-            if direct:
-                _gemm(kind, _N, _N, kg, m, tn, one, wt[gi * kg * tn:], tn,
-                      xf[(n * c + gi * cg) * h * w + i0 * ow:], h * w, beta, y[y0:], plane)
+            mi = (i1 - i0) * ow
+            m = (n1 - n0) * mi
+            a = wt[gi * kg * tn:]
+            if n1 - n0 == 1:
+                y0 = (n0 * k + gi * kg) * plane + i0 * ow
+                if has_bias:
+                    for q in range(kg):
+                        yq = y[y0 + q * plane:y0 + q * plane + m]
+                        bq = b[gi * kg + q]
+                        for j in range(m):
+                            yq[j] = bq
+                if direct:
+                    bsrc = src[n0, gi * cg]
+                    _gemm(kind, _N, _N, kg, m, tn, one, a, tn, bsrc[i0 * ow:], h * w, beta, y[y0:], plane)
+                else:
+                    _gather(src, col, 0, m, n0, gi * cg, cg, i0, i1, padded, r, s, sh, sw, ph, pw, dh, dw,
+                            hp, wq, h, w, ow)
+                    _gemm(kind, _N, _N, kg, m, tn, one, a, tn, col, m, beta, y[y0:], plane)
             else:
-                _im2col(x[n], col, gi * cg, cg, i0, i1, r, s, sh, sw, ph, pw, dh, dw, ow)
-                _gemm(kind, _N, _N, kg, m, tn, one, wt[gi * kg * tn:], tn, col, m, beta, y[y0:], plane)
+                for n in range(n0, n1):
+                    _gather(src, col, (n - n0) * mi, m, n, gi * cg, cg, i0, i1, padded, r, s, sh, sw,
+                            ph, pw, dh, dw, hp, wq, h, w, ow)
+                _gemm(kind, _N, _N, kg, m, tn, one, a, tn, col, m, zero, stage, m)
+                for n in range(n0, n1):
+                    for q in range(kg):
+                        bq = b[gi * kg + q]  # zeros without a bias
+                        yq = y[(n * k + gi * kg + q) * plane + i0 * ow:]
+                        sq = stage[q * m + (n - n0) * mi:]
+                        for j in range(mi):
+                            yq[j] = sq[j] + bq
+
+
+@_micro
+def _stage(gy, stage, n0, n1, k, k0, kg, plane, off, mi, m):
+    # stage[q*m + (n - n0)*mi + u] = gy[n*k*plane + (k0 + q)*plane + off + u]: several images'
+    # gradient rows as one (kg x m) matrix
+    for n in range(n0, n1):
+        for q in range(kg):
+            d = stage[q * m + (n - n0) * mi:q * m + (n - n0 + 1) * mi]
+            v = gy[(n * k + k0 + q) * plane + off:]
+            for j in range(mi):
+                d[j] = v[j]
 
 
 @kernel
-def _grad_input(gy, wt, gx, buf, kind, g, cg, r, s, sh, sw, ph, pw, dh, dw, oh, ow, rb, cb, direct):
-    # gy (n*k*oh*ow,); wt (k*tn,); gx (n, c, h, w), zeroed unless direct; buf (nw, >= cb*r*s*rb*ow).
-    # Item = (image, group, block of cb input channels): it owns those planes of gx, so the
-    # col2im scatter never races.  direct (1x1): the GEMM writes gx[n, channels] in place.
-    nn, c, h, w = gx.shape
-    kg = wt.shape[0] // (cg * r * s) // g
-    k = kg * g
+def _grad_input(gy, wt, gq, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
+                h, w, oh, ow, nb, rb, cb, mmax):
+    # gy (n*k*oh*ow,); wt (k*tn,); gq (n, c, L) zeroed: padded planes or raw (n, c, h*w) planes;
+    # buf (nw, cb*r*s*mmax [+ kg*mmax staging when nb > 1]).  Item = (image block, group, block of
+    # cb input channels): it owns those planes of gq, so the col2im scatter never races.
+    # direct (1x1, stride 1, no padding): the GEMM writes gq[n, channels] in place.
+    nn, c = gq.shape[0], gq.shape[1]
+    kg, cg = k // g, c // g
     tn = cg * r * s
     nw = buf.shape[0]
     ncb = (cg + cb - 1) // cb
+    nnb = (nn + nb - 1) // nb
     nrb = (oh + rb - 1) // rb
-    items = nn * g * ncb
+    items = nnb * g * ncb
     plane = oh * ow
-    gxf = gx.reshape(-1)
     for wid in prange(nw):
         col = buf[wid]
-        one = np.ones(1, dtype=gx.dtype)
-        zero = np.zeros(1, dtype=gx.dtype)
+        stage = col[cb * r * s * mmax:]
+        one = np.ones(1, dtype=gq.dtype)
+        zero = np.zeros(1, dtype=gq.dtype)
         for it in range(wid, items, nw):
             ci = it % ncb
             gi = (it // ncb) % g
-            n = it // (ncb * g)
+            n0 = (it // (ncb * g)) * nb
+            n1 = min(nn, n0 + nb)
             c0 = ci * cb
             nc = min(cb, cg - c0)
-            t0 = c0 * r * s
+            a = wt[gi * kg * tn + c0 * r * s:]
             tb = nc * r * s
             for ib in range(nrb):
                 i0 = ib * rb
                 i1 = min(oh, i0 + rb)
-                m = (i1 - i0) * ow
-                g0 = (n * k + gi * kg) * plane + i0 * ow
-                a = wt[gi * kg * tn + t0:]
-                if direct:
-                    x0 = (n * c + gi * cg + c0) * h * w + i0 * ow
-                    _gemm(kind, _T, _N, tb, m, kg, one, a, tn, gy[g0:], plane, zero, gxf[x0:], h * w)
+                mi = (i1 - i0) * ow
+                m = (n1 - n0) * mi
+                if n1 - n0 == 1:
+                    gsrc = gy[(n0 * k + gi * kg) * plane + i0 * ow:]
+                    ldg = plane
                 else:
-                    _gemm(kind, _T, _N, tb, m, kg, one, a, tn, gy[g0:], plane, zero, col, m)
-                    _col2im(col, gx[n], gi * cg + c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, ow)
+                    _stage(gy, stage, n0, n1, k, gi * kg, kg, plane, i0 * ow, mi, m)
+                    gsrc = stage
+                    ldg = m
+                if direct:
+                    dst = gq[n0, gi * cg + c0]
+                    _gemm(kind, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, dst[i0 * ow:], h * w)
+                    continue
+                _gemm(kind, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, col, m)
+                for n in range(n0, n1):
+                    if padded:
+                        _col2im_planes(col, gq[n], (n - n0) * mi, m, gi * cg + c0, nc, i0, i1, r, s,
+                                       sh, sw, dh, dw, hp, wq, ow)
+                    else:
+                        _col2im_raw(col, gq[n], (n - n0) * mi, m, gi * cg + c0, nc, i0, i1, r, s,
+                                    sh, sw, ph, pw, dh, dw, h, w, ow)
 
 
 @kernel
-def _grad_weight(gy, x, gwp, buf, kind, g, k, r, s, sh, sw, ph, pw, dh, dw, oh, ow, rb, cb, direct):
-    # gy (n*k*oh*ow,); x (n, c, h, w); gwp (nsplit, k*tn) zeroed; buf (nw, >= cb*r*s*rb*ow).
+def _grad_weight(gy, src, gwp, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
+                 h, w, oh, ow, nb, rb, cb, mmax):
+    # gy (n*k*oh*ow,); src as in _forward; gwp (nsplit, k*tn) zeroed; buf as in _grad_input.
     # Item = (batch split, group, block of cb channels): it owns columns t0 .. t0+tb-1 of the
-    # group's rows of gwp[split] and accumulates into them with beta = 1 in image, row order.
-    nn, c, h, w = x.shape
+    # group's rows of gwp[split] and accumulates into them with beta = 1, images and rows in order.
+    nn, c = src.shape[0], src.shape[1]
     nsplit = gwp.shape[0]
     kg, cg = k // g, c // g
     tn = cg * r * s
@@ -233,31 +325,53 @@ def _grad_weight(gy, x, gwp, buf, kind, g, k, r, s, sh, sw, ph, pw, dh, dw, oh, 
     items = nsplit * g * ncb
     plane = oh * ow
     per = (nn + nsplit - 1) // nsplit
-    xf = x.reshape(-1)
     for wid in prange(nw):
         col = buf[wid]
-        one = np.ones(1, dtype=x.dtype)
+        stage = col[cb * r * s * mmax:]
+        one = np.ones(1, dtype=gwp.dtype)
         for it in range(wid, items, nw):
             ci = it % ncb
             gi = (it // ncb) % g
             sp = it // (ncb * g)
             c0 = ci * cb
             nc = min(cb, cg - c0)
-            t0 = c0 * r * s
             tb = nc * r * s
-            out = gwp[sp, gi * kg * tn + t0:]
-            for n in range(sp * per, min(nn, (sp + 1) * per)):
+            out = gwp[sp, gi * kg * tn + c0 * r * s:]
+            for n0 in range(sp * per, min(nn, (sp + 1) * per), nb):
+                n1 = min(nn, (sp + 1) * per, n0 + nb)
                 for ib in range(nrb):
                     i0 = ib * rb
                     i1 = min(oh, i0 + rb)
-                    m = (i1 - i0) * ow
-                    g0 = (n * k + gi * kg) * plane + i0 * ow
-                    if direct:
-                        x0 = (n * c + gi * cg + c0) * h * w + i0 * ow
-                        _gemm(kind, _N, _T, kg, tb, m, one, gy[g0:], plane, xf[x0:], h * w, one, out, tn)
+                    mi = (i1 - i0) * ow
+                    m = (n1 - n0) * mi
+                    if n1 - n0 == 1:
+                        gsrc = gy[(n0 * k + gi * kg) * plane + i0 * ow:]
+                        ldg = plane
                     else:
-                        _im2col(x[n], col, gi * cg + c0, nc, i0, i1, r, s, sh, sw, ph, pw, dh, dw, ow)
-                        _gemm(kind, _N, _T, kg, tb, m, one, gy[g0:], plane, col, m, one, out, tn)
+                        _stage(gy, stage, n0, n1, k, gi * kg, kg, plane, i0 * ow, mi, m)
+                        gsrc = stage
+                        ldg = m
+                    if direct:
+                        xs = src[n0, gi * cg + c0]
+                        _gemm(kind, _N, _T, kg, tb, m, one, gsrc, ldg, xs[i0 * ow:], h * w, one, out, tn)
+                        continue
+                    for n in range(n0, n1):
+                        _gather(src, col, (n - n0) * mi, m, n, gi * cg + c0, nc, i0, i1, padded, r, s,
+                                sh, sw, ph, pw, dh, dw, hp, wq, h, w, ow)
+                    _gemm(kind, _N, _T, kg, tb, m, one, gsrc, ldg, col, m, one, out, tn)
+
+
+@kernel
+def _unsplit(gq, gx, sw, hp, wq, top, left):
+    # gx[p, ih, iw] = the padded, phase-split plane element of (ih + top, iw + left)
+    pp, h, w = gx.shape
+    for p in prange(pp):
+        src = gq[p]
+        for ih in range(h):
+            d = gx[p, ih]
+            for iw in range(w):
+                cc = iw + left
+                d[iw] = src[(cc % sw) * hp * wq + (ih + top) * wq + cc // sw]
 
 
 # ---------------------------------------------------------------------------------------- one pool
@@ -308,7 +422,8 @@ serial_blas = _SerialBlas()
 
 
 # ---------------------------------------------------------------------------------------- planning
-_TILE_BYTES = 1 << 20   # target column tile per worker: stays in L2 while the GEMM packs it
+_TILE_BYTES = 1 << 20   # column tile per worker to aim for: fits in L2 next to the GEMM's packing
+_M_MIN = 256            # fewest output positions per GEMM worth a BLAS call; smaller planes batch images
 _KIND = {np.dtype(np.float32): ord("s"), np.dtype(np.float64): ord("d")}
 
 
@@ -325,114 +440,142 @@ def _min_workspace(p, pass_):
     return taps * p.ow * p.itemsize
 
 
-def _workers(p, row_bytes, items):
-    """How many workers to use: numba's thread count, fewer if the budget or the items are short."""
-    nw = max(1, min(numba.get_num_threads(), items))
-    if row_bytes:
-        nw = max(1, min(nw, p.workspace_limit // row_bytes))
-    return nw
+def _planes_bytes(p, n, c):
+    """Bytes of common.pad_planes' padded, phase-split copy of an (n, c, h, w) array."""
+    wq = -(-p.wp // p.sw)
+    return n * c * (p.sw * p.hp * wq + SLACK) * p.itemsize
 
 
-def _rows_per_tile(p, row_bytes, nw, want_items):
-    """Output rows per tile: within the budget (all workers' buffers), near _TILE_BYTES, and small
-    enough that there are ``want_items`` tiles in one image's rows when that helps parallelism."""
-    if not row_bytes:
-        return max(1, -(-p.oh // max(1, want_items)))
-    cap = p.workspace_limit // (nw * row_bytes)
-    rb = max(1, min(p.oh, cap, max(1, _TILE_BYTES // row_bytes)))
-    if want_items > 1:
-        rb = min(rb, max(1, -(-p.oh // want_items)))
-    return max(1, min(rb, cap))
+class _Plan:
+    """Tiling of one pass: ``padded`` (gather from a padded copy), nw workers, nb images or rb rows
+    per tile, mmax positions per tile, ``words`` buffer elements per worker."""
+
+    def __init__(self, p, col_rows, stage_rows, par, nimg, copy_bytes, direct):
+        isz, oh, ow = p.itemsize, p.oh, p.ow
+        limit = p.workspace_limit
+        nthreads = numba.get_num_threads()
+        row = 0 if direct else col_rows * ow * isz
+        # gather from a padded, phase-split copy when it leaves room for a row per worker: it turns
+        # every tap row into one contiguous run (5-15x faster gathers than bounds-checked strides)
+        self.padded = not direct and copy_bytes + nthreads * row <= limit
+        avail = limit - (copy_bytes if self.padded else 0)
+        nw = nthreads if not row else max(1, min(nthreads, avail // row))
+        per_worker = avail // nw
+        plane = oh * ow
+        nb, rb = 1, oh
+        if plane < _M_MIN and nimg > 1 and not direct:
+            # small planes: several whole images per GEMM, but leave an item for every worker
+            nb = min(nimg, -(-_M_MIN // plane), max(1, nimg * par // nthreads))
+            nb = max(1, min(nb, per_worker // (plane * (col_rows + stage_rows) * isz)))
+        if nb == 1:
+            rb = max(-(-_M_MIN // ow), _TILE_BYTES // row if row else oh)
+            if nimg * par < nthreads:  # split rows so that every worker gets one
+                rb = min(rb, -(-oh // -(-nthreads // (nimg * par))))
+            if row:
+                rb = min(rb, per_worker // row)
+            rb = max(1, min(rb, oh))
+        items = -(-nimg // nb) * par * (-(-oh // rb) if nb == 1 else 1)
+        self.nw = max(1, min(nw, items))
+        self.nb, self.rb = nb, rb
+        self.mmax = nb * rb * ow
+        self.words = 0 if direct else col_rows * self.mmax + (stage_rows * self.mmax if nb > 1 else 0)
+
+    def buffer(self, dtype):
+        return np.empty((self.nw, max(1, self.words)), dtype=dtype)
 
 
-def _buffer(nw, nbytes, dtype):
-    return np.empty((nw, max(1, nbytes // np.dtype(dtype).itemsize)), dtype=dtype)
+def _source(x, p, padded):
+    """(n, c, L) planes the gather reads: padded and phase-split, or the raw planes."""
+    if padded:
+        return pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw)[0]
+    return np.ascontiguousarray(x).reshape(p.n, p.c, p.h * p.w)
 
 
 # ---------------------------------------------------------------------------------------- passes
 def forward(x, w, b, p):
-    x = np.ascontiguousarray(x)
     tn = p.cg * p.r * p.s
     direct = _direct(p)
-    row_bytes = 0 if direct else tn * p.ow * p.itemsize
-    nthreads = numba.get_num_threads()
-    # split an image's rows only when there are fewer (image, group) pairs than workers
-    want = -(-nthreads // (p.n * p.g)) if p.n * p.g < nthreads else 1
-    nw = _workers(p, row_bytes, p.n * p.g * max(1, min(p.oh, want)))
-    rb = _rows_per_tile(p, row_bytes, nw, want)
-    buf = _buffer(nw, rb * row_bytes, p.dtype)
+    plan = _Plan(p, tn, p.kg, p.g, p.n, _planes_bytes(p, p.n, p.c), direct)
+    src = _source(x, p, plan.padded)
+    wq = -(-p.wp // p.sw)
     y = np.empty(p.y_shape, dtype=p.dtype)
     has_bias = b is not None
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
     with serial_blas:
-        _forward(x, np.ascontiguousarray(w).reshape(-1), bb, y.reshape(-1), buf, _KIND[p.dtype],
-                 has_bias, p.g, p.r, p.s, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.oh, p.ow, rb, direct)
+        _forward(src, np.ascontiguousarray(w).reshape(-1), bb, y.reshape(-1), plan.buffer(p.dtype),
+                 _KIND[p.dtype], has_bias, plan.padded, direct, p.g, p.r, p.s, p.sh, p.sw, p.ph0, p.pw0,
+                 p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb, plan.mmax)
     return y
 
 
-def _channel_blocks(p, items_without, nthreads):
+def _channel_block(p, par, nthreads):
     """Channels per block in the backward passes: split a group's channels only as far as needed
-    to give every worker an item."""
-    if items_without >= nthreads:
-        return p.cg
-    parts = min(p.cg, -(-nthreads // items_without))
-    return -(-p.cg // parts)
+    to give every worker an item, and as the budget requires (one row of the block's taps)."""
+    cb = p.cg
+    if par < nthreads:
+        cb = -(-p.cg // min(p.cg, -(-nthreads // par)))
+    if not _direct(p):
+        cb = max(1, min(cb, p.workspace_limit // (p.r * p.s * p.ow * p.itemsize)))
+    return cb
 
 
 def grad_input(gy, w, p):
-    gy = np.ascontiguousarray(gy).reshape(-1)
     direct = _direct(p)
     nthreads = numba.get_num_threads()
-    cb = _channel_blocks(p, p.n * p.g, nthreads)
-    # the budget may force smaller channel blocks: one row of cb channels' taps must fit per worker
-    if not direct:
-        cb = max(1, min(cb, p.workspace_limit // (p.r * p.s * p.ow * p.itemsize)))
-    row_bytes = 0 if direct else cb * p.r * p.s * p.ow * p.itemsize
-    items = p.n * p.g * -(-p.cg // cb)
-    nw = _workers(p, row_bytes, items)
-    rb = _rows_per_tile(p, row_bytes, nw, 1)
-    buf = _buffer(nw, rb * row_bytes, p.dtype)
-    gx = (np.empty if direct else np.zeros)(p.x_shape, dtype=p.dtype)
+    cb = _channel_block(p, p.n * p.g, nthreads)
+    ncb = -(-p.cg // cb)
+    wq = -(-p.wp // p.sw)
+    plan = _Plan(p, cb * p.r * p.s, p.kg, p.g * ncb, p.n, _planes_bytes(p, p.n, p.c), direct)
+    if plan.padded:
+        gq = np.zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), dtype=p.dtype)
+    else:
+        gq = (np.empty if direct else np.zeros)((p.n, p.c, p.h * p.w), dtype=p.dtype)
     with serial_blas:
-        _grad_input(gy, np.ascontiguousarray(w).reshape(-1), gx, buf, _KIND[p.dtype], p.g, p.cg,
-                    p.r, p.s, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.oh, p.ow, rb, cb, direct)
+        _grad_input(np.ascontiguousarray(gy).reshape(-1), np.ascontiguousarray(w).reshape(-1), gq,
+                    plan.buffer(p.dtype), _KIND[p.dtype], plan.padded, direct, p.g, p.k, p.r, p.s,
+                    p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow,
+                    plan.nb, plan.rb, cb, plan.mmax)
+    if not plan.padded:
+        return gq.reshape(p.x_shape)
+    gx = np.empty(p.x_shape, dtype=p.dtype)
+    _unsplit(gq.reshape(p.n * p.c, -1), gx.reshape(p.n * p.c, p.h, p.w), p.sw, p.hp, wq, p.ph0, p.pw0)
     return gx
 
 
 def grad_weight(gy, x, p):
-    gy = np.ascontiguousarray(gy).reshape(-1)
-    x = np.ascontiguousarray(x)
     direct = _direct(p)
     nthreads = numba.get_num_threads()
     tn = p.cg * p.r * p.s
-    cb = _channel_blocks(p, p.g, nthreads)
-    if not direct:
-        cb = max(1, min(cb, p.workspace_limit // (p.r * p.s * p.ow * p.itemsize)))
-    row_bytes = 0 if direct else cb * p.r * p.s * p.ow * p.itemsize
+    cb = _channel_block(p, p.g, nthreads)
     blocks = p.g * -(-p.cg // cb)
-    # fewer (group, channel block) items than workers: split the batch into partial sums, if the
-    # extra gw copies leave room in the budget for a row per worker
+    # fewer (group, channel block) items than workers: split the batch into partial sums too, as
+    # far as the extra copies of gw leave room in the budget for a row per worker
+    row = 0 if direct else cb * p.r * p.s * p.ow * p.itemsize
     nsplit = 1
     if blocks < nthreads and p.n > 1:
         nsplit = min(p.n, -(-nthreads // blocks))
-        while nsplit > 1 and ((nsplit - 1) * p.k * tn * p.itemsize
-                              + min(nthreads, nsplit * blocks) * row_bytes > p.workspace_limit):
+        while nsplit > 1 and (nsplit - 1) * p.k * tn * p.itemsize + nthreads * row > p.workspace_limit:
             nsplit -= 1
-    extra = (nsplit - 1) * p.k * tn * p.itemsize if nsplit > 1 else 0
-    nw = max(1, min(nthreads, nsplit * blocks))
-    if row_bytes:
-        nw = max(1, min(nw, (p.workspace_limit - extra) // row_bytes))
-    cap = (p.workspace_limit - extra) // (nw * row_bytes) if row_bytes else p.oh
-    rb = max(1, min(p.oh, cap, max(1, _TILE_BYTES // row_bytes) if row_bytes else p.oh))
-    buf = _buffer(nw, rb * row_bytes, p.dtype)
+    extra = (nsplit - 1) * p.k * tn * p.itemsize
+    sub = _Params(p, p.workspace_limit - extra)
+    plan = _Plan(sub, cb * p.r * p.s, p.kg, nsplit * blocks, -(-p.n // nsplit),
+                 _planes_bytes(p, p.n, p.c), direct)
+    src = _source(x, p, plan.padded)
+    wq = -(-p.wp // p.sw)
     gwp = np.zeros((nsplit, p.k * tn), dtype=p.dtype)
     with serial_blas:
-        _grad_weight(gy, x, gwp, buf, _KIND[p.dtype], p.g, p.k, p.r, p.s, p.sh, p.sw, p.ph0, p.pw0,
-                     p.dh, p.dw, p.oh, p.ow, rb, cb, direct)
+        _grad_weight(np.ascontiguousarray(gy).reshape(-1), src, gwp, plan.buffer(p.dtype),
+                     _KIND[p.dtype], plan.padded, direct, p.g, p.k, p.r, p.s, p.sh, p.sw, p.ph0, p.pw0,
+                     p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb, cb, plan.mmax)
     gw = gwp[0]
-    for i in range(1, nsplit):
+    for i in range(1, nsplit):  # fixed order: the same bits for the same thread count and budget
         gw += gwp[i]
     return gw.reshape(p.w_shape)
+
+
+def _Params(p, limit):
+    """``p`` with another workspace limit."""
+    return dataclasses.replace(p, workspace_limit=max(1, limit))
 
 
 # ---------------------------------------------------------------------------------------- registry
