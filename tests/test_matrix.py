@@ -1,0 +1,157 @@
+"""The fully connected view: conv2d_as_matrix against every algorithm's forward and backward pass,
+the stored-entry and distinct-weight counts against closed forms, and summary's arithmetic."""
+import io
+
+import numpy as np
+import pytest
+import scipy.sparse
+
+import fastconv
+from conftest import ALGORITHMS, distinct_values, skip_if_unsupported
+
+# (input (C, H, W), weight (K, C/groups, R, S), conv kwargs)
+GEOMETRIES = [
+    pytest.param((1, 5, 5), (1, 1, 3, 3), {}, id="1ch-3x3"),
+    pytest.param((3, 7, 6), (4, 3, 3, 2), {"padding": 1}, id="pad1-asym"),
+    pytest.param((2, 9, 8), (3, 2, 3, 3), {"stride": 2, "padding": (1, 2)}, id="stride2"),
+    pytest.param((2, 9, 9), (2, 2, 3, 2), {"dilation": (2, 3), "padding": 2}, id="dilated"),
+    pytest.param((4, 6, 6), (6, 2, 3, 3), {"groups": 2, "padding": "same"}, id="groups-same"),
+    pytest.param((3, 5, 5), (3, 1, 5, 5), {"groups": 3}, id="depthwise-kernel-eq-input"),
+    pytest.param((2, 4, 7), (2, 2, 2, 2), {"stride": (3, 1)}, id="stride-gt-kernel"),
+]
+
+
+def rows(a):
+    return a.reshape(a.shape[0], -1)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("image, wshape, kw", GEOMETRIES)
+def test_matrix_times_input_is_the_convolution(algorithm, image, wshape, kw):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3,) + image)
+    w = rng.standard_normal(wshape)
+    W = fastconv.conv2d_as_matrix(w, image, **kw)
+    assert isinstance(W, scipy.sparse.csr_array) and W.has_sorted_indices and W.dtype == np.float64
+    try:
+        y = fastconv.conv2d(x, w, algorithm=algorithm, **kw)
+    except ValueError as exc:
+        skip_if_unsupported(exc)
+    assert W.shape == (y[0].size, x[0].size)
+    np.testing.assert_allclose(rows(x) @ W.T, rows(y), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(fastconv.conv2d_as_matrix(w, image, sparse=False, **kw), W.toarray())
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("image, wshape, kw", GEOMETRIES)
+def test_transpose_times_gradient_is_grad_input(algorithm, image, wshape, kw):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2,) + image)
+    w = rng.standard_normal(wshape)
+    W = fastconv.conv2d_as_matrix(w, image, **kw)
+    gy = rng.standard_normal((2, W.shape[0]))
+    try:
+        g = fastconv.conv2d_backward(gy.reshape((2, -1) + fastconv.conv2d(x, w, **kw).shape[2:]), x, w,
+                                     algorithm=algorithm, **kw)
+    except ValueError as exc:
+        skip_if_unsupported(exc)
+    np.testing.assert_allclose((W.T @ gy.T).T, rows(g.grad_input), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding, dilation", [(0, 1), (1, 1), (2, 1), (1, 2), (3, 2)])
+def test_backward_is_a_correlation_with_the_flipped_kernel(padding, dilation):
+    # stride 1: W.T @ g = conv2d(g, w flipped in space with in/out channels swapped, padding d*(R-1)-p)
+    rng = np.random.default_rng(2)
+    image, w = (3, 7, 8), rng.standard_normal((4, 3, 3, 3))
+    W = fastconv.conv2d_as_matrix(w, image, padding=padding, dilation=dilation)
+    oh, ow = fastconv.conv2d(np.zeros((1,) + image), w, padding=padding, dilation=dilation).shape[2:]
+    g = rng.standard_normal((2, 4, oh, ow))
+    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    full = dilation * 2 - padding
+    if full < 0:
+        pytest.skip("padding wider than the dilated kernel: the correlation would need cropping")
+    corr = fastconv.conv2d(g, flipped, padding=full, dilation=dilation)
+    np.testing.assert_allclose((W.T @ rows(g).T).T, rows(corr), rtol=1e-12, atol=1e-12)
+
+
+def axis_hits(size, out, kernel, stride, dilation, pad):
+    """Per kernel offset, the number of output positions whose tap lands inside the input."""
+    i = np.arange(out)[:, None] * stride + np.arange(kernel)[None, :] * dilation - pad
+    return ((i >= 0) & (i < size)).sum(axis=0)
+
+
+@pytest.mark.parametrize("image, wshape, kw", GEOMETRIES)
+def test_stored_entries_and_distinct_weights(image, wshape, kw):
+    w = distinct_values(np.random.default_rng(3), wshape) + 1.0   # all distinct, none zero
+    W = fastconv.conv2d_as_matrix(w, image, **kw)
+    k, cg, r, s = wshape
+    y = fastconv.conv2d(np.ones((1,) + image), np.ones(wshape), **kw)
+    # sparse connectivity: one stored entry per (output, tap inside the image) -- conv of ones counts them
+    assert W.nnz == int(y.sum())
+    # weight sharing: every weight stored, and only weights: K*C/groups*R*S distinct values
+    values, counts = np.unique(W.data, return_counts=True)
+    np.testing.assert_array_equal(values, np.sort(w.ravel()))
+    # each weight w[k, c, r, s] is used by as many outputs as its row offset r and column offset s hit the image
+    from fastconv._validation import conv_params
+    p = conv_params("t", (1,) + image, wshape, np.float64, kw.get("stride", 1), kw.get("padding", 0),
+                    kw.get("dilation", 1), kw.get("groups", 1))
+    hr = axis_hits(p.h, p.oh, r, p.sh, p.dh, p.ph0)
+    hs = axis_hits(p.w, p.ow, s, p.sw, p.dw, p.pw0)
+    uses = dict(zip(values, counts))
+    for (kk, cc, rr, ss), v in np.ndenumerate(w):
+        assert uses[v] == hr[rr] * hs[ss]
+
+
+@pytest.mark.parametrize("k, c, h, r", [(6, 1, 32, 5), (16, 6, 14, 5), (4, 3, 9, 3)])
+def test_closed_form_counts_without_padding(k, c, h, r):
+    w = distinct_values(np.random.default_rng(4), (k, c, r, r)) + 1.0
+    W = fastconv.conv2d_as_matrix(w, (c, h, h))
+    o = h - r + 1
+    assert W.shape == (k * o * o, c * h * h)
+    assert W.nnz == k * o * o * c * r * r                   # each output sees C*R*S inputs
+    assert len(np.unique(W.data)) == k * c * r * r         # ... through K*C*R*S shared weights
+    assert np.all(np.unique(W.data, return_counts=True)[1] == o * o)  # each weight used OH*OW times
+
+
+@pytest.mark.parametrize("r, h", [(3, 8), (5, 9), (7, 7)])
+def test_closed_form_counts_same_padding(r, h):
+    # 'same', odd kernel, stride 1: p = (R-1)/2 rows of padding lose p(p+1)/2 taps at each edge
+    k, c, p = 2, 3, (r - 1) // 2
+    w = np.ones((k, c, r, r))
+    W = fastconv.conv2d_as_matrix(w, (c, h, h), padding="same")
+    per_axis = h * r - p * (p + 1)
+    assert W.nnz == k * c * per_axis * per_axis
+
+
+def test_float32_and_sparse_false():
+    w = np.ones((1, 1, 2, 2), np.float32)
+    W = fastconv.conv2d_as_matrix(w, (1, 3, 3), sparse=False)
+    assert isinstance(W, np.ndarray) and W.dtype == np.float32 and W.shape == (4, 9)
+    assert fastconv.conv2d_as_matrix(w, [1, 3, 3]).dtype == np.float32
+
+
+# --------------------------------------------------------------------------- summary
+def test_summary_textbook_arithmetic():
+    out = io.StringIO()
+    fc = fastconv.summary(fastconv.Sequential(fastconv.Flatten(), fastconv.Linear(1024, 500, bias=False)),
+                          (1, 32, 32), file=out)
+    assert out.getvalue() == fc + "\n"
+    assert "512,000" in fc.splitlines()[2]
+    conv = fastconv.summary(fastconv.Conv2d(1, 6, 5, bias=False), (1, 32, 32), file=io.StringIO())
+    line = conv.splitlines()[1]
+    assert "(6, 28, 28)" in line and " 150 " in line
+    assert f"{1024 * 28 * 28 * 6:,}" in line            # the same map as a dense layer
+    assert f"{28 * 28 * 6 * 25:,}" in line              # multiply-accumulates = connections
+
+
+def test_summary_of_a_network_totals():
+    from fastconv.train import build_model
+
+    model = build_model((1, 8, 8), rng=0)
+    text = fastconv.summary(model, (1, 8, 8), file=io.StringIO())
+    lines = text.splitlines()
+    assert len(lines) == len(model) + 2
+    assert lines[-1].split()[1] == f"{model.num_parameters():,}"
+    assert "(10,)" in lines[-2]
+    with pytest.raises(ValueError, match=r"Linear: input must have shape \(128,\) per sample"):
+        fastconv.summary(model, (1, 16, 16), file=io.StringIO())
