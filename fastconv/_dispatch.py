@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ._algorithms import direct, im2col
+from ._algorithms import direct, fft, im2col
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
@@ -133,3 +133,4 @@ register(Algorithm("direct", direct.forward, direct.grad_input, direct.grad_weig
                    direct.supports, direct.cost))
 register(Algorithm("im2col", im2col.forward, im2col.grad_input, im2col.grad_weight,
                    im2col.supports, im2col.cost))
+register(Algorithm("fft", fft.forward, fft.grad_input, fft.grad_weight, fft.supports, fft.cost))

@@ -71,23 +71,21 @@ from .._jit import kernel
 @kernel
 def _pack(src, buf, n0, c0, off_h, up_h, lo_h, hi_h, off_w, up_w, lo_w, hi_w):
     # buf[bh, bw, n, c] = src[n0 + n, c0 + c, (off_h + bh) / up_h, (off_w + bw) / up_w] where the
-    # division is exact and the row lies in [lo_h, hi_h) (column in [lo_w, hi_w)), else 0
+    # division is exact and the row lies in [lo_h, hi_h) (column in [lo_w, hi_w)), else 0.
+    # (Explicit loops, no slice assignments: each array expression in a prange body becomes a
+    # nested parfor that costs compile time.)
     nh, nw, nb, cc = buf.shape
     for bh in prange(nh):
         t = off_h + bh
         row = t // up_h
-        if t % up_h != 0 or row < lo_h or row >= hi_h:
-            buf[bh] = 0
-            continue
+        live = t % up_h == 0 and row >= lo_h and row < hi_h
         for bw in range(nw):
             tw = off_w + bw
             col = tw // up_w
-            if tw % up_w != 0 or col < lo_w or col >= hi_w:
-                buf[bh, bw] = 0
-                continue
+            ok = live and tw % up_w == 0 and col >= lo_w and col < hi_w
             for n in range(nb):
                 for c in range(cc):
-                    buf[bh, bw, n, c] = src[n0 + n, c0 + c, row, col]
+                    buf[bh, bw, n, c] = src[n0 + n, c0 + c, row, col] if ok else 0
 
 
 @kernel
@@ -113,8 +111,9 @@ def _kernel_rows(wt, ew, t):
         for r in range(rr):
             tr = t[v, r, 0]
             ti = t[v, r, 1]
-            tr[:] = 0
-            ti[:] = 0
+            for j in range(m):
+                tr[j] = 0
+                ti[j] = 0
             for s in range(ss):
                 cr, ci = ew[v, s, 0], ew[v, s, 1]
                 x = wt[r, s]
@@ -125,68 +124,66 @@ def _kernel_rows(wt, ew, t):
 
 @kernel
 def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg):
-    # Per frequency (u, v): the kernel spectrum Wc[c, k] = sum_r e^{+i 2 pi u r dh/nh} t[v, r, c, k]
-    # (k in this chunk [k0, k0 + kb)), then
-    #   forward:    out[u, v, n, q]  = sum_c a[u, v, n, c] * Wc[c, k0 + q]       (a = X,  out = Y chunk)
+    # Per frequency (u, v): the kernel spectrum Wc[c, q] = sum_r e^{+i 2 pi u r dh/nh} t[v, r, c, q]
+    # for the chunk's output channels k0 + q, then, within each group,
+    #   forward:    out[u, v, n, q]  = sum_c a[u, v, n, c] * Wc[c, q]           (a = X,  out = Y chunk)
     #   grad_input: out[u, v, n, c] += sum_q a[u, v, n, k0 + q] * conj(Wc[c, q]) (a = GY, out = GX)
-    # restricted to each group.  prange over v: every (u, v) of out belongs to one iteration.
+    # prange over v: every (u, v) of out belongs to one iteration.
     nh, wf, nb = a.shape[0], a.shape[1], a.shape[2]
-    rr = t.shape[1]
-    kb = t.shape[3] // cg
+    rr, m = t.shape[1], t.shape[3]
+    kb = m // cg
     for v in prange(wf):
         tv = t[v]
-        wr = np.empty(kb, dtype=t.dtype)
-        wi = np.empty(kb, dtype=t.dtype)
+        wr = np.empty(m, dtype=t.dtype)
+        wi = np.empty(m, dtype=t.dtype)
         accr = np.empty((nb, kb), dtype=t.dtype)
         acci = np.empty((nb, kb), dtype=t.dtype)
         for u in range(nh):
-            if grad_input:
-                for n in range(nb):
-                    for q in range(kb):
+            # the DFT along r for all (c, q) at once: one long vector loop per tap row
+            for j in range(m):
+                wr[j] = 0
+                wi[j] = 0
+            for r in range(rr):
+                cr, ci = eh[u, r, 0], eh[u, r, 1]
+                tr = tv[r, 0]
+                ti = tv[r, 1]
+                for j in range(m):
+                    wr[j] += cr * tr[j] - ci * ti[j]
+                    wi[j] += cr * ti[j] + ci * tr[j]
+            for n in range(nb):
+                for q in range(kb):
+                    if grad_input:
                         z = a[u, v, n, k0 + q]
                         accr[n, q] = z.real
                         acci[n, q] = z.imag
-            else:
-                accr[:] = 0
-                acci[:] = 0
+                    else:
+                        accr[n, q] = 0
+                        acci[n, q] = 0
             q0 = 0
             while q0 < kb:
                 gi = (k0 + q0) // kg
                 q1 = min(kb, (gi + 1) * kg - k0)
                 ln = q1 - q0
                 for cl in range(cg):
-                    base = cl * kb + q0
-                    wr0 = wr[:ln]
-                    wi0 = wi[:ln]
-                    wr0[:] = 0
-                    wi0[:] = 0
-                    for r in range(rr):
-                        cr, ci = eh[u, r, 0], eh[u, r, 1]
-                        tr = tv[r, 0, base:base + ln]
-                        ti = tv[r, 1, base:base + ln]
-                        for j in range(ln):
-                            wr0[j] += cr * tr[j] - ci * ti[j]
-                            wi0[j] += cr * ti[j] + ci * tr[j]
                     c = gi * cg + cl
-                    if grad_input:
-                        for n in range(nb):
-                            gr = accr[n, q0:q1]
-                            gim = acci[n, q0:q1]
-                            sr = wr0[0] * 0
-                            si = wr0[0] * 0
+                    w0r = wr[cl * kb + q0:cl * kb + q1]
+                    w0i = wi[cl * kb + q0:cl * kb + q1]
+                    for n in range(nb):
+                        gr = accr[n, q0:q1]
+                        gim = acci[n, q0:q1]
+                        if grad_input:
+                            sr = w0r[0] * 0
+                            si = w0r[0] * 0
                             for j in range(ln):
-                                sr += gr[j] * wr0[j] + gim[j] * wi0[j]
-                                si += gim[j] * wr0[j] - gr[j] * wi0[j]
+                                sr += gr[j] * w0r[j] + gim[j] * w0i[j]
+                                si += gim[j] * w0r[j] - gr[j] * w0i[j]
                             out[u, v, n, c] += complex(sr, si)
-                    else:
-                        for n in range(nb):
+                        else:
                             z = a[u, v, n, c]
                             xr, xi = z.real, z.imag
-                            ar = accr[n, q0:q1]
-                            ai = acci[n, q0:q1]
                             for j in range(ln):
-                                ar[j] += xr * wr0[j] - xi * wi0[j]
-                                ai[j] += xr * wi0[j] + xi * wr0[j]
+                                gr[j] += xr * w0r[j] - xi * w0i[j]
+                                gim[j] += xr * w0i[j] + xi * w0r[j]
                 q0 = q1
             if not grad_input:
                 for n in range(nb):
@@ -201,12 +198,12 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg):
     # evaluated only at the r tap rows).  prange over v: qs[v] belongs to one iteration, and the
     # sum over u runs in a fixed order.
     nh, wf, nb = x.shape[0], x.shape[1], x.shape[2]
-    rr = qs.shape[1]
-    kb = qs.shape[3] // cg
+    rr, m = qs.shape[1], qs.shape[3]
+    kb = m // cg
     for v in prange(wf):
         qv = qs[v]
-        zr = np.empty(kb, dtype=qs.dtype)
-        zi = np.empty(kb, dtype=qs.dtype)
+        zr = np.empty(m, dtype=qs.dtype)
+        zi = np.empty(m, dtype=qs.dtype)
         gr = np.empty((nb, kb), dtype=qs.dtype)
         gim = np.empty((nb, kb), dtype=qs.dtype)
         for u in range(nh):
@@ -215,6 +212,9 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg):
                     z = gy[u, v, n, k0 + q]
                     gr[n, q] = z.real
                     gim[n, q] = z.imag
+            for j in range(m):
+                zr[j] = 0
+                zi[j] = 0
             q0 = 0
             while q0 < kb:
                 gi = (k0 + q0) // kg
@@ -222,10 +222,8 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg):
                 ln = q1 - q0
                 for cl in range(cg):
                     c = gi * cg + cl
-                    z0r = zr[:ln]
-                    z0i = zi[:ln]
-                    z0r[:] = 0
-                    z0i[:] = 0
+                    z0r = zr[cl * kb + q0:cl * kb + q1]
+                    z0i = zi[cl * kb + q0:cl * kb + q1]
                     for n in range(nb):
                         xz = x[u, v, n, c]
                         xr, xi = xz.real, xz.imag
@@ -234,15 +232,15 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg):
                         for j in range(ln):
                             z0r[j] += xr * g0[j] + xi * g1[j]
                             z0i[j] += xi * g0[j] - xr * g1[j]
-                    base = cl * kb + q0
-                    for r in range(rr):
-                        cr, ci = eh[u, r, 0], eh[u, r, 1]
-                        pr = qv[r, 0, base:base + ln]
-                        pi = qv[r, 1, base:base + ln]
-                        for j in range(ln):
-                            pr[j] += cr * z0r[j] - ci * z0i[j]
-                            pi[j] += cr * z0i[j] + ci * z0r[j]
                 q0 = q1
+            # the inverse DFT along u for all (c, q) at once: one long vector loop per tap row
+            for r in range(rr):
+                cr, ci = eh[u, r, 0], eh[u, r, 1]
+                pr = qv[r, 0]
+                pi = qv[r, 1]
+                for j in range(m):
+                    pr[j] += cr * zr[j] - ci * zi[j]
+                    pi[j] += cr * zi[j] + ci * zr[j]
 
 
 @kernel
@@ -329,7 +327,7 @@ def _cost_of(p, pass_, pl):
     nh, nw, th, tw, nb, kb = pl.nh, pl.nw, pl.th, pl.tw, pl.nb, pl.kb
     tot_h, tot_w = (p.h, p.w) if pass_ == "grad_input" else (p.oh, p.ow)
     tiles = -(-tot_h // th) * -(-tot_w // tw)
-    nch, kch = -(-p.n // nb), -(-p.k // kb)
+    nch, kch = -(-max(p.n, 1) // nb), -(-p.k // kb)
     f = nh * (nw // 2 + 1)
     planes = p.n * (p.c + p.k)
     fft = planes * nh * nw * math.log2(max(nh * nw, 2)) * _C_FFT
@@ -352,7 +350,7 @@ def _plan(p, pass_):
             tw = min(tot_w, _tile(pass_, nw, p.sw, ew))
             if tw < 1:
                 continue
-            nb = p.n
+            nb = max(p.n, 1)  # n == 0 is answered before any pass runs
             while True:
                 kb = p.k
                 while kb > 1 and _workspace(p, pass_, nh, nw, nb, kb) > p.workspace_limit:
