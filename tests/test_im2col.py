@@ -1,0 +1,193 @@
+"""The im2col + GEMM algorithm: every geometry against the reference and PyTorch, every tiling
+(workspace budget) against the default one, its fast paths, its refusal of impossible budgets and
+its handling of the BLAS thread pool."""
+import numpy as np
+import pytest
+
+import fastconv
+import reference as ref
+from conftest import DTYPES, TOL, assert_results, random_array
+from fastconv._algorithms import im2col
+from fastconv._validation import conv_params
+
+# (id, x shape, weight shape, keyword arguments).  N is large enough in places that small planes
+# are batched several images per GEMM.
+CASES = [
+    ("basic", (2, 3, 7, 6), (4, 3, 3, 3), {}),
+    ("stride2-pad1", (3, 3, 9, 8), (4, 3, 3, 3), {"stride": 2, "padding": 1}),
+    ("stride3-asym", (2, 2, 11, 9), (3, 2, 3, 2), {"stride": (3, 2), "padding": (2, 1)}),
+    ("stride-gt-kernel", (2, 2, 9, 8), (2, 2, 2, 2), {"stride": 3}),
+    ("same-odd", (2, 2, 6, 5), (3, 2, 3, 3), {"padding": "same"}),
+    ("same-even-dilated", (1, 2, 7, 8), (2, 2, 2, 4), {"padding": "same", "dilation": 2}),
+    ("valid", (2, 2, 6, 6), (2, 2, 3, 3), {"padding": "valid"}),
+    ("dilation", (2, 2, 9, 9), (3, 2, 3, 3), {"dilation": 2, "padding": 2}),
+    ("dilation-stride", (1, 2, 10, 8), (2, 2, 2, 3), {"dilation": (3, 1), "stride": (1, 2)}),
+    ("groups", (2, 4, 6, 6), (6, 2, 3, 3), {"groups": 2, "padding": 1}),
+    ("depthwise", (2, 3, 6, 6), (3, 1, 3, 3), {"groups": 3, "padding": 1}),
+    ("depthwise-multiplier-s2", (2, 3, 7, 7), (6, 1, 3, 3), {"groups": 3, "stride": 2, "padding": 1}),
+    ("1x1", (2, 5, 5, 4), (3, 5, 1, 1), {}),
+    ("1x1-groups", (2, 4, 5, 5), (6, 2, 1, 1), {"groups": 2}),
+    ("1x1-stride2", (2, 4, 7, 6), (3, 4, 1, 1), {"stride": 2}),
+    ("1x1-padded", (2, 4, 4, 4), (3, 4, 1, 1), {"padding": 1}),
+    ("kernel-eq-input", (2, 2, 4, 5), (3, 2, 4, 5), {}),
+    ("batched-small-planes", (9, 3, 6, 5), (5, 3, 3, 3), {"padding": 1}),
+    ("batched-groups-stride", (8, 4, 8, 8), (6, 2, 3, 3), {"stride": 2, "padding": 1, "groups": 2}),
+    ("tall-rows", (1, 2, 40, 37), (10, 2, 3, 3), {"padding": 1}),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def make(case, dtype, seed=0):
+    _, xs, ws, kw = case
+    rng = np.random.default_rng(seed)
+    x, w, b = random_array(rng, xs, dtype), random_array(rng, ws, dtype), random_array(rng, ws[0], dtype)
+    gy = random_array(rng, ref.conv2d(np.zeros(xs), np.zeros(ws), **kw).shape, dtype)
+    return x, w, b, gy, kw
+
+
+def im2col_results(x, w, b, gy, kw, **extra):
+    g = fastconv.conv2d_backward(gy, x, w, algorithm="im2col", **kw, **extra)
+    return {"forward": fastconv.conv2d(x, w, b, algorithm="im2col", **kw, **extra),
+            "grad_input": g.grad_input, "grad_weight": g.grad_weight, "grad_bias": g.grad_bias}
+
+
+def params(x, w, kw, limit=None):
+    return conv_params("test", x.shape, w.shape, x.dtype, kw.get("stride", 1), kw.get("padding", 0),
+                       kw.get("dilation", 1), kw.get("groups", 1), limit)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_reference(case, dtype):
+    x, w, b, gy, kw = make(case, dtype)
+    want = {"forward": ref.conv2d(x, w, b, **kw),
+            "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw),
+            "grad_bias": ref.conv2d_grad_bias(gy)}
+    assert_results(im2col_results(x, w, b, gy, kw), want, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_torch(case, torch):
+    x, w, b, gy, kw = make(case, np.float32, seed=1)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, **kw)
+    ty.backward(torch.tensor(gy))
+    want = {"forward": ty.detach().numpy(), "grad_input": tx.grad.numpy(),
+            "grad_weight": tw.grad.numpy(), "grad_bias": tb.grad.numpy()}
+    assert_results(im2col_results(x, w, b, gy, kw), want, np.float32, scale=4.0)
+
+
+# Budgets that force each tiling: the raw (bounds-checked) gather instead of a padded copy, one
+# output row per tile, one input channel per backward tile, fewer workers.  Results are compared
+# to the default budget to rounding, not bitwise: a different tile changes how the GEMM blocks
+# its sums (OpenBLAS picks kernels and blocking from the matrix sizes) and, in grad_weight, how
+# the sum over images and rows is grouped into GEMM calls.  One budget twice gives the same bits.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in
+                                  ("stride2-pad1", "dilation", "groups", "batched-small-planes",
+                                   "tall-rows", "depthwise-multiplier-s2", "same-even-dilated")],
+                         ids=lambda c: c[0])
+def test_tiny_budgets_agree_with_default(case, dtype):
+    x, w, b, gy, kw = make(case, dtype)
+    base = im2col_results(x, w, b, gy, kw)
+    p = params(x, w, kw)
+    row = im2col._min_workspace(p, "forward")
+    budgets = sorted({row, 2 * row, 3 * row + 8, im2col._planes_bytes(p, p.n, p.c) + row})
+    rtol, atol = TOL[np.dtype(dtype)]["grad"]
+    for limit in budgets:
+        got = im2col_results(x, w, b, gy, kw, workspace_limit=int(limit))
+        for name in base:
+            np.testing.assert_allclose(got[name], base[name], rtol=rtol, atol=atol,
+                                       err_msg=f"{name} at workspace_limit={limit}")
+        again = im2col_results(x, w, b, gy, kw, workspace_limit=int(limit))
+        for name in base:
+            np.testing.assert_array_equal(again[name], got[name], err_msg=f"{name} not deterministic")
+
+
+def test_budget_bounds_the_scratch_memory():
+    x, w, b, gy, kw = make(CASES[CASE_IDS.index("tall-rows")], np.float32)
+    for limit in (1 << 14, 1 << 16, 1 << 26):
+        p = params(x, w, kw, limit)
+        for pass_, col_rows in (("forward", p.cg * p.r * p.s), ("grad_input", p.r * p.s)):
+            plan = im2col._Plan(p, col_rows, p.kg, p.g, p.n, im2col._planes_bytes(p, p.n, p.c), False)
+            used = plan.nw * plan.words * p.itemsize
+            if plan.padded:
+                used += im2col._planes_bytes(p, p.n, p.c)
+            assert used <= limit, (pass_, limit, used)
+
+
+def test_budget_below_one_row_is_refused():
+    x = np.ones((1, 8, 16, 16), np.float32)
+    w = np.ones((4, 8, 3, 3), np.float32)
+    need = 8 * 3 * 3 * 14 * 4  # all taps of one output row, float32
+    msg = (rf"conv2d: algorithm='im2col' cannot compute the forward pass here: needs at least {need} "
+           rf"bytes of workspace for one output row, workspace_limit is {need - 1}")
+    with pytest.raises(ValueError, match=msg):
+        fastconv.conv2d(x, w, algorithm="im2col", workspace_limit=need - 1)
+    fastconv.conv2d(x, w, algorithm="im2col", workspace_limit=need)
+    with pytest.raises(ValueError, match=r"conv2d_backward: algorithm='im2col' cannot compute the "
+                                         r"grad_input pass here: needs at least 504 bytes"):
+        fastconv.conv2d_backward(np.ones((1, 4, 14, 14), np.float32), x, w, algorithm="im2col",
+                                 workspace_limit=503)
+    # 'auto' skips im2col instead of failing
+    y = fastconv.conv2d(x, w, workspace_limit=need - 1)
+    np.testing.assert_allclose(y, ref.conv2d(x, w), rtol=1e-5)
+
+
+def test_1x1_reads_the_input_in_place():
+    # 1x1 / stride 1 / no padding needs no workspace at all, so even a 1-byte budget works
+    x, w, b, gy, kw = make(CASES[CASE_IDS.index("1x1-groups")], np.float64)
+    p = params(x, w, kw, 1)
+    assert im2col._direct(p) and all(im2col.supports(p, s) is None for s in
+                                     ("forward", "grad_input", "grad_weight"))
+    got = im2col_results(x, w, b, gy, kw, workspace_limit=1)
+    assert_results(got, {"forward": ref.conv2d(x, w, b, **kw),
+                         "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
+                         "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw)}, np.float64)
+    assert not im2col._direct(params(x, w, {"groups": 2, "stride": 2}))
+    assert not im2col._direct(params(x, w, {"groups": 2, "padding": 1}))
+
+
+def test_non_contiguous_inputs():
+    rng = np.random.default_rng(3)
+    x = random_array(rng, (3, 2, 11, 18), np.float32)[:, :, 1:, ::2]       # strided view
+    w = np.asfortranarray(random_array(rng, (4, 2, 3, 3), np.float32))   # Fortran order
+    gy = random_array(rng, (3, 4, 9, 11), np.float32).transpose(0, 1, 3, 2)[:, :, 1:, :]
+    kw = {"padding": 1}
+    assert not (x.flags.c_contiguous or w.flags.c_contiguous or gy.flags.c_contiguous)
+    got = im2col_results(x, w, None, gy, kw)
+    want = {"forward": ref.conv2d(x, w, **kw), "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw)}
+    assert_results({k: got[k] for k in want}, want, np.float32, scale=4.0)
+
+
+def test_single_thread_agrees(monkeypatch):
+    # the thread count changes the tiling (rows split for idle workers, batch split in grad_weight)
+    x, w, b, gy, kw = make(CASES[CASE_IDS.index("batched-small-planes")], np.float64)
+    base = im2col_results(x, w, b, gy, kw)
+    with fastconv.threads(1):
+        one = im2col_results(x, w, b, gy, kw)
+    for name in base:
+        np.testing.assert_allclose(one[name], base[name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_blas_threads_restored():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, w, b, gy, kw = make(CASES[0], np.float32)
+    libs = im2col.serial_blas._find()
+    before = [lib.get_num_threads() for lib in libs]
+    with im2col.serial_blas:
+        assert all(lib.get_num_threads() == 1 for lib in libs)
+        with im2col.serial_blas:  # re-entrant
+            pass
+        assert all(lib.get_num_threads() == 1 for lib in libs)
+    im2col_results(x, w, b, gy, kw)
+    assert [lib.get_num_threads() for lib in libs] == before
+    assert threadpoolctl.threadpool_info()  # still readable
+
+
+def test_zero_batch():
+    x = np.ones((0, 2, 5, 5), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    assert fastconv.conv2d(x, w, algorithm="im2col").shape == (0, 3, 3, 3)
