@@ -34,6 +34,8 @@ def as_float_array(fn, name, a, ndim, dtype=None):
 def _int(fn, name, v):
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+    if not -2**62 < v < 2**62:  # kernels do int64 arithmetic on sums and products of these
+        raise ValueError(f"{fn}: {name} must be below 2**62 in magnitude, got {v!r}")
     return int(v)
 
 
@@ -94,6 +96,13 @@ def check_memory(fn, what, nbytes):
             f"{fn}: {what} would need {nbytes / 2**30:.1f} GiB, more than this machine's "
             f"{limit / 2**30:.1f} GiB of memory"
         )
+
+
+def check_copy(fn, name, a):
+    """Refuse a non-contiguous ``a`` (a broadcast view may be far larger than its memory) whose
+    contiguous copy could not fit in memory."""
+    if not a.flags.c_contiguous:
+        check_memory(fn, f"a contiguous copy of {name} of shape {a.shape}", a.nbytes)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -259,11 +268,17 @@ def _conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups,
             f"({dl[0] * (r - 1) + 1} x {dl[1] * (s - 1) + 1}) after dilation {dl}, padded input "
             f"({h + ph0 + ph1} x {w + pw0 + pw1}), got input {h}x{w}, kernel {r}x{s}, padding {padding!r}"
         )
+    # A stride along an axis with one output position, or a dilation along a kernel of size 1, has
+    # no effect: 1 instead, so that no algorithm sizes a buffer by it (a phase split by a stride of
+    # 10**6 would allocate 10**6 columns per row).
+    st = (1 if oh == 1 else st[0], 1 if ow == 1 else st[1])
+    dl = (1 if r == 1 else dl[0], 1 if s == 1 else dl[1])
     p = ConvParams(n, c, h, w, k, r, s, st[0], st[1], ph0, ph1, pw0, pw1, dl[0], dl[1], groups, oh, ow,
                    np.dtype(dtype), resolve_workspace_limit(fn, workspace_limit))
     isz = p.itemsize
-    check_memory(fn, f"output of shape {p.y_shape} plus a padded copy of the input",
-                 isz * (n * k * oh * ow + n * c * p.hp * p.wp))
+    # a copy of the weight and int64 tables of its taps (about 64 bytes per tap at their peak)
+    check_memory(fn, f"output of shape {p.y_shape} plus a padded copy of the input and of the weight",
+                 isz * (n * k * oh * ow + n * c * p.hp * p.wp + k * cg * r * s) + 64 * cg * r * s)
     return p
 
 
@@ -340,6 +355,8 @@ def pool_params(fn, x_shape, kernel_size, stride, padding, dilation, ceil_mode):
             f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}) gives {oh}x{ow}"
         )
     check_memory(fn, f"output of shape {(n, c, oh, ow)}", 16 * n * c * oh * ow)
+    # as for convolution: a stride or dilation that cannot matter is 1 for the kernels
+    sh, sw, dh, dw = (1 if oh == 1 else sh), (1 if ow == 1 else sw), (1 if kh == 1 else dh), (1 if kw == 1 else dw)
     return PoolParams(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
 
 

@@ -176,6 +176,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     apply_threads()
     x = V.as_float_array(fn, "input", x, 4)
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    V.check_copy(fn, "the input", x)
     return_indices = V._bool(fn, "return_indices", return_indices)
     y, idx = pooling.max_forward(x, p)
     return (y, idx) if return_indices else y
@@ -219,6 +220,8 @@ def max_pool2d_backward(grad_output, indices, input_shape):
         raise ValueError(f"{fn}: grad_output must have input_shape's N and C {input_shape[:2]}, "
                          f"got shape {grad_output.shape}")
     indices = V.check_indices(fn, indices, grad_output.shape)
+    V.check_copy(fn, "grad_output", grad_output)
+    V.check_copy(fn, "indices", indices)
     V.check_memory(fn, f"grad_input of shape {input_shape}", grad_output.itemsize * int(np.prod(input_shape)))
     gx, ok = pooling.max_backward(grad_output, indices, input_shape)
     if not ok:
@@ -259,6 +262,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     apply_threads()
     x = V.as_float_array(fn, "input", x, 4)
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, 1, ceil_mode)
+    V.check_copy(fn, "the input", x)
     return pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad))
 
 
@@ -293,6 +297,7 @@ def relu(x):
     array([0., 0., 2.])
     """
     x = V.as_float_array("relu", "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
+    V.check_memory("relu", f"output of shape {x.shape}", x.nbytes)
     return np.maximum(x, x.dtype.type(0), out=np.empty_like(x))
 
 
@@ -309,6 +314,7 @@ def relu_backward(grad_output, x):
     fn = "relu_backward"
     x = V.as_float_array(fn, "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
     grad_output = V.as_float_array(fn, "grad_output", grad_output, x.ndim, x.dtype)
+    V.check_memory(fn, f"output of shape {x.shape} and a mask", x.size * (x.itemsize + 1))
     if grad_output.shape != x.shape:
         raise ValueError(f"{fn}: grad_output must have the input's shape {x.shape}, got {grad_output.shape}")
     return np.where(x <= 0, grad_output.dtype.type(0), grad_output)
