@@ -7,12 +7,14 @@ progress bar per epoch (tqdm, when installed), then the epoch's loss, train and 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 import numpy as np
 
 from . import _data
+from ._threads import max_threads, set_num_threads
 from .layers import Adam, Conv2d, CrossEntropyLoss, Flatten, Linear, MaxPool2d, ReLU, SGD, Sequential
 
 
@@ -59,16 +61,20 @@ def evaluate(model, x, y, batch_size=500):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m fastconv train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastconv train",
+                                description="Train a LeNet-style CNN with fastconv's layers.")
     p.add_argument("--data", metavar="DIR", help="directory with MNIST-format IDX files (.gz or raw) "
                    "instead of the bundled 8x8 digits")
     p.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
     p.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3 adam, 0.05 sgd)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate, decayed to 0 along a cosine (default 3e-3 adam, 0.05 sgd)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of the bundled digits held out for testing (default 0.2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for fastconv's kernels and BLAS (default: all, NUMBA_NUM_THREADS)")
     p.add_argument("--save", metavar="FILE", help="save the trained parameters to this .npz file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -92,6 +98,9 @@ def main(argv=None):
             print(f"{prog}: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
+    if args.threads is not None and not 1 <= args.threads <= max_threads():
+        print(f"{prog}: error: --threads must lie in 1..{max_threads()}, got {args.threads}", file=sys.stderr)
+        return 2
     if not 0 < args.test_fraction < 1:
         print(f"{prog}: error: --test-fraction must lie in (0, 1), got {args.test_fraction}", file=sys.stderr)
         return 2
@@ -105,6 +114,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    # standardise with the training set's statistics (the model sees zero-mean, unit-variance pixels)
+    mean, std = x_tr.mean(), x_tr.std() or np.float32(1)
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     classes = 10
     model = build_model(x_tr.shape[1:], classes, rng=args.seed)
     loss_fn = CrossEntropyLoss()
@@ -114,10 +126,14 @@ def main(argv=None):
         opt = SGD(model.parameters(), lr=0.05 if args.lr is None else args.lr, momentum=0.9)
     print(f"{source}: {len(x_tr)} train / {len(x_te)} test images of {x_tr.shape[2]}x{x_tr.shape[3]}; "
           f"{model.num_parameters():,} parameters; {args.optimizer}, batch {args.batch_size}")
+    if args.threads is not None:
+        set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed + 1)
+    lr0 = opt.lr
     start = time.perf_counter()
     test_acc = 0.0
     for epoch in range(1, args.epochs + 1):
+        opt.lr = lr0 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))  # cosine decay
         t0 = time.perf_counter()
         bar = _progress_bar(len(x_tr), f"epoch {epoch}/{args.epochs}", not args.no_progress)
         try:
