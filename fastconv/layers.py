@@ -185,7 +185,10 @@ class Module:
         """Load parameters saved by :meth:`save` into this model (same architecture)."""
         fn = f"{type(self).__name__}.load"
         if isinstance(file, (str, os.PathLike)) and not os.path.exists(file):
-            raise FileNotFoundError(f"{fn}: no such file {os.fspath(file)!r}")
+            if os.path.exists(os.fspath(file) + ".npz"):  # numpy.savez added the suffix
+                file = os.fspath(file) + ".npz"
+            else:
+                raise FileNotFoundError(f"{fn}: no such file {os.fspath(file)!r}")
         with np.load(file, allow_pickle=False) as data:
             return self.load_state_dict({k: data[k] for k in data.files})
 
@@ -275,6 +278,9 @@ class Conv2d(Module):
                     algorithm=self.algorithm)
 
     def forward(self, x):
+        if isinstance(x, np.ndarray) and x.dtype != self.dtype and x.dtype in V.FLOAT_DTYPES:
+            raise TypeError(f"Conv2d: input must have the layer's dtype {self.dtype}, got {x.dtype} "
+                            f"(build the layer with dtype={x.dtype.name} or convert the input)")
         y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, **self._geometry())
         self._x = x
         return y

@@ -258,8 +258,10 @@ def test_backward_needs_a_forward_first():
 
 
 def test_forward_errors_name_the_operation():
-    with pytest.raises(TypeError, match=r"conv2d: input must have the same dtype|conv2d: weight must have"):
-        Conv2d(1, 2, 3)(np.zeros((1, 1, 4, 4), np.float64))  # float32 layer, float64 input
+    with pytest.raises(TypeError, match=r"Conv2d: input must have the layer's dtype float32, got float64"):
+        Conv2d(1, 2, 3)(np.zeros((1, 1, 4, 4), np.float64))
+    with pytest.raises(ValueError, match=r"conv2d: input must be 4-D, got 3-D"):
+        Conv2d(1, 2, 3)(np.zeros((1, 4, 4), np.float32))
     with pytest.raises(ValueError, match=r"Linear: input must have shape \(N, 3\), got \(2, 4\)"):
         Linear(3, 2)(np.zeros((2, 4), np.float32))
     with pytest.raises(TypeError, match=r"Flatten: input must be a numpy.ndarray"):
@@ -288,8 +290,8 @@ def test_conv_layer_uses_the_named_algorithm(algorithm):
 def test_save_and_load_round_trip(tmp_path):
     model = small_net(np.float32, rng=0)
     other = small_net(np.float32, rng=1)
-    model.save(tmp_path / "m.npz")
-    other.load(tmp_path / "m.npz")
+    model.save(tmp_path / "m")     # numpy.savez appends .npz; load finds it
+    other.load(tmp_path / "m")
     x, _ = data(np.float32)
     np.testing.assert_array_equal(model(x), other(x))
     with pytest.raises(FileNotFoundError, match=r"Sequential.load: no such file"):
