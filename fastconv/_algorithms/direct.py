@@ -15,7 +15,8 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
   even for small images.
 * grad_input, stride 1: the forward kernel applied to the zero-padded output gradient with the
   flipped, channel-swapped kernel (the transpose of the convolution is a correlation with the
-  flipped kernel).  Larger strides: a scatter of ``w * g`` over each window, one work item per
+  flipped kernel).  Larger strides, and weights holding NaN or Inf (whose products with the
+  padding zeros PyTorch never forms): a scatter of ``w * g`` over each window, one work item per
   block of input planes so the ``+=`` never races.
 * grad_weight: one work item per (4 output channels, 4 taps) block reduces over the batch and
   output positions in a fixed order, so results do not depend on the thread count.  Rows are merged
@@ -267,7 +268,9 @@ def forward(x, w, b, p):
 
 
 def grad_input(gy, w, p):
-    if p.sh == 1 and p.sw == 1:
+    # the correlation multiplies every weight by the zeros around gy: a NaN or Inf weight would
+    # make NaN where PyTorch, which sums only real terms, has a number; the scatter sums only those
+    if p.sh == 1 and p.sw == 1 and np.isfinite(w).all():
         return _grad_input_by_correlation(gy, w, p)
     gxp = np.zeros((p.n, p.c, p.hp * p.wp), dtype=p.dtype)
     _grad_input(np.ascontiguousarray(gy), np.ascontiguousarray(w), gxp,
