@@ -123,124 +123,188 @@ def _kernel_rows(wt, ew, t):
 
 
 @kernel
-def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg):
+def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
     # Per frequency (u, v): the kernel spectrum Wc[c, q] = sum_r e^{+i 2 pi u r dh/nh} t[v, r, c, q]
     # for the chunk's output channels k0 + q, then, within each group,
     #   forward:    out[u, v, n, q]  = sum_c a[u, v, n, c] * Wc[c, q]           (a = X,  out = Y chunk)
     #   grad_input: out[u, v, n, c] += sum_q a[u, v, n, k0 + q] * conj(Wc[c, q]) (a = GY, out = GX)
-    # prange over v: every (u, v) of out belongs to one iteration.
+    # prange over v: every (u, v) of out belongs to one iteration.  With nh even, rows u and
+    # u + nh/2 are done together: e^{i pi r dh} = +-1, so their spectra are P + M and P - M with P
+    # and M the sums over the taps with r*dh even and odd (one radix-2 step: half the DFT work).
     nh, wf, nb = a.shape[0], a.shape[1], a.shape[2]
     rr, m = t.shape[1], t.shape[3]
     kb = m // cg
+    half = nh // 2 if nh % 2 == 0 else 0
     for v in prange(wf):
-        tv = t[v]
-        wr = np.empty(m, dtype=t.dtype)
-        wi = np.empty(m, dtype=t.dtype)
+        w1r = np.empty(m, dtype=t.dtype)
+        w1i = np.empty(m, dtype=t.dtype)
+        w2r = np.empty(m, dtype=t.dtype)
+        w2i = np.empty(m, dtype=t.dtype)
         accr = np.empty((nb, kb), dtype=t.dtype)
         acci = np.empty((nb, kb), dtype=t.dtype)
-        for u in range(nh):
-            # the DFT along r for all (c, q) at once: one long vector loop per tap row
+        for u0 in range(nh - half):
             for j in range(m):
-                wr[j] = 0
-                wi[j] = 0
+                w1r[j] = 0
+                w1i[j] = 0
+                w2r[j] = 0
+                w2i[j] = 0
             for r in range(rr):
-                cr, ci = eh[u, r, 0], eh[u, r, 1]
-                tr = tv[r, 0]
-                ti = tv[r, 1]
+                cr, ci = eh[u0, r, 0], eh[u0, r, 1]
+                tr = t[v, r, 0]
+                ti = t[v, r, 1]
+                if half and (r * dh) % 2 == 1:
+                    for j in range(m):
+                        w2r[j] += cr * tr[j] - ci * ti[j]
+                        w2i[j] += cr * ti[j] + ci * tr[j]
+                else:
+                    for j in range(m):
+                        w1r[j] += cr * tr[j] - ci * ti[j]
+                        w1i[j] += cr * ti[j] + ci * tr[j]
+            if half:
                 for j in range(m):
-                    wr[j] += cr * tr[j] - ci * ti[j]
-                    wi[j] += cr * ti[j] + ci * tr[j]
-            for n in range(nb):
-                for q in range(kb):
-                    if grad_input:
-                        z = a[u, v, n, k0 + q]
-                        accr[n, q] = z.real
-                        acci[n, q] = z.imag
-                    else:
-                        accr[n, q] = 0
-                        acci[n, q] = 0
-            q0 = 0
-            while q0 < kb:
-                gi = (k0 + q0) // kg
-                q1 = min(kb, (gi + 1) * kg - k0)
-                ln = q1 - q0
-                for cl in range(cg):
-                    c = gi * cg + cl
-                    w0r = wr[cl * kb + q0:cl * kb + q1]
-                    w0i = wi[cl * kb + q0:cl * kb + q1]
-                    for n in range(nb):
-                        gr = accr[n, q0:q1]
-                        gim = acci[n, q0:q1]
-                        if grad_input:
-                            sr = w0r[0] * 0
-                            si = w0r[0] * 0
-                            for j in range(ln):
-                                sr += gr[j] * w0r[j] + gim[j] * w0i[j]
-                                si += gim[j] * w0r[j] - gr[j] * w0i[j]
-                            out[u, v, n, c] += complex(sr, si)
-                        else:
-                            z = a[u, v, n, c]
-                            xr, xi = z.real, z.imag
-                            for j in range(ln):
-                                gr[j] += xr * w0r[j] - xi * w0i[j]
-                                gim[j] += xr * w0i[j] + xi * w0r[j]
-                q0 = q1
-            if not grad_input:
+                    pr, pim, mr, mim = w1r[j], w1i[j], w2r[j], w2i[j]
+                    w1r[j] = pr + mr
+                    w1i[j] = pim + mim
+                    w2r[j] = pr - mr
+                    w2i[j] = pim - mim
+            for side in range(2 if half else 1):
+                u = u0 + side * half
+                wr = w2r if side else w1r
+                wi = w2i if side else w1i
                 for n in range(nb):
                     for q in range(kb):
-                        out[u, v, n, q] = complex(accr[n, q], acci[n, q])
+                        if grad_input:
+                            z = a[u, v, n, k0 + q]
+                            accr[n, q] = z.real
+                            acci[n, q] = z.imag
+                        else:
+                            accr[n, q] = 0
+                            acci[n, q] = 0
+                q0 = 0
+                while q0 < kb:
+                    gi = (k0 + q0) // kg
+                    q1 = min(kb, (gi + 1) * kg - k0)
+                    ln = q1 - q0
+                    for cl in range(0, cg, 2):
+                        c = gi * cg + cl
+                        two = cl + 1 < cg
+                        w0r = wr[cl * kb + q0:cl * kb + q1]
+                        w0i = wi[cl * kb + q0:cl * kb + q1]
+                        e = (cl + 1) * kb if two else cl * kb  # second channel (or the first again)
+                        x1r = wr[e + q0:e + q1]
+                        x1i = wi[e + q0:e + q1]
+                        for n in range(nb):
+                            gr = accr[n, q0:q1]
+                            gim = acci[n, q0:q1]
+                            if grad_input:
+                                sr0 = w0r[0] * 0
+                                si0 = sr0
+                                sr1 = sr0
+                                si1 = sr0
+                                for j in range(ln):
+                                    sr0 += gr[j] * w0r[j] + gim[j] * w0i[j]
+                                    si0 += gim[j] * w0r[j] - gr[j] * w0i[j]
+                                    sr1 += gr[j] * x1r[j] + gim[j] * x1i[j]
+                                    si1 += gim[j] * x1r[j] - gr[j] * x1i[j]
+                                out[u, v, n, c] += complex(sr0, si0)
+                                if two:
+                                    out[u, v, n, c + 1] += complex(sr1, si1)
+                            else:
+                                z = a[u, v, n, c]
+                                xr, xi = z.real, z.imag
+                                if two:
+                                    z = a[u, v, n, c + 1]
+                                    yr, yi = z.real, z.imag
+                                else:
+                                    yr, yi = xr * 0, xr * 0
+                                for j in range(ln):
+                                    gr[j] += xr * w0r[j] - xi * w0i[j] + yr * x1r[j] - yi * x1i[j]
+                                    gim[j] += xr * w0i[j] + xi * w0r[j] + yr * x1i[j] + yi * x1r[j]
+                    q0 = q1
+                if not grad_input:
+                    for n in range(nb):
+                        for q in range(kb):
+                            out[u, v, n, q] = complex(accr[n, q], acci[n, q])
 
 
 @kernel
-def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg):
+def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg, dh, cb):
     # Per frequency (u, v): Z[c, q] = sum_n x[u, v, n, c] * conj(gy[u, v, n, k0 + q]) within each
     # group, then qs[v, r, c, q] += e^{+i 2 pi u r dh/nh} * Z[c, q] (the inverse DFT along rows,
     # evaluated only at the r tap rows).  prange over v: qs[v] belongs to one iteration, and the
-    # sum over u runs in a fixed order.
+    # sum over u runs in a fixed order.  Input channels go in blocks of cb so the block of qs[v]
+    # being updated stays in cache; with nh even, rows u and u + nh/2 are paired as in
+    # _spectral_conv (qs[r] gets e^{..}(Z[u] +- Z[u + nh/2]), the sign that of (-1)^(r*dh)).
     nh, wf, nb = x.shape[0], x.shape[1], x.shape[2]
     rr, m = qs.shape[1], qs.shape[3]
     kb = m // cg
+    half = nh // 2 if nh % 2 == 0 else 0
     for v in prange(wf):
-        qv = qs[v]
-        zr = np.empty(m, dtype=qs.dtype)
-        zi = np.empty(m, dtype=qs.dtype)
+        zr = np.empty((2, cb * kb), dtype=qs.dtype)
+        zi = np.empty((2, cb * kb), dtype=qs.dtype)
         gr = np.empty((nb, kb), dtype=qs.dtype)
         gim = np.empty((nb, kb), dtype=qs.dtype)
-        for u in range(nh):
-            for n in range(nb):
-                for q in range(kb):
-                    z = gy[u, v, n, k0 + q]
-                    gr[n, q] = z.real
-                    gim[n, q] = z.imag
-            for j in range(m):
-                zr[j] = 0
-                zi[j] = 0
-            q0 = 0
-            while q0 < kb:
-                gi = (k0 + q0) // kg
-                q1 = min(kb, (gi + 1) * kg - k0)
-                ln = q1 - q0
-                for cl in range(cg):
-                    c = gi * cg + cl
-                    z0r = zr[cl * kb + q0:cl * kb + q1]
-                    z0i = zi[cl * kb + q0:cl * kb + q1]
+        for c0 in range(0, cg, cb):
+            c1 = min(cg, c0 + cb)
+            mb = (c1 - c0) * kb
+            for u0 in range(nh - half):
+                for side in range(2 if half else 1):
+                    u = u0 + side * half
                     for n in range(nb):
-                        xz = x[u, v, n, c]
-                        xr, xi = xz.real, xz.imag
-                        g0 = gr[n, q0:q1]
-                        g1 = gim[n, q0:q1]
-                        for j in range(ln):
-                            z0r[j] += xr * g0[j] + xi * g1[j]
-                            z0i[j] += xi * g0[j] - xr * g1[j]
-                q0 = q1
-            # the inverse DFT along u for all (c, q) at once: one long vector loop per tap row
-            for r in range(rr):
-                cr, ci = eh[u, r, 0], eh[u, r, 1]
-                pr = qv[r, 0]
-                pi = qv[r, 1]
-                for j in range(m):
-                    pr[j] += cr * zr[j] - ci * zi[j]
-                    pi[j] += cr * zi[j] + ci * zr[j]
+                        for q in range(kb):
+                            z = gy[u, v, n, k0 + q]
+                            gr[n, q] = z.real
+                            gim[n, q] = z.imag
+                    zsr = zr[side]
+                    zsi = zi[side]
+                    for j in range(mb):
+                        zsr[j] = 0
+                        zsi[j] = 0
+                    q0 = 0
+                    while q0 < kb:
+                        gi = (k0 + q0) // kg
+                        q1 = min(kb, (gi + 1) * kg - k0)
+                        ln = q1 - q0
+                        for cl in range(c0, c1):
+                            c = gi * cg + cl
+                            o = (cl - c0) * kb
+                            z0r = zsr[o + q0:o + q1]
+                            z0i = zsi[o + q0:o + q1]
+                            for n in range(0, nb, 2):
+                                n1 = n + 1 if n + 1 < nb else n
+                                xz = x[u, v, n, c]
+                                xr, xi = xz.real, xz.imag
+                                if n1 != n:
+                                    xz = x[u, v, n1, c]
+                                    yr, yi = xz.real, xz.imag
+                                else:
+                                    yr, yi = xr * 0, xr * 0
+                                g0 = gr[n, q0:q1]
+                                g1 = gim[n, q0:q1]
+                                h0 = gr[n1, q0:q1]
+                                h1 = gim[n1, q0:q1]
+                                for j in range(ln):
+                                    z0r[j] += xr * g0[j] + xi * g1[j] + yr * h0[j] + yi * h1[j]
+                                    z0i[j] += xi * g0[j] - xr * g1[j] + yi * h0[j] - yr * h1[j]
+                        q0 = q1
+                if half:
+                    for j in range(mb):
+                        ar, ai, br, bi = zr[0, j], zi[0, j], zr[1, j], zi[1, j]
+                        zr[0, j] = ar + br
+                        zi[0, j] = ai + bi
+                        zr[1, j] = ar - br
+                        zi[1, j] = ai - bi
+                # the inverse DFT along u for the block: long vector loops
+                for r in range(rr):
+                    cr, ci = eh[u0, r, 0], eh[u0, r, 1]
+                    sd = 1 if half and (r * dh) % 2 == 1 else 0
+                    zsr = zr[sd]
+                    zsi = zi[sd]
+                    pr = qs[v, r, 0, c0 * kb:c1 * kb]
+                    pi = qs[v, r, 1, c0 * kb:c1 * kb]
+                    for j in range(mb):
+                        pr[j] += cr * zsr[j] - ci * zsi[j]
+                        pi[j] += cr * zsi[j] + ci * zsr[j]
 
 
 @kernel
@@ -304,12 +368,13 @@ def _workspace(p, pass_, nh, nw, nb, kb):
     t = f // nh * p.r * 2 * p.cg * kb * isz  # kernel row DFTs (or grad_weight's row sums)
     c, k = p.c, p.k
     if pass_ == "forward":
-        # real input tile, its spectrum, scipy's temporary, the output chunk's spectrum and tile
-        return pl * nb * c * isz + 2 * f * nb * c * 2 * isz + t + f * nb * kb * 2 * isz + pl * nb * kb * isz
+        # real input tile and its spectrum, kernel row DFTs, the output chunk's spectrum and tile (scipy
+        # transforms the second axis in place; irfft2 is called with overwrite_x)
+        return pl * nb * c * isz + f * nb * c * 2 * isz + t + f * nb * kb * 2 * isz + pl * nb * kb * isz
     if pass_ == "grad_input":
-        return (pl * nb * k * isz + 2 * f * nb * k * 2 * isz + t + 2 * f * nb * c * 2 * isz
+        return (pl * nb * k * isz + f * nb * k * 2 * isz + t + f * nb * c * 2 * isz
                 + pl * nb * c * isz)
-    return (pl * nb * (c + k) * isz + 2 * f * nb * (c + k) * 2 * isz + t
+    return (pl * nb * (c + k) * isz + f * nb * (c + k) * 2 * isz + t
             + p.r * p.s * p.cg * kb * isz)
 
 
@@ -422,6 +487,11 @@ def _kernel_row_dfts(w, k0, k1, nw, wf, dw, dtype):
     return t
 
 
+def _wgrad_block(p, kb):
+    """Input channels per block of grad_weight's row sums: ~64 KiB of qs[v] stays in cache."""
+    return max(1, min(p.cg, (64 * 1024) // (p.r * 2 * kb * p.itemsize)))
+
+
 def _workers():
     return numba.get_num_threads()
 
@@ -454,7 +524,7 @@ def forward(x, w, b, p):
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
                     ys = np.empty((nh, wf, n1 - n0, k1 - k0), xs.dtype)
-                    _spectral_conv(xs, t, eh_tab, ys, False, k0, p.kg, p.cg)
+                    _spectral_conv(xs, t, eh_tab, ys, False, k0, p.kg, p.cg, p.dh)
                     yb = sfft.irfft2(ys, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
                     _unpack(yb, y, n0, k0, i0, i1, j0, j1, 0, 0, p.sh, p.sw, bias)
     return y
@@ -485,7 +555,7 @@ def grad_input(gy, w, p):
                 gxs = np.zeros((nh, wf, n1 - n0, p.c), gs.dtype)
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
-                    _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg)
+                    _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg, p.dh)
                 xb = sfft.irfft2(gxs, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
                 _unpack(xb, gx, n0, 0, y0, y1, x0, x1, eh, ew, 1, 1, zero_bias)
     return gx
@@ -521,7 +591,7 @@ def grad_weight(gy, x, p):
                 for k0, k1 in kchunks:
                     kb = k1 - k0
                     qs = np.zeros((wf, p.r, 2, p.cg * kb), dt)
-                    _spectral_wgrad(xs, gs, eh_tab, qs, k0, p.kg, p.cg)
+                    _spectral_wgrad(xs, gs, eh_tab, qs, k0, p.kg, p.cg, p.dh, _wgrad_block(p, kb))
                     part = np.zeros((p.r, p.s, p.cg * kb), dt)
                     _wgrad_rows(qs, ew_tab, part)
                     gwt[:, :, :, k0:k1] += part.reshape(p.r, p.s, p.cg, kb)
