@@ -48,7 +48,7 @@ from numba import prange, types
 from numba.np.linalg import ensure_blas
 
 from .._jit import FASTMATH, kernel
-from .common import SLACK, pad_planes
+from .common import SLACK
 
 # ---------------------------------------------------------------------------------------- BLAS
 ensure_blas()  # numba's dot needs scipy; fail at import with numba's message rather than in a kernel
@@ -374,6 +374,39 @@ def _unsplit(gq, gx, sw, hp, wq, top, left):
                 d[iw] = src[(cc % sw) * hp * wq + (ih + top) * wq + cc // sw]
 
 
+@kernel
+def _split_planes(x, out, sw, hp, wq, top, left):
+    # common.pad_planes' layout (zero padding, columns split by phase iw % sw, SLACK zeros), with
+    # explicit loops over 1-D views: 2-3x faster than pad_planes on strided layers here
+    pp, h, w = x.shape
+    for p in prange(pp):
+        o = out[p]
+        for f in range(sw):
+            q_lo = max(0, (left - f + sw - 1) // sw)
+            q_hi = max(q_lo, min(wq, (w + left - f + sw - 1) // sw))
+            c0 = q_lo * sw + f - left
+            for i in range(hp):
+                d = o[f * hp * wq + i * wq:f * hp * wq + (i + 1) * wq]
+                xi = i - top
+                if xi < 0 or xi >= h:
+                    for q in range(wq):
+                        d[q] = 0
+                    continue
+                for q in range(q_lo):
+                    d[q] = 0
+                v = x[p, xi, c0:]
+                if sw == 1:
+                    for q in range(q_hi - q_lo):
+                        d[q_lo + q] = v[q]
+                else:
+                    for q in range(q_hi - q_lo):
+                        d[q_lo + q] = v[q * sw]
+                for q in range(q_hi, wq):
+                    d[q] = 0
+        for j in range(sw * hp * wq, o.shape[0]):
+            o[j] = 0
+
+
 # ---------------------------------------------------------------------------------------- one pool
 class _SerialBlas:
     """Hold the BLAS that kernels call to one thread while they run (re-entrant, thread-safe).
@@ -441,7 +474,7 @@ def _min_workspace(p, pass_):
 
 
 def _planes_bytes(p, n, c):
-    """Bytes of common.pad_planes' padded, phase-split copy of an (n, c, h, w) array."""
+    """Bytes of the padded, phase-split copy (common.pad_planes' layout) of an (n, c, h, w) array."""
     wq = -(-p.wp // p.sw)
     return n * c * (p.sw * p.hp * wq + SLACK) * p.itemsize
 
@@ -486,9 +519,13 @@ class _Plan:
 
 def _source(x, p, padded):
     """(n, c, L) planes the gather reads: padded and phase-split, or the raw planes."""
-    if padded:
-        return pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw)[0]
-    return np.ascontiguousarray(x).reshape(p.n, p.c, p.h * p.w)
+    x = np.ascontiguousarray(x)
+    if not padded:
+        return x.reshape(p.n, p.c, p.h * p.w)
+    wq = -(-p.wp // p.sw)
+    out = np.empty((p.n, p.c, p.sw * p.hp * wq + SLACK), dtype=x.dtype)
+    _split_planes(x.reshape(p.n * p.c, p.h, p.w), out.reshape(p.n * p.c, -1), p.sw, p.hp, wq, p.ph0, p.pw0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- passes
