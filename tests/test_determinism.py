@@ -1,0 +1,178 @@
+"""Determinism: what each algorithm guarantees about the bits of its results.
+
+Same inputs, algorithm and thread count give bitwise identical results, run after run and process
+after process, for every algorithm and pass.  Across thread counts (1 vs 2 threads of numba's pool,
+set with :func:`fastconv.threads`) the guarantee differs:
+
+| algorithm | forward | grad_input | grad_weight | grad_bias | why |
+|---|---|---|---|---|---|
+| direct | bitwise | bitwise | bitwise | bitwise | work items are fixed by the shape (image, group, channel block, row block; tap blocks for grad_weight), each reduced in a fixed order |
+| im2col | rounding | rounding | rounding | bitwise | tile sizes, channel blocks and grad_weight's batch split follow the thread count, so BLAS sums in a different grouping (differences seen in forward and grad_weight) |
+| fft | bitwise | bitwise | bitwise | bitwise | the tiling plan ignores the thread count; scipy.fft's workers split independent 1-D transforms; contractions own their frequencies |
+| auto | as the algorithm it picks for that thread count | | | | |
+| max_pool2d, avg_pool2d and backward | bitwise | | | | one work item per (image, channel) plane |
+
+"rounding" means equal within the dtype's tolerance (``conftest.TOL``), not bitwise.
+An algorithm registered later and missing from ``THREAD_INVARIANT`` is held to "rounding" until
+its row is added here.
+"""
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+import fastconv
+from conftest import ALGORITHMS, TOL
+
+PASSES = ("forward", "grad_input", "grad_weight", "grad_bias")
+THREAD_INVARIANT = {
+    "direct": set(PASSES),
+    "im2col": {"grad_bias"},
+    "fft": set(PASSES),
+}
+CASES = {  # each splits into several work items per thread, in every algorithm
+    "basic-groups": ((4, 6, 12, 11), (8, 3, 3, 3), {"groups": 2, "padding": 1}),
+    "strided": ((3, 4, 15, 13), (6, 4, 3, 3), {"stride": 2, "padding": 1}),
+    "pointwise": ((2, 16, 9, 9), (12, 16, 1, 1), {}),
+    "batch-split": ((5, 2, 10, 10), (2, 2, 3, 3), {"padding": 1}),  # fewer channel blocks than threads
+    "large-kernel": ((2, 3, 32, 30), (4, 3, 7, 7), {"padding": 3}),
+    "dilated-same": ((2, 4, 14, 13), (4, 2, 3, 2), {"dilation": 2, "groups": 2, "padding": "same"}),
+}
+DTYPES = [np.float32, np.float64]
+needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs NUMBA_NUM_THREADS >= 2")
+
+
+def _threads(n):
+    return fastconv.threads(n)
+
+
+def _inputs(case, dtype, seed=0):
+    xs, ws, kw = CASES[case]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    gy = rng.standard_normal(fastconv.conv2d(x, w, **kw, algorithm="direct").shape).astype(dtype)
+    return x, w, b, gy, kw
+
+
+def _run(algorithm, x, w, b, gy, kw):
+    """Every pass, or None when the algorithm refuses this case (its documented ValueError)."""
+    try:
+        out = {"forward": fastconv.conv2d(x, w, b, **kw, algorithm=algorithm)}
+        out.update(fastconv.conv2d_backward(gy, x, w, **kw, algorithm=algorithm)._asdict())
+    except ValueError as exc:
+        if "cannot compute the" in str(exc):
+            return None
+        raise
+    return out
+
+
+def _bits(results):
+    return {name: a.tobytes() for name, a in results.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ("auto",))
+def test_same_thread_count_gives_the_same_bits(algorithm, case, dtype):
+    x, w, b, gy, kw = _inputs(case, dtype)
+    for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        with _threads(n):
+            runs = [_run(algorithm, x, w, b, gy, kw) for _ in range(3)]
+        if runs[0] is None:
+            pytest.skip(f"{algorithm} refuses {case}")
+        for r in runs[1:]:
+            assert _bits(r) == _bits(runs[0]), f"{n} threads: {[k for k in r if r[k].tobytes() != runs[0][k].tobytes()]}"
+
+
+def _guarantee(algorithm, case, dtype, pass_):
+    """'bitwise' or 'rounding' for 1 vs 2 threads, per the table in the module docstring."""
+    if algorithm == "auto":
+        if pass_ == "grad_bias":
+            return "bitwise"  # shared by every algorithm
+        xs, ws, kw = CASES[case]
+        chosen = set()
+        for n in (1, 2):
+            with _threads(n):
+                chosen.add(fastconv.choose_algorithm(xs, ws, **kw, dtype=np.dtype(dtype).name,
+                                                     pass_="forward" if pass_ == "forward" else pass_))
+        if len(chosen) > 1:
+            return "rounding"
+        algorithm = chosen.pop()
+    return "bitwise" if pass_ in THREAD_INVARIANT.get(algorithm, ()) else "rounding"
+
+
+@needs_two
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ("auto",))
+def test_one_versus_two_threads(algorithm, case, dtype):
+    x, w, b, gy, kw = _inputs(case, dtype, seed=1)
+    with _threads(1):
+        one = _run(algorithm, x, w, b, gy, kw)
+    with _threads(2):
+        two = _run(algorithm, x, w, b, gy, kw)
+    if one is None:
+        pytest.skip(f"{algorithm} refuses {case}")
+    for name in PASSES:
+        if _guarantee(algorithm, case, dtype, name) == "bitwise":
+            assert one[name].tobytes() == two[name].tobytes(), f"{name} differs between 1 and 2 threads"
+        else:
+            rtol, atol = TOL[np.dtype(dtype)]["forward" if name == "forward" else "grad"]
+            np.testing.assert_allclose(two[name], one[name], rtol=rtol, atol=atol * 10, err_msg=name)
+
+
+@needs_two
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_is_the_same_on_any_thread_count(dtype):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 5, 17, 15)).astype(dtype)
+    results = []
+    for n in (1, 2, 1, 2):
+        with _threads(n):
+            y, idx = fastconv.max_pool2d(x, 3, stride=2, padding=1, dilation=(1, 2), return_indices=True)
+            a = fastconv.avg_pool2d(x, 3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+            results.append([y, idx, fastconv.max_pool2d_backward(np.cos(y), idx, x.shape), a,
+                            fastconv.avg_pool2d_backward(np.cos(a), x.shape, 3, stride=2, padding=1, ceil_mode=True)])
+    for r in results[1:]:
+        assert [a.tobytes() for a in r] == [a.tobytes() for a in results[0]]
+
+
+def _digest(results):
+    h = hashlib.sha256()
+    for name in PASSES:
+        h.update(results[name].tobytes())
+    return h.hexdigest()
+
+
+_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import fastconv, test_determinism as t
+    out = {{}}
+    for algorithm in fastconv.algorithms() + ("auto",):
+        r = t._run(algorithm, *t._inputs("basic-groups", "float32", seed=3))
+        out[algorithm] = None if r is None else t._digest(r)
+    print(json.dumps(out))
+""")
+
+
+def test_same_bits_in_a_fresh_process():
+    import pathlib
+
+    tests = str(pathlib.Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", _PROCESS_SCRIPT.format(tests=tests)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for algorithm, digest in theirs.items():
+        if digest is not None:
+            with _threads(numba.config.NUMBA_NUM_THREADS):
+                mine = _run(algorithm, *_inputs("basic-groups", "float32", seed=3))
+            assert _digest(mine) == digest, algorithm
