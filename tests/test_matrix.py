@@ -153,5 +153,5 @@ def test_summary_of_a_network_totals():
     assert len(lines) == len(model) + 2
     assert lines[-1].split()[1] == f"{model.num_parameters():,}"
     assert "(10,)" in lines[-2]
-    with pytest.raises(ValueError, match=r"Linear: input must have shape \(128,\) per sample"):
+    with pytest.raises(ValueError, match=r"Linear: input must have shape \(512,\) per sample"):
         fastconv.summary(model, (1, 16, 16), file=io.StringIO())
