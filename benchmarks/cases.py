@@ -76,8 +76,9 @@ def conv_call(case, algorithm, pass_):
     return fn
 
 
-def median_seconds(fns, min_time=0.3, min_rounds=3, max_rounds=25):
-    """Median seconds per call of each warmed function in ``fns``, timed round-robin in this process."""
+def median_seconds(fns, min_time=0.3, min_rounds=3, max_rounds=25, stat=np.median):
+    """Seconds per call of each warmed function in ``fns`` (``stat`` of the rounds, the median by
+    default), timed round-robin in this process so load spikes hit them alike."""
     t0 = time.perf_counter()
     for f in fns:
         f()
@@ -89,4 +90,4 @@ def median_seconds(fns, min_time=0.3, min_rounds=3, max_rounds=25):
             t = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t)
-    return [float(np.median(ts)) for ts in times]
+    return [float(stat(ts)) for ts in times]
