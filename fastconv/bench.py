@@ -50,8 +50,9 @@ class Row(NamedTuple):
 
 
 # --------------------------------------------------------------------------- timing
-def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15):
-    """Median seconds per call of each function in ``fns``, timed round-robin.
+def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"):
+    """Seconds per call of each function in ``fns`` (``stat``: ``'median'`` or ``'min'`` of the
+    rounds), timed round-robin so load spikes hit every contestant alike.
 
     Every function is called twice first (compile, caches, page faults); the number of rounds fills
     ``budget`` seconds, clipped to ``[min_rounds, max_rounds]``.
@@ -73,7 +74,8 @@ def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15):
             t0 = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t0)
-    return [float(np.median(ts)) for ts in times]
+    reduce = np.min if stat == "min" else np.median
+    return [float(reduce(ts)) for ts in times]
 
 
 def sgemm_gflops(size=1024, rounds=5):
@@ -230,7 +232,7 @@ def _pool_contestants(case, pass_, reference, torch):
 
 
 def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch", budget=1.0,
-        min_rounds=3, max_rounds=15, sgemm=None, progress=True):
+        min_rounds=3, max_rounds=15, sgemm=None, progress=True, stat="median"):
     """Time every case and pass of ``suite``; returns a list of :class:`Row` (reference rows included).
 
     ``algorithms`` defaults to ``('auto',) + fastconv.algorithms()``; ``reference`` is ``'torch'``
@@ -252,7 +254,7 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
                 named = _conv_contestants(case, pass_, algorithms, reference, torch)
             else:
                 named = _pool_contestants(case, pass_, reference, torch)
-            times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds)
+            times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds, stat)
             t_ref = times[-1]
             flops = case.flops(pass_)
             for (name, _), t in zip(named, times):
@@ -355,6 +357,9 @@ def _parser():
     p.add_argument("--reference", choices=("torch", "numpy"), help="baseline (default: torch when installed)")
     p.add_argument("--quick", action="store_true", help="few rounds per case: a rough figure in seconds")
     p.add_argument("--budget", type=float, help="seconds of timing per case and pass (default 1.0, quick 0.2)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="figure per contestant: median of the rounds (default) or the fastest round, "
+                        "steadier on a busy machine")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a grouped bar chart (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -421,9 +426,11 @@ def main(argv=None):
     rounds = (1, 5) if a.quick else (3, 15)
 
     sgemm = sgemm_gflops(rounds=3 if a.quick else 7)
-    rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=sgemm, progress=not a.no_progress)
+    rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=sgemm, progress=not a.no_progress,
+               stat=a.stat)
     rows_sorted = rows
-    header = (f"fastconv {fastconv.__version__} | {threads} threads | reference: {reference}"
+    header = (f"fastconv {fastconv.__version__} | {threads} threads | {a.stat} of interleaved rounds | "
+              f"reference: {reference}"
               f"{' ' + _torch_version() if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
               f"{platform.machine()} {os.cpu_count()} cpus")
     print(header)
@@ -432,7 +439,7 @@ def main(argv=None):
     print("\n".join(summary(rows, reference)))
     if a.json:
         doc = {"meta": {"fastconv": fastconv.__version__, "threads": threads, "reference": reference,
-                        "sgemm_gflops": sgemm, "machine": platform.machine(), "cpus": os.cpu_count(),
+                        "sgemm_gflops": sgemm, "stat": a.stat, "machine": platform.machine(), "cpus": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
                         "numba": numba.__version__, "quick": a.quick,
                         "torch": _torch_version() if reference == "torch" else None},
