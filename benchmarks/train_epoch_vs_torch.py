@@ -2,10 +2,11 @@
 same architecture, initial weights, batch size, batch order and optimiser (Adam), same thread count.
 
 Data: 1,438 images of 1x8x8 in 10 classes, the size of the bundled digits' training split (random
-pixel values: an epoch's time does not depend on them).  asv runs ``time_*`` per thread count;
-``python benchmarks/train_epoch_vs_torch.py [--threads N] [--rounds R] [--batch B]`` measures both
-libraries interleaved in one process and prints the per-epoch medians and the ratio, plus where
-fastconv's time goes per layer.
+pixel values: an epoch's time does not depend on them).  asv runs ``time_epoch`` per library and
+thread count; ``python benchmarks/train_epoch_vs_torch.py [--threads N] [--rounds R] [--epochs E]``
+runs each library in its own processes, alternated, and prints the per-epoch medians, the ratio and
+where fastconv's time goes per layer.  Separate processes, because in one process the idle workers
+of numba's OpenMP pool and PyTorch's compete for the cores (PyTorch ran 5-20x slower that way here).
 
 Importing this module does no work (asv imports every module in benchmarks/).
 """
@@ -78,8 +79,13 @@ def torch_epoch(net, loss_fn, opt, xt, yt, order_t, batch=BATCH):
         opt.step()
 
 
-class TrainEpoch:
-    """Seconds per training epoch, fastconv and PyTorch, at 1 and 2 threads."""
+class TrainEpochFastconv:
+    """Seconds per training epoch in fastconv, at 1 and 2 threads.
+
+    fastconv and PyTorch are timed in separate classes (so asv runs them in separate processes):
+    measured in one process, the idle workers of numba's OpenMP pool and PyTorch's compete for the
+    same cores and slowed PyTorch by 5-20x here.
+    """
 
     params = ([1, 2],)
     param_names = ["threads"]
@@ -95,30 +101,40 @@ class TrainEpoch:
         self.x, self.y = make_data()
         self.order = np.random.default_rng(1).permutation(len(self.x))
         self.fc = fastconv_setup(self.x)
-        self._fc_threads = fastconv.threads(threads)
-        self._fc_threads.__enter__()
+        self._ctx = fastconv.threads(threads)
+        self._ctx.__enter__()
         fastconv_epoch(*self.fc, self.x, self.y, self.order)  # compile / load the numba cache
+
+    def teardown(self, threads):
+        self._ctx.__exit__(None, None, None)
+
+    def time_epoch(self, threads):
+        fastconv_epoch(*self.fc, self.x, self.y, self.order)
+
+
+class TrainEpochTorch:
+    """Seconds per training epoch in PyTorch (CPU), same network, initial weights and batches."""
+
+    params = ([1, 2],)
+    param_names = ["threads"]
+    timeout = 300
+    number = 1
+    repeat = 5
+
+    def setup(self, threads):
         try:
             import torch
         except ImportError:
-            self.tc = None
-            return
+            raise NotImplementedError("torch is not installed") from None
         torch.set_num_threads(threads)
-        self.tc = torch_twin(self.fc[0])
-        self.xt, self.yt = torch.from_numpy(self.x), torch.from_numpy(self.y)
-        self.order_t = torch.from_numpy(self.order)
-        torch_epoch(*self.tc, self.xt, self.yt, self.order_t)
+        x, y = make_data()
+        order = np.random.default_rng(1).permutation(len(x))
+        self.tc = torch_twin(fastconv_setup(x)[0])  # builds fastconv's model only to copy its weights
+        self.data = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order)
+        torch_epoch(*self.tc, *self.data)
 
-    def teardown(self, threads):
-        self._fc_threads.__exit__(None, None, None)
-
-    def time_fastconv_epoch(self, threads):
-        fastconv_epoch(*self.fc, self.x, self.y, self.order)
-
-    def time_torch_epoch(self, threads):
-        if self.tc is None:
-            raise NotImplementedError("torch is not installed")
-        torch_epoch(*self.tc, self.xt, self.yt, self.order_t)
+    def time_epoch(self, threads):
+        torch_epoch(*self.tc, *self.data)
 
 
 def layer_profile(model, loss_fn, opt, x, y, order, batch=BATCH):
@@ -150,40 +166,71 @@ def layer_profile(model, loss_fn, opt, x, y, order, batch=BATCH):
     return times
 
 
-def main(argv=None):
-    import torch
-
-    import fastconv
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=fastconv.max_threads())
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=BATCH)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def _worker(kind, threads, epochs, batch):
+    """Time ``epochs`` epochs of one library in this process (after one warm-up epoch)."""
     x, y = make_data()
     order = np.random.default_rng(1).permutation(len(x))
-    fc = fastconv_setup(x, args.batch)
-    tc = torch_twin(fc[0])
-    xt, yt, order_t = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order)
+    fc = fastconv_setup(x, batch)
+    if kind == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        tc = torch_twin(fc[0])
+        args = tc + (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order), batch)
+
+        def run():
+            torch_epoch(*args)
+    else:
+        import fastconv
+
+        fastconv.set_num_threads(threads)
+
+        def run():
+            fastconv_epoch(*fc, x, y, order, batch)
+    run()
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    if kind == "profile":
+        return {"times": times, "profile": layer_profile(*fc, x, y, order, batch)}
+    return {"times": times}
+
+
+def main(argv=None):
+    import json
+    import subprocess
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="processes per library, alternated")
+    ap.add_argument("--epochs", type=int, default=5, help="timed epochs per process")
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--worker", choices=("fastconv", "torch", "profile"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.threads, args.epochs, args.batch)))
+        return 0
+
+    def spawn(kind):
+        cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads),
+               "--epochs", str(args.epochs), "--batch", str(args.batch)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     t_fc, t_tc = [], []
-    with fastconv.threads(args.threads):
-        fastconv_epoch(*fc, x, y, order, args.batch)
-        torch_epoch(*tc, xt, yt, order_t, args.batch)
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            fastconv_epoch(*fc, x, y, order, args.batch)
-            t_fc.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            torch_epoch(*tc, xt, yt, order_t, args.batch)
-            t_tc.append(time.perf_counter() - t0)
-        prof = layer_profile(*fc, x, y, order, args.batch)
+    for r in range(args.rounds):  # alternate which library goes first
+        for kind in (("fastconv", "torch") if r % 2 == 0 else ("torch", "fastconv")):
+            (t_fc if kind == "fastconv" else t_tc).extend(spawn(kind)["times"])
+    prof = spawn("profile")["profile"]
     m_fc, m_tc = statistics.median(t_fc), statistics.median(t_tc)
-    print(f"one epoch, {len(x)} images 1x8x8, batch {args.batch}, Adam, {args.threads} thread(s), "
-          f"median of {args.rounds} interleaved rounds")
+    print(f"one epoch, {N_TRAIN} images 1x8x8, batch {args.batch}, Adam, {args.threads} thread(s); "
+          f"{args.rounds} alternated processes per library x {args.epochs} epochs")
     print(f"  fastconv {1e3 * m_fc:8.1f} ms   (min {1e3 * min(t_fc):.1f})")
     print(f"  pytorch  {1e3 * m_tc:8.1f} ms   (min {1e3 * min(t_tc):.1f})")
-    print(f"  fastconv / pytorch time: {m_fc / m_tc:.2f}x")
+    print(f"  fastconv / pytorch time: {m_fc / m_tc:.2f}x (median), {min(t_fc) / min(t_tc):.2f}x (min)")
     print("fastconv time per epoch by part (one profiled epoch):")
     for key, t in sorted(prof.items(), key=lambda kv: -kv[1]):
         print(f"  {key:28} {1e3 * t:8.2f} ms")
