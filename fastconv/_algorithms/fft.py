@@ -363,42 +363,60 @@ def _sizes(pass_, total, st, e):
 
 
 def _workspace(p, pass_, nh, nw, nb, kb):
+    """Peak bytes of one step: the largest set of buffers alive at once (real tiles are freed
+    right after their transform; scipy transforms the second axis in place, and the inverse is
+    called with ``overwrite_x``)."""
     isz = p.itemsize
-    pl, f = nh * nw, nh * (nw // 2 + 1)
-    t = f // nh * p.r * 2 * p.cg * kb * isz  # kernel row DFTs (or grad_weight's row sums)
+    pl, f, wf = nh * nw, nh * (nw // 2 + 1), nw // 2 + 1
+    t = wf * p.r * 2 * p.cg * kb * isz  # kernel row DFTs (grad_weight: its row sums), kept
     c, k = p.c, p.k
     if pass_ == "forward":
-        # real input tile and its spectrum, kernel row DFTs, the output chunk's spectrum and tile (scipy
-        # transforms the second axis in place; irfft2 is called with overwrite_x)
-        return pl * nb * c * isz + f * nb * c * 2 * isz + t + f * nb * kb * 2 * isz + pl * nb * kb * isz
+        xs, ys = f * nb * c * 2 * isz, f * nb * kb * 2 * isz
+        return t + max(pl * nb * c * isz + xs, xs + ys + pl * nb * kb * isz)
     if pass_ == "grad_input":
-        return (pl * nb * k * isz + f * nb * k * 2 * isz + t + f * nb * c * 2 * isz
-                + pl * nb * c * isz)
-    return (pl * nb * (c + k) * isz + f * nb * (c + k) * 2 * isz + t
-            + p.r * p.s * p.cg * kb * isz)
+        gs, gxs = f * nb * k * 2 * isz, f * nb * c * 2 * isz
+        return t + max(pl * nb * k * isz + gs, gs + gxs, gxs + pl * nb * c * isz)
+    xs, gs = f * nb * c * 2 * isz, f * nb * k * 2 * isz
+    return t + p.r * p.s * p.cg * kb * isz + max(pl * nb * c * isz + xs, xs + pl * nb * k * isz + gs)
 
 
-# Cost-model constants (seconds), fitted on the 2-core AVX-512 development box (numba 0.68, scipy
-# 1.17) under shared load, rounded *up*: a call has a fixed floor (a dozen scipy/numba dispatches
-# and buffer allocations, ~0.4 ms measured on tiny planes), so small layers never look cheap.
-_C_CALL = 4e-4        # per call
-_C_STEP = 1.5e-4      # per (tile, batch chunk, channel chunk) step: 4-6 kernel / FFT launches
-_C_FFT = 1.6e-9       # per plane element per log2(plane size), forward or inverse, per thread pair
-_C_MAC = 1.0e-10      # per complex multiply-add in the contraction kernels (~40 GFLOP/s real)
-_C_MEM = 2.0e-9       # per element packed into / unpacked from a channels-last buffer
+# Cost model: single-thread seconds fitted to thread_time() measurements on the 2-core AVX-512
+# development box (numba 0.68, scipy 1.17, float32; shared and loaded, so +-25%), then divided by
+# the thread count at 80% efficiency.  Constants are rounded *up*, and a call has a fixed floor
+# (about ten scipy/numba dispatches with their thread wake-ups and buffer allocations) so small
+# layers never look cheap: the tiny cases measured 0.1 ms of CPU per pass on one thread.
+_C_CALL = 2.5e-4      # per call
+_C_STEP = 5e-5        # per (tile, batch chunk, channel chunk) step: kernel / FFT launches
+_C_FFT = 0.35e-9      # per plane element per log2(plane size), one transform
+_C_MAC = 0.35e-9      # per complex multiply-add in the contraction kernels (grad_weight: x1.3)
+_C_MEM = 2.5e-9       # per element packed into / unpacked from a channels-last buffer
+_C_ROW = 0.2e-9       # per multiply-add of the kernel row DFTs (and grad_weight's column sums)
+_C_LOOP = 5e-9        # per inner vector loop of the contraction kernels (start-up and remainder)
 
 
-def _cost_of(p, pass_, pl):
+def _single_cost(p, pass_, pl):
+    """Single-thread seconds of one pass under plan ``pl`` (without the per-call floor)."""
     nh, nw, th, tw, nb, kb = pl.nh, pl.nw, pl.th, pl.tw, pl.nb, pl.kb
     tot_h, tot_w = (p.h, p.w) if pass_ == "grad_input" else (p.oh, p.ow)
     tiles = -(-tot_h // th) * -(-tot_w // tw)
     nch, kch = -(-max(p.n, 1) // nb), -(-p.k // kb)
-    f = nh * (nw // 2 + 1)
-    planes = p.n * (p.c + p.k)
+    wf = nw // 2 + 1
+    planes = max(p.n, 1) * (p.c + p.k)
     fft = planes * nh * nw * math.log2(max(nh * nw, 2)) * _C_FFT
-    macs = f * p.cg * p.k * (p.n + nch * p.r)
+    rdft = p.r / 2 if nh % 2 == 0 else p.r  # radix-2 pairing of rows u and u + nh/2
+    macs = nh * wf * p.cg * p.k * (max(p.n, 1) + nch * rdft) * (1.3 if pass_ == "grad_weight" else 1.0)
+    rows = nch * wf * p.r * p.s * p.cg * p.k * 2
     mem = planes * nh * nw * _C_MEM
-    return _C_CALL + tiles * (fft + macs * _C_MAC + mem + nch * kch * _C_STEP)
+    # every channel chunk streams the batch chunk's input (forward) / result (grad_input) spectra
+    # again, and short inner loops (few channels per group) cost their overhead
+    reread = (kch - 1) * nh * wf * max(p.n, 1) * p.c * 2 * _C_MEM if pass_ != "grad_weight" else 0.0
+    loops = nh * wf * (max(p.n, 1) * max(1, p.cg // 2) * p.g + nch * p.r) * _C_LOOP
+    return tiles * (fft + macs * _C_MAC + rows * _C_ROW + mem + reread + loops + nch * kch * _C_STEP)
+
+
+def _cost_of(p, pass_, pl):
+    threads = numba.get_num_threads()
+    return _C_CALL + _single_cost(p, pass_, pl) / (1.0 + 0.8 * (threads - 1))
 
 
 @functools.lru_cache(maxsize=256)
@@ -514,19 +532,21 @@ def forward(x, w, b, p):
     y = np.empty(p.y_shape, dt)
     kchunks = _chunks(p.k, pl.kb)
     tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
-    buf = np.empty((nh, nw, pl.nb, p.c), dt)
     for i0, i1 in _chunks(p.oh, pl.th):
         for j0, j1 in _chunks(p.ow, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
-                xb = buf[:, :, :n1 - n0]
+                xb = np.empty((nh, nw, n1 - n0, p.c), dt)
                 _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
                 xs = sfft.rfft2(xb, axes=(0, 1), workers=_workers())
+                del xb  # the workspace bound counts it only while it is transformed
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
                     ys = np.empty((nh, wf, n1 - n0, k1 - k0), xs.dtype)
                     _spectral_conv(xs, t, eh_tab, ys, False, k0, p.kg, p.cg, p.dh)
                     yb = sfft.irfft2(ys, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
+                    del ys
                     _unpack(yb, y, n0, k0, i0, i1, j0, j1, 0, 0, p.sh, p.sw, bias)
+                    del yb
     return y
 
 
@@ -544,18 +564,19 @@ def grad_input(gy, w, p):
     zero_bias = np.zeros(p.c, dt)
     kchunks = _chunks(p.k, pl.kb)
     tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
-    buf = np.empty((nh, nw, pl.nb, p.k), dt)
     for y0, y1 in _chunks(p.h, pl.th):
         for x0, x1 in _chunks(p.w, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
-                gb = buf[:, :, :n1 - n0]
+                gb = np.empty((nh, nw, n1 - n0, p.k), dt)
                 # buffer row b holds the stride-spread gradient at padded row y0 + ph0 - eh + b
                 _pack(gy, gb, n0, 0, y0 + p.ph0 - eh, p.sh, 0, p.oh, x0 + p.pw0 - ew, p.sw, 0, p.ow)
                 gs = sfft.rfft2(gb, axes=(0, 1), workers=_workers())
+                del gb
                 gxs = np.zeros((nh, wf, n1 - n0, p.c), gs.dtype)
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
                     _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg, p.dh)
+                del gs
                 xb = sfft.irfft2(gxs, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
                 _unpack(xb, gx, n0, 0, y0, y1, x0, x1, eh, ew, 1, 1, zero_bias)
     return gx
@@ -577,17 +598,18 @@ def grad_weight(gy, x, p):
         cv[-1] = 1.0
     ew_tab = _twiddles(nw, p.s, p.dw, wf, dt, weights=cv / (nh * nw))
     gwt = np.zeros((p.r, p.s, p.cg, p.k), dt)  # (r, s, c, k): accumulated over tiles and chunks
-    xbuf = np.empty((nh, nw, pl.nb, p.c), dt)
-    gbuf = np.empty((nh, nw, pl.nb, p.k), dt)
     kchunks = _chunks(p.k, pl.kb)
     for i0, i1 in _chunks(p.oh, pl.th):
         for j0, j1 in _chunks(p.ow, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
-                xb, gb = xbuf[:, :, :n1 - n0], gbuf[:, :, :n1 - n0]
+                xb = np.empty((nh, nw, n1 - n0, p.c), dt)
                 _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
-                _pack(gy, gb, n0, 0, i0 * p.sh, p.sh, i0, i1, j0 * p.sw, p.sw, j0, j1)
                 xs = sfft.rfft2(xb, axes=(0, 1), workers=_workers())
+                del xb
+                gb = np.empty((nh, nw, n1 - n0, p.k), dt)
+                _pack(gy, gb, n0, 0, i0 * p.sh, p.sh, i0, i1, j0 * p.sw, p.sw, j0, j1)
                 gs = sfft.rfft2(gb, axes=(0, 1), workers=_workers())
+                del gb
                 for k0, k1 in kchunks:
                     kb = k1 - k0
                     qs = np.zeros((wf, p.r, 2, p.cg * kb), dt)
