@@ -175,7 +175,8 @@ def test_single_thread_agrees(monkeypatch):
 def test_blas_threads_restored():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     x, w, b, gy, kw = make(CASES[0], np.float32)
-    libs = im2col.serial_blas._find()
+    libs = im2col.serial_blas.found()[2]
+    assert libs, "the BLAS that kernels call was not found by threadpoolctl"
     before = [lib.get_num_threads() for lib in libs]
     with im2col.serial_blas:
         assert all(lib.get_num_threads() == 1 for lib in libs)
@@ -185,6 +186,23 @@ def test_blas_threads_restored():
     im2col_results(x, w, b, gy, kw)
     assert [lib.get_num_threads() for lib in libs] == before
     assert threadpoolctl.threadpool_info()  # still readable
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scipy_blas_fallback(monkeypatch, dtype):
+    # without numpy's bundled OpenBLAS symbols the kernels call scipy's cython_blas (32-bit ints)
+    fallback = im2col._Blas()
+    monkeypatch.setattr(fallback, "_NUMPY_SYMBOLS", ())
+    assert fallback.found()[1] is np.int32
+    monkeypatch.setattr(im2col, "_BLAS", fallback)
+    monkeypatch.setattr(im2col, "serial_blas", fallback)
+    case = CASES[CASE_IDS.index("batched-groups-stride")]
+    x, w, b, gy, kw = make(case, dtype)
+    want = {"forward": ref.conv2d(x, w, b, **kw),
+            "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw)}
+    got = im2col_results(x, w, b, gy, kw)
+    assert_results({k: got[k] for k in want}, want, dtype, scale=4.0)
 
 
 def test_zero_batch():

@@ -39,38 +39,49 @@ into per-split partial sums added in split order after the parallel loop.  So re
 the thread count and the budget (through the split and the tile size) only by rounding, and a
 given configuration always gives the same bits.
 """
+import ctypes
 import dataclasses
 import threading
 
 import numba
 import numpy as np
-from numba import prange, types
-from numba.np.linalg import ensure_blas
+from numba import prange
 
 from .._jit import FASTMATH, kernel
 from .common import SLACK
 
 # ---------------------------------------------------------------------------------------- BLAS
-ensure_blas()  # numba's dot needs scipy; fail at import with numba's message rather than in a kernel
-# numba's exported helper (numba/_lapack.c): column-major ?gemm with Py_ssize_t sizes; kind is
-# 's' or 'd', trans 'n' or 't'.  Declared with void pointers so one kernel serves both dtypes.
-_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp,
-    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp,
-    types.voidptr, types.voidptr, types.intp))
-_N, _T = ord("n"), ord("t")
+# Kernels call a Fortran-interface ?gemm through a function pointer passed as an argument (numba
+# types it by its signature only, so cached kernels stay valid in a new process).  Every argument is
+# a pointer; the integers are written into a small per-worker array of the library's int width.
+_GEMM_PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))
+_N, _T = 0, 1  # indices into the per-worker ('N', 'T') character array
 
 # Serial helpers, compiled into the calling parallel kernel (not cached on their own).
 _micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
 
 
 @_micro
-def _gemm(kind, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc):
+def _gemm(fn, iv, tr, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc):
     # Row-major C (m x n, row pitch ldc) = alpha * op(A) . op(B) + beta * C, where a, b, c are 1-D
     # views starting at each matrix's first element.  A row-major matrix is the column-major
     # transpose, so this is the column-major C.T = op(B).T . op(A).T with the same trans flags.
-    _xxgemm(kind, tb, ta, n, m, kk, alpha.ctypes, b.ctypes, ldb, a.ctypes, lda, beta.ctypes,
-            c.ctypes, ldc)
+    iv[0] = n
+    iv[1] = m
+    iv[2] = kk
+    iv[3] = ldb
+    iv[4] = lda
+    iv[5] = ldc
+    fn(tr[tb:].ctypes, tr[ta:].ctypes, iv[0:].ctypes, iv[1:].ctypes, iv[2:].ctypes, alpha.ctypes,
+       b.ctypes, iv[3:].ctypes, a.ctypes, iv[4:].ctypes, beta.ctypes, c.ctypes, iv[5:].ctypes)
+
+
+@_micro
+def _chars():
+    tr = np.empty(2, np.uint8)
+    tr[0] = 78  # 'N'
+    tr[1] = 84  # 'T'
+    return tr
 
 
 @_micro
@@ -181,7 +192,7 @@ def _gather(src, col, coff, ld, n, c0, nc, i0, i1, padded, r, s, sh, sw, ph, pw,
 # buf[wid].  A tile is nb whole images (rb == oh) or a block of rb rows of one image (nb == 1):
 # m = images * rows * ow positions.  src is (n, c, L): padded planes, or raw planes (n, c, h*w).
 @kernel
-def _forward(src, wt, b, y, buf, kind, has_bias, padded, direct, g, r, s, sh, sw, ph, pw, dh, dw,
+def _forward(src, wt, b, y, buf, fn, ints, has_bias, padded, direct, g, r, s, sh, sw, ph, pw, dh, dw,
              hp, wq, h, w, oh, ow, nb, rb, mmax):
     # wt (k*tn,); y (n*k*oh*ow,); buf (nw, tn*mmax [+ kg*mmax staging when nb > 1]).
     # Item = (image block, group, row block).  One image: the GEMM writes its rows of y in place
@@ -198,6 +209,8 @@ def _forward(src, wt, b, y, buf, kind, has_bias, padded, direct, g, r, s, sh, sw
     plane = oh * ow
     for wid in prange(nw):
         col = buf[wid]
+        iv = ints[wid]
+        tr = _chars()
         stage = col[tn * mmax:]
         one = np.ones(1, dtype=y.dtype)
         zero = np.zeros(1, dtype=y.dtype)
@@ -222,16 +235,16 @@ def _forward(src, wt, b, y, buf, kind, has_bias, padded, direct, g, r, s, sh, sw
                             yq[j] = bq
                 if direct:
                     bsrc = src[n0, gi * cg]
-                    _gemm(kind, _N, _N, kg, m, tn, one, a, tn, bsrc[i0 * ow:], h * w, beta, y[y0:], plane)
+                    _gemm(fn, iv, tr, _N, _N, kg, m, tn, one, a, tn, bsrc[i0 * ow:], h * w, beta, y[y0:], plane)
                 else:
                     _gather(src, col, 0, m, n0, gi * cg, cg, i0, i1, padded, r, s, sh, sw, ph, pw, dh, dw,
                             hp, wq, h, w, ow)
-                    _gemm(kind, _N, _N, kg, m, tn, one, a, tn, col, m, beta, y[y0:], plane)
+                    _gemm(fn, iv, tr, _N, _N, kg, m, tn, one, a, tn, col, m, beta, y[y0:], plane)
             else:
                 for n in range(n0, n1):
                     _gather(src, col, (n - n0) * mi, m, n, gi * cg, cg, i0, i1, padded, r, s, sh, sw,
                             ph, pw, dh, dw, hp, wq, h, w, ow)
-                _gemm(kind, _N, _N, kg, m, tn, one, a, tn, col, m, zero, stage, m)
+                _gemm(fn, iv, tr, _N, _N, kg, m, tn, one, a, tn, col, m, zero, stage, m)
                 for n in range(n0, n1):
                     for q in range(kg):
                         bq = b[gi * kg + q]  # zeros without a bias
@@ -254,7 +267,7 @@ def _stage(gy, stage, n0, n1, k, k0, kg, plane, off, mi, m):
 
 
 @kernel
-def _grad_input(gy, wt, gq, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
+def _grad_input(gy, wt, gq, buf, fn, ints, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
                 h, w, oh, ow, nb, rb, cb, mmax):
     # gy (n*k*oh*ow,); wt (k*tn,); gq (n, c, L) zeroed: padded planes or raw (n, c, h*w) planes;
     # buf (nw, cb*r*s*mmax [+ kg*mmax staging when nb > 1]).  Item = (image block, group, block of
@@ -271,6 +284,8 @@ def _grad_input(gy, wt, gq, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, p
     plane = oh * ow
     for wid in prange(nw):
         col = buf[wid]
+        iv = ints[wid]
+        tr = _chars()
         stage = col[cb * r * s * mmax:]
         one = np.ones(1, dtype=gq.dtype)
         zero = np.zeros(1, dtype=gq.dtype)
@@ -297,9 +312,9 @@ def _grad_input(gy, wt, gq, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, p
                     ldg = m
                 if direct:
                     dst = gq[n0, gi * cg + c0]
-                    _gemm(kind, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, dst[i0 * ow:], h * w)
+                    _gemm(fn, iv, tr, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, dst[i0 * ow:], h * w)
                     continue
-                _gemm(kind, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, col, m)
+                _gemm(fn, iv, tr, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, col, m)
                 for n in range(n0, n1):
                     if padded:
                         _col2im_planes(col, gq[n], (n - n0) * mi, m, gi * cg + c0, nc, i0, i1, r, s,
@@ -310,7 +325,7 @@ def _grad_input(gy, wt, gq, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, p
 
 
 @kernel
-def _grad_weight(gy, src, gwp, buf, kind, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
+def _grad_weight(gy, src, gwp, buf, fn, ints, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
                  h, w, oh, ow, nb, rb, cb, mmax):
     # gy (n*k*oh*ow,); src as in _forward; gwp (nsplit, k*tn) zeroed; buf as in _grad_input.
     # Item = (batch split, group, block of cb channels): it owns columns t0 .. t0+tb-1 of the
@@ -327,6 +342,8 @@ def _grad_weight(gy, src, gwp, buf, kind, padded, direct, g, k, r, s, sh, sw, ph
     per = (nn + nsplit - 1) // nsplit
     for wid in prange(nw):
         col = buf[wid]
+        iv = ints[wid]
+        tr = _chars()
         stage = col[cb * r * s * mmax:]
         one = np.ones(1, dtype=gwp.dtype)
         for it in range(wid, items, nw):
@@ -353,12 +370,12 @@ def _grad_weight(gy, src, gwp, buf, kind, padded, direct, g, k, r, s, sh, sw, ph
                         ldg = m
                     if direct:
                         xs = src[n0, gi * cg + c0]
-                        _gemm(kind, _N, _T, kg, tb, m, one, gsrc, ldg, xs[i0 * ow:], h * w, one, out, tn)
+                        _gemm(fn, iv, tr, _N, _T, kg, tb, m, one, gsrc, ldg, xs[i0 * ow:], h * w, one, out, tn)
                         continue
                     for n in range(n0, n1):
                         _gather(src, col, (n - n0) * mi, m, n, gi * cg + c0, nc, i0, i1, padded, r, s,
                                 sh, sw, ph, pw, dh, dw, hp, wq, h, w, ow)
-                    _gemm(kind, _N, _T, kg, tb, m, one, gsrc, ldg, col, m, one, out, tn)
+                    _gemm(fn, iv, tr, _N, _T, kg, tb, m, one, gsrc, ldg, col, m, one, out, tn)
 
 
 @kernel
@@ -408,33 +425,67 @@ def _split_planes(x, out, sw, hp, wq, top, left):
 
 
 # ---------------------------------------------------------------------------------------- one pool
-class _SerialBlas:
-    """Hold the BLAS that kernels call to one thread while they run (re-entrant, thread-safe).
+class _Blas:
+    """The ?gemm kernels call, and its thread pool held to one thread while they run.
 
-    The first entrant saves each library's thread count and sets 1; the last one out restores it.
-    Library handles are looked up once (threadpoolctl), so entering costs a few microseconds.
+    Preferred: the OpenBLAS bundled with numpy (the library of the same-run sgemm baseline; its
+    sgemm was 3-40% faster here than the OpenBLAS bundled with scipy on the tile shapes, e.g. 78 vs
+    56 GFLOP/s for 64x256x3136).  Fallback: scipy's ``cython_blas`` (numba's ``np.dot`` BLAS).
+    Found once; the library handle is threadpoolctl's, and as a context manager (re-entrant,
+    thread-safe) the first entrant saves its thread count and sets 1, the last one out restores it:
+    ~2 us, against ~1.8 ms to enter ``threadpool_limits``.  A numpy BLAS call made by another
+    Python thread while a convolution runs therefore runs single-threaded.
     """
+
+    # (symbol of sgemm, of dgemm, integer type): numpy wheels' scipy-openblas is ILP64
+    _NUMPY_SYMBOLS = (("scipy_sgemm_64_", "scipy_dgemm_64_", np.int64),
+                      ("sgemm_64_", "dgemm_64_", np.int64),
+                      ("sgemm64_", "dgemm64_", np.int64))
 
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
-        self._libs = None
+        self._found = None
         self._saved = ()
 
     def _find(self):
         from threadpoolctl import ThreadpoolController
-        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba calls must be loaded to be found)
-        # numpy's own BLAS (a separate library in wheels) is not called inside kernels and belongs
-        # to fastconv.set_num_threads; a BLAS that numpy and scipy share is limited like scipy's.
-        return [lib for lib in ThreadpoolController().lib_controllers
-                if lib.user_api == "blas" and "numpy" not in lib.filepath]
+        import scipy.linalg.cython_blas  # noqa: F401  (load it so threadpoolctl sees its library)
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        for lib in blas:
+            if "numpy" not in lib.filepath:
+                continue
+            try:
+                cdll = ctypes.CDLL(lib.filepath)
+            except OSError:  # pragma: no cover
+                continue
+            for sname, dname, itype in self._NUMPY_SYMBOLS:
+                if hasattr(cdll, sname) and hasattr(cdll, dname):
+                    fns = {np.dtype(np.float32): _GEMM_PROTO((sname, cdll)),
+                           np.dtype(np.float64): _GEMM_PROTO((dname, cdll))}
+                    return fns, itype, [lib]
+        from numba.extending import get_cython_function_address
+        fns = {np.dtype(dt): _GEMM_PROTO(get_cython_function_address("scipy.linalg.cython_blas", name))
+               for dt, name in ((np.float32, "sgemm"), (np.float64, "dgemm"))}
+        return fns, np.int32, [lib for lib in blas if "numpy" not in lib.filepath]
+
+    def found(self):
+        if self._found is None:
+            with self._lock:
+                if self._found is None:
+                    self._found = self._find()
+        return self._found
+
+    def args(self, dtype, nw):
+        """Kernel arguments: the ?gemm for ``dtype`` and one integer scratch row per worker."""
+        fns, itype, _ = self.found()
+        return fns[np.dtype(dtype)], np.zeros((nw, 8), dtype=itype)
 
     def __enter__(self):
+        libs = self.found()[2]
         with self._lock:
             if self._depth == 0:
-                if self._libs is None:
-                    self._libs = self._find()
-                self._saved = [(lib, lib.get_num_threads()) for lib in self._libs]
+                self._saved = [(lib, lib.get_num_threads()) for lib in libs]
                 for lib, nt in self._saved:
                     if nt != 1:
                         lib.set_num_threads(1)
@@ -451,13 +502,13 @@ class _SerialBlas:
         return False
 
 
-serial_blas = _SerialBlas()
+_BLAS = _Blas()
+serial_blas = _BLAS
 
 
 # ---------------------------------------------------------------------------------------- planning
 _TILE_BYTES = 1 << 20   # column tile per worker to aim for: fits in L2 next to the GEMM's packing
 _M_MIN = 256            # fewest output positions per GEMM worth a BLAS call; smaller planes batch images
-_KIND = {np.dtype(np.float32): ord("s"), np.dtype(np.float64): ord("d")}
 
 
 def _direct(p):
@@ -540,8 +591,9 @@ def forward(x, w, b, p):
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
     with serial_blas:
         _forward(src, np.ascontiguousarray(w).reshape(-1), bb, y.reshape(-1), plan.buffer(p.dtype),
-                 _KIND[p.dtype], has_bias, plan.padded, direct, p.g, p.r, p.s, p.sh, p.sw, p.ph0, p.pw0,
-                 p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb, plan.mmax)
+                 *_BLAS.args(p.dtype, plan.nw), has_bias, plan.padded, direct, p.g, p.r, p.s, p.sh,
+                 p.sw, p.ph0, p.pw0, p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb,
+                 plan.mmax)
     return y
 
 
@@ -569,7 +621,8 @@ def grad_input(gy, w, p):
         gq = (np.empty if direct else np.zeros)((p.n, p.c, p.h * p.w), dtype=p.dtype)
     with serial_blas:
         _grad_input(np.ascontiguousarray(gy).reshape(-1), np.ascontiguousarray(w).reshape(-1), gq,
-                    plan.buffer(p.dtype), _KIND[p.dtype], plan.padded, direct, p.g, p.k, p.r, p.s,
+                    plan.buffer(p.dtype), *_BLAS.args(p.dtype, plan.nw), plan.padded, direct, p.g,
+                    p.k, p.r, p.s,
                     p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow,
                     plan.nb, plan.rb, cb, plan.mmax)
     if not plan.padded:
@@ -602,7 +655,8 @@ def grad_weight(gy, x, p):
     gwp = np.zeros((nsplit, p.k * tn), dtype=p.dtype)
     with serial_blas:
         _grad_weight(np.ascontiguousarray(gy).reshape(-1), src, gwp, plan.buffer(p.dtype),
-                     _KIND[p.dtype], plan.padded, direct, p.g, p.k, p.r, p.s, p.sh, p.sw, p.ph0, p.pw0,
+                     *_BLAS.args(p.dtype, plan.nw), plan.padded, direct, p.g, p.k, p.r, p.s, p.sh,
+                     p.sw, p.ph0, p.pw0,
                      p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb, cb, plan.mmax)
     gw = gwp[0]
     for i in range(1, nsplit):  # fixed order: the same bits for the same thread count and budget
