@@ -100,7 +100,7 @@ def main(argv=None):
         return 2
     lines, problems = report(groups, choices, a.factor, a.torch_factor)
     cpu = machine.get("cpu", {}).get("brand_raw", machine.get("machine", "?"))
-    print(f"{len(groups)} groups on {cpu}")
+    print(f"{len(groups)} groups, {len(choices)} auto-choice checks, on {cpu}")
     print("\n".join(lines))
     if problems:
         print("\nGROSS REGRESSIONS:\n  " + "\n  ".join(problems))
