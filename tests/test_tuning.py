@@ -104,20 +104,20 @@ def test_clear_autotune_cache(cache_dir):
 
 
 def test_concurrent_processes_never_corrupt_the_file(cache_dir):
-    """Four processes tuning different shapes at once: the file stays valid JSON of the right format."""
+    """Three processes tuning different shapes at once: the file stays valid JSON of the right format."""
     script = textwrap.dedent("""
         import sys, numpy as np, fastconv
         fastconv.set_autotune(True)
         i = int(sys.argv[1])
-        for h in range(5, 5 + 6):
+        for h in range(5, 5 + 3):
             fastconv.conv2d(np.ones((1, 1, h + i * 10, 7), np.float32), np.ones((1, 1, 3, 3), np.float32))
     """)
     env = dict(os.environ, FASTCONV_CACHE_DIR=str(cache_dir))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env) for i in range(4)]
-    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env) for i in range(3)]
+    assert [p.wait(timeout=900) for p in procs] == [0] * 3
     data = json.loads((cache_dir / "autotune.json").read_text())
     assert data["format"] == _tuning.FORMAT and data["version"] == fastconv.__version__
-    assert 1 <= len(data["entries"]) <= 24
+    assert 1 <= len(data["entries"]) <= 9
     assert not [f for f in os.listdir(cache_dir) if f.startswith(".autotune-")]  # no temp files left
 
 
