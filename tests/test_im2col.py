@@ -33,6 +33,10 @@ CASES = [
     ("batched-small-planes", (9, 3, 6, 5), (5, 3, 3, 3), {"padding": 1}),
     ("batched-groups-stride", (8, 4, 8, 8), (6, 2, 3, 3), {"stride": 2, "padding": 1, "groups": 2}),
     ("tall-rows", (1, 2, 40, 37), (10, 2, 3, 3), {"padding": 1}),
+    # wide groups and planes: grad_input runs as a forward correlation with the flipped kernel
+    ("transposed-gi", (2, 32, 33, 32), (8, 32, 3, 3), {"padding": 1}),
+    ("transposed-gi-same-even", (1, 64, 32, 36), (4, 32, 4, 2), {"padding": "same", "groups": 2}),
+    ("transposed-gi-dilated", (1, 32, 34, 32), (3, 32, 3, 3), {"dilation": 2, "padding": (1, 2)}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -86,7 +90,8 @@ def test_matches_torch(case, torch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in
                                   ("stride2-pad1", "dilation", "groups", "batched-small-planes",
-                                   "tall-rows", "depthwise-multiplier-s2", "same-even-dilated")],
+                                   "tall-rows", "depthwise-multiplier-s2", "same-even-dilated",
+                                   "transposed-gi-same-even")],
                          ids=lambda c: c[0])
 def test_tiny_budgets_agree_with_default(case, dtype):
     x, w, b, gy, kw = make(case, dtype)
@@ -133,6 +138,17 @@ def test_budget_below_one_row_is_refused():
     # 'auto' skips im2col instead of failing
     y = fastconv.conv2d(x, w, workspace_limit=need - 1)
     np.testing.assert_allclose(y, ref.conv2d(x, w), rtol=1e-5)
+
+
+def test_grad_input_paths():
+    # which cases take the transposed-forward path, so the cases above cover both paths
+    for name, expect in (("transposed-gi", True), ("transposed-gi-same-even", True),
+                         ("transposed-gi-dilated", True), ("basic", False), ("stride2-pad1", False),
+                         ("1x1-padded", False)):
+        x, w, _, _, kw = make(CASES[CASE_IDS.index(name)], np.float32)
+        assert (im2col._transposed(params(x, w, kw)) is not None) == expect, name
+    x, w, _, _, kw = make(CASES[CASE_IDS.index("transposed-gi")], np.float32)
+    assert im2col._transposed(params(x, w, kw, 1000)) is None  # too small a budget: col2im
 
 
 def test_1x1_reads_the_input_in_place():

@@ -608,7 +608,29 @@ def _channel_block(p, par, nthreads):
     return cb
 
 
+def _transposed(p):
+    """Parameters of grad_input as a forward convolution, or None where col2im is the better way.
+
+    With stride 1, grad_input is the correlation of ``gy``, padded by the kernel extent less the
+    forward padding, with the flipped kernel whose channels are swapped within each group.  Its
+    GEMM has cg output rows, so it pays only for wide groups; it then gathers instead of
+    scattering (single thread: resnet50-3x3-64 22.7 vs 25.8 ms, dilated-3x3-d2 29.9 vs 33.7 ms,
+    but lenet5-c3 2.9 vs 0.9 ms and resnet50-3x3-512's 7x7 planes 25.4 vs 23.6 ms).
+    """
+    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    if (p.sh != 1 or p.sw != 1 or p.cg < 32 or p.h * p.w < 1024
+            or max(p.ph0, p.ph1) > eh or max(p.pw0, p.pw1) > ew):
+        return None
+    q = dataclasses.replace(p, c=p.k, h=p.oh, w=p.ow, k=p.c, ph0=eh - p.ph0, ph1=eh - p.ph1,
+                            pw0=ew - p.pw0, pw1=ew - p.pw1, oh=p.h, ow=p.w)
+    return q if _min_workspace(q, "forward") <= q.workspace_limit else None
+
+
 def grad_input(gy, w, p):
+    q = _transposed(p)
+    if q is not None:
+        wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
+        return forward(gy, np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s), None, q)
     direct = _direct(p)
     nthreads = numba.get_num_threads()
     cb = _channel_block(p, p.n * p.g, nthreads)
