@@ -2,7 +2,7 @@
 
 Notation: n c h w input; k r s weight (cg = c/g, kg = k/g per group g); oh ow output; sh sw stride;
 ph pw top/left padding; dh dw dilation; a tap t = (c, r, s) of one group, tn = cg*r*s taps in the
-order of ``w.reshape(k, tn)``; m output positions of one tile (whole output rows).
+order of ``w.reshape(k, tn)``; m output positions of one tile.
 
 The column matrix of one image and group has one row per tap and one column per output position:
 ``col[t, i*ow + j] = x_pad[n, c, i*sh + r*dh, j*sw + s*dw]``.  Then, per image and group,
@@ -10,34 +10,42 @@ The column matrix of one image and group has one row per tap and one column per 
 * forward:      ``y[n, g] (kg x oh*ow) = w[g] (kg x tn) . col (tn x oh*ow)``
 * grad_weight:  ``gw[g] (kg x tn) += gy[n, g] (kg x oh*ow) . col.T``
 * grad_input:   ``gcol = w[g].T . gy[n, g]`` scattered back (col2im) onto the input positions it
-  was gathered from.
+  was gathered from; with stride 1 and wide groups instead the forward correlation of the padded
+  ``gy`` with the flipped, channel-swapped kernel (a gather, no scatter; see :func:`_transposed`).
 
-Tiles.  ``col`` is never built whole: one tile covers a block of output rows of one image and one
-group (and, in the backward passes, a block of input channels, i.e. a block of taps).  Each numba
-worker owns one buffer of the tile size, and the sum of all workers' buffers stays under
-``p.workspace_limit``; a shape that cannot fit one output row of one channel block is refused by
-:func:`supports`.  1x1 kernels with stride 1 and no padding need no column matrix: ``x[n, g]`` *is*
-``col`` and the GEMM reads it in place.
+Gather.  By default the input is first copied once into zero-padded planes whose columns are split
+by phase ``iw % sw`` (common.pad_planes' layout): every tap of every output row is then one
+contiguous run of ow elements, copied with no bounds checks or strides (5-15x faster than a
+bounds-checked strided gather here).  When that copy does not fit the budget, the gather reads
+the raw planes with bounds checks instead.
 
-GEMM.  Kernels call the BLAS ``?gemm`` that numba's ``np.dot`` uses (scipy's, through numba's
-``numba_xxgemm`` helper) directly, so leading dimensions and ``beta`` are ours: the forward GEMM
-writes straight into a row block of ``y``, grad_weight accumulates into ``gw`` with ``beta = 1``,
-and grad_input reads ``gy`` in place -- no staging copies.  The symbol is resolved by name when a
-cached kernel loads, so ``cache=True`` stays valid across processes.
+Tiles.  ``col`` is never built whole: a tile is a block of output rows of one image, or several
+whole images when planes are small (< 256 positions: one GEMM for several images, through a
+staging buffer), of one group -- and in the backward passes, of a block of input channels (a
+block of taps).  Each numba worker owns one tile buffer, and the padded copy plus all workers'
+buffers stay under ``p.workspace_limit``; a budget below one output row of one channel's taps
+(all taps in the forward pass) is refused by :func:`supports`.  1x1 kernels with stride 1 and no
+padding need no column matrix: ``x[n, g]`` *is* ``col`` and the GEMM reads it in place.
 
-One thread pool.  Work items (image, group, row block / channel block) are spread over numba's
-workers with ``prange``, and BLAS runs single-threaded inside each: :class:`_SerialBlas` holds every
-loaded BLAS library to one thread for the duration of a call (a library handle found once with
-threadpoolctl; setting and restoring costs ~2 us, entering ``threadpool_limits`` ~1.8 ms).  With
-both pools active, four 64x576x448 GEMMs in a ``prange`` took 112 ms instead of 1.2 ms here.
+GEMM.  Kernels call a Fortran ``?gemm`` through a function pointer passed as an argument -- the
+OpenBLAS bundled with numpy when found, else scipy's ``cython_blas`` (see :class:`_Blas`) -- with
+our own leading dimensions and ``beta``: the forward GEMM writes straight into a row block of
+``y``, grad_weight accumulates into ``gw`` with ``beta = 1``, and grad_input reads ``gy`` in place.
+numba types the pointer by its signature only, so ``cache=True`` stays valid across processes.
+
+One thread pool.  Work items (tiles) are dealt to numba's workers with ``prange``, and BLAS runs
+single-threaded inside each: :class:`_Blas` holds the library to one thread for the duration of a
+call (save/set/restore through a threadpoolctl handle found once: ~2 us; entering
+``threadpool_limits`` costs ~1.8 ms).  With both pools active, four 64x576x448 GEMMs in a
+``prange`` took 112 ms instead of 1.2 ms here.
 
 Race-freedom and determinism.  forward: each item writes its own block of ``y``.  grad_input: an
-item owns whole input planes (image, channel block) and scatters only into them.  grad_weight: an
-item owns a block of taps of one group (its columns of ``gw``) and reduces over its share of the
-batch in a fixed order; when there are fewer channel blocks than workers the batch is split too,
-into per-split partial sums added in split order after the parallel loop.  So results depend on
-the thread count and the budget (through the split and the tile size) only by rounding, and a
-given configuration always gives the same bits.
+item owns whole input planes (image block, channel block) and scatters only into them.
+grad_weight: an item owns a block of taps of one group (its columns of ``gw``) and reduces over its
+share of the batch in a fixed order; when there are fewer channel blocks than workers the batch is
+split too, into per-split partial sums added in split order after the parallel loop.  So results
+depend on the thread count and the budget (through the tiling) only by rounding, and a given
+configuration always gives the same bits.
 """
 import ctypes
 import dataclasses
