@@ -12,6 +12,7 @@ All timings are medians of interleaved rounds in one process, so ratios survive 
 better than absolute times.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastconv  # noqa: E402
+from fastconv._algorithms import im2col  # noqa: E402
 from fastconv.cases import load_suite  # noqa: E402
 
 TARGETS = ["alexnet-c1", "resnet50-stem", "resnet50-3x3-64", "resnet50-1x1-256", "resnet50-3x3-s2",
@@ -118,8 +120,16 @@ def main():
             def direct_fwd():
                 fastconv.conv2d(x, w, b, **kw, algorithm="direct")
             ti, td = medians([fc_fwd, direct_fwd], a.rounds * 4)
+            # the same call with the BLAS pool left multithreaded inside numba's workers: the
+            # contention that holding BLAS to one thread per worker avoids
+            im2col.serial_blas, guard = contextlib.nullcontext(), im2col.serial_blas
+            try:
+                (tc,) = medians([fc_fwd], a.rounds)
+            finally:
+                im2col.serial_blas = guard
             small.append(f"{name}: im2col {ti * 1e3:.3f} ms, direct {td * 1e3:.3f} ms, "
-                         f"im2col/direct = {ti / td:.2f}")
+                         f"im2col/direct = {ti / td:.2f}; with BLAS left at {a.threads} threads "
+                         f"inside the workers: {tc * 1e3:.3f} ms")
 
     def gmean(v):
         return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
@@ -131,7 +141,8 @@ def main():
               f"x{gmean([fb_ratios[n] for n in tgt]):.2f}")
     for line in small:
         print(line)
-    print(f"thread pools: numba {fastconv.get_num_threads()} threads; BLAS inside kernels held to 1 thread per worker")
+    print(f"thread pools: numba {fastconv.get_num_threads()} threads; the BLAS inside kernels held to "
+          f"1 thread per worker")
 
 
 if __name__ == "__main__":
