@@ -3,7 +3,9 @@
 For every case and pass the contestants -- each registered algorithm, ``auto`` and the reference
 (PyTorch's CPU ops when torch is installed, else a plain NumPy implementation) -- are warmed (JIT
 compile and first-touch costs stay out of the figures) and then timed interleaved, round by round,
-in one process with the same thread count, so the ratios hold even when the machine is busy.  A
+with the same thread count, so the ratios hold even when the machine is busy.  PyTorch runs in a
+worker process of its own, driven round by round: in one process the idle workers of numba's OpenMP
+pool and PyTorch's compete for the cores (``--same-process`` measures that way anyway).  A
 plain float32 matrix product (sgemm, 1024^3) timed in the same run gives each row a
 "% of sgemm" yardstick: how close the layer gets to the machine's dense-GEMM speed.
 
@@ -24,7 +26,10 @@ import argparse
 import json
 import math
 import os
+import dataclasses
+import importlib.util
 import platform
+import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -55,7 +60,8 @@ def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"
     rounds), timed round-robin so load spikes hit every contestant alike.
 
     Every function is called twice first (compile, caches, page faults); the number of rounds fills
-    ``budget`` seconds, clipped to ``[min_rounds, max_rounds]``.
+    ``budget`` seconds, clipped to ``[min_rounds, max_rounds]``.  A function with a true
+    ``returns_seconds`` attribute times itself (a call into another process) and returns the seconds.
 
     >>> t = time_interleaved([lambda: sum(range(100)), lambda: None], budget=0.01)
     >>> len(t), all(s >= 0 for s in t)
@@ -63,19 +69,23 @@ def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"
     """
     est = []
     for f in fns:
-        f()
-        t0 = time.perf_counter()
-        f()
-        est.append(time.perf_counter() - t0)
+        _timed(f)
+        est.append(_timed(f))
     rounds = int(min(max_rounds, max(min_rounds, budget / max(sum(est), 1e-9))))
     times = [[] for _ in fns]
     for _ in range(rounds):
         for f, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
+            ts.append(_timed(f))
     reduce = np.min if stat == "min" else np.median
     return [float(reduce(ts)) for ts in times]
+
+
+def _timed(f):
+    if getattr(f, "returns_seconds", False):
+        return f()
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
 
 
 def sgemm_gflops(size=1024, rounds=5):
@@ -182,7 +192,7 @@ def _torch_pool(case, x, gy, torch):
             "backward": lambda: aten.max_pool2d_with_indices_backward(tgy, tx, k, s, p, [1, 1], False, tidx)}
 
 
-def _conv_contestants(case, pass_, algorithms, reference, torch):
+def _conv_contestants(case, pass_, algorithms, reference, torch, worker=None):
     """``[(name, fn)]`` for one conv case and pass; algorithms that cannot serve it are left out."""
     import fastconv
     x, w, b = case.arrays()
@@ -203,7 +213,9 @@ def _conv_contestants(case, pass_, algorithms, reference, torch):
                 continue
             raise
         out.append((alg, fn))
-    if reference == "torch":
+    if worker is not None:
+        out.append(("torch", worker.contestant("conv2d", case, pass_)))
+    elif reference == "torch":
         out.append(("torch", _torch_conv(case, x, w, b, gy, torch)[pass_]))
     elif pass_ == "forward":
         out.append(("numpy", lambda: numpy_conv2d(x, w, b, case)))
@@ -212,7 +224,7 @@ def _conv_contestants(case, pass_, algorithms, reference, torch):
     return out
 
 
-def _pool_contestants(case, pass_, reference, torch):
+def _pool_contestants(case, pass_, reference, torch, worker=None):
     import fastconv
     x, gy = case.arrays(), case.grad_output()
     kw = case.kwargs
@@ -221,7 +233,9 @@ def _pool_contestants(case, pass_, reference, torch):
         out = [("fastconv", lambda: fastconv.max_pool2d(x, **kw, return_indices=True))]
     else:
         out = [("fastconv", lambda: fastconv.max_pool2d_backward(gy, idx, x.shape))]
-    if reference == "torch":
+    if worker is not None:
+        out.append(("torch", worker.contestant("max_pool2d", case, pass_)))
+    elif reference == "torch":
         out.append(("torch", _torch_pool(case, x, gy, torch)[pass_]))
     elif pass_ == "forward":
         out.append(("numpy", lambda: numpy_max_pool2d(x, case)))
@@ -232,16 +246,22 @@ def _pool_contestants(case, pass_, reference, torch):
 
 
 def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch", budget=1.0,
-        min_rounds=3, max_rounds=15, sgemm=None, progress=True, stat="median"):
+        min_rounds=3, max_rounds=15, sgemm=None, progress=True, stat="median", same_process=False,
+        threads=None):
     """Time every case and pass of ``suite``; returns a list of :class:`Row` (reference rows included).
 
     ``algorithms`` defaults to ``('auto',) + fastconv.algorithms()``; ``reference`` is ``'torch'``
-    or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by.
+    or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by.  PyTorch runs in a
+    worker process with ``threads`` threads (default: numba's current count) unless ``same_process``.
     """
     import fastconv
-    torch = None
-    if reference == "torch":
+    import numba
+    torch = worker = None
+    if reference == "torch" and same_process:
         import torch
+        torch.set_num_threads(numba.get_num_threads() if threads is None else threads)
+    elif reference == "torch":
+        worker = _TorchProcess(numba.get_num_threads() if threads is None else threads)
     algorithms = ("auto",) + fastconv.algorithms() if algorithms is None else tuple(algorithms)
     tasks = [("conv2d", c, p) for c in suite.conv for p in passes]
     tasks += [("max_pool2d", c, p) for c in suite.pool for p in passes]
@@ -251,9 +271,9 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
         for op, case, pass_ in tasks:
             bar.set_postfix_str(f"{case.name} {pass_}")
             if op == "conv2d":
-                named = _conv_contestants(case, pass_, algorithms, reference, torch)
+                named = _conv_contestants(case, pass_, algorithms, reference, torch, worker)
             else:
-                named = _pool_contestants(case, pass_, reference, torch)
+                named = _pool_contestants(case, pass_, reference, torch, worker)
             times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds, stat)
             t_ref = times[-1]
             flops = case.flops(pass_)
@@ -264,7 +284,78 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
             bar.update(1)
     finally:
         bar.close()
+        if worker is not None:
+            worker.close()
     return rows
+
+
+_WORKER = "from fastconv.bench import _torch_worker; _torch_worker()"
+
+
+class _TorchProcess:
+    """PyTorch's side of the benchmark in a child process, driven one timed call at a time.
+
+    Protocol: one JSON object per line each way.  ``{"op": "setup", "kind", "case", "pass"}`` builds
+    and warms the reference call; ``{"op": "run"}`` answers ``{"seconds": ...}`` for one call.
+    """
+
+    def __init__(self, threads):
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def _ask(self, msg):
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("fastconv bench: the PyTorch worker process exited (see its error above)")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"fastconv bench: the PyTorch worker failed: {reply['error']}")
+        return reply
+
+    def contestant(self, op, case, pass_):
+        self._ask({"op": "setup", "kind": op, "case": dataclasses.asdict(case), "pass": pass_})
+
+        def once():
+            return self._ask({"op": "run"})["seconds"]
+        once.returns_seconds = True
+        return once
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+def _torch_worker():
+    """Main loop of the PyTorch worker process (see :class:`_TorchProcess`)."""
+    import torch
+    torch.set_num_threads(int(sys.argv[1]))
+    fn = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["op"] == "setup":
+                fields = {k: tuple(v) if isinstance(v, list) else v for k, v in msg["case"].items()}
+                if msg["kind"] == "conv2d":
+                    case = _cases.ConvCase(**fields)
+                    x, w, b = case.arrays()
+                    fn = _torch_conv(case, x, w, b, case.grad_output(), torch)[msg["pass"]]
+                else:
+                    case = _cases.PoolCase(**fields)
+                    fn = _torch_pool(case, case.arrays(), case.grad_output(), torch)[msg["pass"]]
+                fn()
+                reply = {"ok": True}
+            else:
+                t0 = time.perf_counter()
+                fn()
+                reply = {"seconds": time.perf_counter() - t0}
+        except Exception as exc:  # reported to the parent, which raises it
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(reply), flush=True)
 
 
 class _NoBar:
@@ -357,6 +448,8 @@ def _parser():
     p.add_argument("--reference", choices=("torch", "numpy"), help="baseline (default: torch when installed)")
     p.add_argument("--quick", action="store_true", help="few rounds per case: a rough figure in seconds")
     p.add_argument("--budget", type=float, help="seconds of timing per case and pass (default 1.0, quick 0.2)")
+    p.add_argument("--same-process", action="store_true",
+                   help="run PyTorch in this process too (its thread pool then competes with numba's)")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="figure per contestant: median of the rounds (default) or the fastest round, "
                         "steadier on a busy machine")
@@ -404,17 +497,11 @@ def main(argv=None):
         except ImportError:
             return _fail("--plot needs matplotlib: pip install 'fastconv[bench]' (or matplotlib)")
     reference = a.reference
+    has_torch = importlib.util.find_spec("torch") is not None  # not imported here: see --same-process
     if reference is None:
-        try:
-            import torch  # noqa: F401
-            reference = "torch"
-        except ImportError:
-            reference = "numpy"
-    elif reference == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return _fail("--reference torch needs PyTorch installed")
+        reference = "torch" if has_torch else "numpy"
+    elif reference == "torch" and not has_torch:
+        return _fail("--reference torch needs PyTorch installed")
 
     import numba
     threads = a.threads if a.threads is not None else numba.config.NUMBA_NUM_THREADS
@@ -427,11 +514,12 @@ def main(argv=None):
 
     sgemm = sgemm_gflops(rounds=3 if a.quick else 7)
     rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=sgemm, progress=not a.no_progress,
-               stat=a.stat)
+               stat=a.stat, same_process=a.same_process, threads=threads)
     rows_sorted = rows
     header = (f"fastconv {fastconv.__version__} | {threads} threads | {a.stat} of interleaved rounds | "
               f"reference: {reference}"
-              f"{' ' + _torch_version() if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
+              f"{' ' + _torch_version() if reference == 'torch' else ''}"
+              f"{(' (same process)' if a.same_process else ' (own process)') if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
               f"{platform.machine()} {os.cpu_count()} cpus")
     print(header)
     print(format_table(rows_sorted, reference))
@@ -441,7 +529,7 @@ def main(argv=None):
         doc = {"meta": {"fastconv": fastconv.__version__, "threads": threads, "reference": reference,
                         "sgemm_gflops": sgemm, "stat": a.stat, "machine": platform.machine(), "cpus": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
-                        "numba": numba.__version__, "quick": a.quick,
+                        "numba": numba.__version__, "quick": a.quick, "same_process": a.same_process,
                         "torch": _torch_version() if reference == "torch" else None},
                "rows": [dict(r._asdict()) for r in rows]}
         with open(a.json, "w", encoding="utf-8") as f:
@@ -454,8 +542,8 @@ def main(argv=None):
 
 
 def _torch_version():
-    import torch
-    return f"torch {torch.__version__}"
+    from importlib.metadata import version
+    return f"torch {version('torch')}"
 
 
 def _set_threads(n, reference):
@@ -474,6 +562,5 @@ def _set_threads(n, reference):
                 ctl.set_num_threads(n)
     except ImportError:
         pass
-    if reference == "torch":
-        import torch
-        torch.set_num_threads(n)
+    if reference == "torch" and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)

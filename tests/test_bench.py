@@ -172,12 +172,15 @@ def test_cli_runs_the_tiny_suite(tiny_file, tmp_path, capsys):
             assert r["vs_ref"] == 1.0
 
 
-def test_cli_options(tiny_file, capsys):
+@pytest.mark.parametrize("where", ["own process", "same process"])
+def test_cli_options(tiny_file, capsys, where):
     pytest.importorskip("torch")
+    extra = ["--same-process"] if where == "same process" else []
     assert cli(["bench", "--shapes", tiny_file, *FAST, "--only", "tiny", "--passes", "fwd",
-                "--algorithms", "direct", "--threads", "1", "--stat", "min"]) == 0
+                "--algorithms", "direct", "--threads", "1", "--stat", "min", *extra]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "1 threads" in lines[0] and "reference: torch" in lines[0] and "min of" in lines[0]
+    assert f"({where})" in lines[0]
     body = [ln.split() for ln in lines[3:] if ln.startswith("tiny")]
     assert [(b[0], b[1], b[2]) for b in body] == [("tiny", "forward", "direct"), ("tiny", "forward", "torch")]
 
