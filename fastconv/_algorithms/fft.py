@@ -64,7 +64,11 @@ import numpy as np
 import scipy.fft as sfft
 from numba import prange
 
-from .._jit import kernel
+from .._jit import FASTMATH, kernel
+
+# Serial helper compiled into the calling parallel kernels (as direct.py's micro-kernels): never a
+# cached kernel calling another cached kernel (numba issue 8578, shared/NUMBA_NOTES.md).
+_inline = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -122,55 +126,73 @@ def _kernel_rows(wt, ew, t):
                     ti[j] += ci * x[j]
 
 
+@_inline
+def _butterfly(ar, ai, nsub, ln):
+    # In place on rows 0..nsub-1 of (ar, ai): row j <- sum_m i^(j*m) * row m, for nsub = 1, 2 or 4
+    # (the last radix-2/radix-4 step of a DFT; see _spectral_conv).
+    if nsub == 2:
+        for j in range(ln):
+            pr, pim, mr, mim = ar[0, j], ai[0, j], ar[1, j], ai[1, j]
+            ar[0, j] = pr + mr
+            ai[0, j] = pim + mim
+            ar[1, j] = pr - mr
+            ai[1, j] = pim - mim
+    elif nsub == 4:
+        for j in range(ln):
+            ar_, ai_ = ar[0, j] + ar[2, j], ai[0, j] + ai[2, j]
+            br, bi = ar[0, j] - ar[2, j], ai[0, j] - ai[2, j]
+            cr, ci = ar[1, j] + ar[3, j], ai[1, j] + ai[3, j]
+            dr, di = ar[1, j] - ar[3, j], ai[1, j] - ai[3, j]
+            ar[0, j] = ar_ + cr
+            ai[0, j] = ai_ + ci
+            ar[2, j] = ar_ - cr
+            ai[2, j] = ai_ - ci
+            ar[1, j] = br - di
+            ai[1, j] = bi + dr
+            ar[3, j] = br + di
+            ai[3, j] = bi - dr
+
+
 @kernel
 def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
     # Per frequency (u, v): the kernel spectrum Wc[c, q] = sum_r e^{+i 2 pi u r dh/nh} t[v, r, c, q]
     # for the chunk's output channels k0 + q, then, within each group,
     #   forward:    out[u, v, n, q]  = sum_c a[u, v, n, c] * Wc[c, q]           (a = X,  out = Y chunk)
     #   grad_input: out[u, v, n, c] += sum_q a[u, v, n, k0 + q] * conj(Wc[c, q]) (a = GY, out = GX)
-    # prange over v: every (u, v) of out belongs to one iteration.  With nh even, rows u and
-    # u + nh/2 are done together: e^{i pi r dh} = +-1, so their spectra are P + M and P - M with P
-    # and M the sums over the taps with r*dh even and odd (one radix-2 step: half the DFT work).
+    # prange over v: every (u, v) of out belongs to one iteration.  The rows u0 + j*nh/nsub
+    # (nsub = 4 when 4 divides nh, else 2 when nh is even, else 1) are done together: their
+    # twiddles differ by i^(j*r*dh), so with S_m the sum over taps with r*dh = m (mod nsub), the
+    # spectra are sum_m i^(j*m) S_m (one radix-4 step: a quarter of the DFT work).
     nh, wf, nb = a.shape[0], a.shape[1], a.shape[2]
     rr, m = t.shape[1], t.shape[3]
     kb = m // cg
-    half = nh // 2 if nh % 2 == 0 else 0
+    nsub = 4 if nh % 4 == 0 else (2 if nh % 2 == 0 else 1)
+    step = nh // nsub
     for v in prange(wf):
-        w1r = np.empty(m, dtype=t.dtype)
-        w1i = np.empty(m, dtype=t.dtype)
-        w2r = np.empty(m, dtype=t.dtype)
-        w2i = np.empty(m, dtype=t.dtype)
-        accr = np.empty((nb, kb), dtype=t.dtype)
-        acci = np.empty((nb, kb), dtype=t.dtype)
-        for u0 in range(nh - half):
-            for j in range(m):
-                w1r[j] = 0
-                w1i[j] = 0
-                w2r[j] = 0
-                w2i[j] = 0
+        war = np.empty((nsub, m), dtype=t.dtype)
+        wai = np.empty((nsub, m), dtype=t.dtype)
+        accr = np.empty((nb + 1, kb), dtype=t.dtype)  # row nb: scratch partner of an odd last image
+        acci = np.empty((nb + 1, kb), dtype=t.dtype)
+        for u0 in range(step):
+            for sd in range(nsub):
+                for j in range(m):
+                    war[sd, j] = 0
+                    wai[sd, j] = 0
             for r in range(rr):
                 cr, ci = eh[u0, r, 0], eh[u0, r, 1]
                 tr = t[v, r, 0]
                 ti = t[v, r, 1]
-                if half and (r * dh) % 2 == 1:
-                    for j in range(m):
-                        w2r[j] += cr * tr[j] - ci * ti[j]
-                        w2i[j] += cr * ti[j] + ci * tr[j]
-                else:
-                    for j in range(m):
-                        w1r[j] += cr * tr[j] - ci * ti[j]
-                        w1i[j] += cr * ti[j] + ci * tr[j]
-            if half:
+                sd = (r * dh) % nsub
+                w1r = war[sd]
+                w1i = wai[sd]
                 for j in range(m):
-                    pr, pim, mr, mim = w1r[j], w1i[j], w2r[j], w2i[j]
-                    w1r[j] = pr + mr
-                    w1i[j] = pim + mim
-                    w2r[j] = pr - mr
-                    w2i[j] = pim - mim
-            for side in range(2 if half else 1):
-                u = u0 + side * half
-                wr = w2r if side else w1r
-                wi = w2i if side else w1i
+                    w1r[j] += cr * tr[j] - ci * ti[j]
+                    w1i[j] += cr * ti[j] + ci * tr[j]
+            _butterfly(war, wai, nsub, m)
+            for side in range(nsub):
+                u = u0 + side * step
+                wr = war[side]
+                wi = wai[side]
                 for n in range(nb):
                     for q in range(kb):
                         if grad_input:
@@ -193,10 +215,10 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
                         e = (cl + 1) * kb if two else cl * kb  # second channel (or the first again)
                         x1r = wr[e + q0:e + q1]
                         x1i = wi[e + q0:e + q1]
-                        for n in range(nb):
-                            gr = accr[n, q0:q1]
-                            gim = acci[n, q0:q1]
-                            if grad_input:
+                        if grad_input:
+                            for n in range(nb):
+                                gr = accr[n, q0:q1]
+                                gim = acci[n, q0:q1]
                                 sr0 = w0r[0] * 0
                                 si0 = sr0
                                 sr1 = sr0
@@ -209,17 +231,31 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
                                 out[u, v, n, c] += complex(sr0, si0)
                                 if two:
                                     out[u, v, n, c + 1] += complex(sr1, si1)
-                            else:
+                        else:
+                            # 2 images x 2 channels per pass: 16 multiply-adds per 8 loads
+                            for n in range(0, nb, 2):
+                                n1 = n + 1 if n + 1 < nb else nb
                                 z = a[u, v, n, c]
                                 xr, xi = z.real, z.imag
-                                if two:
-                                    z = a[u, v, n, c + 1]
-                                    yr, yi = z.real, z.imag
+                                z = a[u, v, n, c + 1] if two else z * 0
+                                yr, yi = z.real, z.imag
+                                if n1 < nb:
+                                    z = a[u, v, n1, c]
+                                    x2r, x2i = z.real, z.imag
+                                    z = a[u, v, n1, c + 1] if two else z * 0
+                                    y2r, y2i = z.real, z.imag
                                 else:
-                                    yr, yi = xr * 0, xr * 0
+                                    x2r, x2i, y2r, y2i = xr * 0, xr * 0, xr * 0, xr * 0
+                                gr = accr[n, q0:q1]
+                                gim = acci[n, q0:q1]
+                                hr = accr[n1, q0:q1]
+                                him = acci[n1, q0:q1]
                                 for j in range(ln):
-                                    gr[j] += xr * w0r[j] - xi * w0i[j] + yr * x1r[j] - yi * x1i[j]
-                                    gim[j] += xr * w0i[j] + xi * w0r[j] + yr * x1i[j] + yi * x1r[j]
+                                    ar, ai, br, bi = w0r[j], w0i[j], x1r[j], x1i[j]
+                                    gr[j] += xr * ar - xi * ai + yr * br - yi * bi
+                                    gim[j] += xr * ai + xi * ar + yr * bi + yi * br
+                                    hr[j] += x2r * ar - x2i * ai + y2r * br - y2i * bi
+                                    him[j] += x2r * ai + x2i * ar + y2r * bi + y2i * br
                     q0 = q1
                 if not grad_input:
                     for n in range(nb):
@@ -233,23 +269,24 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg, dh, cb):
     # group, then qs[v, r, c, q] += e^{+i 2 pi u r dh/nh} * Z[c, q] (the inverse DFT along rows,
     # evaluated only at the r tap rows).  prange over v: qs[v] belongs to one iteration, and the
     # sum over u runs in a fixed order.  Input channels go in blocks of cb so the block of qs[v]
-    # being updated stays in cache; with nh even, rows u and u + nh/2 are paired as in
-    # _spectral_conv (qs[r] gets e^{..}(Z[u] +- Z[u + nh/2]), the sign that of (-1)^(r*dh)).
+    # being updated stays in cache; rows u0 + j*nh/nsub are combined as in _spectral_conv: tap
+    # row r gets e^{..u0..} * sum_j i^(j*m) Z[u0 + j*nh/nsub] with m = r*dh mod nsub.
     nh, wf, nb = x.shape[0], x.shape[1], x.shape[2]
     rr, m = qs.shape[1], qs.shape[3]
     kb = m // cg
-    half = nh // 2 if nh % 2 == 0 else 0
+    nsub = 4 if nh % 4 == 0 else (2 if nh % 2 == 0 else 1)
+    step = nh // nsub
     for v in prange(wf):
-        zr = np.empty((2, cb * kb), dtype=qs.dtype)
-        zi = np.empty((2, cb * kb), dtype=qs.dtype)
+        zr = np.empty((nsub, cb * kb), dtype=qs.dtype)
+        zi = np.empty((nsub, cb * kb), dtype=qs.dtype)
         gr = np.empty((nb, kb), dtype=qs.dtype)
         gim = np.empty((nb, kb), dtype=qs.dtype)
         for c0 in range(0, cg, cb):
             c1 = min(cg, c0 + cb)
             mb = (c1 - c0) * kb
-            for u0 in range(nh - half):
-                for side in range(2 if half else 1):
-                    u = u0 + side * half
+            for u0 in range(step):
+                for side in range(nsub):
+                    u = u0 + side * step
                     for n in range(nb):
                         for q in range(kb):
                             z = gy[u, v, n, k0 + q]
@@ -287,17 +324,11 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg, dh, cb):
                                     z0r[j] += xr * g0[j] + xi * g1[j] + yr * h0[j] + yi * h1[j]
                                     z0i[j] += xi * g0[j] - xr * g1[j] + yi * h0[j] - yr * h1[j]
                         q0 = q1
-                if half:
-                    for j in range(mb):
-                        ar, ai, br, bi = zr[0, j], zi[0, j], zr[1, j], zi[1, j]
-                        zr[0, j] = ar + br
-                        zi[0, j] = ai + bi
-                        zr[1, j] = ar - br
-                        zi[1, j] = ai - bi
+                _butterfly(zr, zi, nsub, mb)
                 # the inverse DFT along u for the block: long vector loops
                 for r in range(rr):
                     cr, ci = eh[u0, r, 0], eh[u0, r, 1]
-                    sd = 1 if half and (r * dh) % 2 == 1 else 0
+                    sd = (r * dh) % nsub
                     zsr = zr[sd]
                     zsi = zi[sd]
                     pr = qs[v, r, 0, c0 * kb:c1 * kb]
@@ -403,7 +434,7 @@ def _single_cost(p, pass_, pl):
     wf = nw // 2 + 1
     planes = max(p.n, 1) * (p.c + p.k)
     fft = planes * nh * nw * math.log2(max(nh * nw, 2)) * _C_FFT
-    rdft = p.r / 2 if nh % 2 == 0 else p.r  # radix-2 pairing of rows u and u + nh/2
+    rdft = p.r / (4 if nh % 4 == 0 else (2 if nh % 2 == 0 else 1))  # radix-4/2 step over rows
     macs = nh * wf * p.cg * p.k * (max(p.n, 1) + nch * rdft) * (1.3 if pass_ == "grad_weight" else 1.0)
     rows = nch * wf * p.r * p.s * p.cg * p.k * 2
     mem = planes * nh * nw * _C_MEM
