@@ -1,7 +1,7 @@
 """The im2col algorithm's table for issue 3: speed against PyTorch and against a same-run sgemm, peak
 memory with and without the workspace budget, and the small-shape check against ``direct``.
 
-    python benchmarks/im2col_report.py [--only name,name] [--rounds 5] [--threads 2]
+    python benchmarks/im2col_report.py [--only name,name] [--rounds 5] [--threads 2] [--cpu-time]
 
 Per shape: forward time and GFLOP/s, PyTorch's forward time and the ratio (above 1: fastconv is
 faster), a plain sgemm of the same matrix sizes (``(K/g x C/g*R*S) @ (C/g*R*S x N*OH*OW)``, numpy's
@@ -31,6 +31,9 @@ TARGETS = ["alexnet-c1", "resnet50-stem", "resnet50-3x3-64", "resnet50-1x1-256",
 SMALL = ["lenet5-c1", "lenet5-c3"]
 
 
+CLOCK = time.perf_counter
+
+
 def medians(fns, rounds):
     """Median seconds of each function, calls interleaved round by round after two warm-ups."""
     for _ in range(2):
@@ -39,9 +42,9 @@ def medians(fns, rounds):
     times = [[] for _ in fns]
     for _ in range(rounds):
         for f, t in zip(fns, times):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
-            t.append(time.perf_counter() - t0)
+            t.append(CLOCK() - t0)
     return [float(np.median(t)) for t in times]
 
 
@@ -58,7 +61,15 @@ def main():
     ap.add_argument("--only", help="comma-separated case names (default: the issue's shapes)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by process CPU time (with --threads 1: immune to waiting for a core on a "
+                         "busy machine)")
     a = ap.parse_args()
+    global CLOCK
+    if a.cpu_time:
+        if a.threads != 1:
+            ap.error("--cpu-time needs --threads 1 (CPU time adds up over threads)")
+        CLOCK = time.process_time
     import torch
     import torch.nn.functional as F
 
@@ -67,7 +78,7 @@ def main():
     cases = {c.name: c for c in load_suite().conv}
     names = a.only.split(",") if a.only else TARGETS + SMALL
     print(f"im2col vs PyTorch {torch.__version__}, {a.threads} threads, float32, median of {a.rounds} "
-          f"interleaved rounds; ratio > 1: fastconv faster")
+          f"interleaved rounds of {'CPU' if a.cpu_time else 'wall'} time; ratio > 1: fastconv faster")
     head = (f"{'shape':18} {'fwd ms':>8} {'GFLOP/s':>8} {'torch ms':>8} {'ratio':>6} {'sgemm GF/s':>10} "
             f"{'%sgemm':>6} | {'fwd+bwd ms':>10} {'torch ms':>8} {'ratio':>6} | "
             f"{'peak MiB 64M/4M':>15} {'full cols MiB':>13}")
