@@ -299,6 +299,8 @@ class _TorchProcess:
     and warms the reference call; ``{"op": "run"}`` answers ``{"seconds": ...}`` for one call.
     """
 
+    GAP = 0.01
+
     def __init__(self, threads):
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -318,7 +320,12 @@ class _TorchProcess:
         self._ask({"op": "setup", "kind": op, "case": dataclasses.asdict(case), "pass": pass_})
 
         def once():
-            return self._ask({"op": "run"})["seconds"]
+            # Idle OpenMP workers spin for a while before they sleep; a pause on each side of the
+            # reference call keeps one process's spinning pool from slowing the other's timed call.
+            time.sleep(self.GAP)
+            seconds = self._ask({"op": "run"})["seconds"]
+            time.sleep(self.GAP)
+            return seconds
         once.returns_seconds = True
         return once
 
