@@ -268,10 +268,11 @@ def _conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups,
             f"({dl[0] * (r - 1) + 1} x {dl[1] * (s - 1) + 1}) after dilation {dl}, padded input "
             f"({h + ph0 + ph1} x {w + pw0 + pw1}), got input {h}x{w}, kernel {r}x{s}, padding {padding!r}"
         )
-    # A stride along an axis with one output position, or a dilation along a kernel of size 1, has
-    # no effect: 1 instead, so that no algorithm sizes a buffer by it (a phase split by a stride of
-    # 10**6 would allocate 10**6 columns per row).
-    st = (1 if oh == 1 else st[0], 1 if ow == 1 else st[1])
+    # A stride beyond the padded input (one output position) or a dilation of a 1-wide kernel has
+    # no effect: clamped, so that no algorithm sizes a buffer by it (a phase split by a stride of
+    # 10**6 allocated 10**6 columns per row).  The output-size formula still holds for the clamped
+    # values (algorithms rely on it: stride 1, no padding and a 1x1 kernel mean oh == h).
+    st = (min(st[0], h + ph0 + ph1), min(st[1], w + pw0 + pw1))
     dl = (1 if r == 1 else dl[0], 1 if s == 1 else dl[1])
     p = ConvParams(n, c, h, w, k, r, s, st[0], st[1], ph0, ph1, pw0, pw1, dl[0], dl[1], groups, oh, ow,
                    np.dtype(dtype), resolve_workspace_limit(fn, workspace_limit))
@@ -355,8 +356,9 @@ def pool_params(fn, x_shape, kernel_size, stride, padding, dilation, ceil_mode):
             f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}) gives {oh}x{ow}"
         )
     check_memory(fn, f"output of shape {(n, c, oh, ow)}", 16 * n * c * oh * ow)
-    # as for convolution: a stride or dilation that cannot matter is 1 for the kernels
-    sh, sw, dh, dw = (1 if oh == 1 else sh), (1 if ow == 1 else sw), (1 if kh == 1 else dh), (1 if kw == 1 else dw)
+    # as for convolution: a stride or dilation that cannot matter is clamped (the sizes still hold)
+    sh, sw = min(sh, h + 2 * ph + dh * (kh - 1) + 2), min(sw, w + 2 * pw + dw * (kw - 1) + 2)
+    dh, dw = (1 if kh == 1 else dh), (1 if kw == 1 else dw)
     return PoolParams(n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
 
 
