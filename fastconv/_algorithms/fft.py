@@ -26,13 +26,19 @@ it keeps the spectra in cache).  grad_weight does the same in reverse (:func:`_s
 
 FFT library: ``scipy.fft`` called from Python with ``workers=`` (numba's thread count), on
 channels-last buffers ``(nh, nw, batch, channels)`` so the 2-D transforms over axes (0, 1) come out
-frequency-major, as the contraction reads them.  Measured against rocket-fft (FFTs inside
-``@njit(parallel=True)``, one plane per prange iteration) on this 2-core box: the transform times
-were of the same order (64x64 planes, float32: scipy 7-9 ms vs rocket-fft 12 ms for 512 forward
-transforms; float64 the other way round; all under heavy load noise), but each parallel kernel
-with a rocket-fft call costs 3-6 s of cold compilation per dtype (measured: 5.6 s for an rfft2
-kernel, 2.8 s for irfft2), which on top of the conv kernels broke the CI time budget before.  With
-scipy the numba kernels here contain no FFT and compile in a few seconds for both dtypes.
+frequency-major, as the contraction reads them.  Measured against rocket-fft 0.4.1 (FFTs inside
+``@njit(parallel=True)``, one plane per prange iteration), single-thread CPU time on the 2-core
+AVX-512 box (load-independent), forward / inverse real 2-D transforms:
+
+    512 planes 64x64  float32: rocket-fft 5.4 / 6.0 ms, scipy 6.1 / 5.6 ms
+    64 planes 80x80   float32: rocket-fft 0.8 / 0.8 ms, scipy 1.0 / 1.0 ms
+    512 planes 64x64  float64: rocket-fft 7.8 / 8.2 ms, scipy 12.1 / 16.0 ms
+
+Transforms are ~15-20% of a float32 pass here (the channel contraction dominates), so rocket-fft
+would save at most ~2-3% in float32 and ~10% in float64, while every parallel kernel holding a
+rocket-fft call costs 3-6 s of cold compilation per dtype (measured: 5.6 s for an rfft2 kernel,
+2.8 s for irfft2; an earlier rocket-fft version of this module took ~150 s cold).  With scipy the
+numba kernels here hold no FFT: cold compilation of all six kernels is ~15 s of CPU per dtype.
 
 Memory: the work is cut into spatial tiles (overlap-save: each output tile reads its input tile
 plus the kernel's halo), batch chunks and output-channel chunks so that the buffers and spectra of
