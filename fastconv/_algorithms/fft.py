@@ -430,7 +430,7 @@ def _workspace(p, pass_, nh, nw, nb, kb):
 # (about ten scipy/numba dispatches with their thread wake-ups and buffer allocations) so small
 # layers never look cheap: the tiny cases measured 0.1 ms of CPU per pass on one thread.
 _C_CALL = 2.5e-4      # per call
-_C_STEP = 5e-5        # per (tile, batch chunk, channel chunk) step: kernel / FFT launches
+_C_STEP = 2.5e-4      # per (tile, batch chunk, channel chunk) step: 6-8 kernel / FFT launches
 _C_FFT = 0.35e-9      # per plane element per log2(plane size), one transform
 _C_MAC = 0.35e-9      # per complex multiply-add in the contraction kernels (grad_weight: x1.3)
 _C_MEM = 2.5e-9       # per element packed into / unpacked from a channels-last buffer
@@ -455,12 +455,20 @@ def _single_cost(p, pass_, pl):
     # again, and short inner loops (few channels per group) cost their overhead
     reread = (kch - 1) * nh * wf * max(p.n, 1) * p.c * 2 * _C_MEM if pass_ != "grad_weight" else 0.0
     loops = nh * wf * (max(p.n, 1) * max(1, p.cg // 2) * p.g + nch * p.r) * _C_LOOP
-    return tiles * (fft + macs * _C_MAC + rows * _C_ROW + mem + reread + loops + nch * kch * _C_STEP)
+    return tiles * (fft + macs * _C_MAC + rows * _C_ROW + mem + reread + loops)
+
+
+def _steps(p, pass_, pl):
+    tot_h, tot_w = (p.h, p.w) if pass_ == "grad_input" else (p.oh, p.ow)
+    tiles = -(-tot_h // pl.th) * -(-tot_w // pl.tw)
+    return tiles * -(-max(p.n, 1) // pl.nb) * -(-p.k // pl.kb)
 
 
 def _cost_of(p, pass_, pl):
+    # the per-step launches do not get faster with more threads (each is a fork/join)
     threads = numba.get_num_threads()
-    return _C_CALL + _single_cost(p, pass_, pl) / (1.0 + 0.8 * (threads - 1))
+    return (_C_CALL + _steps(p, pass_, pl) * _C_STEP
+            + _single_cost(p, pass_, pl) / (1.0 + 0.8 * (threads - 1)))
 
 
 @functools.lru_cache(maxsize=256)
