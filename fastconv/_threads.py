@@ -7,9 +7,10 @@ here governs numba's pool and numpy's BLAS together; by default both use every c
 started with (``NUMBA_NUM_THREADS``), and they never run at the same time, so the machine is never
 oversubscribed.
 
-numba's thread count is a per-Python-thread setting; fastconv re-applies its own setting at the
-start of every call, so :func:`set_num_threads` holds for calls from any thread, and the
-:func:`threads` context manager overrides it for the calling thread only.
+numba's thread count is a per-Python-thread setting; fastconv applies its own setting at the start
+of every call (so a call also leaves it set for the calling thread), so :func:`set_num_threads`
+holds for calls from any thread, and the :func:`threads` context manager overrides it for the
+calling thread only.  Calls with very little work (:data:`SERIAL_WORK`) run on one thread.
 """
 from __future__ import annotations
 
@@ -67,15 +68,30 @@ def current() -> int:
     n = getattr(_local, "n", None)
     if n is None:
         n = _global
-    return numba.get_num_threads() if n is None else n
+    return max_threads() if n is None else n
 
 
-def apply() -> None:
-    """Make numba's pool in this Python thread match fastconv's setting (called by every op)."""
-    n = getattr(_local, "n", None)
-    if n is None:
-        n = _global
-    if n is not None and numba.get_num_threads() != n:
+#: Calls with less work than this (multiply-accumulates, or compared elements for pooling) run on one
+#: thread: waking a second thread costs more than it saves there, and on a busy machine a parallel
+#: region waits for every worker's time slice (milliseconds where the work is microseconds).
+SERIAL_WORK = 1 << 18
+
+
+def apply(work=None) -> None:
+    """Set numba's pool in this Python thread for the next kernel call (called by every op).
+
+    ``work`` below :data:`SERIAL_WORK` runs on one thread; otherwise fastconv's setting (all of
+    numba's threads by default).
+    """
+    if work is not None and work < SERIAL_WORK:
+        n = 1
+    else:
+        n = getattr(_local, "n", None)
+        if n is None:
+            n = _global
+            if n is None:
+                n = max_threads()
+    if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
 

@@ -73,10 +73,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     (1, 1, 4, 4)
     """
     fn = "conv2d"
-    apply_threads()
     x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
                                           workspace_limit)
     alg = select(fn, algorithm, p, "forward")
+    apply_threads(p.macs)
     if p.n == 0:
         return np.zeros(p.y_shape, dtype=p.dtype)
     return alg.forward(x, weight, bias, p)
@@ -122,11 +122,11 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
            [4., 4.]]), array([4.]))
     """
     fn = "conv2d_backward"
-    apply_threads()
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
     alg_i = select(fn, algorithm, p, "grad_input")
     alg_w = select(fn, algorithm, p, "grad_weight")
+    apply_threads(2 * p.macs)
     if p.n == 0:
         return Conv2dGrads(np.zeros(p.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
     return Conv2dGrads(alg_i.grad_input(grad_output, weight, p),
@@ -173,11 +173,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
            [13, 15]]))
     """
     fn = "max_pool2d"
-    apply_threads()
     x = V.as_float_array(fn, "input", x, 4)
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     V.check_copy(fn, "the input", x)
     return_indices = V._bool(fn, "return_indices", return_indices)
+    apply_threads(x.size)
     y, idx = pooling.max_forward(x, p)
     return (y, idx) if return_indices else y
 
@@ -213,7 +213,6 @@ def max_pool2d_backward(grad_output, indices, input_shape):
            [0., 1., 0., 1.]])
     """
     fn = "max_pool2d_backward"
-    apply_threads()
     input_shape = V.shape4(fn, "input_shape", input_shape)
     grad_output = V.as_float_array(fn, "grad_output", grad_output, 4)
     if grad_output.shape[:2] != input_shape[:2]:
@@ -223,6 +222,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     V.check_copy(fn, "grad_output", grad_output)
     V.check_copy(fn, "indices", indices)
     V.check_memory(fn, f"grad_input of shape {input_shape}", grad_output.itemsize * int(np.prod(input_shape)))
+    apply_threads(grad_output.size)
     gx, ok = pooling.max_backward(grad_output, indices, input_shape)
     if not ok:
         hw = input_shape[2] * input_shape[3]
@@ -259,10 +259,10 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     array([2.5, 3. , 4. , 4.5])
     """
     fn = "avg_pool2d"
-    apply_threads()
     x = V.as_float_array(fn, "input", x, 4)
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, 1, ceil_mode)
     V.check_copy(fn, "the input", x)
+    apply_threads(x.size)
     return pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad))
 
 
@@ -279,11 +279,11 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
            [0.25, 0.25]])
     """
     fn = "avg_pool2d_backward"
-    apply_threads()
     input_shape = V.shape4(fn, "input_shape", input_shape)
     p = V.pool_params(fn, input_shape, kernel_size, stride, padding, 1, ceil_mode)
     grad_output = V.check_grad_like(fn, grad_output, p.y_shape)
     V.check_memory(fn, f"grad_input of shape {input_shape}", grad_output.itemsize * int(np.prod(input_shape)))
+    apply_threads(int(np.prod(input_shape)))
     return pooling.avg_backward(grad_output, p, V._bool(fn, "count_include_pad", count_include_pad))
 
 

@@ -93,10 +93,10 @@ def _conv_param_grads(grad_output, x, weight, stride, padding, dilation, groups,
     nobody uses -- a third of that layer's backward time).
     """
     fn = "conv2d_backward"
-    apply_threads()
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups)
     alg = select(fn, algorithm, p, "grad_weight")
+    apply_threads(p.macs)
     if p.n == 0:
         return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
     return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)

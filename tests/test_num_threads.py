@@ -52,3 +52,16 @@ def test_threads_context_restores(restore):
         y1 = fastconv.conv2d(np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3)))
     assert fastconv.get_num_threads() == fastconv.max_threads()
     np.testing.assert_array_equal(y1, 27.0)
+
+
+def test_tiny_calls_run_on_one_thread_and_large_ones_on_the_setting(restore):
+    from fastconv._threads import SERIAL_WORK
+    fastconv.set_num_threads(fastconv.max_threads())
+    fastconv.conv2d(np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)))        # 81 MACs
+    assert numba.get_num_threads() == 1
+    x = np.ones((1, 16, 64, 64), np.float32)
+    w = np.ones((16, 16, 3, 3), np.float32)
+    assert 16 * 16 * 9 * 62 * 62 > SERIAL_WORK
+    fastconv.conv2d(x, w)
+    assert numba.get_num_threads() == fastconv.max_threads()
+    assert fastconv.get_num_threads() == fastconv.max_threads()
