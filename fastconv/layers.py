@@ -303,7 +303,7 @@ class Conv2d(Module):
 
     def params(self, input_shape):
         """:class:`~fastconv._validation.ConvParams` of one image of shape ``(C, H, W)``."""
-        return V.conv_params(type(self).__name__, (1,) + tuple(input_shape), self.weight.shape, self.dtype,
+        return V.conv_params(type(self).__name__, _sample_chw(self, input_shape), self.weight.shape, self.dtype,
                              self.stride, self.padding, self.dilation, self.groups)
 
     def output_shape(self, input_shape):
@@ -355,7 +355,7 @@ class MaxPool2d(Module):
         return F.max_pool2d_backward(grad_output, idx, shape)
 
     def output_shape(self, input_shape):
-        p = V.pool_params(type(self).__name__, (1,) + tuple(input_shape), self.kernel_size, self.stride,
+        p = V.pool_params(type(self).__name__, _sample_chw(self, input_shape), self.kernel_size, self.stride,
                           self.padding, self.dilation, self.ceil_mode)
         return p.y_shape[1:]
 
@@ -395,12 +395,19 @@ class AvgPool2d(Module):
         return F.avg_pool2d_backward(grad_output, self._cached("_shape"), *self._args())
 
     def output_shape(self, input_shape):
-        p = V.pool_params(type(self).__name__, (1,) + tuple(input_shape), self.kernel_size, self.stride,
+        p = V.pool_params(type(self).__name__, _sample_chw(self, input_shape), self.kernel_size, self.stride,
                           self.padding, 1, self.ceil_mode)
         return p.y_shape[1:]
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def _sample_chw(layer, input_shape):
+    """``(1, C, H, W)`` for one sample's shape ``(C, H, W)``; a clear error for anything else."""
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:
+        raise ValueError(f"{type(layer).__name__}: input shape of one sample must be (C, H, W), got {input_shape!r}")
+    return (1,) + tuple(input_shape)
 
 
 class ReLU(Module):

@@ -155,3 +155,11 @@ def test_summary_of_a_network_totals():
     assert "(10,)" in lines[-2]
     with pytest.raises(ValueError, match=r"Linear: input must have shape \(512,\) per sample"):
         fastconv.summary(model, (1, 16, 16), file=io.StringIO())
+
+
+def test_summary_names_a_batch_shape_given_instead_of_one_sample():
+    from fastconv.layers import Conv2d, MaxPool2d, Sequential
+    with pytest.raises(ValueError, match=r"Conv2d: input shape of one sample must be \(C, H, W\), got \(1, 1, 28, 28\)"):
+        fastconv.summary(Sequential(Conv2d(1, 6, 5)), (1, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"MaxPool2d: input shape of one sample must be \(C, H, W\)"):
+        fastconv.summary(MaxPool2d(2), (28, 28))
