@@ -1,13 +1,14 @@
 """Determinism: what each algorithm guarantees about the bits of its results.
 
 Same inputs, algorithm and thread count give bitwise identical results, run after run and process
-after process, for every algorithm and pass.  Across thread counts (1 vs 2 threads of numba's pool,
+after process, for every algorithm and pass.  (Calls below ``SERIAL_WORK`` multiply-accumulates run
+on one thread whatever the setting, so the cases here are larger than that.)  Across thread counts (1 vs 2 threads of numba's pool,
 set with :func:`fastconv.threads`) the guarantee differs:
 
 | algorithm | forward | grad_input | grad_weight | grad_bias | why |
 |---|---|---|---|---|---|
 | direct | bitwise | bitwise | bitwise | bitwise | work items are fixed by the shape (image, group, channel block, row block; tap blocks for grad_weight), each reduced in a fixed order |
-| im2col | rounding | rounding | rounding | bitwise | tile sizes, channel blocks and grad_weight's batch split follow the thread count, so BLAS sums in a different grouping (differences seen in forward and grad_weight) |
+| im2col | rounding | rounding | rounding | bitwise | tile sizes, channel blocks and grad_weight's batch split follow the thread count, so BLAS may sum in a different grouping (seen: grad_weight with a batch split, and forward on a small strided case) |
 | fft | bitwise | bitwise | bitwise | bitwise | the tiling plan ignores the thread count; scipy.fft's workers split independent 1-D transforms; contractions own their frequencies |
 | auto | as the algorithm it picks for that thread count | | | | |
 | max_pool2d, avg_pool2d and backward | bitwise | | | | one work item per (image, channel) plane |
@@ -35,14 +36,16 @@ THREAD_INVARIANT = {
     "im2col": {"grad_bias"},
     "fft": set(PASSES),
 }
-CASES = {  # each splits into several work items per thread, in every algorithm
-    "basic-groups": ((4, 6, 12, 11), (8, 3, 3, 3), {"groups": 2, "padding": 1}),
-    "strided": ((3, 4, 15, 13), (6, 4, 3, 3), {"stride": 2, "padding": 1}),
-    "pointwise": ((2, 16, 9, 9), (12, 16, 1, 1), {}),
-    "batch-split": ((5, 2, 10, 10), (2, 2, 3, 3), {"padding": 1}),  # fewer channel blocks than threads
+CASES = {  # each above SERIAL_WORK (so 2 threads really run) and split into several work items
+    "basic-groups": ((4, 6, 20, 19), (8, 3, 3, 3), {"groups": 2, "padding": 1}),
+    "strided": ((4, 8, 31, 29), (12, 8, 3, 3), {"stride": 2, "padding": 1}),
+    "pointwise": ((4, 32, 16, 16), (24, 32, 1, 1), {}),
+    "batch-split": ((6, 2, 40, 40), (2, 2, 3, 3), {"padding": 1}),  # fewer channel blocks than threads
     "large-kernel": ((2, 3, 32, 30), (4, 3, 7, 7), {"padding": 3}),
-    "dilated-same": ((2, 4, 14, 13), (4, 2, 3, 2), {"dilation": 2, "groups": 2, "padding": "same"}),
+    "dilated-same": ((3, 8, 32, 30), (8, 4, 3, 2), {"dilation": 2, "groups": 2, "padding": "same"}),
 }
+# fastconv runs calls with less work than this on one thread (fastconv/_threads.py)
+SERIAL_WORK = getattr(__import__("fastconv._threads", fromlist=["_"]), "SERIAL_WORK", 0)
 DTYPES = [np.float32, np.float64]
 needs_two = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs NUMBA_NUM_THREADS >= 2")
 
@@ -91,6 +94,13 @@ def test_same_thread_count_gives_the_same_bits(algorithm, case, dtype):
             assert _bits(r) == _bits(runs[0]), f"{n} threads: {[k for k in r if r[k].tobytes() != runs[0][k].tobytes()]}"
 
 
+def test_cases_are_large_enough_to_use_two_threads():
+    for name, (xs, ws, kw) in CASES.items():
+        y = fastconv.conv2d(np.zeros(xs), np.zeros(ws), **kw)
+        macs = y.size * ws[1] * ws[2] * ws[3]
+        assert macs >= SERIAL_WORK, f"{name}: {macs} MACs would run on one thread"
+
+
 def _guarantee(algorithm, case, dtype, pass_):
     """'bitwise' or 'rounding' for 1 vs 2 threads, per the table in the module docstring."""
     if algorithm == "auto":
@@ -132,7 +142,8 @@ def test_one_versus_two_threads(algorithm, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pooling_is_the_same_on_any_thread_count(dtype):
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((3, 5, 17, 15)).astype(dtype)
+    x = rng.standard_normal((4, 8, 96, 90)).astype(dtype)
+    assert x.size >= SERIAL_WORK
     results = []
     for n in (1, 2, 1, 2):
         with _threads(n):

@@ -17,6 +17,8 @@ import fastconv
 from conftest import ALGORITHMS
 
 N_THREADS = 8
+# fastconv runs calls with less work than this on one thread (fastconv/_threads.py)
+SERIAL_WORK = getattr(__import__("fastconv._threads", fromlist=["_"]), "SERIAL_WORK", 0)
 ROUNDS = 3
 POOL = {"kernel_size": 3, "stride": 2, "padding": 1}
 
@@ -25,20 +27,23 @@ def _job(i, algorithm):
     """A distinct problem per thread: shapes, geometry and dtype vary with ``i``."""
     rng = np.random.default_rng(100 + i)
     dtype = (np.float32, np.float64)[i % 2]
-    n, c, k = 1 + i % 3, 2 + i % 4, 3 + i % 5
-    h, w = 9 + i, 13 - i // 2
+    n, c, k = 2 + i % 3, 8 + i % 4, 8 + i % 5  # above SERIAL_WORK: calls really use the pool
+    h, w = 30 + i, 29 - i // 2
     kw = [{"padding": 1}, {"stride": 2}, {"padding": "same", "dilation": 2}, {"groups": 2, "padding": (0, 1)}][i % 4]
     if kw.get("groups"):
         c, k = 2 * c, 2 * k
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     wt = rng.standard_normal((k, c // kw.get("groups", 1), 3, 3)).astype(dtype)
     b = rng.standard_normal(k).astype(dtype)
-    gy = rng.standard_normal(fastconv.conv2d(x, wt, **kw, algorithm="direct").shape).astype(dtype)
-    return x, wt, b, gy, kw, algorithm
+    y = fastconv.conv2d(x, wt, **kw, algorithm="direct")
+    assert y.size * wt[0].size >= SERIAL_WORK
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    px = rng.standard_normal((2, 8 + i, 96, 90)).astype(dtype)
+    return x, wt, b, gy, kw, algorithm, px
 
 
 def _work(job):
-    x, w, b, gy, kw, algorithm = job
+    x, w, b, gy, kw, algorithm, px = job
     out = []
     for alg in (algorithm, "direct"):  # an algorithm that refuses this case still exercises direct
         try:
@@ -48,10 +53,10 @@ def _work(job):
         except ValueError as exc:
             if "cannot compute the" not in str(exc):
                 raise
-    y, idx = fastconv.max_pool2d(x, **POOL, return_indices=True)
-    out += [y, idx, fastconv.max_pool2d_backward(np.cos(y), idx, x.shape)]
-    a = fastconv.avg_pool2d(x, **POOL, count_include_pad=False)
-    out += [a, fastconv.avg_pool2d_backward(np.sin(a), x.shape, **POOL)]
+    y, idx = fastconv.max_pool2d(px, **POOL, return_indices=True)
+    out += [y, idx, fastconv.max_pool2d_backward(np.cos(y), idx, px.shape)]
+    a = fastconv.avg_pool2d(px, **POOL, count_include_pad=False)
+    out += [a, fastconv.avg_pool2d_backward(np.sin(a), px.shape, **POOL)]
     return [r.tobytes() for r in out]
 
 
