@@ -16,6 +16,7 @@ Example counts: ``python -m pytest tests/test_fuzz.py --hypothesis-show-statisti
 ``--hypothesis-profile=long`` for the long run by hand.  Tests marked ``boundscheck`` form the
 reduced set that CI runs with ``NUMBA_BOUNDSCHECK=1`` (see ``fastconv/_jit.py``).
 """
+import contextlib
 import math
 import re
 
@@ -25,6 +26,7 @@ from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
 import fastconv
+import fastconv._threads as fc_threads
 import reference as ref
 from conftest import ALGORITHMS, TOL
 
@@ -102,6 +104,8 @@ def conv_cases(draw):
         "bias": draw(st.booleans()),
         # small scratch budgets force the tiled paths of algorithms with a workspace (or a refusal)
         "workspace_limit": draw(st.sampled_from([None, None, 2**10, 2**13, 2**16])),
+        # small calls run on one thread; half the examples lift that so every thread's tiles run
+        "all_threads": draw(st.booleans()),
         "layouts": draw(st.tuples(*[st.sampled_from(LAYOUTS)] * 4)),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
@@ -145,6 +149,32 @@ def test_conv_matches_torch(algorithm, case):
     note(f"x {x.shape} {lx}, w {w.shape} {lw}, gy {gy.shape} {lg}, {kw}, {np.dtype(dtype)}, workspace {limit}")
 
     want = conv_oracle(x, w, b, gy, kw)
+    with _all_threads(case["all_threads"]):
+        got = _conv_results(algorithm, xv, wv, bv, gyv, kw, limit, want)
+    n, _, oh, ow = gy.shape
+    k, cg, r, s = w.shape
+    terms = {"forward": cg * r * s, "grad_input": (k // kw["groups"]) * r * s,
+             "grad_weight": n * oh * ow, "grad_bias": n * oh * ow}
+    check(got, want, dtype, terms)
+    for a, a0 in zip((xv, wv, gyv) + (() if bv is None else (bv,)), copies):
+        np.testing.assert_array_equal(a, a0)  # inputs never modified
+
+
+@contextlib.contextmanager
+def _all_threads(on):
+    """Lift fastconv's one-thread rule for small calls (tests run one at a time in this process)."""
+    old = getattr(fc_threads, "SERIAL_WORK", None)
+    if on and old is not None:
+        fc_threads.SERIAL_WORK = 0
+    try:
+        yield
+    finally:
+        if old is not None:
+            fc_threads.SERIAL_WORK = old
+
+
+def _conv_results(algorithm, xv, wv, bv, gyv, kw, limit, want):
+    """fastconv's results; a pass the algorithm refuses is dropped from ``want`` too."""
     got = {}
     try:
         got["forward"] = fastconv.conv2d(xv, wv, bv, **kw, algorithm=algorithm, workspace_limit=limit)
@@ -159,13 +189,7 @@ def test_conv_matches_torch(algorithm, case):
             raise
         for name in ("grad_input", "grad_weight", "grad_bias"):
             del want[name]
-    n, _, oh, ow = gy.shape
-    k, cg, r, s = w.shape
-    terms = {"forward": cg * r * s, "grad_input": (k // kw["groups"]) * r * s,
-             "grad_weight": n * oh * ow, "grad_bias": n * oh * ow}
-    check(got, want, dtype, terms)
-    for a, a0 in zip((xv, wv, gyv) + (() if bv is None else (bv,)), copies):
-        np.testing.assert_array_equal(a, a0)  # inputs never modified
+    return got
 
 
 # --------------------------------------------------------------------------- pooling
