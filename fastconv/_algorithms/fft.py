@@ -19,9 +19,10 @@ the outputs that are kept):
 
 Kernel spectra are never materialised for the whole frequency plane: the DFT along ``s`` (a few
 ``wf x s`` products per kernel, :func:`_kernel_rows`) is done first, and the DFT along ``r`` is
-evaluated per frequency inside the contraction kernel, right before the channel sum uses it (R
-complex multiply-adds per (c, k) and frequency -- cheaper than an FFT of a mostly-zero plane, and
-it keeps the spectra in cache).  grad_weight does the same in reverse (:func:`_spectral_wgrad`,
+evaluated per frequency inside the contraction kernel, right before the channel sum uses it
+(r/4 complex multiply-adds per (c, k) and frequency after one radix-4 step over the rows u,
+u + nh/4, u + nh/2, u + 3nh/4 -- cheaper than an FFT of a mostly-zero plane, and it keeps the
+spectra in cache).  grad_weight does the same in reverse (:func:`_spectral_wgrad`,
 :func:`_wgrad_rows`).  Nothing is cached between calls: weights change every training step.
 
 FFT library: ``scipy.fft`` called from Python with ``workers=`` (numba's thread count), on
