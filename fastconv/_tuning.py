@@ -277,12 +277,7 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
     True
     """
     fn = "choose_algorithm"
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in V.FLOAT_DTYPES:
-        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dt}")
+    dt = V.float_dtype(fn, dtype)
     if pass_ not in _dispatch.PASSES:
         raise ValueError(f"{fn}: pass_ must be one of {', '.join(map(repr, _dispatch.PASSES))}, got {pass_!r}")
     if not isinstance(measure, (bool, np.bool_)):

@@ -31,6 +31,17 @@ def as_float_array(fn, name, a, ndim, dtype=None):
     return a
 
 
+def float_dtype(fn, dtype):
+    """A float32/float64 dtype from a user's ``dtype=`` argument."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dt}")
+    return dt
+
+
 def _int(fn, name, v):
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")

@@ -62,14 +62,7 @@ def _nonnegative_number(fn, name, v):
     return float(v)
 
 
-def _float_dtype(fn, dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in V.FLOAT_DTYPES:
-        raise TypeError(f"{fn}: dtype must be float32 or float64, got {dt}")
-    return dt
+_float_dtype = V.float_dtype
 
 
 def _rng(fn, rng):

@@ -31,6 +31,25 @@ FD_RTOL = 1e-6
 DTYPES = [np.float32, np.float64]
 ALGORITHMS = fastconv.algorithms()
 
+# Geometries every algorithm's own test module runs (id, x shape, weight shape, keyword arguments);
+# each module adds the cases its own code paths need.
+GEOMETRIES = [
+    ("basic", (2, 3, 7, 6), (4, 3, 3, 3), {}),
+    ("stride2-pad1", (3, 3, 9, 8), (4, 3, 3, 3), {"stride": 2, "padding": 1}),
+    ("stride3-asym", (2, 2, 11, 9), (3, 2, 3, 2), {"stride": (3, 2), "padding": (2, 1)}),
+    ("stride-gt-kernel", (2, 2, 9, 8), (2, 2, 2, 2), {"stride": 3}),
+    ("same-odd", (2, 2, 6, 5), (3, 2, 3, 3), {"padding": "same"}),
+    ("same-even-dilated", (1, 2, 7, 8), (2, 2, 2, 4), {"padding": "same", "dilation": 2}),
+    ("valid", (2, 2, 6, 6), (2, 2, 3, 3), {"padding": "valid"}),
+    ("dilation", (2, 2, 9, 9), (3, 2, 3, 3), {"dilation": 2, "padding": 2}),
+    ("dilation-stride", (1, 2, 10, 8), (2, 2, 2, 3), {"dilation": (3, 1), "stride": (1, 2)}),
+    ("groups", (2, 4, 6, 6), (6, 2, 3, 3), {"groups": 2, "padding": 1}),
+    ("depthwise", (2, 3, 6, 6), (3, 1, 3, 3), {"groups": 3, "padding": 1}),
+    ("depthwise-multiplier-s2", (2, 3, 7, 7), (6, 1, 3, 3), {"groups": 3, "stride": 2, "padding": 1}),
+    ("1x1", (2, 5, 5, 4), (3, 5, 1, 1), {}),
+    ("kernel-eq-input", (2, 2, 4, 5), (3, 2, 4, 5), {}),
+]
+
 
 @pytest.fixture
 def torch():

@@ -6,26 +6,12 @@ import pytest
 
 import fastconv
 import reference as ref
-from conftest import DTYPES, random_array
+from conftest import GEOMETRIES, DTYPES, random_array
 from fastconv._algorithms import fft
 from fastconv._validation import conv_params
 
 # (id, x shape, weight shape, keyword arguments)
-CASES = [
-    ("basic", (2, 3, 7, 6), (4, 3, 3, 3), {}),
-    ("stride2-pad1", (3, 3, 9, 8), (4, 3, 3, 3), {"stride": 2, "padding": 1}),
-    ("stride3-asym", (2, 2, 11, 9), (3, 2, 3, 2), {"stride": (3, 2), "padding": (2, 1)}),
-    ("stride-gt-kernel", (2, 2, 9, 8), (2, 2, 2, 2), {"stride": 3}),
-    ("same-odd", (2, 2, 6, 5), (3, 2, 3, 3), {"padding": "same"}),
-    ("same-even-dilated", (1, 2, 7, 8), (2, 2, 2, 4), {"padding": "same", "dilation": 2}),
-    ("valid", (2, 2, 6, 6), (2, 2, 3, 3), {"padding": "valid"}),
-    ("dilation", (2, 2, 9, 9), (3, 2, 3, 3), {"dilation": 2, "padding": 2}),
-    ("dilation-stride", (1, 2, 10, 8), (2, 2, 2, 3), {"dilation": (3, 1), "stride": (1, 2)}),
-    ("groups", (2, 4, 6, 6), (6, 2, 3, 3), {"groups": 2, "padding": 1}),
-    ("depthwise", (2, 3, 6, 6), (3, 1, 3, 3), {"groups": 3, "padding": 1}),
-    ("depthwise-multiplier-s2", (2, 3, 7, 7), (6, 1, 3, 3), {"groups": 3, "stride": 2, "padding": 1}),
-    ("1x1", (2, 5, 5, 4), (3, 5, 1, 1), {}),
-    ("kernel-eq-input", (2, 2, 4, 5), (3, 2, 4, 5), {}),
+CASES = GEOMETRIES + [
     ("big-kernel-padded", (2, 3, 20, 17), (4, 3, 9, 7), {"padding": (4, 3)}),
     ("big-kernel-stride-dilated", (2, 2, 23, 21), (3, 2, 5, 4), {"stride": (2, 3), "dilation": (2, 3), "padding": 3}),
 ]
