@@ -234,13 +234,11 @@ def test_no_bias_equals_zero_bias_and_keeps_dtype(algorithm, dtype):
 
 
 def _shape_suite():
-    """The public shape suite (shared/shapes.json) shrunk to N=1, few channels and small images,
-    keeping each layer's kernel, stride, padding, dilation and depthwise-ness."""
-    here = pathlib.Path(__file__).resolve().parent
-    paths = [p / "shared" / "shapes.json" for p in (here.parent, here.parent.parent)]
-    path = next((p for p in paths if p.exists()), None)
-    if path is None:
-        return []
+    """The public shape suite (fastconv/shapes.json, a copy of shared/shapes.json shipped with the
+    package) shrunk to N=1, few channels and small images, keeping each layer's kernel, stride,
+    padding, dilation and depthwise-ness."""
+    from fastconv.cases import SUITE_PATH
+    path = pathlib.Path(SUITE_PATH)
     cases = []
     for c in json.loads(path.read_text())["conv2d"]:
         r, s = c["R"], c["S"]
