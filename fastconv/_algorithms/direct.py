@@ -18,7 +18,9 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
   flipped kernel).  Larger strides, and weights holding NaN or Inf (whose products with the
   padding zeros PyTorch never forms): a scatter of ``w * g`` over each window, one work item per
   block of input planes so the ``+=`` never races.
-* grad_weight: one work item per (4 output channels, 4 taps) block reduces over the batch and
+* grad_weight, depthwise with stride 1: one work item per channel, all taps in one pass over its
+  planes (:func:`_dw_grad_weight`); otherwise
+  one work item per (4 output channels, 4 taps) block reduces over the batch and
   output positions in a fixed order, so results do not depend on the thread count.  Rows are merged
   into one run per image only when the input is finite (a garbage column times zero gradient is
   NaN when the input there is Inf).
@@ -294,7 +296,39 @@ def _grad_input_by_correlation(gy, w, p):
     return _conv(gyp, p.h + eh, p.w + ew, wf, None, 1, 1, p.dh, p.dw, p.g, p.h, p.w)
 
 
+@kernel
+def _dw_grad_weight(gy, xq, gw, wq, dh, dw, zero):
+    """Depthwise, stride 1 (one input channel per output channel): one work item per channel
+    computes all ``r*s`` taps in one pass over its planes, each tap a dot of a gradient row with
+    an input row segment that are both in L1 -- the planes are read from memory once, not once
+    per block of taps.  Sums run over the batch in order: independent of the thread count."""
+    n, k, oh, ow = gy.shape
+    r_, s_ = gw.shape[1], gw.shape[2]
+    for kk in prange(k):
+        acc = np.zeros((r_, s_), dtype=np.float64)
+        for ni in range(n):
+            xp = xq[ni, kk]
+            for i in range(oh):
+                g = gy[ni, kk, i]
+                for r in range(r_):
+                    row0 = (i + r * dh) * wq
+                    for s in range(s_):
+                        xs = xp[row0 + s * dw:row0 + s * dw + ow]
+                        t = zero
+                        for j in range(ow):
+                            t += g[j] * xs[j]
+                        acc[r, s] += t
+        for r in range(r_):
+            for s in range(s_):
+                gw[kk, r, s] = acc[r, s]
+
+
 def grad_weight(gy, x, p):
+    if p.cg == 1 and p.kg == 1 and p.g > 1 and p.sh == 1 and p.sw == 1:
+        xq, hp, wq, _ = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, 1)
+        gw = np.empty((p.k, p.r, p.s), dtype=p.dtype)
+        _dw_grad_weight(np.ascontiguousarray(gy), xq, gw, wq, p.dh, p.dw, p.dtype.type(0))
+        return gw.reshape(p.w_shape)
     xq, hp, wq, finite = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw, check_finite=p.sh == 1)
     tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)
     if p.sh == 1 and finite:
