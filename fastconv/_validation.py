@@ -22,6 +22,9 @@ def as_float_array(fn, name, a, ndim, dtype=None):
     """Check that ``a`` is a float32/float64 ndarray of ``ndim`` dims (and of ``dtype`` if given)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    if isinstance(a, np.ma.MaskedArray):  # the kernels would silently ignore the mask
+        raise TypeError(f"{fn}: {name} must be a plain numpy.ndarray (fill the mask first: a.filled(0)), "
+                        f"got a masked array")
     if a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: {name} must have dtype float32 or float64, got {a.dtype}")
     if a.ndim != ndim:

@@ -36,6 +36,8 @@ def row(id_, fn, args, kwargs, exc, pattern, marks=(), id_fn=None):
 ERRORS = [
     # ---- conv2d: arrays
     row("input-list", conv2d, (X.tolist(), W), {}, TypeError, r"conv2d: input must be a numpy.ndarray, got list"),
+    row("input-masked", conv2d, (np.ma.masked_array(X, mask=X > 0), W), {}, TypeError,
+        r"conv2d: input must be a plain numpy.ndarray .*got a masked array"),
     row("weight-list", conv2d, (X, W.tolist()), {}, TypeError, r"conv2d: weight must be a numpy.ndarray, got list"),
     row("input-0d", conv2d, (np.array(1.0, F32), W), {}, ValueError, r"conv2d: input must be 4-D, got 0-D"),
     row("input-3d", conv2d, (X[0], W), {}, ValueError, r"conv2d: input must be 4-D, got 3-D"),
