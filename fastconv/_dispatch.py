@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numba
+
 from ._algorithms import direct, fft, im2col
 
 PASSES = ("forward", "grad_input", "grad_weight")
@@ -107,7 +109,9 @@ def select(fn, algorithm, p, pass_) -> Algorithm:
         if AUTOTUNE[0]:
             from ._tuning import tuned
             return tuned(p, pass_)
-        best = _AUTO_CACHE.get((p, pass_))
+        # the costs of the multithreaded algorithms depend on the pool size: it is part of the key
+        key = (p, pass_, numba.get_num_threads())
+        best = _AUTO_CACHE.get(key)
         if best is None:
             best_cost = float("inf")
             for alg in _REGISTRY.values():
@@ -117,7 +121,7 @@ def select(fn, algorithm, p, pass_) -> Algorithm:
                         best, best_cost = alg, c
             if len(_AUTO_CACHE) > 4096:
                 _AUTO_CACHE.clear()
-            _AUTO_CACHE[(p, pass_)] = best
+            _AUTO_CACHE[key] = best
         return best  # 'direct' supports everything, so there is always one
     alg = _REGISTRY.get(algorithm)
     if alg is None:

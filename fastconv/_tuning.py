@@ -287,7 +287,8 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
         raise ValueError(f"{fn}: weight_shape must be a shape (K, C/groups, R, S), got {weight_shape!r}")
     ws = tuple(V._int(fn, "weight_shape", d) for d in weight_shape)
     p = V.conv_params(fn, xs, ws, dt, stride, padding, dilation, groups, workspace_limit)
-    _threads.apply()
+    # the pool size conv2d / conv2d_backward would run this pass with, so that the choice is theirs
+    _threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)
     if measure:
         times = measure_all(p, pass_)
         return min(times, key=times.get), times

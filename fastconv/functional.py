@@ -75,8 +75,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     fn = "conv2d"
     x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
                                           workspace_limit)
+    apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call will run with
     alg = select(fn, algorithm, p, "forward")
-    apply_threads(p.macs)
     if p.n == 0:
         return np.zeros(p.y_shape, dtype=p.dtype)
     return alg.forward(x, weight, bias, p)
@@ -124,9 +124,9 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     fn = "conv2d_backward"
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
+    apply_threads(2 * p.macs)  # first: 'auto' chooses for the thread count the call will run with
     alg_i = select(fn, algorithm, p, "grad_input")
     alg_w = select(fn, algorithm, p, "grad_weight")
-    apply_threads(2 * p.macs)
     if p.n == 0:
         return Conv2dGrads(np.zeros(p.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
     return Conv2dGrads(alg_i.grad_input(grad_output, weight, p),

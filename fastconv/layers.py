@@ -88,8 +88,8 @@ def _conv_param_grads(grad_output, x, weight, stride, padding, dilation, groups,
     fn = "conv2d_backward"
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups)
+    apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call will run with
     alg = select(fn, algorithm, p, "grad_weight")
-    apply_threads(p.macs)
     if p.n == 0:
         return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
     return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)
@@ -199,8 +199,15 @@ class Module:
         if value is None:
             raise RuntimeError(f"{type(self).__name__}.backward: call forward first "
                                f"(one backward per forward)")
-        setattr(self, name, None)
         return value
+
+    def _done(self, name, result):
+        """Drop the forward state ``name`` once a backward has succeeded, and return ``result``.
+
+        A backward that raises (a wrong grad_output, say) keeps the state, so it can be retried.
+        """
+        setattr(self, name, None)
+        return result
 
 
 # --------------------------------------------------------------------------- layers
@@ -287,12 +294,12 @@ class Conv2d(Module):
             self.weight.grad += gw
             if self.bias is not None:
                 self.bias.grad += gb
-            return None
+            return self._done("_x", None)
         g = F.conv2d_backward(grad_output, x, self.weight.data, **self._geometry())
         self.weight.grad += g.grad_weight
         if self.bias is not None:
             self.bias.grad += g.grad_bias
-        return g.grad_input
+        return self._done("_x", g.grad_input)
 
     def params(self, input_shape):
         """:class:`~fastconv._validation.ConvParams` of one image of shape ``(C, H, W)``."""
@@ -345,7 +352,7 @@ class MaxPool2d(Module):
 
     def backward(self, grad_output):
         idx, shape = self._cached("_cache")
-        return F.max_pool2d_backward(grad_output, idx, shape)
+        return self._done("_cache", F.max_pool2d_backward(grad_output, idx, shape))
 
     def output_shape(self, input_shape):
         p = V.pool_params(type(self).__name__, _sample_chw(self, input_shape), self.kernel_size, self.stride,
@@ -385,7 +392,7 @@ class AvgPool2d(Module):
         return y
 
     def backward(self, grad_output):
-        return F.avg_pool2d_backward(grad_output, self._cached("_shape"), *self._args())
+        return self._done("_shape", F.avg_pool2d_backward(grad_output, self._cached("_shape"), *self._args()))
 
     def output_shape(self, input_shape):
         p = V.pool_params(type(self).__name__, _sample_chw(self, input_shape), self.kernel_size, self.stride,
@@ -420,7 +427,7 @@ class ReLU(Module):
         return y
 
     def backward(self, grad_output):
-        return F.relu_backward(grad_output, self._cached("_x"))
+        return self._done("_x", F.relu_backward(grad_output, self._cached("_x")))
 
 
 class Flatten(Module):
@@ -441,7 +448,12 @@ class Flatten(Module):
 
     def backward(self, grad_output):
         shape = self._cached("_shape")
-        return grad_output.reshape(shape)
+        want = (shape[0], int(np.prod(shape[1:])))
+        if not isinstance(grad_output, np.ndarray) or grad_output.shape != want:
+            got = grad_output.shape if isinstance(grad_output, np.ndarray) else type(grad_output).__name__
+            raise ValueError(f"Flatten.backward: grad_output must be an array of the output's shape {want}, "
+                             f"got {got}")
+        return self._done("_shape", grad_output.reshape(shape))
 
     def output_shape(self, input_shape):
         return (int(np.prod(input_shape)),)
@@ -492,7 +504,7 @@ class Linear(Module):
         self.weight.grad += grad_output.T @ x
         if self.bias is not None:
             self.bias.grad += grad_output.sum(axis=0)
-        return grad_output @ self.weight.data if input_grad else None
+        return self._done("_x", grad_output @ self.weight.data if input_grad else None)
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.in_features,):
@@ -622,6 +634,9 @@ class _Optimizer:
     by another array is copied back into the buffer at the next step."""
 
     def __init__(self, fn, params, lr, weight_decay):
+        if isinstance(params, Parameter) or not hasattr(params, "__iter__"):
+            raise TypeError(f"{fn}: params must be an iterable of Parameter objects (model.parameters()), "
+                            f"got {type(params).__name__}")
         params = list(params)
         if not params:
             raise ValueError(f"{fn}: params must contain at least one Parameter, got an empty sequence")
@@ -725,6 +740,8 @@ class Adam(_Optimizer):
         if max(self.betas) >= 1:
             raise ValueError(f"{fn}: betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.eps = _nonnegative_number(fn, "eps", eps)
+        if self.eps == 0:  # a weight whose gradient has been 0 so far would get 0/0 = NaN
+            raise ValueError(f"{fn}: eps must be a number > 0, got {eps!r}")
         self.t = 0
         self._m = [np.zeros_like(data) for _, data, _, _ in self._groups]
         self._v = [np.zeros_like(data) for _, data, _, _ in self._groups]

@@ -10,7 +10,7 @@ import fastconv
 from fastconv.layers import (SGD, Adam, AvgPool2d, Conv2d, CrossEntropyLoss, Flatten, Linear, MaxPool2d,
                              Module, Parameter, ReLU, Sequential)
 
-from conftest import ALGORITHMS, TOL
+from conftest import ALGORITHMS, TOL, skip_if_unsupported
 
 FD_EPS = 1e-6
 
@@ -283,8 +283,39 @@ def test_conv_layer_uses_the_named_algorithm(algorithm):
     try:
         want = fastconv.conv2d(x, conv.weight.data, conv.bias.data, padding="same", algorithm=algorithm)
     except ValueError as exc:
-        pytest.skip(str(exc))
+        skip_if_unsupported(exc)
     np.testing.assert_array_equal(conv(x), want)
+    # and its backward: the same gradients as the functional op with that algorithm
+    gy = np.random.default_rng(1).standard_normal(want.shape)
+    g = fastconv.conv2d_backward(gy, x, conv.weight.data, padding="same", algorithm=algorithm)
+    np.testing.assert_array_equal(conv.backward(gy), g.grad_input)
+    np.testing.assert_array_equal(conv.weight.grad, g.grad_weight)
+
+
+def test_failed_backward_keeps_the_forward_state():
+    conv, fc, flat = Conv2d(2, 3, 3, dtype=np.float64, rng=0), Linear(4, 2, dtype=np.float64, rng=0), Flatten()
+    x = np.ones((1, 2, 5, 5))
+    y = conv(x)
+    with pytest.raises(ValueError, match=r"conv2d_backward: grad_output"):
+        conv.backward(np.ones((1, 3, 2, 2)))
+    assert conv.backward(np.ones(y.shape)).shape == x.shape  # retried with the right shape
+    with pytest.raises(RuntimeError, match=r"Conv2d.backward: call forward first"):
+        conv.backward(np.ones(y.shape))  # one backward per forward
+    fc(np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"Linear.backward: grad_output"):
+        fc.backward(np.ones((3, 5)))
+    assert fc.backward(np.ones((3, 2))).shape == (3, 4)
+    flat(np.ones((2, 3, 2, 2)))
+    with pytest.raises(ValueError, match=r"Flatten.backward: grad_output must be an array of the output's shape \(2, 12\), got \(2, 11\)"):
+        flat.backward(np.ones((2, 11)))
+    assert flat.backward(np.ones((2, 12))).shape == (2, 3, 2, 2)
+
+
+def test_optimizer_arguments_are_checked():
+    with pytest.raises(TypeError, match=r"SGD: params must be an iterable of Parameter objects .*got NoneType"):
+        SGD(None, lr=0.1)
+    with pytest.raises(ValueError, match=r"Adam: eps must be a number > 0, got 0"):
+        Adam([Parameter(np.zeros(2))], eps=0)
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -467,10 +467,14 @@ def _steps(p, pass_, pl):
     return tiles * -(-max(p.n, 1) // pl.nb) * -(-p.k // pl.kb)
 
 
-def _cost_of(p, pass_, pl):
+# Tilings are chosen for this thread count whatever the pool size, so that a call's result (its
+# rounding) never depends on the thread count or on which thread count planned first.
+_PLAN_THREADS = 2
+
+
+def _cost_of(p, pass_, pl, threads):
     # the per-step launches do not get faster with more threads (each is a fork/join); the rest
     # scaled 1.3-1.9x from 1 to 2 threads on the (shared) development box: 60% efficiency assumed
-    threads = numba.get_num_threads()
     return (_C_CALL + _steps(p, pass_, pl) * _C_STEP
             + _single_cost(p, pass_, pl) / (1.0 + 0.6 * (threads - 1)))
 
@@ -503,7 +507,7 @@ def _plan(p, pass_):
                 smallest = pl
             if ws > p.workspace_limit:
                 continue
-            c = _cost_of(p, pass_, pl)
+            c = _cost_of(p, pass_, pl, _PLAN_THREADS)
             if c < best_cost:
                 best, best_cost = pl, c
     if best is None:
@@ -534,7 +538,7 @@ def cost(p, pass_):
     pl = _plan(p, pass_)
     if isinstance(pl, str):
         return float("inf")
-    return _cost_of(p, pass_, pl)
+    return _cost_of(p, pass_, pl, numba.get_num_threads())
 
 
 # --------------------------------------------------------------------------- twiddles
