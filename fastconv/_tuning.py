@@ -285,7 +285,7 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
     xs = V.shape4(fn, "x_shape", x_shape)
     if not isinstance(weight_shape, (tuple, list)) or len(weight_shape) != 4:
         raise ValueError(f"{fn}: weight_shape must be a shape (K, C/groups, R, S), got {weight_shape!r}")
-    ws = tuple(V._int(fn, "weight_shape", d) for d in weight_shape)
+    ws = tuple(V._int(fn, "weight_shape", d, "a tuple of 4 ints (K, C/groups, R, S)") for d in weight_shape)
     p = V.conv_params(fn, xs, ws, dt, stride, padding, dilation, groups, workspace_limit)
     # the pool size conv2d / conv2d_backward would run this pass with, so that the choice is theirs
     _threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)

@@ -45,9 +45,9 @@ def float_dtype(fn, dtype):
     return dt
 
 
-def _int(fn, name, v):
+def _int(fn, name, v, rule="an int or a pair of ints"):
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+        raise TypeError(f"{fn}: {name} must be {rule}, got {v!r}")
     if not -2**62 < v < 2**62:  # kernels do int64 arithmetic on sums and products of these
         raise ValueError(f"{fn}: {name} must be below 2**62 in magnitude, got {v!r}")
     return int(v)
@@ -87,7 +87,7 @@ def shape4(fn, name, v):
     """Normalise a user-given 4-D shape (N, C, H, W)."""
     if not isinstance(v, (tuple, list)) or len(v) != 4:
         raise ValueError(f"{fn}: {name} must be a shape (N, C, H, W), got {v!r}")
-    out = tuple(_int(fn, name, d) for d in v)
+    out = tuple(_int(fn, name, d, "a tuple of 4 ints (N, C, H, W)") for d in v)
     if min(out) < 0 or min(out[1:]) < 1:
         raise ValueError(f"{fn}: {name} must have N >= 0 and positive C, H, W, got {out}")
     return out

@@ -18,7 +18,16 @@ from ._threads import apply as apply_threads
 
 
 class Conv2dGrads(NamedTuple):
-    """Gradients of a convolution with respect to its input, weight and bias."""
+    """Gradients of a convolution with respect to its input, weight and bias (a NamedTuple).
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> g = fastconv.conv2d_backward(np.ones((1, 2, 3, 3)), np.ones((1, 1, 5, 5)), np.ones((2, 1, 3, 3)))
+    >>> g.grad_input.shape, g.grad_weight.shape, g.grad_bias
+    ((1, 1, 5, 5), (2, 1, 3, 3), array([9., 9.]))
+    >>> gi, gw, gb = g  # unpacks like a tuple
+    """
 
     grad_input: np.ndarray
     grad_weight: np.ndarray

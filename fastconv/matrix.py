@@ -166,11 +166,15 @@ def summary(model, input_shape, *, file=None):
         raise TypeError(f"{fn}: model must be a fastconv layer or Sequential, got {type(model).__name__}")
     if not isinstance(input_shape, (tuple, list)) or not input_shape:
         raise ValueError(f"{fn}: input_shape must be one sample's shape, e.g. (C, H, W), got {input_shape!r}")
-    shape = tuple(V._int(fn, "input_shape", d) for d in input_shape)
+    shape = tuple(V._int(fn, "input_shape", d, "a tuple of ints") for d in input_shape)
     layers = model.layers if isinstance(model, Sequential) else [model]
     rows, total_params, total_macs = [], 0, 0
     for i, layer in enumerate(layers):
-        out = layer.output_shape(shape)
+        try:
+            out = layer.output_shape(shape)
+        except ValueError as exc:  # the layer's own message, about a per-sample shape
+            raise ValueError(f"{fn}: layer {i} ({_describe(layer)}) cannot take a sample of shape {shape}: "
+                             f"{exc}") from None
         params = layer.num_parameters()
         fc, macs = "-", 0
         if isinstance(layer, (Conv2d, Linear)):

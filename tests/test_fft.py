@@ -239,11 +239,17 @@ def test_nonfinite_weight_poisons_its_output_channel():
 def test_auto_uses_fft_only_where_it_measured_faster(xs, ws, kw, fft_wins):
     # the cost model's floor and constants, fitted to single-thread times (module comment): small
     # planes must never be sent to FFT (an earlier model did), large kernels must
-    from fastconv._dispatch import select
+    # the same holds at one and at two threads, whatever was asked before (caches cleared)
+    from fastconv import _dispatch, _threads
     p = conv_params("conv2d", xs, ws, np.float32, 1, kw.get("padding", 0), 1, 1)
-    for name in ("forward", "grad_input", "grad_weight"):
-        assert fft.cost(p, name) >= fft._C_CALL
-        assert (select("conv2d", "auto", p, name).name == "fft") == fft_wins, (xs, ws, name)
+    for n in (1, 2):
+        _dispatch._AUTO_CACHE.clear()
+        fft._plan.cache_clear()
+        with fastconv.threads(n):
+            _threads.apply()
+            for name in ("forward", "grad_input", "grad_weight"):
+                assert fft.cost(p, name) >= fft._C_CALL
+                assert (_dispatch.select("conv2d", "auto", p, name).name == "fft") == fft_wins, (xs, ws, name, n)
 
 
 def test_cost_charges_stride_as_stride_one():

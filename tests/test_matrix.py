@@ -153,13 +153,19 @@ def test_summary_of_a_network_totals():
     assert len(lines) == len(model) + 2
     assert lines[-1].split()[1] == f"{model.num_parameters():,}"
     assert "(10,)" in lines[-2]
-    with pytest.raises(ValueError, match=r"Linear: input must have shape \(512,\) per sample"):
+    with pytest.raises(ValueError, match=r"summary: layer \d+ \(Linear 512->\d+\) cannot take a sample of shape "
+                                         r"\(\d+,\): Linear: input must have shape \(512,\) per sample"):
         fastconv.summary(model, (1, 16, 16), file=io.StringIO())
+    with pytest.raises(ValueError, match=r"summary: layer 0 \(Conv2d 1->\d+ .*\) cannot take a sample of shape "
+                                         r"\(3, 8, 8\): Conv2d: input channels"):
+        fastconv.summary(model, (3, 8, 8), file=io.StringIO())
+    with pytest.raises(TypeError, match=r"summary: input_shape must be a tuple of ints, got 8.0"):
+        fastconv.summary(model, (1, 8.0, 8), file=io.StringIO())
 
 
 def test_summary_names_a_batch_shape_given_instead_of_one_sample():
     from fastconv.layers import Conv2d, MaxPool2d, Sequential
-    with pytest.raises(ValueError, match=r"Conv2d: input shape of one sample must be \(C, H, W\), got \(1, 1, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"summary: layer 0 .*Conv2d: input shape of one sample must be \(C, H, W\), got \(1, 1, 28, 28\)"):
         fastconv.summary(Sequential(Conv2d(1, 6, 5)), (1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"MaxPool2d: input shape of one sample must be \(C, H, W\)"):
         fastconv.summary(MaxPool2d(2), (28, 28))

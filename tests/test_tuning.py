@@ -137,3 +137,11 @@ def test_calibration_correction_changes_the_choice(monkeypatch):
     assert _dispatch.calibrated_cost(direct, p, "forward") == pytest.approx(2.0 * direct.cost(p, "forward") + 1.0)
     assert _dispatch.calibration() == {"direct/forward": [2.0, 1.0]}
     assert base != _dispatch.calibrated_cost(direct, p, "forward")
+    # and the choice follows it: a large penalty on the uncorrected choice for lenet5-c1 moves it
+    shape = dict(x_shape=(64, 1, 32, 32), weight_shape=(6, 1, 5, 5))
+    monkeypatch.setattr(_dispatch, "_AUTO_CACHE", {})
+    monkeypatch.setattr(_dispatch, "_load_calibration", lambda: {"coef": {}})
+    first = fastconv.choose_algorithm(**shape)
+    monkeypatch.setattr(_dispatch, "_AUTO_CACHE", {})
+    monkeypatch.setattr(_dispatch, "_load_calibration", lambda: {"coef": {f"{first}/forward": [1e6, 0.0]}})
+    assert fastconv.choose_algorithm(**shape) not in (first, None)

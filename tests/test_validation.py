@@ -148,6 +148,10 @@ ERRORS = [
         r"choose_algorithm: x_shape must be a shape \(N, C, H, W\), got \(2, 5, 5\)"),
     row("choose-weight-shape-str", fastconv.choose_algorithm, ((1, 2, 5, 5), "4,2,3,3"), {}, ValueError,
         r"choose_algorithm: weight_shape must be a shape \(K, C/groups, R, S\)"),
+    row("choose-x-shape-float", fastconv.choose_algorithm, ((1, 2, 5.0, 5), (4, 2, 3, 3)), {}, TypeError,
+        r"choose_algorithm: x_shape must be a tuple of 4 ints \(N, C, H, W\), got 5.0"),
+    row("choose-weight-shape-float", fastconv.choose_algorithm, ((1, 2, 5, 5), (4, 2, 3.0, 3)), {}, TypeError,
+        r"choose_algorithm: weight_shape must be a tuple of 4 ints \(K, C/groups, R, S\), got 3.0"),
     row("choose-group-mismatch", fastconv.choose_algorithm, ((1, 3, 5, 5), (4, 2, 3, 3)), {}, ValueError,
         r"choose_algorithm: input channels must equal weight.shape\[1\] \* groups"),
     row("choose-measure-int", fastconv.choose_algorithm, ((1, 2, 5, 5), (4, 2, 3, 3)), {"measure": 1}, TypeError,
@@ -351,6 +355,15 @@ def test_explicit_algorithm_never_falls_back():
     # an unknown name is refused even where 'auto' would succeed
     with pytest.raises(ValueError, match=re.escape("'auto'")):
         fastconv.conv2d(X, W, algorithm="AUTO")
+    # a named algorithm whose workspace does not fit the budget raises; auto uses another one
+    x, w = np.ones((2, 4, 16, 16), np.float32), np.ones((4, 4, 5, 5), np.float32)
+    for name in ("im2col", "fft"):
+        with pytest.raises(ValueError, match=rf"conv2d: algorithm='{name}' cannot compute the forward pass"):
+            fastconv.conv2d(x, w, algorithm=name, workspace_limit=64)
+        with pytest.raises(ValueError, match=rf"conv2d_backward: algorithm='{name}' cannot compute the grad_input"):
+            fastconv.conv2d_backward(np.ones((2, 4, 12, 12), np.float32), x, w, algorithm=name, workspace_limit=64)
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, workspace_limit=64),
+                                  fastconv.conv2d(x, w, algorithm="direct"))
 
 
 def test_remembered_geometry_never_hides_an_error():
