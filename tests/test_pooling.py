@@ -165,6 +165,25 @@ def test_max_pool_ties_index_the_first_element(dtype):
     assert idx[0, 0, 0, 0] == 0 and idx[0, 0, 1, 1] == 1 * 5 + 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [
+    {"kernel_size": 2}, {"kernel_size": 3, "stride": 2, "padding": 1}, {"kernel_size": 3, "stride": 1},
+    {"kernel_size": (2, 4), "stride": (1, 3), "padding": (1, 2), "dilation": (2, 1), "ceil_mode": True},
+    {"kernel_size": 3, "stride": 2, "dilation": 3, "padding": 1},
+], ids=["k2", "k3-s2-p1", "k3-s1", "asym-dil-ceil", "dil3"])
+def test_max_pool_wide_rows_with_ties_nan_and_inf(kw, dtype):
+    # rows of 20-70 outputs take the vector runs (and their rounding-up); small integers make ties
+    rng = np.random.default_rng(7)
+    x = rng.integers(-3, 4, (2, 3, 41, 141)).astype(dtype)
+    x[0, 0, rng.integers(0, 41, 30), rng.integers(0, 141, 30)] = np.nan
+    x[1, 1, rng.integers(0, 41, 30), rng.integers(0, 141, 30)] = np.inf
+    x[1, 2, rng.integers(0, 41, 30), rng.integers(0, 141, 30)] = -np.inf
+    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
+    y_ref, idx_ref = ref.max_pool2d(x, **kw)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+
+
 def test_max_pool_window_entirely_outside_the_input_like_torch(torch):
     # dilation 3 with padding 1 puts both taps of the only window outside a 2x2 input
     x = np.arange(4.0).reshape(1, 1, 2, 2)
