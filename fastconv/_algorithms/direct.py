@@ -18,12 +18,15 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
   flipped kernel).  Larger strides, and weights holding NaN or Inf (whose products with the
   padding zeros PyTorch never forms): a scatter of ``w * g`` over each window, one work item per
   block of input planes so the ``+=`` never races.
-* grad_weight, depthwise with stride 1: one work item per channel, all taps in one pass over its
-  planes (:func:`_dw_grad_weight`); otherwise
-  one work item per (4 output channels, 4 taps) block reduces over the batch and
+* grad_weight: one work item per (4 output channels, 4 taps) block reduces over the batch and
   output positions in a fixed order, so results do not depend on the thread count.  Rows are merged
   into one run per image only when the input is finite (a garbage column times zero gradient is
   NaN when the input there is Inf).
+* depthwise (one input and one output channel per group): forward, stride-1 grad_input (the same
+  kernel on the gradient) and grad_weight have their own kernels.  Each work item pads one plane
+  into a private buffer (no padded copy of the whole tensor: the pass is memory-bound) and sums all
+  taps of a run in one pass; 3x3 with ``sw == dw == 1`` has unrolled micro-kernels.  Forward: one
+  item per (image, channel) plane.  grad_weight: one item per channel, summing its images in order.
 """
 import numpy as np
 import numba
@@ -240,6 +243,189 @@ def _grad_weight(gy, xq, tc, tb, gw, seg_g, seg_x, seg_len, g, zero):
                 gw[k0 + q, t0 + u] = acc[q, u]
 
 
+# --------------------------------------------------------------------------- depthwise (cg == kg == 1)
+@_micro
+def _copy(d, s, m):
+    # an explicit loop: numba's slice assignment checks for overlap and copies element-wise
+    for j in range(m):
+        d[j] = s[j]
+
+
+@_micro
+def _fill_plane(src, buf, sw, hp, wq, top, left):
+    # the interior of one padded, phase-split plane (pad_planes' layout) from src (h, w); buf's
+    # padding was zeroed once and is never written, so it stays zero across planes
+    h, w = src.shape
+    for f in range(sw):
+        q_lo = max(0, (left - f + sw - 1) // sw)
+        q_hi = min(wq, (w + left - f + sw - 1) // sw)
+        if q_hi <= q_lo:
+            continue
+        c0 = q_lo * sw + f - left
+        for i in range(max(0, top), min(hp, h + top)):
+            r0 = f * hp * wq + i * wq
+            if sw == 1:
+                _copy(buf[r0 + q_lo:r0 + q_hi], src[i - top, c0:c0 + q_hi - q_lo], q_hi - q_lo)
+            else:
+                for j in range(q_hi - q_lo):
+                    buf[r0 + q_lo + j] = src[i - top, c0 + j * sw]
+
+
+@_micro
+def _dw3x3(acc, buf, o, wq2, wt, c, bias, ln):
+    # sw == dw == 1: the three taps of a kernel row read one slice at constant offsets, so LLVM
+    # needs few alias checks and vectorises (nine slices defeat its runtime-check budget)
+    w0, w1, w2, w3, w4, w5 = wt[c, 0], wt[c, 1], wt[c, 2], wt[c, 3], wt[c, 4], wt[c, 5]
+    w6, w7, w8 = wt[c, 6], wt[c, 7], wt[c, 8]
+    x0 = buf[o:o + ln + 2]
+    x1 = buf[o + wq2:o + wq2 + ln + 2]
+    x2 = buf[o + 2 * wq2:o + 2 * wq2 + ln + 2]
+    for j in range(ln):
+        acc[j] = (bias + w0 * x0[j] + w1 * x0[j + 1] + w2 * x0[j + 2] + w3 * x1[j] + w4 * x1[j + 1]
+                  + w5 * x1[j + 2] + w6 * x2[j] + w7 * x2[j + 1] + w8 * x2[j + 2])
+
+
+@kernel
+def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rb, nch, fast):
+    """Depthwise forward: one work item per (image, channel) plane, padded into a private buffer
+    (no padded copy of the whole input), then blocks of ``rb`` output rows as one run over all
+    taps (``fast``: the 3x3, sw == dw == 1 micro-kernel), copied into ``y``."""
+    nn, cc = x.shape[0], x.shape[1]
+    oh, ow = y.shape[2], y.shape[3]
+    tn = wt.shape[1]
+    t4 = tn - tn % 4
+    items = nn * cc
+    nrb = (oh + rb - 1) // rb
+    lmax = (rb - 1) * wq + ow
+    lmax += (-lmax) % 16
+    for ch in prange(nch):
+        buf = np.zeros(sw * hp * wq + SLACK, dtype=y.dtype)
+        acc = np.empty(lmax, dtype=y.dtype)
+        for it in range(ch * items // nch, (ch + 1) * items // nch):
+            n, c = it // cc, it % cc
+            _fill_plane(x[n, c], buf, sw, hp, wq, top, left)
+            for ib in range(nrb):
+                i0 = ib * rb
+                i1 = min(i0 + rb, oh)
+                # rounded up to whole vectors like _forward (SLACK)
+                ln = (i1 - i0 - 1) * wq + ow
+                ln += (-ln) % 16
+                row0 = i0 * sh * wq
+                if fast:
+                    _dw3x3(acc, buf, row0, dh * wq, wt, c, b[c], ln)
+                else:
+                    acc[:ln] = b[c]
+                    for t in range(0, t4, 4):
+                        o0, o1, o2, o3 = row0 + tb[t], row0 + tb[t + 1], row0 + tb[t + 2], row0 + tb[t + 3]
+                        _mac1x4(acc, buf[o0:o0 + ln], buf[o1:o1 + ln], buf[o2:o2 + ln], buf[o3:o3 + ln],
+                                wt, c, t, ln)
+                    for t in range(t4, tn):
+                        o0 = row0 + tb[t]
+                        _mac1x1(acc, buf[o0:o0 + ln], wt[c, t], ln)
+                for i in range(i0, i1):
+                    o = (i - i0) * wq
+                    _copy(y[n, c, i], acc[o:o + ow], ow)
+
+
+@_micro
+def _dw3x3_dots(tot, gb, buf, wq2, ln, zero):
+    # tot[t] += the dot of the gradient run gb with tap t's input run, 3x3 with sw == dw == 1: a
+    # pure reduction (no stores), so LLVM vectorises it without alias checks
+    x0 = buf[0:ln + 2]
+    x1 = buf[wq2:wq2 + ln + 2]
+    x2 = buf[2 * wq2:2 * wq2 + ln + 2]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = zero
+    for j in range(ln):
+        v = gb[j]
+        s0 += v * x0[j]
+        s1 += v * x0[j + 1]
+        s2 += v * x0[j + 2]
+        s3 += v * x1[j]
+        s4 += v * x1[j + 1]
+        s5 += v * x1[j + 2]
+        s6 += v * x2[j]
+        s7 += v * x2[j + 1]
+        s8 += v * x2[j + 2]
+    tot[0] += s0
+    tot[1] += s1
+    tot[2] += s2
+    tot[3] += s3
+    tot[4] += s4
+    tot[5] += s5
+    tot[6] += s6
+    tot[7] += s7
+    tot[8] += s8
+
+
+@kernel
+def _dw_grad_weight(gy, x, tb, gw, sw, hp, wq, top, left, sh, dh, fast, zero):
+    """Depthwise grad_weight: one work item per channel; each of its planes is padded into a
+    private buffer.  ``fast`` (3x3, stride 1, dw == 1) and a finite plane: the gradient plane is
+    copied with the input's row pitch (zeros between rows) and each tap is one dot over the whole
+    plane.  Otherwise (a garbage column times a zero gradient is NaN where the input holds Inf)
+    every output row adds ``g * input`` of all taps into per-column partial sums.  Sums run over
+    the batch in a fixed order into float64: independent of the thread count."""
+    nn, kk_, oh, ow = gy.shape
+    tn = tb.shape[0]
+    ln = (oh - 1) * wq + ow
+    ln += (-ln) % 16
+    for c in prange(kk_):
+        buf = np.zeros(sw * hp * wq + SLACK, dtype=gy.dtype)
+        gb = np.zeros(ln, dtype=gy.dtype) if fast else np.zeros(0, dtype=gy.dtype)
+        pa = np.empty((tn, ow), dtype=gy.dtype)
+        tot = np.zeros(tn, dtype=np.float64)
+        for n in range(nn):
+            _fill_plane(x[n, c], buf, sw, hp, wq, top, left)
+            if fast:
+                nf = zero
+                for j in range(buf.shape[0]):
+                    nf += buf[j] * 0
+                if nf == 0:
+                    for i in range(oh):
+                        _copy(gb[i * wq:i * wq + ow], gy[n, c, i], ow)
+                    _dw3x3_dots(tot, gb, buf, dh * wq, ln, zero)
+                    continue
+            pa[:] = 0
+            for i in range(oh):
+                g = gy[n, c, i]
+                row0 = i * sh * wq
+                for t in range(tn):
+                    o = row0 + tb[t]
+                    xs = buf[o:o + ow]
+                    pt = pa[t]
+                    for j in range(ow):
+                        pt[j] += g[j] * xs[j]
+            for t in range(tn):
+                s = zero
+                for j in range(ow):
+                    s += pa[t, j]
+                tot[t] += s
+        for t in range(tn):
+            gw[c, t] = tot[t]
+
+
+def _depthwise(p):
+    return p.cg == 1 and p.kg == 1
+
+
+def _dw_conv(x, w, b, top, left, hp, wp, sh, sw, dh, dw, oh, ow):
+    """Depthwise forward of unpadded ``x`` (n, c, h, w) by (c, 1, r, s) weights; ``top``/``left``
+    pad (negative: crop) and ``hp``/``wp`` is the padded extent."""
+    n, c = x.shape[0], x.shape[1]
+    r, s = w.shape[2], w.shape[3]
+    wq = -(-wp // sw)
+    _, tb = _taps(1, r, s, dh, dw, sw, hp, wq)
+    y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    rb = 1 if sh != 1 else max(1, min(oh, (_FWD_TILE - ow) // wq + 1))
+    if b is None:
+        b = np.zeros(c, dtype=x.dtype)
+    if y.size:
+        _dw_forward(np.ascontiguousarray(x), np.ascontiguousarray(w).reshape(c, r * s), tb,
+                    np.ascontiguousarray(b), y, sw, hp, wq, top, left, sh, dh, rb, min(n * c, 64),
+                    r == 3 and s == 3 and sw == 1 and dw == 1)
+    return y
+
+
 # --------------------------------------------------------------------------- Python drivers
 def _taps(cg, r, s, dh, dw, sw, hp, wq):
     """Channel and start offset of every tap (c, r, s) in the phase-split plane layout."""
@@ -265,6 +451,8 @@ def _conv(xq, hp, wq, w, b, sh, sw, dh, dw, g, oh, ow):
 
 
 def forward(x, w, b, p):
+    if _depthwise(p):
+        return _dw_conv(x, w, b, p.ph0, p.pw0, p.hp, p.wp, p.sh, p.sw, p.dh, p.dw, p.oh, p.ow)
     xq, hp, wq, _ = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw)
     return _conv(xq, hp, wq, w, b, p.sh, p.sw, p.dh, p.dw, p.g, p.oh, p.ow)
 
@@ -290,44 +478,24 @@ def _grad_input_by_correlation(gy, w, p):
     # to h + eh rows (negative padding crops rows that only ever meet input padding).
     eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
     top, left = eh - p.ph0, ew - p.pw0
+    wf = w[:, :, ::-1, ::-1]
+    if _depthwise(p):
+        return _dw_conv(gy, wf, None, top, left, p.h + eh, p.w + ew, 1, 1, p.dh, p.dw, p.h, p.w)
     gyp, _, _, _ = pad_planes(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left)
     wf = w[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
     wf = np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s)
     return _conv(gyp, p.h + eh, p.w + ew, wf, None, 1, 1, p.dh, p.dw, p.g, p.h, p.w)
 
 
-@kernel
-def _dw_grad_weight(gy, xq, gw, wq, dh, dw, zero):
-    """Depthwise, stride 1 (one input channel per output channel): one work item per channel
-    computes all ``r*s`` taps in one pass over its planes, each tap a dot of a gradient row with
-    an input row segment that are both in L1 -- the planes are read from memory once, not once
-    per block of taps.  Sums run over the batch in order: independent of the thread count."""
-    n, k, oh, ow = gy.shape
-    r_, s_ = gw.shape[1], gw.shape[2]
-    for kk in prange(k):
-        acc = np.zeros((r_, s_), dtype=np.float64)
-        for ni in range(n):
-            xp = xq[ni, kk]
-            for i in range(oh):
-                g = gy[ni, kk, i]
-                for r in range(r_):
-                    row0 = (i + r * dh) * wq
-                    for s in range(s_):
-                        xs = xp[row0 + s * dw:row0 + s * dw + ow]
-                        t = zero
-                        for j in range(ow):
-                            t += g[j] * xs[j]
-                        acc[r, s] += t
-        for r in range(r_):
-            for s in range(s_):
-                gw[kk, r, s] = acc[r, s]
-
-
 def grad_weight(gy, x, p):
-    if p.cg == 1 and p.kg == 1 and p.g > 1 and p.sh == 1 and p.sw == 1:
-        xq, hp, wq, _ = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, 1)
-        gw = np.empty((p.k, p.r, p.s), dtype=p.dtype)
-        _dw_grad_weight(np.ascontiguousarray(gy), xq, gw, wq, p.dh, p.dw, p.dtype.type(0))
+    if _depthwise(p):
+        wq = -(-p.wp // p.sw)
+        _, tb = _taps(1, p.r, p.s, p.dh, p.dw, p.sw, p.hp, wq)
+        gw = np.empty((p.k, p.r * p.s), dtype=p.dtype)
+        if p.k:
+            _dw_grad_weight(np.ascontiguousarray(gy), np.ascontiguousarray(x), tb, gw, p.sw, p.hp, wq,
+                            p.ph0, p.pw0, p.sh, p.dh, p.r == 3 and p.s == 3 and p.sh == 1 and p.sw == 1 and p.dw == 1,
+                            p.dtype.type(0))
         return gw.reshape(p.w_shape)
     xq, hp, wq, finite = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw, check_finite=p.sh == 1)
     tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)
