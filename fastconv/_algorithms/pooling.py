@@ -50,6 +50,51 @@ def _max_window(xp, h, w, h0, w0, kh, kw, dh, dw, ninf):
 _RUN = 16
 
 
+@_micro
+def _split_phases(xp, phs, sw):
+    """``phs[q, r, m] = xp[r, q + m*sw]``: each column phase of the plane as unit-stride rows."""
+    h, w = xp.shape
+    for r in range(h):
+        src = xp[r]
+        if sw == 1:
+            phs[0, r, :w] = src
+        elif sw == 2:  # a constant stride: vector shuffles instead of scalar copies
+            d0, d1 = phs[0, r], phs[1, r]
+            for m in range(w // 2):
+                d0[m] = src[2 * m]
+                d1[m] = src[2 * m + 1]
+            if w % 2:
+                d0[w // 2] = src[w - 1]
+        else:
+            for q in range(sw):
+                dst = phs[q, r]
+                for m in range((w - q + sw - 1) // sw):
+                    dst[m] = src[q + m * sw]
+
+
+@_micro
+def _max_run(phs, bv, bi, jw, tq, tm, h0, c0, w, kh, kw, dh, dw):
+    """Max and first index of the windows of one output row, over a vector-rounded run; tap t of
+    the first window reads column phase tq[t] from position tm[t]."""
+    nl = bv.size
+    for a in range(kh):
+        r = h0 + a * dh
+        for t in range(kw):
+            src = phs[tq[t], r, tm[t]:tm[t] + nl]
+            base = np.int32(r * w + c0 + t * dw)
+            if a == 0 and t == 0:
+                for j in range(nl):
+                    bv[j] = src[j]
+                    bi[j] = base + jw[j]
+                continue
+            for j in range(nl):
+                v = src[j]
+                b = bv[j]
+                upd = (v > b) | (v != v)
+                bv[j] = v if upd else b
+                bi[j] = base + jw[j] if upd else bi[j]
+
+
 @kernel
 def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
     pp, h, w = x.shape
@@ -59,55 +104,34 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
     nj = jhi - jlo if h * w < 2**31 else 0
     nl = nj + (-nj) % _RUN
     wp = (w + sw - 1) // sw
-    for p in prange(pp):
-        xp = x[p]
-        yp = y[p]
-        ip = idx[p]
+    c0 = jlo * sw - pw  # first column of the first vector-run window
+    tq = np.empty(kw, np.int64)
+    tm = np.empty(kw, np.int64)
+    for t in range(kw):
+        tq[t] = (c0 + t * dw) % sw
+        tm[t] = (c0 + t * dw) // sw
+    nch = min(pp, 64)  # chunks of planes share their scratch buffers
+    for ch in prange(nch):
         bv = np.empty(nl, x.dtype)
         bi = np.empty(nl, np.int32)
-        jw = np.empty(nl, np.int32)
-        for j in range(nl):
-            jw[j] = j * sw
-        phs = np.empty((sw, h, wp + nl), x.dtype)
-        if nj > 0:
-            for q in range(sw):
-                cnt = (w - q + sw - 1) // sw
-                for r in range(h):
-                    src = xp[r, q:]
-                    dst = phs[q, r]
-                    for m in range(cnt):
-                        dst[m] = src[m * sw]
-                    dst[cnt:] = 0  # read by the rounded-up runs, never kept
-        for i in range(oh):
-            h0 = i * sh - ph
-            if nj > 0 and h0 >= 0 and h0 + (kh - 1) * dh < h:  # rows inside: vector runs
-                c0 = jlo * sw - pw
-                for a in range(kh):
-                    r = h0 + a * dh
-                    for t in range(kw):
-                        c = c0 + t * dw
-                        src = phs[c % sw, r, c // sw:c // sw + nl]
-                        base = np.int32(r * w + c)
-                        if a == 0 and t == 0:
-                            for j in range(nl):
-                                bv[j] = src[j]
-                                bi[j] = base + jw[j]
-                            continue
-                        for j in range(nl):
-                            v = src[j]
-                            b = bv[j]
-                            upd = (v > b) | (v != v)
-                            bv[j] = v if upd else b
-                            bi[j] = base + jw[j] if upd else bi[j]
-                for j in range(nj):
-                    yp[i, jlo + j] = bv[j]
-                    ip[i, jlo + j] = bi[j]
-                for j in range(jlo):  # columns whose windows are clipped: one window at a time
+        jw = np.arange(nl).astype(np.int32) * np.int32(sw)
+        phs = np.zeros((sw, h, wp + nl), x.dtype)  # rows' tails: read by rounded-up runs, never kept
+        for p in range(ch * pp // nch, (ch + 1) * pp // nch):
+            xp, yp, ip = x[p], y[p], idx[p]
+            if nj > 0:
+                _split_phases(xp, phs, sw)
+            for i in range(oh):
+                h0 = i * sh - ph
+                if nj > 0 and h0 >= 0 and h0 + (kh - 1) * dh < h:  # rows inside: vector runs
+                    _max_run(phs, bv, bi, jw, tq, tm, h0, c0, w, kh, kw, dh, dw)
+                    yp[i, jlo:jhi] = bv[:nj]
+                    ip[i, jlo:jhi] = bi[:nj]
+                    j0, j1 = jlo, jhi
+                else:
+                    j0, j1 = ow, ow
+                for j in range(j0):  # windows clipped by the border: one at a time
                     yp[i, j], ip[i, j] = _max_window(xp, h, w, h0, j * sw - pw, kh, kw, dh, dw, ninf)
-                for j in range(jhi, ow):
-                    yp[i, j], ip[i, j] = _max_window(xp, h, w, h0, j * sw - pw, kh, kw, dh, dw, ninf)
-            else:
-                for j in range(ow):
+                for j in range(j1, ow):
                     yp[i, j], ip[i, j] = _max_window(xp, h, w, h0, j * sw - pw, kh, kw, dh, dw, ninf)
 
 
