@@ -9,36 +9,10 @@ maximum starts at -inf with the index of the first in-bounds element, and an ele
 when it is greater or NaN (so NaN propagates and ties keep the first position).  Indices are flat
 positions ``ih*w + iw`` in each plane.
 """
-import numba
 import numpy as np
 from numba import prange
 
-from .._jit import FASTMATH, kernel
-
-_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
-
-
-@_micro
-def _max_window(xp, h, w, h0, w0, kh, kw, dh, dw, ninf):
-    """(max, flat index) of one window clipped to the plane: PyTorch's scan, row-major."""
-    h1 = min(h0 + (kh - 1) * dh + 1, h)
-    w1 = min(w0 + (kw - 1) * dw + 1, w)
-    if h0 < 0:  # first in-bounds row / column of the window
-        h0 += ((dh - 1 - h0) // dh) * dh
-    if w0 < 0:
-        w0 += ((dw - 1 - w0) // dw) * dw
-    # starting from the first element is the same as PyTorch's (-inf, first index); a window
-    # entirely in the padding gives (-inf, its first position) as PyTorch does
-    b = xp[h0, w0] if h0 < h1 and w0 < w1 else ninf
-    bi = h0 * w + w0
-    for ih in range(h0, h1, dh):
-        for iw in range(w0, w1, dw):
-            v = xp[ih, iw]
-            upd = (v > b) | (v != v)
-            b = v if upd else b
-            bi = ih * w + iw if upd else bi
-    return b, bi
-
+from .._jit import kernel
 
 # Interior output rows run one window tap at a time over a whole row of outputs, so the selects
 # are vector blends.  Scalar selects inside loops with run-time bounds are turned into branches
@@ -46,53 +20,9 @@ def _max_window(xp, h, w, h0, w0, kh, kw, dh, dw, ninf):
 # (1 thread), this 5 ns.  Columns are first split by phase ``iw % sw`` so that every tap reads a
 # unit-stride run, and runs are rounded up to whole vectors (a scalar remainder would branch again).
 # Indices are int32 there (twice the vector width of int64): planes of 2**31 elements or more take
-# the per-window path.
+# the per-window path.  One function, loops only (no slices assigned, no array expressions, no
+# helpers): each of those added seconds of compile time.
 _RUN = 16
-
-
-@_micro
-def _split_phases(xp, phs, sw):
-    """``phs[q, r, m] = xp[r, q + m*sw]``: each column phase of the plane as unit-stride rows."""
-    h, w = xp.shape
-    for r in range(h):
-        src = xp[r]
-        if sw == 1:
-            phs[0, r, :w] = src
-        elif sw == 2:  # a constant stride: vector shuffles instead of scalar copies
-            d0, d1 = phs[0, r], phs[1, r]
-            for m in range(w // 2):
-                d0[m] = src[2 * m]
-                d1[m] = src[2 * m + 1]
-            if w % 2:
-                d0[w // 2] = src[w - 1]
-        else:
-            for q in range(sw):
-                dst = phs[q, r]
-                for m in range((w - q + sw - 1) // sw):
-                    dst[m] = src[q + m * sw]
-
-
-@_micro
-def _max_run(phs, bv, bi, jw, tq, tm, h0, c0, w, kh, kw, dh, dw):
-    """Max and first index of the windows of one output row, over a vector-rounded run; tap t of
-    the first window reads column phase tq[t] from position tm[t]."""
-    nl = bv.size
-    for a in range(kh):
-        r = h0 + a * dh
-        for t in range(kw):
-            src = phs[tq[t], r, tm[t]:tm[t] + nl]
-            base = np.int32(r * w + c0 + t * dw)
-            if a == 0 and t == 0:
-                for j in range(nl):
-                    bv[j] = src[j]
-                    bi[j] = base + jw[j]
-                continue
-            for j in range(nl):
-                v = src[j]
-                b = bv[j]
-                upd = (v > b) | (v != v)
-                bv[j] = v if upd else b
-                bi[j] = base + jw[j] if upd else bi[j]
 
 
 @kernel
@@ -104,35 +34,71 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
     nj = jhi - jlo if h * w < 2**31 else 0
     nl = nj + (-nj) % _RUN
     wp = (w + sw - 1) // sw
+    wl = wp + nl
     c0 = jlo * sw - pw  # first column of the first vector-run window
-    tq = np.empty(kw, np.int64)
-    tm = np.empty(kw, np.int64)
-    for t in range(kw):
-        tq[t] = (c0 + t * dw) % sw
-        tm[t] = (c0 + t * dw) // sw
     nch = min(pp, 64)  # chunks of planes share their scratch buffers
     for ch in prange(nch):
         bv = np.empty(nl, x.dtype)
         bi = np.empty(nl, np.int32)
-        jw = np.arange(nl).astype(np.int32) * np.int32(sw)
-        phs = np.zeros((sw, h, wp + nl), x.dtype)  # rows' tails: read by rounded-up runs, never kept
+        jw = np.empty(nl, np.int32)
+        for j in range(nl):
+            jw[j] = j * sw
+        phs = np.empty(sw * h * wl, x.dtype)  # phs[q*h*wl + r*wl + m] = x[p, r, q + m*sw]
+        for m in range(phs.size):
+            phs[m] = 0  # the rows' tails are read by rounded-up runs and never kept
         for p in range(ch * pp // nch, (ch + 1) * pp // nch):
             xp, yp, ip = x[p], y[p], idx[p]
             if nj > 0:
-                _split_phases(xp, phs, sw)
+                for r in range(h):
+                    src = xp[r]
+                    for q in range(sw):
+                        dst = phs[(q * h + r) * wl:(q * h + r + 1) * wl]
+                        for m in range((w - q + sw - 1) // sw):
+                            dst[m] = src[q + m * sw]
             for i in range(oh):
                 h0 = i * sh - ph
+                j0, j1 = ow, ow
                 if nj > 0 and h0 >= 0 and h0 + (kh - 1) * dh < h:  # rows inside: vector runs
-                    _max_run(phs, bv, bi, jw, tq, tm, h0, c0, w, kh, kw, dh, dw)
-                    yp[i, jlo:jhi] = bv[:nj]
-                    ip[i, jlo:jhi] = bi[:nj]
                     j0, j1 = jlo, jhi
-                else:
-                    j0, j1 = ow, ow
-                for j in range(j0):  # windows clipped by the border: one at a time
-                    yp[i, j], ip[i, j] = _max_window(xp, h, w, h0, j * sw - pw, kh, kw, dh, dw, ninf)
-                for j in range(j1, ow):
-                    yp[i, j], ip[i, j] = _max_window(xp, h, w, h0, j * sw - pw, kh, kw, dh, dw, ninf)
+                    for a in range(kh):
+                        r = h0 + a * dh
+                        for t in range(kw):
+                            c = c0 + t * dw
+                            o = ((c % sw) * h + r) * wl + c // sw
+                            src = phs[o:o + nl]
+                            base = np.int32(r * w + c)
+                            first = a == 0 and t == 0
+                            for j in range(nl):
+                                v = src[j]
+                                b = bv[j]
+                                upd = (v > b) | (v != v) | first
+                                bv[j] = v if upd else b
+                                bi[j] = base + jw[j] if upd else bi[j]
+                    for j in range(nj):
+                        yp[i, jlo + j] = bv[j]
+                        ip[i, jlo + j] = bi[j]
+                for j in range(ow):  # windows clipped by the border: one at a time
+                    if j0 <= j < j1:
+                        continue
+                    # PyTorch's scan: the first in-bounds row / column, then row-major; starting
+                    # from the first element is the same as its (-inf, first index), and a window
+                    # entirely in the padding gives (-inf, its first position) as PyTorch does
+                    a0 = h0 + ((dh - 1 - h0) // dh) * dh if h0 < 0 else h0
+                    a1 = min(h0 + (kh - 1) * dh + 1, h)
+                    w0 = j * sw - pw
+                    w1 = min(w0 + (kw - 1) * dw + 1, w)
+                    if w0 < 0:
+                        w0 += ((dw - 1 - w0) // dw) * dw
+                    b = xp[a0, w0] if a0 < a1 and w0 < w1 else ninf
+                    bj = a0 * w + w0
+                    for ih in range(a0, a1, dh):
+                        for iw in range(w0, w1, dw):
+                            v = xp[ih, iw]
+                            upd = (v > b) | (v != v)
+                            b = v if upd else b
+                            bj = ih * w + iw if upd else bj
+                    yp[i, j] = b
+                    ip[i, j] = bj
 
 
 @kernel
