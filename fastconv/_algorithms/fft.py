@@ -175,7 +175,6 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
     # for the chunk's output channels k0 + q, then, within each group,
     #   forward:    out[u, v, n, q]  = sum_c a[u, v, n, c] * Wc[c, q]           (a = X,  out = Y chunk)
     #   grad_input: out[u, v, n, c] += sum_q a[u, v, n, k0 + q] * conj(Wc[c, q]) (a = GY, out = GX)
-    # grad_input: 0 forward; 1 grad_input; 2 grad_input with t transposed (Wc[q, c], j = q*cg + c).
     # prange over v: every (u, v) of out belongs to one iteration.  The rows u0 + j*nh/nsub
     # (nsub = 4 when 4 divides nh, else 2 when nh is even, else 1) are done together: their
     # twiddles differ by i^(j*r*dh), so with S_m the sum over taps with r*dh = m (mod nsub), the
@@ -192,12 +191,11 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
         acci = np.empty((nb + 1, kb), dtype=t.dtype)
         # forward: the group's input spectra, split re/im, zero-padded to a multiple of 4 channels
         # (and an even number of images) so the inner loop needs no tail case
-        # (grad_input: the chunk's output-channel spectra, padded likewise, and sums over c)
-        xl = kb if grad_input else cg
-        xr = np.zeros((nb + 1, xl + 3), dtype=t.dtype)
-        xi = np.zeros((nb + 1, xl + 3), dtype=t.dtype)
-        sr_ = np.empty((nb + 1, cg), dtype=t.dtype)
-        si_ = np.empty((nb + 1, cg), dtype=t.dtype)
+        xr = np.zeros((nb + 1, cg + 3), dtype=t.dtype)
+        xi = np.zeros((nb + 1, cg + 3), dtype=t.dtype)
+        # a zero of the data's type: ``x * 0`` would be float64 for float32 x (numba types
+        # float32 * int64 as float64), and the loops using it would run in double precision
+        zz = np.zeros(1, dtype=t.dtype)
         for u0 in range(step):
             for sd in range(nsub):
                 for j in range(m):
@@ -228,8 +226,9 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
                     gi = (k0 + q0) // kg
                     q1 = min(kb, (gi + 1) * kg - k0)
                     ln = q1 - q0
-                    if grad_input == 1:
-                        # dot products over q, sums in registers: faster when cg is small (see grad_input)
+                    if grad_input:
+                        # dot products over q, 2 channels per pass, sums in registers.  (Vectors over
+                        # c with transposed kernel spectra, as the forward loop, were 1.4x slower.)
                         for n in range(nb):
                             for q in range(q0, q1):
                                 z = a[u, v, n, k0 + q]
@@ -246,7 +245,7 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
                             for n in range(nb):
                                 gr = accr[n, q0:q1]
                                 gim = acci[n, q0:q1]
-                                sr0 = w0r[0] * 0
+                                sr0 = zz[0]
                                 si0 = sr0
                                 sr1 = sr0
                                 si1 = sr0
@@ -258,67 +257,15 @@ def _spectral_conv(a, t, eh, out, grad_input, k0, kg, cg, dh):
                                 out[u, v, n, c] += complex(sr0, si0)
                                 if two:
                                     out[u, v, n, c + 1] += complex(sr1, si1)
-                    elif grad_input:
-                        # t holds W transposed here (j = q*cg + c, see _kernel_row_dfts), so this is
-                        # the forward loop with the roles of c and q swapped and W conjugated:
-                        # 2 images x 4 output channels q per pass, vectors over c (the old loop, dot
-                        # products over q with sums in registers, took 76 ms of CPU on convnet-L2-9x9)
-                        for n in range(nb):
-                            for ql in range(ln):
-                                z = a[u, v, n, k0 + q0 + ql]
-                                xr[n, ql] = z.real
-                                xi[n, ql] = z.imag
-                            for ql in range(ln, ln + 3):
-                                xr[n, ql] = 0
-                                xi[n, ql] = 0
-                        for n in range(nb + 1):
-                            for cl in range(cg):
-                                sr_[n, cl] = 0
-                                si_[n, cl] = 0
-                        for ql in range(0, ln, 4):
-                            e0 = (q0 + ql) * cg  # a missing channel reads the first again (with gy = 0)
-                            e1 = (q0 + ql + 1) * cg if ql + 1 < ln else e0
-                            e2 = (q0 + ql + 2) * cg if ql + 2 < ln else e0
-                            e3 = (q0 + ql + 3) * cg if ql + 3 < ln else e0
-                            p0r = wr[e0:e0 + cg]
-                            p0i = wi[e0:e0 + cg]
-                            p1r = wr[e1:e1 + cg]
-                            p1i = wi[e1:e1 + cg]
-                            p2r = wr[e2:e2 + cg]
-                            p2i = wi[e2:e2 + cg]
-                            p3r = wr[e3:e3 + cg]
-                            p3i = wi[e3:e3 + cg]
-                            for n in range(0, nb, 2):  # row nb of xr/xi is 0, of sr_/si_ scratch
-                                x0r, x0i, x1r_, x1i_ = xr[n, ql], xi[n, ql], xr[n, ql + 1], xi[n, ql + 1]
-                                x2r, x2i, x3r, x3i = xr[n, ql + 2], xi[n, ql + 2], xr[n, ql + 3], xi[n, ql + 3]
-                                y0r, y0i, y1r, y1i = xr[n + 1, ql], xi[n + 1, ql], xr[n + 1, ql + 1], xi[n + 1, ql + 1]
-                                y2r, y2i, y3r, y3i = xr[n + 1, ql + 2], xi[n + 1, ql + 2], xr[n + 1, ql + 3], xi[n + 1, ql + 3]
-                                gr = sr_[n]
-                                gim = si_[n]
-                                hr = sr_[n + 1]
-                                him = si_[n + 1]
-                                for j in range(cg):
-                                    ar, ai, br, bi = p0r[j], p0i[j], p1r[j], p1i[j]
-                                    cr_, ci_, dr, di = p2r[j], p2i[j], p3r[j], p3i[j]
-                                    gr[j] += ((x0r * ar + x0i * ai + x1r_ * br + x1i_ * bi)
-                                              + (x2r * cr_ + x2i * ci_ + x3r * dr + x3i * di))
-                                    gim[j] += ((x0i * ar - x0r * ai + x1i_ * br - x1r_ * bi)
-                                               + (x2i * cr_ - x2r * ci_ + x3i * dr - x3r * di))
-                                    hr[j] += ((y0r * ar + y0i * ai + y1r * br + y1i * bi)
-                                              + (y2r * cr_ + y2i * ci_ + y3r * dr + y3i * di))
-                                    him[j] += ((y0i * ar - y0r * ai + y1i * br - y1r * bi)
-                                               + (y2i * cr_ - y2r * ci_ + y3i * dr - y3r * di))
-                        for n in range(nb):
-                            for cl in range(cg):
-                                out[u, v, n, gi * cg + cl] += complex(sr_[n, cl], si_[n, cl])
                     else:
                         for n in range(nb):
                             for cl in range(cg):
                                 z = a[u, v, n, gi * cg + cl]
                                 xr[n, cl] = z.real
                                 xi[n, cl] = z.imag
-                        # 2 images x 4 channels per pass: 32 multiply-adds per 12 loads and 4 stores
-                        # (2 x 2 took 62 ms of CPU on convnet-L2-9x9, 2 x 4 34 ms, 4 x 4 no better)
+                        # 2 images x 4 channels per pass: 32 multiply-adds per 12 loads and 4 stores,
+                        # all in the data's precision (the old 2 x 2 loop, partly in float64 through
+                        # ``z * 0``, took 62 ms of CPU on convnet-L2-9x9, this 34 ms; 4 x 4 no better)
                         for cl in range(0, cg, 4):
                             e0 = cl * kb  # a missing channel reads the first again (with x = 0)
                             e1 = (cl + 1) * kb if cl + 1 < cg else e0
@@ -377,6 +324,7 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg, dh, cb):
         zi = np.empty((nsub, cb * kb), dtype=qs.dtype)
         gr = np.empty((nb, kb), dtype=qs.dtype)
         gim = np.empty((nb, kb), dtype=qs.dtype)
+        zz = np.zeros(1, dtype=qs.dtype)  # typed zero, as in _spectral_conv
         for c0 in range(0, cg, cb):
             c1 = min(cg, c0 + cb)
             mb = (c1 - c0) * kb
@@ -411,7 +359,7 @@ def _spectral_wgrad(x, gy, eh, qs, k0, kg, cg, dh, cb):
                                     xz = x[u, v, n1, c]
                                     yr, yi = xz.real, xz.imag
                                 else:
-                                    yr, yi = xr * 0, xr * 0
+                                    yr, yi = zz[0], zz[0]
                                 g0 = gr[n, q0:q1]
                                 g1 = gim[n, q0:q1]
                                 h0 = gr[n1, q0:q1]
@@ -636,12 +584,10 @@ def _twiddles(nfft, count, step, length, dtype, sign=1.0, weights=None):
     return np.ascontiguousarray(tab.astype(dtype))
 
 
-def _kernel_row_dfts(w, k0, k1, nw, wf, dw, dtype, transposed=False):
-    """``t`` (wf, r, 2, cg*kb) for output channels [k0, k1): DFT along s of every kernel row,
-    with j = c*kb + k (forward) or j = k*cg + c (``transposed``, grad_input)."""
+def _kernel_row_dfts(w, k0, k1, nw, wf, dw, dtype):
+    """``t`` (wf, r, 2, cg*kb) for output channels [k0, k1): DFT along s of every kernel row."""
     kb, cg, r, s = k1 - k0, w.shape[1], w.shape[2], w.shape[3]
-    wt = np.ascontiguousarray(w[k0:k1].transpose(2, 3, 0, 1) if transposed else w[k0:k1].transpose(2, 3, 1, 0))
-    wt = wt.reshape(r, s, cg * kb)
+    wt = np.ascontiguousarray(w[k0:k1].transpose(2, 3, 1, 0)).reshape(r, s, cg * kb)
     t = np.empty((wf, r, 2, cg * kb), dtype=dtype)
     _kernel_rows(wt, _twiddles(nw, s, dw, wf, dtype), t)
     return t
@@ -690,7 +636,7 @@ def forward(x, w, b, p):
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
                     ys = np.empty((nh, wf, n1 - n0, k1 - k0), xs.dtype)
-                    _spectral_conv(xs, t, eh_tab, ys, 0, k0, p.kg, p.cg, p.dh)
+                    _spectral_conv(xs, t, eh_tab, ys, False, k0, p.kg, p.cg, p.dh)
                     yb = sfft.irfft2(ys, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
                     del ys
                     _unpack(yb, y, n0, k0, i0, i1, j0, j1, 0, 0, p.sh, p.sw, bias)
@@ -710,13 +656,8 @@ def grad_input(gy, w, p):
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
     gx = np.empty(p.x_shape, dt)
     zero_bias = np.zeros(p.c, dt)
-    # Contraction loop: vectors over c (mode 2, transposed kernel spectra) pay when c is long, dot
-    # products over k (mode 1) when it is short.  Measured interleaved at 2 threads on the loaded
-    # box, whole grad_input, mode 2 vs 1: convnet-L2-9x9 (cg 64) 1.17x faster (1.11-1.36),
-    # bigkernel-15x15 (cg 16) 0.90x.  Depends on the geometry only, never on the thread count.
-    mode = 2 if p.cg >= 32 else 1
     kchunks = _chunks(p.k, pl.kb)
-    tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt, mode == 2) for k0, k1 in kchunks] if len(kchunks) == 1 else None
+    tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
     for y0, y1 in _chunks(p.h, pl.th):
         for x0, x1 in _chunks(p.w, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
@@ -727,8 +668,8 @@ def grad_input(gy, w, p):
                 del gb
                 gxs = np.zeros((nh, wf, n1 - n0, p.c), gs.dtype)
                 for k0, k1 in kchunks:
-                    t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt, mode == 2)
-                    _spectral_conv(gs, t, eh_tab, gxs, mode, k0, p.kg, p.cg, p.dh)
+                    t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
+                    _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg, p.dh)
                 del gs
                 xb = sfft.irfft2(gxs, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
                 _unpack(xb, gx, n0, 0, y0, y1, x0, x1, eh, ew, 1, 1, zero_bias)
