@@ -35,10 +35,12 @@ AVX-512 box (load-independent), forward / inverse real 2-D transforms:
     64 planes 80x80   float32: rocket-fft 0.8 / 0.8 ms, scipy 1.0 / 1.0 ms
     512 planes 64x64  float64: rocket-fft 7.8 / 8.2 ms, scipy 12.1 / 16.0 ms
 
-Transforms are ~15-20% of a float32 pass here (the channel contraction dominates), so rocket-fft
-would save at most ~2-3% in float32 and ~10% in float64, while every parallel kernel holding a
-rocket-fft call costs 3-6 s of cold compilation per dtype (measured: 5.6 s for an rfft2 kernel,
-2.8 s for irfft2; an earlier rocket-fft version of this module took ~150 s cold).  With scipy the
+Transforms were ~15-20% of a float32 pass when that was decided, so rocket-fft would have saved
+~2-3% in float32 and ~10% in float64.  Since the contraction loops got faster (float32 arithmetic,
+wider register blocking) they are more: convnet-L2-9x9 forward at 2 threads spent ~44 ms in the
+contraction and ~35 ms in irfft2 of ~112 ms (loaded box) -- worth re-measuring.  Every parallel
+kernel holding a rocket-fft call costs 3-6 s of cold compilation per dtype (measured: 5.6 s for an
+rfft2 kernel, 2.8 s for irfft2; an earlier rocket-fft version of this module took ~150 s cold).  With scipy the
 numba kernels here hold no FFT: cold compilation of all passes is ~16-18 s per dtype (34 s for
 both, measured with an empty NUMBA_CACHE_DIR, bias gradient included; 0.4 s from a warm cache).
 
