@@ -260,12 +260,13 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
     fitted by ``benchmarks/calibrate.py`` (stored in ``fastconv/_calibration.json``).  The shipped
     fit was made on a 2-core AMD EPYC (AVX-512) with 2 threads, numba 0.68.1, float32, from the
     median of 5 timed calls of every eligible algorithm on the 13 conv shapes of the public suite
-    and on batch-1 copies of them (78 shape x pass cases; the machine was not idle).  On those
-    cases (in-sample) the choice is within 10% of the measured best in 92% of forward, 96% of
-    grad_input and 77% of grad_weight cases -- 36 of the 39 suite shape x pass cases (92%); the
-    geometric mean of chosen over best time is 1.03, 1.02 and 1.05.  grad_weight is the weak pass:
-    direct and im2col are within 10-60% of each other there and the model does not rank them
-    reliably.  For exact choices on your machine, turn on :func:`set_autotune`.
+    and on batch-1 copies of them (78 shape x pass cases; re-checked on 2026-11-26 on an idle
+    machine after the depthwise and FFT kernels got faster).  On those cases (in-sample) the choice
+    is within 10% of the measured best in 96% of forward, grad_input and grad_weight cases -- 37 of
+    the 39 suite shape x pass cases (95%); the geometric mean of chosen over best time is 1.005,
+    1.007 and 1.009.  The misses are lenet5-c1's gradients (im2col picked, direct 1.2x faster) and
+    its batch-1 forward: small layers where direct and im2col are within 10-25% and the model does
+    not rank them reliably.  For exact choices on your machine, turn on :func:`set_autotune`.
 
     Examples
     --------
