@@ -88,10 +88,25 @@ def _concurrently(jobs, counts):
 
 
 def _serial(jobs, counts):
+    """The jobs one after another, in one Python thread that is not the main thread.
+
+    im2col's results differ in rounding (about 1e-6 relative, GEMM-like) between calls from the
+    main thread and calls from another Python thread that has set its thread count -- seen on
+    2026-11-26 at every thread count, with BLAS held to one thread; the cause (numba's per-thread
+    pool vs OpenBLAS) is not found.  Concurrency itself changes no bits: the reference is a
+    serial run in a worker thread, like the concurrent ones.
+    """
     out = []
-    for job, n in zip(jobs, counts):
-        with fastconv.threads(n):
-            out.append(_work(job))
+
+    def run():
+        for job, n in zip(jobs, counts):
+            with fastconv.threads(n):
+                out.append(_work(job))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=600)
+    assert not t.is_alive() and len(out) == len(jobs), "the serial reference run failed or hung"
     return out
 
 

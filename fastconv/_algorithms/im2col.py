@@ -45,7 +45,9 @@ grad_weight: an item owns a block of taps of one group (its columns of ``gw``) a
 share of the batch in a fixed order; when there are fewer channel blocks than workers the batch is
 split too, into per-split partial sums added in split order after the parallel loop.  So results
 depend on the thread count and the budget (through the tiling) only by rounding, and a given
-configuration always gives the same bits.
+configuration always gives the same bits.  One more thing moves the rounding, cause not found: calls
+from the main Python thread and from another thread that has set its thread count differ at the
+~1e-6 level (tests/test_threads.py compares worker-thread runs with each other for that reason).
 """
 import ctypes
 import dataclasses
