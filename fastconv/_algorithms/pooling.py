@@ -36,6 +36,14 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
     wp = (w + sw - 1) // sw
     wl = wp + nl
     c0 = jlo * sw - pw  # first column of the first vector-run window
+    # per-tap offsets into the phase-split plane and per-phase lengths, computed once: a division
+    # by the run-time stride per tap and row cost a third of the time on 28x28 planes
+    toff = np.empty(kw, np.int64)
+    for t in range(kw):
+        toff[t] = ((c0 + t * dw) % sw) * h * wl + (c0 + t * dw) // sw
+    cnt = np.empty(sw, np.int64)
+    for q in range(sw):
+        cnt[q] = (w - q + sw - 1) // sw
     nch = min(pp, 64)  # chunks of planes share their scratch buffers
     for ch in prange(nch):
         bv = np.empty(nl, x.dtype)
@@ -53,7 +61,7 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
                     src = xp[r]
                     for q in range(sw):
                         dst = phs[(q * h + r) * wl:(q * h + r + 1) * wl]
-                        for m in range((w - q + sw - 1) // sw):
+                        for m in range(cnt[q]):
                             dst[m] = src[q + m * sw]
             for i in range(oh):
                 h0 = i * sh - ph
@@ -63,10 +71,9 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
                     for a in range(kh):
                         r = h0 + a * dh
                         for t in range(kw):
-                            c = c0 + t * dw
-                            o = ((c % sw) * h + r) * wl + c // sw
+                            o = toff[t] + r * wl
                             src = phs[o:o + nl]
-                            base = np.int32(r * w + c)
+                            base = np.int32(r * w + c0 + t * dw)
                             first = a == 0 and t == 0
                             for j in range(nl):
                                 v = src[j]
@@ -77,9 +84,8 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
                     for j in range(nj):
                         yp[i, jlo + j] = bv[j]
                         ip[i, jlo + j] = bi[j]
-                for j in range(ow):  # windows clipped by the border: one at a time
-                    if j0 <= j < j1:
-                        continue
+                for jj in range(j0 + ow - j1):  # windows clipped by the border: one at a time
+                    j = jj if jj < j0 else jj - j0 + j1
                     # PyTorch's scan: the first in-bounds row / column, then row-major; starting
                     # from the first element is the same as its (-inf, first index), and a window
                     # entirely in the padding gives (-inf, its first position) as PyTorch does
