@@ -489,7 +489,7 @@ def _grad_input_by_correlation(gy, w, p):
     if _depthwise(p):
         return _dw_conv(gy, wf, None, top, left, p.h + eh, p.w + ew, 1, 1, p.dh, p.dw, p.h, p.w)
     gyp, _, _, _ = pad_planes(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left)
-    wf = w[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
+    wf = wf.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
     wf = np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s)
     return _conv(gyp, p.h + eh, p.w + ew, wf, None, 1, 1, p.dh, p.dw, p.g, p.h, p.w)
 
