@@ -6,7 +6,7 @@
 >>> fastconv.conv2d(x, w, padding=1).shape
 (2, 4, 8, 8)
 """
-from ._config import get_workspace_limit, set_workspace_limit
+from ._config import free_workspace, get_workspace_limit, set_workspace_limit
 from ._dispatch import algorithms
 from ._threads import get_num_threads, max_threads, set_num_threads, threads
 from ._tuning import autotune_cache_path, choose_algorithm, clear_autotune_cache, get_autotune, set_autotune
@@ -55,6 +55,7 @@ __all__ = [
     "avg_pool2d_backward",
     "conv2d",
     "conv2d_backward",
+    "free_workspace",
     "get_workspace_limit",
     "max_pool2d",
     "max_pool2d_backward",

@@ -274,3 +274,33 @@ def test_deterministic_and_thread_count_independent(dtype):
     for name in first:
         assert first[name].tobytes() == again[name].tobytes(), name
         assert first[name].tobytes() == single[name].tobytes(), name
+
+
+@pytest.mark.parametrize("kw", [{}, {"padding": 1}, {"padding": (0, 2), "stride": 2}, {"dilation": 2, "padding": (3, 1)}],
+                         ids=["valid", "pad1", "stride2", "dilated"])
+def test_grad_input_whole_plane_reads_circularly(kw):
+    # with padding smaller than the kernel, one grad_input transform is shorter than the
+    # overlap-save tile (h + eh): the result is read modulo the FFT size and must still be exact
+    x, w, _, gy, _ = make(("c", (2, 3, 17, 16), (4, 3, 5, 5), kw), np.float64)
+    p = _params(x, w, kw)
+    pl = fft._plan(p, "grad_input")
+    eh = kw.get("dilation", 1) * 4
+    assert pl.th == 17 and pl.tw == 16
+    if not kw:
+        assert pl.nh < 17 + eh and pl.nw < 16 + eh
+    got = fastconv.conv2d_backward(gy, x, w, algorithm="fft", **kw).grad_input
+    want = ref.conv2d_grad_input(gy, x.shape, w, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_scratch_buffers_are_reused_and_released():
+    x, w, b, gy, kw = make(CASES[-2], np.float32)
+    fastconv.free_workspace()
+    first = run_fft(x, w, b, gy, kw)
+    held = fastconv.free_workspace()
+    assert held > 0  # the FFT tiles and spectra were kept for reuse
+    run_fft(x, w, b, gy, kw)
+    again = run_fft(x, w, b, gy, kw)  # from reused, dirty buffers: the same bits
+    for name in first:
+        assert np.array_equal(first[name], again[name]), name
+    assert fastconv.free_workspace() == held and fastconv.free_workspace() == 0

@@ -81,7 +81,13 @@ import numpy as np
 import scipy.fft as sfft
 from numba import prange
 
+from .._config import scratch
 from .._jit import FASTMATH, kernel
+
+try:  # pocketfft's own binding (inside scipy) takes out=: transforms then write into reused buffers
+    from scipy.fft._pocketfft import pypocketfft as _pocket
+except ImportError:  # pragma: no cover - other scipy layouts: the public functions (fresh outputs)
+    _pocket = None
 
 # Serial, uncached helper linked into the calling parallel kernels (and stored in their cache
 # entries): never a cached kernel calling another cached kernel (numba issue 8578,
@@ -113,11 +119,12 @@ def _pack(src, buf, n0, c0, off_h, up_h, lo_h, hi_h, off_w, up_w, lo_w, hi_w):
 @kernel
 def _unpack(buf, out, n0, c0, o0h, o1h, o0w, o1w, b0h, b0w, st_h, st_w, bias):
     # out[n0 + n, c0 + c, i, j] = buf[b0h + (i - o0h)*st_h, b0w + (j - o0w)*st_w, n, c] + bias[c0 + c]
-    nb, cc = buf.shape[2], buf.shape[3]
+    # (indices are taken modulo the buffer size: grad_input's whole-plane tiles read circularly)
+    nh, nw, nb, cc = buf.shape
     for i in prange(o0h, o1h):
-        bh = b0h + (i - o0h) * st_h
+        bh = (b0h + (i - o0h) * st_h) % nh
         for j in range(o0w, o1w):
-            bw = b0w + (j - o0w) * st_w
+            bw = (b0w + (j - o0w) * st_w) % nw
             for n in range(nb):
                 for c in range(cc):
                     out[n0 + n, c0 + c, i, j] = buf[bh, bw, n, c] + bias[c0 + c]
@@ -426,10 +433,24 @@ def _tile(pass_, nfft, st, e):
     return nfft - e if pass_ == "grad_input" else (nfft - e - 1) // st + 1
 
 
-def _sizes(pass_, total, st, e):
+def _whole(pass_, total, n_out, st, e, p0):
+    """grad_input only: the shortest FFT that serves a whole axis of ``total`` input rows in one
+    tile (else 0).  The stride-spread gradient (``(n_out - 1)*st + 1`` rows) correlated with the
+    kernel has ``(n_out - 1)*st + 1 + e`` rows of support, and the kept rows are ``[p0, p0 + total)``
+    of it: one circular transform holding both without overlap needs only the longer of the two,
+    less than the ``total + e`` an overlap-save tile needs when the padding is smaller than the
+    kernel (``valid``: ``total`` instead of ``total + e``).  Outputs are read modulo the length."""
+    if pass_ != "grad_input":
+        return 0
+    return max((n_out - 1) * st + 1 + e, p0 + total)
+
+
+def _sizes(pass_, total, st, e, whole=0):
     """Candidate FFT lengths, largest (whole extent in one tile) first."""
     full = sfft.next_fast_len(_span(pass_, total, st, e), real=True)
     cand = {full}
+    if 0 < whole < full:
+        cand.add(sfft.next_fast_len(whole, real=True))
     for m in range(2, 17):
         cand.add(sfft.next_fast_len(_span(pass_, -(-total // m), st, e), real=True))
     t = 1
@@ -440,21 +461,18 @@ def _sizes(pass_, total, st, e):
 
 
 def _workspace(p, pass_, nh, nw, nb, kb):
-    """Peak bytes of one step: the largest set of buffers alive at once (real tiles are freed
-    right after their transform; scipy transforms the second axis in place, and the inverse is
-    called with ``overwrite_x``)."""
+    """Peak bytes of one step: the scratch buffers of a call (see :func:`scratch`) -- one real
+    tile buffer shared by the input and output tiles, the input and output spectra, the kernel
+    row DFTs -- all alive at once, since they are kept for the next call."""
     isz = p.itemsize
     pl, f, wf = nh * nw, nh * (nw // 2 + 1), nw // 2 + 1
-    t = wf * p.r * 2 * p.cg * kb * isz  # kernel row DFTs (grad_weight: its row sums), kept
+    t = wf * p.r * 2 * p.cg * kb * isz  # kernel row DFTs (grad_weight: its row sums)
     c, k = p.c, p.k
     if pass_ == "forward":
-        xs, ys = f * nb * c * 2 * isz, f * nb * kb * 2 * isz
-        return t + max(pl * nb * c * isz + xs, xs + ys + pl * nb * kb * isz)
+        return t + pl * nb * max(c, kb) * isz + f * nb * (c + kb) * 2 * isz
     if pass_ == "grad_input":
-        gs, gxs = f * nb * k * 2 * isz, f * nb * c * 2 * isz
-        return t + max(pl * nb * k * isz + gs, gs + gxs, gxs + pl * nb * c * isz)
-    xs, gs = f * nb * c * 2 * isz, f * nb * k * 2 * isz
-    return t + p.r * p.s * p.cg * kb * isz + max(pl * nb * c * isz + xs, xs + pl * nb * k * isz + gs)
+        return t + pl * nb * max(k, c) * isz + f * nb * (k + c) * 2 * isz
+    return t + p.r * p.s * p.cg * kb * isz + pl * nb * max(c, k) * isz + f * nb * (c + k) * 2 * isz
 
 
 # Cost model: single-thread seconds fitted to thread_time() measurements on the 2-core AVX-512
@@ -515,12 +533,14 @@ def _plan(p, pass_):
     eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
     tot_h, tot_w = (p.h, p.w) if pass_ == "grad_input" else (p.oh, p.ow)
     best, best_cost, smallest = None, float("inf"), None
-    for nh in _sizes(pass_, tot_h, p.sh, eh):
-        th = min(tot_h, _tile(pass_, nh, p.sh, eh))
+    whole_h = _whole(pass_, tot_h, p.oh, p.sh, eh, p.ph0)
+    whole_w = _whole(pass_, tot_w, p.ow, p.sw, ew, p.pw0)
+    for nh in _sizes(pass_, tot_h, p.sh, eh, whole_h):
+        th = tot_h if 0 < whole_h <= nh else min(tot_h, _tile(pass_, nh, p.sh, eh))
         if th < 1:
             continue
-        for nw in _sizes(pass_, tot_w, p.sw, ew):
-            tw = min(tot_w, _tile(pass_, nw, p.sw, ew))
+        for nw in _sizes(pass_, tot_w, p.sw, ew, whole_w):
+            tw = tot_w if 0 < whole_w <= nw else min(tot_w, _tile(pass_, nw, p.sw, ew))
             if tw < 1:
                 continue
             nb = max(p.n, 1)  # n == 0 is answered before any pass runs
@@ -590,7 +610,7 @@ def _kernel_row_dfts(w, k0, k1, nw, wf, dw, dtype):
     """``t`` (wf, r, 2, cg*kb) for output channels [k0, k1): DFT along s of every kernel row."""
     kb, cg, r, s = k1 - k0, w.shape[1], w.shape[2], w.shape[3]
     wt = np.ascontiguousarray(w[k0:k1].transpose(2, 3, 1, 0)).reshape(r, s, cg * kb)
-    t = np.empty((wf, r, 2, cg * kb), dtype=dtype)
+    t = scratch("fft.tab", (wf, r, 2, cg * kb), dtype)
     _kernel_rows(wt, _twiddles(nw, s, dw, wf, dtype), t)
     return t
 
@@ -608,6 +628,27 @@ def _wgrad_block(p, kb):
 
 def _workers():
     return numba.get_num_threads()
+
+
+def _rfft2(a, role):
+    """Real 2-D FFT over axes (0, 1) of ``a`` into the scratch buffer ``role``."""
+    if _pocket is None:
+        return sfft.rfft2(a, axes=(0, 1), workers=_workers())
+    out = scratch(role, (a.shape[0], a.shape[1] // 2 + 1) + a.shape[2:], np.result_type(a.dtype, np.complex64))
+    return _pocket.r2c(a, (0, 1), True, 0, out, _workers())
+
+
+def _irfft2(a, nw, role):
+    """Inverse of :func:`_rfft2` (``nw`` columns), normalised by ``1/(nh*nw)``; overwrites ``a``.
+
+    Done as scipy's irfft2 does it -- complex FFT over axis 0, then complex-to-real over axis 1 --
+    but in place and into a reused buffer (scipy's allocates a temporary the size of ``a``).
+    """
+    if _pocket is None:
+        return sfft.irfft2(a, s=(a.shape[0], nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
+    out = scratch(role, (a.shape[0], nw) + a.shape[2:], a.real.dtype)
+    _pocket.c2c(a, (0,), False, 2, a, _workers())
+    return _pocket.c2r(a, (1,), nw, False, 2, out, _workers())
 
 
 def _chunks(total, size):
@@ -631,18 +672,15 @@ def forward(x, w, b, p):
     for i0, i1 in _chunks(p.oh, pl.th):
         for j0, j1 in _chunks(p.ow, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
-                xb = np.empty((nh, nw, n1 - n0, p.c), dt)
+                xb = scratch("fft.real", (nh, nw, n1 - n0, p.c), dt)
                 _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
-                xs = sfft.rfft2(xb, axes=(0, 1), workers=_workers())
-                del xb  # the workspace bound counts it only while it is transformed
+                xs = _rfft2(xb, "fft.spec_in")
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
-                    ys = np.empty((nh, wf, n1 - n0, k1 - k0), xs.dtype)
+                    ys = scratch("fft.spec_out", (nh, wf, n1 - n0, k1 - k0), xs.dtype)
                     _spectral_conv(xs, t, eh_tab, ys, False, k0, p.kg, p.cg, p.dh)
-                    yb = sfft.irfft2(ys, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
-                    del ys
+                    yb = _irfft2(ys, nw, "fft.real")  # xb is dead by now: same role
                     _unpack(yb, y, n0, k0, i0, i1, j0, j1, 0, 0, p.sh, p.sw, bias)
-                    del yb
     return y
 
 
@@ -663,17 +701,16 @@ def grad_input(gy, w, p):
     for y0, y1 in _chunks(p.h, pl.th):
         for x0, x1 in _chunks(p.w, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
-                gb = np.empty((nh, nw, n1 - n0, p.k), dt)
+                gb = scratch("fft.real", (nh, nw, n1 - n0, p.k), dt)
                 # buffer row b holds the stride-spread gradient at padded row y0 + ph0 - eh + b
                 _pack(gy, gb, n0, 0, y0 + p.ph0 - eh, p.sh, 0, p.oh, x0 + p.pw0 - ew, p.sw, 0, p.ow)
-                gs = sfft.rfft2(gb, axes=(0, 1), workers=_workers())
-                del gb
-                gxs = np.zeros((nh, wf, n1 - n0, p.c), gs.dtype)
+                gs = _rfft2(gb, "fft.spec_in")
+                gxs = scratch("fft.spec_out", (nh, wf, n1 - n0, p.c), gs.dtype)
+                gxs.fill(0)
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
                     _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg, p.dh)
-                del gs
-                xb = sfft.irfft2(gxs, s=(nh, nw), axes=(0, 1), workers=_workers(), overwrite_x=True)
+                xb = _irfft2(gxs, nw, "fft.real")
                 _unpack(xb, gx, n0, 0, y0, y1, x0, x1, eh, ew, 1, 1, zero_bias)
     return gx
 
@@ -698,14 +735,12 @@ def grad_weight(gy, x, p):
     for i0, i1 in _chunks(p.oh, pl.th):
         for j0, j1 in _chunks(p.ow, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
-                xb = np.empty((nh, nw, n1 - n0, p.c), dt)
+                xb = scratch("fft.real", (nh, nw, n1 - n0, p.c), dt)
                 _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
-                xs = sfft.rfft2(xb, axes=(0, 1), workers=_workers())
-                del xb
-                gb = np.empty((nh, nw, n1 - n0, p.k), dt)
+                xs = _rfft2(xb, "fft.spec_in")
+                gb = scratch("fft.real", (nh, nw, n1 - n0, p.k), dt)  # xb is dead: same role
                 _pack(gy, gb, n0, 0, i0 * p.sh, p.sh, i0, i1, j0 * p.sw, p.sw, j0, j1)
-                gs = sfft.rfft2(gb, axes=(0, 1), workers=_workers())
-                del gb
+                gs = _rfft2(gb, "fft.spec_out")
                 for k0, k1 in kchunks:
                     kb = k1 - k0
                     qs = np.zeros((wf, p.r, 2, p.cg * kb), dt)
