@@ -28,6 +28,8 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
   taps of a run in one pass; 3x3 with ``sw == dw == 1`` has unrolled micro-kernels.  Forward: one
   item per (image, channel) plane.  grad_weight: one item per channel, summing its images in order.
 """
+import functools
+
 import numpy as np
 import numba
 from numba import prange
@@ -39,6 +41,10 @@ _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block ru
 _FWD_KB = 8       # output channels per forward work item
 _GI_CB = 8        # input channels per work item of the strided grad_input scatter
 _DW_RB = 8        # output rows per depthwise forward block (stride 1): small, so row copies overlap
+_IMG_MIN_ITEMS = 16          # per-image forward: at least this many (image, group) items ...
+_IMG_MAX_BYTES = 256 * 1024  # ... whose padded planes take at most this much each
+_IMG_CHUNKS = 64             # work items of the per-image forward (each pads into its own buffer)
+_IMG_MAX_PART = 4 << 20      # per-image grad_weight: bytes of the per-item partial sums
 
 # Micro-kernels: serial, uncached, compiled into the calling parallel kernel.
 _micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
@@ -120,58 +126,94 @@ def _dot1(g0, x0, zero):
     return s
 
 
+@_micro
+def _fwd_block(xv, c0, wt, tc, tb, b, y, n, k0, nk, i0, i1, wq, sh, acc):
+    """Output channels [k0, k0 + nk) and rows [i0, i1) of image n from its planes ``xv`` (pad_planes'
+    layout; the group's channels start at row c0), through the scratch ``acc`` (>= nk x run)."""
+    ow = y.shape[3]
+    tn = wt.shape[1]
+    t4 = tn - tn % 4
+    # several rows only when sh == 1; rounded up to whole vectors (the planes' SLACK makes that
+    # safe) because a scalar remainder loop would cost as much as the vector body on short runs
+    ln = (i1 - i0 - 1) * wq + ow
+    ln = min(ln + (-ln) % 16, ln + SLACK)
+    row0 = i0 * sh * wq
+    for q in range(nk):
+        bq = b[k0 + q]
+        aq = acc[q]
+        for j in range(ln):
+            aq[j] = bq
+    for t in range(0, t4, 4):
+        # slice views, not xv[c, base + j]: numba's negative-index wraparound on base + j
+        # keeps LLVM from vectorising
+        o0, o1, o2, o3 = row0 + tb[t], row0 + tb[t + 1], row0 + tb[t + 2], row0 + tb[t + 3]
+        x0 = xv[c0 + tc[t], o0:o0 + ln]
+        x1 = xv[c0 + tc[t + 1], o1:o1 + ln]
+        x2 = xv[c0 + tc[t + 2], o2:o2 + ln]
+        x3 = xv[c0 + tc[t + 3], o3:o3 + ln]
+        q = 0
+        while q + 4 <= nk:
+            _mac4x4(acc[q], acc[q + 1], acc[q + 2], acc[q + 3], x0, x1, x2, x3, wt, k0 + q, t, ln)
+            q += 4
+        while q < nk:
+            _mac1x4(acc[q], x0, x1, x2, x3, wt, k0 + q, t, ln)
+            q += 1
+    for t in range(t4, tn):
+        o0 = row0 + tb[t]
+        x0 = xv[c0 + tc[t], o0:o0 + ln]
+        for q in range(nk):
+            _mac1x1(acc[q], x0, wt[k0 + q, t], ln)
+    for q in range(nk):
+        for i in range(i0, i1):
+            _copy(y[n, k0 + q, i], acc[q, (i - i0) * wq:(i - i0) * wq + ow], ow)
+
+
 @kernel
 def _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb):
     nn, kk_, oh, ow = y.shape
-    tn = wt.shape[1]
     cg = xq.shape[1] // g
     kg = kk_ // g
     nkb = (kg + kb - 1) // kb
     nrb = (oh + rb - 1) // rb
-    t4 = tn - tn % 4
+    lmax = (min(rb, oh) - 1) * wq + ow + 16
     for it in prange(nn * g * nkb * nrb):
         ib = it % nrb
         kbi = (it // nrb) % nkb
         gi = (it // (nrb * nkb)) % g
         n = it // (nrb * nkb * g)
         k0 = gi * kg + kbi * kb
-        nk = min(kb, (gi + 1) * kg - k0)
         i0 = ib * rb
-        i1 = min(i0 + rb, oh)
-        # several rows only when sh == 1; rounded up to whole vectors (the planes' SLACK makes that
-        # safe) because a scalar remainder loop would cost as much as the vector body on short runs
-        ln = (i1 - i0 - 1) * wq + ow
-        ln = min(ln + (-ln) % 16, ln + SLACK)
-        row0 = i0 * sh * wq
-        xv = xq[n]
-        c0 = gi * cg
-        acc = np.empty((nk, ln), dtype=y.dtype)
-        for q in range(nk):
-            acc[q, :] = b[k0 + q]
-        for t in range(0, t4, 4):
-            # slice views, not xv[c, base + j]: numba's negative-index wraparound on base + j
-            # keeps LLVM from vectorising
-            o0, o1, o2, o3 = row0 + tb[t], row0 + tb[t + 1], row0 + tb[t + 2], row0 + tb[t + 3]
-            x0 = xv[c0 + tc[t], o0:o0 + ln]
-            x1 = xv[c0 + tc[t + 1], o1:o1 + ln]
-            x2 = xv[c0 + tc[t + 2], o2:o2 + ln]
-            x3 = xv[c0 + tc[t + 3], o3:o3 + ln]
-            q = 0
-            while q + 4 <= nk:
-                _mac4x4(acc[q], acc[q + 1], acc[q + 2], acc[q + 3], x0, x1, x2, x3, wt, k0 + q, t, ln)
-                q += 4
-            while q < nk:
-                _mac1x4(acc[q], x0, x1, x2, x3, wt, k0 + q, t, ln)
-                q += 1
-        for t in range(t4, tn):
-            o0 = row0 + tb[t]
-            x0 = xv[c0 + tc[t], o0:o0 + ln]
-            for q in range(nk):
-                _mac1x1(acc[q], x0, wt[k0 + q, t], ln)
-        for q in range(nk):
-            for i in range(i0, i1):
-                o = (i - i0) * wq
-                y[n, k0 + q, i, :] = acc[q, o:o + ow]
+        acc = np.empty((kb, lmax), dtype=y.dtype)
+        _fwd_block(xq[n], gi * cg, wt, tc, tb, b, y, n, k0, min(kb, (gi + 1) * kg - k0), i0,
+                   min(i0 + rb, oh), wq, sh, acc)
+
+
+@kernel
+def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nch):
+    """Forward for many small images: one work item per chunk of (image, group) pairs, whose
+    planes are padded into a private buffer (pad_planes' layout, no padded copy of the whole
+    tensor) and then computed like ``_forward``, all output channels and rows.  Same arithmetic in
+    the same order as ``_forward``: the same bits."""
+    nn, kk_, oh, ow = y.shape
+    cg = x.shape[1] // g
+    kg = kk_ // g
+    nkb = (kg + kb - 1) // kb
+    nrb = (oh + rb - 1) // rb
+    lmax = (min(rb, oh) - 1) * wq + ow + 16
+    items = nn * g
+    for ch in prange(nch):
+        buf = np.zeros((cg, sw * hp * wq + SLACK), dtype=y.dtype)
+        acc = np.empty((kb, lmax), dtype=y.dtype)
+        for it in range(ch * items // nch, (ch + 1) * items // nch):
+            n, gi = it // g, it % g
+            for c in range(cg):
+                _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
+            for kbi in range(nkb):
+                k0 = gi * kg + kbi * kb
+                for ib in range(nrb):
+                    i0 = ib * rb
+                    _fwd_block(buf, 0, wt, tc, tb, b, y, n, k0, min(kb, (gi + 1) * kg - k0), i0,
+                               min(i0 + rb, oh), wq, sh, acc)
 
 
 @kernel
@@ -242,6 +284,64 @@ def _grad_weight(gy, xq, tc, tb, gw, seg_g, seg_x, seg_len, g, zero):
         for q in range(nk):
             for u in range(nt):
                 gw[k0 + q, t0 + u] = acc[q, u]
+
+
+@kernel
+def _grad_weight_img(gy, x, tc, tb, part, sw, hp, wq, top, left, sh, g, zero):
+    """grad_weight for many small images: work item ``ch`` sums its share of the batch (in order)
+    into ``part[ch]``; the caller adds the parts in order, so the result depends on the shape only.
+    Each image's planes are padded into private buffers (no padded copies of x and gy), the
+    gradient with the input's row pitch and zeros between rows, so with ``sh == 1`` and a finite
+    input plane every tap is one dot over the whole plane (a garbage column times a zero gradient
+    is NaN where the input holds Inf: then one dot per output row)."""
+    nn, kk_, oh, ow = gy.shape
+    cg = x.shape[1] // g
+    kg = kk_ // g
+    tn = part.shape[2]
+    nch = part.shape[0]
+    lnm = (oh - 1) * wq + ow
+    lnm += (-lnm) % 16
+    for ch in prange(nch):
+        xb = np.zeros((cg, sw * hp * wq + SLACK), dtype=x.dtype)
+        gb = np.zeros((kg, oh * wq + SLACK), dtype=x.dtype)
+        acc = part[ch]
+        for n in range(ch * nn // nch, (ch + 1) * nn // nch):
+            for gi in range(g):
+                c0, k0 = gi * cg, gi * kg
+                for c in range(cg):
+                    _fill_plane(x[n, c0 + c], xb[c], sw, hp, wq, top, left, 0, hp)
+                for q in range(kg):
+                    for i in range(oh):
+                        _copy(gb[q, i * wq:i * wq + ow], gy[n, k0 + q, i], ow)
+                merged = sh == 1
+                if merged:
+                    nf = zero
+                    for c in range(cg):
+                        for j in range(xb.shape[1]):
+                            nf += xb[c, j] * zero
+                    merged = nf == 0
+                nseg = 1 if merged else oh
+                for sg in range(nseg):
+                    if merged:
+                        a, bx, ln = 0, 0, lnm
+                    else:
+                        a, bx, ln = sg * wq, sg * sh * wq, ow
+                    for q0 in range(0, kg, 4):
+                        nk = min(4, kg - q0)
+                        for t0 in range(0, tn, 4):
+                            nt = min(4, tn - t0)
+                            if nk == 4 and nt == 4:
+                                o0, o1, o2, o3 = bx + tb[t0], bx + tb[t0 + 1], bx + tb[t0 + 2], bx + tb[t0 + 3]
+                                _dot4x4(acc, k0 + q0, t0, gb[q0, a:a + ln], gb[q0 + 1, a:a + ln],
+                                        gb[q0 + 2, a:a + ln], gb[q0 + 3, a:a + ln],
+                                        xb[tc[t0], o0:o0 + ln], xb[tc[t0 + 1], o1:o1 + ln],
+                                        xb[tc[t0 + 2], o2:o2 + ln], xb[tc[t0 + 3], o3:o3 + ln], zero)
+                            else:
+                                for q in range(nk):
+                                    for u in range(nt):
+                                        o = bx + tb[t0 + u]
+                                        acc[k0 + q0 + q, t0 + u] += _dot1(gb[q0 + q, a:a + ln],
+                                                                          xb[tc[t0 + u], o:o + ln], zero)
 
 
 # --------------------------------------------------------------------------- depthwise (cg == kg == 1)
@@ -434,34 +534,58 @@ def _dw_conv(x, w, b, top, left, hp, wp, sh, sw, dh, dw, oh, ow):
 
 
 # --------------------------------------------------------------------------- Python drivers
+@functools.lru_cache(maxsize=256)
 def _taps(cg, r, s, dh, dw, sw, hp, wq):
-    """Channel and start offset of every tap (c, r, s) in the phase-split plane layout."""
+    """Channel and start offset of every tap (c, r, s) in the phase-split plane layout (cached,
+    read-only: building them cost ~50-100 us, as much as a small layer's kernel)."""
     c_i, r_i, s_i = np.meshgrid(np.arange(cg), np.arange(r), np.arange(s), indexing="ij")
     col = s_i.ravel() * dw
     tb = (col % sw) * hp * wq + r_i.ravel() * dh * wq + col // sw
-    return c_i.ravel().astype(np.int64), tb.astype(np.int64)
+    tc, tb = c_i.ravel().astype(np.int64), tb.astype(np.int64)
+    tc.flags.writeable = tb.flags.writeable = False
+    return tc, tb
 
 
-def _conv(xq, hp, wq, w, b, sh, sw, dh, dw, g, oh, ow):
-    """Forward convolution of planes laid out by :func:`pad_planes` by (k, c/g, r, s) weights."""
-    n = xq.shape[0]
-    k, cg, r, s = w.shape
-    tc, tb = _taps(cg, r, s, dh, dw, sw, hp, wq)
-    y = np.empty((n, k, oh, ow), dtype=xq.dtype)
+def _blocks(k, g, sh, ow, wq, oh):
+    """Output channels and rows per forward block: the accumulator stays in L1/L2."""
     kb = min(_FWD_KB, k // g)
     rb = 1 if sh != 1 else max(1, min(oh, (_FWD_TILE // kb - ow) // wq + 1))
-    if b is None:
-        b = np.zeros(k, dtype=xq.dtype)
-    _forward(xq, np.ascontiguousarray(w).reshape(k, cg * r * s), tc, tb, np.ascontiguousarray(b), y,
-             wq, sh, g, kb, rb)
+    return kb, rb
+
+
+def _per_image(n, g, cg, plane, itemsize):
+    """Pad each image's planes inside the kernel (``_forward_img``) instead of a padded copy of the
+    whole tensor: when there are many (image, group) items and each one's planes fit in L2.  The
+    choice depends on the shape only, and both paths give the same bits."""
+    return n * g >= _IMG_MIN_ITEMS and cg * plane * itemsize <= _IMG_MAX_BYTES
+
+
+def _conv(x, top, bottom, left, right, w, b, sh, sw, dh, dw, g, oh, ow):
+    """Forward convolution of ``x`` (n, c, h, w) zero-padded by top/bottom/left/right (negative:
+    cropped) by (k, c/g, r, s) weights."""
+    n, c, h, wd = x.shape
+    k, cg, r, s = w.shape
+    hp, wq = h + top + bottom, -(-(wd + left + right) // sw)
+    tc, tb = _taps(cg, r, s, dh, dw, sw, hp, wq)
+    y = np.empty((n, k, oh, ow), dtype=x.dtype)
+    kb, rb = _blocks(k, g, sh, ow, wq, oh)
+    b = np.zeros(k, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
+    wt = np.ascontiguousarray(w).reshape(k, cg * r * s)
+    if y.size == 0:
+        return y
+    if _per_image(n, g, cg, sw * hp * wq + SLACK, x.dtype.itemsize):
+        _forward_img(np.ascontiguousarray(x), wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb,
+                     min(n * g, _IMG_CHUNKS))
+    else:
+        xq, _, _, _ = pad_planes(x, top, bottom, left, right, sw)
+        _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb)
     return y
 
 
 def forward(x, w, b, p):
     if _depthwise(p):
         return _dw_conv(x, w, b, p.ph0, p.pw0, p.hp, p.wp, p.sh, p.sw, p.dh, p.dw, p.oh, p.ow)
-    xq, hp, wq, _ = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw)
-    return _conv(xq, hp, wq, w, b, p.sh, p.sw, p.dh, p.dw, p.g, p.oh, p.ow)
+    return _conv(x, p.ph0, p.ph1, p.pw0, p.pw1, w, b, p.sh, p.sw, p.dh, p.dw, p.g, p.oh, p.ow)
 
 
 def grad_input(gy, w, p):
@@ -488,10 +612,10 @@ def _grad_input_by_correlation(gy, w, p):
     wf = w[:, :, ::-1, ::-1]
     if _depthwise(p):
         return _dw_conv(gy, wf, None, top, left, p.h + eh, p.w + ew, 1, 1, p.dh, p.dw, p.h, p.w)
-    gyp, _, _, _ = pad_planes(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left)
     wf = wf.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
     wf = np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s)
-    return _conv(gyp, p.h + eh, p.w + ew, wf, None, 1, 1, p.dh, p.dw, p.g, p.h, p.w)
+    return _conv(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left, wf, None, 1, 1, p.dh, p.dw,
+                 p.g, p.h, p.w)
 
 
 def grad_weight(gy, x, p):
@@ -504,8 +628,21 @@ def grad_weight(gy, x, p):
                             p.ph0, p.pw0, p.sh, p.dh, p.r == 3 and p.s == 3 and p.sh == 1 and p.sw == 1 and p.dw == 1,
                             p.dtype.type(0))
         return gw.reshape(p.w_shape)
-    xq, hp, wq, finite = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw, check_finite=p.sh == 1)
+    hp, wq = p.hp, -(-p.wp // p.sw)
     tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)
+    tn = p.cg * p.r * p.s
+    nch = min(p.n, _IMG_CHUNKS // 2)
+    plane, gplane = p.sw * hp * wq + SLACK, p.oh * wq + SLACK
+    if (_per_image(p.n, p.g, p.cg, plane, p.itemsize) and p.kg * gplane * p.itemsize <= _IMG_MAX_BYTES
+            and nch * p.k * tn * p.itemsize <= _IMG_MAX_PART):
+        part = np.zeros((nch, p.k, tn), dtype=p.dtype)
+        _grad_weight_img(np.ascontiguousarray(gy), np.ascontiguousarray(x), tc, tb, part, p.sw, hp, wq,
+                         p.ph0, p.pw0, p.sh, p.g, p.dtype.type(0))
+        gw = part[0]
+        for i in range(1, nch):  # in order: the result depends on the shape only
+            gw += part[i]
+        return np.ascontiguousarray(gw).reshape(p.w_shape)
+    xq, hp, wq, finite = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, p.sw, check_finite=p.sh == 1)
     if p.sh == 1 and finite:
         # one contiguous run per image: gy laid out with the plane's row pitch, zeros between rows
         g2, _, _, _ = pad_planes(gy, 0, 0, 0, wq - p.ow)

@@ -1,0 +1,71 @@
+"""The direct algorithm's per-image kernels (many small images: each work item pads its own planes):
+the same results as the padded-copy kernels and the NumPy reference, over every geometry."""
+import numpy as np
+import pytest
+
+import reference as ref
+from conftest import GEOMETRIES, assert_results, random_array, run_conv
+from fastconv._algorithms import direct
+
+# the shared geometries with a batch large enough for the per-image path, plus LeNet-sized layers
+CASES = [(name, (16 + xs[0],) + xs[1:], ws, kw) for name, xs, ws, kw in GEOMETRIES if ws[1] * kw.get("groups", 1) != ws[0] or ws[1] != 1]
+CASES += [("lenet5-c3-like", (20, 6, 14, 14), (16, 6, 5, 5), {}),
+          ("odd-channels", (17, 5, 9, 7), (7, 5, 3, 2), {"padding": (1, 0)})]
+
+
+def _paths(monkeypatch, per_image):
+    monkeypatch.setattr(direct, "_IMG_MIN_ITEMS", 1 if per_image else 10**9)
+
+
+def _make(case, dtype, seed=0):
+    _, xs, ws, kw = case
+    rng = np.random.default_rng(seed)
+    x, w, b = random_array(rng, xs, dtype), random_array(rng, ws, dtype), random_array(rng, ws[0], dtype)
+    gy = random_array(rng, ref.conv2d(x, w, **kw).shape, dtype)
+    return x, w, b, gy, kw
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_per_image_matches_reference_and_padded_path(case, dtype, monkeypatch):
+    x, w, b, gy, kw = _make(case, dtype)
+    _paths(monkeypatch, True)
+    got = run_conv("direct", x, w, b, gy, **kw)
+    want = {"forward": ref.conv2d(x, w, b, **kw), "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw), "grad_bias": ref.conv2d_grad_bias(gy)}
+    assert_results(got, want, dtype, scale=np.sqrt(x.shape[0]))
+    _paths(monkeypatch, False)
+    other = run_conv("direct", x, w, b, gy, **kw)
+    # forward and grad_input run the same block kernel in the same order: the same bits
+    assert np.array_equal(got["forward"], other["forward"])
+    assert np.array_equal(got["grad_input"], other["grad_input"])
+
+
+def test_per_image_path_is_taken_for_lenet_sized_layers(monkeypatch):
+    # the shape rule picks the per-image kernels for LeNet's layers and not for large planes
+    assert direct._per_image(64, 1, 6, 14 * 14 + direct.SLACK, 4)
+    assert not direct._per_image(8, 1, 256, 56 * 56 + direct.SLACK, 4)
+    assert not direct._per_image(4, 1, 6, 14 * 14 + direct.SLACK, 4)
+    calls = []
+    for name in ("_forward_img", "_grad_weight_img", "_forward", "_grad_weight"):
+        original = getattr(direct, name)
+        monkeypatch.setattr(direct, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x = np.ones((64, 6, 14, 14), np.float32)
+    w = np.ones((16, 6, 5, 5), np.float32)
+    run_conv("direct", x, w, None, np.ones((64, 16, 10, 10), np.float32))
+    assert calls == ["_forward_img", "_forward_img", "_grad_weight_img"]  # forward, grad_input, grad_weight
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_per_image_grad_weight_with_nonfinite_input(bad, monkeypatch):
+    # a garbage column times a zero gradient must not turn a finite weight gradient into NaN
+    x, w, b, gy, kw = _make(("nf", (18, 3, 9, 8), (4, 3, 3, 3), {"padding": 1}), np.float64, seed=2)
+    x[4, 1, 2, 7] = bad
+    _paths(monkeypatch, True)
+    got = run_conv("direct", x, w, b, gy, padding=1)
+    want = ref.conv2d_grad_weight(gy, x, w.shape, padding=1)
+    assert np.array_equal(np.isnan(got["grad_weight"]), np.isnan(want))
+    assert np.array_equal(np.isinf(got["grad_weight"]), np.isinf(want))
+    fin = np.isfinite(want)
+    assert fin.any() and not fin.all()
+    np.testing.assert_allclose(got["grad_weight"][fin], want[fin], rtol=1e-12, atol=1e-12)
