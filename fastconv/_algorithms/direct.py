@@ -65,6 +65,16 @@ def _mac4x4(a0, a1, a2, a3, x0, x1, x2, x3, wt, k, t, ln):
 
 
 @_micro
+def _mac2x4(a0, a1, x0, x1, x2, x3, wt, k, t, ln):
+    w00, w01, w02, w03 = wt[k, t], wt[k, t + 1], wt[k, t + 2], wt[k, t + 3]
+    w10, w11, w12, w13 = wt[k + 1, t], wt[k + 1, t + 1], wt[k + 1, t + 2], wt[k + 1, t + 3]
+    for j in range(ln):
+        v0, v1, v2, v3 = x0[j], x1[j], x2[j], x3[j]
+        a0[j] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
+        a1[j] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
+
+
+@_micro
 def _mac1x4(a0, x0, x1, x2, x3, wt, k, t, ln):
     w0, w1, w2, w3 = wt[k, t], wt[k, t + 1], wt[k, t + 2], wt[k, t + 3]
     for j in range(ln):
@@ -155,6 +165,9 @@ def _fwd_block(xv, c0, wt, tc, tb, b, y, n, k0, nk, i0, i1, wq, sh, acc):
         while q + 4 <= nk:
             _mac4x4(acc[q], acc[q + 1], acc[q + 2], acc[q + 3], x0, x1, x2, x3, wt, k0 + q, t, ln)
             q += 4
+        if q + 2 <= nk:
+            _mac2x4(acc[q], acc[q + 1], x0, x1, x2, x3, wt, k0 + q, t, ln)
+            q += 2
         while q < nk:
             _mac1x4(acc[q], x0, x1, x2, x3, wt, k0 + q, t, ln)
             q += 1
