@@ -57,7 +57,18 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
             phs[m] = 0  # the rows' tails are read by rounded-up runs and never kept
         for p in range(ch * pp // nch, (ch + 1) * pp // nch):
             xp, yp, ip = x[p], y[p], idx[p]
-            if nj > 0:
+            if nj > 0 and sw == 2:
+                # both phases in one loop: LLVM vectorises the stride-2 pair with shuffles
+                for r in range(h):
+                    src = xp[r]
+                    d0 = phs[r * wl:(r + 1) * wl]
+                    d1 = phs[(h + r) * wl:(h + r + 1) * wl]
+                    for m in range(w // 2):
+                        d0[m] = src[2 * m]
+                        d1[m] = src[2 * m + 1]
+                    if w % 2:
+                        d0[w // 2] = src[w - 1]
+            elif nj > 0:
                 for r in range(h):
                     src = xp[r]
                     for q in range(sw):
