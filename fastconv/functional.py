@@ -186,7 +186,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     V.check_copy(fn, "the input", x)
     return_indices = V._bool(fn, "return_indices", return_indices)
-    apply_threads(x.size)
+    apply_threads(pooling.max_forward_work(p))
     y, idx = pooling.max_forward(x, p)
     return (y, idx) if return_indices else y
 

