@@ -146,7 +146,7 @@ def _fwd_block(xv, c0, wt, tc, tb, b, y, n, k0, nk, i0, i1, wq, sh, acc):
     # several rows only when sh == 1; rounded up to whole vectors (the planes' SLACK makes that
     # safe) because a scalar remainder loop would cost as much as the vector body on short runs
     ln = (i1 - i0 - 1) * wq + ow
-    ln = min(ln + (-ln) % 16, ln + SLACK)
+    ln = min(ln + (-ln) % 8, ln + SLACK)
     row0 = i0 * sh * wq
     for q in range(nk):
         bq = b[k0 + q]
