@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validation as V
-from ._algorithms import pooling
+from ._algorithms import fft, pooling
 from ._algorithms.common import bias_grad
 from ._dispatch import select
 from ._threads import apply as apply_threads
@@ -138,9 +138,10 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     alg_w = select(fn, algorithm, p, "grad_weight")
     if p.n == 0:
         return Conv2dGrads(np.zeros(p.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
-    return Conv2dGrads(alg_i.grad_input(grad_output, weight, p),
-                       alg_w.grad_weight(grad_output, x, p),
-                       bias_grad(grad_output))
+    with fft.backward_pair():  # lets an fft grad_weight reuse grad_input's transform of grad_output
+        gx = alg_i.grad_input(grad_output, weight, p)
+        gw = alg_w.grad_weight(grad_output, x, p)
+    return Conv2dGrads(gx, gw, bias_grad(grad_output))
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):

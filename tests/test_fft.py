@@ -304,3 +304,24 @@ def test_scratch_buffers_are_reused_and_released():
     for name in first:
         assert np.array_equal(first[name], again[name]), name
     assert fastconv.free_workspace() == held and fastconv.free_workspace() == 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"padding": 1}, {"stride": 2}], ids=["valid", "pad1", "stride2"])
+def test_backward_reuses_the_gradient_spectrum_with_the_same_bits(kw, monkeypatch):
+    # conv2d_backward transforms grad_output once when both passes use the same whole-plane buffer;
+    # grad_weight alone (its own transform) must give the same bits
+    x, w, _, gy, _ = make(("c", (3, 4, 20, 18), (5, 4, 7, 5), kw), np.float64, seed=5)
+    p = _params(x, w, kw)
+    calls = []
+    original = fft._rfft2
+    monkeypatch.setattr(fft, "_rfft2", lambda a, role: calls.append(a.shape) or original(a, role))
+    g = fastconv.conv2d_backward(gy, x, w, algorithm="fft", **kw)
+    gi_pl, gw_pl = fft._plan(p, "grad_input"), fft._plan(p, "grad_weight")
+    shareable = gi_pl.th == p.h and gi_pl.tw == p.w and (gi_pl.nh, gi_pl.nw) == (gw_pl.nh, gw_pl.nw)
+    assert len(calls) == (2 if shareable else 3)
+    if not kw:
+        assert shareable
+    alone = fft.grad_weight(gy, x, p)
+    assert np.array_equal(g.grad_weight, alone)
+    want = ref.conv2d_grad_weight(gy, x, w.shape, **kw)
+    np.testing.assert_allclose(g.grad_weight, want, rtol=1e-10, atol=1e-10)

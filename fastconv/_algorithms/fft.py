@@ -72,8 +72,10 @@ whole output plane.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from typing import NamedTuple, Optional
 
 import numba
@@ -684,6 +686,21 @@ def forward(x, w, b, p):
     return y
 
 
+_shared = threading.local()  # the output-gradient spectrum grad_input leaves for grad_weight
+
+
+@contextlib.contextmanager
+def backward_pair():
+    """Within this block (one ``conv2d_backward`` call) grad_weight may reuse the spectrum of the
+    output gradient that grad_input computed, when both passes transform the same buffer (whole
+    planes, one batch chunk, the same FFT size): one packing and one transform of ``gy`` fewer."""
+    _shared.active, _shared.gs = True, None
+    try:
+        yield
+    finally:
+        _shared.active, _shared.gs = False, None
+
+
 def grad_input(gy, w, p):
     pl = _plan(p, "grad_input")
     if isinstance(pl, str):
@@ -691,6 +708,7 @@ def grad_input(gy, w, p):
     dt = p.dtype
     nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
     eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    gy_arg = gy
     gy = np.ascontiguousarray(gy)
     w = np.ascontiguousarray(w)
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
@@ -698,20 +716,28 @@ def grad_input(gy, w, p):
     zero_bias = np.zeros(p.c, dt)
     kchunks = _chunks(p.k, pl.kb)
     tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
+    # an axis served whole by one circular transform (see _whole) holds the spread gradient from
+    # buffer row 0 and keeps rows ph0.. (read modulo nh); an overlap-save tile holds it from the
+    # tile's padded row y0 + ph0 - eh and keeps rows eh..
+    circ_h = pl.th == p.h and _whole("grad_input", p.h, p.oh, p.sh, eh, p.ph0) <= nh
+    circ_w = pl.tw == p.w and _whole("grad_input", p.w, p.ow, p.sw, ew, p.pw0) <= nw
     for y0, y1 in _chunks(p.h, pl.th):
         for x0, x1 in _chunks(p.w, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
                 gb = scratch("fft.real", (nh, nw, n1 - n0, p.k), dt)
-                # buffer row b holds the stride-spread gradient at padded row y0 + ph0 - eh + b
-                _pack(gy, gb, n0, 0, y0 + p.ph0 - eh, p.sh, 0, p.oh, x0 + p.pw0 - ew, p.sw, 0, p.ow)
+                _pack(gy, gb, n0, 0, 0 if circ_h else y0 + p.ph0 - eh, p.sh, 0, p.oh,
+                      0 if circ_w else x0 + p.pw0 - ew, p.sw, 0, p.ow)
                 gs = _rfft2(gb, "fft.spec_in")
+                if circ_h and circ_w and pl.nb == p.n and getattr(_shared, "active", False):
+                    _shared.gs = (gy_arg, nh, nw, gs)  # grad_weight's own packing of gy is the same
                 gxs = scratch("fft.spec_out", (nh, wf, n1 - n0, p.c), gs.dtype)
                 gxs.fill(0)
                 for k0, k1 in kchunks:
                     t = tabs[0] if tabs is not None else _kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt)
                     _spectral_conv(gs, t, eh_tab, gxs, True, k0, p.kg, p.cg, p.dh)
                 xb = _irfft2(gxs, nw, "fft.real")
-                _unpack(xb, gx, n0, 0, y0, y1, x0, x1, eh, ew, 1, 1, zero_bias)
+                _unpack(xb, gx, n0, 0, y0, y1, x0, x1, p.ph0 if circ_h else eh, p.pw0 if circ_w else ew,
+                        1, 1, zero_bias)
     return gx
 
 
@@ -722,6 +748,7 @@ def grad_weight(gy, x, p):
     dt = p.dtype
     nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
     x = np.ascontiguousarray(x)
+    gy_arg = gy
     gy = np.ascontiguousarray(gy)
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
     # Hermitian half-spectrum: columns 0 and nw/2 (nw even) appear once in the full sum, the others twice
@@ -731,16 +758,25 @@ def grad_weight(gy, x, p):
         cv[-1] = 1.0
     ew_tab = _twiddles(nw, p.s, p.dw, wf, dt, weights=cv / (nh * nw))
     gwt = np.zeros((p.r, p.s, p.cg, p.k), dt)  # (r, s, c, k): accumulated over tiles and chunks
+    shared = None
+    prev = getattr(_shared, "gs", None) if getattr(_shared, "active", False) else None
+    if (prev is not None and prev[0] is gy_arg and prev[1:3] == (nh, nw) and pl.th == p.oh
+            and pl.tw == p.ow and pl.nb == p.n):
+        shared = prev[3]
+    _shared.gs = None
     kchunks = _chunks(p.k, pl.kb)
     for i0, i1 in _chunks(p.oh, pl.th):
         for j0, j1 in _chunks(p.ow, pl.tw):
             for n0, n1 in _chunks(p.n, pl.nb):
                 xb = scratch("fft.real", (nh, nw, n1 - n0, p.c), dt)
                 _pack(x, xb, n0, 0, i0 * p.sh - p.ph0, 1, 0, p.h, j0 * p.sw - p.pw0, 1, 0, p.w)
-                xs = _rfft2(xb, "fft.spec_in")
-                gb = scratch("fft.real", (nh, nw, n1 - n0, p.k), dt)  # xb is dead: same role
-                _pack(gy, gb, n0, 0, i0 * p.sh, p.sh, i0, i1, j0 * p.sw, p.sw, j0, j1)
-                gs = _rfft2(gb, "fft.spec_out")
+                xs = _rfft2(xb, "fft.spec_out")
+                if shared is not None:
+                    gs = shared  # grad_input's transform of the same packed gy, still in fft.spec_in
+                else:
+                    gb = scratch("fft.real", (nh, nw, n1 - n0, p.k), dt)  # xb is dead: same role
+                    _pack(gy, gb, n0, 0, i0 * p.sh, p.sh, i0, i1, j0 * p.sw, p.sw, j0, j1)
+                    gs = _rfft2(gb, "fft.spec_in")
                 for k0, k1 in kchunks:
                     kb = k1 - k0
                     qs = np.zeros((wf, p.r, 2, p.cg * kb), dt)
