@@ -258,14 +258,15 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
     -----
     Without autotuning the choice is each algorithm's cost model times a per-pass scale factor
     fitted by ``benchmarks/calibrate.py`` (stored in ``fastconv/_calibration.json``).  The shipped
-    fit was made on a 2-core AMD EPYC (AVX-512) with 2 threads, numba 0.68.1, float32, from the
+    fit was made on a 2-core AMD EPYC (AVX2 vectors) with 2 threads, numba 0.68.1, float32, from the
     median of 5 timed calls of every eligible algorithm on the 13 conv shapes of the public suite
-    and on batch-1 copies of them (78 shape x pass cases; re-checked on 2026-11-26 on an idle
-    machine after the depthwise and FFT kernels got faster).  On those cases (in-sample) the choice
-    is within 10% of the measured best in 96% of forward, grad_input and grad_weight cases -- 37 of
-    the 39 suite shape x pass cases (95%); the geometric mean of chosen over best time is 1.005,
-    1.007 and 1.009.  The misses are lenet5-c1's gradients (im2col picked, direct 1.2x faster) and
-    its batch-1 forward: small layers where direct and im2col are within 10-25% and the model does
+    and on batch-1 copies of them (78 shape x pass cases; refitted on 2026-11-26 after direct's
+    per-image kernels and the FFT buffer reuse, which had made the old fit pick im2col for LeNet's
+    gradients at 1.9-3.9x the best time).  On those cases (in-sample) the choice is within 10% of
+    the measured best in 100% of forward, 96% of grad_input and 92% of grad_weight cases -- all 39
+    suite shape x pass cases.  The misses are batch-1 copies: lenet5-c1/c3's gradients (direct
+    picked, im2col 1.1-1.3x faster) and dilated-3x3-d2's grad_input (im2col picked, direct 1.35x
+    faster): small layers where direct and im2col are close and the model does
     not rank them reliably.  For exact choices on your machine, turn on :func:`set_autotune`.
 
     Examples
