@@ -13,10 +13,13 @@ positions ``ih*w + iw`` in each plane.
 2x2 windows with stride 2 and no padding (LeNet's, VGG's pools) have their own forward kernel,
 ``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.
 """
+import numba
 import numpy as np
 from numba import prange
 
-from .._jit import kernel
+from .._jit import FASTMATH, kernel
+
+_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")  # compiled into the caller
 
 # Interior output rows run one window tap at a time over a whole row of outputs, so the selects
 # are vector blends.  Scalar selects inside loops with run-time bounds are turned into branches
@@ -122,6 +125,23 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
                     ip[i, j] = bj
 
 
+@_micro
+def _max2x2_row(r0, r1, yr, ir, n, b0, w):
+    # outputs 0..n-1 of one row: windows (r0|r1)[2j : 2j+2], PyTorch's scan order and NaN rule
+    for j in range(n):
+        a, b, c, d = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
+        k = b0 + 2 * j
+        u = (b > a) | (b != b)
+        m = b if u else a
+        kk = k + 1 if u else k
+        u = (c > m) | (c != c)
+        m = c if u else m
+        kk = k + w if u else kk
+        u = (d > m) | (d != d)
+        yr[j] = d if u else m
+        ir[j] = k + w + 1 if u else kk
+
+
 @kernel
 def _max_forward_2x2(x, y, idx):
     """2x2 windows, stride 2, no padding or dilation, every window inside the plane (LeNet's and
@@ -129,7 +149,9 @@ def _max_forward_2x2(x, y, idx):
     pairs with shuffles and the selects as blends): no phase split.  Rows of fewer than 32 outputs
     are first copied into scratch rows rounded up to whole vectors, so no scalar remainder runs
     (its selects become branches that random data mispredicts); the same scan order and
-    comparisons as ``_max_forward``, so the same values and indices."""
+    comparisons as ``_max_forward``, so the same values and indices.  The row helper is called at
+    two sites on purpose: one loop choosing between input rows and scratch rows ran 5-8x slower
+    (LLVM no longer vectorised it)."""
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     wide = ow >= 32
@@ -143,42 +165,15 @@ def _max_forward_2x2(x, y, idx):
         for p in range(ch * pp // nch, (ch + 1) * pp // nch):
             xp = x[p]
             for i in range(oh):
-                b0 = 2 * i * w
                 if wide:
-                    r0 = xp[2 * i]
-                    r1 = xp[2 * i + 1]
-                    yr = y[p, i]
-                    ir = idx[p, i]
-                    for j in range(ow):
-                        a, b, c, d = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
-                        k = b0 + 2 * j
-                        u = (b > a) | (b != b)
-                        m = b if u else a
-                        kk = k + 1 if u else k
-                        u = (c > m) | (c != c)
-                        m = c if u else m
-                        kk = k + w if u else kk
-                        u = (d > m) | (d != d)
-                        yr[j] = d if u else m
-                        ir[j] = k + w + 1 if u else kk
+                    _max2x2_row(xp[2 * i], xp[2 * i + 1], y[p, i], idx[p, i], ow, 2 * i * w, w)
                 else:
                     q0 = xp[2 * i]
                     q1 = xp[2 * i + 1]
                     for m in range(2 * ow):
                         s0[m] = q0[m]
                         s1[m] = q1[m]
-                    for j in range(ov):
-                        a, b, c, d = s0[2 * j], s0[2 * j + 1], s1[2 * j], s1[2 * j + 1]
-                        k = b0 + 2 * j
-                        u = (b > a) | (b != b)
-                        m = b if u else a
-                        kk = k + 1 if u else k
-                        u = (c > m) | (c != c)
-                        m = c if u else m
-                        kk = k + w if u else kk
-                        u = (d > m) | (d != d)
-                        yv[j] = d if u else m
-                        iv[j] = k + w + 1 if u else kk
+                    _max2x2_row(s0, s1, yv, iv, ov, 2 * i * w, w)
                     for j in range(ow):
                         y[p, i, j] = yv[j]
                         idx[p, i, j] = iv[j]
