@@ -52,6 +52,7 @@ class Row(NamedTuple):
     gflops: float
     vs_ref: float
     pct_sgemm: float
+    pct_gemm: float = float("nan")  # % of the same-shape GEMMs' speed (see gemm_seconds)
 
 
 # --------------------------------------------------------------------------- timing
@@ -101,6 +102,37 @@ def sgemm_gflops(size=1024, rounds=5):
         np.matmul(a, b, out=out)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * size ** 3 / best / 1e9
+
+
+def gemm_shapes(case, pass_):
+    """``(groups, M, N, K)`` of the matrix products an im2col convolution does in this pass:
+    forward ``W (K/g x C/g*R*S) @ cols``; backward ``W.T @ gy`` (grad_input's columns) and
+    ``gy @ cols.T`` (grad_weight), over ``N*OH*OW`` output positions."""
+    g, kg, cg = case.groups, case.k // case.groups, case.c // case.groups
+    taps, pos = cg * case.r * case.s, case.n * case.oh * case.ow
+    if pass_ == "forward":
+        return [(g, kg, pos, taps)]
+    return [(g, taps, pos, kg), (g, kg, taps, pos)]
+
+
+def gemm_seconds(case, pass_, rounds=3):
+    """Best time of the plain float32 matrix products of :func:`gemm_shapes` with numpy's BLAS as
+    currently limited: "a plain sgemm of similar size", the yardstick of issue 3's "% of sgemm"
+    (a 1024^3 product runs faster than the thin products of most layers)."""
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for g, m, n, k in gemm_shapes(case, pass_):
+        a = rng.standard_normal((g, m, k), dtype=np.float32)
+        b = rng.standard_normal((g, k, n), dtype=np.float32)
+        out = np.empty((g, m, n), np.float32)
+        np.matmul(a, b, out=out)
+        best = math.inf
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total
 
 
 # --------------------------------------------------------------------------- plain NumPy references
@@ -247,12 +279,13 @@ def _pool_contestants(case, pass_, reference, torch, worker=None):
 
 def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch", budget=1.0,
         min_rounds=3, max_rounds=15, sgemm=None, progress=True, stat="median", same_process=False,
-        threads=None):
+        threads=None, gemm=False):
     """Time every case and pass of ``suite``; returns a list of :class:`Row` (reference rows included).
 
     ``algorithms`` defaults to ``('auto',) + fastconv.algorithms()``; ``reference`` is ``'torch'``
-    or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by.  PyTorch runs in a
-    worker process with ``threads`` threads (default: numba's current count) unless ``same_process``.
+    or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by; ``gemm`` also times
+    each conv case's own matrix products (:func:`gemm_seconds`) for the "% gemm" column.  PyTorch runs
+    in a worker process with ``threads`` threads (default: numba's current count) unless ``same_process``.
     """
     import fastconv
     import numba
@@ -277,10 +310,11 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
             times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds, stat)
             t_ref = times[-1]
             flops = case.flops(pass_)
+            t_gemm = gemm_seconds(case, pass_) if (gemm and op == "conv2d") else float("nan")
             for (name, _), t in zip(named, times):
                 gf = flops / t / 1e9
                 pct = 100.0 * gf / sgemm if (sgemm and op == "conv2d") else float("nan")
-                rows.append(Row(op, case.name, pass_, name, 1e3 * t, gf, t_ref / t, pct))
+                rows.append(Row(op, case.name, pass_, name, 1e3 * t, gf, t_ref / t, pct, 100.0 * t_gemm / t))
             bar.update(1)
     finally:
         bar.close()
@@ -389,9 +423,11 @@ def _progress(total, enabled):
 # --------------------------------------------------------------------------- output
 def format_table(rows, reference):
     """The rows as an aligned text table (pooling rows show element operations as GFLOP/s, no % sgemm)."""
-    head = ("shape", "pass", "algorithm", "ms", "GFLOP/s", f"vs {reference}", "% sgemm")
+    gemm = any(not math.isnan(r.pct_gemm) for r in rows)
+    head = ("shape", "pass", "algorithm", "ms", "GFLOP/s", f"vs {reference}", "% sgemm") + (("% gemm",) if gemm else ())
     body = [(r.shape if r.op == "conv2d" else f"{r.shape} (pool)", r.pass_, r.algorithm, f"{r.ms:.2f}" if r.ms >= 1 else f"{r.ms:.3f}",
              f"{r.gflops:.1f}", f"x{r.vs_ref:.2f}", "-" if math.isnan(r.pct_sgemm) else f"{r.pct_sgemm:.1f}")
+            + ((("-" if math.isnan(r.pct_gemm) else f"{r.pct_gemm:.1f}"),) if gemm else ())
             for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     left = 3  # text columns are left-aligned, numbers right-aligned
@@ -455,6 +491,9 @@ def _parser():
     p.add_argument("--reference", choices=("torch", "numpy"), help="baseline (default: torch when installed)")
     p.add_argument("--quick", action="store_true", help="few rounds per case: a rough figure in seconds")
     p.add_argument("--budget", type=float, help="seconds of timing per case and pass (default 1.0, quick 0.2)")
+    p.add_argument("--gemm", action="store_true",
+                   help="also time each conv layer's own matrix products (numpy BLAS, same threads): the "
+                        "'% gemm' column is that plain GEMM's time over the contestant's, in percent")
     p.add_argument("--same-process", action="store_true",
                    help="run PyTorch in this process too (its thread pool then competes with numba's)")
     p.add_argument("--stat", choices=("median", "min"), default="median",
@@ -523,7 +562,7 @@ def main(argv=None):
     # end would otherwise inflate every "% of sgemm".
     sgemm = sgemm_gflops(rounds=3 if a.quick else 7)
     rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=None, progress=not a.no_progress,
-               stat=a.stat, same_process=a.same_process, threads=threads)
+               stat=a.stat, same_process=a.same_process, threads=threads, gemm=a.gemm)
     sgemm = max(sgemm, sgemm_gflops(rounds=3 if a.quick else 7))
     rows = [r._replace(pct_sgemm=100.0 * r.gflops / sgemm) if r.op == "conv2d" else r for r in rows]
     header = (f"fastconv {fastconv.__version__} | {threads} threads | {a.stat} of interleaved rounds | "

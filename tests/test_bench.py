@@ -307,3 +307,14 @@ def test_asv_benchmarks_import_and_use_the_registry():
         bcases.conv_call(bcases.CONV["lenet5-c1"].scaled(batch=1, spatial=0.5), "no-such-algorithm", "forward")
     fn = bcases.conv_call(bcases.CONV["lenet5-c1"].scaled(batch=1, spatial=0.5), "auto", "backward")
     assert len(bcases.median_seconds([fn], min_time=0, min_rounds=1)) == 1
+
+
+@pytest.mark.parametrize("name", ["lenet5-c3", "mobilenet-dw-3x3", "resnet50-3x3-s2", "dilated-3x3-d2"])
+def test_gemm_yardstick_does_the_layers_arithmetic(name):
+    # the "% gemm" column compares with matrix products of exactly the layer's multiply-adds
+    case = cases.load_suite().conv_case(name)
+    for pass_ in ("forward", "backward"):
+        shapes = bench.gemm_shapes(case, pass_)
+        assert sum(2 * g * m * n * k for g, m, n, k in shapes) == case.flops(pass_)
+    small = case.scaled(batch=1, spatial=0.25)
+    assert 0 < bench.gemm_seconds(small, "forward", rounds=1) < 5
