@@ -493,7 +493,7 @@ def _parser():
     p.add_argument("--budget", type=float, help="seconds of timing per case and pass (default 1.0, quick 0.2)")
     p.add_argument("--gemm", action="store_true",
                    help="also time each conv layer's own matrix products (numpy BLAS, same threads): the "
-                        "'% gemm' column is that plain GEMM's time over the contestant's, in percent")
+                        "'%% gemm' column is that plain GEMM's time over the contestant's, in percent")
     p.add_argument("--same-process", action="store_true",
                    help="run PyTorch in this process too (its thread pool then competes with numba's)")
     p.add_argument("--stat", choices=("median", "min"), default="median",
