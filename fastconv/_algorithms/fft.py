@@ -25,11 +25,11 @@ u + nh/4, u + nh/2, u + 3nh/4 -- cheaper than an FFT of a mostly-zero plane, and
 spectra in cache).  grad_weight does the same in reverse (:func:`_spectral_wgrad`,
 :func:`_wgrad_rows`).  Nothing is cached between calls: weights change every training step.
 
-FFT library: ``scipy.fft`` called from Python with ``workers=`` (numba's thread count), on
+FFT library: scipy's pocketfft called from Python with numba's thread count as workers, on
 channels-last buffers ``(nh, nw, batch, channels)`` so the 2-D transforms over axes (0, 1) come out
 frequency-major, as the contraction reads them.  Measured against rocket-fft 0.4.1 (FFTs inside
 ``@njit(parallel=True)``, one plane per prange iteration), single-thread CPU time on the 2-core
-AVX-512 box (load-independent), forward / inverse real 2-D transforms:
+EPYC (AVX2) box (load-independent), forward / inverse real 2-D transforms:
 
     512 planes 64x64  float32: rocket-fft 5.4 / 6.0 ms, scipy 6.1 / 5.6 ms
     64 planes 80x80   float32: rocket-fft 0.8 / 0.8 ms, scipy 1.0 / 1.0 ms
@@ -38,7 +38,12 @@ AVX-512 box (load-independent), forward / inverse real 2-D transforms:
 Transforms were ~15-20% of a float32 pass when that was decided, so rocket-fft would have saved
 ~2-3% in float32 and ~10% in float64.  Since the contraction loops got faster (float32 arithmetic,
 wider register blocking) they are more: convnet-L2-9x9 forward at 2 threads spent ~44 ms in the
-contraction and ~35 ms in irfft2 of ~112 ms (loaded box) -- worth re-measuring.  Every parallel
+contraction and ~35 ms in irfft2 of ~112 ms.  Re-measured (2026-11-26): most of that "irfft2" was
+page faults -- every call's fresh 17 MB outputs and scipy's internal temporary were faulted in at
+~2.6 us per 4 KiB page on the development VM (5,400 faults per forward).  The transforms now run
+through pocketfft's own binding (``scipy.fft._pocketfft.pypocketfft``: ``r2c``/``c2c``/``c2r`` with
+``out=``; the public functions when it is missing) into per-thread buffers kept between calls
+(:func:`fastconv._config.scratch`): convnet-L2's forward went from ~105 to ~57 ms.  Every parallel
 kernel holding a rocket-fft call costs 3-6 s of cold compilation per dtype (measured: 5.6 s for an
 rfft2 kernel, 2.8 s for irfft2; an earlier rocket-fft version of this module took ~150 s cold).  With scipy the
 numba kernels here hold no FFT: cold compilation of all passes is ~16-18 s per dtype (34 s for
@@ -477,7 +482,7 @@ def _workspace(p, pass_, nh, nw, nb, kb):
     return t + p.r * p.s * p.cg * kb * isz + pl * nb * max(c, k) * isz + f * nb * (c + k) * 2 * isz
 
 
-# Cost model: single-thread seconds fitted to thread_time() measurements on the 2-core AVX-512
+# Cost model: single-thread seconds fitted to thread_time() measurements on the 2-core EPYC (AVX2)
 # development box (numba 0.68, scipy 1.17, float32; shared and loaded, so +-25%), then divided by
 # the thread count at 60% efficiency.  Constants are rounded *up*, and a call has a fixed floor
 # (about ten scipy/numba dispatches with their thread wake-ups and buffer allocations) so small

@@ -719,7 +719,7 @@ def supports(p, pass_):
 def cost(p, pass_):
     """Seconds: a per-call floor plus GEMM flops at a rate that falls with the GEMM's thinnest side.
 
-    Fitted to single-thread CPU times on the 2-core AVX-512 build machine (shared, so +-20%): float32
+    Fitted to single-thread CPU times on the 2-core EPYC (AVX2) build machine (shared, so +-20%): float32
     GEMM-bound shapes run at ~80 GFLOP/s per thread times ``kg / (kg + 12)`` (kg = output channels
     per group: 72 GFLOP/s on resnet50-3x3-64, 40 on lenet5-c3 with kg = 16, 8 on a depthwise layer
     with kg = 1); float64 at half that; the col2im scatter of grad_input adds ~10%; gathers are
