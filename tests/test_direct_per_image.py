@@ -54,6 +54,12 @@ def test_per_image_path_is_taken_for_lenet_sized_layers(monkeypatch):
     w = np.ones((16, 6, 5, 5), np.float32)
     run_conv("direct", x, w, None, np.ones((64, 16, 10, 10), np.float32))
     assert calls == ["_forward_img", "_forward_img", "_grad_weight_img"]  # forward, grad_input, grad_weight
+    # one image of many groups: the per-image forward is parallel over (image, group) items, the
+    # per-image grad_weight only over images, so it keeps the padded-copy kernel
+    calls.clear()
+    run_conv("direct", np.ones((1, 32, 8, 8), np.float32), np.ones((32, 2, 3, 3), np.float32), None,
+             np.ones((1, 32, 6, 6), np.float32), groups=16)
+    assert calls == ["_forward_img", "_forward_img", "_grad_weight"]
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])

@@ -637,8 +637,9 @@ def grad_weight(gy, x, p):
     tn = p.cg * p.r * p.s
     nch = min(p.n, _IMG_CHUNKS // 2)
     plane, gplane = p.sw * hp * wq + SLACK, p.oh * wq + SLACK
-    if (_per_image(p.n, p.g, p.cg, plane, p.itemsize) and p.kg * gplane * p.itemsize <= _IMG_MAX_BYTES
-            and nch * p.k * tn * p.itemsize <= _IMG_MAX_PART):
+    # parallel over images only (groups are summed inside an item): needs many images, not items
+    if (p.n >= _IMG_MIN_ITEMS and _per_image(p.n, p.g, p.cg, plane, p.itemsize)
+            and p.kg * gplane * p.itemsize <= _IMG_MAX_BYTES and nch * p.k * tn * p.itemsize <= _IMG_MAX_PART):
         part = np.zeros((nch, p.k, tn), dtype=p.dtype)
         _grad_weight_img(np.ascontiguousarray(gy), np.ascontiguousarray(x), tc, tb, part, p.sw, hp, wq,
                          p.ph0, p.pw0, p.sh, p.g, p.dtype.type(0))
