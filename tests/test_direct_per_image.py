@@ -36,9 +36,10 @@ def test_per_image_matches_reference_and_padded_path(case, dtype, monkeypatch):
     assert_results(got, want, dtype, scale=np.sqrt(x.shape[0]))
     _paths(monkeypatch, False)
     other = run_conv("direct", x, w, b, gy, **kw)
-    # forward and grad_input run the same block kernel in the same order: the same bits
+    # the forward runs the same block kernel in the same order: the same bits (grad_input is W.T @ g
+    # and col2im on this path, the correlation on the other: both checked against the reference)
     assert np.array_equal(got["forward"], other["forward"])
-    assert np.array_equal(got["grad_input"], other["grad_input"])
+    assert_results(other, want, dtype, scale=np.sqrt(x.shape[0]))
 
 
 def test_per_image_path_is_taken_for_lenet_sized_layers(monkeypatch):
@@ -47,19 +48,19 @@ def test_per_image_path_is_taken_for_lenet_sized_layers(monkeypatch):
     assert not direct._per_image(8, 1, 256, 56 * 56 + direct.SLACK, 4)
     assert not direct._per_image(4, 1, 6, 14 * 14 + direct.SLACK, 4)
     calls = []
-    for name in ("_forward_img", "_grad_weight_img", "_forward", "_grad_weight"):
+    for name in ("_forward_img", "_grad_input_img", "_grad_weight_img", "_forward", "_grad_weight"):
         original = getattr(direct, name)
         monkeypatch.setattr(direct, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     x = np.ones((64, 6, 14, 14), np.float32)
     w = np.ones((16, 6, 5, 5), np.float32)
     run_conv("direct", x, w, None, np.ones((64, 16, 10, 10), np.float32))
-    assert calls == ["_forward_img", "_forward_img", "_grad_weight_img"]  # forward, grad_input, grad_weight
+    assert calls == ["_forward_img", "_grad_input_img", "_grad_weight_img"]  # forward, grad_input, grad_weight
     # one image of many groups: the per-image forward is parallel over (image, group) items, the
     # per-image grad_weight only over images, so it keeps the padded-copy kernel
     calls.clear()
     run_conv("direct", np.ones((1, 32, 8, 8), np.float32), np.ones((32, 2, 3, 3), np.float32), None,
              np.ones((1, 32, 6, 6), np.float32), groups=16)
-    assert calls == ["_forward_img", "_forward_img", "_grad_weight"]
+    assert calls == ["_forward_img", "_grad_input_img", "_grad_weight"]
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
@@ -75,3 +76,21 @@ def test_per_image_grad_weight_with_nonfinite_input(bad, monkeypatch):
     fin = np.isfinite(want)
     assert fin.any() and not fin.all()
     np.testing.assert_allclose(got["grad_weight"][fin], want[fin], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_per_image_grad_input_with_nonfinite_weight_sums_only_real_terms(bad, monkeypatch):
+    # W.T @ g multiplies every weight by the zeros between gradient rows: a non-finite weight takes
+    # the scatter instead, which (like PyTorch) only forms real products
+    x, w, b, gy, kw = _make(("nfw", (18, 3, 9, 8), (4, 3, 3, 3), {"padding": 1}), np.float64, seed=3)
+    w[1, 2, 0, 1] = bad
+    calls = []
+    original = direct._grad_input_img
+    monkeypatch.setattr(direct, "_grad_input_img", lambda *a: calls.append(1) or original(*a))
+    got = run_conv("direct", x, w, b, gy, padding=1)["grad_input"]
+    want = ref.conv2d_grad_input(gy, x.shape, w, padding=1)
+    assert calls == []
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    assert fin.any() and not fin.all()
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
