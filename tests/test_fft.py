@@ -325,3 +325,13 @@ def test_backward_reuses_the_gradient_spectrum_with_the_same_bits(kw, monkeypatc
     assert np.array_equal(g.grad_weight, alone)
     want = ref.conv2d_grad_weight(gy, x, w.shape, **kw)
     np.testing.assert_allclose(g.grad_weight, want, rtol=1e-10, atol=1e-10)
+
+
+def test_public_scipy_fft_fallback_gives_the_same_results(monkeypatch):
+    # without scipy's private pocketfft binding the public scipy.fft functions run (fresh outputs)
+    x, w, b, gy, kw = make(CASES[-1], np.float64, seed=6)
+    fast = run_fft(x, w, b, gy, kw)
+    monkeypatch.setattr(fft, "_pocket", None)
+    slow = run_fft(x, w, b, gy, kw)
+    for name in fast:
+        np.testing.assert_allclose(slow[name], fast[name], rtol=1e-12, atol=1e-12, err_msg=name)
