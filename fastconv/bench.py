@@ -89,19 +89,24 @@ def _timed(f):
     return time.perf_counter() - t0
 
 
-def sgemm_gflops(size=1024, rounds=5):
-    """Best GFLOP/s of a float32 ``size^3`` matrix product with numpy's BLAS as currently limited."""
+def _matmul_seconds(g, m, n, k, rounds):
+    """Best time of one float32 ``(g, m, k) @ (g, k, n)`` product with numpy's BLAS as limited."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    out = np.empty((size, size), np.float32)
+    a = rng.standard_normal((g, m, k), dtype=np.float32)
+    b = rng.standard_normal((g, k, n), dtype=np.float32)
+    out = np.empty((g, m, n), np.float32)
     np.matmul(a, b, out=out)
     best = math.inf
     for _ in range(rounds):
         t0 = time.perf_counter()
         np.matmul(a, b, out=out)
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * size ** 3 / best / 1e9
+    return best
+
+
+def sgemm_gflops(size=1024, rounds=5):
+    """Best GFLOP/s of a float32 ``size^3`` matrix product with numpy's BLAS as currently limited."""
+    return 2.0 * size ** 3 / _matmul_seconds(1, size, size, size, rounds) / 1e9
 
 
 def gemm_shapes(case, pass_):
@@ -119,20 +124,7 @@ def gemm_seconds(case, pass_, rounds=3):
     """Best time of the plain float32 matrix products of :func:`gemm_shapes` with numpy's BLAS as
     currently limited: "a plain sgemm of similar size", the yardstick of issue 3's "% of sgemm"
     (a 1024^3 product runs faster than the thin products of most layers)."""
-    rng = np.random.default_rng(0)
-    total = 0.0
-    for g, m, n, k in gemm_shapes(case, pass_):
-        a = rng.standard_normal((g, m, k), dtype=np.float32)
-        b = rng.standard_normal((g, k, n), dtype=np.float32)
-        out = np.empty((g, m, n), np.float32)
-        np.matmul(a, b, out=out)
-        best = math.inf
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            np.matmul(a, b, out=out)
-            best = min(best, time.perf_counter() - t0)
-        total += best
-    return total
+    return sum(_matmul_seconds(g, m, n, k, rounds) for g, m, n, k in gemm_shapes(case, pass_))
 
 
 # --------------------------------------------------------------------------- plain NumPy references
