@@ -172,14 +172,18 @@ def _fwd_block(xv, c0, wt, tc, tb, b, y, n, k0, nk, i0, i1, wq, sh, acc):
             _copy(y[n, k0 + q, i], acc[q, (i - i0) * wq:(i - i0) * wq + ow], ow)
 
 
+@_micro
+def _fwd_geometry(y, c, g, kb, rb, wq):
+    """Channels per group (in, out), channel and row blocks, and the accumulator width of a forward."""
+    kk_, oh, ow = y.shape[1], y.shape[2], y.shape[3]
+    kg = kk_ // g
+    return c // g, kg, (kg + kb - 1) // kb, (oh + rb - 1) // rb, (min(rb, oh) - 1) * wq + ow + 16
+
+
 @kernel
 def _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb):
-    nn, kk_, oh, ow = y.shape
-    cg = xq.shape[1] // g
-    kg = kk_ // g
-    nkb = (kg + kb - 1) // kb
-    nrb = (oh + rb - 1) // rb
-    lmax = (min(rb, oh) - 1) * wq + ow + 16
+    nn, oh = y.shape[0], y.shape[2]
+    cg, kg, nkb, nrb, lmax = _fwd_geometry(y, xq.shape[1], g, kb, rb, wq)
     for it in prange(nn * g * nkb * nrb):
         ib = it % nrb
         kbi = (it // nrb) % nkb
@@ -198,12 +202,8 @@ def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nch)
     planes are padded into a private buffer (pad_planes' layout, no padded copy of the whole
     tensor) and then computed like ``_forward``, all output channels and rows.  Same arithmetic in
     the same order as ``_forward``: the same bits."""
-    nn, kk_, oh, ow = y.shape
-    cg = x.shape[1] // g
-    kg = kk_ // g
-    nkb = (kg + kb - 1) // kb
-    nrb = (oh + rb - 1) // rb
-    lmax = (min(rb, oh) - 1) * wq + ow + 16
+    nn, oh = y.shape[0], y.shape[2]
+    cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
     items = nn * g
     for ch in prange(nch):
         buf = np.zeros((cg, sw * hp * wq + SLACK), dtype=y.dtype)
