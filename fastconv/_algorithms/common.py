@@ -1,9 +1,32 @@
 """Pieces every convolution algorithm shares: padded (and phase-split) plane copies and the bias
 gradient."""
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._jit import kernel
+
+
+@intrinsic
+def claim(typingctx, counter):
+    """``counter[0]`` before atomically adding 1 to it: the next unclaimed work item.
+
+    Kernels whose items write disjoint outputs let each worker claim items until none are left
+    instead of taking a fixed share: a worker whose core is also running another busy thread
+    (PyTorch's OpenMP pool spins for ~10 ms of CPU after each of its calls, measured here) then
+    does fewer items while the other does more.  Results do not depend on which worker ran an item.
+    """
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [context.get_constant(types.intp, 0)])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return types.int64(counter), codegen
 
 
 @kernel

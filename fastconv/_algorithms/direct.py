@@ -35,7 +35,7 @@ import numba
 from numba import prange
 
 from .._jit import FASTMATH, kernel
-from .common import SLACK, pad_input, pad_planes
+from .common import SLACK, claim, pad_input, pad_planes
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
 _FWD_KB = 8       # output channels per forward work item
@@ -197,18 +197,21 @@ def _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb):
 
 
 @kernel
-def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nch):
-    """Forward for many small images: one work item per chunk of (image, group) pairs, whose
-    planes are padded into a private buffer (pad_planes' layout, no padded copy of the whole
-    tensor) and then computed like ``_forward``, all output channels and rows.  Same arithmetic in
-    the same order as ``_forward``: the same bits."""
+def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nw, ctr):
+    """Forward for many small images: each of ``nw`` workers claims (image, group) items one at
+    a time (``claim``), pads their planes into its private buffer (pad_planes' layout, no padded
+    copy of the whole tensor) and computes them like ``_forward``, all output channels and rows.
+    Same arithmetic in the same order as ``_forward``: the same bits."""
     nn, oh = y.shape[0], y.shape[2]
     cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
     items = nn * g
-    for ch in prange(nch):
+    for wid in prange(nw):
         buf = np.zeros((cg, sw * hp * wq + SLACK), dtype=y.dtype)
         acc = np.empty((kb, lmax), dtype=y.dtype)
-        for it in range(ch * items // nch, (ch + 1) * items // nch):
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
             n, gi = it // g, it % g
             for c in range(cg):
                 _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
@@ -641,7 +644,7 @@ def _conv(x, top, bottom, left, right, w, b, sh, sw, dh, dw, g, oh, ow):
         return y
     if _per_image(n, g, cg, sw * hp * wq + SLACK, x.dtype.itemsize):
         _forward_img(np.ascontiguousarray(x), wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb,
-                     min(n * g, _IMG_CHUNKS))
+                     min(n * g, numba.get_num_threads()), np.zeros(1, np.int64))
     else:
         xq, _, _, _ = pad_planes(x, top, bottom, left, right, sw)
         _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb)

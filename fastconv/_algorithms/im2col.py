@@ -33,7 +33,7 @@ our own leading dimensions and ``beta``: the forward GEMM writes straight into a
 ``y``, grad_weight accumulates into ``gw`` with ``beta = 1``, and grad_input reads ``gy`` in place.
 numba types the pointer by its signature only, so ``cache=True`` stays valid across processes.
 
-One thread pool.  Work items (tiles) are dealt to numba's workers with ``prange``, and BLAS runs
+One thread pool.  numba's workers (``prange``) claim work items (tiles) one at a time, and BLAS runs
 single-threaded inside each: :class:`_Blas` holds the library to one thread for the duration of a
 call (save/set/restore through a threadpoolctl handle found once: ~2 us; entering
 ``threadpool_limits`` costs ~1.8 ms).  With both pools active, four 64x576x448 GEMMs in a
@@ -58,7 +58,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import FASTMATH, kernel
-from .common import SLACK
+from .common import SLACK, claim as _claim
 
 # ---------------------------------------------------------------------------------------- BLAS
 # Kernels call a Fortran-interface ?gemm through a function pointer passed as an argument (numba
@@ -198,11 +198,12 @@ def _gather(src, col, coff, ld, n, c0, nc, i0, i1, padded, r, s, sh, sw, ph, pw,
 
 
 # ---------------------------------------------------------------------------------------- kernels
-# Every kernel deals its items round-robin to the nw = buf.shape[0] workers; worker wid uses only
+# In every kernel the nw = buf.shape[0] workers claim items one at a time (common.claim: a worker
+# slowed by another busy thread on its core does fewer); worker wid uses only
 # buf[wid].  A tile is nb whole images (rb == oh) or a block of rb rows of one image (nb == 1):
 # m = images * rows * ow positions.  src is (n, c, L): padded planes, or raw planes (n, c, h*w).
 @kernel
-def _forward(src, wt, b, y, buf, fn, ints, has_bias, padded, direct, g, r, s, sh, sw, ph, pw, dh, dw,
+def _forward(src, wt, b, y, buf, fn, ints, ctr, has_bias, padded, direct, g, r, s, sh, sw, ph, pw, dh, dw,
              hp, wq, h, w, oh, ow, nb, rb, mmax):
     # wt (k*tn,); y (n*k*oh*ow,); buf (nw, tn*mmax [+ kg*mmax staging when nb > 1]).
     # Item = (image block, group, row block).  One image: the GEMM writes its rows of y in place
@@ -225,7 +226,10 @@ def _forward(src, wt, b, y, buf, fn, ints, has_bias, padded, direct, g, r, s, sh
         one = np.ones(1, dtype=y.dtype)
         zero = np.zeros(1, dtype=y.dtype)
         beta = one if has_bias else zero
-        for it in range(wid, items, nw):
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
             ib = it % nrb
             gi = (it // nrb) % g
             n0 = (it // (nrb * g)) * nb
@@ -277,7 +281,7 @@ def _stage(gy, stage, n0, n1, k, k0, kg, plane, off, mi, m):
 
 
 @kernel
-def _grad_input(gy, wt, gq, buf, fn, ints, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
+def _grad_input(gy, wt, gq, buf, fn, ints, ctr, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
                 h, w, oh, ow, nb, rb, cb, mmax):
     # gy (n*k*oh*ow,); wt (k*tn,); gq (n, c, L) zeroed: padded planes or raw (n, c, h*w) planes;
     # buf (nw, cb*r*s*mmax [+ kg*mmax staging when nb > 1]).  Item = (image block, group, block of
@@ -299,7 +303,10 @@ def _grad_input(gy, wt, gq, buf, fn, ints, padded, direct, g, k, r, s, sh, sw, p
         stage = col[cb * r * s * mmax:]
         one = np.ones(1, dtype=gq.dtype)
         zero = np.zeros(1, dtype=gq.dtype)
-        for it in range(wid, items, nw):
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
             ci = it % ncb
             gi = (it // ncb) % g
             n0 = (it // (ncb * g)) * nb
@@ -335,7 +342,7 @@ def _grad_input(gy, wt, gq, buf, fn, ints, padded, direct, g, k, r, s, sh, sw, p
 
 
 @kernel
-def _grad_weight(gy, src, gwp, buf, fn, ints, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
+def _grad_weight(gy, src, gwp, buf, fn, ints, ctr, padded, direct, g, k, r, s, sh, sw, ph, pw, dh, dw, hp, wq,
                  h, w, oh, ow, nb, rb, cb, mmax):
     # gy (n*k*oh*ow,); src as in _forward; gwp (nsplit, k*tn) zeroed; buf as in _grad_input.
     # Item = (batch split, group, block of cb channels): it owns columns t0 .. t0+tb-1 of the
@@ -356,7 +363,10 @@ def _grad_weight(gy, src, gwp, buf, fn, ints, padded, direct, g, k, r, s, sh, sw
         tr = _chars()
         stage = col[cb * r * s * mmax:]
         one = np.ones(1, dtype=gwp.dtype)
-        for it in range(wid, items, nw):
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
             ci = it % ncb
             gi = (it // ncb) % g
             sp = it // (ncb * g)
@@ -601,7 +611,7 @@ def forward(x, w, b, p):
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
     with serial_blas:
         _forward(src, np.ascontiguousarray(w).reshape(-1), bb, y.reshape(-1), plan.buffer(p.dtype),
-                 *_BLAS.args(p.dtype, plan.nw), has_bias, plan.padded, direct, p.g, p.r, p.s, p.sh,
+                 *_BLAS.args(p.dtype, plan.nw), np.zeros(1, np.int64), has_bias, plan.padded, direct, p.g, p.r, p.s, p.sh,
                  p.sw, p.ph0, p.pw0, p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb,
                  plan.mmax)
     return y
@@ -653,8 +663,8 @@ def grad_input(gy, w, p):
         gq = (np.empty if direct else np.zeros)((p.n, p.c, p.h * p.w), dtype=p.dtype)
     with serial_blas:
         _grad_input(np.ascontiguousarray(gy).reshape(-1), np.ascontiguousarray(w).reshape(-1), gq,
-                    plan.buffer(p.dtype), *_BLAS.args(p.dtype, plan.nw), plan.padded, direct, p.g,
-                    p.k, p.r, p.s,
+                    plan.buffer(p.dtype), *_BLAS.args(p.dtype, plan.nw), np.zeros(1, np.int64), plan.padded,
+                    direct, p.g, p.k, p.r, p.s,
                     p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow,
                     plan.nb, plan.rb, cb, plan.mmax)
     if not plan.padded:
@@ -687,7 +697,8 @@ def grad_weight(gy, x, p):
     gwp = np.zeros((nsplit, p.k * tn), dtype=p.dtype)
     with serial_blas:
         _grad_weight(np.ascontiguousarray(gy).reshape(-1), src, gwp, plan.buffer(p.dtype),
-                     *_BLAS.args(p.dtype, plan.nw), plan.padded, direct, p.g, p.k, p.r, p.s, p.sh,
+                     *_BLAS.args(p.dtype, plan.nw), np.zeros(1, np.int64), plan.padded, direct, p.g, p.k,
+                     p.r, p.s, p.sh,
                      p.sw, p.ph0, p.pw0,
                      p.dh, p.dw, p.hp, wq, p.h, p.w, p.oh, p.ow, plan.nb, plan.rb, cb, plan.mmax)
     gw = gwp[0]
