@@ -43,7 +43,7 @@ _GI_CB = 8        # input channels per work item of the strided grad_input scatt
 _DW_RB = 8        # output rows per depthwise forward block (stride 1): small, so row copies overlap
 _IMG_MIN_ITEMS = 16          # per-image forward: at least this many (image, group) items ...
 _IMG_MAX_BYTES = 256 * 1024  # ... whose padded planes take at most this much each
-_IMG_CHUNKS = 64             # work items of the per-image forward (each pads into its own buffer)
+_IMG_PARTS = 32              # per-image grad_weight: batch chunks summed into separate parts
 _IMG_MAX_PART = 4 << 20      # per-image grad_weight: bytes of the per-item partial sums
 
 # Micro-kernels: serial, uncached, compiled into the calling parallel kernel.
@@ -294,7 +294,7 @@ def _grad_weight(gy, xq, tc, tb, gw, seg_g, seg_x, seg_len, g, zero):
 
 
 @kernel
-def _grad_weight_img(gy, x, tc, tb, part, sw, hp, wq, top, left, sh, g, zero):
+def _grad_weight_img(gy, x, tc, tb, part, sw, hp, wq, top, left, sh, g, zero, nw, ctr):
     """grad_weight for many small images: work item ``ch`` sums its share of the batch (in order)
     into ``part[ch]``; the caller adds the parts in order, so the result depends on the shape only.
     Each image's planes are padded into private buffers (no padded copies of x and gy), the
@@ -308,51 +308,55 @@ def _grad_weight_img(gy, x, tc, tb, part, sw, hp, wq, top, left, sh, g, zero):
     nch = part.shape[0]
     lnm = (oh - 1) * wq + ow
     lnm += (-lnm) % 8
-    for ch in prange(nch):
+    for wid in prange(nw):
         xb = np.zeros((cg, sw * hp * wq + SLACK), dtype=x.dtype)
         gb = np.zeros((kg, oh * wq + SLACK), dtype=x.dtype)
-        acc = part[ch]
-        for n in range(ch * nn // nch, (ch + 1) * nn // nch):
-            for gi in range(g):
-                c0, k0 = gi * cg, gi * kg
-                for c in range(cg):
-                    _fill_plane(x[n, c0 + c], xb[c], sw, hp, wq, top, left, 0, hp)
-                for q in range(kg):
-                    for i in range(oh):
-                        _copy(gb[q, i * wq:i * wq + ow], gy[n, k0 + q, i], ow)
-                merged = sh == 1
-                if merged:
-                    nf = zero
+        for _ in range(nch):
+            ch = claim(ctr)
+            if ch >= nch:
+                break
+            acc = part[ch]
+            for n in range(ch * nn // nch, (ch + 1) * nn // nch):
+                for gi in range(g):
+                    c0, k0 = gi * cg, gi * kg
                     for c in range(cg):
-                        for j in range(xb.shape[1]):
-                            nf += xb[c, j] * zero
-                    merged = nf == 0
-                nseg = 1 if merged else oh
-                for sg in range(nseg):
+                        _fill_plane(x[n, c0 + c], xb[c], sw, hp, wq, top, left, 0, hp)
+                    for q in range(kg):
+                        for i in range(oh):
+                            _copy(gb[q, i * wq:i * wq + ow], gy[n, k0 + q, i], ow)
+                    merged = sh == 1
                     if merged:
-                        a, bx, ln = 0, 0, lnm
-                    else:
-                        a, bx, ln = sg * wq, sg * sh * wq, ow
-                    for q0 in range(0, kg, 4):
-                        nk = min(4, kg - q0)
-                        for t0 in range(0, tn, 4):
-                            nt = min(4, tn - t0)
-                            if nk == 4 and nt == 4:
-                                o0, o1, o2, o3 = bx + tb[t0], bx + tb[t0 + 1], bx + tb[t0 + 2], bx + tb[t0 + 3]
-                                _dot4x4(acc, k0 + q0, t0, gb[q0, a:a + ln], gb[q0 + 1, a:a + ln],
-                                        gb[q0 + 2, a:a + ln], gb[q0 + 3, a:a + ln],
-                                        xb[tc[t0], o0:o0 + ln], xb[tc[t0 + 1], o1:o1 + ln],
-                                        xb[tc[t0 + 2], o2:o2 + ln], xb[tc[t0 + 3], o3:o3 + ln], zero)
-                            else:
-                                for q in range(nk):
-                                    for u in range(nt):
-                                        o = bx + tb[t0 + u]
-                                        acc[k0 + q0 + q, t0 + u] += _dot1(gb[q0 + q, a:a + ln],
-                                                                          xb[tc[t0 + u], o:o + ln], zero)
+                        nf = zero
+                        for c in range(cg):
+                            for j in range(xb.shape[1]):
+                                nf += xb[c, j] * zero
+                        merged = nf == 0
+                    nseg = 1 if merged else oh
+                    for sg in range(nseg):
+                        if merged:
+                            a, bx, ln = 0, 0, lnm
+                        else:
+                            a, bx, ln = sg * wq, sg * sh * wq, ow
+                        for q0 in range(0, kg, 4):
+                            nk = min(4, kg - q0)
+                            for t0 in range(0, tn, 4):
+                                nt = min(4, tn - t0)
+                                if nk == 4 and nt == 4:
+                                    o0, o1, o2, o3 = bx + tb[t0], bx + tb[t0 + 1], bx + tb[t0 + 2], bx + tb[t0 + 3]
+                                    _dot4x4(acc, k0 + q0, t0, gb[q0, a:a + ln], gb[q0 + 1, a:a + ln],
+                                            gb[q0 + 2, a:a + ln], gb[q0 + 3, a:a + ln],
+                                            xb[tc[t0], o0:o0 + ln], xb[tc[t0 + 1], o1:o1 + ln],
+                                            xb[tc[t0 + 2], o2:o2 + ln], xb[tc[t0 + 3], o3:o3 + ln], zero)
+                                else:
+                                    for q in range(nk):
+                                        for u in range(nt):
+                                            o = bx + tb[t0 + u]
+                                            acc[k0 + q0 + q, t0 + u] += _dot1(gb[q0 + q, a:a + ln],
+                                                                              xb[tc[t0 + u], o:o + ln], zero)
 
 
 @kernel
-def _grad_input_img(gy, wt, tb, gx, hp, wp, top, left, nch, zero):
+def _grad_input_img(gy, wt, tb, gx, hp, wp, top, left, nw, ctr, zero):
     """Stride-1 grad_input for many small images as ``W.T @ g`` and col2im, per (image, group)
     item: the gradient is laid out with the padded input's row pitch ``wp`` (zeros between rows),
     ``cols[t] = sum_k w[k, t] * g[k]`` runs over those rows with the forward's micro-kernels, and
@@ -369,11 +373,14 @@ def _grad_input_img(gy, wt, tb, gx, hp, wp, top, left, nch, zero):
     ln += (-ln) % 8
     k4 = kg - kg % 4
     items = nn * g
-    for ch in prange(nch):
+    for wid in prange(nw):
         gyw = np.zeros((kg, ln), dtype=gy.dtype)
         cols = np.empty((tn, ln), dtype=gy.dtype)
         gxp = np.empty((cg, hp * wp + SLACK), dtype=gy.dtype)
-        for it in range(ch * items // nch, (ch + 1) * items // nch):
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
             n, gi = it // g, it % g
             wg = wt[gi]
             for q in range(kg):
@@ -456,7 +463,7 @@ def _dw3x3(acc, buf, o, wq2, wt, c, bias, ln):
 
 
 @kernel
-def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nch, fast):
+def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nw, ctr, fast):
     """Depthwise forward: one work item per (image, channel) plane, padded into a private buffer
     (no padded copy of the whole input), then blocks of ``rb`` output rows as one run over all
     taps (``fast``: the 3x3, sw == dw == 1 micro-kernel), copied into ``y``.  The input rows of
@@ -470,10 +477,13 @@ def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nch, fas
     nrb = (oh + rb - 1) // rb
     lmax = (rb - 1) * wq + ow
     lmax += (-lmax) % 16
-    for ch in prange(nch):
+    for wid in prange(nw):
         buf = np.zeros(sw * hp * wq + SLACK, dtype=y.dtype)
         acc = np.empty(lmax, dtype=y.dtype)
-        for it in range(ch * items // nch, (ch + 1) * items // nch):
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
             n, c = it // cc, it % cc
             xs = x[n, c]
             _fill_plane(xs, buf, sw, hp, wq, top, left, 0, (min(rb, oh) - 1) * sh + (rr - 1) * dh + 1)
@@ -597,12 +607,17 @@ def _dw_conv(x, w, b, top, left, hp, wp, sh, sw, dh, dw, oh, ow):
         b = np.zeros(c, dtype=x.dtype)
     if y.size:
         _dw_forward(np.ascontiguousarray(x), np.ascontiguousarray(w).reshape(c, r * s), tb,
-                    np.ascontiguousarray(b), y, sw, hp, wq, top, left, sh, dh, r, rb, min(n * c, 64),
+                    np.ascontiguousarray(b), y, sw, hp, wq, top, left, sh, dh, r, rb, *_workers(n * c),
                     r == 3 and s == 3 and sw == 1 and dw == 1)
     return y
 
 
 # --------------------------------------------------------------------------- Python drivers
+def _workers(items):
+    """Worker count and a zeroed item counter for a kernel whose workers ``claim`` items."""
+    return min(max(items, 1), numba.get_num_threads()), np.zeros(1, np.int64)
+
+
 @functools.lru_cache(maxsize=256)
 def _taps(cg, r, s, dh, dw, sw, hp, wq):
     """Channel and start offset of every tap (c, r, s) in the phase-split plane layout (cached,
@@ -644,7 +659,7 @@ def _conv(x, top, bottom, left, right, w, b, sh, sw, dh, dw, g, oh, ow):
         return y
     if _per_image(n, g, cg, sw * hp * wq + SLACK, x.dtype.itemsize):
         _forward_img(np.ascontiguousarray(x), wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb,
-                     min(n * g, numba.get_num_threads()), np.zeros(1, np.int64))
+                     *_workers(n * g))
     else:
         xq, _, _, _ = pad_planes(x, top, bottom, left, right, sw)
         _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb)
@@ -669,7 +684,7 @@ def grad_input(gy, w, p):
             wt = np.ascontiguousarray(np.asarray(w).reshape(p.g, p.kg, tn).transpose(0, 2, 1))
             gx = np.empty(p.x_shape, dtype=p.dtype)
             _grad_input_img(np.ascontiguousarray(gy), wt, tb, gx, p.hp, p.wp, p.ph0, p.pw0,
-                            min(p.n * p.g, _IMG_CHUNKS), p.dtype.type(0))
+                            *_workers(p.n * p.g), p.dtype.type(0))
             return gx
         return _grad_input_by_correlation(gy, w, p)
     gxp = np.zeros((p.n, p.c, p.hp * p.wp), dtype=p.dtype)
@@ -710,14 +725,14 @@ def grad_weight(gy, x, p):
     hp, wq = p.hp, -(-p.wp // p.sw)
     tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)
     tn = p.cg * p.r * p.s
-    nch = min(p.n, _IMG_CHUNKS // 2)
+    nch = min(p.n, _IMG_PARTS)
     plane, gplane = p.sw * hp * wq + SLACK, p.oh * wq + SLACK
     # parallel over images only (groups are summed inside an item): needs many images, not items
     if (p.n >= _IMG_MIN_ITEMS and _per_image(p.n, p.g, p.cg, plane, p.itemsize)
             and p.kg * gplane * p.itemsize <= _IMG_MAX_BYTES and nch * p.k * tn * p.itemsize <= _IMG_MAX_PART):
         part = np.zeros((nch, p.k, tn), dtype=p.dtype)
         _grad_weight_img(np.ascontiguousarray(gy), np.ascontiguousarray(x), tc, tb, part, p.sw, hp, wq,
-                         p.ph0, p.pw0, p.sh, p.g, p.dtype.type(0))
+                         p.ph0, p.pw0, p.sh, p.g, p.dtype.type(0), *_workers(nch))
         gw = part[0]
         for i in range(1, nch):  # in order: the result depends on the shape only
             gw += part[i]
