@@ -5,7 +5,7 @@ import pytest
 from numba import prange
 
 import fastconv
-from fastconv._algorithms.common import claim
+from fastconv._algorithms.common import claim, stack_rows
 
 
 @numba.njit(parallel=True, cache=True)
@@ -40,3 +40,19 @@ def test_claim_rejects_a_counter_of_the_wrong_type():
 
     with pytest.raises(numba.core.errors.TypingError):
         f(np.zeros(1, np.int32))
+
+
+@numba.njit
+def _fill_stack(v):
+    a = stack_rows(3, 5, np.float32)
+    for i in range(3):
+        for j in range(5):
+            a[i, j] = v + i * 5 + j
+    return a.copy()
+
+
+def test_stack_rows_is_a_writable_c_array_of_the_literal_shape():
+    got = _fill_stack(1.0)
+    assert got.shape == (3, 5) and got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got, 1.0 + np.arange(15, dtype=np.float32).reshape(3, 5))
+    assert np.array_equal(_fill_stack(2.0), got + 1)  # a fresh frame per call

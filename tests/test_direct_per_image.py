@@ -10,7 +10,9 @@ from fastconv._algorithms import direct
 # the shared geometries with a batch large enough for the per-image path, plus LeNet-sized layers
 CASES = [(name, (16 + xs[0],) + xs[1:], ws, kw) for name, xs, ws, kw in GEOMETRIES if ws[1] * kw.get("groups", 1) != ws[0] or ws[1] != 1]
 CASES += [("lenet5-c3-like", (20, 6, 14, 14), (16, 6, 5, 5), {}),
-          ("odd-channels", (17, 5, 9, 7), (7, 5, 3, 2), {"padding": (1, 0)})]
+          ("odd-channels", (17, 5, 9, 7), (7, 5, 3, 2), {"padding": (1, 0)}),
+          # rows too long for the stack accumulator (direct._STACK_COLS): the heap one
+          ("wide-rows", (16, 2, 40, 40), (4, 2, 3, 3), {"padding": 1})]
 
 
 def _paths(monkeypatch, per_image):

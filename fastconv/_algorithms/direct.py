@@ -35,10 +35,11 @@ import numba
 from numba import prange
 
 from .._jit import FASTMATH, kernel
-from .common import SLACK, claim, pad_input, pad_planes
+from .common import SLACK, claim, pad_input, pad_planes, stack_rows
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
 _FWD_KB = 8       # output channels per forward work item
+_STACK_COLS = 512  # per-image forward: accumulator rows this long live on the worker's stack
 _GI_CB = 8        # input channels per work item of the strided grad_input scatter
 _DW_RB = 8        # output rows per depthwise forward block (stride 1): small, so row copies overlap
 _IMG_MIN_ITEMS = 16          # per-image forward: at least this many (image, group) items ...
@@ -202,25 +203,35 @@ def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nw, 
     a time (``claim``), pads their planes into its private buffer (pad_planes' layout, no padded
     copy of the whole tensor) and computes them like ``_forward``, all output channels and rows.
     Same arithmetic in the same order as ``_forward``: the same bits."""
+    cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
+    for wid in prange(nw):
+        buf = np.zeros((cg, sw * hp * wq + SLACK), dtype=y.dtype)
+        if kb <= _FWD_KB and lmax <= _STACK_COLS:
+            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, buf,
+                       stack_rows(_FWD_KB, _STACK_COLS, y.dtype))
+        else:
+            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, buf,
+                       np.empty((kb, lmax), dtype=y.dtype))
+
+
+@_micro
+def _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, buf, acc):
     nn, oh = y.shape[0], y.shape[2]
     cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
     items = nn * g
-    for wid in prange(nw):
-        buf = np.zeros((cg, sw * hp * wq + SLACK), dtype=y.dtype)
-        acc = np.empty((kb, lmax), dtype=y.dtype)
-        for _ in range(items):
-            it = claim(ctr)
-            if it >= items:
-                break
-            n, gi = it // g, it % g
-            for c in range(cg):
-                _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
-            for kbi in range(nkb):
-                k0 = gi * kg + kbi * kb
-                for ib in range(nrb):
-                    i0 = ib * rb
-                    _fwd_block(buf, 0, wt, tc, tb, b, y, n, k0, min(kb, (gi + 1) * kg - k0), i0,
-                               min(i0 + rb, oh), wq, sh, acc)
+    for _ in range(items):
+        it = claim(ctr)
+        if it >= items:
+            break
+        n, gi = it // g, it % g
+        for c in range(cg):
+            _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
+        for kbi in range(nkb):
+            k0 = gi * kg + kbi * kb
+            for ib in range(nrb):
+                i0 = ib * rb
+                _fwd_block(buf, 0, wt, tc, tb, b, y, n, k0, min(kb, (gi + 1) * kg - k0), i0,
+                           min(i0 + rb, oh), wq, sh, acc)
 
 
 @kernel
