@@ -39,7 +39,7 @@ from .common import SLACK, claim, pad_input, pad_planes, stack_rows
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
 _FWD_KB = 8       # output channels per forward work item
-_STACK_COLS = 512  # per-image forward: accumulator rows this long live on the worker's stack
+_STACK_COLS = 520  # per-image forward: accumulator rows this long live on the worker's stack
 _GI_CB = 8        # input channels per work item of the strided grad_input scatter
 _DW_RB = 8        # output rows per depthwise forward block (stride 1): small, so row copies overlap
 _IMG_MIN_ITEMS = 16          # per-image forward: at least this many (image, group) items ...
@@ -198,24 +198,26 @@ def _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb):
 
 
 @kernel
-def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nw, ctr):
+def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nw, ctr, ns, dw):
     """Forward for many small images: each of ``nw`` workers claims (image, group) items one at
-    a time (``claim``), pads their planes into its private buffer (pad_planes' layout, no padded
-    copy of the whole tensor) and computes them like ``_forward``, all output channels and rows.
-    Same arithmetic in the same order as ``_forward``: the same bits."""
+    a time (``claim``), pads their planes into its private buffer and computes them like
+    ``_forward``, all output channels and rows.  Same arithmetic in the same order as ``_forward``:
+    the same bits.  Buffer layouts: pad_planes' (``ns == 0``), or -- stride 1 only -- ``ns``
+    column-shifted copies of each padded plane, ``ow`` wide (``_fill_shifted``), where a block of
+    output rows is a run of exactly rows * ow positions (``wq`` is then ``ow``)."""
     cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
     for wid in prange(nw):
-        buf = np.zeros((cg, sw * hp * wq + SLACK), dtype=y.dtype)
+        buf = np.zeros((cg * max(ns, 1), sw * hp * wq + SLACK), dtype=y.dtype)
         if kb <= _FWD_KB and lmax <= _STACK_COLS:
-            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, buf,
+            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf,
                        stack_rows(_FWD_KB, _STACK_COLS, y.dtype))
         else:
-            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, buf,
+            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf,
                        np.empty((kb, lmax), dtype=y.dtype))
 
 
 @_micro
-def _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, buf, acc):
+def _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf, acc):
     nn, oh = y.shape[0], y.shape[2]
     cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
     items = nn * g
@@ -225,7 +227,10 @@ def _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, b
             break
         n, gi = it // g, it % g
         for c in range(cg):
-            _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
+            if ns:
+                _fill_shifted(x[n, gi * cg + c], buf[c * ns:(c + 1) * ns], hp, wq, top, left, dw)
+            else:
+                _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
         for kbi in range(nkb):
             k0 = gi * kg + kbi * kb
             for ib in range(nrb):
@@ -460,6 +465,24 @@ def _fill_plane(src, buf, sw, hp, wq, top, left, lo, hi):
 
 
 @_micro
+def _fill_shifted(src, bufs, hp, ow, top, left, dw):
+    # bufs[s] holds, at row i (of hp) and column j (of ow), the padded plane's element
+    # (i, j + s*dw), i.e. src[i - top, j + s*dw - left] or 0: tap (r, s) of output row i is then
+    # bufs[s][(i + r*dh)*ow + j], and a block of rows one contiguous run.  The zeros were
+    # written once (same geometry for every plane) and are never overwritten.
+    h, w = src.shape
+    for s in range(bufs.shape[0]):
+        d = bufs[s]
+        j0 = max(0, left - s * dw)
+        j1 = min(ow, w + left - s * dw)
+        if j1 <= j0:
+            continue
+        c0 = j0 + s * dw - left
+        for i in range(max(0, top), min(hp, h + top)):
+            _copy(d[i * ow + j0:i * ow + j1], src[i - top, c0:c0 + j1 - j0], j1 - j0)
+
+
+@_micro
 def _dw3x3(acc, buf, o, wq2, wt, c, bias, ln):
     # sw == dw == 1: the three taps of a kernel row read one slice at constant offsets, so LLVM
     # needs few alias checks and vectorises (nine slices defeat its runtime-check budget)
@@ -641,6 +664,16 @@ def _taps(cg, r, s, dh, dw, sw, hp, wq):
     return tc, tb
 
 
+@functools.lru_cache(maxsize=256)
+def _shifted_taps(cg, r, s, dh, ow):
+    """Tap tables of ``_fill_shifted``'s layout: tap (c, r, s) reads copy ``c*s + s`` at ``r*dh*ow``."""
+    c_i, r_i, s_i = np.meshgrid(np.arange(cg), np.arange(r), np.arange(s), indexing="ij")
+    tc = (c_i * s + s_i).ravel().astype(np.int64)
+    tb = (r_i * dh * ow).ravel().astype(np.int64)
+    tc.flags.writeable = tb.flags.writeable = False
+    return tc, tb
+
+
 def _blocks(k, g, sh, ow, wq, oh):
     """Output channels and rows per forward block: the accumulator stays in L1/L2."""
     kb = min(_FWD_KB, k // g)
@@ -669,8 +702,15 @@ def _conv(x, top, bottom, left, right, w, b, sh, sw, dh, dw, g, oh, ow):
     if y.size == 0:
         return y
     if _per_image(n, g, cg, sw * hp * wq + SLACK, x.dtype.itemsize):
+        ns = 0
+        if sh == 1 and sw == 1 and s > 1 and wq > ow and _per_image(n, g, cg * s, hp * ow + SLACK, x.dtype.itemsize):
+            # rows ow wide instead of wq: (oh-1)*wq + ow lanes computed per ow*oh outputs before
+            # (lenet5-c3: 136 per 100), ~ow*oh after, for s copies of each plane
+            ns, wq = s, ow
+            tc, tb = _shifted_taps(cg, r, s, dh, ow)
+            kb, rb = _blocks(k, g, sh, ow, wq, oh)
         _forward_img(np.ascontiguousarray(x), wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb,
-                     *_workers(n * g))
+                     *_workers(n * g), ns, dw)
     else:
         xq, _, _, _ = pad_planes(x, top, bottom, left, right, sw)
         _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb)
