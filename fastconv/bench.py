@@ -56,16 +56,13 @@ class Row(NamedTuple):
 
 
 # --------------------------------------------------------------------------- timing
-def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median", warm=False):
+def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"):
     """Seconds per call of each function in ``fns`` (``stat``: ``'median'`` or ``'min'`` of the
     rounds), timed round-robin so load spikes hit every contestant alike.
 
     Every function is called twice first (compile, caches, page faults); the number of rounds fills
     ``budget`` seconds, clipped to ``[min_rounds, max_rounds]``.  A function with a true
     ``returns_seconds`` attribute times itself (a call into another process) and returns the seconds.
-    ``warm``: each timed call directly follows an untimed call of the same function (a
-    self-timing function is given ``warm=True`` and does that itself): the steady state of layers
-    run back to back, without the cold start that the other contestants' turn leaves behind.
 
     >>> t = time_interleaved([lambda: sum(range(100)), lambda: None], budget=0.01)
     >>> len(t), all(s >= 0 for s in t)
@@ -79,16 +76,14 @@ def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"
     times = [[] for _ in fns]
     for _ in range(rounds):
         for f, ts in zip(fns, times):
-            ts.append(_timed(f, warm))
+            ts.append(_timed(f))
     reduce = np.min if stat == "min" else np.median
     return [float(reduce(ts)) for ts in times]
 
 
-def _timed(f, warm=False):
+def _timed(f):
     if getattr(f, "returns_seconds", False):
-        return f(warm=True) if warm else f()
-    if warm:
-        f()
+        return f()
     t0 = time.perf_counter()
     f()
     return time.perf_counter() - t0
@@ -276,14 +271,13 @@ def _pool_contestants(case, pass_, reference, torch, worker=None):
 
 def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch", budget=1.0,
         min_rounds=3, max_rounds=15, sgemm=None, progress=True, stat="median", same_process=False,
-        threads=None, gemm=False, warm=False):
+        threads=None, gemm=False):
     """Time every case and pass of ``suite``; returns a list of :class:`Row` (reference rows included).
 
     ``algorithms`` defaults to ``('auto',) + fastconv.algorithms()``; ``reference`` is ``'torch'``
     or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by; ``gemm`` also times
     each conv case's own matrix products (:func:`gemm_seconds`) for the "% gemm" column.  PyTorch runs
     in a worker process with ``threads`` threads (default: numba's current count) unless ``same_process``.
-    ``warm``: see :func:`time_interleaved`.
     """
     import fastconv
     import numba
@@ -305,7 +299,7 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
                 named = _conv_contestants(case, pass_, algorithms, reference, torch, worker)
             else:
                 named = _pool_contestants(case, pass_, reference, torch, worker)
-            times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds, stat, warm)
+            times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds, stat)
             t_ref = times[-1]
             flops = case.flops(pass_)
             t_gemm = gemm_seconds(case, pass_) if (gemm and op == "conv2d") else float("nan")
@@ -351,12 +345,11 @@ class _TorchProcess:
     def contestant(self, op, case, pass_):
         self._ask({"op": "setup", "kind": op, "case": dataclasses.asdict(case), "pass": pass_})
 
-        def once(warm=False):
-            # Idle OpenMP workers spin for a while before they sleep (PyTorch's: ~10 ms of CPU after
-            # each call, measured here); a pause on each side of the reference call keeps one
-            # process's spinning pool from slowing the other's timed call.
+        def once():
+            # Idle OpenMP workers spin for a while before they sleep; a pause on each side of the
+            # reference call keeps one process's spinning pool from slowing the other's timed call.
             time.sleep(self.GAP)
-            seconds = self._ask({"op": "run", "warm": warm})["seconds"]
+            seconds = self._ask({"op": "run"})["seconds"]
             time.sleep(self.GAP)
             return seconds
         once.returns_seconds = True
@@ -390,8 +383,6 @@ def _torch_worker():
                 fn()
                 reply = {"ok": True}
             else:
-                if msg.get("warm"):
-                    fn()
                 t0 = time.perf_counter()
                 fn()
                 reply = {"seconds": time.perf_counter() - t0}
@@ -497,10 +488,6 @@ def _parser():
                         "'%% gemm' column is that plain GEMM's time over the contestant's, in percent")
     p.add_argument("--same-process", action="store_true",
                    help="run PyTorch in this process too (its thread pool then competes with numba's)")
-    p.add_argument("--warm", action="store_true",
-                   help="time each call right after an untimed call of the same contestant: the steady "
-                        "state of layers run back to back (after the pauses between contestants an idle "
-                        "core starts cold: sub-millisecond calls then take up to 2x longer here)")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="figure per contestant: median of the rounds (default) or the fastest round, "
                         "steadier on a busy machine")
@@ -567,11 +554,10 @@ def main(argv=None):
     # end would otherwise inflate every "% of sgemm".
     sgemm = sgemm_gflops(rounds=3 if a.quick else 7)
     rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=None, progress=not a.no_progress,
-               stat=a.stat, same_process=a.same_process, threads=threads, gemm=a.gemm, warm=a.warm)
+               stat=a.stat, same_process=a.same_process, threads=threads, gemm=a.gemm)
     sgemm = max(sgemm, sgemm_gflops(rounds=3 if a.quick else 7))
     rows = [r._replace(pct_sgemm=100.0 * r.gflops / sgemm) if r.op == "conv2d" else r for r in rows]
-    header = (f"fastconv {fastconv.__version__} | {threads} threads | {a.stat} of interleaved "
-              f"{'warm ' if a.warm else ''}rounds | "
+    header = (f"fastconv {fastconv.__version__} | {threads} threads | {a.stat} of interleaved rounds | "
               f"reference: {reference}"
               f"{' ' + _torch_version() if reference == 'torch' else ''}"
               f"{(' (same process)' if a.same_process else ' (own process)') if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
@@ -584,7 +570,7 @@ def main(argv=None):
         doc = {"meta": {"fastconv": fastconv.__version__, "threads": threads, "reference": reference,
                         "sgemm_gflops": sgemm, "stat": a.stat, "machine": platform.machine(), "cpus": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
-                        "numba": numba.__version__, "quick": a.quick, "same_process": a.same_process, "warm": a.warm,
+                        "numba": numba.__version__, "quick": a.quick, "same_process": a.same_process,
                         "torch": _torch_version() if reference == "torch" else None},
                "rows": [dict(r._asdict()) for r in rows]}
         with open(a.json, "w", encoding="utf-8") as f:

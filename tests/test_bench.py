@@ -185,38 +185,6 @@ def test_cli_options(tiny_file, capsys, where):
     assert [(b[0], b[1], b[2]) for b in body] == [("tiny", "forward", "direct"), ("tiny", "forward", "torch")]
 
 
-@pytest.mark.parametrize("where", ["own process", "same process"])
-def test_cli_warm_rounds(tiny_file, capsys, where):
-    pytest.importorskip("torch")
-    extra = ["--same-process"] if where == "same process" else []
-    assert cli(["bench", "--shapes", tiny_file, *FAST, "--only", "tiny", "--passes", "bwd",
-                "--algorithms", "direct", "--threads", "1", "--warm", *extra]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert "interleaved warm rounds" in lines[0] and f"({where})" in lines[0]
-    body = [ln.split() for ln in lines[3:] if ln.startswith("tiny")]
-    assert [(b[1], b[2]) for b in body] == [("backward", "direct"), ("backward", "torch")]
-    assert all(float(b[3]) > 0 for b in body)
-
-
-def test_time_interleaved_warm_calls_before_every_timed_call():
-    calls = {"plain": 0, "self": []}
-
-    def plain():
-        calls["plain"] += 1
-
-    def self_timed(warm=False):
-        calls["self"].append(warm)
-        return 0.5
-    self_timed.returns_seconds = True
-    t = bench.time_interleaved([plain, self_timed], budget=0, min_rounds=4, max_rounds=4, warm=True)
-    assert t == [pytest.approx(t[0]), 0.5]
-    assert calls["plain"] == 2 + 2 * 4  # two warm-ups, then an untimed and a timed call per round
-    assert calls["self"] == [False, False] + [True] * 4
-    calls["plain"], calls["self"] = 0, []
-    bench.time_interleaved([plain, self_timed], budget=0, min_rounds=4, max_rounds=4)
-    assert calls["plain"] == 2 + 4 and calls["self"] == [False] * 6
-
-
 def test_cli_plot(tiny_file, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "b.png"
