@@ -11,7 +11,7 @@ from fastconv._algorithms import direct
 CASES = [(name, (16 + xs[0],) + xs[1:], ws, kw) for name, xs, ws, kw in GEOMETRIES if ws[1] * kw.get("groups", 1) != ws[0] or ws[1] != 1]
 CASES += [("lenet5-c3-like", (20, 6, 14, 14), (16, 6, 5, 5), {}),
           ("odd-channels", (17, 5, 9, 7), (7, 5, 3, 2), {"padding": (1, 0)}),
-          # rows too long for the stack accumulator (direct._STACK_COLS): the heap one
+          # rows too long for one stack accumulator block (direct._STACK_COLS): several row blocks
           ("wide-rows", (16, 2, 40, 40), (4, 2, 3, 3), {"padding": 1})]
 
 

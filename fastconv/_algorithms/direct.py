@@ -201,19 +201,17 @@ def _forward(xq, wt, tc, tb, b, y, wq, sh, g, kb, rb):
 def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nw, ctr, ns, dw):
     """Forward for many small images: each of ``nw`` workers claims (image, group) items one at
     a time (``claim``), pads their planes into its private buffer and computes them like
-    ``_forward``, all output channels and rows.  Same arithmetic in the same order as ``_forward``:
-    the same bits.  Buffer layouts: pad_planes' (``ns == 0``), or -- stride 1 only -- ``ns``
-    column-shifted copies of each padded plane, ``ow`` wide (``_fill_shifted``), where a block of
-    output rows is a run of exactly rows * ow positions (``wq`` is then ``ow``)."""
-    cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
+    ``_forward``, all output channels and rows, through an accumulator on its stack (``kb`` <=
+    _FWD_KB rows of at most _STACK_COLS: LLVM then needs no overlap checks before each
+    micro-kernel pass).  Same arithmetic in the same order as ``_forward``: the same bits.  Buffer
+    layouts: pad_planes' (``ns == 0``), or -- stride 1 only -- ``ns`` column-shifted copies of each
+    padded plane, ``ow`` wide (``_fill_shifted``), where a block of output rows is a run of exactly
+    rows * ow positions (``wq`` is then ``ow``)."""
+    cg = x.shape[1] // g
     for wid in prange(nw):
         buf = np.zeros((cg * max(ns, 1), sw * hp * wq + SLACK), dtype=y.dtype)
-        if kb <= _FWD_KB and lmax <= _STACK_COLS:
-            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf,
-                       stack_rows(_FWD_KB, _STACK_COLS, y.dtype))
-        else:
-            _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf,
-                       np.empty((kb, lmax), dtype=y.dtype))
+        _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf,
+                   stack_rows(_FWD_KB, _STACK_COLS, y.dtype))
 
 
 @_micro
@@ -701,14 +699,15 @@ def _conv(x, top, bottom, left, right, w, b, sh, sw, dh, dw, g, oh, ow):
     wt = np.ascontiguousarray(w).reshape(k, cg * r * s)
     if y.size == 0:
         return y
-    if _per_image(n, g, cg, sw * hp * wq + SLACK, x.dtype.itemsize):
+    if _per_image(n, g, cg, sw * hp * wq + SLACK, x.dtype.itemsize) and ow + 16 <= _STACK_COLS:
         ns = 0
         if sh == 1 and sw == 1 and s > 1 and wq > ow and _per_image(n, g, cg * s, hp * ow + SLACK, x.dtype.itemsize):
             # rows ow wide instead of wq: (oh-1)*wq + ow lanes computed per ow*oh outputs before
             # (lenet5-c3: 136 per 100), ~ow*oh after, for s copies of each plane
             ns, wq = s, ow
             tc, tb = _shifted_taps(cg, r, s, dh, ow)
-            kb, rb = _blocks(k, g, sh, ow, wq, oh)
+        # row blocks short enough for the stack accumulator (_fwd_geometry's width)
+        rb = max(1, min(rb, (_STACK_COLS - 16 - ow) // wq + 1))
         _forward_img(np.ascontiguousarray(x), wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb,
                      *_workers(n * g), ns, dw)
     else:
