@@ -207,34 +207,28 @@ def _forward_img(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, nw, 
     layouts: pad_planes' (``ns == 0``), or -- stride 1 only -- ``ns`` column-shifted copies of each
     padded plane, ``ow`` wide (``_fill_shifted``), where a block of output rows is a run of exactly
     rows * ow positions (``wq`` is then ``ow``)."""
-    cg = x.shape[1] // g
+    nn, oh = y.shape[0], y.shape[2]
+    cg, kg, nkb, nrb, _ = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
+    items = nn * g
     for wid in prange(nw):
         buf = np.zeros((cg * max(ns, 1), sw * hp * wq + SLACK), dtype=y.dtype)
-        _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf,
-                   stack_rows(_FWD_KB, _STACK_COLS, y.dtype))
-
-
-@_micro
-def _img_items(x, wt, tc, tb, b, y, sw, hp, wq, top, left, sh, g, kb, rb, ctr, ns, dw, buf, acc):
-    nn, oh = y.shape[0], y.shape[2]
-    cg, kg, nkb, nrb, lmax = _fwd_geometry(y, x.shape[1], g, kb, rb, wq)
-    items = nn * g
-    for _ in range(items):
-        it = claim(ctr)
-        if it >= items:
-            break
-        n, gi = it // g, it % g
-        for c in range(cg):
-            if ns:
-                _fill_shifted(x[n, gi * cg + c], buf[c * ns:(c + 1) * ns], hp, wq, top, left, dw)
-            else:
-                _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
-        for kbi in range(nkb):
-            k0 = gi * kg + kbi * kb
-            for ib in range(nrb):
-                i0 = ib * rb
-                _fwd_block(buf, 0, wt, tc, tb, b, y, n, k0, min(kb, (gi + 1) * kg - k0), i0,
-                           min(i0 + rb, oh), wq, sh, acc)
+        acc = stack_rows(_FWD_KB, _STACK_COLS, y.dtype)
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            n, gi = it // g, it % g
+            for c in range(cg):
+                if ns:
+                    _fill_shifted(x[n, gi * cg + c], buf[c * ns:(c + 1) * ns], hp, wq, top, left, dw)
+                else:
+                    _fill_plane(x[n, gi * cg + c], buf[c], sw, hp, wq, top, left, 0, hp)
+            for kbi in range(nkb):
+                k0 = gi * kg + kbi * kb
+                for ib in range(nrb):
+                    i0 = ib * rb
+                    _fwd_block(buf, 0, wt, tc, tb, b, y, n, k0, min(kb, (gi + 1) * kg - k0), i0,
+                               min(i0 + rb, oh), wq, sh, acc)
 
 
 @kernel
