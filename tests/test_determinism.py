@@ -7,7 +7,7 @@ set with :func:`fastconv.threads`) the guarantee differs:
 
 | algorithm | forward | grad_input | grad_weight | grad_bias | why |
 |---|---|---|---|---|---|
-| direct | bitwise | bitwise | bitwise | bitwise | work items are fixed by the shape (image, group, channel block, row block; tap blocks for grad_weight), each reduced in a fixed order |
+| direct | bitwise | bitwise | bitwise | bitwise | work items are fixed by the shape (image, group, channel block, row block; tap blocks for grad_weight), each reduced in a fixed order; which worker runs an item (claimed one at a time) does not matter |
 | im2col | rounding | rounding | rounding | bitwise | tile sizes, channel blocks and grad_weight's batch split follow the thread count, so BLAS may sum in a different grouping (seen: grad_weight with a batch split, and forward on a small strided case) |
 | fft | bitwise | bitwise | bitwise | bitwise | the tiling plan ignores the thread count; scipy.fft's workers split independent 1-D transforms; contractions own their frequencies |
 | auto | as the algorithm it picks for that thread count | | | | |

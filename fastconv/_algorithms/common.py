@@ -1,5 +1,6 @@
-"""Pieces every convolution algorithm shares: padded (and phase-split) plane copies and the bias
-gradient."""
+"""Pieces every convolution algorithm shares: padded (and phase-split) plane copies, the bias
+gradient, and two kernel helpers -- an atomic work-item counter (``claim``) and fixed-size
+arrays on a kernel's stack (``stack_rows``)."""
 import numpy as np
 from numba import prange, types
 from numba.core import cgutils
