@@ -151,6 +151,28 @@ def test_1x1_reads_the_input_in_place():
     assert not im2col._direct(params(x, w, {"groups": 2, "padding": 1}))
 
 
+@pytest.mark.parametrize("kw", [{}, {"stride": (2, 1)}, {"dilation": 2}], ids=["plain", "row-stride", "dilated"])
+def test_unpadded_column_stride_1_gathers_from_the_input(kw):
+    # no padding and column stride 1: the gather reads x's planes in place (no padded copy); a
+    # read-only x takes the copy instead (another numba specialisation is not worth compiling)
+    rng = np.random.default_rng(5)
+    x, w = random_array(rng, (5, 3, 13, 11), np.float64), random_array(rng, (4, 3, 3, 2), np.float64)
+    gy = random_array(rng, ref.conv2d(x, w, **kw).shape, np.float64)
+    p = params(x, w, kw)
+    assert im2col._in_place(x, p) and im2col._copy_bytes(x, p) == 0
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert not im2col._in_place(frozen, p) and im2col._copy_bytes(frozen, p) > 0
+    assert not im2col._in_place(x, params(x, w, {**kw, "padding": 1}))
+    assert not im2col._in_place(x, params(x, w, {**kw, "stride": (1, 2)}))
+    want = {"forward": ref.conv2d(x, w, **kw), "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw)}
+    for arr in (x, frozen):
+        got = {"forward": fastconv.conv2d(arr, w, algorithm="im2col", **kw),
+               "grad_weight": fastconv.conv2d_backward(gy, arr, w, algorithm="im2col", **kw).grad_weight}
+        assert_results(got, want, np.float64)
+    np.testing.assert_array_equal(x, frozen)  # not written to
+
+
 def test_non_contiguous_inputs():
     rng = np.random.default_rng(3)
     x = random_array(rng, (3, 2, 11, 18), np.float32)[:, :, 1:, ::2]       # strided view
