@@ -1,11 +1,11 @@
-"""fastconv._algorithms.common: the shared work-item counter."""
+"""fastconv._algorithms.common: the shared work-item counter, stack arrays and the register-blocked multiply-accumulate."""
 import numba
 import numpy as np
 import pytest
 from numba import prange
 
 import fastconv
-from fastconv._algorithms.common import claim, stack_rows
+from fastconv._algorithms.common import claim, mac_taps, stack_rows
 
 
 @numba.njit(parallel=True, cache=True)
@@ -56,3 +56,50 @@ def test_stack_rows_is_a_writable_c_array_of_the_literal_shape():
     assert got.shape == (3, 5) and got.dtype == np.float32 and got.flags.c_contiguous
     assert np.array_equal(got, 1.0 + np.arange(15, dtype=np.float32).reshape(3, 5))
     assert np.array_equal(_fill_stack(2.0), got + 1)  # a fresh frame per call
+
+
+@numba.njit(cache=True)
+def _mac_all(out, x, xbase, offs, wt, b, ntaps):
+    # every (nq, nv) variant the kernels use, at row 1 / column 8 of out
+    mac_taps(out, 1, 8, x, xbase, offs, wt, 2, b, ntaps, 4, 3)
+    mac_taps(out, 6, 8, x, xbase, offs, wt, 2, b, ntaps, 1, 1)
+    mac_taps(out, 8, 8, x, xbase, offs, wt, 2, b, ntaps, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ntaps", [0, 1, 7])
+def test_mac_taps_sums_every_tap_in_order(dtype, ntaps):
+    rng = np.random.default_rng(ntaps)
+    lanes = 32 // np.dtype(dtype).itemsize
+    x = rng.standard_normal((3, 50)).astype(dtype)  # read through its flat data
+    offs = rng.integers(0, 50, size=max(ntaps, 1)).astype(np.int64)[:ntaps]
+    wt = rng.standard_normal((7, max(ntaps, 1))).astype(dtype)[:, :ntaps].copy()
+    b = rng.standard_normal(7).astype(dtype)
+    out = np.full((10, 8 + 3 * lanes + 5), -7, dtype)
+    _mac_all(out, x, 40, offs, wt, b, ntaps)
+
+    def want(k, width):
+        acc = np.full(width, b[k], np.float64)
+        for t in range(ntaps):  # one rounding per tap, in order: float64 sums match float32 to ~1e-6
+            acc = acc + wt[k, t].astype(np.float64) * x.reshape(-1)[40 + offs[t]:40 + offs[t] + width]
+        return acc
+
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for q in range(4):
+        np.testing.assert_allclose(out[1 + q, 8:8 + 3 * lanes], want(2 + q, 3 * lanes), rtol=tol, atol=tol)
+    np.testing.assert_allclose(out[6, 8:8 + lanes], want(2, lanes), rtol=tol, atol=tol)
+    for q in range(2):
+        np.testing.assert_allclose(out[8 + q, 8:8 + 3 * lanes], want(2 + q, 3 * lanes), rtol=tol, atol=tol)
+    # nothing outside the written blocks changes
+    assert (out[:, :8] == -7).all() and (out[:, 8 + 3 * lanes:] == -7).all()
+    assert (out[[0, 5, 7], :] == -7).all() and (out[6, 8 + lanes:] == -7).all()
+
+
+def test_mac_taps_rejects_non_literal_block_sizes():
+    @numba.njit
+    def f(out, x, offs, wt, b, nq):
+        mac_taps(out, 0, 0, x, 0, offs, wt, 0, b, 0, nq, 1)
+
+    z = np.zeros((4, 8), np.float32)
+    with pytest.raises(numba.core.errors.TypingError):
+        f(z, z, np.zeros(0, np.int64), z, np.zeros(4, np.float32), 4)
