@@ -58,7 +58,11 @@ class Row(NamedTuple):
 # --------------------------------------------------------------------------- timing
 def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"):
     """Seconds per call of each function in ``fns`` (``stat``: ``'median'`` or ``'min'`` of the
-    rounds), timed round-robin so load spikes hit every contestant alike.
+    rounds), timed round-robin so load spikes hit every contestant alike.  Each round calls them in
+    another order (a fixed-seed shuffle): the call after a pause (a reference call in another
+    process sleeps around its call) runs on cold cores here, up to 2x slower for a
+    sub-millisecond layer, and shuffling spreads that over all contestants instead of charging it
+    to whichever follows the reference every round (a rotation would keep the cyclic order).
 
     Every function is called twice first (compile, caches, page faults); the number of rounds fills
     ``budget`` seconds, clipped to ``[min_rounds, max_rounds]``.  A function with a true
@@ -74,9 +78,10 @@ def time_interleaved(fns, budget=1.0, min_rounds=3, max_rounds=15, stat="median"
         est.append(_timed(f))
     rounds = int(min(max_rounds, max(min_rounds, budget / max(sum(est), 1e-9))))
     times = [[] for _ in fns]
+    order = np.random.default_rng(0)
     for _ in range(rounds):
-        for f, ts in zip(fns, times):
-            ts.append(_timed(f))
+        for j in order.permutation(len(fns)):
+            times[j].append(_timed(fns[j]))
     reduce = np.min if stat == "min" else np.median
     return [float(reduce(ts)) for ts in times]
 
