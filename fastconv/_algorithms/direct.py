@@ -36,7 +36,7 @@ import numpy as np
 import numba
 from numba import prange
 
-from .._jit import FASTMATH, kernel
+from .._jit import BOUNDSCHECK, FASTMATH, kernel
 from .common import SLACK, claim, mac_taps, pad_input, pad_planes, stack_rows
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
@@ -152,6 +152,10 @@ def _fwd_block(xv, c0, wt, offs, b, y, n, k0, nk, i0, i1, wq, sh, acc):
     ln = min(ln + (-ln) % 8, ln + SLACK)
     lanes = 32 // y.itemsize  # ln is a multiple of 8, so of lanes
     base = c0 * xv.shape[1] + i0 * sh * wq
+    if BOUNDSCHECK:  # mac_taps reads unchecked: the bounds-checked CI build checks its extent
+        for t in range(tn):
+            if base + offs[t] < 0 or base + offs[t] + ln > xv.size:
+                raise IndexError("_fwd_block: a tap's run lies outside the input planes")
     # every sum runs over all taps in registers (mac_taps): 4 channels x 3 vectors at a time
     q = 0
     while q + 4 <= nk:
