@@ -34,7 +34,7 @@ import functools
 
 import numpy as np
 import numba
-from numba import prange
+from numba import literally, prange
 
 from .._jit import BOUNDSCHECK, FASTMATH, kernel
 from .common import SLACK, claim, mac_taps, pad_input, pad_planes, stack_rows
@@ -139,6 +139,20 @@ def _tap_offsets(tc, tb, pitch):
     return offs
 
 
+@numba.njit(fastmath=FASTMATH, nogil=True)  # not inlined: literally() needs its own typing
+def _mac_run(acc, q, xv, base, offs, wt, k0, b, ln, lanes, nq):
+    """Rows q .. q+nq-1 of ``acc`` over a run of ln positions (a multiple of lanes): mac_taps
+    blocks of 3 vectors, then single vectors; ``nq`` a literal (one compiled copy per value)."""
+    nql = literally(nq)
+    j = 0
+    while j + 3 * lanes <= ln:
+        mac_taps(acc, q, j, xv, base + j, offs, wt, k0 + q, b, offs.shape[0], nql, 3)
+        j += 3 * lanes
+    while j < ln:
+        mac_taps(acc, q, j, xv, base + j, offs, wt, k0 + q, b, offs.shape[0], nql, 1)
+        j += lanes
+
+
 @_micro
 def _fwd_block(xv, c0, wt, offs, b, y, n, k0, nk, i0, i1, wq, sh, acc):
     """Output channels [k0, k0 + nk) and rows [i0, i1) of image n from its planes ``xv`` (pad_planes'
@@ -159,22 +173,10 @@ def _fwd_block(xv, c0, wt, offs, b, y, n, k0, nk, i0, i1, wq, sh, acc):
     # every sum runs over all taps in registers (mac_taps): 4 channels x 3 vectors at a time
     q = 0
     while q + 4 <= nk:
-        j = 0
-        while j + 3 * lanes <= ln:
-            mac_taps(acc, q, j, xv, base + j, offs, wt, k0 + q, b, tn, 4, 3)
-            j += 3 * lanes
-        while j < ln:
-            mac_taps(acc, q, j, xv, base + j, offs, wt, k0 + q, b, tn, 4, 1)
-            j += lanes
+        _mac_run(acc, q, xv, base, offs, wt, k0, b, ln, lanes, 4)
         q += 4
     while q < nk:
-        j = 0
-        while j + 3 * lanes <= ln:
-            mac_taps(acc, q, j, xv, base + j, offs, wt, k0 + q, b, tn, 1, 3)
-            j += 3 * lanes
-        while j < ln:
-            mac_taps(acc, q, j, xv, base + j, offs, wt, k0 + q, b, tn, 1, 1)
-            j += lanes
+        _mac_run(acc, q, xv, base, offs, wt, k0, b, ln, lanes, 1)
         q += 1
     for q in range(nk):
         for i in range(i0, i1):
