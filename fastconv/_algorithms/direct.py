@@ -17,9 +17,11 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
   even for small images.
 * grad_input, stride 1: the forward kernel applied to the zero-padded output gradient with the
   flipped, channel-swapped kernel (the transpose of the convolution is a correlation with the
-  flipped kernel).  Larger strides, and weights holding NaN or Inf (whose products with the
-  padding zeros PyTorch never forms): a scatter of ``w * g`` over each window, one work item per
-  block of input planes so the ``+=`` never races.
+  flipped kernel).  Larger strides: the same per phase of the input position (``ih % sh``,
+  ``iw % sw``), each phase a stride-1 correlation with the taps that land on it.  Depthwise strided
+  layers, and weights holding NaN or Inf (whose products with the padding zeros PyTorch never
+  forms): a scatter of ``w * g`` over each window, one work item per block of input planes so the
+  ``+=`` never races.
 * grad_weight: one work item per (4 output channels, 4 taps) block reduces over the batch and
   output positions in a fixed order, so results do not depend on the thread count.  Rows are merged
   into one run per image only when the input is finite (a garbage column times zero gradient is
@@ -743,6 +745,8 @@ def grad_input(gy, w, p):
                             *_workers(p.n * p.g), p.dtype.type(0))
             return gx
         return _grad_input_by_correlation(gy, w, p)
+    if not _depthwise(p) and np.isfinite(w).all():
+        return _grad_input_by_phases(gy, w, p)
     gxp = np.zeros((p.n, p.c, p.hp * p.wp), dtype=p.dtype)
     _grad_input(np.ascontiguousarray(gy), np.ascontiguousarray(w), gxp,
                 p.wp, p.sh, p.sw, p.dh, p.dw, p.g, min(_GI_CB, p.cg))
@@ -766,6 +770,48 @@ def _grad_input_by_correlation(gy, w, p):
     wf = np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s)
     return _conv(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left, wf, None, 1, 1, p.dh, p.dw,
                  p.g, p.h, p.w)
+
+
+def _phase_taps(a, st, d, r, n_out, n_pad):
+    """One axis of a strided grad_input phase: the kernel taps r0 < r1 < ... whose offset r*d
+    falls on padded input positions a, a + st, a + 2*st, ... (``r*d % st == a``), and the forward
+    correlation that gathers them: gx_pad[a + st*u] = sum_j gy[u - e_j] * w[r_j] with
+    e_j = (r_j*d - a) // st, i.e. gy padded by ``before`` = e_last and ``after``, read with
+    dilation de = e_(j+1) - e_j through the taps in reversed order, for u < ``count``."""
+    taps = [t for t in range(r) if (t * d) % st == a]
+    count = max(0, -(-(n_pad - a) // st))
+    if not taps or not count:
+        return taps, count, 0, 0, 1
+    e = [(t * d - a) // st for t in taps]
+    de = e[1] - e[0] if len(e) > 1 else 1
+    before = e[-1]
+    after = count + (len(taps) - 1) * de - n_out - before
+    return taps, count, before, after, de
+
+
+def _grad_input_by_phases(gy, w, p):
+    """Stride > 1 (finite weights, not depthwise): the transposed convolution split by the phase of
+    the input position (``ih % sh``, ``iw % sw``).  Each phase receives only the taps whose offset
+    has that phase, and for those it is a stride-1 correlation of ``gy`` with the flipped,
+    channel-swapped sub-kernel -- the forward kernel's work (register-blocked) instead of a strided
+    scatter (resnet50-3x3-s2: 325 -> ~30 ms).  Every input position gets each of its terms once."""
+    gyc = np.ascontiguousarray(gy)
+    gxp = np.zeros((p.n, p.c, p.hp, p.wp), dtype=p.dtype)
+    wg = np.asarray(w).reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)  # (g, cg, kg, r, s)
+    # only phases that some tap falls on (at most r x s of the sh x sw; the others stay zero)
+    for a in sorted({(t * p.dh) % p.sh for t in range(p.r)}):
+        rows, nu, top, bottom, deh = _phase_taps(a, p.sh, p.dh, p.r, p.oh, p.hp)
+        if not rows or not nu:
+            continue
+        for b in sorted({(t * p.dw) % p.sw for t in range(p.s)}):
+            cols, nv, left, right, dew = _phase_taps(b, p.sw, p.dw, p.s, p.ow, p.wp)
+            if not cols or not nv:
+                continue
+            sub = wg[:, :, :, rows[::-1], :][:, :, :, :, cols[::-1]]
+            sub = np.ascontiguousarray(sub).reshape(p.c, p.kg, len(rows), len(cols))
+            gxp[:, :, a::p.sh, b::p.sw] = _conv(gyc, top, bottom, left, right, sub, None, 1, 1, deh, dew,
+                                                p.g, nu, nv)
+    return np.ascontiguousarray(gxp[:, :, p.ph0:p.ph0 + p.h, p.pw0:p.pw0 + p.w])
 
 
 def grad_weight(gy, x, p):
