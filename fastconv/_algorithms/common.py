@@ -154,9 +154,9 @@ def mac_taps(typingctx, out, q0, j0, x, xbase, offs, wt, k0, b, ntaps, nq, nv):
 
     The ``nq * nv`` vector sums stay in registers over all ``ntaps`` taps (one fused multiply-add
     per tap, taps in order) and are stored once: with ``nq = 4, nv = 3``, 12 accumulators, 3 input
-    loads and 4 weight broadcasts per tap, so the loop is bound by the FMA units, not by loads and
-    stores as a loop that keeps its sums in memory is (lenet5-c3's block, one thread: 31 -> 75
-    GFLOP/s).  numba cannot express vector registers and LLVM does not keep the sums of
+    loads, 4 weight broadcasts and 1 offset per tap, so the loop is bound by the FMA units, not by
+    loads and stores as a loop that keeps its sums in memory is (lenet5-c3's block, one thread:
+    31 -> 75 GFLOP/s).  numba cannot express vector registers and LLVM does not keep the sums of
     ``acc[j] += w * x[j]`` loops in registers across taps, hence this intrinsic.  ``out`` and
     ``wt`` are C-contiguous 2-D arrays, ``x`` any C-contiguous array (read through its flat data),
     ``offs`` int64; nothing is bounds-checked: callers keep every read inside ``x``."""
@@ -168,7 +168,8 @@ def mac_taps(typingctx, out, q0, j0, x, xbase, offs, wt, k0, b, ntaps, nq, nv):
 
     def codegen(context, builder, sig, args):
         outv, q0v, j0v, xv, xbv, offv, wtv, k0v, bv, ntv = args[:10]
-        o, xa, of, wa, ba = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3, 5, 6, 8))
+        o, xa, of, wa, ba = (context.make_array(sig.args[i])(context, builder, args[i])
+                             for i in (0, 3, 5, 6, 8))
         fty = context.get_data_type(sig.args[0].dtype)
         isz = context.get_abi_sizeof(fty)
         lanes = 32 // isz
@@ -224,7 +225,8 @@ def mac_taps(typingctx, out, q0, j0, x, xbase, offs, wt, k0, b, ntaps, nq, nv):
                 total[q][v].add_incoming(new[q][v], body_end)
         pitch = builder.sdiv(builder.extract_value(o.strides, 0), ir.Constant(i64, isz))
         for q in range(NQ):
-            row = builder.gep(o.data, [builder.add(builder.mul(builder.add(q0v, ir.Constant(i64, q)), pitch), j0v)])
+            row_q = builder.add(q0v, ir.Constant(i64, q))
+            row = builder.gep(o.data, [builder.add(builder.mul(row_q, pitch), j0v)])
             for v in range(NV):
                 builder.store(total[q][v], builder.bitcast(builder.gep(row, [ir.Constant(i64, v * lanes)]),
                                                            vty.as_pointer()), align=isz)

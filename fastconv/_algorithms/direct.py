@@ -10,9 +10,10 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
 
 * forward: one work item = (image, group, block of output channels, block of output rows).  The
   micro-kernel (``common.mac_taps``) keeps the sums of 4 output channels x 3 vectors of a row
-  segment in registers over all taps and stores them once: 12 FMAs per 7 loads, bound by the FMA
-  units (a pass that kept its sums in memory was bound by loads and stores: lenet5-c3's forward
-  0.61 -> 0.45 ms, resnet50-3x3-64 21.8 -> 16.5 ms, same bits).  With ``sh == 1`` a block of rows is one contiguous run
+  segment in registers over all taps and stores them once: per tap 12 FMAs and 8 loads (3 input
+  vectors, 4 weight broadcasts, 1 offset), bound by the FMA units.  A pass that kept its sums in
+  memory was bound by loads and stores (lenet5-c3's forward 0.61 -> 0.45 ms with the same bits,
+  resnet50-3x3-64 21.8 -> 16.5 ms).  With ``sh == 1`` a block of rows is one contiguous run
   (the ``wq - ow`` columns between rows are computed and thrown away), so the inner loop is long
   even for small images.
 * grad_input, stride 1: the forward kernel applied to the zero-padded output gradient with the
@@ -794,7 +795,7 @@ def _grad_input_by_phases(gy, w, p):
     the input position (``ih % sh``, ``iw % sw``).  Each phase receives only the taps whose offset
     has that phase, and for those it is a stride-1 correlation of ``gy`` with the flipped,
     channel-swapped sub-kernel -- the forward kernel's work (register-blocked) instead of a strided
-    scatter (resnet50-3x3-s2: 325 -> ~30 ms).  Every input position gets each of its terms once."""
+    scatter (resnet50-3x3-s2: 325 -> 37 ms).  Every input position gets each of its terms once."""
     gyc = np.ascontiguousarray(gy)
     gxp = np.zeros((p.n, p.c, p.hp, p.wp), dtype=p.dtype)
     wg = np.asarray(w).reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)  # (g, cg, kg, r, s)
