@@ -10,10 +10,9 @@ PyTorch (grad_input, grad_weight, grad_bias); the traced peak memory of one forw
 default budget and at a 4 MiB one, beside the full column matrix that an untiled im2col would build.
 All timings are medians of rounds in one process; fastconv and PyTorch are interleaved round by
 round, so their ratios survive a noisy machine better than absolute times.  The sgemm is timed on
-its own, followed by a pause (:data:`SETTLE`): after a multithreaded call, OpenBLAS's idle workers
-keep spinning for ~0.1 s, and a convolution timed in that window shares its cores with them
-(measured: resnet50-3x3-64's im2col forward 17 ms alone, 38-43 ms right after an sgemm, 20 ms
-0.1 s after it).
+its own, followed by a pause (``fastconv.bench.GEMM_SETTLE``: OpenBLAS's idle workers keep
+spinning for ~0.1 s after a multithreaded call and would share the cores of a convolution timed
+then).
 """
 import argparse
 import contextlib
@@ -28,9 +27,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastconv  # noqa: E402
 from fastconv._algorithms import im2col  # noqa: E402
+from fastconv.bench import GEMM_SETTLE  # noqa: E402
 from fastconv.cases import load_suite  # noqa: E402
 
-SETTLE = 0.25  # seconds after the sgemm yardstick: OpenBLAS's spinning workers go to sleep
 TARGETS = ["alexnet-c1", "resnet50-stem", "resnet50-3x3-64", "resnet50-1x1-256", "resnet50-3x3-s2",
            "resnet50-3x3-512", "vgg16-3x3-128", "dilated-3x3-d2"]
 SMALL = ["lenet5-c1", "lenet5-c3"]
@@ -123,7 +122,7 @@ def main():
 
         tf, tt = medians([fc_fwd, t_fwd], a.rounds)
         (tg,) = medians([sgemm], a.rounds)
-        time.sleep(SETTLE)
+        time.sleep(GEMM_SETTLE)
         tfb, ttb = medians([fc_fb, t_fb], a.rounds)
         flops = 2.0 * c.macs
         gf, gg = flops / tf / 1e9, 2.0 * mm * kk * nn / tg / 1e9
