@@ -5,7 +5,7 @@ import pytest
 from numba import prange
 
 import fastconv
-from fastconv._algorithms.common import claim, mac_taps, stack_rows
+from fastconv._algorithms.common import claim, copy_vector, mac_taps, stack_rows
 
 
 @numba.njit(parallel=True, cache=True)
@@ -103,3 +103,25 @@ def test_mac_taps_rejects_non_literal_block_sizes():
     z = np.zeros((4, 8), np.float32)
     with pytest.raises(numba.core.errors.TypingError):
         f(z, z, np.zeros(0, np.int64), z, np.zeros(4, np.float32), 4)
+
+
+@numba.njit(cache=True)
+def _copy_at(d, doff, s, soff):
+    copy_vector(d, doff, s, soff)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copy_vector_copies_one_32_byte_vector(dtype):
+    lanes = 32 // np.dtype(dtype).itemsize
+    s = np.arange(3 * lanes, dtype=dtype) + 1
+    d = np.zeros(3 * lanes, dtype)
+    _copy_at(d, 3, s, 5)  # unaligned at both ends
+    want = np.zeros(3 * lanes, dtype)
+    want[3:3 + lanes] = s[5:5 + lanes]
+    assert np.array_equal(d, want)
+
+
+def test_copy_vector_rejects_mixed_dtypes():
+    f = numba.njit(lambda d, s: copy_vector(d, 0, s, 0))
+    with pytest.raises(numba.core.errors.TypingError):
+        f(np.zeros(8, np.float32), np.zeros(8, np.float64))

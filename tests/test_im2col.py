@@ -233,3 +233,20 @@ def test_zero_batch():
     x = np.ones((0, 2, 5, 5), np.float32)
     w = np.ones((3, 2, 3, 3), np.float32)
     assert fastconv.conv2d(x, w, algorithm="im2col").shape == (0, 3, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("run, pitch", [(1, 1), (1, 9), (7, 9), (8, 8), (10, 14), (10, 10), (17, 40), (33, 35)])
+@pytest.mark.parametrize("nruns", [0, 1, 5])
+def test_copy_runs_writes_exactly_its_runs(dtype, run, pitch, nruns):
+    # the gather's row copier rounds runs up to whole vectors; only the runs may change, even
+    # when the source ends right after the last run (the in-place gather reads the input itself)
+    rng = np.random.default_rng(run * 100 + pitch)
+    soff, doff = 3, 5
+    src = rng.standard_normal(soff + max(0, nruns - 1) * pitch + run).astype(dtype)
+    d = np.full(doff + nruns * run + 40, -9, dtype)
+    im2col._copy_runs(d, doff, src, soff, pitch, nruns, run)
+    want = np.full_like(d, -9)
+    for i in range(nruns):
+        want[doff + i * run:doff + (i + 1) * run] = src[soff + i * pitch:soff + i * pitch + run]
+    np.testing.assert_array_equal(d, want)

@@ -234,3 +234,28 @@ def mac_taps(typingctx, out, q0, j0, x, xbase, offs, wt, k0, b, ntaps, nq, nv):
 
     sig = types.void(out, types.intp, types.intp, x, types.intp, offs, wt, types.intp, b, types.intp, nq, nv)
     return sig, codegen
+
+
+@intrinsic
+def copy_vector(typingctx, dst, doff, src, soff):
+    """``dst.flat[doff:doff + lanes] = src.flat[soff:soff + lanes]`` as one unaligned vector load
+    and store (``lanes`` = 32 bytes of the dtype); nothing is bounds-checked.
+
+    For short runs (gathers of 7-28 element rows): LLVM's vectorised copy loops need a run of
+    4 x lanes elements and an overlap check before they take their vector path, so such runs are
+    copied one element at a time.  ``dst`` and ``src`` are C-contiguous arrays of one dtype."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.layout == "C"
+            and src.layout == "C" and dst.dtype == src.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        fty = context.get_data_type(sig.args[0].dtype)
+        isz = context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, 32 // isz).as_pointer()
+        v = builder.load(builder.bitcast(builder.gep(s.data, [args[3]]), vty), align=isz)
+        builder.store(v, builder.bitcast(builder.gep(d.data, [args[1]]), vty), align=isz)
+        return context.get_dummy_value()
+
+    return types.void(dst, types.intp, src, types.intp), codegen

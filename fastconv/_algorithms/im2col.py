@@ -59,8 +59,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._jit import FASTMATH, kernel
-from .common import SLACK, claim as _claim
+from .._jit import BOUNDSCHECK, FASTMATH, kernel
+from .common import SLACK, claim as _claim, copy_vector
 
 # ---------------------------------------------------------------------------------------- BLAS
 # Kernels call a Fortran-interface ?gemm through a function pointer passed as an argument (numba
@@ -124,11 +124,38 @@ def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, 
                 cs = ss * dw
                 base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
                 t0 = ((cc * r + rr) * s + ss) * ld + coff
-                for i in range(i0, i1):
-                    d = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
-                    v = xp[base + i * sh * wq:base + i * sh * wq + ow]
-                    for j in range(ow):
-                        d[j] = v[j]
+                _copy_runs(col, t0, xp, base + i0 * sh * wq, sh * wq, i1 - i0, ow)
+
+
+@_micro
+def _copy_runs(d, doff, src, soff, pitch, nruns, run):
+    # d[doff + i*run + l] = src[soff + i*pitch + l] for i < nruns, l < run, in whole vectors
+    # (common.copy_vector): LLVM's copy loops take their vector path only for runs of 4 vectors
+    # or more and copy shorter ones element by element (lenet5-c1/-c3 forward -6 to -11% with
+    # this, larger layers unchanged).  Every run but the last is rounded up to whole vectors when
+    # the excess fits in the next run (which then overwrites it) and in the pitch (the reads end
+    # before the next source run does).  The last run is copied exactly.
+    lanes = 32 // d.itemsize
+    nv = (run + lanes - 1) // lanes
+    if BOUNDSCHECK and nruns > 0:  # copy_vector is unchecked: the bounds-checked build checks the extent
+        if doff < 0 or soff < 0 or doff + nruns * run > d.size or soff + (nruns - 1) * pitch + run > src.size:
+            raise IndexError("_copy_runs: a run lies outside its array")
+    first_exact = 0
+    if nv * lanes - run <= min(run, pitch):
+        first_exact = max(0, nruns - 1)
+        for i in range(first_exact):
+            do = doff + i * run
+            so = soff + i * pitch
+            for v in range(nv):
+                copy_vector(d, do + v * lanes, src, so + v * lanes)
+    full = run // lanes
+    for i in range(first_exact, nruns):
+        do = doff + i * run
+        so = soff + i * pitch
+        for v in range(full):
+            copy_vector(d, do + v * lanes, src, so + v * lanes)
+        for j in range(full * lanes, run):
+            d[do + j] = src[so + j]
 
 
 @_micro
