@@ -250,3 +250,31 @@ def test_copy_runs_writes_exactly_its_runs(dtype, run, pitch, nruns):
     for i in range(nruns):
         want[doff + i * run:doff + (i + 1) * run] = src[soff + i * pitch:soff + i * pitch + run]
     np.testing.assert_array_equal(d, want)
+
+
+def test_weight_tiling_balances_the_workers():
+    # 3 channels on 2 workers: a channel split (2 + 1) idles one worker a third of the time, so
+    # the batch is split instead; 64 channels split evenly and need no partial sums
+    def tiling(xs, ws, threads, limit=None):
+        x, w = np.zeros(xs, np.float32), np.zeros(ws, np.float32)
+        return im2col._weight_tiling(params(x, w, {"padding": 1}, limit), threads)
+
+    assert tiling((8, 3, 20, 20), (8, 3, 5, 5), 2) == (3, 2)
+    assert tiling((8, 64, 12, 12), (8, 64, 3, 3), 2) == (32, 1)
+    assert tiling((8, 64, 12, 12), (8, 64, 3, 3), 1) == (64, 1)
+    assert tiling((1, 3, 20, 20), (8, 3, 5, 5), 2) == (2, 1)  # one image: only channels can split
+    # room for a 3-channel row per worker (2 x 6000 bytes) but not for a second partial sum of gw
+    # (2400 bytes) beside them: the channel split stays
+    assert tiling((8, 3, 20, 20), (8, 3, 5, 5), 2, limit=13000) == (2, 1)
+    assert tiling((8, 3, 20, 20), (8, 3, 5, 5), 2, limit=14400) == (3, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grad_weight_any_split_matches_reference(threads):
+    rng = np.random.default_rng(11)
+    x, w = random_array(rng, (5, 3, 12, 11), np.float64), random_array(rng, (4, 3, 3, 3), np.float64)
+    kw = {"padding": 1, "stride": 2}
+    gy = random_array(rng, ref.conv2d(x, w, **kw).shape, np.float64)
+    with fastconv.threads(threads):
+        got = fastconv.conv2d_backward(gy, x, w, algorithm="im2col", **kw).grad_weight
+    np.testing.assert_allclose(got, ref.conv2d_grad_weight(gy, x, w.shape, **kw), rtol=1e-12, atol=1e-12)
