@@ -137,6 +137,21 @@ def test_grad_input_paths():
     assert im2col._transposed(params(x, w, kw, 1000)) is None  # too small a budget: col2im
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weight_reaches_only_what_the_scatter_reaches(value):
+    # the transposed-forward path multiplies every weight by gy's zero padding too: with a
+    # non-finite weight grad_input takes col2im, whose NaN/Inf pattern is PyTorch's
+    x, w, _, gy, kw = make(CASES[CASE_IDS.index("transposed-gi")], np.float64)
+    w[2, 5, 0, 0] = value
+    got = fastconv.conv2d_backward(gy, x, w, algorithm="im2col", **kw).grad_input
+    want = ref.conv2d_grad_input(gy, x.shape, w, **kw)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    ok = np.isfinite(want)
+    assert 0 < ok.sum() < ok.size
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-10, atol=1e-10)
+
+
 def test_1x1_reads_the_input_in_place():
     # 1x1 / stride 1 / no padding needs no workspace at all, so even a 1-byte budget works
     x, w, b, gy, kw = make(CASES[CASE_IDS.index("1x1-groups")], np.float64)

@@ -672,7 +672,8 @@ def _channel_block(p, par, nthreads):
 
 
 def _transposed(p):
-    """Parameters of grad_input as a forward convolution, or None where col2im is the better way.
+    """Parameters of grad_input as a forward convolution, or None where col2im is the better way
+    (the caller also keeps col2im for non-finite weights).
 
     With stride 1, grad_input is the correlation of ``gy``, padded by the kernel extent less the
     forward padding, with the flipped kernel whose channels are swapped within each group.  Its
@@ -691,7 +692,9 @@ def _transposed(p):
 
 def grad_input(gy, w, p):
     q = _transposed(p)
-    if q is not None:
+    # the correlation multiplies every weight by the zero padding of gy: a non-finite weight would
+    # make NaNs at border positions that the scatter (and PyTorch) never reach
+    if q is not None and np.isfinite(w).all():
         wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
         return forward(gy, np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s), None, q)
     direct = _direct(p)
