@@ -117,6 +117,16 @@ def _valid_cols(ss, sw, pw, dw, w, ow):
 # Copies are explicit loops over 1-D views: numba's slice assignment costs ~10x more on short rows.
 @_micro
 def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, wq, ow):
+    if ow >= 32 // col.itemsize:  # rows of a vector or more: whole-vector copies (_copy_runs)
+        for cc in range(nc):
+            xp = xq[c0 + cc]
+            for rr in range(r):
+                for ss in range(s):
+                    cs = ss * dw
+                    base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
+                    t0 = ((cc * r + rr) * s + ss) * ld + coff
+                    _copy_runs(col, t0, xp, base + i0 * sh * wq, sh * wq, i1 - i0, ow)
+        return
     for cc in range(nc):
         xp = xq[c0 + cc]
         for rr in range(r):
@@ -124,34 +134,45 @@ def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, 
                 cs = ss * dw
                 base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
                 t0 = ((cc * r + rr) * s + ss) * ld + coff
-                _copy_runs(col, t0, xp, base + i0 * sh * wq, sh * wq, i1 - i0, ow)
+                for i in range(i0, i1):
+                    d = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
+                    v = xp[base + i * sh * wq:base + i * sh * wq + ow]
+                    for j in range(ow):
+                        d[j] = v[j]
 
 
 @_micro
 def _copy_runs(d, doff, src, soff, pitch, nruns, run):
     # d[doff + i*run + l] = src[soff + i*pitch + l] for i < nruns, l < run, in whole vectors
     # (common.copy_vector): LLVM's copy loops take their vector path only for runs of 4 vectors
-    # or more and copy shorter ones element by element (lenet5-c1/-c3 forward -6 to -11% with
-    # this, larger layers unchanged).  Every run but the last is rounded up to whole vectors when
-    # the excess fits in the next run (which then overwrites it) and in the pitch (the reads end
-    # before the next source run does).  The last run is copied exactly.
+    # or more and copy shorter ones element by element.  Every run but the last is rounded up to
+    # whole vectors when the excess fits in the next run (which then overwrites it) and in the
+    # pitch (the reads end before the next source run does); the last run is copied exactly.
+    # Interleaved A/B, forward, 2 threads: lenet5-c1 (28-element runs) -14 to -16%, lenet5-c3
+    # (10) -10 to -21%, alexnet-c1, resnet50-3x3-s2 and -3x3-64 0 to -7%.  Rows shorter than a
+    # vector keep the element loop (the caller's): resnet50-3x3-512's 7-element runs, one
+    # overlapping vector each, were 4-8% slower this way.
     lanes = 32 // d.itemsize
     nv = (run + lanes - 1) // lanes
     if BOUNDSCHECK and nruns > 0:  # copy_vector is unchecked: the bounds-checked build checks the extent
         if doff < 0 or soff < 0 or doff + nruns * run > d.size or soff + (nruns - 1) * pitch + run > src.size:
             raise IndexError("_copy_runs: a run lies outside its array")
-    first_exact = 0
-    if nv * lanes - run <= min(run, pitch):
-        first_exact = max(0, nruns - 1)
-        for i in range(first_exact):
-            do = doff + i * run
-            so = soff + i * pitch
-            for v in range(nv):
-                copy_vector(d, do + v * lanes, src, so + v * lanes)
-    full = run // lanes
-    for i in range(first_exact, nruns):
+    if nv * lanes - run > min(run, pitch):
+        for i in range(nruns):
+            dd = d[doff + i * run:doff + (i + 1) * run]
+            v = src[soff + i * pitch:soff + i * pitch + run]
+            for j in range(run):
+                dd[j] = v[j]
+        return
+    for i in range(nruns - 1):
         do = doff + i * run
         so = soff + i * pitch
+        for v in range(nv):
+            copy_vector(d, do + v * lanes, src, so + v * lanes)
+    if nruns > 0:
+        do = doff + (nruns - 1) * run
+        so = soff + (nruns - 1) * pitch
+        full = run // lanes
         for v in range(full):
             copy_vector(d, do + v * lanes, src, so + v * lanes)
         for j in range(full * lanes, run):
