@@ -501,10 +501,13 @@ class _Blas:
     Preferred: the OpenBLAS bundled with numpy (the library of the same-run sgemm baseline; its
     sgemm was 3-40% faster here than the OpenBLAS bundled with scipy on the tile shapes, e.g. 78 vs
     56 GFLOP/s for 64x256x3136).  Fallback: scipy's ``cython_blas`` (numba's ``np.dot`` BLAS).
-    Found once; the library handle is threadpoolctl's, and as a context manager (re-entrant,
-    thread-safe) the first entrant saves its thread count and sets 1, the last one out restores it:
-    ~2 us, against ~1.8 ms to enter ``threadpool_limits``.  A numpy BLAS call made by another
-    Python thread while a convolution runs therefore runs single-threaded.
+    Found once, with threadpoolctl; as a context manager (re-entrant, thread-safe) the first
+    entrant saves the library's thread count and sets 1, the last one out restores it, through
+    OpenBLAS's own ``openblas_get/set_num_threads`` (found once: ~1 us for both, against ~15 us
+    through threadpoolctl's handle, which looks the symbols up on every call, and ~1.8 ms to enter
+    ``threadpool_limits``); threadpoolctl's handle where those are missing or OpenBLAS runs on
+    OpenMP.  A numpy BLAS call made by another Python thread while a convolution runs therefore
+    runs single-threaded.
     """
 
     # (symbol of sgemm, of dgemm, integer type): numpy wheels' scipy-openblas is ILP64
@@ -516,7 +519,27 @@ class _Blas:
         self._lock = threading.Lock()
         self._depth = 0
         self._found = None
+        self._calls = []
         self._saved = ()
+
+    @staticmethod
+    def _thread_calls(lib):
+        """(get, set) of a threadpoolctl BLAS controller's thread count: OpenBLAS's own functions
+        through a ctypes handle of our own, else the controller's methods."""
+        if getattr(lib, "internal_api", "") == "openblas" and getattr(lib, "threading_layer", "") != "openmp":
+            try:
+                dll = ctypes.CDLL(lib.filepath)
+            except OSError:  # pragma: no cover
+                dll = None
+            for pre in ("", "scipy_"):
+                for suf in ("", "64_", "_64"):
+                    get = getattr(dll, f"{pre}openblas_get_num_threads{suf}", None)
+                    put = getattr(dll, f"{pre}openblas_set_num_threads{suf}", None)
+                    if get is not None and put is not None:
+                        get.restype, get.argtypes = ctypes.c_int, []
+                        put.restype, put.argtypes = None, [ctypes.c_int]
+                        return get, put
+        return lib.get_num_threads, lib.set_num_threads
 
     def _find(self):
         from threadpoolctl import ThreadpoolController
@@ -540,10 +563,13 @@ class _Blas:
         return fns, np.int32, [lib for lib in blas if "numpy" not in lib.filepath]
 
     def found(self):
+        """(?gemm by dtype, BLAS integer type, threadpoolctl controllers of its thread pool)."""
         if self._found is None:
             with self._lock:
                 if self._found is None:
-                    self._found = self._find()
+                    found = self._find()
+                    self._calls = [self._thread_calls(lib) for lib in found[2]]
+                    self._found = found
         return self._found
 
     def args(self, dtype, nw):
@@ -552,13 +578,14 @@ class _Blas:
         return fns[np.dtype(dtype)], np.zeros((nw, 8), dtype=itype)
 
     def __enter__(self):
-        libs = self.found()[2]
+        self.found()
+        calls = self._calls
         with self._lock:
             if self._depth == 0:
-                self._saved = [(lib, lib.get_num_threads()) for lib in libs]
-                for lib, nt in self._saved:
+                self._saved = [(put, get()) for get, put in calls]
+                for put, nt in self._saved:
                     if nt != 1:
-                        lib.set_num_threads(1)
+                        put(1)
             self._depth += 1
         return self
 
@@ -566,9 +593,9 @@ class _Blas:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
-                for lib, nt in self._saved:
+                for put, nt in self._saved:
                     if nt != 1:
-                        lib.set_num_threads(nt)
+                        put(nt)
         return False
 
 
@@ -600,14 +627,29 @@ def _planes_bytes(p, n, c):
     return n * c * (p.sw * p.hp * wq + SLACK) * p.itemsize
 
 
+_PLANS = {}  # (the _Plan arguments, thread count) -> _Plan: planning costs ~10 us of Python a call
+
+
+def _plan(p, col_rows, stage_rows, par, nimg, copy_bytes, direct):
+    """The (cached) tiling of one pass for the calling thread's numba thread count."""
+    key = (p, col_rows, stage_rows, par, nimg, copy_bytes, direct, numba.get_num_threads())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(p, col_rows, stage_rows, par, nimg, copy_bytes, direct, key[-1])
+    return plan
+
+
 class _Plan:
     """Tiling of one pass: ``padded`` (gather from a padded copy), nw workers, nb images or rb rows
     per tile, mmax positions per tile, ``words`` buffer elements per worker."""
 
-    def __init__(self, p, col_rows, stage_rows, par, nimg, copy_bytes, direct):
+    def __init__(self, p, col_rows, stage_rows, par, nimg, copy_bytes, direct, nthreads=None):
         isz, oh, ow = p.itemsize, p.oh, p.ow
         limit = p.workspace_limit
-        nthreads = numba.get_num_threads()
+        if nthreads is None:
+            nthreads = numba.get_num_threads()
         row = 0 if direct else col_rows * ow * isz
         # gather from a padded, phase-split copy when it leaves room for a row per worker: it turns
         # every tap row into one contiguous run (5-15x faster gathers than bounds-checked strides)
@@ -667,7 +709,7 @@ def _source(x, p, padded):
 def forward(x, w, b, p):
     tn = p.cg * p.r * p.s
     direct = _direct(p)
-    plan = _Plan(p, tn, p.kg, p.g, p.n, _copy_bytes(x, p), direct)
+    plan = _plan(p, tn, p.kg, p.g, p.n, _copy_bytes(x, p), direct)
     src = _source(x, p, plan.padded)
     wq = -(-p.wp // p.sw)
     y = np.empty(p.y_shape, dtype=p.dtype)
@@ -723,7 +765,7 @@ def grad_input(gy, w, p):
     cb = _channel_block(p, p.n * p.g, nthreads)
     ncb = -(-p.cg // cb)
     wq = -(-p.wp // p.sw)
-    plan = _Plan(p, cb * p.r * p.s, p.kg, p.g * ncb, p.n, _planes_bytes(p, p.n, p.c), direct)
+    plan = _plan(p, cb * p.r * p.s, p.kg, p.g * ncb, p.n, _planes_bytes(p, p.n, p.c), direct)
     if plan.padded:
         gq = np.zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), dtype=p.dtype)
     else:
@@ -779,7 +821,7 @@ def grad_weight(gy, x, p):
     blocks = p.g * -(-p.cg // cb)
     extra = (nsplit - 1) * p.k * tn * p.itemsize
     sub = _Params(p, p.workspace_limit - extra)
-    plan = _Plan(sub, cb * p.r * p.s, p.kg, nsplit * blocks, -(-p.n // nsplit),
+    plan = _plan(sub, cb * p.r * p.s, p.kg, nsplit * blocks, -(-p.n // nsplit),
                  _copy_bytes(x, p), direct)
     src = _source(x, p, plan.padded)
     wq = -(-p.wp // p.sw)
