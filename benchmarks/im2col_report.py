@@ -10,9 +10,10 @@ PyTorch (grad_input, grad_weight, grad_bias); the traced peak memory of one forw
 default budget and at a 4 MiB one, beside the full column matrix that an untiled im2col would build.
 All timings are medians of rounds in one process; fastconv and PyTorch are interleaved round by
 round, so their ratios survive a noisy machine better than absolute times.  The sgemm is timed on
-its own, followed by a pause (``fastconv.bench.GEMM_SETTLE``: OpenBLAS's idle workers keep
-spinning for ~0.1 s after a multithreaded call and would share the cores of a convolution timed
-then).
+its own in each round (see :func:`forward_rounds`), followed by a pause
+(``fastconv.bench.GEMM_SETTLE``: OpenBLAS's idle workers keep spinning for ~0.1 s after a
+multithreaded call and would share the cores of a convolution timed then); % sgemm is the median
+over rounds of the round's ratio.
 """
 import argparse
 import contextlib
@@ -22,13 +23,16 @@ import sys
 import time
 import tracemalloc
 
+import numba
 import numpy as np
+from numba import prange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastconv  # noqa: E402
 from fastconv._algorithms import im2col  # noqa: E402
 from fastconv.bench import GEMM_SETTLE  # noqa: E402
 from fastconv.cases import load_suite  # noqa: E402
+from fastconv._validation import conv_params  # noqa: E402
 
 TARGETS = ["alexnet-c1", "resnet50-stem", "resnet50-3x3-64", "resnet50-1x1-256", "resnet50-3x3-s2",
            "resnet50-3x3-512", "vgg16-3x3-128", "dilated-3x3-d2"]
@@ -38,18 +42,96 @@ SMALL = ["lenet5-c1", "lenet5-c3"]
 CLOCK = time.perf_counter
 
 
-def medians(fns, rounds):
-    """Median seconds of each function, calls interleaved round by round after two warm-ups."""
+def medians(fns, rounds, per_round=None):
+    """Median seconds of each function, calls interleaved round by round after two warm-ups, in a
+    (fixed-seed) shuffled order each round: a fixed order would always run one contestant right
+    after the other's call (PyTorch's OpenMP workers spin for a while after each call)."""
     for _ in range(2):
         for f in fns:
             f()
     times = [[] for _ in fns]
+    order = np.random.default_rng(0)
     for _ in range(rounds):
-        for f, t in zip(fns, times):
+        for j in order.permutation(len(fns)):
+            t0 = CLOCK()
+            fns[j]()
+            times[j].append(CLOCK() - t0)
+    if per_round is not None:
+        per_round.extend(times)
+    return [float(np.median(t)) for t in times]
+
+
+def paired_ratio(a, b):
+    """Median over rounds of a[i] / b[i]: each round's two calls ran within milliseconds of each
+    other, so the ratio holds where the machine's speed drifts between rounds."""
+    return float(np.median(np.asarray(a) / np.asarray(b)))
+
+
+def forward_rounds(fc, torch_fwd, sgemm, rounds, flops, gemm_flops):
+    """Forward medians of fastconv, PyTorch and the sgemm, measured round by round, and the median
+    over rounds of fastconv's GFLOP/s as a percentage of that round's sgemm.
+
+    Each round: the sgemm twice (the first call wakes BLAS's pool, the second is timed), a pause
+    for BLAS's spinning workers to sleep (GEMM_SETTLE), one untimed fastconv call (the first call
+    after a pause runs on cold cores), then fastconv and PyTorch in a shuffled order.  The sgemm
+    gets its best conditions, so the percentage errs against fastconv, and a machine that slows
+    down for a few seconds slows both sides of a round's ratio alike.
+    """
+    order = np.random.default_rng(0)
+    for f in (fc, torch_fwd, sgemm):
+        f()
+    tf, tt, tg, pct = [], [], [], []
+    for _ in range(rounds):
+        sgemm()
+        t0 = CLOCK()
+        sgemm()
+        tg.append(CLOCK() - t0)
+        time.sleep(GEMM_SETTLE)
+        fc()
+        for j in order.permutation(2):
+            f, out = ((fc, tf), (torch_fwd, tt))[j]
             t0 = CLOCK()
             f()
-            t.append(CLOCK() - t0)
-    return [float(np.median(t)) for t in times]
+            out.append(CLOCK() - t0)
+        pct.append(100.0 * (flops / tf[-1]) / (gemm_flops / tg[-1]))
+    return (float(np.median(tf)), float(np.median(tt)), float(np.median(tg)), float(np.median(pct)),
+            paired_ratio(tt, tf))
+
+
+@numba.njit(parallel=True)
+def _replay_gemms(fn, ints, wt, col, out, kg, tn, m, items):
+    nw = col.shape[0]
+    for wid in prange(nw):
+        iv = ints[wid]
+        tr = im2col._chars()
+        one = np.ones(1, out.dtype)
+        zero = np.zeros(1, out.dtype)
+        for _ in range(wid, items, nw):
+            im2col._gemm(fn, iv, tr, im2col._N, im2col._N, kg, m, tn, one, wt, tn, col[wid], m, zero,
+                         out[wid], m)
+
+
+def gemms_alone(c, x, w, kw, rounds):
+    """Median seconds of the BLAS calls of im2col's forward alone: the same tiles (the plan of
+    ``im2col.forward``), each worker multiplying its own, already gathered, column tile, with no
+    gather, bias or copy.  The floor of any im2col that calls these GEMMs, with its threads."""
+    p = conv_params("im2col_report", x.shape, w.shape, x.dtype, kw.get("stride", 1), kw.get("padding", 0),
+                    kw.get("dilation", 1), kw.get("groups", 1))
+    tn = p.cg * p.r * p.s
+    plan = im2col._Plan(p, tn, p.kg, p.g, p.n, im2col._copy_bytes(x, p), im2col._direct(p))
+    items = -(-p.n // plan.nb) * p.g * (-(-p.oh // plan.rb) if plan.nb == 1 else 1)
+    m = plan.mmax
+    rng = np.random.default_rng(0)
+    col = rng.standard_normal((plan.nw, tn * m)).astype(x.dtype)
+    out = np.empty((plan.nw, p.kg * m), x.dtype)
+    wt = np.ascontiguousarray(w[:p.kg]).reshape(-1)
+    fn, ints = im2col._BLAS.args(x.dtype, plan.nw)
+
+    def run():
+        with im2col.serial_blas:
+            _replay_gemms(fn, ints, wt, col, out, p.kg, tn, m, items)
+
+    return medians([run], rounds)[0]
 
 
 def peak_mib(f):
@@ -120,23 +202,25 @@ def main():
         def t_fb():
             torch.autograd.grad(F.conv2d(tx, tw, tb, **kw), (tx, tw, tb), tgy)
 
-        tf, tt = medians([fc_fwd, t_fwd], a.rounds)
-        (tg,) = medians([sgemm], a.rounds)
-        time.sleep(GEMM_SETTLE)
-        tfb, ttb = medians([fc_fb, t_fb], a.rounds)
+        tf, tt, tg, pct, fwd_ratio = forward_rounds(fc_fwd, t_fwd, sgemm, a.rounds, 2.0 * c.macs,
+                                                    2.0 * mm * kk * nn)
+        runs = []
+        tfb, ttb = medians([fc_fb, t_fb], a.rounds, runs)
+        fb_ratio = paired_ratio(runs[1], runs[0])
         flops = 2.0 * c.macs
         gf, gg = flops / tf / 1e9, 2.0 * mm * kk * nn / tg / 1e9
         p64 = peak_mib(fc_fwd)
         p4 = peak_mib(lambda: fastconv.conv2d(x, w, b, **kw, algorithm="im2col", workspace_limit=4 << 20))
         full = g * kk * nn * 4 / 2**20
-        fwd_ratios[name], fb_ratios[name] = tt / tf, ttb / tfb
-        print(f"{name:18} {tf * 1e3:8.2f} {gf:8.1f} {tt * 1e3:8.2f} {tt / tf:6.2f} {gg:10.1f} "
-              f"{100 * gf / gg:5.0f}% | {tfb * 1e3:10.2f} {ttb * 1e3:8.2f} {ttb / tfb:6.2f} | "
+        fwd_ratios[name], fb_ratios[name] = fwd_ratio, fb_ratio
+        print(f"{name:18} {tf * 1e3:8.2f} {gf:8.1f} {tt * 1e3:8.2f} {fwd_ratio:6.2f} {gg:10.1f} "
+              f"{pct:5.0f}% | {tfb * 1e3:10.2f} {ttb * 1e3:8.2f} {fb_ratio:6.2f} | "
               f"{p64:7.1f}/{p4:<7.1f} {full:13.1f}", flush=True)
         if name in SMALL:
             def direct_fwd():
                 fastconv.conv2d(x, w, b, **kw, algorithm="direct")
-            ti, td = medians([fc_fwd, direct_fwd], a.rounds * 4)
+            runs = []
+            ti, td = medians([fc_fwd, direct_fwd], a.rounds * 4, runs)
             # the same call with the BLAS pool left multithreaded inside numba's workers: the
             # contention that holding BLAS to one thread per worker avoids
             im2col.serial_blas, guard = contextlib.nullcontext(), im2col.serial_blas
@@ -144,9 +228,11 @@ def main():
                 (tc,) = medians([fc_fwd], a.rounds)
             finally:
                 im2col.serial_blas = guard
+            tgm = gemms_alone(c, x, w, kw, a.rounds * 4)
             small.append(f"{name}: im2col {ti * 1e3:.3f} ms, direct {td * 1e3:.3f} ms, "
-                         f"im2col/direct = {ti / td:.2f}; with BLAS left at {a.threads} threads "
-                         f"inside the workers: {tc * 1e3:.3f} ms")
+                         f"im2col/direct = {paired_ratio(runs[0], runs[1]):.2f}; with BLAS left at "
+                         f"{a.threads} threads inside the workers: {tc * 1e3:.3f} ms; the forward's "
+                         f"BLAS calls alone (no gather): {tgm * 1e3:.3f} ms = {tgm / td:.2f} x direct")
 
     def gmean(v):
         return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
