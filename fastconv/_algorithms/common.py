@@ -241,9 +241,9 @@ def copy_vector(typingctx, dst, doff, src, soff):
     """``dst.flat[doff:doff + lanes] = src.flat[soff:soff + lanes]`` as one unaligned vector load
     and store (``lanes`` = 32 bytes of the dtype); nothing is bounds-checked.
 
-    For short runs (gathers of 7-28 element rows): LLVM's vectorised copy loops need a run of
-    4 x lanes elements and an overlap check before they take their vector path, so such runs are
-    copied one element at a time.  ``dst`` and ``src`` are C-contiguous arrays of one dtype."""
+    For short runs (im2col's gather of 8-31 element rows): LLVM's vectorised copy loops need a run
+    of 4 x lanes elements and an overlap check before they take their vector path, so such runs
+    are copied one element at a time.  ``dst`` and ``src`` are C-contiguous arrays of one dtype."""
     if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.layout == "C"
             and src.layout == "C" and dst.dtype == src.dtype):
         return None
