@@ -60,11 +60,12 @@ def test_conv_grad_input_is_the_adjoint_of_the_forward(algorithm, case):
     # <conv(x, w), gy> == <x, grad_input(gy)> and == <w, grad_weight(gy)> without bias
     x, w, _, gy, kw, _ = _conv_inputs(case)
     got = run_conv(algorithm, x, w, None, gy, **kw)
-    lhs = np.vdot(got["forward"].astype(np.float64), gy)
+    lhs = float(np.vdot(got["forward"].astype(np.float64), gy))
     rtol, atol = TOL[np.dtype(x.dtype)]["grad"]
-    scale = atol * (1 + np.abs(got["forward"]).sum() + np.abs(gy).sum())
-    assert np.vdot(x.astype(np.float64), got["grad_input"]) == pytest.approx(lhs, rel=rtol, abs=scale)
-    assert np.vdot(w.astype(np.float64), got["grad_weight"]) == pytest.approx(lhs, rel=rtol, abs=scale)
+    # plain floats: pytest >= 9.2 rejects numpy scalars as approx tolerances
+    scale = float(atol * (1 + np.abs(got["forward"]).sum() + np.abs(gy).sum()))
+    assert float(np.vdot(x.astype(np.float64), got["grad_input"])) == pytest.approx(lhs, rel=rtol, abs=scale)
+    assert float(np.vdot(w.astype(np.float64), got["grad_weight"])) == pytest.approx(lhs, rel=rtol, abs=scale)
 
 
 @st.composite
