@@ -7,9 +7,9 @@
 (2, 4, 8, 8)
 """
 from ._config import free_workspace, get_workspace_limit, set_workspace_limit
-from ._dispatch import algorithms
+from ._dispatch import AlgorithmUnavailable, algorithms
+from ._select import autotune_cache_path, choose_algorithm, clear_autotune_cache, get_autotune, set_autotune
 from ._threads import get_num_threads, max_threads, set_num_threads, threads
-from ._tuning import autotune_cache_path, choose_algorithm, clear_autotune_cache, get_autotune, set_autotune
 from .functional import (
     Conv2dGrads,
     avg_pool2d,
@@ -49,6 +49,7 @@ __all__ = [
     "set_autotune",
     "set_num_threads",
     "threads",
+    "AlgorithmUnavailable",
     "Conv2dGrads",
     "algorithms",
     "avg_pool2d",

@@ -77,11 +77,11 @@ def current() -> int:
 SERIAL_WORK = 1 << 18
 
 
-def apply(work=None) -> None:
+def apply(work=None) -> int:
     """Set numba's pool in this Python thread for the next kernel call (called by every op).
 
     ``work`` below :data:`SERIAL_WORK` runs on one thread; otherwise fastconv's setting (all of
-    numba's threads by default).
+    numba's threads by default).  Returns the thread count set, which is what ``'auto'`` chooses for.
     """
     if work is not None and work < SERIAL_WORK:
         n = 1
@@ -93,6 +93,7 @@ def apply(work=None) -> None:
                 n = max_threads()
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    return n
 
 
 def set_num_threads(n):

@@ -11,9 +11,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validation as V
-from ._algorithms import fft, pooling
+from ._algorithms import pooling
 from ._algorithms.common import bias_grad
-from ._dispatch import select
+from ._select import select
 from ._threads import apply as apply_threads
 
 
@@ -84,8 +84,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     fn = "conv2d"
     x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
                                           workspace_limit)
-    apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call will run with
-    alg = select(fn, algorithm, p, "forward")
+    threads = apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call runs with
+    alg = select(fn, algorithm, p, "forward", threads)
     if p.n == 0:
         return np.zeros(p.y_shape, dtype=p.dtype)
     return alg.forward(x, weight, bias, p)
@@ -133,12 +133,14 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     fn = "conv2d_backward"
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
-    apply_threads(2 * p.macs)  # first: 'auto' chooses for the thread count the call will run with
-    alg_i = select(fn, algorithm, p, "grad_input")
-    alg_w = select(fn, algorithm, p, "grad_weight")
+    threads = apply_threads(2 * p.macs)  # first: 'auto' chooses for the thread count the call runs with
+    alg_i = select(fn, algorithm, p, "grad_input", threads)
+    alg_w = select(fn, algorithm, p, "grad_weight", threads)
     if p.n == 0:
         return Conv2dGrads(np.zeros(p.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
-    with fft.backward_pair():  # lets an fft grad_weight reuse grad_input's transform of grad_output
+    if alg_i is alg_w and alg_i.backward is not None:  # one call shares work between the passes
+        gx, gw = alg_i.backward(grad_output, x, weight, p)
+    else:
         gx = alg_i.grad_input(grad_output, weight, p)
         gw = alg_w.grad_weight(grad_output, x, p)
     return Conv2dGrads(gx, gw, bias_grad(grad_output))

@@ -36,7 +36,8 @@ import numpy as np
 from . import _validation as V
 from . import functional as F
 from ._algorithms.common import bias_grad
-from ._dispatch import algorithms, select
+from ._dispatch import algorithms
+from ._select import select
 from ._threads import apply as apply_threads
 
 __all__ = [
@@ -88,8 +89,8 @@ def _conv_param_grads(grad_output, x, weight, stride, padding, dilation, groups,
     fn = "conv2d_backward"
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups)
-    apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call will run with
-    alg = select(fn, algorithm, p, "grad_weight")
+    threads = apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call runs with
+    alg = select(fn, algorithm, p, "grad_weight", threads)
     if p.n == 0:
         return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
     return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)

@@ -40,7 +40,7 @@ import numba
 from numba import literally, prange
 
 from .._jit import BOUNDSCHECK, FASTMATH, kernel
-from .common import SLACK, claim, mac_taps, pad_input, pad_planes, stack_rows
+from .common import SLACK, claim, mac_taps, pad_input, pad_planes, stack_rows, transposed_weight
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
 _FWD_KB = 8       # output channels per forward work item
@@ -764,11 +764,10 @@ def _grad_input_by_correlation(gy, w, p):
     # to h + eh rows (negative padding crops rows that only ever meet input padding).
     eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
     top, left = eh - p.ph0, ew - p.pw0
-    wf = w[:, :, ::-1, ::-1]
-    if _depthwise(p):
-        return _dw_conv(gy, wf, None, top, left, p.h + eh, p.w + ew, 1, 1, p.dh, p.dw, p.h, p.w)
-    wf = wf.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
-    wf = np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s)
+    if _depthwise(p):  # one channel per group: the swap is the identity
+        return _dw_conv(gy, w[:, :, ::-1, ::-1], None, top, left, p.h + eh, p.w + ew, 1, 1, p.dh, p.dw,
+                        p.h, p.w)
+    wf = transposed_weight(w, p.g)
     return _conv(gy, top, p.h + eh - p.oh - top, left, p.w + ew - p.ow - left, wf, None, 1, 1, p.dh, p.dw,
                  p.g, p.h, p.w)
 
@@ -863,12 +862,10 @@ def supports(p, pass_):
     return None
 
 
-# Cost model (seconds): a per-call floor plus multiply-accumulates at a rate that falls for short
-# inner loops (rows shorter than a vector register waste lanes).  Refined by issue 5's calibration.
-def cost(p, pass_):
+def cost(p, pass_, threads):
+    """Work model in nominal seconds: a per-call floor plus multiply-accumulates at 8 GMAC/s, slowed
+    where the inner loop is short (rows under 64 lanes waste vector lanes) or the grad_input scatter
+    is strided.  ``fastconv._select`` scales it to this machine (``_calibration.json``)."""
     inner = p.ow if (pass_ == "grad_input" and (p.sh != 1 or p.sw != 1)) else min(p.oh * p.wp, 512)
     eff = min(1.0, inner / 64.0) * (1.0 if p.sw == 1 or pass_ != "grad_input" else 0.3)
-    # the forward kernel keeps its sums in registers (common.mac_taps): ~1.3x the rate the
-    # calibration was fitted against (lenet5-c3 1.36x, resnet50-3x3-64 1.32x, convnet-L2 1.55x)
-    rate = 8e9 * (1.3 if pass_ == "forward" else 1.0)
-    return 2e-5 + p.macs / (rate * max(eff, 0.05))
+    return 2e-5 + p.macs / (8e9 * max(eff, 0.05))
