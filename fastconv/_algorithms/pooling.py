@@ -195,7 +195,7 @@ def _max_backward(gy, idx, gx, bad):
 
 
 @kernel
-def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, zero):
+def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, override, zero):
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     for p in prange(pp):
@@ -210,7 +210,7 @@ def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, zero):
                 if a0 >= a1 or b0 >= b1:
                     y[p, i, j] = 0
                     continue
-                div = size if include_pad else (a1 - a0) * (b1 - b0)
+                div = override if override != 0 else size if include_pad else (a1 - a0) * (b1 - b0)
                 acc = zero
                 for ih in range(a0, a1):
                     for iw in range(b0, b1):
@@ -219,7 +219,7 @@ def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, zero):
 
 
 @kernel
-def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
+def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad, override):
     pp, h, w = gx.shape
     oh, ow = gy.shape[1], gy.shape[2]
     for p in prange(pp):
@@ -233,7 +233,7 @@ def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
                 a0, a1, b0, b1 = max(h0, 0), min(h1, h), max(w0, 0), min(w1, w)
                 if a0 >= a1 or b0 >= b1:
                     continue
-                div = size if include_pad else (a1 - a0) * (b1 - b0)
+                div = override if override != 0 else size if include_pad else (a1 - a0) * (b1 - b0)
                 v = gy[p, i, j] / div
                 for ih in range(a0, a1):
                     for iw in range(b0, b1):
@@ -284,16 +284,72 @@ def max_backward(gy, idx, input_shape):
     return gx.reshape(input_shape), not bad.any()
 
 
-def avg_forward(x, p, count_include_pad):
+def avg_forward(x, p, count_include_pad, divisor_override=0):
+    """``divisor_override`` 0 means none (PyTorch refuses 0 itself)."""
     y = np.empty(p.y_shape, dtype=x.dtype)
     if y.size:
         _avg_forward(_planes(x), y.reshape(-1, p.oh, p.ow), p.kh, p.kw, p.sh, p.sw, p.ph, p.pw,
-                     bool(count_include_pad), x.dtype.type(0))
+                     bool(count_include_pad), int(divisor_override), x.dtype.type(0))
     return y
 
 
-def avg_backward(gy, p, count_include_pad):
+def avg_backward(gy, p, count_include_pad, divisor_override=0):
     gx = np.zeros((p.n * p.c, p.h, p.w), dtype=gy.dtype)
     if gx.size:
-        _avg_backward(_planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad))
+        _avg_backward(_planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
+                      int(divisor_override))
     return gx.reshape(p.n, p.c, p.h, p.w)
+
+
+# --------------------------------------------------------------------------- adaptive average pooling
+# Output cell ``i`` of ``oh`` averages input rows ``[floor(i*h/oh), ceil((i+1)*h/oh))`` (PyTorch's
+# windows: they may overlap when ``h`` is not a multiple of ``oh``), and likewise for columns.
+@kernel
+def _adaptive_avg_forward(x, y, zero):
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for p in prange(pp):
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                acc = zero
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        acc += x[p, ih, iw]
+                y[p, i, j] = acc / ((a1 - a0) * (b1 - b0))
+
+
+@kernel
+def _adaptive_avg_backward(gy, gx):
+    pp, h, w = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    for p in prange(pp):
+        g = gx[p]
+        g[:] = 0  # zeroed by the thread that accumulates into it: parallel first touch
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                v = gy[p, i, j] / ((a1 - a0) * (b1 - b0))
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        g[ih, iw] += v
+
+
+def adaptive_avg_forward(x, out_hw, out=None):
+    n, c = x.shape[:2]
+    y = np.empty((n, c) + tuple(out_hw), dtype=x.dtype) if out is None else out
+    if y.size:
+        _adaptive_avg_forward(_planes(x), y.reshape(n * c, *out_hw), x.dtype.type(0))
+    return y
+
+
+def adaptive_avg_backward(gy, input_shape):
+    n, c, h, w = input_shape
+    gx = np.empty((n * c, h, w), dtype=gy.dtype)
+    if gy.size == 0:
+        gx[:] = 0
+    elif gx.size:
+        _adaptive_avg_backward(_planes(gy), gx)
+    return gx.reshape(input_shape)
