@@ -12,6 +12,7 @@ from ._threads import get_num_threads, max_threads, set_num_threads, threads
 from ._tuning import autotune_cache_path, choose_algorithm, clear_autotune_cache, get_autotune, set_autotune
 from .functional import (
     Conv2dGrads,
+    conv2d_grad_weight,
     avg_pool2d,
     avg_pool2d_backward,
     BatchNormGrads,
@@ -36,20 +37,23 @@ from .functional import (
     relu,
     relu_backward,
 )
-from . import layers
+from . import autograd, layers, losses, optim
+from .autograd import Parameter, Tensor, cat, enable_grad, is_grad_enabled, no_grad
+from .batching import DataLoader
 from .layers import (
-    SGD,
-    Adam,
     AvgPool2d,
     Conv2d,
-    CrossEntropyLoss,
     Flatten,
     Linear,
     MaxPool2d,
-    Parameter,
+    Module,
+    ModuleDict,
+    ModuleList,
     ReLU,
     Sequential,
 )
+from .losses import CrossEntropyLoss, MSELoss
+from .optim import SGD, Adam
 from .matrix import conv2d_as_matrix, summary
 
 __version__ = "0.1.0"
@@ -77,7 +81,21 @@ __all__ = [
     "relu",
     "relu_backward",
     "set_workspace_limit",
+    "conv2d_grad_weight",
+    "autograd",
     "layers",
+    "losses",
+    "optim",
+    "Tensor",
+    "cat",
+    "enable_grad",
+    "is_grad_enabled",
+    "no_grad",
+    "DataLoader",
+    "Module",
+    "ModuleDict",
+    "ModuleList",
+    "MSELoss",
     "Adam",
     "AvgPool2d",
     "Conv2d",

@@ -335,6 +335,35 @@ def relu_backward(grad_output, x):
     return np.where(x <= 0, grad_output.dtype.type(0), grad_output)
 
 
+def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
+                       workspace_limit=None):
+    """Weight and bias gradients of :func:`conv2d` without the input gradient.
+
+    :func:`conv2d_backward` always computes all three; a network's first layer needs no input
+    gradient, which is a third of that layer's backward time.
+
+    Returns
+    -------
+    (grad_weight, grad_bias) : tuple of ndarrays, shapes (K, C/groups, R, S) and (K,)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> gw, gb = fastconv.conv2d_grad_weight(np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2)))
+    >>> gw[0, 0], gb
+    (array([[4., 4.],
+           [4., 4.]]), array([4.]))
+    """
+    fn = "conv2d_backward"
+    grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
+                                                        dilation, groups, workspace_limit)
+    apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call will run with
+    alg = select(fn, algorithm, p, "grad_weight")
+    if p.n == 0:
+        return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
+    return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)
+
+
 # =========================================================================== issue 21: more ops
 from ._algorithms import norm as _norm  # noqa: E402  (kept with the ops that use it)
 
