@@ -794,10 +794,10 @@ def adaptive_avg_pool2d(x, output_size, *, out=None):
     oh, ow = V.adaptive_size(fn, output_size, h, w)
     V.check_memory(fn, f"output of shape {(n, c, oh, ow)}", x.itemsize * n * c * oh * ow)
     shape = (n, c, oh, ow)
-    y = V.check_out(fn, out, shape[1:] if squeeze else shape, x.dtype)
-    y = None if y is None else y.reshape(shape)
+    out = V.check_out(fn, out, shape[1:] if squeeze else shape, x.dtype)
     apply_threads(x.size)
-    return _squeezed(pooling.adaptive_avg_forward(x, (oh, ow), y), squeeze)
+    y = pooling.adaptive_avg_forward(x, (oh, ow), None if out is None else out.reshape(shape))
+    return out if out is not None else _squeezed(y, squeeze)
 
 
 def adaptive_avg_pool2d_backward(grad_output, input_shape):
@@ -844,7 +844,7 @@ def relu6(x, *, out=None):
 
 
 def relu6_backward(grad_output, x):
-    """Gradient of :func:`relu6`: ``grad_output`` where ``0 < x < 6``, else 0 (a NaN input passes it,
+    """Gradient of :func:`relu6`: ``grad_output`` where ``0 < x < 6``, else 0 (also for a NaN input,
     as PyTorch's ``hardtanh_backward``).
 
     Examples
@@ -856,7 +856,7 @@ def relu6_backward(grad_output, x):
     fn = "relu6_backward"
     x = V.any_float_array(fn, "input", x)
     grad_output = V.same_shape(fn, "grad_output", V.any_float_array(fn, "grad_output", grad_output, x.dtype), x.shape)
-    return np.where((x <= 0) | (x >= 6), grad_output.dtype.type(0), grad_output)
+    return np.where((x > 0) & (x < 6), grad_output, grad_output.dtype.type(0))
 
 
 def leaky_relu(x, negative_slope=0.01, *, out=None):
