@@ -52,6 +52,8 @@ from .layers import (
     ReLU,
     Sequential,
 )
+from . import layers_extra
+from .layers_extra import AdaptiveAvgPool2d, BatchNorm2d, Conv1d, ConvTranspose2d, Dropout, LeakyReLU, ReLU6
 from .losses import CrossEntropyLoss, MSELoss
 from .optim import SGD, Adam
 from .matrix import conv2d_as_matrix, summary
@@ -124,4 +126,12 @@ __all__ = [
     "leaky_relu_backward",
     "relu6",
     "relu6_backward",
+    "layers_extra",
+    "AdaptiveAvgPool2d",
+    "BatchNorm2d",
+    "Conv1d",
+    "ConvTranspose2d",
+    "Dropout",
+    "LeakyReLU",
+    "ReLU6",
 ]

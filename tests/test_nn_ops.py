@@ -421,6 +421,20 @@ ERRORS = [
         r"leaky_relu: negative_slope must be a real number, got '0.1'"),
     row("leakyb-dtype", fastconv.leaky_relu_backward, (np.zeros(3, F32), np.zeros(3)), {}, TypeError,
         r"leaky_relu_backward: grad_output must have the same dtype as the input \(float64\), got float32"),
+    # ---- layers (configuration checked at construction)
+    row("BatchNorm2d-features", fastconv.BatchNorm2d, (0,), {}, ValueError, r"BatchNorm2d: num_features must be positive, got 0"),
+    row("BatchNorm2d-momentum", fastconv.BatchNorm2d, (2,), {"momentum": "x"}, TypeError,
+        r"BatchNorm2d: momentum must be a real number, got 'x'"),
+    row("Dropout-p", fastconv.Dropout, (-0.1,), {}, ValueError, r"Dropout: p must be in \[0.0, 1.0\], got -0.1"),
+    row("AdaptiveAvgPool2d-size", fastconv.AdaptiveAvgPool2d, ((0, None),), {}, ValueError,
+        r"AdaptiveAvgPool2d: output_size must be positive, got \(0, 0\)"),
+    row("ConvTranspose2d-groups", fastconv.ConvTranspose2d, (4, 3, 3), {"groups": 2}, ValueError,
+        r"ConvTranspose2d: in_channels and out_channels must be divisible by groups=2, got 4 and 3"),
+    row("ConvTranspose2d-output-padding", fastconv.ConvTranspose2d, (4, 4, 3), {"output_padding": 1}, ValueError,
+        r"ConvTranspose2d: output_padding must be smaller than stride or dilation"),
+    row("Conv1d-kernel", fastconv.Conv1d, (2, 2, (3, 3)), {}, ValueError,
+        r"Conv1d: kernel_size must be an int or a one-element tuple, got \(3, 3\)"),
+    row("LeakyReLU-slope", fastconv.LeakyReLU, (None,), {}, TypeError, r"LeakyReLU: negative_slope must be a real number, got None"),
 ]
 
 

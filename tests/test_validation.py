@@ -336,7 +336,8 @@ def test_error_table_covers_every_public_function():
     # functions without arguments cannot be called wrongly; ReLU() and Flatten() take no arguments
     # (their forward errors are relu's and Flatten's, tested in test_layers.py)
     assert public - covered <= {"Conv2dGrads", "BatchNormGrads", "algorithms", "get_workspace_limit", "free_workspace", "get_num_threads", "max_threads",
-                                "get_autotune", "autotune_cache_path", "clear_autotune_cache", "ReLU", "Flatten"}
+                                "get_autotune", "autotune_cache_path", "clear_autotune_cache", "ReLU", "Flatten",
+                                "ReLU6"}
 
 
 @pytest.mark.parametrize("algorithm", fastconv.algorithms() + ("auto",))
