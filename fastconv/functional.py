@@ -409,7 +409,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     --------
     >>> import numpy as np, fastconv
     >>> y = fastconv.conv_transpose2d(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)), stride=2)
-    >>> y.shape, y.sum()
+    >>> y.shape, float(y.sum())
     ((1, 1, 4, 4), 16.0)
     """
     fn = "conv_transpose2d"
@@ -545,7 +545,16 @@ def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
 
 
 class BatchNormGrads(NamedTuple):
-    """Gradients of :func:`batch_norm` with respect to its input, weight and bias (a NamedTuple)."""
+    """Gradients of :func:`batch_norm` with respect to its input, weight and bias (a NamedTuple).
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> gx, gw, gb = fastconv.batch_norm_backward(np.ones((2, 1)), np.array([[1.0], [3.0]]), None, None,
+    ...                                           training=True)
+    >>> gx[:, 0], gb
+    (array([0., 0.]), array([2.]))
+    """
 
     grad_input: np.ndarray
     grad_weight: np.ndarray
@@ -671,7 +680,7 @@ def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, 
     >>> g = fastconv.batch_norm_backward(np.array([[1.0], [0.0]]), np.array([[1.0], [3.0]]), None, None,
     ...                                  training=True, eps=0.0)
     >>> g.grad_input[:, 0], g.grad_weight, g.grad_bias
-    (array([ 0.,  0.]), array([-1.]), array([1.]))
+    (array([0., 0.]), array([-1.]), array([1.]))
     """
     fn = "batch_norm_backward"
     x, running_mean, running_var, weight, training, eps = _bn_args(fn, x, running_mean, running_var, weight,
