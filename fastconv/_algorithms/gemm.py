@@ -34,6 +34,7 @@ numba worker (one GEMM per worker, as im2col does), with a per-worker workspace 
 same k order whatever the cut, so results are identical for every thread count.
 """
 import threading
+import time
 
 import numba
 import numpy as np
@@ -196,6 +197,35 @@ def _tile_of(typingctx, c):
 
 
 @intrinsic
+def _copy_nr(typingctx, dst, doff, src, soff):
+    """``dst[doff:doff + NR] = src[soff:soff + NR]`` as NV unaligned vector loads and stores (NR of
+    :func:`tile` for the dtype).  Packing B's full panels: LLVM copies runs as short as NR (16
+    floats) one element at a time (its vector loops want 4 vectors and a runtime overlap check)."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.layout == "C"
+            and src.layout == "C" and dst.dtype == src.dtype and dst.dtype in (types.float32, types.float64)):
+        return None
+    isz = dst.dtype.bitwidth // 8
+    nv = TILES[ISA][isz][1]
+
+    def codegen(context, builder, sig, args):
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        fty = context.get_data_type(sig.args[0].dtype)
+        lanes = VBYTES // isz
+        vptr = ir.VectorType(fty, lanes).as_pointer()
+        i64 = ir.IntType(64)
+        sp = builder.gep(s.data, [args[3]])
+        dp = builder.gep(d.data, [args[1]])
+        vals = [builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
+                for v in range(nv)]
+        for v in range(nv):
+            builder.store(vals[v], builder.bitcast(builder.gep(dp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
+        return context.get_dummy_value()
+
+    return types.void(dst, types.intp, src, types.intp), codegen
+
+
+@intrinsic
 def _fma_loop(typingctx, n, seed, out):
     """The micro-kernel on registers alone: ``n`` steps of MR*NV fused multiply-adds on the
     accumulators with no loads or stores in the loop (MR broadcasts and NV vectors from ``seed``,
@@ -286,7 +316,10 @@ def _pack_b(b, boff, brs, bcs, p0, kb, j0, nb, pb, pboff, nr):
     for jb in range(0, nb, nr):
         nn = min(nr, nb - jb)
         d0 = pboff + jb * kb
-        if bcs == 1:
+        if bcs == 1 and nn == nr:
+            for p in range(kb):
+                _copy_nr(pb, d0 + p * nr, b, boff + (p0 + p) * brs + j0 + jb)
+        elif bcs == 1:
             for p in range(kb):
                 s0 = boff + (p0 + p) * brs + j0 + jb
                 d = d0 + p * nr
@@ -306,9 +339,12 @@ def _pack_b(b, boff, brs, bcs, p0, kb, j0, nb, pb, pboff, nr):
 
 
 @_serial
-def _macro(kb, mb, nb, pa, pb, pboff, c, coff, ldc, acc, tmp):
-    # C block (mb x nb at c[coff]) (+)= packed A block . packed B block, one micro-tile at a time;
-    # the B micro-panel (kb x nr) stays in L1 while the tiles down its column are computed
+def _macro(kb, mb, nb, ws, paoff, pboff, tmpoff, c, coff, ldc, acc):
+    # C block (mb x nb at c[coff]) (+)= packed A block (ws[paoff:]) . packed B block (ws[pboff:]),
+    # one micro-tile at a time; the B micro-panel (kb x nr) stays in L1 while the tiles down its
+    # column are computed.  Partial tiles go through ws[tmpoff:tmpoff + mr*nr].  No slices here:
+    # each view of an array is an atomic reference count update on its shared owner, and two
+    # workers doing that on one owner's cache line ran 10x slower than one.
     mr, nr = _tile_of(c)
     for jr in range(0, nb, nr):
         nn = min(nr, nb - jr)
@@ -316,26 +352,23 @@ def _macro(kb, mb, nb, pa, pb, pboff, c, coff, ldc, acc, tmp):
             mm = min(mr, mb - ir)
             co = coff + ir * ldc + jr
             if mm == mr and nn == nr:
-                ukernel(kb, pa, ir * kb, pb, pboff + jr * kb, c, co, ldc, acc)
+                ukernel(kb, ws, paoff + ir * kb, ws, pboff + jr * kb, c, co, ldc, acc)
             else:
-                ukernel(kb, pa, ir * kb, pb, pboff + jr * kb, tmp, 0, nr, 0)
+                ukernel(kb, ws, paoff + ir * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
                 for ii in range(mm):
-                    cr = c[co + ii * ldc:co + ii * ldc + nn]
-                    tr = tmp[ii * nr:ii * nr + nn]
                     if acc:
                         for jj in range(nn):
-                            cr[jj] += tr[jj]
+                            c[co + ii * ldc + jj] += ws[tmpoff + ii * nr + jj]
                     else:
                         for jj in range(nn):
-                            cr[jj] = tr[jj]
+                            c[co + ii * ldc + jj] = ws[tmpoff + ii * nr + jj]
 
 
 @_serial
 def _zero_block(c, coff, ldc, m, n):
     for i in range(m):
-        cr = c[coff + i * ldc:coff + i * ldc + n]
         for j in range(n):
-            cr[j] = 0
+            c[coff + i * ldc + j] = 0
 
 
 @_serial
@@ -350,9 +383,8 @@ def gemm_serial(m, n, k, a, aoff, ars, acs, b, boff, brs, bcs, beta, c, coff, ld
     :func:`workspace_size` elements of C's dtype, owned by the caller (one per worker)."""
     kc, mc, nc = blk[0], blk[1], blk[2]
     mr, nr = _tile_of(c)
-    pa = ws[:mc * kc]
-    pb = ws[mc * kc:mc * kc + kc * nc]
-    tmp = ws[mc * kc + kc * nc:mc * kc + kc * nc + mr * nr]
+    pboff = mc * kc
+    tmpoff = mc * kc + kc * nc
     if k == 0:
         if beta == 0:
             _zero_block(c, coff, ldc, m, n)
@@ -361,12 +393,12 @@ def gemm_serial(m, n, k, a, aoff, ars, acs, b, boff, brs, bcs, beta, c, coff, ld
         nb = min(nc, n - jc)
         for pc in range(0, k, kc):
             kb = min(kc, k - pc)
-            _pack_b(b, boff, brs, bcs, pc, kb, jc, nb, pb, 0, nr)
+            _pack_b(b, boff, brs, bcs, pc, kb, jc, nb, ws, pboff, nr)
             acc = 1 if (beta != 0 or pc > 0) else 0
             for ic in range(0, m, mc):
                 mb = min(mc, m - ic)
-                _pack_a(a, aoff, ars, acs, ic, mb, pc, kb, pa, mr)
-                _macro(kb, mb, nb, pa, pb, 0, c, coff + ic * ldc + jc, ldc, acc, tmp)
+                _pack_a(a, aoff, ars, acs, ic, mb, pc, kb, ws, mr)
+                _macro(kb, mb, nb, ws, 0, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
 
 
 @kernel
@@ -550,11 +582,12 @@ def gemm(a, b, c=None, beta=0, threads=None, blk=None):
     return c
 
 
+CLOCK = time.perf_counter  # benchmarks on a shared machine set time.process_time
+
+
 def peak_gflops(dtype=np.float32, threads=1, steps=20_000_000 // 12):
     """GFLOP/s of the micro-kernel's FMAs on registers alone (no loads), summed over ``threads``
     workers: the ceiling a GEMM built on it can reach on this machine."""
-    import time
-
     seed = np.full(32, 1e-8, dtype=dtype)
     out = np.zeros(threads, dtype=dtype)
     mr, nr = tile(np.dtype(dtype).itemsize)
@@ -562,9 +595,11 @@ def peak_gflops(dtype=np.float32, threads=1, steps=20_000_000 // 12):
     numba.set_num_threads(threads)
     try:
         _peak(10, seed, out)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         _peak(steps, seed, out)
-        dt = time.perf_counter() - t0
+        dt = CLOCK() - t0
+        if CLOCK is time.process_time:  # CPU seconds of all workers: per worker
+            dt /= threads
     finally:
         numba.set_num_threads(prev)
     return 2.0 * steps * mr * nr * threads / dt / 1e9
