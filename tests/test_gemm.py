@@ -92,6 +92,39 @@ def test_gemm_same_bits_for_every_cut(dtype):
         assert np.array_equal(one, G.gemm(a, b, threads=min(t, numba.config.NUMBA_NUM_THREADS), blk=blk))
 
 
+def test_packed_a_shared_by_products():
+    """pack_a_all once, gemm_serial_packed for several B: the same bits as gemm_serial."""
+    for dtype in DTYPES:
+        rng = np.random.default_rng(7)
+        for blk in (None, small_blocks(dtype)):
+            blk = G.blocking(dtype) if blk is None else blk
+            m, k = 13, 17
+            a = rng.standard_normal((k, m)).astype(dtype).T  # transposed A
+            pa = np.empty(G.packed_a_size(dtype, m, k), dtype)
+            ws = np.empty(G.workspace_size(dtype, blk), dtype)
+            _pack_all(m, k, a, pa, blk)
+            for n in (1, 7, 40):
+                b = rng.standard_normal((k, n)).astype(dtype)
+                c = np.empty((m, n), dtype)
+                _packed_gemm(m, n, k, pa, b.reshape(-1), c.reshape(-1), ws, blk)
+                assert np.array_equal(c, G.gemm(a, b, blk=blk))
+
+
+def _pack_all(m, k, a, pa, blk):
+    flat, rs, cs = G._flat(a)
+    _pack_all_jit(m, k, flat, rs, cs, pa, blk)
+
+
+@numba.njit(cache=True)
+def _pack_all_jit(m, k, a, rs, cs, pa, blk):
+    G.pack_a_all(m, k, a, 0, rs, cs, pa, blk)
+
+
+@numba.njit(cache=True)
+def _packed_gemm(m, n, k, pa, b, c, ws, blk):
+    G.gemm_serial_packed(m, n, k, pa, b, 0, n, 1, 0, c, 0, n, ws, blk)
+
+
 def test_gemm_rejects_bad_arguments():
     a = np.ones((2, 3), np.float32)
     with pytest.raises(ValueError, match="gemm: a and b must be"):
@@ -106,7 +139,7 @@ def test_gemm_rejects_bad_arguments():
         G.gemm(a, a.T, blk=[4, 5, 7])
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _spec_tile(kc, pa, pb, c, ldc, acc):
     # AVX-512's float32 tile (14 rows x 2 vectors of 64 bytes) and the portable one (6 x 2 x 16)
     ukernel_spec = G.ukernel_spec

@@ -286,12 +286,12 @@ _serial = numba.njit(fastmath=FASTMATH, nogil=True)
 
 
 @_serial
-def _pack_a(a, aoff, ars, acs, i0, mb, p0, kb, pa, mr):
-    # pa[ib*kb + p*mr + ii] = A[i0 + ib + ii, p0 + p] for the mr-row panel starting at row ib;
-    # rows past mb are zeros.  The read order follows A's unit stride.
+def _pack_a(a, aoff, ars, acs, i0, mb, p0, kb, pa, paoff, mr):
+    # pa[paoff + ib*kb + p*mr + ii] = A[i0 + ib + ii, p0 + p] for the mr-row panel starting at row
+    # ib; rows past mb are zeros.  The read order follows A's unit stride.
     for ib in range(0, mb, mr):
         mm = min(mr, mb - ib)
-        d0 = ib * kb
+        d0 = paoff + ib * kb
         if acs == 1:
             for ii in range(mm):
                 s0 = aoff + (i0 + ib + ii) * ars + p0
@@ -313,13 +313,17 @@ def _pack_a(a, aoff, ars, acs, i0, mb, p0, kb, pa, mr):
 def _pack_b(b, boff, brs, bcs, p0, kb, j0, nb, pb, pboff, nr):
     # pb[pboff + jb*kb + p*nr + jj] = B[p0 + p, j0 + jb + jj] for the nr-column panel starting at
     # column jb; columns past nb are zeros.
-    for jb in range(0, nb, nr):
+    full = nb // nr if bcs == 1 else 0
+    if full:  # whole panels row by row: each row of B is read once, front to back
+        for p in range(kb):
+            s0 = boff + (p0 + p) * brs + j0
+            d = pboff + p * nr
+            for q in range(full):
+                _copy_nr(pb, d + q * nr * kb, b, s0 + q * nr)
+    for jb in range(full * nr, nb, nr):
         nn = min(nr, nb - jb)
         d0 = pboff + jb * kb
-        if bcs == 1 and nn == nr:
-            for p in range(kb):
-                _copy_nr(pb, d0 + p * nr, b, boff + (p0 + p) * brs + j0 + jb)
-        elif bcs == 1:
+        if bcs == 1:
             for p in range(kb):
                 s0 = boff + (p0 + p) * brs + j0 + jb
                 d = d0 + p * nr
@@ -339,8 +343,8 @@ def _pack_b(b, boff, brs, bcs, p0, kb, j0, nb, pb, pboff, nr):
 
 
 @_serial
-def _macro(kb, mb, nb, ws, paoff, pboff, tmpoff, c, coff, ldc, acc):
-    # C block (mb x nb at c[coff]) (+)= packed A block (ws[paoff:]) . packed B block (ws[pboff:]),
+def _macro(kb, mb, nb, pa, paoff, ws, pboff, tmpoff, c, coff, ldc, acc):
+    # C block (mb x nb at c[coff]) (+)= packed A block (pa[paoff:]) . packed B block (ws[pboff:]),
     # one micro-tile at a time; the B micro-panel (kb x nr) stays in L1 while the tiles down its
     # column are computed.  Partial tiles go through ws[tmpoff:tmpoff + mr*nr].  No slices here:
     # each view of an array is an atomic reference count update on its shared owner, and two
@@ -352,9 +356,9 @@ def _macro(kb, mb, nb, ws, paoff, pboff, tmpoff, c, coff, ldc, acc):
             mm = min(mr, mb - ir)
             co = coff + ir * ldc + jr
             if mm == mr and nn == nr:
-                ukernel(kb, ws, paoff + ir * kb, ws, pboff + jr * kb, c, co, ldc, acc)
+                ukernel(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, c, co, ldc, acc)
             else:
-                ukernel(kb, ws, paoff + ir * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
+                ukernel(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
                 for ii in range(mm):
                     if acc:
                         for jj in range(nn):
@@ -377,14 +381,13 @@ def _round_up(a, b):
 
 
 @_serial
-def gemm_serial(m, n, k, a, aoff, ars, acs, b, boff, brs, bcs, beta, c, coff, ldc, ws, blk):
-    """``C = A . B`` (beta 0) or ``C += A . B`` (beta 1) on the calling thread (see the module
-    docstring for the operand layout).  ``blk`` = :func:`blocking`; ``ws`` a 1-D array of
-    :func:`workspace_size` elements of C's dtype, owned by the caller (one per worker)."""
+def _blocks(m, n, k, a, aoff, ars, acs, pa, b, boff, brs, bcs, beta, c, coff, ldc, ws, blk):
+    # the loop nest; pa.size > 0: A comes packed (pack_a_all), else it is packed here into ws
     kc, mc, nc = blk[0], blk[1], blk[2]
     mr, nr = _tile_of(c)
     pboff = mc * kc
     tmpoff = mc * kc + kc * nc
+    mp = (m + mr - 1) // mr * mr
     if k == 0:
         if beta == 0:
             _zero_block(c, coff, ldc, m, n)
@@ -397,8 +400,37 @@ def gemm_serial(m, n, k, a, aoff, ars, acs, b, boff, brs, bcs, beta, c, coff, ld
             acc = 1 if (beta != 0 or pc > 0) else 0
             for ic in range(0, m, mc):
                 mb = min(mc, m - ic)
-                _pack_a(a, aoff, ars, acs, ic, mb, pc, kb, ws, mr)
-                _macro(kb, mb, nb, ws, 0, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
+                if pa.size > 0:
+                    _macro(kb, mb, nb, pa, pc * mp + ic * kb, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
+                else:
+                    _pack_a(a, aoff, ars, acs, ic, mb, pc, kb, ws, 0, mr)
+                    _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
+
+
+@_serial
+def gemm_serial(m, n, k, a, aoff, ars, acs, b, boff, brs, bcs, beta, c, coff, ldc, ws, blk):
+    """``C = A . B`` (beta 0) or ``C += A . B`` (beta 1) on the calling thread (see the module
+    docstring for the operand layout).  ``blk`` = :func:`blocking`; ``ws`` a 1-D array of
+    :func:`workspace_size` elements of C's dtype, owned by the caller (one per worker)."""
+    _blocks(m, n, k, a, aoff, ars, acs, ws[:0], b, boff, brs, bcs, beta, c, coff, ldc, ws, blk)
+
+
+@_serial
+def pack_a_all(m, k, a, aoff, ars, acs, pa, blk):
+    """Pack all of A (m x k) once for :func:`gemm_serial_packed`: when many products share one A
+    (im2col's weights, one product per tile) it is then packed once, not once per product.
+    ``pa`` needs :func:`packed_a_size` elements."""
+    kc = blk[0]
+    mr, nr = _tile_of(pa)
+    mp = (m + mr - 1) // mr * mr
+    for pc in range(0, k, kc):
+        _pack_a(a, aoff, ars, acs, 0, m, pc, min(kc, k - pc), pa, pc * mp, mr)
+
+
+@_serial
+def gemm_serial_packed(m, n, k, pa, b, boff, brs, bcs, beta, c, coff, ldc, ws, blk):
+    """:func:`gemm_serial` with A packed beforehand by :func:`pack_a_all` (same m, k, blk)."""
+    _blocks(m, n, k, pa, 0, 0, 0, pa, b, boff, brs, bcs, beta, c, coff, ldc, ws, blk)
 
 
 @kernel
@@ -444,6 +476,12 @@ def blocking(dtype, caches=None, isa=None):
     mc = int(min(1024 // mr * mr, max(mr, caches["l2"] // 2 // (kc * isz) // mr * mr)))
     nc = int(min(4096 // nr * nr, max(nr, caches["l3"] // 2 // (kc * isz) // nr * nr)))
     return np.array([kc, mc, nc], dtype=np.int64)
+
+
+def packed_a_size(dtype, m, k):
+    """Elements of :func:`pack_a_all`'s output for an m x k A: m rounded up to whole MR panels."""
+    mr, _ = tile(np.dtype(dtype).itemsize)
+    return -(-m // mr) * mr * k
 
 
 def workspace_size(dtype, blk=None):
