@@ -584,7 +584,7 @@ def train_step(model, loss_fn, optimizer, x, y, *, client=None, shards=None, spl
     >>> opt, loss_fn = SGD(net.parameters(), lr=0.1), CrossEntropyLoss()
     >>> x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
     >>> y = np.arange(16) % 3
-    >>> with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \\
+    >>> with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \\
     ...         Client(cluster) as client:
     ...     losses = [fd.train_step(net, loss_fn, opt, x, y, client=client) for _ in range(10)]
     >>> losses[-1] < losses[0]
@@ -670,7 +670,7 @@ def setup_workers(client=None, threads=None):
     --------
     >>> from distributed import Client, LocalCluster
     >>> import fastconv.dask as fd
-    >>> with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c, \\
+    >>> with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as c, \\
     ...         Client(c) as client:
     ...     sorted(fd.setup_workers(client, threads=1).values())
     [1]
