@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numba
 
-from ._algorithms import direct, fft, im2col
+from ._algorithms import direct, fft, im2col, winograd
 
 PASSES = ("forward", "grad_input", "grad_weight")
 
@@ -138,3 +138,5 @@ register(Algorithm("direct", direct.forward, direct.grad_input, direct.grad_weig
 register(Algorithm("im2col", im2col.forward, im2col.grad_input, im2col.grad_weight,
                    im2col.supports, im2col.cost))
 register(Algorithm("fft", fft.forward, fft.grad_input, fft.grad_weight, fft.supports, fft.cost))
+register(Algorithm("winograd", winograd.forward, winograd.grad_input, winograd.grad_weight,
+                   winograd.supports, winograd.cost))
