@@ -27,7 +27,7 @@ from conftest import ALGORITHMS
 pytestmark = pytest.mark.boundscheck
 
 ALGOS = ALGORITHMS + ("auto",)
-NAN_LOCAL = tuple(a for a in ALGORITHMS if a != "fft")  # fft spreads a NaN over its plane by design
+NAN_LOCAL = tuple(a for a in ALGORITHMS if a not in ("fft", "winograd"))  # they spread a NaN over a plane / tile by design
 
 
 def _conv_arrays(n=2, dtype=np.float64, seed=0, kw=None):
