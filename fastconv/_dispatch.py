@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ._algorithms import direct, fft, im2col
+from ._algorithms import direct, fft, im2col, winograd
 
 PASSES = ("forward", "grad_input", "grad_weight")
 NAN_SPREADS = ("window", "tile", "plane")
@@ -131,3 +131,5 @@ register(Algorithm("im2col", im2col.forward, im2col.grad_input, im2col.grad_weig
                    im2col.cost, thread_invariant=()))
 register(Algorithm("fft", fft.forward, fft.grad_input, fft.grad_weight, fft.supports, fft.cost,
                    backward=fft.backward, nan_spread="tile"))
+register(Algorithm("winograd", winograd.forward, winograd.grad_input, winograd.grad_weight, winograd.supports,
+                   winograd.cost, nan_spread="tile", thread_invariant=()))

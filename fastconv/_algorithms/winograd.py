@@ -1,0 +1,354 @@
+"""Winograd convolution F(m x m, 3 x 3) for 3x3, stride-1, undilated layers: all three passes.
+
+Notation: n c h w input; k 3 3 weight (cg = c/g, kg = k/g per group g); oh ow output; ph0 pw0
+top/left padding; m the output tile (4 or 2), a = m + 2 the transformed tile, e = i*a + j one of
+its a*a elements; th = ceil(oh/m), tw = ceil(ow/m) tiles per column / row; T tiles of one work item.
+
+Method (Lavin & Gray, 2015).  With the 1-D matrices ``B^T`` (a x a), ``G`` (a x 3) and ``A^T``
+(m x a) of F(m, 3) (interpolation points 0, +-1, +-2 and infinity for m = 4; 0, +-1 and infinity
+for m = 2), the output tile ``Y`` of output channel k is
+
+    Y = A^T [ sum_c (G g_kc G^T) (.) (B^T d_c B) ] A
+
+where ``d_c`` is the a x a input patch of channel c under the tile (zero outside the input) and
+(.) the element-wise product.  The channel sum is, for each element e, a matrix product
+``M[e] (kg x T) = U[e] (kg x cg) . V[e] (cg x T)`` over the T tiles of a work item: a*a products
+per m x m output tile and channel pair instead of 9*m*m (36 instead of 144 for m = 4, 16 instead
+of 36 for m = 2).
+
+* forward: ``U = G g G^T`` (recomputed every call, in float64 then rounded once: weights change
+  every training step, so nothing is cached), input transform ``V``, the GEMMs, output transform.
+* grad_input: with stride 1 it is the forward correlation of ``gy``, padded by ``2 - ph`` (negative:
+  cropped), with the flipped kernel whose channels are swapped within each group: the same code.
+* grad_weight: the transpose of the bilinear algorithm.  ``gw_kc = G^T [ sum_{n,tiles} (A gy_k A^T)
+  (.) (B^T d_c B) ] G``: the input transform as in the forward pass, the ``A . A^T`` transform of
+  each m x m tile of ``gy`` (zero beyond the output), GEMMs ``Mw[e] (kg x cb) += W[e] (kg x T) .
+  V[e]^T (T x cb)`` accumulated over all tiles, then ``G^T Mw G`` to the 3 x 3 taps (float64).
+
+Kernels (:mod:`._winograd_kernels`).  One parallel kernel per pass: numba's workers claim work items
+(tile blocks of whole images or of tile rows of one image, per group; for grad_weight, blocks of cb
+input channels of one group with the whole batch), transform their item's tiles into per-worker
+buffers, run the a*a GEMMs (single-threaded BLAS inside each worker, as im2col; one small function,
+``_gemm_block``, to swap for another GEMM) and transform the products into their own outputs.
+Transforms gather each tile's patch into rows that run over the item's tiles, then apply the 1-D
+matrices along patch rows and columns as whole-row multiply-adds (vectorised).  m is chosen per
+call by :func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile).
+
+Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles plus a padded input
+strip; shared: ``U`` (``a*a * k * cg``, 4x the weight for m = 4) or grad_weight's accumulator of
+the same size.  T is chosen so that all of it stays under ``p.workspace_limit``; below one tile row
+on one worker :func:`supports` refuses.
+
+Races and determinism.  Forward items write disjoint output tiles; grad_weight items own disjoint
+channel blocks of ``Mw`` and reduce over the batch and tiles in a fixed order.  The tiling follows
+the thread count (T, channel blocks), so results are bitwise reproducible for a given thread count
+and budget, and equal within rounding across thread counts.
+
+Accuracy.  Exact in exact arithmetic.  In floating point, a first-order bound on one output y of
+channel k (forward, and grad_input as a forward pass) is
+
+    |y - y_exact| <= eps * (15 + cg) * S_m**2 * sum_c max|d_c| * max|g_kc|   (+ eps*|b_k|)
+
+with ``max|d_c|`` over the tile's a x a input patch, ``max|g_kc|`` over the 9 taps, eps the dtype's
+machine epsilon and ``S_m = max_i sum_{r,j} |A^T[i,e]| |G[e,r]| |B^T[e,j]|`` summed over e too
+(:func:`transform_sum`: S_4 = 48, S_2 = 8): the weight transform rounds once (eps/2), the input
+transform's two passes add up to ~6 eps, the GEMM's channel sum cg eps, the output transform's two
+passes ~8 eps, each relative to the absolute-value transforms that S_m bounds.  The direct sum's
+bound is ``eps * 9*cg * sum |d||g|``: F(4x4)'s worst case is ~28x larger (2304/81), F(2x2)'s
+about the same.  The bound is relative to the largest input of the tile, not to each product: a
+small output next to large inputs loses digits.  Measured (tests/test_winograd.py, float32): max
+error 1-4x im2col's on random normal data, a few times more on data spread over 1e-4..1e4 and on
+adversarial inputs (tests assert 12x for F(4x4), 6x for F(2x2), and the bound); float64 within
+1e-12 relative.
+
+NaN and Inf: a non-finite input value spreads over the output tiles whose input patch holds it (up
+to 2 x 2 tiles, i.e. up to 2m x 2m outputs, in every output channel of its group and image); a
+non-finite weight over every output of its output channel.  PyTorch (and the direct algorithm)
+only poison the 3 x 3 windows that touch the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numba
+import numpy as np
+
+from . import _winograd_kernels as K
+from .im2col import _BLAS, serial_blas
+
+# --------------------------------------------------------------------------- transform matrices
+# float64 copies for the Python-side weight transforms (kernels hard-code the same numbers).
+_BT = {
+    4: np.array([[4, 0, -5, 0, 1, 0],
+                 [0, -4, -4, 1, 1, 0],
+                 [0, 4, -4, -1, 1, 0],
+                 [0, -2, -1, 2, 1, 0],
+                 [0, 2, -1, -2, 1, 0],
+                 [0, 4, 0, -5, 0, 1]], dtype=np.float64),
+    2: np.array([[1, 0, -1, 0],
+                 [0, 1, 1, 0],
+                 [0, -1, 1, 0],
+                 [0, 1, 0, -1]], dtype=np.float64),
+}
+_G = {
+    4: np.array([[1 / 4, 0, 0],
+                 [-1 / 6, -1 / 6, -1 / 6],
+                 [-1 / 6, 1 / 6, -1 / 6],
+                 [1 / 24, 1 / 12, 1 / 6],
+                 [1 / 24, -1 / 12, 1 / 6],
+                 [0, 0, 1]], dtype=np.float64),
+    2: np.array([[1, 0, 0],
+                 [0.5, 0.5, 0.5],
+                 [0.5, -0.5, 0.5],
+                 [0, 0, 1]], dtype=np.float64),
+}
+_AT = {
+    4: np.array([[1, 1, 1, 1, 1, 0],
+                 [0, 1, -1, 2, -2, 0],
+                 [0, 1, 1, 4, 4, 0],
+                 [0, 1, -1, 8, -8, 1]], dtype=np.float64),
+    2: np.array([[1, 1, 1, 0],
+                 [0, 1, -1, -1]], dtype=np.float64),
+}
+TILES = (4, 2)
+
+
+def transform_sum(m):
+    """S_m of the Accuracy section: ``max_i sum_{e,r,j} |A^T[i, e]| |G[e, r]| |B^T[e, j]|`` of F(m, 3).
+
+    Examples
+    --------
+    >>> from fastconv._algorithms import winograd
+    >>> round(winograd.transform_sum(4), 6), round(winograd.transform_sum(2), 6)
+    (48.0, 8.0)
+    """
+    at, g, bt = np.abs(_AT[m]), np.abs(_G[m]), np.abs(_BT[m])
+    return float(np.einsum("ie,er,ej->i", at, g, bt).max())
+
+
+_MATS: dict = {}
+
+
+def _matrices(m, dtype):
+    """(B^T, A^T, A) of F(m, 3) as C-contiguous arrays of ``dtype`` (the kernels' transform tables)."""
+    key = (m, np.dtype(dtype))
+    if key not in _MATS:
+        _MATS[key] = tuple(np.ascontiguousarray(t, dtype=dtype) for t in (_BT[m], _AT[m], _AT[m].T))
+    return _MATS[key]
+
+
+# --------------------------------------------------------------------------- planning
+_TILE_BYTES = 1 << 20  # transformed tiles per worker to aim for (L2-sized next to the GEMM's packing)
+_T_MIN = 64            # fewest tiles per GEMM worth aiming for: each reads a kg x cg block of U
+
+
+def _tiles(p, m):
+    return -(-p.oh // m), -(-p.ow // m)
+
+
+def _extra_words(m, tw, rb, t):
+    """Per-worker buffer elements besides the transformed tiles: two a*a x T scratch rows and the
+    padded input strip of rb tile rows."""
+    return 2 * (m + 2) ** 2 * t + (m * rb + 2) * (m * tw + 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    m: int
+    nb: int      # images per item
+    rb: int      # tile rows per item
+    cb: int      # input channels per item (grad_weight)
+    nw: int      # workers
+    tmax: int    # most tiles in an item
+    words: int   # buffer elements per worker
+    fixed: int   # bytes shared by all workers (U, or grad_weight's accumulator)
+
+
+def _plan(p, pass_, m, nthreads):
+    """The tiling of one pass with F(m x m, 3 x 3), or the reason it cannot fit the budget."""
+    isz = p.itemsize
+    th, tw = _tiles(p, m)
+    a2 = (m + 2) ** 2
+    fixed = a2 * p.k * p.cg * isz  # U, or grad_weight's accumulator
+    if pass_ == "grad_weight":
+        cb = -(-p.cg // min(p.cg, max(1, -(-nthreads // p.g))))  # every worker gets a channel block
+        per_tile = a2 * (cb + p.kg) * isz
+        par = p.g * -(-p.cg // cb)
+    else:
+        cb = p.cg
+        per_tile = a2 * (p.cg + p.kg) * isz
+        par = p.g
+    # tiles per item: ~_TILE_BYTES of transformed tiles, whole images when planes are small; for
+    # the forward pass, at least one item per worker
+    want = max(tw, _T_MIN, _TILE_BYTES // per_tile)
+    plane = th * tw
+    if plane <= want:
+        nb, rb = max(1, min(p.n, want // plane)), th
+    else:
+        nb, rb = 1, max(1, min(th, want // tw))
+    if pass_ != "grad_weight":
+        while nb > 1 and -(-p.n // nb) * par < nthreads:
+            nb = -(-nb // 2)
+        if nb == 1 and p.n * par * -(-th // rb) < nthreads:
+            rb = max(1, -(-th // -(-nthreads // (p.n * par))))
+
+    def words(nb_, rb_):
+        t = nb_ * rb_ * tw
+        return t, per_tile // isz * t + _extra_words(m, tw, rb_, t)
+
+    if pass_ == "grad_weight":
+        items = par
+    else:
+        items = -(-p.n // nb) * par * -(-th // rb)
+    nw = max(1, min(nthreads, items))
+    while True:
+        tmax, wds = words(nb, rb)
+        if fixed + nw * wds * isz <= p.workspace_limit:
+            break
+        if nb > 1:
+            nb = max(1, nb // 2)
+        elif rb > 1:
+            rb = max(1, rb // 2)
+        elif nw > 1:
+            nw -= 1
+        else:
+            need = fixed + wds * isz
+            return (f"needs at least {need} bytes of workspace (transformed weights and one row of "
+                    f"tiles), workspace_limit is {p.workspace_limit}")
+    return _Plan(m, nb, rb, cb, nw, tmax, wds, fixed)
+
+
+_PLANS: dict = {}
+
+
+def _cached_plan(p, pass_, m=None):
+    nthreads = numba.get_num_threads()
+    key = (p, pass_, m, nthreads)
+    pl = _PLANS.get(key)
+    if pl is None:
+        plans = [_plan(p, pass_, mm, nthreads) for mm in ((m,) if m else TILES)]
+        fit = [c for c in plans if not isinstance(c, str)]
+        pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads)) if fit else plans[0]
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        _PLANS[key] = pl
+    return pl
+
+
+def _contiguous(a):
+    """A C-contiguous, writeable array (numba compiles another specialisation for read-only ones)."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
+# --------------------------------------------------------------------------- passes
+def _weight_transform(w, p, m):
+    """U (a*a*k*cg,) = G w G^T per output/input channel pair, in float64, rounded once to the dtype."""
+    u = np.empty((m + 2) ** 2 * p.k * p.cg, dtype=p.dtype)
+    K.kernel_transform(_contiguous(w).reshape(p.k, p.cg, 9), _G[m], u)
+    return u
+
+
+def _run_forward(x, w, b, p, m=None):
+    """The forward pass; ``m`` forces a tile size (tests), else the cheaper one."""
+    pl = _cached_plan(p, "forward", m)
+    if isinstance(pl, str):  # pragma: no cover - supports() refused it before
+        raise ValueError(pl)
+    th, tw = _tiles(p, pl.m)
+    bt, at, _ = _matrices(pl.m, p.dtype)
+    y = np.empty(p.y_shape, dtype=p.dtype)
+    bb = _contiguous(b) if b is not None else np.zeros(p.k, p.dtype)
+    hv = min(p.h, p.oh + 2 - p.ph0)  # rows a valid output reads (fewer than h when cropping)
+    wv = min(p.w, p.ow + 2 - p.pw0)
+    with serial_blas:
+        K.forward_tiles(_contiguous(x), _weight_transform(w, p, pl.m), bb, y, np.empty((pl.nw, pl.words), p.dtype),
+                        bt, at, *_BLAS.args(p.dtype, pl.nw), np.zeros(1, np.int64), pl.m, p.g, p.ph0, p.pw0,
+                        hv, wv, th, tw, pl.nb, pl.rb, pl.tmax)
+    return y
+
+
+def forward(x, w, b, p):
+    return _run_forward(x, w, b, p)
+
+
+def _transposed(p):
+    """grad_input's parameters as a forward convolution: gy padded by 2 - ph (cropped when negative)."""
+    return dataclasses.replace(p, c=p.k, h=p.oh, w=p.ow, k=p.c, ph0=2 - p.ph0, ph1=2 - p.ph1,
+                               pw0=2 - p.pw0, pw1=2 - p.pw1, oh=p.h, ow=p.w)
+
+
+def grad_input(gy, w, p, m=None):
+    wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, 3, 3).transpose(0, 2, 1, 3, 4)
+    return _run_forward(gy, wf.reshape(p.c, p.kg, 3, 3), None, _transposed(p), m)
+
+
+def grad_weight(gy, x, p, m=None):
+    pl = _cached_plan(p, "grad_weight", m)
+    if isinstance(pl, str):  # pragma: no cover - supports() refused it before
+        raise ValueError(pl)
+    m = pl.m
+    th, tw = _tiles(p, m)
+    a = m + 2
+    bt, _, am = _matrices(m, p.dtype)
+    mw = np.zeros(a * a * p.k * p.cg, dtype=p.dtype)
+    hv = min(p.h, p.oh + 2 - p.ph0)
+    wv = min(p.w, p.ow + 2 - p.pw0)
+    with serial_blas:
+        K.grad_weight_tiles(_contiguous(x), _contiguous(gy), mw, np.empty((pl.nw, pl.words), p.dtype), bt, am,
+                            *_BLAS.args(p.dtype, pl.nw), np.zeros(1, np.int64), m, p.g, p.ph0, p.pw0, hv, wv,
+                            th, tw, pl.nb, pl.rb, pl.cb, pl.tmax)
+    gw = np.empty(p.w_shape, dtype=p.dtype)
+    K.taps_transform(mw.reshape(a * a, p.k, p.cg), _G[m], gw.reshape(p.k, p.cg, 9))
+    return gw
+
+
+# --------------------------------------------------------------------------- registry
+_INT_MAX = 2**31 - 1
+
+
+def supports(p, pass_):
+    """3x3 kernels with stride 1 and dilation 1, any padding and groups, within the budget."""
+    if (p.r, p.s) != (3, 3):
+        return f"needs a 3x3 kernel, got {p.r}x{p.s}"
+    if (p.sh, p.sw) != (1, 1):
+        return f"needs stride 1, got ({p.sh}, {p.sw})"
+    if (p.dh, p.dw) != (1, 1):
+        return f"needs dilation 1, got ({p.dh}, {p.dw})"
+    if pass_ == "grad_input":
+        p = _transposed(p)
+    if p.n * (p.oh // 2 + 1) * (p.ow // 2 + 1) * 36 * max(p.c, p.k) > _INT_MAX:
+        return "a GEMM operand has more than 2**31 - 1 elements (BLAS int sizes)"
+    pl = _cached_plan(p, pass_ if pass_ != "grad_input" else "forward")
+    return pl if isinstance(pl, str) else None
+
+
+# Cost model constants, fitted to single-call medians on the 2-core EPYC (Zen 3, AVX2) build machine,
+# shared with other jobs (+-20%): GEMM rate per thread at a GEMM's thinnest side (as im2col's), and
+# transforms per transformed element (input, gy) or output element.
+_GEMM_RATE = {4: 40e9, 8: 20e9}
+_TRANSFORM_RATE = 1.0e9
+
+
+def _cost_of(p, pass_, pl, nthreads):
+    th, tw = _tiles(p, pl.m)
+    a2 = (pl.m + 2) ** 2
+    tiles = p.n * th * tw
+    thin = min(p.kg, p.cg, pl.tmax)
+    rate = _GEMM_RATE[p.itemsize] * thin / (thin + 16.0) * (1.0 + 0.9 * (min(nthreads, pl.nw) - 1))
+    gemm = 2.0 * a2 * p.k * p.cg * tiles / rate
+    if pass_ == "grad_weight":  # each channel block transforms all of gy again
+        elems = a2 * tiles * (p.c + p.k * -(-p.cg // pl.cb))
+    else:
+        elems = a2 * tiles * (p.c + p.k)
+    trans = elems / (_TRANSFORM_RATE * (1.0 + 0.9 * (min(nthreads, pl.nw) - 1)))
+    return 3e-5 + gemm + trans
+
+
+def cost(p, pass_, threads):
+    """Estimated seconds of one pass on ``threads`` threads with the cheaper of F(4x4) and F(2x2)
+    (``inf`` when unsupported)."""
+    if supports(p, pass_) is not None:
+        return float("inf")
+    q = _transposed(p) if pass_ == "grad_input" else p
+    pl = _cached_plan(q, "forward" if pass_ == "grad_input" else pass_)
+    return _cost_of(q, pass_, pl, threads)

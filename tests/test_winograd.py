@@ -1,0 +1,245 @@
+"""The Winograd algorithm: both tile sizes against the float64 reference on every padding, group and
+tile-edge geometry; the stated error bound and the error relative to im2col's on random, wide-range
+and adversarial data; tilings forced by small budgets; refusals; the documented NaN spread."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import fastconv
+import reference as ref
+from fastconv._algorithms import winograd as W
+from fastconv._validation import conv_params
+
+# float32: the largest error of F(m x m, 3 x 3) may be this many times im2col's on the same inputs
+# (measured: 1-4x for F(4x4) on random normal data, up to ~6x on wide-range data; F(2x2) ~1-2x)
+FACTOR = {4: 12.0, 2: 6.0}
+EPS = {np.dtype(np.float32): float(np.finfo(np.float32).eps), np.dtype(np.float64): float(np.finfo(np.float64).eps)}
+
+# (id, x shape, weight shape, groups, (top, bottom), (left, right) padding)
+CASES = [
+    ("pad1", (2, 3, 9, 7), (4, 3, 3, 3), 1, (1, 1), (1, 1)),
+    ("valid-odd", (3, 2, 13, 10), (3, 2, 3, 3), 1, (0, 0), (0, 0)),
+    ("asymmetric", (1, 4, 5, 6), (6, 2, 3, 3), 2, (0, 2), (1, 0)),
+    ("pad-beyond-kernel", (2, 2, 4, 5), (3, 2, 3, 3), 1, (3, 3), (3, 4)),
+    ("n1-c1-3x3", (1, 1, 3, 3), (1, 1, 3, 3), 1, (0, 0), (0, 0)),
+    ("groups-tile-edges", (2, 6, 11, 14), (9, 2, 3, 3), 3, (1, 2), (2, 1)),
+    ("wide-row", (1, 2, 6, 41), (5, 2, 3, 3), 1, (1, 1), (1, 1)),
+    ("many-small-images", (7, 5, 4, 4), (4, 5, 3, 3), 1, (1, 1), (1, 1)),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _params(case, dtype, workspace_limit=None):
+    _, xs, ws, g, (t, b), (l, r) = case
+    p = conv_params("conv2d", xs, ws, dtype, 1, 0, 1, g, workspace_limit)
+    return dataclasses.replace(p, ph0=t, ph1=b, pw0=l, pw1=r, oh=xs[2] + t + b - 2, ow=xs[3] + l + r - 2)
+
+
+def _make(case, dtype, seed=0, scale=None):
+    _, xs, ws, g, (t, b), (l, r) = case
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    if scale is not None:
+        x, w = x * scale(rng, xs), w * scale(rng, ws)
+    bias = rng.standard_normal(ws[0])
+    gy = rng.standard_normal((xs[0], ws[0], xs[2] + t + b - 2, xs[3] + l + r - 2))
+    return tuple(a.astype(dtype) for a in (x, w, bias, gy))
+
+
+def _exact(case, x, w, bias, gy):
+    """float64 reference results of forward, grad_input, grad_weight (explicitly padded input)."""
+    _, xs, _, g, (t, b), (l, r) = case
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (t, b), (l, r)))
+    return {"forward": ref.conv2d(xp, w, bias, groups=g),
+            "grad_input": ref.conv2d_grad_input(gy, xp.shape, w, groups=g)[:, :, t:t + xs[2], l:l + xs[3]],
+            "grad_weight": ref.conv2d_grad_weight(gy, xp, w.shape, groups=g)}
+
+
+def _winograd(p, x, w, bias, gy, m):
+    return {"forward": W._run_forward(x, w, bias, p, m),
+            "grad_input": W.grad_input(gy, w, p, m=m),
+            "grad_weight": W.grad_weight(gy, x, p, m=m)}
+
+
+def _im2col(case, p, x, w, bias, gy):
+    from fastconv._algorithms import im2col
+    return {"forward": im2col.forward(x, w, bias, p), "grad_input": im2col.grad_input(gy, w, p),
+            "grad_weight": im2col.grad_weight(gy, x, p)}
+
+
+def _err(got, want):
+    return float(np.abs(got.astype(np.float64) - want).max())
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float64_matches_reference(case, m):
+    x, w, bias, gy = _make(case, np.float64)
+    p = _params(case, np.float64)
+    want = _exact(case, x, w, bias, gy)
+    got = _winograd(p, x, w, bias, gy, m)
+    for name in want:
+        assert got[name].shape == want[name].shape and got[name].dtype == np.float64, name
+        scale = max(1.0, float(np.abs(want[name]).max()))
+        assert _err(got[name], want[name]) <= 1e-10 * scale, name
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float32_error_within_factor_of_im2col(case, m):
+    x, w, bias, gy = _make(case, np.float32, seed=1)
+    p = _params(case, np.float32)
+    want = _exact(case, x, w, bias, gy)
+    got = _winograd(p, x, w, bias, gy, m)
+    base = _im2col(case, p, x, w, bias, gy)
+    for name in want:
+        assert got[name].dtype == np.float32, name
+        floor = 4 * EPS[p.dtype] * max(1.0, float(np.abs(want[name]).max()))  # im2col can be exact
+        assert _err(got[name], want[name]) <= FACTOR[m] * max(_err(base[name], want[name]), floor), name
+
+
+def _tile_bound(p, x, w, bias, m):
+    """The docstring's bound on |y - y_exact| per output: eps * (15 + cg) * S_m**2 * sum_c
+    max|d_c| * max|w_kc| (+ eps*|b|), max|d_c| over the a x a input patch of the output's tile."""
+    th, tw = -(-p.oh // m), -(-p.ow // m)
+    a = m + 2
+    xp = np.zeros((p.n, p.c, th * m + 2, tw * m + 2))
+    hh, ww = min(p.h, xp.shape[2] - p.ph0), min(p.w, xp.shape[3] - p.pw0)
+    xp[:, :, p.ph0:p.ph0 + hh, p.pw0:p.pw0 + ww] = np.abs(x[:, :, :hh, :ww])
+    dmax = np.zeros((p.n, p.c, th, tw))
+    for i in range(th):
+        for j in range(tw):
+            dmax[:, :, i, j] = xp[:, :, i * m:i * m + a, j * m:j * m + a].max(axis=(2, 3))
+    wmax = np.abs(w.astype(np.float64)).max(axis=(2, 3))  # (k, cg)
+    tile = np.zeros((p.n, p.k, th, tw))
+    for gi in range(p.g):
+        ks, cs = slice(gi * p.kg, (gi + 1) * p.kg), slice(gi * p.cg, (gi + 1) * p.cg)
+        tile[:, ks] = np.einsum("ncij,kc->nkij", dmax[:, cs], wmax[ks])
+    full = np.repeat(np.repeat(tile, m, axis=2), m, axis=3)[:, :, :p.oh, :p.ow]
+    s2 = W.transform_sum(m) ** 2
+    return EPS[p.dtype] * ((15 + p.cg) * s2 * full + np.abs(bias)[None, :, None, None])
+
+
+def _wide(rng, shape):
+    return 10.0 ** rng.uniform(-4, 4, shape)
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("scale", [None, _wide], ids=["normal", "wide-1e-4..1e4"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=[IDS[0], IDS[2], IDS[5]])
+def test_float32_forward_within_stated_bound(case, scale, m):
+    x, w, bias, gy = _make(case, np.float32, seed=2, scale=scale)
+    p = _params(case, np.float32)
+    want = _exact(case, x, w, bias, gy)["forward"]
+    got = W._run_forward(x, w, bias, p, m).astype(np.float64)
+    assert (np.abs(got - want) <= _tile_bound(p, x, w, bias, m)).all()
+    if scale is not None:  # the wide range also against im2col's error
+        base = _im2col(case, p, x, w, bias, gy)["forward"]
+        assert _err(got, want) <= FACTOR[m] * _err(base, want)
+
+
+def _adversarial(kind, rng, xs, ws):
+    """Inputs built to hurt transform-based convolution."""
+    x = rng.standard_normal(xs)
+    w = rng.standard_normal(ws)
+    if kind == "cancel":  # huge inputs, zero-sum kernels: outputs ~1e4 times smaller than the terms
+        x = 1e4 + rng.standard_normal(xs)
+        w -= w.mean(axis=(2, 3), keepdims=True)
+    elif kind == "spikes":  # one 1e4 value per tile next to 1e-4 values
+        x = 1e-4 * x
+        x[:, :, ::4, ::4] = 1e4
+    elif kind == "alternating":  # +-1 checkerboards excite the largest transform coefficients
+        ii, jj = np.indices(xs[2:])
+        x = np.broadcast_to(np.where((ii + jj) % 2, 1.0, -1.0) * 2.0 ** (ii % 3), xs).copy()
+        w = np.broadcast_to(np.array([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]), ws).copy()
+    return x, w
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("kind", ["cancel", "spikes", "alternating"])
+def test_float32_adversarial_values(kind, m):
+    case = CASES[5]
+    _, xs, ws, *_ = case
+    x, w = (a.astype(np.float32) for a in _adversarial(kind, np.random.default_rng(3), xs, ws))
+    bias = np.zeros(ws[0], np.float32)
+    gy = np.ones((xs[0], ws[0], xs[2] + 1, xs[3] + 1), np.float32)
+    p = _params(case, np.float32)
+    want = _exact(case, x, w, bias, gy)
+    got = _winograd(p, x, w, bias, gy, m)
+    base = _im2col(case, p, x, w, bias, gy)
+    assert (np.abs(got["forward"] - want["forward"]) <= _tile_bound(p, x, w, bias, m)).all()
+    for name in want:
+        floor = 4 * EPS[p.dtype] * max(1.0, float(np.abs(want[name]).max()))
+        assert _err(got[name], want[name]) <= FACTOR[m] * max(_err(base[name], want[name]), floor), name
+
+
+@pytest.mark.parametrize("limit", [1 << 14, 1 << 16])
+def test_small_budgets_force_small_tiles_and_the_same_result(limit):
+    case = ("budget", (3, 4, 23, 22), (5, 4, 3, 3), 1, (1, 1), (1, 1))
+    x, w, bias, gy = _make(case, np.float64, seed=4)
+    want = _exact(case, x, w, bias, gy)
+    p = _params(case, np.float64, workspace_limit=limit)
+    for m in W.TILES:
+        pl = W._cached_plan(p, "forward", m)
+        assert not isinstance(pl, str) and pl.tmax < p.n * -(-p.oh // m) * -(-p.ow // m)
+        got = _winograd(p, x, w, bias, gy, m)
+        for name in want:
+            assert _err(got[name], want[name]) <= 1e-10 * max(1.0, float(np.abs(want[name]).max())), (m, name)
+
+
+@pytest.mark.parametrize("kw, reason", [
+    ({"stride": 2}, "needs stride 1"),
+    ({"dilation": 2}, "needs dilation 1"),
+])
+def test_refuses_what_it_cannot_serve(kw, reason):
+    x, w = np.ones((1, 2, 9, 9)), np.ones((2, 2, 3, 3))
+    with pytest.raises(ValueError, match=f"algorithm='winograd' cannot compute the forward pass here: {reason}"):
+        fastconv.conv2d(x, w, **kw, algorithm="winograd")
+    p = conv_params("conv2d", x.shape, w.shape, x.dtype, kw.get("stride", 1), 0, kw.get("dilation", 1), 1)
+    assert W.cost(p, "forward") == float("inf")
+    for shape in [(2, 2, 5, 5), (2, 2, 3, 1), (2, 2, 1, 3)]:
+        q = conv_params("conv2d", x.shape, shape, x.dtype, 1, 0, 1, 1)
+        assert W.supports(q, "grad_weight") == f"needs a 3x3 kernel, got {shape[2]}x{shape[3]}"
+    q = conv_params("conv2d", x.shape, w.shape, x.dtype, 1, 1, 1, 1, workspace_limit=64)
+    assert "bytes of workspace" in W.supports(q, "forward")
+    ok = conv_params("conv2d", x.shape, w.shape, x.dtype, 1, 1, 1, 1)
+    assert all(W.supports(ok, pass_) is None and 0 < W.cost(ok, pass_) < 1 for pass_ in
+               ("forward", "grad_input", "grad_weight"))
+
+
+def test_public_api_matches_torch(torch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 10, 9))
+    w = rng.standard_normal((6, 2, 3, 3))
+    b = rng.standard_normal(6)
+    kw = {"padding": "same", "groups": 2}
+    y = fastconv.conv2d(x, w, b, **kw, algorithm="winograd")
+    gy = rng.standard_normal(y.shape)
+    g = fastconv.conv2d_backward(gy, x, w, **kw, algorithm="winograd")
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, **kw)
+    ty.backward(torch.tensor(gy))
+    for got, want in [(y, ty.detach()), (g.grad_input, tx.grad), (g.grad_weight, tw.grad), (g.grad_bias, tb.grad)]:
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("m", W.TILES)
+def test_nan_spreads_over_tiles_only(m):
+    # the documented spread: the output tiles whose a x a input patch holds the NaN, every channel
+    case = CASES[5]
+    x, w, bias, gy = _make(case, np.float64, seed=6)
+    x[1, 2, 5, 6] = np.nan
+    p = _params(case, np.float64)
+    y = W._run_forward(x, w, bias, p, m)
+    torch_like = np.isnan(_exact(case, x, w, bias, gy)["forward"])
+    nan = np.isnan(y)
+    assert (nan >= torch_like).all() and not nan[0].any()
+    i, j = 5 + p.ph0, 6 + p.pw0  # padded coordinates
+    rows = {t for t in range(-(-p.oh // m)) if t * m <= i < t * m + m + 2}
+    cols = {t for t in range(-(-p.ow // m)) if t * m <= j < t * m + m + 2}
+    inside = np.zeros(y.shape[2:], bool)
+    for t in rows:
+        for u in cols:
+            inside[t * m:t * m + m, u * m:u * m + m] = True
+    assert not nan[1][:, ~inside].any()
