@@ -13,6 +13,7 @@ import numpy as np
 from . import _validation as V
 from ._algorithms import fft, pooling
 from ._algorithms.common import bias_grad
+from ._config import reports_memory
 from ._dispatch import select
 from ._threads import apply as apply_threads
 
@@ -34,6 +35,7 @@ class Conv2dGrads(NamedTuple):
     grad_bias: np.ndarray
 
 
+@reports_memory
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
            workspace_limit=None):
     """2-D convolution (cross-correlation, as in deep learning) of a batch of images.
@@ -91,6 +93,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     return alg.forward(x, weight, bias, p)
 
 
+@reports_memory
 def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
                     workspace_limit=None):
     """Gradients of :func:`conv2d` with respect to input, weight and bias.
@@ -144,6 +147,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     return Conv2dGrads(gx, gw, bias_grad(grad_output))
 
 
+@reports_memory
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """2-D max pooling.
 
@@ -192,6 +196,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return (y, idx) if return_indices else y
 
 
+@reports_memory
 def max_pool2d_backward(grad_output, indices, input_shape):
     """Gradient of :func:`max_pool2d`: each ``grad_output`` element goes to the input position
     its ``indices`` entry names (and sums where windows overlap on one maximum).
@@ -241,6 +246,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     return gx
 
 
+@reports_memory
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     """2-D average pooling.
 
@@ -276,6 +282,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     return pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad))
 
 
+@reports_memory
 def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False,
                         count_include_pad=True):
     """Gradient of :func:`avg_pool2d`: each ``grad_output`` element spread evenly (by the same
@@ -297,6 +304,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
     return pooling.avg_backward(grad_output, p, V._bool(fn, "count_include_pad", count_include_pad))
 
 
+@reports_memory
 def relu(x):
     """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch); always a new array.
 
@@ -311,6 +319,7 @@ def relu(x):
     return np.maximum(x, x.dtype.type(0), out=np.empty_like(x))
 
 
+@reports_memory
 def relu_backward(grad_output, x):
     """Gradient of :func:`relu`: 0 where ``x <= 0``, else ``grad_output`` (so a NaN input passes the
     gradient through, as PyTorch's ``threshold_backward``).
