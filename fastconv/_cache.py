@@ -35,6 +35,9 @@ class CacheWarning(RuntimeWarning):
     """
 
 
+#: Every kernel made with :func:`cached` (module import order), for ``python -m fastconv doctor``.
+KERNELS: list = []
+
 _warned: set = set()
 _warned_lock = threading.Lock()
 
@@ -158,20 +161,17 @@ def cached(jit, enabled=True):
         dispatcher = jit(py_func)
         # What Dispatcher.enable_caching() does, with our cache class instead of numba's.
         dispatcher._cache = _make_cache(py_func)
+        KERNELS.append(dispatcher)
         return dispatcher
 
     return decorate
 
 
 def cache_dirs():
-    """The directories holding the caches of the kernels compiled with :func:`cached` (imported ones)."""
-    import sys
+    """The directories holding the on-disk caches of the kernels decorated so far."""
     dirs = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("fastconv.") or module is None:
-            continue
-        for obj in list(vars(module).values()):
-            path = getattr(getattr(obj, "_cache", None), "cache_path", None)
-            if isinstance(getattr(obj, "_cache", None), _FunctionCache) and path and path not in dirs:
-                dirs.append(path)
+    for dispatcher in KERNELS:
+        path = dispatcher._cache.cache_path
+        if path and path not in dirs:
+            dirs.append(path)
     return dirs
