@@ -109,7 +109,12 @@ class _FunctionCache(caching.FunctionCache):
         try:
             return super().load_overload(sig, target_context)
         except Exception as e:  # a data file that unpickles but does not rebuild into a function
-            _discard(self._cache_file._index_path, e)
+            cache_file = self._cache_file
+            try:
+                name = cache_file._load_index().get(self._index_key(sig, target_context.codegen()))
+            except Exception:
+                name = None
+            _discard(cache_file._data_path(name) if name else cache_file._index_path, e)
             return None
 
     def save_overload(self, sig, data):
@@ -142,7 +147,8 @@ def _make_cache(py_func):
                    f"uses, in memory (seconds each). Fix: {_FIX}")
         return caching.NullCache()
     user_dir = config.CACHE_DIR
-    if user_dir and not os.path.abspath(cache.cache_path).startswith(os.path.abspath(user_dir)):
+    if user_dir and os.path.commonpath([os.path.abspath(cache.cache_path), os.path.abspath(user_dir)]) \
+            != os.path.abspath(user_dir):
         _warn_once("user_dir",
                    f"fastconv: NUMBA_CACHE_DIR={user_dir} is not a writable directory; numba caches "
                    f"fastconv's kernels in {cache.cache_path} instead")
