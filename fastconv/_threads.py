@@ -57,6 +57,7 @@ def _numpy_blas(n):
             from threadpoolctl import ThreadpoolController
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             return
+        _blas_threads = None  # unknown until every library is set (an interrupt may stop the loop)
         for ctl in ThreadpoolController().select(user_api="blas").lib_controllers:
             if "numpy" in ctl.filepath:
                 ctl.set_num_threads(n)
@@ -157,10 +158,10 @@ def threads(n):
     n = _check("threads", n)
     prev = getattr(_local, "n", None)
     prev_numba = numba.get_num_threads()
-    _local.n = n
-    numba.set_num_threads(n)
-    _numpy_blas(n)
-    try:
+    try:  # the settings too: an interrupt (KeyboardInterrupt from a signal) between them is restored
+        _local.n = n
+        numba.set_num_threads(n)
+        _numpy_blas(n)
         yield n
     finally:
         _local.n = prev

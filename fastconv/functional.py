@@ -13,6 +13,7 @@ import numpy as np
 from . import _validation as V
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
+from ._config import reports_memory
 from ._select import select
 from ._threads import apply as apply_threads
 
@@ -34,6 +35,7 @@ class Conv2dGrads(NamedTuple):
     grad_bias: np.ndarray
 
 
+@reports_memory
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
            workspace_limit=None):
     """2-D convolution (cross-correlation, as in deep learning) of a batch of images.
@@ -91,6 +93,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     return alg.forward(x, weight, bias, p)
 
 
+@reports_memory
 def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
                     workspace_limit=None):
     """Gradients of :func:`conv2d` with respect to input, weight and bias.
@@ -146,6 +149,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     return Conv2dGrads(gx, gw, bias_grad(grad_output))
 
 
+@reports_memory
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """2-D max pooling.
 
@@ -194,6 +198,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return (y, idx) if return_indices else y
 
 
+@reports_memory
 def max_pool2d_backward(grad_output, indices, input_shape):
     """Gradient of :func:`max_pool2d`: each ``grad_output`` element goes to the input position
     its ``indices`` entry names (and sums where windows overlap on one maximum).
@@ -243,6 +248,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     return gx
 
 
+@reports_memory
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None):
     """2-D average pooling.
@@ -282,6 +288,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
                                V.divisor(fn, divisor_override))
 
 
+@reports_memory
 def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False,
                         count_include_pad=True, divisor_override=None):
     """Gradient of :func:`avg_pool2d`: each ``grad_output`` element spread evenly (by the same
@@ -304,6 +311,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
                                 V.divisor(fn, divisor_override))
 
 
+@reports_memory
 def relu(x):
     """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch); always a new array.
 
@@ -318,6 +326,7 @@ def relu(x):
     return np.maximum(x, x.dtype.type(0), out=np.empty_like(x))
 
 
+@reports_memory
 def relu_backward(grad_output, x):
     """Gradient of :func:`relu`: 0 where ``x <= 0``, else ``grad_output`` (so a NaN input passes the
     gradient through, as PyTorch's ``threshold_backward``).
