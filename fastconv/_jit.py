@@ -53,3 +53,26 @@ _start_pool()
 BOUNDSCHECK = bool(numba.config.BOUNDSCHECK)
 # cache: numba's cache=True, hardened against damaged and unwritable cache files (_cache.py).
 kernel = cached(numba.njit(parallel=not BOUNDSCHECK, fastmath=FASTMATH, nogil=True), enabled=not BOUNDSCHECK)
+
+# --------------------------------------------------------------------------- vectors and runs
+#: Bytes per vector in the IR micro-kernels (``common.mac_taps``, ``copy_vector``): 256 bits, which
+#: every x86-64 CPU fastconv targets executes (an AVX-512 core too; ``_cpu.isa()`` tells what else
+#: it has, and the GEMM micro-kernel chooses its own width from that).
+VECTOR_BYTES = 32
+#: Zero elements after every padded plane (``common.pad_planes``).  Kernels round a run of elements
+#: up to a whole number of vectors and read (or write into scratch) up to that far past its end, so
+#: a round-up unit must never exceed it.
+SLACK = 32
+#: Round-up units, in elements: one float32 vector (the forward blocks, per-image runs, pooling
+#: rows) and two (depthwise runs and grad_weight's merged rows, whose loops take two at a time).
+RUN_VECTOR = VECTOR_BYTES // 4
+RUN_PAIR = 2 * RUN_VECTOR
+if RUN_PAIR > SLACK:  # pragma: no cover - a wider vector needs a wider SLACK first
+    raise ImportError(f"fastconv._jit: run round-up {RUN_PAIR} exceeds the plane slack {SLACK}")
+
+
+@numba.njit(inline="always", nogil=True)
+def round_run(n, unit):
+    """``n`` rounded up to a multiple of ``unit`` (``RUN_VECTOR`` or ``RUN_PAIR``, both within
+    ``SLACK``): the length a kernel processes for a run of ``n`` elements."""
+    return n + (-n) % unit

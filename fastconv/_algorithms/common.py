@@ -9,7 +9,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
-from .._jit import kernel
+from .._jit import SLACK, kernel  # SLACK: zero elements after every flat plane (see _jit)
 
 
 @intrinsic
@@ -68,8 +68,6 @@ def stack_rows(typingctx, rows, cols, dtype):
     return aty(rows, cols, dtype), codegen
 
 
-# Zero elements after every flat plane: kernels may round a run up to whole vectors (see SLACK users)
-SLACK = 32
 
 
 @kernel

@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .._jit import FASTMATH, kernel
+from .._jit import FASTMATH, RUN_VECTOR, kernel, round_run
 
 _micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")  # compiled into the caller
 
@@ -155,7 +155,7 @@ def _max_forward_2x2(x, y, idx):
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     wide = ow >= 32
-    ov = ow + (-ow) % 8
+    ov = round_run(ow, RUN_VECTOR)
     nch = min(pp, 64)
     for ch in prange(nch):
         s0 = np.zeros(2 * ov, x.dtype)

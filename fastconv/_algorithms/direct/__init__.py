@@ -38,6 +38,7 @@ import functools
 import numpy as np
 import numba
 
+from ..._jit import RUN_PAIR
 from ..common import SLACK, pad_planes, transposed_weight
 from .blocks import _FWD_KB, _FWD_TILE
 from .depthwise import _DW_RB, _dw_forward, _dw_grad_weight
@@ -267,7 +268,7 @@ def grad_weight(gy, x, p):
         seg_g = np.zeros(1, np.int64)
         seg_x = np.zeros(1, np.int64)
         ln = (p.oh - 1) * wq + p.ow
-        seg_len = np.array([ln + (-ln) % 16], np.int64)  # zeros pad gy to whole vectors (SLACK)
+        seg_len = np.array([ln + (-ln) % RUN_PAIR], np.int64)  # zeros pad gy to whole vectors (SLACK)
     else:
         g2 = np.ascontiguousarray(gy).reshape(p.n, p.k, p.oh * p.ow)
         rows = np.arange(p.oh, dtype=np.int64)

@@ -4,7 +4,7 @@ import numpy as np
 import numba
 from numba import literally
 
-from ..._jit import BOUNDSCHECK, FASTMATH
+from ..._jit import BOUNDSCHECK, FASTMATH, RUN_VECTOR, VECTOR_BYTES, round_run
 from ..common import SLACK, mac_taps
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
@@ -124,8 +124,8 @@ def _fwd_block(xv, c0, wt, offs, b, y, n, k0, nk, i0, i1, wq, sh, acc):
     # several rows only when sh == 1; rounded up to whole vectors (the planes' SLACK makes that
     # safe) because a scalar remainder loop would cost as much as the vector body on short runs
     ln = (i1 - i0 - 1) * wq + ow
-    ln = min(ln + (-ln) % 8, ln + SLACK)
-    lanes = 32 // y.itemsize  # ln is a multiple of 8, so of lanes
+    ln = min(round_run(ln, RUN_VECTOR), ln + SLACK)
+    lanes = VECTOR_BYTES // y.itemsize  # ln is a multiple of RUN_VECTOR, so of lanes
     base = c0 * xv.shape[1] + i0 * sh * wq
     if BOUNDSCHECK:  # mac_taps reads unchecked: the bounds-checked CI build checks its extent
         for t in range(tn):

@@ -2,7 +2,7 @@
 import numpy as np
 from numba import prange
 
-from ..._jit import kernel
+from ..._jit import RUN_PAIR, kernel, round_run
 from ..common import SLACK, claim
 from .blocks import _copy, _fill_plane, _mac1x1, _mac1x4, _micro
 
@@ -37,7 +37,7 @@ def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nw, ctr,
     items = nn * cc
     nrb = (oh + rb - 1) // rb
     lmax = (rb - 1) * wq + ow
-    lmax += (-lmax) % 16
+    lmax = round_run(lmax, RUN_PAIR)
     for wid in prange(nw):
         buf = np.zeros(sw * hp * wq + SLACK, dtype=y.dtype)
         acc = np.empty(lmax, dtype=y.dtype)
@@ -56,7 +56,7 @@ def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nw, ctr,
                             (min(i1 + rb, oh) - 1) * sh + (rr - 1) * dh + 1)
                 # rounded up to whole vectors like _forward (SLACK)
                 ln = (i1 - i0 - 1) * wq + ow
-                ln += (-ln) % 16
+                ln = round_run(ln, RUN_PAIR)
                 row0 = i0 * sh * wq
                 if fast:
                     _dw3x3(acc, buf, row0, dh * wq, wt, c, b[c], ln)
@@ -115,7 +115,7 @@ def _dw_grad_weight(gy, x, tb, gw, sw, hp, wq, top, left, sh, dh, fast, zero):
     nn, kk_, oh, ow = gy.shape
     tn = tb.shape[0]
     ln = (oh - 1) * wq + ow
-    ln += (-ln) % 16
+    ln = round_run(ln, RUN_PAIR)
     for c in prange(kk_):
         buf = np.zeros(sw * hp * wq + SLACK, dtype=gy.dtype)
         gb = np.zeros(ln, dtype=gy.dtype) if fast else np.zeros(0, dtype=gy.dtype)

@@ -3,7 +3,7 @@ padded copy of the tensor), for many small images such as LeNet's."""
 import numpy as np
 from numba import prange
 
-from ..._jit import kernel
+from ..._jit import RUN_VECTOR, kernel, round_run
 from ..common import SLACK, claim, stack_rows
 from .blocks import _FWD_KB, _copy, _dot1, _dot4x4, _fill_plane, _fill_shifted, _fwd_block, _fwd_geometry, _mac1x1, _mac1x4, _mac2x4, _mac4x4, _tap_offsets
 
@@ -59,7 +59,7 @@ def _grad_weight_img(gy, x, tc, tb, part, sw, hp, wq, top, left, sh, g, zero, nw
     tn = part.shape[2]
     nch = part.shape[0]
     lnm = (oh - 1) * wq + ow
-    lnm += (-lnm) % 8
+    lnm = round_run(lnm, RUN_VECTOR)
     for wid in prange(nw):
         xb = np.zeros((cg, sw * hp * wq + SLACK), dtype=x.dtype)
         gb = np.zeros((kg, oh * wq + SLACK), dtype=x.dtype)
@@ -122,7 +122,7 @@ def _grad_input_img(gy, wt, tb, gx, hp, wp, top, left, nw, ctr, zero):
     h, w = gx.shape[2], gx.shape[3]
     rs = tn // cg
     ln = (oh - 1) * wp + ow
-    ln += (-ln) % 8
+    ln = round_run(ln, RUN_VECTOR)
     k4 = kg - kg % 4
     items = nn * g
     for wid in prange(nw):
