@@ -497,11 +497,12 @@ def _blocks(m, n, k, a, aoff, ars, acs, pa, b, boff, brs, bcs, beta, c, coff, ld
             acc = 1 if (beta != 0 or pc > 0) else 0
             for ic in range(0, m, mc):
                 mb = min(mc, m - ic)
-                if pa.size > 0:
-                    _macro(kb, mb, nb, pa, pc * mp + ic * kb, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
-                else:
+                # one call site of the macro-kernel: each one inlines six FMA loops (compile time)
+                src, off = pa, pc * mp + ic * kb
+                if pa.size == 0:
                     _pack_a(a, aoff, ars, acs, ic, mb, pc, kb, ws, 0, mr)
-                    _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
+                    src, off = ws, 0
+                _macro(kb, mb, nb, src, off, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
 
 
 @_serial
