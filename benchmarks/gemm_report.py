@@ -124,7 +124,7 @@ def run(rounds, dtype, only, passes):
         def blas(t=t):
             with threadpool_limits(t, user_api="blas"):
                 np.matmul(a, b, out=c2)
-        cases.append((f"1024^3 (whole GEMM)", t, big, big, big, own, blas, 1))
+        cases.append(("1024^3 (whole GEMM)", t, big, big, big, own, blas, 1))
 
     suite = {c.name: c for c in load_suite().conv}
     fn, _ = im2col._BLAS.args(dtype, 1)
@@ -179,7 +179,7 @@ def run(rounds, dtype, only, passes):
                 times[i][j].append(_time(f, cases[i][1]))
     numba.set_num_threads(nmax)
     peak = {t: float(np.median(v)) for t, v in peaks.items()}
-    print(f"# FMA peak of the micro-kernel on registers alone: "
+    print("# FMA peak of the micro-kernel on registers alone: "
           + ", ".join(f"{t} thread(s) {peak[t]:.1f} GFLOP/s" for t in peak))
     print(f"{'product':28s} {'thr':>3s} {'M':>5s} {'N':>6s} {'K':>5s} | {'own ms':>8s} {'GFLOP/s':>8s} "
           f"{'%peak':>6s} | {'BLAS ms':>8s} {'GFLOP/s':>8s} {'%peak':>6s} | {'own/BLAS':>8s}")

@@ -87,7 +87,7 @@ def _vector_tools(builder, fty, isz, vbytes):
 def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None):
     # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride)
     rows = mr if rows is None else rows
-    kcv, pav, aoffv, pbv, boffv, cv, coffv, ldcv, accv = args[:9]
+    kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
     pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
     fty = context.get_data_type(sig.args[5].dtype)
     isz = context.get_abi_sizeof(fty)
@@ -447,15 +447,15 @@ def _macro(kb, mb, nb, pa, paoff, ws, pboff, tmpoff, c, coff, ldc, acc):
     mr, nr = _tile_of(c)
     for jr in range(0, nb, nr):
         nn = min(nr, nb - jr)
-        for ir in range(0, mb, mr):
-            mm = min(mr, mb - ir)
-            co = coff + ir * ldc + jr
+        for i0 in range(0, mb, mr):
+            mm = min(mr, mb - i0)
+            co = coff + i0 * ldc + jr
             if mm == mr and nn == nr:
-                ukernel(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, c, co, ldc, acc)
+                ukernel(kb, pa, paoff + i0 * kb, ws, pboff + jr * kb, c, co, ldc, acc)
             elif nn == nr:
-                ukernel_rows(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, c, co, ldc, acc, mm)
+                ukernel_rows(kb, pa, paoff + i0 * kb, ws, pboff + jr * kb, c, co, ldc, acc, mm)
             else:
-                ukernel(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
+                ukernel(kb, pa, paoff + i0 * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
                 for ii in range(mm):
                     if acc:
                         for jj in range(nn):
@@ -519,7 +519,7 @@ def pack_a_all(m, k, a, aoff, ars, acs, pa, blk):
     (im2col's weights, one product per tile) it is then packed once, not once per product.
     ``pa`` needs :func:`packed_a_size` elements."""
     kc = blk[0]
-    mr, nr = _tile_of(pa)
+    mr = _tile_of(pa)[0]
     mp = (m + mr - 1) // mr * mr
     for pc in range(0, k, kc):
         _pack_a(a, aoff, ars, acs, 0, m, pc, min(kc, k - pc), pa, pc * mp, mr)
@@ -600,6 +600,10 @@ def _flat(x):
     return np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(isz,)), rs, cs
 
 
+def _ceil(a, b):
+    return -(-a // b)
+
+
 def _split(m, n, k, mr, nr, mc, nthreads):
     """(bm, bn): blocks of C handed to the workers.  One block on one thread; else at least two
     blocks per worker (a busy core then does fewer), cutting the side whose cut repacks less:
@@ -611,9 +615,9 @@ def _split(m, n, k, mr, nr, mc, nthreads):
     best = None
     for ni in range(1, want + 1):
         nj = -(-want // ni)
-        bm = -(-(-(-m // ni)) // mr) * mr
-        bn = -(-(-(-n // nj)) // nr) * nr
-        ni_, nj_ = -(-m // bm), -(-n // bn)
+        bm = _ceil(_ceil(m, ni), mr) * mr
+        bn = _ceil(_ceil(n, nj), nr) * nr
+        ni_, nj_ = _ceil(m, bm), _ceil(n, bn)
         if ni_ * nj_ < min(want, -(-m // mr) * -(-n // nr)):
             continue
         extra = (nj_ - 1) * m * k + (ni_ - 1) * k * n
