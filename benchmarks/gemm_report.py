@@ -14,7 +14,10 @@ Rows:
   K = positions) and grad_input ``w.T . gy`` (M = taps, N = positions, K = K/g).  Timed as im2col
   calls them: from inside numba workers, each worker repeating the product on its own output,
   with 1 worker and with 2 workers at once (throughput, as the convolution's workers run);
-  OpenBLAS through the same function pointer im2col uses, held to one thread per worker.
+  OpenBLAS through the same function pointer im2col uses, held to one thread per worker.  Ours
+  packs A once per timed call (``pack_a_all``, then ``gemm_serial_packed`` per product), as im2col
+  would pack its weights once for all its tiles; a call is ``reps`` products (~2e7 flops), so
+  where ``reps`` is 1 (resnet50-3x3-512) the packing is counted in full.
 
 Columns: ms per product (per worker), GFLOP/s (all workers together), % of the FMA peak of that
 many workers (the micro-kernel's MR x NR FMAs on registers alone, measured in the same rounds),
@@ -44,10 +47,12 @@ LAYERS = ["alexnet-c1", "resnet50-stem", "resnet50-3x3-64", "resnet50-1x1-256", 
 
 
 @kernel
-def _own_loop(reps, m, n, k, a, ars, acs, b, brs, bcs, c, ws, blk):
+def _own_loop(reps, m, n, k, a, ars, acs, b, brs, bcs, c, pa, ws, blk):
+    # A (the weights, or their transpose) packed once per call, as im2col would for all its tiles
     for wid in prange(c.shape[0]):
+        G.pack_a_all(m, k, a, 0, ars, acs, pa[wid], blk)
         for _ in range(reps):
-            G.gemm_serial(m, n, k, a, 0, ars, acs, b, 0, brs, bcs, 0, c[wid], 0, n, ws[wid], blk)
+            G.gemm_serial_packed(m, n, k, pa[wid], b, 0, brs, bcs, 0, c[wid], 0, n, ws[wid], blk)
 
 
 @kernel
@@ -119,7 +124,7 @@ def run(rounds, dtype, only, passes):
         def blas(t=t):
             with threadpool_limits(t, user_api="blas"):
                 np.matmul(a, b, out=c2)
-        cases.append((f"1024^3 (whole GEMM)", t, big, big, big, own, blas, 1))
+        cases.append(("1024^3 (whole GEMM)", t, big, big, big, own, blas, 1))
 
     suite = {c.name: c for c in load_suite().conv}
     fn, _ = im2col._BLAS.args(dtype, 1)
@@ -133,17 +138,18 @@ def run(rounds, dtype, only, passes):
             ars, acs = (1, m) if ta else (k, 1)
             brs, bcs = (1, k) if tb else (n, 1)
             lda, ldb = A.shape[1], B.shape[1]
-            reps = max(1, int(2e7 // (2 * m * n * k)))  # ~10 ms of work per call at ~20 GFLOP/s
+            reps = max(1, int(2e7 // (2 * m * n * k)))  # ~2e7 flops (0.3-1 ms) per call, at least one product
             for t in range(1, nmax + 1):
                 cown = np.empty((t, m * n), dtype)
                 cbl = np.empty((t, m * n), dtype)
                 ws = np.empty((t, G.workspace_size(dtype)), dtype)
+                pa = np.empty((t, G.packed_a_size(dtype, m, k)), dtype)
                 ints = np.zeros((t, 8), dtype=im2col._BLAS.args(dtype, 1)[1].dtype)
 
-                def own(t=t, cown=cown, ws=ws, reps=reps, m=m, n=n, k=k, af=af, bf=bf, ars=ars, acs=acs,
+                def own(t=t, cown=cown, pa=pa, ws=ws, reps=reps, m=m, n=n, k=k, af=af, bf=bf, ars=ars, acs=acs,
                         brs=brs, bcs=bcs):
                     numba.set_num_threads(t)
-                    _own_loop(reps, m, n, k, af, ars, acs, bf, brs, bcs, cown, ws, blk)
+                    _own_loop(reps, m, n, k, af, ars, acs, bf, brs, bcs, cown, pa, ws, blk)
 
                 def blas(t=t, cbl=cbl, ints=ints, reps=reps, m=m, n=n, k=k, af=af, bf=bf, ta=ta, tb=tb,
                          lda=lda, ldb=ldb):
@@ -173,7 +179,7 @@ def run(rounds, dtype, only, passes):
                 times[i][j].append(_time(f, cases[i][1]))
     numba.set_num_threads(nmax)
     peak = {t: float(np.median(v)) for t, v in peaks.items()}
-    print(f"# FMA peak of the micro-kernel on registers alone: "
+    print("# FMA peak of the micro-kernel on registers alone: "
           + ", ".join(f"{t} thread(s) {peak[t]:.1f} GFLOP/s" for t in peak))
     print(f"{'product':28s} {'thr':>3s} {'M':>5s} {'N':>6s} {'K':>5s} | {'own ms':>8s} {'GFLOP/s':>8s} "
           f"{'%peak':>6s} | {'BLAS ms':>8s} {'GFLOP/s':>8s} {'%peak':>6s} | {'own/BLAS':>8s}")

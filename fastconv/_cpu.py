@@ -30,7 +30,7 @@ def _features_from(text):
     return {f[1:].lower() for f in text.replace(" ", "").split(",") if f.startswith("+")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_features() -> frozenset:
     """Enabled CPU feature names (LLVM spelling: 'avx2', 'fma', 'avx512f', ...)."""
     import numba
@@ -65,7 +65,7 @@ def isa_of(features) -> str:
     return "portable"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def isa() -> str:
     """The vector ISA fastconv's own kernels target on this machine."""
     return isa_of(cpu_features())
@@ -83,7 +83,7 @@ def _parse_size(text):
     return int(digits) * mult
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_sizes(root="/sys/devices/system/cpu/cpu0/cache") -> dict:
     """``{'l1d': bytes, 'l2': bytes, 'l3': bytes}`` of one core (L3: the whole shared cache)."""
     sizes = dict(_DEFAULT_CACHES)

@@ -16,7 +16,11 @@ Structure (the BLIS loop nest):
   vectors.
 * packing: A in MC x KC blocks of MR-row micro-panels (``pa[panel*MR*kb + p*MR + i]``), B in
   KC x NC blocks of NR-column micro-panels (``pb[panel*NR*kb + p*NR + j]``); edges are zero-padded to
-  whole panels so the micro-kernel never branches; partial C tiles go through a small buffer.
+  whole panels so the micro-kernel never branches.  A bottom-edge tile runs a kernel with fewer
+  rows (:func:`ukernel_rows`), a right-edge tile goes through a small buffer.  B's whole panels are
+  copied in vectors row by row (:func:`_copy_nr`), or from a transposed B as lanes x lanes squares
+  transposed in registers (:func:`_pack_bt_block`).  Products that share one A (im2col's weights)
+  pack it once: :func:`pack_a_all` + :func:`gemm_serial_packed`.
 * blocking: a KC x NR panel of B fills half of L1d, an MC x KC block of A half of L2, a KC x NC
   block of B at most half of L3 (:func:`blocking`), from :mod:`fastconv._cpu`.
 
@@ -80,8 +84,10 @@ def _vector_tools(builder, fty, isz, vbytes):
     return lanes, vty, fma, splat
 
 
-def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes):
-    kcv, pav, aoffv, pbv, boffv, cv, coffv, ldcv, accv = args[:9]
+def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None):
+    # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride)
+    rows = mr if rows is None else rows
+    kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
     pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
     fty = context.get_data_type(sig.args[5].dtype)
     isz = context.get_abi_sizeof(fty)
@@ -101,7 +107,7 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes):
     builder.position_at_end(loop)
     p = builder.phi(i64)
     p.add_incoming(ir.Constant(i64, 0), entry)
-    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
+    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
     for row in acc:
         for a in row:
             a.add_incoming(zero, entry)
@@ -110,36 +116,36 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes):
           for v in range(nv)]
     ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr))])
     new = []
-    for i in range(mr):
+    for i in range(rows):
         av = splat(builder.load(builder.gep(ap, [ir.Constant(i64, i)])))
         new.append([builder.call(fma, [av, bs[v], acc[i][v]]) for v in range(nv)])
     p1 = builder.add(p, ir.Constant(i64, 1))
     body_end = builder.block
     p.add_incoming(p1, body_end)
-    for i in range(mr):
+    for i in range(rows):
         for v in range(nv):
             acc[i][v].add_incoming(new[i][v], body_end)
     builder.cbranch(builder.icmp_signed("<", p1, kcv), loop, done)
 
     builder.position_at_end(done)
-    total = [[builder.phi(vty) for _ in range(nv)] for _ in range(mr)]
-    for i in range(mr):
+    total = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
+    for i in range(rows):
         for v in range(nv):
             total[i][v].add_incoming(zero, entry)
             total[i][v].add_incoming(new[i][v], body_end)
     ptrs = []
     c0 = builder.gep(c.data, [coffv])
-    for i in range(mr):
+    for i in range(rows):
         row = builder.gep(c0, [builder.mul(ldcv, ir.Constant(i64, i))])
         ptrs.append([builder.bitcast(builder.gep(row, [ir.Constant(i64, v * lanes)]), vptr) for v in range(nv)])
     with builder.if_else(builder.icmp_signed("!=", accv, ir.Constant(accv.type, 0))) as (add, plain):
         with add:  # beta = 1: C += tile
-            for i in range(mr):
+            for i in range(rows):
                 for v in range(nv):
                     old = builder.load(ptrs[i][v], align=isz)
                     builder.store(builder.fadd(old, total[i][v]), ptrs[i][v], align=isz)
         with plain:  # beta = 0: C is never read (it may hold garbage or NaN)
-            for i in range(mr):
+            for i in range(rows):
                 for v in range(nv):
                     builder.store(total[i][v], ptrs[i][v], align=isz)
     return context.get_dummy_value()
@@ -167,6 +173,33 @@ def ukernel(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc):
 
 
 @intrinsic
+def ukernel_rows(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc, rows):
+    """:func:`ukernel` for the first ``rows`` (1 .. MR-1, run time) rows of the tile only: the
+    bottom edge of C without a spare tile and a copy (lenet5-c3's 16 = 6 + 6 + 4 rows).  One loop
+    per row count, chosen by a switch."""
+    if not _ukernel_types(kc, pa, aoff, pb, boff, c, coff, ldc, acc):
+        return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, pa, types.intp, pb, types.intp, c, types.intp, types.intp, types.intp,
+                     types.intp)
+
+    def codegen(context, builder, sig, args):
+        rowsv = args[9]
+        exit_ = builder.append_basic_block("ukernel_rows.exit")
+        switch = builder.switch(rowsv, exit_)
+        for r in range(1, mr):
+            case = builder.append_basic_block(f"ukernel_rows.{r}")
+            switch.add_case(ir.Constant(rowsv.type, r), case)
+            builder.position_at_end(case)
+            _emit_ukernel(context, builder, sig, args, mr, nv, VBYTES, rows=r)
+            builder.branch(exit_)
+        builder.position_at_end(exit_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def ukernel_spec(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc, mr, nv, vbytes):
     """:func:`ukernel` with an explicit tile: ``mr`` rows of ``nv`` vectors of ``vbytes`` bytes
     (literal ints).  Lets tests check another ISA's tile (e.g. AVX-512's 14 x 2 x 64 bytes) on
@@ -179,6 +212,15 @@ def ukernel_spec(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc, mr, nv, v
     sig = types.void(types.intp, pa, types.intp, pb, types.intp, c, types.intp, types.intp, types.intp,
                      mr, nv, vbytes)
     return sig, lambda context, builder, sig, args: _emit_ukernel(context, builder, sig, args, MR, NV, VB)
+
+
+@intrinsic
+def _lanes(typingctx, c):
+    """Elements of one vector register for the dtype of array ``c``, as a constant."""
+    if not (isinstance(c, types.Array) and c.dtype in (types.float32, types.float64)):
+        return None
+    lanes = VBYTES // (c.dtype.bitwidth // 8)
+    return types.intp(c), lambda context, builder, sig, args: context.get_constant(types.intp, lanes)
 
 
 @intrinsic
@@ -223,6 +265,53 @@ def _copy_nr(typingctx, dst, doff, src, soff):
         return context.get_dummy_value()
 
     return types.void(dst, types.intp, src, types.intp), codegen
+
+
+@intrinsic
+def _pack_bt_block(typingctx, pb, d, b, s0, bcs):
+    """One lanes x NR block of a B panel from a transposed B: for pp < lanes, jj < NR,
+    ``pb[d + pp*NR + jj] = b[s0 + jj*bcs + pp]`` (lanes = elements per vector).  Reads NR rows of
+    lanes elements as vectors and transposes each lanes x lanes square in registers with
+    log2(lanes) rounds of shuffles (round h swaps bit h of the row and column index), where an
+    element-wise copy would read or write one element at a time (grad_weight's ``gy . col.T``)."""
+    if not (isinstance(pb, types.Array) and isinstance(b, types.Array) and pb.layout == "C"
+            and b.layout == "C" and pb.dtype == b.dtype and pb.dtype in (types.float32, types.float64)):
+        return None
+    isz = pb.dtype.bitwidth // 8
+    nv = TILES[ISA][isz][1]
+
+    def codegen(context, builder, sig, args):
+        dst = context.make_array(sig.args[0])(context, builder, args[0])
+        src = context.make_array(sig.args[2])(context, builder, args[2])
+        fty = context.get_data_type(sig.args[0].dtype)
+        lanes = VBYTES // isz
+        nr = nv * lanes
+        vty = ir.VectorType(fty, lanes)
+        vptr = vty.as_pointer()
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        base = builder.gep(src.data, [args[3]])
+        dp = builder.gep(dst.data, [args[1]])
+        for g in range(nv):
+            rows = [builder.load(builder.bitcast(builder.gep(base, [builder.mul(args[4], ir.Constant(i64, g * lanes + j))]),
+                                                 vptr), align=isz) for j in range(lanes)]
+            h = 1
+            while h < lanes:
+                new = list(rows)
+                for i in range(lanes):
+                    if i & h:
+                        continue
+                    lo = [j if not (j & h) else lanes + j - h for j in range(lanes)]
+                    hi = [j + h if not (j & h) else lanes + j for j in range(lanes)]
+                    new[i] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(ir.VectorType(i32, lanes), lo))
+                    new[i + h] = builder.shuffle_vector(rows[i], rows[i + h], ir.Constant(ir.VectorType(i32, lanes), hi))
+                rows = new
+                h *= 2
+            for pp in range(lanes):
+                builder.store(rows[pp], builder.bitcast(builder.gep(dp, [ir.Constant(i64, pp * nr + g * lanes)]), vptr),
+                              align=isz)
+        return context.get_dummy_value()
+
+    return types.void(pb, types.intp, b, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -332,9 +421,15 @@ def _pack_b(b, boff, brs, bcs, p0, kb, j0, nb, pb, pboff, nr):
                 for jj in range(nn, nr):
                     pb[d + jj] = 0
         else:
+            p1 = 0
+            if brs == 1 and nn == nr:  # B given transposed: lanes x lanes squares in registers
+                lanes = _lanes(pb)
+                p1 = kb // lanes * lanes
+                for p in range(0, p1, lanes):
+                    _pack_bt_block(pb, d0 + p * nr, b, boff + p0 + p + (j0 + jb) * bcs, bcs)
             for jj in range(nn):
                 s0 = boff + p0 * brs + (j0 + jb + jj) * bcs
-                for p in range(kb):
+                for p in range(p1, kb):
                     pb[d0 + p * nr + jj] = b[s0 + p * brs]
             if nn < nr:
                 for p in range(kb):
@@ -352,13 +447,15 @@ def _macro(kb, mb, nb, pa, paoff, ws, pboff, tmpoff, c, coff, ldc, acc):
     mr, nr = _tile_of(c)
     for jr in range(0, nb, nr):
         nn = min(nr, nb - jr)
-        for ir in range(0, mb, mr):
-            mm = min(mr, mb - ir)
-            co = coff + ir * ldc + jr
+        for i0 in range(0, mb, mr):
+            mm = min(mr, mb - i0)
+            co = coff + i0 * ldc + jr
             if mm == mr and nn == nr:
-                ukernel(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, c, co, ldc, acc)
+                ukernel(kb, pa, paoff + i0 * kb, ws, pboff + jr * kb, c, co, ldc, acc)
+            elif nn == nr:
+                ukernel_rows(kb, pa, paoff + i0 * kb, ws, pboff + jr * kb, c, co, ldc, acc, mm)
             else:
-                ukernel(kb, pa, paoff + ir * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
+                ukernel(kb, pa, paoff + i0 * kb, ws, pboff + jr * kb, ws, tmpoff, nr, 0)
                 for ii in range(mm):
                     if acc:
                         for jj in range(nn):
@@ -400,11 +497,12 @@ def _blocks(m, n, k, a, aoff, ars, acs, pa, b, boff, brs, bcs, beta, c, coff, ld
             acc = 1 if (beta != 0 or pc > 0) else 0
             for ic in range(0, m, mc):
                 mb = min(mc, m - ic)
-                if pa.size > 0:
-                    _macro(kb, mb, nb, pa, pc * mp + ic * kb, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
-                else:
+                # one call site of the macro-kernel: each one inlines six FMA loops (compile time)
+                src, off = pa, pc * mp + ic * kb
+                if pa.size == 0:
                     _pack_a(a, aoff, ars, acs, ic, mb, pc, kb, ws, 0, mr)
-                    _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
+                    src, off = ws, 0
+                _macro(kb, mb, nb, src, off, ws, pboff, tmpoff, c, coff + ic * ldc + jc, ldc, acc)
 
 
 @_serial
@@ -421,7 +519,7 @@ def pack_a_all(m, k, a, aoff, ars, acs, pa, blk):
     (im2col's weights, one product per tile) it is then packed once, not once per product.
     ``pa`` needs :func:`packed_a_size` elements."""
     kc = blk[0]
-    mr, nr = _tile_of(pa)
+    mr = _tile_of(pa)[0]
     mp = (m + mr - 1) // mr * mr
     for pc in range(0, k, kc):
         _pack_a(a, aoff, ars, acs, 0, m, pc, min(kc, k - pc), pa, pc * mp, mr)
@@ -502,6 +600,10 @@ def _flat(x):
     return np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(isz,)), rs, cs
 
 
+def _ceil(a, b):
+    return -(-a // b)
+
+
 def _split(m, n, k, mr, nr, mc, nthreads):
     """(bm, bn): blocks of C handed to the workers.  One block on one thread; else at least two
     blocks per worker (a busy core then does fewer), cutting the side whose cut repacks less:
@@ -513,9 +615,9 @@ def _split(m, n, k, mr, nr, mc, nthreads):
     best = None
     for ni in range(1, want + 1):
         nj = -(-want // ni)
-        bm = -(-(-(-m // ni)) // mr) * mr
-        bn = -(-(-(-n // nj)) // nr) * nr
-        ni_, nj_ = -(-m // bm), -(-n // bn)
+        bm = _ceil(_ceil(m, ni), mr) * mr
+        bn = _ceil(_ceil(n, nj), nr) * nr
+        ni_, nj_ = _ceil(m, bm), _ceil(n, bn)
         if ni_ * nj_ < min(want, -(-m // mr) * -(-n // nr)):
             continue
         extra = (nj_ - 1) * m * k + (ni_ - 1) * k * n
