@@ -215,6 +215,10 @@ def _problems(report):
     if cache["kernels"] and not cache["kernels_cached_on_disk"]:
         out.append("numba's cache has no writable location: kernels compile in every process "
                    "(set NUMBA_CACHE_DIR to a writable directory)")
+    user_dir = cache["numba_cache_dir"]
+    if user_dir and any(os.path.commonpath([os.path.abspath(d["path"]), os.path.abspath(user_dir)])
+                        != os.path.abspath(user_dir) for d in cache["directories"]):
+        out.append(f"NUMBA_CACHE_DIR={user_dir} is not a writable directory; numba caches elsewhere")
     for d in cache["directories"]:
         if d["exists"] and not d["writable"]:
             out.append(f"cache directory {d['path']} is not writable (set NUMBA_CACHE_DIR to a writable directory)")

@@ -180,6 +180,19 @@ def test_interrupted_calls_leave_settings_and_results_intact(warm, tmp_path):
     def interrupt(*args, **kwargs):  # a callback that a signal or a progress bar would be
         raise KeyboardInterrupt
 
+    # 0. while threads(1) applies its settings (the interrupt lands between two of them)
+    from fastconv import _threads
+    real_blas = _threads._numpy_blas
+    _threads._numpy_blas = interrupt
+    try:
+        with fastconv.threads(1):
+            pass
+    except KeyboardInterrupt:
+        checked.append("threads-enter")
+    finally:
+        _threads._numpy_blas = real_blas
+    assert state() == before, (state(), before)
+
     # 1. from inside a call run under threads(1): the kernel call raises
     real = pooling._avg_forward
     pooling._avg_forward = interrupt
@@ -231,7 +244,7 @@ def test_interrupted_calls_leave_settings_and_results_intact(warm, tmp_path):
     report(checked=checked)
     """
     r = _run(pkg, code, cache0, tmp_path)
-    assert r["checked"][0] == "threads" and r["checked"][-1].startswith("signal x")
+    assert r["checked"][:2] == ["threads-enter", "threads"] and r["checked"][-1].startswith("signal x")
     assert int(r["checked"][-1].split("x")[1]) >= 10  # the interrupts did land
 
 
