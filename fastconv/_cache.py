@@ -25,6 +25,7 @@ import os
 import threading
 import warnings
 
+import numba
 from numba.core import caching, config
 
 
@@ -140,7 +141,7 @@ def _make_cache(py_func):
     """The cache for ``py_func``: hardened, or numba's no-op cache when no location is writable."""
     try:
         cache = _FunctionCache(py_func)
-    except Exception as e:  # RuntimeError "cannot cache function ...: no locator available"
+    except RuntimeError as e:  # "cannot cache function ...: no locator available"
         _warn_once("nolocation",
                    f"fastconv: no writable location for numba's cache of fastconv's kernels (tried "
                    f"{', '.join(_locations(py_func))}; numba: {e}); every process compiles each kernel it "
@@ -165,8 +166,12 @@ def cached(jit, enabled=True):
 
     def decorate(py_func):
         dispatcher = jit(py_func)
-        # What Dispatcher.enable_caching() does, with our cache class instead of numba's.
-        dispatcher._cache = _make_cache(py_func)
+        try:  # what Dispatcher.enable_caching() does, with our cache class instead of numba's
+            dispatcher._cache = _make_cache(py_func)
+        except Exception as e:  # numba's internals changed (another numba): its own, unhardened cache
+            _warn_once("internals", f"fastconv: numba {numba.__version__}'s cache internals differ from "
+                                    f"what fastconv expects ({type(e).__name__}: {e}); using numba's own cache")
+            dispatcher.enable_caching()
         KERNELS.append(dispatcher)
         return dispatcher
 

@@ -197,10 +197,13 @@ def _autotune():
 def collect(fix=False):
     """The report as a dict (what ``--json`` prints)."""
     import fastconv  # noqa: F401  (starts numba's pool, as a user's first import does)
-    for mod in ("common", "direct", "im2col", "fft", "pooling"):  # every kernel module, compiled or not
+    import pkgutil
+
+    from . import _algorithms
+    for info in pkgutil.walk_packages(_algorithms.__path__, "fastconv._algorithms."):  # every kernel module
         try:
-            importlib.import_module(f"fastconv._algorithms.{mod}")
-        except ImportError:  # a module renamed or removed later
+            importlib.import_module(info.name)
+        except ImportError:  # an optional dependency missing: its kernels are not used either
             pass
     report = {"versions": _versions(), "cpu": _cpu(), "threads": _threads(), "blas": _blas(),
               "memory": _memory(), "jit_cache": _cache_report(fix), "autotune": _autotune(),
@@ -215,6 +218,10 @@ def _problems(report):
     if cache["kernels"] and not cache["kernels_cached_on_disk"]:
         out.append("numba's cache has no writable location: kernels compile in every process "
                    "(set NUMBA_CACHE_DIR to a writable directory)")
+    user_dir = cache["numba_cache_dir"]
+    if user_dir and any(os.path.commonpath([os.path.abspath(d["path"]), os.path.abspath(user_dir)])
+                        != os.path.abspath(user_dir) for d in cache["directories"]):
+        out.append(f"NUMBA_CACHE_DIR={user_dir} is not a writable directory; numba caches elsewhere")
     for d in cache["directories"]:
         if d["exists"] and not d["writable"]:
             out.append(f"cache directory {d['path']} is not writable (set NUMBA_CACHE_DIR to a writable directory)")
