@@ -38,6 +38,7 @@ _lock = threading.Lock()
 _memory: dict[str, str] = {}
 _enabled = os.environ.get("FASTCONV_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
 _loaded = False
+_unwritable: set = set()  # cache paths already reported as unwritable
 _CHOICES: dict = {}  # (params, pass, threads) -> the cost model's choice
 _dispatch.on_change(_CHOICES.clear)
 _CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_calibration.json")
@@ -144,7 +145,7 @@ def _read_file(path):
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing cached yet, or no cache folder at all
         return {}
     except (OSError, ValueError) as e:
         warnings.warn(f"fastconv: ignoring unreadable autotune cache {path}: {e}", RuntimeWarning, stacklevel=3)
@@ -175,7 +176,11 @@ def _write_file(path, key, name):
             os.unlink(tmp)
             raise
     except OSError as e:
-        warnings.warn(f"fastconv: could not write autotune cache {path}: {e}", RuntimeWarning, stacklevel=3)
+        if path not in _unwritable:  # once per path: choices stay in memory for this process
+            _unwritable.add(path)
+            warnings.warn(f"fastconv: could not write autotune cache {path}: {e}; the measured choices are "
+                          f"kept in memory for this process (set FASTCONV_CACHE_DIR to a writable directory "
+                          f"to keep them)", RuntimeWarning, stacklevel=3)
 
 
 def set_autotune(enabled):
@@ -247,7 +252,7 @@ def clear_autotune_cache():
         _loaded = False
         try:
             os.remove(cache_path())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
 
 
