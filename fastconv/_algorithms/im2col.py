@@ -583,21 +583,32 @@ class _Blas:
         self.found()
         calls = self._calls
         with self._lock:
-            if self._depth == 0:
-                self._saved = [(put, get()) for get, put in calls]
-                for put, nt in self._saved:
-                    if nt != 1:
-                        put(1)
+            # the depth is counted before the library changes, and an interrupt while it changes
+            # restores what was already set, so no interrupt can leave the pool at one thread
             self._depth += 1
+            if self._depth == 1:
+                saved = []
+                try:
+                    for get, put in calls:
+                        saved.append((put, get()))
+                    self._saved = saved
+                    for put, nt in saved:
+                        if nt != 1:
+                            put(1)
+                except BaseException:
+                    for put, nt in saved:
+                        put(nt)
+                    self._depth -= 1
+                    raise
         return self
 
     def __exit__(self, *exc):
         with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 1:  # restore first, then leave: an interrupt in between re-restores
                 for put, nt in self._saved:
                     if nt != 1:
                         put(nt)
+            self._depth -= 1
         return False
 
 
