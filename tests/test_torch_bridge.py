@@ -342,3 +342,9 @@ def test_benchmark_networks_convert_completely():
         assert len(report.swapped) == count and not report.left, (name, report)
     with pytest.raises(ValueError, match="unknown network"):
         tts.build("vgg")
+
+
+def test_docstring_examples():
+    import doctest
+    result = doctest.testmod(ft, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
