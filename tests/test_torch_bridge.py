@@ -324,3 +324,27 @@ def test_dynamo_no_graph_break_and_compiled_step_matches():
     yr.sum().backward()
     for p, q in zip(fast.parameters(), ref.parameters()):
         assert _rel_err(p.grad, q.grad) <= 1e-5
+
+
+# --------------------------------------------------------------------------- the benchmark's networks
+def test_benchmark_networks_convert_completely():
+    """benchmarks/torch_train_step.py's four networks: every conv and pool swapped, nothing left."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    try:
+        from benchmarks import torch_train_step as tts
+    finally:
+        sys.path.remove(root)
+    expected = {"lenet": 4, "resnet18": 20, "mobilenet": 28, "unet": 19}  # U-Net: one pool module, reused
+    for name, count in expected.items():
+        net = tts.build(name)
+        _, report = ft.convert(net)
+        assert len(report.swapped) == count and not report.left, (name, report)
+    with pytest.raises(ValueError, match="unknown network"):
+        tts.build("vgg")
+
+
+def test_docstring_examples():
+    import doctest
+    result = doctest.testmod(ft, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
