@@ -492,6 +492,8 @@ CL_POOLS = [
     ("avg-nopad-count", "avg", dict(kernel_size=3, stride=2, padding=1, count_include_pad=False, ceil_mode=True)),
     ("avg-divisor", "avg", dict(kernel_size=2, divisor_override=3)),
     ("adaptive", "adaptive", dict(output_size=(3, 2))),
+    ("adaptive-tiled", "adaptive", dict(output_size=(3, 7))),  # windows tile the 9x7 plane: written once
+    ("adaptive-global", "adaptive", dict(output_size=1)),
 ]
 
 
