@@ -100,6 +100,21 @@ class Module:
     with respect to its input (returned) and parameters (added to ``.grad``).  It refuses, with a
     ``RuntimeError``, a ``grad_output`` that a loss computed from another forward of this module,
     and a second backward of one forward; prefer ``loss.backward()``.
+
+    >>> class TwoHeads(Module):
+    ...     def __init__(self):
+    ...         self.body = Linear(4, 8, rng=0)
+    ...         self.heads = {"a": Linear(8, 2, rng=1), "b": Linear(8, 3, rng=2)}
+    ...     def forward(self, x):
+    ...         h = A.relu(self.body(x))
+    ...         return A.cat([self.heads["a"](h), self.heads["b"](h)], axis=1)
+    >>> net = TwoHeads()
+    >>> [name for name, _ in net.named_parameters()][2:4]
+    ['heads.a.weight', 'heads.a.bias']
+    >>> y = net(np.ones((3, 4), np.float32)); y.shape
+    (3, 5)
+    >>> y.sum().backward(); net.body.weight.grad.shape     # both heads' gradients reach the body
+    (8, 4)
     """
 
     training = True

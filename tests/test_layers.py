@@ -321,14 +321,14 @@ def test_optimizer_arguments_are_checked():
 def test_save_and_load_round_trip(tmp_path):
     model = small_net(np.float32, rng=0)
     other = small_net(np.float32, rng=1)
-    model.save(tmp_path / "m")     # numpy.savez appends .npz; load finds it
+    model.save(tmp_path / "m")     # exactly this path (numpy.savez alone would append .npz)
     other.load(tmp_path / "m")
     x, _ = data(np.float32)
     np.testing.assert_array_equal(model(x), other(x))
     with pytest.raises(FileNotFoundError, match=r"Sequential.load: no such file"):
         other.load(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match=r"Sequential.load_state_dict: state must have the parameters"):
-        Sequential(Linear(2, 2)).load(tmp_path / "m.npz")
+        Sequential(Linear(2, 2)).load(tmp_path / "m")
     state = model.state_dict()
     state["0.weight"] = state["0.weight"][:1]
     with pytest.raises(ValueError, match=r"0.weight must have shape \(4, 2, 3, 3\), got \(1, 2, 3, 3\)"):
