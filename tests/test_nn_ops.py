@@ -231,6 +231,10 @@ def test_unbatched_inputs_match_batched():
     y1 = fastconv.conv1d(x2, w1, padding=1)
     np.testing.assert_array_equal(y1, fastconv.conv1d(x2[None], w1, padding=1)[0])
     assert fastconv.conv1d_backward(np.ones_like(y1), x2, w1, padding=1).grad_input.shape == x2.shape
+    for pool in (fastconv.max_pool2d, fastconv.avg_pool2d):
+        np.testing.assert_array_equal(pool(x3, 2), pool(x3[None], 2)[0])
+    y3, i3 = fastconv.max_pool2d(x3, 2, return_indices=True)
+    assert y3.shape == i3.shape == (4, 1, 2)
     p = fastconv.adaptive_avg_pool2d(x3, (2, 2))
     np.testing.assert_array_equal(p, fastconv.adaptive_avg_pool2d(x3[None], (2, 2))[0])
     assert fastconv.adaptive_avg_pool2d_backward(p, x3.shape).shape == x3.shape
