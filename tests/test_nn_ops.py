@@ -501,11 +501,12 @@ CL_POOLS = [
 ]
 
 
+@pytest.mark.parametrize("channels", [5, 17])  # max-pool: below 16 channels through NCHW copies
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("kind, kw", [pytest.param(k, kw, id=i) for i, k, kw in CL_POOLS])
-def test_channels_last_pooling_matches_nchw(kind, kw, dtype):
+def test_channels_last_pooling_matches_nchw(kind, kw, dtype, channels):
     rng = np.random.default_rng(0)
-    x = rng.permutation(2 * 5 * 9 * 7).reshape(2, 5, 9, 7).astype(dtype)  # no ties: one max per window
+    x = rng.permutation(2 * channels * 9 * 7).reshape(2, channels, 9, 7).astype(dtype)  # no ties
     x[0, 1, 2, 3] = np.nan  # NaN wins its windows in both layouts
     xc = _cl(x)
     assert not xc.flags.c_contiguous
@@ -540,9 +541,10 @@ def test_channels_last_pooling_matches_nchw(kind, kw, dtype):
 
 
 def test_channels_last_max_pool_rejects_bad_indices():
-    x = _cl(np.random.default_rng(0).standard_normal((1, 3, 4, 4)))
-    y, i = fastconv.max_pool2d(x, 2, return_indices=True)
-    i = i.copy()
-    i[0, 1, 0, 0] = 16
-    with pytest.raises(ValueError, match=r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 16\)"):
-        fastconv.max_pool2d_backward(_cl(np.ones(y.shape)), _cl(i), x.shape)
+    for c in (3, 17):
+        x = _cl(np.random.default_rng(0).standard_normal((1, c, 4, 4)))
+        y, i = fastconv.max_pool2d(x, 2, return_indices=True)
+        i = i.copy()
+        i[0, 1, 0, 0] = 16
+        with pytest.raises(ValueError, match=r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 16\)"):
+            fastconv.max_pool2d_backward(_cl(np.ones(y.shape)), _cl(i), x.shape)
