@@ -155,7 +155,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, H, W), float32 or float64
+    x : ndarray, shape (N, C, H, W) or unbatched (C, H, W), float32 or float64
     kernel_size : int or (int, int)
     stride : int or (int, int), optional
         Defaults to ``kernel_size``.
@@ -189,13 +189,13 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
            [13, 15]]))
     """
     fn = "max_pool2d"
-    x = V.as_float_array(fn, "input", x, 4)
+    x, squeeze = V.unbatched(fn, "input", x, 4)  # (C, H, W) pools as one image, as PyTorch
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     V.check_copy(fn, "the input", x)
     return_indices = V._bool(fn, "return_indices", return_indices)
     apply_threads(pooling.max_forward_work(p))
     y, idx = pooling.max_forward(x, p)
-    return (y, idx) if return_indices else y
+    return (_squeezed(y, squeeze), _squeezed(idx, squeeze)) if return_indices else _squeezed(y, squeeze)
 
 
 @reports_memory
@@ -280,12 +280,12 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     array([2.5, 3. , 4. , 4.5])
     """
     fn = "avg_pool2d"
-    x = V.as_float_array(fn, "input", x, 4)
+    x, squeeze = V.unbatched(fn, "input", x, 4)  # (C, H, W) pools as one image, as PyTorch
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, 1, ceil_mode)
     V.check_copy(fn, "the input", x)
     apply_threads(x.size)
-    return pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad),
-                               V.divisor(fn, divisor_override))
+    return _squeezed(pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad),
+                                         V.divisor(fn, divisor_override)), squeeze)
 
 
 @reports_memory

@@ -231,6 +231,10 @@ def test_unbatched_inputs_match_batched():
     y1 = fastconv.conv1d(x2, w1, padding=1)
     np.testing.assert_array_equal(y1, fastconv.conv1d(x2[None], w1, padding=1)[0])
     assert fastconv.conv1d_backward(np.ones_like(y1), x2, w1, padding=1).grad_input.shape == x2.shape
+    for pool in (fastconv.max_pool2d, fastconv.avg_pool2d):
+        np.testing.assert_array_equal(pool(x3, 2), pool(x3[None], 2)[0])
+    y3, i3 = fastconv.max_pool2d(x3, 2, return_indices=True)
+    assert y3.shape == i3.shape == (4, 1, 2)
     p = fastconv.adaptive_avg_pool2d(x3, (2, 2))
     np.testing.assert_array_equal(p, fastconv.adaptive_avg_pool2d(x3[None], (2, 2))[0])
     assert fastconv.adaptive_avg_pool2d_backward(p, x3.shape).shape == x3.shape
@@ -492,14 +496,17 @@ CL_POOLS = [
     ("avg-nopad-count", "avg", dict(kernel_size=3, stride=2, padding=1, count_include_pad=False, ceil_mode=True)),
     ("avg-divisor", "avg", dict(kernel_size=2, divisor_override=3)),
     ("adaptive", "adaptive", dict(output_size=(3, 2))),
+    ("adaptive-tiled", "adaptive", dict(output_size=(3, 7))),  # windows tile the 9x7 plane: written once
+    ("adaptive-global", "adaptive", dict(output_size=1)),
 ]
 
 
+@pytest.mark.parametrize("channels", [5, 17])  # max-pool: below 16 channels through NCHW copies
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("kind, kw", [pytest.param(k, kw, id=i) for i, k, kw in CL_POOLS])
-def test_channels_last_pooling_matches_nchw(kind, kw, dtype):
+def test_channels_last_pooling_matches_nchw(kind, kw, dtype, channels):
     rng = np.random.default_rng(0)
-    x = rng.permutation(2 * 5 * 9 * 7).reshape(2, 5, 9, 7).astype(dtype)  # no ties: one max per window
+    x = rng.permutation(2 * channels * 9 * 7).reshape(2, channels, 9, 7).astype(dtype)  # no ties
     x[0, 1, 2, 3] = np.nan  # NaN wins its windows in both layouts
     xc = _cl(x)
     assert not xc.flags.c_contiguous
@@ -522,8 +529,10 @@ def test_channels_last_pooling_matches_nchw(kind, kw, dtype):
         gxc = fastconv.adaptive_avg_pool2d_backward(_cl(gy), x.shape)
     # returned in the input's layout, with the same values: max-pool bit for bit, averages to rounding
     # (the NCHW kernels' window sums are vectorised along rows, a different association)
-    for a in (yc, gxc):
-        assert a.transpose(0, 2, 3, 1).flags.c_contiguous and not a.flags.c_contiguous
+    # (a 1x1 map is contiguous in both layouts: its gradient's layout cannot be told, NCHW is returned)
+    for a in (yc, gxc) if gy.shape[2] * gy.shape[3] > 1 else (yc,):
+        assert a.transpose(0, 2, 3, 1).flags.c_contiguous
+        assert not a.flags.c_contiguous or a.shape[2] * a.shape[3] == 1
     tol = 1e-6 if dtype == F32 else 1e-14
     if kind == "max":
         np.testing.assert_array_equal(yc, y)
@@ -532,9 +541,10 @@ def test_channels_last_pooling_matches_nchw(kind, kw, dtype):
 
 
 def test_channels_last_max_pool_rejects_bad_indices():
-    x = _cl(np.random.default_rng(0).standard_normal((1, 3, 4, 4)))
-    y, i = fastconv.max_pool2d(x, 2, return_indices=True)
-    i = i.copy()
-    i[0, 1, 0, 0] = 16
-    with pytest.raises(ValueError, match=r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 16\)"):
-        fastconv.max_pool2d_backward(_cl(np.ones(y.shape)), _cl(i), x.shape)
+    for c in (3, 17):
+        x = _cl(np.random.default_rng(0).standard_normal((1, c, 4, 4)))
+        y, i = fastconv.max_pool2d(x, 2, return_indices=True)
+        i = i.copy()
+        i[0, 1, 0, 0] = 16
+        with pytest.raises(ValueError, match=r"max_pool2d_backward: indices must lie in \[0, H\*W\) = \[0, 16\)"):
+            fastconv.max_pool2d_backward(_cl(np.ones(y.shape)), _cl(i), x.shape)

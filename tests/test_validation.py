@@ -158,8 +158,10 @@ ERRORS = [
         r"choose_algorithm: measure must be a bool, got 1"),
     # ---- max_pool2d
     row("max-input-list", max_pool2d, (P.tolist(), 2), {}, TypeError, r"max_pool2d: input must be a numpy.ndarray, got list"),
-    row("max-input-0d", max_pool2d, (np.array(1.0), 2), {}, ValueError, r"max_pool2d: input must be 4-D, got 0-D"),
-    row("max-input-3d", max_pool2d, (P[0], 2), {}, ValueError, r"max_pool2d: input must be 4-D, got 3-D"),
+    row("max-input-0d", max_pool2d, (np.array(1.0), 2), {}, ValueError,
+        r"max_pool2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 0-D"),
+    row("max-input-2d", max_pool2d, (P[0, 0], 2), {}, ValueError,
+        r"max_pool2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 2-D"),
     row("max-input-int", max_pool2d, (P.astype(np.int16), 2), {}, TypeError, r"max_pool2d: input must have dtype .*got int16"),
     row("max-input-float16", max_pool2d, (P.astype(np.float16), 2), {}, TypeError,
         r"max_pool2d: input must have dtype .*got float16"),
@@ -213,7 +215,8 @@ ERRORS = [
         r"max_pool2d_backward: grad_input of shape \(1000000, 1024, 1024, 1024\) would need [\d.]+ GiB"),
     # ---- avg_pool2d
     row("avg-input-list", avg_pool2d, (P.tolist(), 2), {}, TypeError, r"avg_pool2d: input must be a numpy.ndarray"),
-    row("avg-input-5d", avg_pool2d, (P[None], 2), {}, ValueError, r"avg_pool2d: input must be 4-D, got 5-D"),
+    row("avg-input-5d", avg_pool2d, (P[None], 2), {}, ValueError,
+        r"avg_pool2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 5-D"),
     row("avg-input-complex", avg_pool2d, (P.astype(np.complex64), 2), {}, TypeError,
         r"avg_pool2d: input must have dtype .*got complex64"),
     row("avg-kernel-negative", avg_pool2d, (P, (2, -1)), {}, ValueError, r"avg_pool2d: kernel_size must be positive"),
