@@ -174,7 +174,7 @@ def test_float32_adversarial_values(kind, m):
         assert _err(got[name], want[name]) <= FACTOR[m] * max(_err(base[name], want[name]), floor), name
 
 
-@pytest.mark.parametrize("limit", [1 << 14, 1 << 16])
+@pytest.mark.parametrize("limit", [1 << 15, 1 << 17])
 def test_small_budgets_force_small_tiles_and_the_same_result(limit):
     case = ("budget", (3, 4, 23, 22), (5, 4, 3, 3), 1, (1, 1), (1, 1))
     x, w, bias, gy = _make(case, np.float64, seed=4)
