@@ -4,7 +4,7 @@
     python benchmarks/calibrate.py --write         # ... and store the fit in fastconv/_calibration.json
     python benchmarks/calibrate.py --only lenet5-c1,resnet50-1x1-256 --rounds 3
 
-Every registered algorithm's ``cost(p, pass_)`` is a model of seconds with constants guessed from
+Every registered algorithm's ``cost(p, pass_, threads)`` is a model of seconds with constants guessed from
 first principles.  This script times every eligible algorithm, per pass, on the public suite
 (``fastconv/shapes.json``) and on batch-1 copies of it (the small-layer regime where per-call
 overheads decide), then searches for each pass one scale factor per algorithm that makes auto's
@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 import fastconv
-from fastconv import _dispatch
+from fastconv import _dispatch, _select, _threads
 from fastconv import _validation as V
 from fastconv.cases import load_suite
 
@@ -69,10 +69,11 @@ def measure(cases_, rounds, dtype=np.float32):
         for pass_ in _dispatch.PASSES:
             args = {"forward": (x, w, b), "grad_input": (gy, w), "grad_weight": (gy, x)}[pass_]
             times, raw = {}, {}
+            threads = _threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)  # as the public ops
             for alg in _dispatch.eligible(p, pass_):
                 f = getattr(alg, pass_)
                 times[alg.name] = timeit(lambda: f(*args, p), rounds)
-                raw[alg.name] = alg.cost(p, pass_)
+                raw[alg.name] = alg.cost(p, pass_, threads)
             rows.append({"case": label, "pass": pass_, "times": times, "raw": raw})
             print(f"  {label:24s} {pass_:12s} " + "  ".join(f"{k} {v * 1e3:8.3f} ms" for k, v in times.items()),
                   file=sys.stderr, flush=True)
@@ -149,7 +150,7 @@ def main(argv=None):
     else:
         rows = measure(cases(only), a.rounds)
     print("## with the stored calibration (as shipped)")
-    acc0, total0 = report(rows, _dispatch.calibration())
+    acc0, total0 = report(rows, _select.calibration())
     coef = fit(rows)
     print("\n## with the new fit")
     acc, total = report(rows, coef)
@@ -157,7 +158,7 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "coef": coef}, f, indent=1)
     if a.write:
-        from fastconv._tuning import _cpu
+        from fastconv._select import _cpu
         import numba
         data = {"machine": f"{_cpu()}, {os.cpu_count()} cores", "threads": fastconv.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "numpy": np.__version__,

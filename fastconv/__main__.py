@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "bench": ("fastconv.bench", "benchmark the public shape suite against PyTorch / NumPy"),
     "train": ("fastconv.train", "train a small CNN on the bundled digits (or MNIST IDX files)"),
+    "doctor": ("fastconv.doctor", "report the JIT cache, threads, CPU, BLAS and versions (for bug reports)"),
 }
 
 

@@ -13,6 +13,7 @@ convnet-L2-9x9's ~105 ms FFT forward went to page faults).
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -119,3 +120,40 @@ def free_workspace():
     freed = sum(b.nbytes for b in pool.values())
     pool.clear()
     return freed
+
+
+class OutOfMemoryError(MemoryError):
+    """A MemoryError that names the fastconv call and the bytes it asked for."""
+
+
+def _out_of_memory(fn, error):
+    shape, dtype = getattr(error, "shape", None), getattr(error, "dtype", None)
+    if shape is not None and dtype is not None:  # numpy's allocation error carries the request
+        nbytes = int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize)
+        asked = (f"allocating {nbytes} bytes ({nbytes / 2**30:.2f} GiB) for an array of shape "
+                 f"{tuple(shape)} and dtype {np.dtype(dtype).name} failed")
+    else:  # raised by a kernel (numba does not say how much) or by other code
+        asked = f"an allocation failed ({error})"
+    return OutOfMemoryError(
+        f"{fn}: out of memory: {asked} (an output or a working buffer). Nothing was changed; free memory, "
+        f"use a smaller batch, or lower the workspace with fastconv.set_workspace_limit()")
+
+
+def reports_memory(op):
+    """Decorator for a public op: a MemoryError from inside it (an output, a copy or a workspace that
+    could not be allocated) is raised again as an :class:`OutOfMemoryError` naming the op and the bytes.
+
+    Outputs that could never fit are refused before allocating (``_validation.check_memory``); this
+    covers the ones that fit the machine but not the memory free at the moment.  Inputs and settings
+    are not modified on the way (ops never modify inputs, and thread settings are per call).
+    """
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except OutOfMemoryError:
+            raise
+        except MemoryError as e:
+            raise _out_of_memory(op.__name__, e) from e
+
+    return wrapper

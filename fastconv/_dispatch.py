@@ -1,22 +1,39 @@
-"""The algorithm registry and the resolution of ``algorithm=`` (``'auto'`` included).
+"""The algorithm registry: what each convolution algorithm is and offers.
 
-Each :class:`Algorithm` entry is complete: the three passes, ``supports`` and ``cost``.  A new
-algorithm is one module in ``_algorithms/`` plus one ``register`` line at the bottom of this file;
-tests and benchmarks parametrise over :func:`algorithms`, so they pick it up.
+This module is a leaf of the house: it knows the algorithms (the modules below it) and nothing above
+it.  Choosing among them for ``algorithm='auto'`` lives in :mod:`fastconv._select`.
+
+Adding an algorithm is one module and one line: write ``_algorithms/NAME.py`` with the three passes,
+``supports`` and ``cost``, and add one ``register(Algorithm(...))`` line at the bottom of this file.
+Tests, ``fastconv bench``, asv and ``'auto'`` read the registry and the metadata fields, never names.
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
-
-import numba
 
 from ._algorithms import direct, fft, im2col, winograd
 
 PASSES = ("forward", "grad_input", "grad_weight")
+NAN_SPREADS = ("window", "tile", "plane")
+
+
+class AlgorithmUnavailable(ValueError):
+    """An explicitly requested algorithm cannot serve this case (a ``ValueError``).
+
+    The message names the function, the algorithm, the pass and the reason, e.g.
+    ``conv2d: algorithm='fft' cannot compute the forward pass here: its smallest tiling needs ...``.
+    Callers that try several algorithms catch this type; any other ``ValueError`` is a bad argument.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv
+    >>> try:
+    ...     fastconv.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 3, 3)), algorithm="fft", workspace_limit=1)
+    ... except fastconv.AlgorithmUnavailable as e:
+    ...     print(str(e)[:58])
+    conv2d: algorithm='fft' cannot compute the forward pass he
+    """
 
 
 @dataclass(frozen=True)
@@ -24,9 +41,19 @@ class Algorithm:
     """One convolution algorithm.
 
     ``forward(x, w, b, p) -> y``, ``grad_input(gy, w, p) -> gx`` and ``grad_weight(gy, x, p) -> gw``
-    take validated arrays and :class:`~fastconv._validation.ConvParams`.  ``supports(p, pass_)``
-    returns ``None`` when the algorithm can serve that pass, else the reason in words.
-    ``cost(p, pass_)`` estimates seconds; ``'auto'`` picks the cheapest supported entry.
+    take validated contiguous-or-not arrays and :class:`~fastconv._validation.ConvParams`.
+    ``supports(p, pass_)`` returns ``None`` when the algorithm can serve that pass, else the reason in
+    words.  ``cost(p, pass_, threads)`` is the algorithm's work model in nominal seconds for a pool of
+    ``threads``; :mod:`fastconv._select` turns it into this machine's seconds with the fitted table.
+
+    Optional fields:
+
+    * ``backward(gy, x, w, p) -> (gx, gw)``: both gradients in one call, sharing work through local
+      variables; ``conv2d_backward`` uses it when both passes chose this algorithm.
+    * ``nan_spread``: how far one NaN/Inf in an input reaches in the output -- ``'window'`` (exactly
+      the outputs whose window touches it, as PyTorch), ``'tile'`` (the whole transform tile that
+      holds it) or ``'plane'`` (the whole output plane).
+    * ``thread_invariant``: the passes whose bits do not depend on the thread count.
     """
 
     name: str
@@ -35,42 +62,45 @@ class Algorithm:
     grad_weight: Callable
     supports: Callable[..., Optional[str]]
     cost: Callable[..., float]
+    backward: Optional[Callable] = None
+    nan_spread: str = "window"
+    thread_invariant: frozenset = field(default_factory=lambda: frozenset(PASSES))
+
+    def __post_init__(self):
+        if self.nan_spread not in NAN_SPREADS:
+            raise ValueError(f"Algorithm: nan_spread must be one of {NAN_SPREADS}, got {self.nan_spread!r}")
+        object.__setattr__(self, "thread_invariant", frozenset(self.thread_invariant))
+        if not self.thread_invariant <= set(PASSES):
+            raise ValueError(f"Algorithm: thread_invariant must be a subset of {PASSES}, "
+                             f"got {sorted(self.thread_invariant)}")
 
 
 _REGISTRY: dict[str, Algorithm] = {}
+_listeners: list[Callable[[], None]] = []  # called on every change (the choice caches forget)
 
 
-_AUTO_CACHE: dict = {}  # (params, pass) -> the cost model's choice
-_CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_calibration.json")
-
-
-@functools.lru_cache(maxsize=1)
-def _load_calibration() -> dict:
-    try:
-        with open(_CAL_PATH, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def calibration() -> dict:
-    """``{"algorithm/pass": [a, b]}``: auto's cost for that pass is ``a * alg.cost(p, pass) + b`` seconds.
-
-    Fitted by ``benchmarks/calibrate.py --write`` (see ``_calibration.json`` for the machine, date and
-    the accuracy of the resulting choice); empty when no calibration is shipped.
-    """
-    return dict(_load_calibration().get("coef", {}))
-
-
-def calibrated_cost(alg, p, pass_) -> float:
-    """The cost model's estimate in seconds, with this machine's fitted correction applied."""
-    a, b = _load_calibration().get("coef", {}).get(f"{alg.name}/{pass_}", (1.0, 0.0))
-    return a * alg.cost(p, pass_) + b
-
-
-def register(alg: Algorithm) -> None:
+def register(alg: Algorithm) -> Algorithm:
+    """Add (or replace) an algorithm under ``alg.name``; returns it."""
+    if not isinstance(alg, Algorithm):
+        raise TypeError(f"register: alg must be an Algorithm, got {type(alg).__name__}")
+    if alg.name == "auto":
+        raise ValueError("register: name 'auto' is reserved")
     _REGISTRY[alg.name] = alg
-    _AUTO_CACHE.clear()
+    for f in _listeners:
+        f()
+    return alg
+
+
+def unregister(name: str) -> None:
+    """Remove an algorithm (tests register throwaway ones)."""
+    _REGISTRY.pop(name, None)
+    for f in _listeners:
+        f()
+
+
+def on_change(f: Callable[[], None]) -> None:
+    """Call ``f()`` whenever the registry changes."""
+    _listeners.append(f)
 
 
 def registry() -> dict:
@@ -95,48 +125,11 @@ def algorithms() -> tuple:
     return tuple(_REGISTRY)
 
 
-AUTOTUNE = [False]  # set by fastconv._tuning.set_autotune (and FASTCONV_AUTOTUNE at import)
-
-
-def select(fn, algorithm, p, pass_) -> Algorithm:
-    """Resolve ``algorithm`` (a registered name or ``'auto'``) for one pass of one geometry.
-
-    An explicit name that cannot serve the case raises; it never falls back to another algorithm.
-    """
-    if not isinstance(algorithm, str):
-        raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
-    if algorithm == "auto":
-        if AUTOTUNE[0]:
-            from ._tuning import tuned
-            return tuned(p, pass_)
-        # the costs of the multithreaded algorithms depend on the pool size: it is part of the key
-        key = (p, pass_, numba.get_num_threads())
-        best = _AUTO_CACHE.get(key)
-        if best is None:
-            best_cost = float("inf")
-            for alg in _REGISTRY.values():
-                if alg.supports(p, pass_) is None:
-                    c = calibrated_cost(alg, p, pass_)
-                    if c < best_cost:
-                        best, best_cost = alg, c
-            if len(_AUTO_CACHE) > 4096:
-                _AUTO_CACHE.clear()
-            _AUTO_CACHE[key] = best
-        return best  # 'direct' supports everything, so there is always one
-    alg = _REGISTRY.get(algorithm)
-    if alg is None:
-        names = ", ".join(repr(n) for n in ("auto",) + algorithms())
-        raise ValueError(f"{fn}: algorithm must be one of {names}, got {algorithm!r}")
-    reason = alg.supports(p, pass_)
-    if reason is not None:
-        raise ValueError(f"{fn}: algorithm={algorithm!r} cannot compute the {pass_} pass here: {reason}")
-    return alg
-
-
-register(Algorithm("direct", direct.forward, direct.grad_input, direct.grad_weight,
-                   direct.supports, direct.cost))
-register(Algorithm("im2col", im2col.forward, im2col.grad_input, im2col.grad_weight,
-                   im2col.supports, im2col.cost))
-register(Algorithm("fft", fft.forward, fft.grad_input, fft.grad_weight, fft.supports, fft.cost))
-register(Algorithm("winograd", winograd.forward, winograd.grad_input, winograd.grad_weight,
-                   winograd.supports, winograd.cost))
+register(Algorithm("direct", direct.forward, direct.grad_input, direct.grad_weight, direct.supports,
+                   direct.cost))
+register(Algorithm("im2col", im2col.forward, im2col.grad_input, im2col.grad_weight, im2col.supports,
+                   im2col.cost, thread_invariant=()))
+register(Algorithm("fft", fft.forward, fft.grad_input, fft.grad_weight, fft.supports, fft.cost,
+                   backward=fft.backward, nan_spread="tile"))
+register(Algorithm("winograd", winograd.forward, winograd.grad_input, winograd.grad_weight, winograd.supports,
+                   winograd.cost, nan_spread="tile", thread_invariant=()))

@@ -13,6 +13,8 @@ import os
 
 import numba
 
+from ._cache import cached
+
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
 # numba's 'workqueue' layer aborts the process when parallel kernels run from several Python threads;
@@ -49,4 +51,5 @@ _start_pool()
 # where all our indexing is: under it kernels compile serial and uncached, so every index is checked
 # and no serial build can land in the cache that normal runs read.
 BOUNDSCHECK = bool(numba.config.BOUNDSCHECK)
-kernel = numba.njit(parallel=not BOUNDSCHECK, cache=not BOUNDSCHECK, fastmath=FASTMATH, nogil=True)
+# cache: numba's cache=True, hardened against damaged and unwritable cache files (_cache.py).
+kernel = cached(numba.njit(parallel=not BOUNDSCHECK, fastmath=FASTMATH, nogil=True), enabled=not BOUNDSCHECK)

@@ -57,6 +57,7 @@ def _numpy_blas(n):
             from threadpoolctl import ThreadpoolController
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             return
+        _blas_threads = None  # unknown until every library is set (an interrupt may stop the loop)
         for ctl in ThreadpoolController().select(user_api="blas").lib_controllers:
             if "numpy" in ctl.filepath:
                 ctl.set_num_threads(n)
@@ -77,11 +78,11 @@ def current() -> int:
 SERIAL_WORK = 1 << 18
 
 
-def apply(work=None) -> None:
+def apply(work=None) -> int:
     """Set numba's pool in this Python thread for the next kernel call (called by every op).
 
     ``work`` below :data:`SERIAL_WORK` runs on one thread; otherwise fastconv's setting (all of
-    numba's threads by default).
+    numba's threads by default).  Returns the thread count set, which is what ``'auto'`` chooses for.
     """
     if work is not None and work < SERIAL_WORK:
         n = 1
@@ -93,6 +94,7 @@ def apply(work=None) -> None:
                 n = max_threads()
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    return n
 
 
 def set_num_threads(n):
@@ -156,10 +158,10 @@ def threads(n):
     n = _check("threads", n)
     prev = getattr(_local, "n", None)
     prev_numba = numba.get_num_threads()
-    _local.n = n
-    numba.set_num_threads(n)
-    _numpy_blas(n)
-    try:
+    try:  # the settings too: an interrupt (KeyboardInterrupt from a signal) between them is restored
+        _local.n = n
+        numba.set_num_threads(n)
+        _numpy_blas(n)
         yield n
     finally:
         _local.n = prev

@@ -56,6 +56,8 @@ def _int(fn, name, v, rule="an int or a pair of ints"):
 def pair(fn, name, v):
     """Normalise an int or a pair of ints to a tuple of two Python ints."""
     if isinstance(v, (tuple, list)):
+        if len(v) == 1:  # PyTorch expands a one-element tuple, e.g. padding=(2,)
+            v = (v[0], v[0])
         if len(v) != 2:
             raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
         return _int(fn, name, v[0]), _int(fn, name, v[1])
@@ -391,3 +393,136 @@ def check_indices(fn, indices, shape):
     if indices.shape != tuple(shape):
         raise ValueError(f"{fn}: indices must have grad_output's shape {tuple(shape)}, got {indices.shape}")
     return indices
+
+
+# --------------------------------------------------------------------------- new ops (issue 21)
+def unbatched(fn, name, a, ndim):
+    """Accept ``a`` with ``ndim`` dims or one fewer (an unbatched sample, as torch.nn.functional);
+    returns ``(a with ndim dims, squeeze)`` where ``squeeze`` says to drop the batch axis again."""
+    if isinstance(a, np.ndarray) and a.ndim == ndim - 1:
+        return as_float_array(fn, name, a, ndim - 1)[None], True
+    if isinstance(a, np.ndarray) and a.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim - 1}-D (unbatched) or {ndim}-D (batched), got "
+                         f"{a.ndim}-D array of shape {a.shape}")
+    return as_float_array(fn, name, a, ndim), False
+
+
+def any_float_array(fn, name, a, dtype=None):
+    """A float32/float64 ndarray of any number of dimensions (element-wise ops)."""
+    return as_float_array(fn, name, a, a.ndim if isinstance(a, np.ndarray) else 0, dtype)
+
+
+def single(fn, name, v, positive=True):
+    """A 1-D argument: an int or a one-element tuple (as PyTorch's conv1d)."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 1:
+            raise ValueError(f"{fn}: {name} must be an int or a one-element tuple, got {v!r}")
+        v = v[0]
+    v = _int(fn, name, v, "an int or a one-element tuple")
+    if v < (1 if positive else 0):
+        raise ValueError(f"{fn}: {name} must be {'positive' if positive else 'non-negative'}, got {v}")
+    return v
+
+
+def real(fn, name, v, lo=None, hi=None):
+    """A finite real number (bools refused) within ``[lo, hi]`` when given."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: {name} must be a real number, got {v!r}")
+    v = float(v)
+    if not np.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rule = "finite" if lo is None and hi is None else f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{fn}: {name} must be {rule}, got {v!r}")
+    return v
+
+
+def check_out(fn, out, shape, dtype):
+    """A user's ``out=`` array: a writeable C-contiguous ndarray of the result's shape and dtype."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{fn}: out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{fn}: out must have the result's dtype {dtype}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{fn}: out must have the result's shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{fn}: out must be C-contiguous and writeable, got strides {out.strides}"
+                         f"{'' if out.flags.writeable else ' (read-only)'}")
+    return out
+
+
+def same_shape(fn, name, a, shape):
+    if a.shape != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have the input's shape {tuple(shape)}, got {a.shape}")
+    return a
+
+
+def transpose_params(fn, x_shape, w_shape, dtype, stride, padding, output_padding, dilation, groups,
+                     workspace_limit=None):
+    """Geometry of a transposed convolution as the :class:`ConvParams` of the convolution whose
+    grad_input it is (that convolution's input is the transposed one's output).  Returns
+    ``(params, (eh, ew))``: ``params.oh = h + eh`` -- the extra rows/columns (``output_padding``
+    of a stride or more, possible when it is below the dilation instead) get zero input."""
+    n, cin, h, w = x_shape
+    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"{fn}: groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"{fn}: groups must be positive, got {groups}")
+    if min(w_shape) < 1:
+        raise ValueError(f"{fn}: weight must have positive dimensions (C_in, C_out/groups, R, S), got {tuple(w_shape)}")
+    if min(cin, h, w) < 1:
+        raise ValueError(f"{fn}: input must have positive C, H and W, got shape {tuple(x_shape)}")
+    if w_shape[0] != cin:
+        raise ValueError(f"{fn}: weight.shape[0] must equal the input channels {cin}, got weight shape "
+                         f"{tuple(w_shape)}")
+    if cin % groups:
+        raise ValueError(f"{fn}: input channels must be divisible by groups={groups}, got {cin}")
+    if isinstance(padding, str):
+        raise ValueError(f"{fn}: padding must be an int or a pair of ints, got {padding!r}")
+    st = positive_pair(fn, "stride", stride)
+    pd = nonnegative_pair(fn, "padding", padding)
+    op = nonnegative_pair(fn, "output_padding", output_padding)
+    dl = positive_pair(fn, "dilation", dilation)
+    if op[0] >= max(st[0], dl[0]) or op[1] >= max(st[1], dl[1]):
+        raise ValueError(f"{fn}: output_padding must be smaller than stride or dilation (stride {st}, "
+                         f"dilation {dl}), got {op}")
+    r, s = w_shape[2], w_shape[3]
+    oh = (h - 1) * st[0] - 2 * pd[0] + dl[0] * (r - 1) + op[0] + 1
+    ow = (w - 1) * st[1] - 2 * pd[1] + dl[1] * (s - 1) + op[1] + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{fn}: output size must be positive: input {h}x{w}, kernel {r}x{s}, stride {st}, "
+                         f"padding {pd}, output_padding {op}, dilation {dl} give {oh}x{ow}")
+    p = conv_params(fn, (n, w_shape[1] * groups, oh, ow), tuple(w_shape), dtype, st, pd, dl, int(groups),
+                    workspace_limit)
+    return p, (p.oh - h, p.ow - w)
+
+
+def adaptive_size(fn, output_size, h, w):
+    """PyTorch's ``output_size``: an int, or a pair whose ``None`` entries keep the input size."""
+    if isinstance(output_size, (tuple, list)) and len(output_size) == 2:
+        v = tuple(d if o is None else o for o, d in zip(output_size, (h, w)))
+    else:
+        v = output_size
+    oh, ow = positive_pair(fn, "output_size", v)
+    return oh, ow
+
+
+def generator(fn, rng):
+    """``rng=`` as a numpy Generator: None (fresh entropy), an int seed or a Generator."""
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_))):
+        if rng is not None and rng < 0:
+            raise ValueError(f"{fn}: rng seed must be non-negative, got {rng}")
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"{fn}: rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}")
+
+
+def divisor(fn, v):
+    """``divisor_override``: None (0 to the kernels) or a nonzero int, as PyTorch."""
+    if v is None:
+        return 0
+    v = _int(fn, "divisor_override", v, "None or an int")
+    if v == 0:
+        raise ValueError(f"{fn}: divisor_override must be nonzero, got 0")
+    return v

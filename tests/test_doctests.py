@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch", "fastconv._config", "fastconv._threads",
-           "fastconv._tuning", "fastconv.layers", "fastconv.matrix", "fastconv.cases", "fastconv.bench"]
+           "fastconv._select", "fastconv.layers", "fastconv.layers_extra", "fastconv.matrix", "fastconv.cases",
+           "fastconv.bench", "fastconv.autograd", "fastconv.losses", "fastconv.optim", "fastconv.batching"]
 
 
 @pytest.mark.parametrize("name", MODULES)

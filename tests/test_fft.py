@@ -240,16 +240,16 @@ def test_auto_uses_fft_only_where_it_measured_faster(xs, ws, kw, fft_wins):
     # the cost model's floor and constants, fitted to single-thread times (module comment): small
     # planes must never be sent to FFT (an earlier model did), large kernels must
     # the same holds at one and at two threads, whatever was asked before (caches cleared)
-    from fastconv import _dispatch, _threads
+    from fastconv import _select, _threads
     p = conv_params("conv2d", xs, ws, np.float32, 1, kw.get("padding", 0), 1, 1)
     for n in (1, 2):
-        _dispatch._AUTO_CACHE.clear()
+        _select._CHOICES.clear()
         fft._plan.cache_clear()
         with fastconv.threads(n):
-            _threads.apply()
+            t = _threads.apply()
             for name in ("forward", "grad_input", "grad_weight"):
-                assert fft.cost(p, name) >= fft._C_CALL
-                assert (_dispatch.select("conv2d", "auto", p, name).name == "fft") == fft_wins, (xs, ws, name, n)
+                assert fft.cost(p, name, t) >= fft._C_CALL
+                assert (_select.select("conv2d", "auto", p, name, t).name == "fft") == fft_wins, (xs, ws, name, n)
 
 
 def test_cost_charges_stride_as_stride_one():

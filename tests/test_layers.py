@@ -76,7 +76,7 @@ def test_network_forward_backward_matches_torch(torch, dtype, algorithm):
         loss = loss_fn(logits, y)
         gx = model.backward(loss_fn.backward())
     except ValueError as exc:
-        if "cannot compute the" in str(exc):
+        if isinstance(exc, fastconv.AlgorithmUnavailable):
             pytest.skip(str(exc))
         raise
     xt = torch.from_numpy(x).requires_grad_(True)
@@ -296,7 +296,7 @@ def test_failed_backward_keeps_the_forward_state():
     conv, fc, flat = Conv2d(2, 3, 3, dtype=np.float64, rng=0), Linear(4, 2, dtype=np.float64, rng=0), Flatten()
     x = np.ones((1, 2, 5, 5))
     y = conv(x)
-    with pytest.raises(ValueError, match=r"conv2d_backward: grad_output"):
+    with pytest.raises(ValueError, match=r"Conv2d.backward: grad_output must be an array of the output.s shape \(1, 3, 3, 3\), got \(1, 3, 2, 2\)"):
         conv.backward(np.ones((1, 3, 2, 2)))
     assert conv.backward(np.ones(y.shape)).shape == x.shape  # retried with the right shape
     with pytest.raises(RuntimeError, match=r"Conv2d.backward: call forward first"):
@@ -321,14 +321,14 @@ def test_optimizer_arguments_are_checked():
 def test_save_and_load_round_trip(tmp_path):
     model = small_net(np.float32, rng=0)
     other = small_net(np.float32, rng=1)
-    model.save(tmp_path / "m")     # numpy.savez appends .npz; load finds it
+    model.save(tmp_path / "m")     # exactly this path (numpy.savez alone would append .npz)
     other.load(tmp_path / "m")
     x, _ = data(np.float32)
     np.testing.assert_array_equal(model(x), other(x))
     with pytest.raises(FileNotFoundError, match=r"Sequential.load: no such file"):
         other.load(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match=r"Sequential.load_state_dict: state must have the parameters"):
-        Sequential(Linear(2, 2)).load(tmp_path / "m.npz")
+        Sequential(Linear(2, 2)).load(tmp_path / "m")
     state = model.state_dict()
     state["0.weight"] = state["0.weight"][:1]
     with pytest.raises(ValueError, match=r"0.weight must have shape \(4, 2, 3, 3\), got \(1, 2, 3, 3\)"):

@@ -131,6 +131,32 @@ def test_train_on_idx_files_and_save(tmp_path, capsys):
     model.load(tmp_path / "model.npz")  # the saved parameters fit the architecture
 
 
+def test_saved_model_is_the_path_reported_and_carries_its_standardisation(tmp_path, capsys):
+    """--save FILE writes FILE itself (not FILE.npz), and a model loaded from it scores on raw
+    images what training reported: the input standardisation is part of the saved model."""
+    d = write_mnist(tmp_path / "m", n_train=60, n_test=30, size=8)
+    path = tmp_path / "lenet"  # no suffix: numpy.savez alone would have written lenet.npz
+    assert train_cmd.main(["--data", str(d), "--epochs", "2", "--batch-size", "16", "--no-progress",
+                           "--save", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"to {path}" in out and path.exists() and not (tmp_path / "lenet.npz").exists()
+    reported = float(out.strip().splitlines()[-2].split("test accuracy ")[1].split("%")[0])
+    x_tr, _, x_te, y_te = _data.load_idx_dir(d)
+    model = train_cmd.build_model((1, 8, 8)).load(path)
+    assert float(model[0].mean) == pytest.approx(float(x_tr.mean()), rel=1e-6)
+    assert float(model[0].std) == pytest.approx(float(x_tr.std()), rel=1e-6)
+    assert 100 * train_cmd.evaluate(model, x_te, y_te) == pytest.approx(reported, abs=0.01)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "fast"])
+def test_bad_learning_rate_is_an_argparse_error(capsys, value):
+    with pytest.raises(SystemExit) as info:
+        train_cmd.main(["--lr", value, "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"argument --lr: must be a" in err and value in err
+
+
 def test_train_routes_from_main_and_reports_errors(tmp_path, capsys):
     assert cli_main(["train", "--data", str(tmp_path / "absent"), "--no-progress"]) == 1
     assert "fastconv train: error: load_idx_dir: no such directory" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _dispatch, _tuning
+from fastconv import _dispatch, _select
 
 GEOM = dict(x_shape=(2, 4, 9, 9), weight_shape=(6, 4, 3, 3), padding=1)
 
@@ -30,7 +30,8 @@ def test_choose_matches_cost_model_and_is_eligible(pass_):
     name = fastconv.choose_algorithm(**GEOM, pass_=pass_)
     assert name in fastconv.algorithms()
     p = fastconv._validation.conv_params("t", GEOM["x_shape"], GEOM["weight_shape"], np.float32, 1, 1, 1, 1)
-    costs = {a.name: _dispatch.calibrated_cost(a, p, pass_) for a in _dispatch.eligible(p, pass_)}
+    threads = fastconv._threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)  # as choose_algorithm
+    costs = {a.name: _select.calibrated_cost(a, p, pass_, threads) for a in _dispatch.eligible(p, pass_)}
     assert name == min(costs, key=costs.get)
 
 
@@ -46,11 +47,11 @@ def test_choose_measure_returns_every_eligible_algorithm(pass_):
 def test_backward_auto_chooses_each_pass(monkeypatch):
     """conv2d_backward(auto) asks the dispatcher once per gradient pass."""
     seen = []
-    real = _dispatch.select
+    real = _select.select
 
-    def spy(fn, algorithm, p, pass_):
+    def spy(fn, algorithm, p, pass_, threads):
         seen.append(pass_)
-        return real(fn, algorithm, p, pass_)
+        return real(fn, algorithm, p, pass_, threads)
 
     monkeypatch.setattr(fastconv.functional, "select", spy)
     rng = np.random.default_rng(0)
@@ -72,10 +73,10 @@ def test_autotune_writes_and_reuses(cache_dir, monkeypatch):
     assert name in fastconv.algorithms() and "|forward|" in key and "threads=" in key
     # a second call (and a fresh in-memory state reading the file) does not measure again
     calls = []
-    monkeypatch.setattr(_tuning, "measure_all", lambda *a: calls.append(a) or {"direct": 1.0})
+    monkeypatch.setattr(_select, "measure_all", lambda *a: calls.append(a) or {"direct": 1.0})
     np.testing.assert_array_equal(fastconv.conv2d(x, w, padding=1), y)
-    _tuning._memory.clear()
-    _tuning._loaded = False
+    _select._memory.clear()
+    _select._loaded = False
     np.testing.assert_array_equal(fastconv.conv2d(x, w, padding=1), y)
     assert calls == []
     # another geometry is measured
@@ -100,7 +101,7 @@ def test_clear_autotune_cache(cache_dir):
     fastconv.conv2d(np.ones((1, 2, 5, 5)), np.ones((2, 2, 3, 3)))
     assert (cache_dir / "autotune.json").exists()
     fastconv.clear_autotune_cache()
-    assert not (cache_dir / "autotune.json").exists() and _tuning._memory == {}
+    assert not (cache_dir / "autotune.json").exists() and _select._memory == {}
 
 
 def test_concurrent_processes_never_corrupt_the_file(cache_dir):
@@ -116,7 +117,7 @@ def test_concurrent_processes_never_corrupt_the_file(cache_dir):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env) for i in range(3)]
     assert [p.wait(timeout=900) for p in procs] == [0] * 3
     data = json.loads((cache_dir / "autotune.json").read_text())
-    assert data["format"] == _tuning.FORMAT and data["version"] == fastconv.__version__
+    assert data["format"] == _select.FORMAT and data["version"] == fastconv.__version__
     assert 1 <= len(data["entries"]) <= 9
     assert not [f for f in os.listdir(cache_dir) if f.startswith(".autotune-")]  # no temp files left
 
@@ -132,16 +133,16 @@ def test_calibration_correction_changes_the_choice(monkeypatch):
     """auto ranks algorithms by a * cost + b with the fitted (a, b) of each algorithm and pass."""
     p = fastconv._validation.conv_params("t", (1, 2, 8, 8), (2, 2, 3, 3), np.float32, 1, 0, 1, 1)
     direct = _dispatch.registry()["direct"]
-    base = _dispatch.calibrated_cost(direct, p, "forward")
-    monkeypatch.setattr(_dispatch, "_load_calibration", lambda: {"coef": {"direct/forward": [2.0, 1.0]}})
-    assert _dispatch.calibrated_cost(direct, p, "forward") == pytest.approx(2.0 * direct.cost(p, "forward") + 1.0)
-    assert _dispatch.calibration() == {"direct/forward": [2.0, 1.0]}
-    assert base != _dispatch.calibrated_cost(direct, p, "forward")
+    base = _select.calibrated_cost(direct, p, "forward", 1)
+    monkeypatch.setattr(_select, "_load_calibration", lambda: {"coef": {"direct/forward": [2.0, 1.0]}})
+    assert _select.calibrated_cost(direct, p, "forward", 1) == pytest.approx(2.0 * direct.cost(p, "forward", 1) + 1.0)
+    assert _select.calibration() == {"direct/forward": [2.0, 1.0]}
+    assert base != _select.calibrated_cost(direct, p, "forward", 1)
     # and the choice follows it: a large penalty on the uncorrected choice for lenet5-c1 moves it
     shape = dict(x_shape=(64, 1, 32, 32), weight_shape=(6, 1, 5, 5))
-    monkeypatch.setattr(_dispatch, "_AUTO_CACHE", {})
-    monkeypatch.setattr(_dispatch, "_load_calibration", lambda: {"coef": {}})
+    monkeypatch.setattr(_select, "_CHOICES", {})
+    monkeypatch.setattr(_select, "_load_calibration", lambda: {"coef": {}})
     first = fastconv.choose_algorithm(**shape)
-    monkeypatch.setattr(_dispatch, "_AUTO_CACHE", {})
-    monkeypatch.setattr(_dispatch, "_load_calibration", lambda: {"coef": {f"{first}/forward": [1e6, 0.0]}})
+    monkeypatch.setattr(_select, "_CHOICES", {})
+    monkeypatch.setattr(_select, "_load_calibration", lambda: {"coef": {f"{first}/forward": [1e6, 0.0]}})
     assert fastconv.choose_algorithm(**shape) not in (first, None)

@@ -138,6 +138,19 @@ def pad_input(x, p):
     return xp
 
 
+def transposed_weight(w, groups):
+    """The kernel of the transposed convolution: ``w`` (K, C/g, R, S) flipped in both spatial axes
+    with its in/out channels swapped within each group, as a contiguous (C, K/g, R, S) array.
+
+    ``grad_input`` of a stride-1 convolution is the forward correlation of the output gradient with
+    this kernel; every algorithm that computes it that way takes it from here.
+    """
+    k, cg, r, s = w.shape
+    kg = k // groups
+    wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(wf).reshape(groups * cg, kg, r, s)
+
+
 def bias_grad(gy):
     """``gy.sum(axis=(0, 2, 3))`` accumulated in float64, parallel over channels."""
     n, k = gy.shape[0], gy.shape[1]

@@ -77,10 +77,8 @@ whole output plane.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
 from typing import NamedTuple, Optional
 
 import numba
@@ -584,7 +582,7 @@ def supports(p, pass_):
     return pl if isinstance(pl, str) else None
 
 
-def cost(p, pass_):
+def cost(p, pass_, threads):
     """Estimated seconds of one pass (``inf`` when unsupported).
 
     Transforms cost ``~ planes * nh*nw*log2(nh*nw)``, the contraction ``~ nh*wf*cg*k*(n + r)``
@@ -595,7 +593,7 @@ def cost(p, pass_):
     pl = _plan(p, pass_)
     if isinstance(pl, str):
         return float("inf")
-    return _cost_of(p, pass_, pl, numba.get_num_threads())
+    return _cost_of(p, pass_, pl, threads)
 
 
 # --------------------------------------------------------------------------- twiddles
@@ -691,33 +689,37 @@ def forward(x, w, b, p):
     return y
 
 
-_shared = threading.local()  # the output-gradient spectrum grad_input leaves for grad_weight
-
-
-@contextlib.contextmanager
-def backward_pair():
-    """Within this block (one ``conv2d_backward`` call) grad_weight may reuse the spectrum of the
-    output gradient that grad_input computed, when both passes transform the same buffer (whole
-    planes, one batch chunk, the same FFT size): one packing and one transform of ``gy`` fewer."""
-    _shared.active, _shared.gs = True, None
-    try:
-        yield
-    finally:
-        _shared.active, _shared.gs = False, None
+def backward(gy, x, w, p):
+    """Both gradients in one call: grad_weight reuses the spectrum of the output gradient that
+    grad_input computed when both passes transform the same buffer (whole planes, one batch chunk,
+    the same FFT size): one packing and one transform of ``gy`` fewer."""
+    gx, gs = _grad_input(gy, w, p, keep_spectrum=True)
+    return gx, _grad_weight(gy, x, p, gs)
 
 
 def grad_input(gy, w, p):
+    return _grad_input(gy, w, p, keep_spectrum=False)[0]
+
+
+def grad_weight(gy, x, p):
+    return _grad_weight(gy, x, p, None)
+
+
+def _grad_input(gy, w, p, keep_spectrum):
+    """grad_input, and (with ``keep_spectrum``) ``(nh, nw, spectrum)`` of the whole packed ``gy``
+    when one transform covered it, else None.  The spectrum lives in the ``fft.spec_in`` scratch
+    buffer, which grad_weight leaves alone when it is handed one."""
     pl = _plan(p, "grad_input")
     if isinstance(pl, str):
         raise ValueError(f"conv2d_backward: algorithm='fft' cannot compute the grad_input pass here: {pl}")
     dt = p.dtype
     nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
     eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
-    gy_arg = gy
     gy = np.ascontiguousarray(gy)
     w = np.ascontiguousarray(w)
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
     gx = np.empty(p.x_shape, dt)
+    kept = None
     zero_bias = np.zeros(p.c, dt)
     kchunks = _chunks(p.k, pl.kb)
     tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
@@ -733,8 +735,8 @@ def grad_input(gy, w, p):
                 _pack(gy, gb, n0, 0, 0 if circ_h else y0 + p.ph0 - eh, p.sh, 0, p.oh,
                       0 if circ_w else x0 + p.pw0 - ew, p.sw, 0, p.ow)
                 gs = _rfft2(gb, "fft.spec_in")
-                if circ_h and circ_w and pl.nb == p.n and getattr(_shared, "active", False):
-                    _shared.gs = (gy_arg, nh, nw, gs)  # grad_weight's own packing of gy is the same
+                if keep_spectrum and circ_h and circ_w and pl.nb == p.n:
+                    kept = (nh, nw, gs)  # grad_weight's own packing of gy is the same
                 gxs = scratch("fft.spec_out", (nh, wf, n1 - n0, p.c), gs.dtype)
                 gxs.fill(0)
                 for k0, k1 in kchunks:
@@ -743,17 +745,17 @@ def grad_input(gy, w, p):
                 xb = _irfft2(gxs, nw, "fft.real")
                 _unpack(xb, gx, n0, 0, y0, y1, x0, x1, p.ph0 if circ_h else eh, p.pw0 if circ_w else ew,
                         1, 1, zero_bias)
-    return gx
+    return gx, kept
 
 
-def grad_weight(gy, x, p):
+def _grad_weight(gy, x, p, kept):
+    """grad_weight; ``kept`` is what :func:`_grad_input` kept of the same ``gy`` (or None)."""
     pl = _plan(p, "grad_weight")
     if isinstance(pl, str):
         raise ValueError(f"conv2d_backward: algorithm='fft' cannot compute the grad_weight pass here: {pl}")
     dt = p.dtype
     nh, nw, wf = pl.nh, pl.nw, pl.nw // 2 + 1
     x = np.ascontiguousarray(x)
-    gy_arg = gy
     gy = np.ascontiguousarray(gy)
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
     # Hermitian half-spectrum: columns 0 and nw/2 (nw even) appear once in the full sum, the others twice
@@ -764,11 +766,8 @@ def grad_weight(gy, x, p):
     ew_tab = _twiddles(nw, p.s, p.dw, wf, dt, weights=cv / (nh * nw))
     gwt = np.zeros((p.r, p.s, p.cg, p.k), dt)  # (r, s, c, k): accumulated over tiles and chunks
     shared = None
-    prev = getattr(_shared, "gs", None) if getattr(_shared, "active", False) else None
-    if (prev is not None and prev[0] is gy_arg and prev[1:3] == (nh, nw) and pl.th == p.oh
-            and pl.tw == p.ow and pl.nb == p.n):
-        shared = prev[3]
-    _shared.gs = None
+    if kept is not None and kept[:2] == (nh, nw) and pl.th == p.oh and pl.tw == p.ow and pl.nb == p.n:
+        shared = kept[2]
     kchunks = _chunks(p.k, pl.kb)
     for i0, i1 in _chunks(p.oh, pl.th):
         for j0, j1 in _chunks(p.ow, pl.tw):

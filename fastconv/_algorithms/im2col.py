@@ -60,7 +60,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import BOUNDSCHECK, FASTMATH, kernel
-from .common import SLACK, claim as _claim, copy_vector
+from .common import SLACK, claim as _claim, copy_vector, transposed_weight
 
 # ---------------------------------------------------------------------------------------- BLAS
 # Kernels call a Fortran-interface ?gemm through a function pointer passed as an argument (numba
@@ -760,8 +760,7 @@ def grad_input(gy, w, p):
     # the correlation multiplies every weight by the zero padding of gy: a non-finite weight would
     # make NaNs at border positions that the scatter (and PyTorch) never reach
     if q is not None and np.isfinite(w).all():
-        wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 2, 1, 3, 4)
-        return forward(gy, np.ascontiguousarray(wf).reshape(p.c, p.kg, p.r, p.s), None, q)
+        return forward(gy, transposed_weight(w, p.g), None, q)
     direct = _direct(p)
     nthreads = numba.get_num_threads()
     cb = _channel_block(p, p.n * p.g, nthreads)
@@ -860,7 +859,7 @@ def supports(p, pass_):
     return None
 
 
-def cost(p, pass_):
+def cost(p, pass_, threads):
     """Seconds: a per-call floor plus GEMM flops at a rate that falls with the GEMM's thinnest side.
 
     Fitted to single-thread CPU times on the 2-core EPYC (AVX2) build machine (shared, so +-20%): float32
@@ -870,7 +869,6 @@ def cost(p, pass_):
     included in the fit.  Workers scale it by the thread count at ~90% efficiency.
     """
     rate = (80e9 if p.itemsize == 4 else 40e9) * p.kg / (p.kg + 12.0)
-    threads = numba.get_num_threads()
     rate *= 1.0 + 0.9 * (threads - 1)
     t = 2.0 * p.macs / rate
     if pass_ == "grad_input":

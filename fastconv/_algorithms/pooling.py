@@ -195,7 +195,7 @@ def _max_backward(gy, idx, gx, bad):
 
 
 @kernel
-def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, zero):
+def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, override, zero):
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     for p in prange(pp):
@@ -210,7 +210,7 @@ def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, zero):
                 if a0 >= a1 or b0 >= b1:
                     y[p, i, j] = 0
                     continue
-                div = size if include_pad else (a1 - a0) * (b1 - b0)
+                div = override if override != 0 else size if include_pad else (a1 - a0) * (b1 - b0)
                 acc = zero
                 for ih in range(a0, a1):
                     for iw in range(b0, b1):
@@ -219,7 +219,7 @@ def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, zero):
 
 
 @kernel
-def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
+def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad, override):
     pp, h, w = gx.shape
     oh, ow = gy.shape[1], gy.shape[2]
     for p in prange(pp):
@@ -233,7 +233,7 @@ def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad):
                 a0, a1, b0, b1 = max(h0, 0), min(h1, h), max(w0, 0), min(w1, w)
                 if a0 >= a1 or b0 >= b1:
                     continue
-                div = size if include_pad else (a1 - a0) * (b1 - b0)
+                div = override if override != 0 else size if include_pad else (a1 - a0) * (b1 - b0)
                 v = gy[p, i, j] / div
                 for ih in range(a0, a1):
                     for iw in range(b0, b1):
@@ -261,6 +261,8 @@ def max_forward_work(p):
 
 
 def max_forward(x, p):
+    if is_channels_last(x):
+        return _max_forward_cl(x, p)
     y = np.empty(p.y_shape, dtype=x.dtype)
     idx = np.empty(p.y_shape, dtype=np.int64)
     if y.size and _is_2x2(p):
@@ -273,6 +275,8 @@ def max_forward(x, p):
 
 def max_backward(gy, idx, input_shape):
     """Scatter ``gy`` to the flat positions ``idx``; returns ``(grad_input, ok)``."""
+    if is_channels_last(gy):
+        return _max_backward_cl(gy, idx, input_shape)
     n, c, h, w = input_shape
     gx = np.empty((n * c, h * w), dtype=gy.dtype)
     bad = np.zeros(n * c, dtype=np.uint8)
@@ -284,16 +288,292 @@ def max_backward(gy, idx, input_shape):
     return gx.reshape(input_shape), not bad.any()
 
 
-def avg_forward(x, p, count_include_pad):
+def avg_forward(x, p, count_include_pad, divisor_override=0):
+    """``divisor_override`` 0 means none (PyTorch refuses 0 itself)."""
+    if is_channels_last(x):
+        y = np.empty((p.n, p.oh, p.ow, p.c), dtype=x.dtype)
+        if y.size:
+            _avg_forward_nhwc(_nhwc(x), y, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
+                              int(divisor_override))
+        return _nchw_view(y)
     y = np.empty(p.y_shape, dtype=x.dtype)
     if y.size:
         _avg_forward(_planes(x), y.reshape(-1, p.oh, p.ow), p.kh, p.kw, p.sh, p.sw, p.ph, p.pw,
-                     bool(count_include_pad), x.dtype.type(0))
+                     bool(count_include_pad), int(divisor_override), x.dtype.type(0))
     return y
 
 
-def avg_backward(gy, p, count_include_pad):
+def avg_backward(gy, p, count_include_pad, divisor_override=0):
+    if is_channels_last(gy):
+        gx = np.empty((p.n, p.h, p.w, p.c), dtype=gy.dtype)
+        if gx.size:
+            _avg_backward_nhwc(_nhwc(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
+                               int(divisor_override))
+        return _nchw_view(gx)
     gx = np.zeros((p.n * p.c, p.h, p.w), dtype=gy.dtype)
     if gx.size:
-        _avg_backward(_planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad))
+        _avg_backward(_planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
+                      int(divisor_override))
     return gx.reshape(p.n, p.c, p.h, p.w)
+
+
+# --------------------------------------------------------------------------- adaptive average pooling
+# Output cell ``i`` of ``oh`` averages input rows ``[floor(i*h/oh), ceil((i+1)*h/oh))`` (PyTorch's
+# windows: they may overlap when ``h`` is not a multiple of ``oh``), and likewise for columns.
+@kernel
+def _adaptive_avg_forward(x, y, zero):
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for p in prange(pp):
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                acc = zero
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        acc += x[p, ih, iw]
+                y[p, i, j] = acc / ((a1 - a0) * (b1 - b0))
+
+
+@kernel
+def _adaptive_avg_backward(gy, gx):
+    pp, h, w = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    for p in prange(pp):
+        g = gx[p]
+        g[:] = 0  # zeroed by the thread that accumulates into it: parallel first touch
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                v = gy[p, i, j] / ((a1 - a0) * (b1 - b0))
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        g[ih, iw] += v
+
+
+def adaptive_avg_forward(x, out_hw, out=None):
+    n, c = x.shape[:2]
+    if is_channels_last(x) and out is None:
+        y = np.empty((n,) + tuple(out_hw) + (c,), dtype=x.dtype)
+        if y.size:
+            _adaptive_avg_forward_nhwc(_nhwc(x), y, x.dtype.type(0))
+        return _nchw_view(y)
+    y = np.empty((n, c) + tuple(out_hw), dtype=x.dtype) if out is None else out
+    if y.size:
+        _adaptive_avg_forward(_planes(x), y.reshape(n * c, *out_hw), x.dtype.type(0))
+    return y
+
+
+def adaptive_avg_backward(gy, input_shape):
+    n, c, h, w = input_shape
+    if is_channels_last(gy):
+        gx = np.empty((n, h, w, c), dtype=gy.dtype)
+        if gx.size:
+            _adaptive_avg_backward_nhwc(_nhwc(gy), gx)
+        return _nchw_view(gx)
+    gx = np.empty((n * c, h, w), dtype=gy.dtype)
+    if gy.size == 0:
+        gx[:] = 0
+    elif gx.size:
+        _adaptive_avg_backward(_planes(gy), gx)
+    return gx.reshape(input_shape)
+
+
+# --------------------------------------------------------------------------- channels_last (NHWC)
+# An NCHW-shaped array whose strides are NHWC (``x.transpose(0, 2, 3, 1)`` contiguous) is pooled in
+# that layout, without a transposing copy either way: each output position reads its window's taps
+# as whole runs of ``c`` contiguous channels, so the inner loop is over channels (unit stride,
+# vectorised) and the window bookkeeping is paid once per position rather than once per element.
+# ``prange`` runs over (image, output row) for the forward passes -- disjoint outputs -- and over
+# images for the backward passes, so an image's gradient belongs to one work item.  Indices are the
+# same flat ``ih*w + iw`` plane positions as in NCHW (PyTorch's, in either layout).
+def is_channels_last(a):
+    """True for a 4-D array laid out NHWC but not also NCHW-contiguous (C == 1 or H*W == 1 are both)."""
+    return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def _nhwc(a):
+    """The ``(n, h, w, c)`` contiguous view of a channels_last array (or copy of any 4-D array)."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _nchw_view(a):
+    """An ``(n, h, w, c)`` contiguous array seen as NCHW (channels_last strides)."""
+    return a.transpose(0, 3, 1, 2)
+
+
+@kernel
+def _max_forward_nhwc(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for q in prange(n * oh):
+        b, i = q // oh, q % oh
+        h0 = i * sh - ph
+        a0 = h0 + ((dh - 1 - h0) // dh) * dh if h0 < 0 else h0  # first in-bounds row of the window
+        a1 = min(h0 + (kh - 1) * dh + 1, h)
+        for j in range(ow):
+            w0 = j * sw - pw
+            w1 = min(w0 + (kw - 1) * dw + 1, w)
+            if w0 < 0:
+                w0 += ((dw - 1 - w0) // dw) * dw
+            yr, ir = y[b, i, j], idx[b, i, j]
+            first = a0 * w + w0
+            if a0 >= a1 or w0 >= w1:  # a window entirely in the padding, as PyTorch
+                for k in range(c):
+                    yr[k] = ninf
+                    ir[k] = first
+                continue
+            src = x[b, a0, w0]
+            for k in range(c):
+                yr[k] = src[k]
+                ir[k] = first
+            for ih in range(a0, a1, dh):
+                for iw in range(w0, w1, dw):
+                    src = x[b, ih, iw]
+                    t = ih * w + iw
+                    for k in range(c):
+                        v = src[k]
+                        m = yr[k]
+                        upd = (v > m) | (v != v)
+                        yr[k] = v if upd else m
+                        ir[k] = t if upd else ir[k]
+
+
+@kernel
+def _max_backward_nhwc(gy, idx, gx, bad):
+    n, hw, c = gx.shape
+    m = gy.shape[1]
+    for b in prange(n):
+        g = gx[b]
+        g[:] = 0  # zeroed by the thread that scatters into it: parallel first touch
+        for o in range(m):
+            gr, ir = gy[b, o], idx[b, o]
+            for k in range(c):
+                t = ir[k]
+                if t < 0 or t >= hw:
+                    bad[b] = 1
+                else:
+                    g[t, k] += gr[k]
+
+
+@kernel
+def _avg_forward_nhwc(x, y, kh, kw, sh, sw, ph, pw, include_pad, override):
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for q in prange(n * oh):
+        b, i = q // oh, q % oh
+        buf = np.empty(c, x.dtype)  # sums in the input's dtype, taps in NCHW's order: the same bits
+        h0 = i * sh - ph
+        h1 = min(h0 + kh, h + ph)
+        a0, a1 = max(h0, 0), min(h1, h)
+        for j in range(ow):
+            w0 = j * sw - pw
+            w1 = min(w0 + kw, w + pw)
+            b0, b1 = max(w0, 0), min(w1, w)
+            yr = y[b, i, j]
+            if a0 >= a1 or b0 >= b1:
+                yr[:] = 0
+                continue
+            div = override if override != 0 else (h1 - h0) * (w1 - w0) if include_pad else (a1 - a0) * (b1 - b0)
+            for k in range(c):
+                buf[k] = 0
+            for ih in range(a0, a1):
+                for iw in range(b0, b1):
+                    src = x[b, ih, iw]
+                    for k in range(c):
+                        buf[k] += src[k]
+            for k in range(c):
+                yr[k] = buf[k] / div
+
+
+@kernel
+def _avg_backward_nhwc(gy, gx, kh, kw, sh, sw, ph, pw, include_pad, override):
+    n, h, w, c = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    for b in prange(n):
+        g = gx[b]
+        g[:] = 0
+        for i in range(oh):
+            h0 = i * sh - ph
+            h1 = min(h0 + kh, h + ph)
+            a0, a1 = max(h0, 0), min(h1, h)
+            for j in range(ow):
+                w0 = j * sw - pw
+                w1 = min(w0 + kw, w + pw)
+                b0, b1 = max(w0, 0), min(w1, w)
+                if a0 >= a1 or b0 >= b1:
+                    continue
+                div = override if override != 0 else (h1 - h0) * (w1 - w0) if include_pad else (a1 - a0) * (b1 - b0)
+                gr = gy[b, i, j]
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        dst = g[ih, iw]
+                        for k in range(c):
+                            dst[k] += gr[k] / div
+
+
+@kernel
+def _adaptive_avg_forward_nhwc(x, y, zero):
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for q in prange(n * oh):
+        b, i = q // oh, q % oh
+        buf = np.empty(c, x.dtype)
+        a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+        for j in range(ow):
+            b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+            for k in range(c):
+                buf[k] = zero
+            for ih in range(a0, a1):
+                for iw in range(b0, b1):
+                    src = x[b, ih, iw]
+                    for k in range(c):
+                        buf[k] += src[k]
+            yr = y[b, i, j]
+            div = (a1 - a0) * (b1 - b0)
+            for k in range(c):
+                yr[k] = buf[k] / div
+
+
+@kernel
+def _adaptive_avg_backward_nhwc(gy, gx):
+    n, h, w, c = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    for b in prange(n):
+        g = gx[b]
+        g[:] = 0
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                gr = gy[b, i, j]
+                div = (a1 - a0) * (b1 - b0)
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        dst = g[ih, iw]
+                        for k in range(c):
+                            dst[k] += gr[k] / div
+
+
+def _max_forward_cl(x, p):
+    y = np.empty((p.n, p.oh, p.ow, p.c), dtype=x.dtype)
+    idx = np.empty((p.n, p.oh, p.ow, p.c), dtype=np.int64)
+    if y.size:
+        _max_forward_nhwc(_nhwc(x), y, idx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw,
+                          x.dtype.type(-np.inf))
+    return _nchw_view(y), _nchw_view(idx)
+
+
+def _max_backward_cl(gy, idx, input_shape):
+    n, c, h, w = input_shape
+    gx = np.empty((n, h * w, c), dtype=gy.dtype)
+    bad = np.zeros(n, dtype=np.uint8)
+    if gy.size == 0:
+        gx[:] = 0
+    elif gx.size:
+        oh, ow = gy.shape[2], gy.shape[3]
+        _max_backward_nhwc(_nhwc(gy).reshape(n, oh * ow, c),
+                           _nhwc(idx.astype(np.int64, copy=False)).reshape(n, oh * ow, c), gx, bad)
+    return _nchw_view(gx.reshape(n, h, w, c)), not bad.any()

@@ -360,10 +360,11 @@ def _cost_of(p, pass_, pl, nthreads):
     return 3e-5 + (gemm + trans) / workers
 
 
-def cost(p, pass_):
-    """Estimated seconds of one pass with the cheaper of F(4x4) and F(2x2) (``inf`` when unsupported)."""
+def cost(p, pass_, threads):
+    """Estimated seconds of one pass on ``threads`` threads with the cheaper of F(4x4) and F(2x2)
+    (``inf`` when unsupported)."""
     if supports(p, pass_) is not None:
         return float("inf")
     q = _transposed(p) if pass_ == "grad_input" else p
     pl = _cached_plan(q, "forward" if pass_ == "grad_input" else pass_)
-    return _cost_of(q, pass_, pl, numba.get_num_threads())
+    return _cost_of(q, pass_, pl, threads)

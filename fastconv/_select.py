@@ -1,13 +1,21 @@
-"""Choosing an algorithm: the cost model's choice, measured choices, and the on-disk autotune cache.
+"""``algorithm='auto'`` whole: the fitted cost table, the cost model's choice, measured choices and
+the on-disk autotune cache.
+
+Each registered algorithm exports its work model (``Algorithm.cost(p, pass_, threads)``, nominal
+seconds); this module owns the one table that turns it into this machine's seconds
+(``_calibration.json``, fitted by ``benchmarks/calibrate.py``), resolves ``algorithm=`` for a pass,
+and, with autotuning on, measures instead.  Every choice -- modelled or measured -- is cached under
+one key: the geometry (``ConvParams``), the pass and the thread count the call runs with, which the
+caller passes in (it is what :func:`fastconv._threads.apply` just set).
 
 With autotuning on (:func:`set_autotune` or ``FASTCONV_AUTOTUNE=1``), the first ``'auto'`` call for a
-key -- geometry, dtype, pass, workspace limit, thread count, CPU model and fastconv version -- times
-every eligible algorithm once on synthetic data of that shape (after one untimed warm-up call, so JIT
-compilation is not counted) and remembers the fastest, in memory and in ``autotune.json`` in the
-cache directory (``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv``, else
-``~/.cache/fastconv``).  Later processes reuse it.  Writes merge with the file's current content and
-land by atomic rename, so concurrent processes never leave a torn file; a corrupt file or one from
-another fastconv version is ignored with a warning.
+key times every eligible algorithm once on synthetic data of that shape (after one untimed warm-up
+call, so JIT compilation is not counted) and remembers the fastest, in memory and in
+``autotune.json`` in the cache directory (``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv``,
+else ``~/.cache/fastconv``; the file's keys add dtype, workspace limit, CPU model and fastconv
+version).  Later processes reuse it.  Writes merge with the file's current content and land by
+atomic rename, so concurrent processes never leave a torn file; a corrupt file or one from another
+fastconv version is ignored with a warning.
 """
 from __future__ import annotations
 
@@ -23,13 +31,79 @@ import numpy as np
 
 from . import _dispatch, _threads
 from . import _validation as V
+from ._dispatch import PASSES, AlgorithmUnavailable
 
 FORMAT = 1
 _lock = threading.Lock()
 _memory: dict[str, str] = {}
 _enabled = os.environ.get("FASTCONV_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
 _loaded = False
-_dispatch.AUTOTUNE[0] = _enabled
+_CHOICES: dict = {}  # (params, pass, threads) -> the cost model's choice
+_dispatch.on_change(_CHOICES.clear)
+_CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_calibration.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_calibration() -> dict:
+    try:
+        with open(_CAL_PATH, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def calibration() -> dict:
+    """``{"algorithm/pass": [a, b]}``: auto's cost for that pass is ``a * alg.cost(p, pass, threads) + b``
+    seconds.
+
+    Fitted by ``benchmarks/calibrate.py --write`` (see ``_calibration.json`` for the machine, date and
+    the accuracy of the resulting choice); an algorithm without an entry gets ``(1, 0)``.
+    """
+    return dict(_load_calibration().get("coef", {}))
+
+
+def calibrated_cost(alg, p, pass_, threads) -> float:
+    """The cost model's estimate in seconds on this machine: the fitted table applied to ``alg.cost``."""
+    a, b = _load_calibration().get("coef", {}).get(f"{alg.name}/{pass_}", (1.0, 0.0))
+    return a * alg.cost(p, pass_, threads) + b
+
+
+def select(fn, algorithm, p, pass_, threads):
+    """Resolve ``algorithm`` (a registered name or ``'auto'``) for one pass of one geometry, for a call
+    running on ``threads`` threads.
+
+    An explicit name that cannot serve the case raises :class:`AlgorithmUnavailable`; it never falls
+    back to another algorithm.
+    """
+    if not isinstance(algorithm, str):
+        raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
+    reg = _dispatch.registry()
+    if algorithm == "auto":
+        if _enabled:
+            return tuned(p, pass_, threads)
+        key = (p, pass_, threads)
+        best = _CHOICES.get(key)
+        if best is None:
+            best_cost = float("inf")
+            for alg in reg.values():
+                if alg.supports(p, pass_) is None:
+                    c = calibrated_cost(alg, p, pass_, threads)
+                    if best is None or c < best_cost:
+                        best, best_cost = alg, c
+            if best is None:
+                raise AlgorithmUnavailable(f"{fn}: no registered algorithm can compute the {pass_} pass here")
+            if len(_CHOICES) > 4096:
+                _CHOICES.clear()
+            _CHOICES[key] = best
+        return best
+    alg = reg.get(algorithm)
+    if alg is None:
+        names = ", ".join(repr(n) for n in ("auto",) + tuple(reg))
+        raise ValueError(f"{fn}: algorithm must be one of {names}, got {algorithm!r}")
+    reason = alg.supports(p, pass_)
+    if reason is not None:
+        raise AlgorithmUnavailable(f"{fn}: algorithm={algorithm!r} cannot compute the {pass_} pass here: {reason}")
+    return alg
 
 
 def _version():
@@ -59,10 +133,10 @@ def cache_path() -> str:
     return os.path.join(base, "autotune.json")
 
 
-def _key(p, pass_) -> str:
+def _key(p, pass_, threads) -> str:
     geo = (p.n, p.c, p.h, p.w, p.k, p.r, p.s, p.sh, p.sw, p.ph0, p.ph1, p.pw0, p.pw1, p.dh, p.dw, p.g)
     return "|".join([",".join(map(str, geo)), p.dtype.name, pass_, f"ws={p.workspace_limit}",
-                     f"threads={_threads.current()}", _cpu(), _version()])
+                     f"threads={threads}", _cpu(), _version()])
 
 
 def _read_file(path):
@@ -132,7 +206,6 @@ def set_autotune(enabled):
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"set_autotune: enabled must be a bool, got {enabled!r}")
     old, _enabled = _enabled, bool(enabled)
-    _dispatch.AUTOTUNE[0] = _enabled
     return old
 
 
@@ -206,10 +279,10 @@ def measure_all(p, pass_, repeats=1):
     return times
 
 
-def tuned(p, pass_):
+def tuned(p, pass_, threads):
     """The autotuned algorithm for this key (measured now on a miss), as an ``Algorithm``."""
     global _loaded
-    key = _key(p, pass_)
+    key = _key(p, pass_, threads)
     with _lock:
         if not _loaded:
             disk = _read_file(cache_path())
@@ -280,8 +353,8 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
     """
     fn = "choose_algorithm"
     dt = V.float_dtype(fn, dtype)
-    if pass_ not in _dispatch.PASSES:
-        raise ValueError(f"{fn}: pass_ must be one of {', '.join(map(repr, _dispatch.PASSES))}, got {pass_!r}")
+    if pass_ not in PASSES:
+        raise ValueError(f"{fn}: pass_ must be one of {', '.join(map(repr, PASSES))}, got {pass_!r}")
     if not isinstance(measure, (bool, np.bool_)):
         raise TypeError(f"{fn}: measure must be a bool, got {measure!r}")
     xs = V.shape4(fn, "x_shape", x_shape)
@@ -290,8 +363,8 @@ def choose_algorithm(x_shape, weight_shape, stride=1, padding=0, dilation=1, gro
     ws = tuple(V._int(fn, "weight_shape", d, "a tuple of 4 ints (K, C/groups, R, S)") for d in weight_shape)
     p = V.conv_params(fn, xs, ws, dt, stride, padding, dilation, groups, workspace_limit)
     # the pool size conv2d / conv2d_backward would run this pass with, so that the choice is theirs
-    _threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)
+    threads = _threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)
     if measure:
         times = measure_all(p, pass_)
         return min(times, key=times.get), times
-    return _dispatch.select(fn, "auto", p, pass_).name
+    return select(fn, "auto", p, pass_, threads).name

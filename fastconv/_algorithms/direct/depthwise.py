@@ -1,0 +1,153 @@
+"""Depthwise kernels of the direct algorithm (one input and one output channel per group)."""
+import numpy as np
+from numba import prange
+
+from ..._jit import kernel
+from ..common import SLACK, claim
+from .blocks import _copy, _fill_plane, _mac1x1, _mac1x4, _micro
+
+_DW_RB = 8        # output rows per depthwise forward block (stride 1): small, so row copies overlap
+
+
+@_micro
+def _dw3x3(acc, buf, o, wq2, wt, c, bias, ln):
+    # sw == dw == 1: the three taps of a kernel row read one slice at constant offsets, so LLVM
+    # needs few alias checks and vectorises (nine slices defeat its runtime-check budget)
+    w0, w1, w2, w3, w4, w5 = wt[c, 0], wt[c, 1], wt[c, 2], wt[c, 3], wt[c, 4], wt[c, 5]
+    w6, w7, w8 = wt[c, 6], wt[c, 7], wt[c, 8]
+    x0 = buf[o:o + ln + 2]
+    x1 = buf[o + wq2:o + wq2 + ln + 2]
+    x2 = buf[o + 2 * wq2:o + 2 * wq2 + ln + 2]
+    for j in range(ln):
+        acc[j] = (bias + w0 * x0[j] + w1 * x0[j + 1] + w2 * x0[j + 2] + w3 * x1[j] + w4 * x1[j + 1]
+                  + w5 * x1[j + 2] + w6 * x2[j] + w7 * x2[j + 1] + w8 * x2[j + 2])
+
+
+@kernel
+def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nw, ctr, fast):
+    """Depthwise forward: one work item per (image, channel) plane, padded into a private buffer
+    (no padded copy of the whole input), then blocks of ``rb`` output rows as one run over all
+    taps (``fast``: the 3x3, sw == dw == 1 micro-kernel), copied into ``y``.  The input rows of
+    the next block are copied in before a block is computed: their loads, independent of the
+    arithmetic, then overlap it (measured 10-25% faster than filling the whole plane first)."""
+    nn, cc = x.shape[0], x.shape[1]
+    oh, ow = y.shape[2], y.shape[3]
+    tn = wt.shape[1]
+    t4 = tn - tn % 4
+    items = nn * cc
+    nrb = (oh + rb - 1) // rb
+    lmax = (rb - 1) * wq + ow
+    lmax += (-lmax) % 16
+    for wid in prange(nw):
+        buf = np.zeros(sw * hp * wq + SLACK, dtype=y.dtype)
+        acc = np.empty(lmax, dtype=y.dtype)
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            n, c = it // cc, it % cc
+            xs = x[n, c]
+            _fill_plane(xs, buf, sw, hp, wq, top, left, 0, (min(rb, oh) - 1) * sh + (rr - 1) * dh + 1)
+            for ib in range(nrb):
+                i0 = ib * rb
+                i1 = min(i0 + rb, oh)
+                # padded rows block ib + 1 reads beyond those of block ib
+                _fill_plane(xs, buf, sw, hp, wq, top, left, (i1 - 1) * sh + (rr - 1) * dh + 1,
+                            (min(i1 + rb, oh) - 1) * sh + (rr - 1) * dh + 1)
+                # rounded up to whole vectors like _forward (SLACK)
+                ln = (i1 - i0 - 1) * wq + ow
+                ln += (-ln) % 16
+                row0 = i0 * sh * wq
+                if fast:
+                    _dw3x3(acc, buf, row0, dh * wq, wt, c, b[c], ln)
+                else:
+                    acc[:ln] = b[c]
+                    for t in range(0, t4, 4):
+                        o0, o1, o2, o3 = row0 + tb[t], row0 + tb[t + 1], row0 + tb[t + 2], row0 + tb[t + 3]
+                        _mac1x4(acc, buf[o0:o0 + ln], buf[o1:o1 + ln], buf[o2:o2 + ln], buf[o3:o3 + ln],
+                                wt, c, t, ln)
+                    for t in range(t4, tn):
+                        o0 = row0 + tb[t]
+                        _mac1x1(acc, buf[o0:o0 + ln], wt[c, t], ln)
+                for i in range(i0, i1):
+                    o = (i - i0) * wq
+                    _copy(y[n, c, i], acc[o:o + ow], ow)
+
+
+@_micro
+def _dw3x3_dots(tot, gb, buf, wq2, ln, zero):
+    # tot[t] += the dot of the gradient run gb with tap t's input run, 3x3 with sw == dw == 1: a
+    # pure reduction (no stores), so LLVM vectorises it without alias checks
+    x0 = buf[0:ln + 2]
+    x1 = buf[wq2:wq2 + ln + 2]
+    x2 = buf[2 * wq2:2 * wq2 + ln + 2]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = zero
+    for j in range(ln):
+        v = gb[j]
+        s0 += v * x0[j]
+        s1 += v * x0[j + 1]
+        s2 += v * x0[j + 2]
+        s3 += v * x1[j]
+        s4 += v * x1[j + 1]
+        s5 += v * x1[j + 2]
+        s6 += v * x2[j]
+        s7 += v * x2[j + 1]
+        s8 += v * x2[j + 2]
+    tot[0] += s0
+    tot[1] += s1
+    tot[2] += s2
+    tot[3] += s3
+    tot[4] += s4
+    tot[5] += s5
+    tot[6] += s6
+    tot[7] += s7
+    tot[8] += s8
+
+
+@kernel
+def _dw_grad_weight(gy, x, tb, gw, sw, hp, wq, top, left, sh, dh, fast, zero):
+    """Depthwise grad_weight: one work item per channel; each of its planes is padded into a
+    private buffer.  ``fast`` (3x3, stride 1, dw == 1) and a finite plane: the gradient plane is
+    copied with the input's row pitch (zeros between rows) and each tap is one dot over the whole
+    plane.  Otherwise (a garbage column times a zero gradient is NaN where the input holds Inf)
+    every output row adds ``g * input`` of all taps into per-column partial sums.  Sums run over
+    the batch in a fixed order into float64: independent of the thread count."""
+    nn, kk_, oh, ow = gy.shape
+    tn = tb.shape[0]
+    ln = (oh - 1) * wq + ow
+    ln += (-ln) % 16
+    for c in prange(kk_):
+        buf = np.zeros(sw * hp * wq + SLACK, dtype=gy.dtype)
+        gb = np.zeros(ln, dtype=gy.dtype) if fast else np.zeros(0, dtype=gy.dtype)
+        pa = np.empty((tn, ow), dtype=gy.dtype)
+        tot = np.zeros(tn, dtype=np.float64)
+        for n in range(nn):
+            _fill_plane(x[n, c], buf, sw, hp, wq, top, left, 0, hp)
+            if fast:
+                nf = zero
+                for j in range(buf.shape[0]):
+                    nf += buf[j] * 0
+                if nf == 0:
+                    for i in range(oh):
+                        _copy(gb[i * wq:i * wq + ow], gy[n, c, i], ow)
+                    _dw3x3_dots(tot, gb, buf, dh * wq, ln, zero)
+                    continue
+            pa[:] = 0
+            for i in range(oh):
+                g = gy[n, c, i]
+                row0 = i * sh * wq
+                for t in range(tn):
+                    o = row0 + tb[t]
+                    xs = buf[o:o + ow]
+                    pt = pa[t]
+                    for j in range(ow):
+                        pt[j] += g[j] * xs[j]
+            for t in range(tn):
+                s = zero
+                for j in range(ow):
+                    s += pa[t, j]
+                tot[t] += s
+        for t in range(tn):
+            gw[c, t] = tot[t]
+
+

@@ -1,0 +1,788 @@
+"""Define-by-run gradients: each differentiable op records, on the tensor it returns, what its
+backward pass needs, and ``loss.backward()`` walks exactly the graph that loss was computed from.
+
+Why a tape
+----------
+Two forward passes build two independent graphs, so evaluating another batch between a forward
+and its backward cannot change the gradients; a tensor used twice (a residual shortcut, a layer
+applied twice, a concat) receives the sum of its gradients because the walk adds every path.
+Nothing is cached on layers, and under :class:`no_grad` nothing is recorded at all.
+
+Writing a new differentiable op (or a layer with its own backward)
+------------------------------------------------------------------
+Compute the output with NumPy or :mod:`fastconv.functional`, then hand :func:`record` the output
+array, the inputs (tensors, arrays or ``None``) and a ``backward(grad_output, needs)`` function
+that returns one gradient per input (``None`` where ``needs[i]`` is False or the input is not a
+tensor).  ``backward`` must not modify ``grad_output``; it runs at most once, so it may reuse the
+arrays it closed over.  Check :func:`is_recording` first to skip saving state when nothing will
+differentiate it::
+
+    def scale(x, factor):                      # y = factor * x
+        xd = np.asarray(x)
+        y = xd * factor
+        if not is_recording(x):
+            return Tensor(y)
+        return record("ScaleBackward", y, (x,), lambda g, needs: (g * factor,))
+
+A layer is then a :class:`fastconv.layers.Module` whose ``forward`` calls such ops; its parameters
+are :class:`Parameter` attributes and ``self.training`` tells training from evaluation.
+
+>>> import numpy as np
+>>> from fastconv.autograd import Parameter, Tensor
+>>> w = Parameter(np.array([1.0, 2.0]))
+>>> x = Tensor(np.array([3.0, 4.0]))
+>>> y = (w * x + w).sum()       # w is used twice: its gradient is x + 1
+>>> y.backward()
+>>> w.grad
+array([4., 5.])
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from . import _validation as V
+from . import functional as F
+
+__all__ = ["Tensor", "Parameter", "no_grad", "enable_grad", "is_grad_enabled", "is_recording", "record",
+           "conv2d", "max_pool2d", "avg_pool2d", "relu", "linear", "reshape", "flatten", "cat", "add",
+           "mul", "cross_entropy", "mse_loss"]
+
+_state = threading.local()  # grad mode is per thread, as PyTorch's
+
+
+def is_grad_enabled():
+    """Whether ops record their backward (False inside :class:`no_grad`).
+
+    >>> is_grad_enabled()
+    True
+    """
+    return getattr(_state, "enabled", True)
+
+
+class no_grad:
+    """Context manager (and decorator) in which ops record nothing: no graph, no saved arrays.
+
+    Use it for evaluation: outputs are plain :class:`Tensor` values that cannot be differentiated,
+    and layers keep no forward state, so memory is only the activations still referenced.
+
+    >>> import numpy as np, fastconv
+    >>> conv = fastconv.Conv2d(1, 2, 3, rng=0)
+    >>> with fastconv.no_grad():
+    ...     y = conv(np.zeros((1, 1, 5, 5), np.float32))
+    >>> y.requires_grad, y.shape
+    (False, (1, 2, 3, 3))
+    """
+
+    _mode = False
+
+    def __enter__(self):
+        self._prev = is_grad_enabled()
+        _state.enabled = self._mode
+
+    def __exit__(self, *exc):
+        _state.enabled = self._prev
+        return False
+
+    def __call__(self, func):
+        import functools
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            with type(self)():
+                return func(*args, **kwargs)
+        return wrapper
+
+
+class enable_grad(no_grad):
+    """Context manager that turns recording back on inside :class:`no_grad`.
+
+    >>> import numpy as np
+    >>> with no_grad():
+    ...     with enable_grad():
+    ...         print(is_grad_enabled())
+    True
+    """
+
+    _mode = True
+
+
+def _data(a):
+    return a.data if isinstance(a, Tensor) else a
+
+
+def is_recording(*inputs):
+    """True when grad mode is on and an input is a tensor that requires grad: the op must record.
+
+    >>> is_recording(Parameter(np.zeros(2))), is_recording(np.zeros(2))
+    (True, False)
+    """
+    if not getattr(_state, "enabled", True):
+        return False
+    for t in inputs:
+        if isinstance(t, Tensor) and t.requires_grad:
+            return True
+    return False
+
+
+class _Node:
+    """The backward of one op: its inputs and the function that maps the output's gradient to
+    theirs.  ``backward`` is None once the graph has been differentiated (its arrays released)."""
+
+    __slots__ = ("name", "inputs", "backward")
+
+    def __init__(self, name, inputs, backward):
+        self.name, self.inputs, self.backward = name, inputs, backward
+
+
+def record(name, out, inputs, backward):
+    """Wrap the array ``out`` as a :class:`Tensor` that remembers how to differentiate it.
+
+    Parameters
+    ----------
+    name : str
+        Shown in the tensor's repr (``grad_fn=<name>``) and in errors.
+    out : ndarray
+        The op's output.
+    inputs : sequence
+        The op's inputs; tensors among them receive gradients, anything else is a constant.
+    backward : callable ``(grad_output, needs) -> tuple``
+        One entry per input: its gradient (same shape as the input) or None.
+
+    Returns
+    -------
+    Tensor
+        With a recorded backward when :func:`is_recording` holds for ``inputs``, else a constant.
+
+    Examples
+    --------
+    >>> x = Parameter(np.array([1.0, -2.0]))
+    >>> y = record("SquareBackward", x.data ** 2, (x,), lambda g, needs: (2 * x.data * g,))
+    >>> y.sum().backward(); x.grad
+    array([ 2., -4.])
+    """
+    t = Tensor(out)
+    if is_recording(*inputs):
+        t.requires_grad = True
+        t._node = _Node(name, tuple(inputs), backward)
+    return t
+
+
+class Tensor:
+    """An array and, when it was computed with gradients on, the graph that produced it.
+
+    ``data`` is the ndarray (no copy); ``np.asarray(t)``, ``t.numpy()`` and ``t.detach()`` give the
+    values without a graph.  Arithmetic (``+ - * /``, unary ``-``), ``sum``, ``mean``, ``reshape``,
+    indexing and :func:`cat` are recorded; other NumPy functions on a tensor that requires grad
+    raise a ``TypeError`` instead of silently dropping its gradient (take ``np.asarray(t)`` first,
+    or work under :class:`no_grad`).
+
+    >>> t = Tensor(np.array([[1.0, 2.0]]), requires_grad=True)
+    >>> (t * 3).sum().backward(); t.grad
+    array([[3., 3.]])
+    >>> np.asarray(t), t.shape, t.dtype
+    (array([[1., 2.]]), (1, 2), dtype('float64'))
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "_node", "_implicit", "__weakref__")
+    __array_priority__ = 1000  # ndarray <op> Tensor defers to the Tensor's reflected op
+
+    def __init__(self, data, requires_grad=False):
+        self.data = data if isinstance(data, np.ndarray) else np.asarray(data)
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._node = None
+        self._implicit = False  # an array a Module wrapped: differentiated only when asked for
+
+    # ------------------------------------------------------------ array protocol
+    def __array__(self, dtype=None, copy=None):
+        if copy:
+            return np.array(self.data, dtype=dtype, copy=True)
+        return self.data if dtype is None else self.data.astype(dtype, copy=False)
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    grad_fn = property(lambda self: None if self._node is None else self._node.name)
+    is_leaf = property(lambda self: self._node is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def numpy(self):
+        """The values (the array itself, no copy; no graph)."""
+        return self.data
+
+    def detach(self):
+        """A tensor of the same values with no graph."""
+        return Tensor(self.data)
+
+    def item(self):
+        """The value of a one-element tensor as a Python number."""
+        if self.data.size != 1:
+            raise ValueError(f"Tensor.item: only a one-element tensor has an item, got shape {self.data.shape}")
+        return self.data.item()
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __bool__(self):
+        return bool(self.data)
+
+    def __format__(self, spec):
+        return format(self.item(), spec) if self.data.size == 1 else format(str(self), spec)
+
+    def __round__(self, ndigits=None):
+        return round(self.item(), ndigits)
+
+    def argmax(self, axis=None):
+        return self.data.argmax(axis=axis)
+
+    def __lt__(self, other):
+        return self.data < _data(other)
+
+    def __le__(self, other):
+        return self.data <= _data(other)
+
+    def __gt__(self, other):
+        return self.data > _data(other)
+
+    def __ge__(self, other):
+        return self.data >= _data(other)
+
+    __hash__ = object.__hash__  # identity; == is not element-wise (the graph walk keys on identity)
+
+    def __repr__(self):
+        body = np.array2string(self.data, separator=", ", prefix="Tensor(")
+        extra = f", grad_fn=<{self._node.name}>" if self._node is not None else (
+            ", requires_grad=True" if self.requires_grad else "")
+        return f"Tensor({body}{extra})"
+
+    # ------------------------------------------------------------ recorded arithmetic
+    def __add__(self, other):
+        return add(self, other)
+
+    def __radd__(self, other):
+        return add(other, self)
+
+    def __sub__(self, other):
+        return add(self, mul(other, -1))
+
+    def __rsub__(self, other):
+        return add(other, mul(self, -1))
+
+    def __mul__(self, other):
+        return mul(self, other)
+
+    def __rmul__(self, other):
+        return mul(other, self)
+
+    def __truediv__(self, other):
+        return _div(self, other)
+
+    def __rtruediv__(self, other):
+        return _div(other, self)
+
+    def __neg__(self):
+        return mul(self, -1)
+
+    def __getitem__(self, index):
+        return _getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False):
+        return _sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        n = self.data.size if axis is None else int(np.prod([self.data.shape[a] for a in np.atleast_1d(axis)]))
+        return mul(_sum(self, axis, keepdims), 1.0 / max(n, 1))
+
+    def reshape(self, *shape):
+        return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+    def flatten(self, start_dim=1):
+        return flatten(self, start_dim)
+
+    # ------------------------------------------------------------ NumPy interoperability
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if method == "__call__" and not kwargs:
+            op = _UFUNC_OPS.get(ufunc)
+            if op is not None:
+                return op(*inputs)
+        if ufunc not in _NONDIFFERENTIABLE_UFUNCS:
+            _refuse(f"numpy.{ufunc.__name__}", inputs + tuple(kwargs.get("out", ())))
+        inputs = tuple(_data(a) for a in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_data(a) for a in kwargs["out"])
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        op = _FUNCTION_OPS.get(func)
+        if op is not None:
+            return op(*args, **kwargs)
+        _refuse(f"numpy.{func.__name__}", _flat(args) + _flat(tuple(kwargs.values())))
+        return func(*_unwrap(args), **_unwrap(kwargs))
+
+    # ------------------------------------------------------------ differentiation
+    def backward(self, gradient=None):
+        """Add the gradient of this tensor with respect to every parameter (every leaf tensor with
+        ``requires_grad``) it depends on to their ``.grad``, walking the graph recorded by the
+        forward pass that computed it; the graph is released afterwards (one backward per forward).
+
+        ``gradient`` (the gradient of some scalar with respect to this tensor) defaults to 1 for a
+        one-element tensor such as a loss.
+        """
+        fn = "Tensor.backward"
+        if not self.requires_grad:
+            raise RuntimeError(f"{fn}: this tensor does not require grad (computed under no_grad, or from "
+                               f"inputs none of which requires grad), so there is nothing to differentiate")
+        if gradient is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"{fn}: gradient can be omitted only for a one-element tensor (a loss), "
+                                   f"got shape {self.data.shape}")
+            gradient = np.ones(self.data.shape, self.data.dtype)
+        else:
+            gradient = _check_grad(fn, "gradient", gradient, self)
+        run_backward(self, gradient)
+
+
+class Parameter(Tensor):
+    """A trainable array: a leaf :class:`Tensor` with ``requires_grad`` whose ``.grad`` (same shape
+    and dtype, zeros at first) accumulates gradients until ``zero_grad()``.
+
+    It stands in for its array: ``np.asarray(p)``, ``p.shape``, ``p.dtype``, ``len(p)`` and
+    indexing work; arithmetic gives a :class:`Tensor` that carries the gradient back to ``p`` (use
+    ``p.data`` or ``np.asarray(p)`` for a plain array).
+
+    >>> p = Parameter(np.ones(3, np.float32))
+    >>> p.grad
+    array([0., 0., 0.], dtype=float32)
+    >>> np.asarray(p + 1)
+    array([2., 2., 2.], dtype=float32)
+    """
+
+    __slots__ = ()
+
+    def __init__(self, data, requires_grad=True):
+        if isinstance(data, Tensor):
+            data = data.data
+        data = V.as_float_array("Parameter", "data", data, data.ndim if isinstance(data, np.ndarray) else 0)
+        super().__init__(data, requires_grad)
+        self.grad = np.zeros_like(data)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+# --------------------------------------------------------------------------- NumPy dispatch helpers
+def _flat(seq):
+    out = []
+    for a in seq:
+        if isinstance(a, (list, tuple)):
+            out.extend(_flat(a))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def _unwrap(a):
+    if isinstance(a, Tensor):
+        return a.data
+    if isinstance(a, (list, tuple)):
+        return type(a)(_unwrap(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _unwrap(v) for k, v in a.items()}
+    return a
+
+
+def _refuse(what, operands):
+    if is_recording(*operands):
+        raise TypeError(f"{what}: an operand is a fastconv Tensor that requires grad, and NumPy would drop "
+                        f"its gradient silently; use Tensor arithmetic and fastconv.autograd ops (cat, "
+                        f"reshape, sum, ...), or take the values with np.asarray(t) / t.detach() or "
+                        f"under fastconv.no_grad()")
+
+
+# --------------------------------------------------------------------------- the graph walk
+def _check_grad(fn, name, g, like):
+    g = _data(g)
+    if not isinstance(g, np.ndarray) or g.dtype not in V.FLOAT_DTYPES or g.shape != like.shape:
+        got = (g.shape, g.dtype) if isinstance(g, np.ndarray) else type(g).__name__
+        raise ValueError(f"{fn}: {name} must be a float array of the output's shape {like.shape}, got {got}")
+    return g
+
+
+_FREED = ("the graph of this forward was already differentiated and its saved arrays released "
+          "(one backward per forward; to differentiate two losses of one forward, add them and call "
+          "backward once)")
+
+
+def run_backward(root, grad, inputs=(), stop_at_inputs=False):
+    """Propagate ``grad`` (d something / d ``root``) through the graph that produced ``root``.
+
+    Leaf tensors that require grad (parameters) get the result added to ``.grad`` -- only after
+    the whole walk succeeded, so a backward that raises leaves every ``.grad`` as it was and the
+    graph intact.  ``inputs`` are extra tensors whose gradients are returned (a list in their
+    order, None for one the root does not depend on); with ``stop_at_inputs`` the walk treats them
+    as leaves and does not go past them (a single layer's backward).  Afterwards the walked part
+    of the graph is released.
+    """
+    want = {id(t): i for i, t in enumerate(inputs)}
+    need = {}     # id(tensor) -> bool: on a path to something that wants a gradient
+    order = []    # tensors with a recorded backward, inputs before the ops that use them
+    leaves = {}   # id -> leaf tensor that accumulates
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        k = id(t)
+        node = t._node
+        if expanded:
+            need[k] = k in want or any(need.get(id(i), False) for i in node.inputs if isinstance(i, Tensor))
+            order.append(t)
+            continue
+        if k in need:
+            continue
+        if node is None or (stop_at_inputs and k in want):
+            need[k] = k in want or (t.requires_grad and not t._implicit)
+            if need[k] and k not in want:
+                leaves[k] = t
+            continue
+        if node.backward is None:
+            raise RuntimeError(f"backward: {_FREED}")
+        need[k] = False  # visiting; set for real once its inputs are done
+        stack.append((t, True))
+        for i in node.inputs:
+            if isinstance(i, Tensor) and id(i) not in need:
+                stack.append((i, False))
+    if not need.get(id(root)):
+        return [None] * len(inputs)
+    grads = {id(root): grad}
+    for t in reversed(order):
+        k = id(t)
+        g = grads[k] if k in want else grads.pop(k, None)  # popped: released as soon as used
+        if g is None or not need[k]:
+            continue
+        node = t._node
+        needs = tuple(isinstance(i, Tensor) and need[id(i)] for i in node.inputs)
+        result = node.backward(g, needs)
+        for i, gi, n in zip(node.inputs, result, needs):
+            if n and gi is not None:
+                ki = id(i)
+                grads[ki] = gi if ki not in grads else grads[ki] + gi  # a new array: gi may be shared
+    for k, t in leaves.items():
+        g = grads.get(k)
+        if g is None:
+            continue
+        if t.grad is None:
+            t.grad = np.array(g, dtype=t.data.dtype, copy=True)
+        else:
+            t.grad += g  # in place: optimisers hold views of .grad
+    for t in order:  # release the saved arrays of everything walked
+        t._node.backward = None
+        t._node.inputs = ()
+    return [grads.get(id(t)) for t in inputs]
+
+
+# --------------------------------------------------------------------------- ops
+def _unbroadcast(g, shape):
+    """Sum ``g`` over the axes NumPy broadcasting added or stretched to reach ``g.shape``."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    if lead:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+def add(a, b):
+    """``a + b`` with NumPy broadcasting, recorded.
+
+    >>> p = Parameter(np.zeros((2, 1)))
+    >>> add(p, np.ones((2, 3))).sum().backward(); p.grad
+    array([[3.],
+           [3.]])
+    """
+    ad, bd = _data(a), _data(b)
+    y = ad + bd
+    if not is_recording(a, b):
+        return Tensor(y)
+    sa, sb = np.shape(ad), np.shape(bd)
+    return record("AddBackward", y, (a, b),
+                  lambda g, n: (_unbroadcast(g, sa) if n[0] else None, _unbroadcast(g, sb) if n[1] else None))
+
+
+def mul(a, b):
+    """``a * b`` with NumPy broadcasting, recorded.
+
+    >>> p = Parameter(np.array([1.0, 2.0]))
+    >>> mul(p, p).sum().backward(); p.grad
+    array([2., 4.])
+    """
+    ad, bd = _data(a), _data(b)
+    y = ad * bd
+    if not is_recording(a, b):
+        return Tensor(y)
+    sa, sb = np.shape(ad), np.shape(bd)
+    return record("MulBackward", y, (a, b),
+                  lambda g, n: (_unbroadcast(g * bd, sa) if n[0] else None,
+                                _unbroadcast(g * ad, sb) if n[1] else None))
+
+
+def _div(a, b):
+    ad, bd = _data(a), _data(b)
+    y = ad / bd
+    if not is_recording(a, b):
+        return Tensor(y)
+    sa, sb = np.shape(ad), np.shape(bd)
+    return record("DivBackward", y, (a, b),
+                  lambda g, n: (_unbroadcast(g / bd, sa) if n[0] else None,
+                                _unbroadcast(-g * ad / (bd * bd), sb) if n[1] else None))
+
+
+def _sum(a, axis=None, keepdims=False):
+    ad = _data(a)
+    y = np.asarray(ad.sum(axis=axis, keepdims=keepdims))
+    if not is_recording(a):
+        return Tensor(y)
+    shape = ad.shape
+
+    def backward(g, needs):
+        if axis is not None and not keepdims:
+            g = np.expand_dims(g, axis)
+        return (np.broadcast_to(g, shape).copy(),)
+    return record("SumBackward", y, (a,), backward)
+
+
+def _getitem(a, index):
+    ad = _data(a)
+    index = _unwrap(index)
+    y = ad[index]
+    if not is_recording(a):
+        return Tensor(y)
+
+    def backward(g, needs):
+        gx = np.zeros(ad.shape, g.dtype)
+        np.add.at(gx, index, g)  # add.at: an advanced index may name an element twice
+        return (gx,)
+    return record("IndexBackward", np.asarray(y), (a,), backward)
+
+
+def reshape(x, shape):
+    """``x.reshape(shape)``, recorded (the gradient is reshaped back).
+
+    >>> reshape(Tensor(np.zeros((2, 3))), (3, 2)).shape
+    (3, 2)
+    """
+    xd = _data(x)
+    y = xd.reshape(shape)
+    if not is_recording(x):
+        return Tensor(y)
+    old = xd.shape
+    return record("ReshapeBackward", y, (x,), lambda g, n: (g.reshape(old),))
+
+
+def flatten(x, start_dim=1):
+    """Merge the axes from ``start_dim`` on (PyTorch's ``torch.flatten``), recorded.
+
+    >>> flatten(Tensor(np.zeros((2, 3, 4)))).shape
+    (2, 12)
+    """
+    xd = _data(x)
+    return reshape(x, xd.shape[:start_dim] + (-1,))
+
+
+def cat(tensors, axis=1):
+    """Concatenate along ``axis`` (default the channel axis of NCHW), recorded: each input gets its
+    slice of the gradient (a U-Net skip connection).
+
+    >>> a, b = Parameter(np.zeros((1, 2))), Parameter(np.zeros((1, 3)))
+    >>> y = cat([a, b], axis=1); y.shape
+    (1, 5)
+    >>> (y * np.arange(5.0)).sum().backward(); a.grad, b.grad
+    (array([[0., 1.]]), array([[2., 3., 4.]]))
+    """
+    tensors = tuple(tensors)
+    if not tensors:
+        raise ValueError("cat: tensors must hold at least one tensor, got none")
+    datas = [_data(t) for t in tensors]
+    y = np.concatenate(datas, axis=axis)
+    if not is_recording(*tensors):
+        return Tensor(y)
+    bounds = np.cumsum([d.shape[axis] for d in datas])[:-1]
+
+    def backward(g, needs):
+        return tuple(np.split(g, bounds, axis=axis))
+    return record("CatBackward", y, tensors, backward)
+
+
+def relu(x):
+    """:func:`fastconv.relu`, recorded (backward :func:`fastconv.relu_backward`).
+
+    >>> relu(Tensor(np.array([-1.0, 2.0])))
+    Tensor([0., 2.])
+    """
+    xd = _data(x)
+    y = F.relu(xd)
+    if not is_recording(x):
+        return Tensor(y)
+    return record("ReluBackward", y, (x,), lambda g, n: (F.relu_backward(g, xd),))
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+    """:func:`fastconv.conv2d`, recorded; its backward computes only the gradients needed (no
+    input gradient for a network's input: :func:`fastconv.conv2d_grad_weight`).
+
+    >>> w = Parameter(np.ones((1, 1, 2, 2)))
+    >>> y = conv2d(np.ones((1, 1, 3, 3)), w); y.shape
+    (1, 1, 2, 2)
+    >>> y.sum().backward(); w.grad[0, 0]
+    array([[4., 4.],
+           [4., 4.]])
+    """
+    xd, wd, bd = _data(x), _data(weight), _data(bias)
+    y = F.conv2d(xd, wd, bd, stride, padding, dilation, groups, algorithm=algorithm)
+    if not is_recording(x, weight, bias):
+        return Tensor(y)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm)
+
+    def backward(g, needs):
+        if needs[0]:
+            gx, gw, gb = F.conv2d_backward(g, xd, wd, **geo)
+        else:
+            gx = None
+            gw, gb = F.conv2d_grad_weight(g, xd, wd, **geo)
+        return gx, gw, gb
+    return record("Conv2dBackward", y, (x, weight, bias), backward)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """:func:`fastconv.max_pool2d`, recorded (the indices are kept only when recording).
+
+    >>> max_pool2d(Tensor(np.arange(16.0).reshape(1, 1, 4, 4)), 2).shape
+    (1, 1, 2, 2)
+    """
+    xd = _data(x)
+    if not is_recording(x):
+        return Tensor(F.max_pool2d(xd, kernel_size, stride, padding, dilation, ceil_mode))
+    y, idx = F.max_pool2d(xd, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    shape = xd.shape
+    return record("MaxPool2dBackward", y, (x,), lambda g, n: (F.max_pool2d_backward(g, idx, shape),))
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """:func:`fastconv.avg_pool2d`, recorded.
+
+    >>> avg_pool2d(Tensor(np.ones((1, 1, 4, 4))), 2).shape
+    (1, 1, 2, 2)
+    """
+    xd = _data(x)
+    args = (kernel_size, stride, padding, ceil_mode, count_include_pad)
+    y = F.avg_pool2d(xd, *args)
+    if not is_recording(x):
+        return Tensor(y)
+    shape = xd.shape
+    return record("AvgPool2dBackward", y, (x,), lambda g, n: (F.avg_pool2d_backward(g, shape, *args),))
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` for ``x`` of shape ``(N, in)``, ``weight (out, in)``, recorded.
+
+    >>> w = Parameter(np.ones((2, 3)))
+    >>> linear(np.ones((4, 3)), w).sum().backward(); w.grad
+    array([[4., 4., 4.],
+           [4., 4., 4.]])
+    """
+    xd, wd, bd = _data(x), _data(weight), _data(bias)
+    y = xd @ wd.T
+    if bd is not None:
+        y += bd
+    if not is_recording(x, weight, bias):
+        return Tensor(y)
+
+    def backward(g, needs):
+        return (g @ wd if needs[0] else None, g.T @ xd if needs[1] else None,
+                g.sum(axis=0) if needs[2] else None)
+    return record("LinearBackward", y, (x, weight, bias), backward)
+
+
+def cross_entropy(logits, target, reduction="mean"):
+    """Softmax cross-entropy of ``logits (N, classes)`` against integer ``target (N,)``, recorded.
+
+    Computed as ``z - max(z) - log(sum(exp(z - max(z))))`` so large logits do not overflow; the
+    gradient is ``(softmax(logits) - onehot) / N`` (without ``/ N`` for ``reduction='sum'``).
+
+    >>> z = Tensor(np.array([[1000.0, 0.0], [0.0, 0.0]]), requires_grad=True)
+    >>> loss = cross_entropy(z, np.array([0, 1])); round(loss.item(), 6)
+    0.346574
+    >>> loss.backward(); z.grad
+    array([[ 0.  ,  0.  ],
+           [ 0.25, -0.25]])
+    """
+    fn = "CrossEntropyLoss"
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{fn}: reduction must be 'mean' or 'sum', got {reduction!r}")
+    ld = V.as_float_array(fn, "logits", _data(logits), 2)
+    if not isinstance(target, np.ndarray) or target.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: target must be an integer numpy.ndarray, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    n, k = ld.shape
+    if target.shape != (n,):
+        raise ValueError(f"{fn}: target must have shape ({n},) to match logits {ld.shape}, got {target.shape}")
+    if n and (target.min() < 0 or target.max() >= k):
+        raise ValueError(f"{fn}: target must lie in [0, {k}), got values from {target.min()} to {target.max()}")
+    z = ld - ld.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    total = -(z[np.arange(n), target] - np.log(s[:, 0])).sum(dtype=np.float64)
+    value = np.asarray(total / n if reduction == "mean" and n else total, dtype=ld.dtype)
+    if not is_recording(logits):
+        return Tensor(value)
+    e /= s  # softmax, kept for backward (which runs once, so it may work in place)
+
+    def backward(g, needs):
+        p = e
+        p[np.arange(n), target] -= 1
+        scale = g.item() / n if reduction == "mean" and n else g.item()
+        if scale != 1:
+            p *= p.dtype.type(scale)
+        return p, None
+    return record("CrossEntropyBackward", value, (logits, target), backward)
+
+
+def mse_loss(prediction, target, reduction="mean"):
+    """Mean (or summed) squared error ``(prediction - target)**2``, recorded.
+
+    >>> p = Parameter(np.array([1.0, 3.0]))
+    >>> loss = mse_loss(p, np.array([0.0, 0.0])); loss.item()
+    5.0
+    >>> loss.backward(); p.grad
+    array([1., 3.])
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"MSELoss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    pd, td = _data(prediction), _data(target)
+    if np.shape(pd) != np.shape(td):
+        raise ValueError(f"MSELoss: target must have the prediction's shape {np.shape(pd)}, got {np.shape(td)}")
+    d = pd - td
+    total = np.asarray((d * d).sum(dtype=np.float64) / (d.size if reduction == "mean" and d.size else 1),
+                       dtype=pd.dtype)
+    if not is_recording(prediction, target):
+        return Tensor(total)
+    scale = 2.0 / (d.size if reduction == "mean" and d.size else 1)
+    return record("MSEBackward", total, (prediction, target),
+                  lambda g, n: (d * (scale * g.item()) if n[0] else None, d * (-scale * g.item()) if n[1] else None))
+
+
+_UFUNC_OPS = {np.add: add, np.multiply: mul, np.true_divide: _div,
+              np.subtract: lambda a, b: add(a, mul(b, -1)), np.negative: lambda a: mul(a, -1)}
+_NONDIFFERENTIABLE_UFUNCS = {np.less, np.less_equal, np.greater, np.greater_equal, np.equal, np.not_equal,
+                             np.isfinite, np.isnan, np.isinf, np.sign}
+_FUNCTION_OPS = {np.concatenate: lambda arrays, axis=0: cat(arrays, axis),
+                 np.reshape: lambda a, shape, **kw: reshape(a, shape),
+                 np.sum: lambda a, axis=None, keepdims=False: _sum(a, axis, keepdims)}

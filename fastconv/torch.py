@@ -1,0 +1,574 @@
+"""fastconv under PyTorch: custom operators, drop-in modules and :func:`convert`.
+
+``fastconv.torch`` puts fastconv's CPU kernels under a PyTorch model::
+
+    import fastconv.torch
+    model, report = fastconv.torch.convert(model)   # nn.Conv2d / MaxPool2d / AvgPool2d swapped
+    print(report)
+
+It needs PyTorch (``pip install 'fastconv[torch]'``); ``import fastconv`` never imports torch.
+
+What it registers
+-----------------
+Custom operators (``torch.library.custom_op``, namespace ``fastconv``, CPU): ``fastconv::conv2d``,
+``fastconv::max_pool2d`` (values and int64 indices), ``fastconv::avg_pool2d`` and one backward
+operator for each.  Each forward operator has a fake (meta) implementation, so ``torch.compile``
+traces through it without a graph break, and an autograd formula whose backward is again a fastconv
+operator (:func:`fastconv.conv2d_backward` etc.), so a compiled graph keeps fastconv in both passes.
+
+Data exchange
+-------------
+Contiguous (NCHW) tensors are shared with NumPy without a copy (``Tensor.numpy()`` /
+``torch.from_numpy``).  A channels_last or otherwise strided tensor is copied to NCHW first (one
+read and one write of the tensor, the same pass PyTorch's own ``.contiguous()`` makes), and the
+result is copied back to the input's memory format: a channels_last network therefore pays two
+layout copies per layer and direction.  Run converted models in the default NCHW layout.
+
+What falls back to PyTorch
+--------------------------
+Every call checks what fastconv can serve and otherwise calls PyTorch's own operator, so a model
+never fails mid-training because of the bridge: non-CPU tensors, dtypes other than float32/float64,
+mixed dtypes, non-strided layouts, inputs that are not 3-D or 4-D, ``divisor_override``.  Double
+backward (``create_graph=True``) recomputes the layer with PyTorch's operator to get a
+differentiable gradient.  ``padding_mode`` 'reflect' / 'replicate' / 'circular' pads with
+``torch.nn.functional.pad`` (as ``nn.Conv2d`` does) and convolves with fastconv.
+
+Threads
+-------
+During a call, one setting governs both pools: fastconv's operators run on
+``min(torch.get_num_threads(), fastconv.max_threads())`` threads, so ``torch.set_num_threads`` (or
+:func:`set_num_threads` here, which sets both libraries) is the one knob.  PyTorch's OpenMP pool and
+numba's never run at the same time (an operator is called from the thread that runs the graph);
+numba's idle workers sleep (``fastconv._jit``), PyTorch's spin briefly after each of its parallel
+regions unless ``OMP_WAIT_POLICY=passive`` is set before torch is imported
+(``benchmarks/torch_train_step.py --oversubscription`` measures the difference).
+"""
+from __future__ import annotations
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+except ImportError as exc:  # pragma: no cover - exercised without torch installed
+    raise ImportError(
+        "fastconv.torch needs PyTorch, an optional extra: pip install 'fastconv[torch]' "
+        "(or install torch yourself)") from exc
+
+import copy
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import functional as _fc
+from ._threads import max_threads as _max_threads
+from ._threads import set_num_threads as _fc_set_num_threads
+from ._threads import threads as _fc_threads
+
+__all__ = [
+    "AvgPool2d",
+    "Conv2d",
+    "ConversionReport",
+    "MaxPool2d",
+    "avg_pool2d",
+    "conv2d",
+    "convert",
+    "max_pool2d",
+    "set_num_threads",
+]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- helpers
+def _pair(v, fn, name):
+    if isinstance(v, int):
+        return [int(v), int(v)]
+    v = list(v)
+    if len(v) == 1:
+        return [int(v[0]), int(v[0])]
+    if len(v) != 2:
+        raise ValueError(f"{fn}: {name} must be an int or a pair, got {v!r}")
+    return [int(v[0]), int(v[1])]
+
+
+def _array(t: Tensor) -> np.ndarray:
+    """A NumPy view of ``t`` (no copy when ``t`` is NCHW-contiguous; one copy otherwise)."""
+    return t.detach().contiguous().numpy()
+
+
+def _tensor(a: np.ndarray) -> Tensor:
+    """A tensor sharing ``a``'s memory (fastconv's outputs are fresh, contiguous and writable)."""
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+class _pool_threads:
+    """Run fastconv's kernels on PyTorch's thread count for the duration of one operator call."""
+
+    __slots__ = ("_cm",)
+
+    def __enter__(self):
+        n = max(1, min(torch.get_num_threads(), _max_threads()))
+        self._cm = _fc_threads(n)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the thread count of PyTorch's intra-op pool and fastconv's pool together.
+
+    Parameters
+    ----------
+    n : int
+        ``1 <= n <= fastconv.max_threads()``.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> old = torch.get_num_threads()
+    >>> fastconv.torch.set_num_threads(1)
+    >>> torch.get_num_threads()
+    1
+    >>> fastconv.torch.set_num_threads(old)
+    """
+    _fc_set_num_threads(n)  # validates first: a bad n changes neither library
+    torch.set_num_threads(int(n))
+
+
+def _serves(*tensors) -> bool:
+    """Whether fastconv can compute on these tensors (else the caller uses PyTorch's operator)."""
+    first = tensors[0]
+    for t in tensors:
+        if t is None:
+            continue
+        if (t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in _DTYPES
+                or t.dtype != first.dtype or t.is_quantized):
+            return False
+    return first.dim() == 4
+
+
+def _like_input(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (NCHW) in ``x``'s memory format: channels_last in, channels_last out, as PyTorch."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def _double_backward(ctx) -> bool:
+    """True in a ``create_graph=True`` backward: gradients must themselves be differentiable."""
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in ctx.saved_tensors if isinstance(t, Tensor))
+
+
+# --------------------------------------------------------------------------- conv2d
+def _conv_out(size, pad, dil, k, stride, same):
+    if same:
+        return size
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _conv_padding(padding, same):
+    return "same" if same else tuple(padding)
+
+
+@torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
+def _conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+               dilation: List[int], groups: int, same: bool) -> Tensor:
+    with _pool_threads():
+        y = _fc.conv2d(_array(x), _array(weight), None if bias is None else _array(bias), tuple(stride),
+                       _conv_padding(padding, same), tuple(dilation), groups)
+    return _tensor(y)
+
+
+@_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, same):
+    oh = _conv_out(x.shape[2], padding[0], dilation[0], weight.shape[2], stride[0], same)
+    ow = _conv_out(x.shape[3], padding[1], dilation[1], weight.shape[3], stride[1], same)
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+
+
+@torch.library.custom_op("fastconv::conv2d_backward", mutates_args=(), device_types="cpu")
+def _conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                        dilation: List[int], groups: int, same: bool) -> Tuple[Tensor, Tensor]:
+    # fastconv.conv2d_backward computes grad_input and grad_weight together (each pass with its own
+    # algorithm); when autograd needs only one of them the other is computed and dropped.
+    with _pool_threads():
+        g = _fc.conv2d_backward(_array(grad), _array(x), _array(weight), tuple(stride),
+                                _conv_padding(padding, same), tuple(dilation), groups)
+    return _tensor(g.grad_input), _tensor(g.grad_weight)
+
+
+@_conv2d_backward_op.register_fake
+def _(grad, x, weight, stride, padding, dilation, groups, same):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _conv2d_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, same = inputs
+    ctx.args = (stride, padding, dilation, groups, same)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _conv2d_grad(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    stride, padding, dilation, groups, same = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = gw = gb = None
+    if _double_backward(ctx):
+        with torch.enable_grad():
+            y = F.conv2d(x, weight, bias, stride, "same" if same else padding, dilation, groups)
+            wrt = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+            got = iter(torch.autograd.grad(y, wrt, grad, create_graph=True, allow_unused=True))
+        return (next(got) if need_x else None, next(got) if need_w else None,
+                next(got) if need_b else None, None, None, None, None, None)
+    if need_x or need_w:
+        gi, gwt = _conv2d_backward_op(grad, x, weight, stride, padding, dilation, groups, same)
+        gx = gi if need_x else None
+        gw = gwt if need_w else None
+    if need_b and ctx.has_bias:
+        gb = grad.sum((0, 2, 3))
+    return gx, gw, gb, None, None, None, None, None
+
+
+_conv2d_op.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``torch.nn.functional.conv2d`` computed by fastconv where it can (else by PyTorch).
+
+    Same arguments and result as :func:`torch.nn.functional.conv2d`; autograd and
+    ``torch.compile`` work through it.  The output has the input's memory format.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> x = torch.ones(1, 1, 4, 4); w = torch.ones(1, 1, 3, 3)
+    >>> fastconv.torch.conv2d(x, w)[0, 0]
+    tensor([[9., 9.],
+            [9., 9.]])
+    """
+    fn = "fastconv.torch.conv2d"
+    if not _serves(input if input.dim() != 3 else input.unsqueeze(0), weight, bias) or weight.dim() != 4:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if input.dim() == 3:
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
+    same = isinstance(padding, str) and padding == "same"
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"{fn}: padding must be 'same', 'valid' or ints, got {padding!r}")
+        pad = [0, 0]
+    else:
+        pad = _pair(padding, fn, "padding")
+    y = _conv2d_op(input, weight, bias, _pair(stride, fn, "stride"), pad, _pair(dilation, fn, "dilation"),
+                   int(groups), same)
+    return _like_input(y, input)
+
+
+# --------------------------------------------------------------------------- pooling
+def _pool_out(size, pad, k, stride, dil, ceil_mode):
+    out = (size + 2 * pad - dil * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out = out - 1
+    return out
+
+
+def _pool_shape(x, kernel, stride, padding, dilation, ceil_mode):
+    return (x.shape[0], x.shape[1],
+            _pool_out(x.shape[2], padding[0], kernel[0], stride[0], dilation[0], ceil_mode),
+            _pool_out(x.shape[3], padding[1], kernel[1], stride[1], dilation[1], ceil_mode))
+
+
+@torch.library.custom_op("fastconv::max_pool2d", mutates_args=(), device_types="cpu")
+def _max_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                   dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
+    with _pool_threads():
+        y, idx = _fc.max_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
+                                ceil_mode, return_indices=True)
+    return _tensor(y), _tensor(idx)
+
+
+@_max_pool2d_op.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+    shape = _pool_shape(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("fastconv::max_pool2d_backward", mutates_args=(), device_types="cpu")
+def _max_pool2d_backward_op(grad: Tensor, indices: Tensor, x: Tensor) -> Tensor:
+    with _pool_threads():
+        gx = _fc.max_pool2d_backward(_array(grad), _array(indices), tuple(x.shape))
+    return _tensor(gx)
+
+
+@_max_pool2d_backward_op.register_fake
+def _(grad, indices, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _max_pool2d_setup(ctx, inputs, output):
+    x, kernel_size, stride, padding, dilation, ceil_mode = inputs
+    ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
+    ctx.mark_non_differentiable(output[1])
+    # x is saved for its shape (and for double backward); saving does not copy it.
+    ctx.save_for_backward(x, output[1])
+
+
+def _max_pool2d_grad(ctx, grad, _grad_indices):
+    x, indices = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    if _double_backward(ctx):
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.args
+        with torch.enable_grad():
+            y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+            (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+        return gx, None, None, None, None, None
+    return _max_pool2d_backward_op(grad, indices, x), None, None, None, None, None
+
+
+_max_pool2d_op.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup)
+
+
+def _pool_args(fn, kernel_size, stride, padding, dilation=1):
+    k = _pair(kernel_size, fn, "kernel_size")
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride, fn, "stride")
+    return k, s, _pair(padding, fn, "padding"), _pair(dilation, fn, "dilation")
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """``torch.nn.functional.max_pool2d`` computed by fastconv where it can (else by PyTorch).
+
+    Indices, when returned, are PyTorch's: the flat position ``ih*W + iw`` in each input plane.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> fastconv.torch.max_pool2d(x, 2)[0, 0]
+    tensor([[ 5.,  7.],
+            [13., 15.]])
+    """
+    if not _serves(input if input.dim() != 3 else input.unsqueeze(0)):
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
+    if input.dim() == 3:
+        out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+        return (out[0].squeeze(0), out[1].squeeze(0)) if return_indices else out.squeeze(0)
+    k, s, p, d = _pool_args("fastconv.torch.max_pool2d", kernel_size, stride, padding, dilation)
+    y, idx = _max_pool2d_op(input, k, s, p, d, bool(ceil_mode))
+    y = _like_input(y, input)
+    return (y, _like_input(idx, input)) if return_indices else y
+
+
+@torch.library.custom_op("fastconv::avg_pool2d", mutates_args=(), device_types="cpu")
+def _avg_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], ceil_mode: bool,
+                   count_include_pad: bool) -> Tensor:
+    with _pool_threads():
+        y = _fc.avg_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode,
+                           count_include_pad)
+    return _tensor(y)
+
+
+@_avg_pool2d_op.register_fake
+def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    return x.new_empty(_pool_shape(x, kernel_size, stride, padding, (1, 1), ceil_mode))
+
+
+@torch.library.custom_op("fastconv::avg_pool2d_backward", mutates_args=(), device_types="cpu")
+def _avg_pool2d_backward_op(grad: Tensor, x: Tensor, kernel_size: List[int], stride: List[int],
+                            padding: List[int], ceil_mode: bool, count_include_pad: bool) -> Tensor:
+    with _pool_threads():
+        gx = _fc.avg_pool2d_backward(_array(grad), tuple(x.shape), tuple(kernel_size), tuple(stride),
+                                     tuple(padding), ceil_mode, count_include_pad)
+    return _tensor(gx)
+
+
+@_avg_pool2d_backward_op.register_fake
+def _(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _avg_pool2d_setup(ctx, inputs, output):
+    x, kernel_size, stride, padding, ceil_mode, count_include_pad = inputs
+    ctx.args = (kernel_size, stride, padding, ceil_mode, count_include_pad)
+    ctx.save_for_backward(x)  # for its shape (and double backward); saving does not copy it
+
+
+def _avg_pool2d_grad(ctx, grad):
+    (x,) = ctx.saved_tensors
+    none = (None,) * 5
+    if not ctx.needs_input_grad[0]:
+        return (None,) + none
+    kernel_size, stride, padding, ceil_mode, count_include_pad = ctx.args
+    if _double_backward(ctx):
+        with torch.enable_grad():
+            y = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+            (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
+        return (gx,) + none
+    return (_avg_pool2d_backward_op(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad),) + none
+
+
+_avg_pool2d_op.register_autograd(_avg_pool2d_grad, setup_context=_avg_pool2d_setup)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """``torch.nn.functional.avg_pool2d`` computed by fastconv where it can (else by PyTorch).
+
+    ``divisor_override`` is left to PyTorch.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> fastconv.torch.avg_pool2d(x, 2)[0, 0]
+    tensor([[ 2.5000,  4.5000],
+            [10.5000, 12.5000]])
+    """
+    if divisor_override is not None or not _serves(input if input.dim() != 3 else input.unsqueeze(0)):
+        return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    if input.dim() == 3:
+        return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad).squeeze(0)
+    k, s, p, _ = _pool_args("fastconv.torch.avg_pool2d", kernel_size, stride, padding)
+    y = _avg_pool2d_op(input, k, s, p, bool(ceil_mode), bool(count_include_pad))
+    return _like_input(y, input)
+
+
+# --------------------------------------------------------------------------- modules
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` whose forward runs on fastconv (same constructor, parameters, init and
+    ``state_dict`` keys, so checkpoints load both ways).
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> conv = fastconv.torch.Conv2d(3, 8, 3, padding=1)
+    >>> conv(torch.randn(2, 3, 16, 16)).shape
+    torch.Size([2, 8, 16, 16])
+    >>> sorted(conv.state_dict())
+    ['bias', 'weight']
+    """
+
+    def forward(self, input):
+        if self.padding_mode != "zeros":  # pad as nn.Conv2d does, then a zero-padding convolution
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` whose forward runs on fastconv.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> fastconv.torch.MaxPool2d(2)(torch.randn(1, 3, 8, 8)).shape
+    torch.Size([1, 3, 4, 4])
+    """
+
+    def forward(self, input):
+        return max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                          self.return_indices)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` whose forward runs on fastconv.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> fastconv.torch.AvgPool2d(2)(torch.randn(1, 3, 8, 8)).shape
+    torch.Size([1, 3, 4, 4])
+    """
+
+    def forward(self, input):
+        return avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                          self.count_include_pad, self.divisor_override)
+
+
+# --------------------------------------------------------------------------- convert
+_SWAPS = {nn.Conv2d: Conv2d, nn.MaxPool2d: MaxPool2d, nn.AvgPool2d: AvgPool2d}
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` swapped (``swapped``: module names and types) and what it left to
+    PyTorch and why (``left``: ``(name, type, reason)``)."""
+
+    swapped: List[Tuple[str, str]] = field(default_factory=list)
+    left: List[Tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self):
+        lines = [f"fastconv.torch.convert: {len(self.swapped)} module(s) swapped, {len(self.left)} left to PyTorch"]
+        lines += [f"  swapped  {name or '(root)'}: {kind}" for name, kind in self.swapped]
+        lines += [f"  left     {name or '(root)'}: {kind} ({why})" for name, kind, why in self.left]
+        return "\n".join(lines)
+
+
+def _why_not(m) -> Optional[str]:
+    """Why module ``m`` (an exact nn.Conv2d / MaxPool2d / AvgPool2d) stays with PyTorch, or None."""
+    params = list(m.parameters(recurse=False))
+    if any(p.device.type != "cpu" for p in params):
+        return "parameters not on the CPU"
+    if any(p.dtype not in _DTYPES for p in params):
+        return f"parameter dtype {params[0].dtype} (fastconv computes in float32/float64)"
+    if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+        return "divisor_override is not supported by fastconv"
+    return None
+
+
+def convert(model: nn.Module, inplace: bool = False):
+    """Swap every supported ``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d`` in ``model`` for its
+    fastconv twin, keeping parameters, buffers, hooks and ``state_dict`` keys.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    inplace : bool
+        Change ``model`` itself (its parameters stay the same objects, so an existing optimizer keeps
+        working) instead of a deep copy.
+
+    Returns
+    -------
+    (model, ConversionReport)
+        The converted model and what was swapped and what was left to PyTorch (and why).
+
+    Notes
+    -----
+    Only modules of exactly these types are swapped (their class is changed in place: the fastconv
+    twins add no state).  A subclass with its own ``forward`` is left alone and reported.  Swapped
+    modules still fall back to PyTorch at run time for inputs fastconv cannot serve (CUDA, half, ...).
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    >>> fast, report = fastconv.torch.convert(net)
+    >>> type(fast[0]).__module__, len(report.swapped)
+    ('fastconv.torch', 2)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"convert: inplace must be a bool, got {inplace!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        twin = _SWAPS.get(type(m))
+        if twin is None:
+            if isinstance(m, tuple(_SWAPS)) and not isinstance(m, tuple(_SWAPS.values())):
+                report.left.append((name, kind, "a subclass with its own forward"))
+            continue
+        why = _why_not(m)
+        if why is not None:
+            report.left.append((name, kind, why))
+            continue
+        m.__class__ = twin
+        report.swapped.append((name, kind))
+    return model, report

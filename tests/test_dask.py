@@ -1,0 +1,304 @@
+"""fastconv.dask: the chunked ops against the in-memory ops for many chunkings (hypothesis, the
+synchronous scheduler), laziness and meta, predict, and the data-parallel training step on a threaded
+and on a two-process LocalCluster (one cluster each, module-scoped: process clusters are slow to
+start), including a worker killed in the middle of a step."""
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+da = pytest.importorskip("dask.array")
+import dask  # noqa: E402
+
+import fastconv  # noqa: E402
+import fastconv.dask as fd  # noqa: E402
+from fastconv.layers import SGD, CrossEntropyLoss  # noqa: E402
+from fastconv.train import build_model  # noqa: E402
+
+SYNC = {"scheduler": "sync"}
+FEW = settings(max_examples=25)
+
+
+# --------------------------------------------------------------------------- strategies
+@st.composite
+def chunks_of(draw, n):
+    """A chunking of an axis of length n: any cut points, so chunks of 1, uneven last chunks."""
+    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=min(4, n - 1)))) if n > 1 else []
+    b = [0] + cuts + [n]
+    return tuple(b[i + 1] - b[i] for i in range(len(b) - 1))
+
+
+@st.composite
+def chunked(draw, c_max=3, hw=(3, 13)):
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, c_max))
+    h, w = draw(st.integers(*hw)), draw(st.integers(*hw))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    x = np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal((n, c, h, w)).astype(dtype)
+    chunks = (draw(chunks_of(n)), draw(chunks_of(c)), draw(chunks_of(h)), draw(chunks_of(w)))
+    return x, da.from_array(x, chunks=chunks)
+
+
+def pairs(lo, hi):
+    return st.tuples(st.integers(lo, hi), st.integers(lo, hi))
+
+
+def same(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- ops: equality
+@FEW
+@given(xs=chunked(), k=st.integers(1, 3), ks=pairs(1, 4), stride=pairs(1, 3), dilation=pairs(1, 2),
+       padding=st.one_of(pairs(0, 3), st.just("same"), st.just("valid")), bias=st.booleans(), data=st.data())
+def test_conv2d_direct_bitwise(xs, k, ks, stride, dilation, padding, bias, data):
+    x, xd = xs
+    c = x.shape[1]
+    groups = data.draw(st.sampled_from([g for g in (1, c) if k % g == 0]))
+    if padding == "same":
+        stride = (1, 1)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((k, c // groups) + ks).astype(x.dtype)
+    b = rng.standard_normal(k).astype(x.dtype) if bias else None
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm="direct")
+    try:
+        want = fastconv.conv2d(x, w, b, **kw)
+    except ValueError:  # the kernel does not fit: the dask op must say the same
+        with pytest.raises(ValueError):
+            fd.conv2d(xd, w, b, **kw)
+        return
+    y = fd.conv2d(xd, w, b, **kw)
+    assert y.shape == want.shape and y.dtype == want.dtype and y.chunks[0] == xd.chunks[0]
+    same(y.compute(**SYNC), want)
+
+
+@pytest.mark.parametrize("algorithm", ["auto"] + [a for a in fastconv.algorithms() if a != "direct"])
+def test_conv2d_other_algorithms_within_tolerance(algorithm):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 17, 15)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    try:
+        want = fastconv.conv2d(x, w, padding=1, algorithm=algorithm)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    got = fd.conv2d(da.from_array(x, chunks=(1, 2, (2, 9, 6), (7, 1, 7))), w, padding=1,
+                    algorithm=algorithm).compute(**SYNC)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@FEW
+@given(xs=chunked(), ks=pairs(1, 4), stride=pairs(1, 3), dilation=pairs(1, 2), ceil_mode=st.booleans(),
+       data=st.data())
+def test_max_pool2d_bitwise(xs, ks, stride, dilation, ceil_mode, data):
+    x, xd = xs
+    padding = data.draw(st.tuples(st.integers(0, ks[0] // 2), st.integers(0, ks[1] // 2)))
+    args = (ks, stride, padding, dilation, ceil_mode)
+    try:
+        want = fastconv.max_pool2d(x, *args)
+    except ValueError:
+        with pytest.raises(ValueError):
+            fd.max_pool2d(xd, *args)
+        return
+    y = fd.max_pool2d(xd, *args)
+    assert y.chunks[:2] == xd.chunks[:2]
+    same(y.compute(**SYNC), want)
+
+
+@FEW
+@given(xs=chunked(), ks=pairs(1, 4), stride=pairs(1, 3), ceil_mode=st.booleans(), count_include_pad=st.booleans(),
+       data=st.data())
+def test_avg_pool2d_bitwise(xs, ks, stride, ceil_mode, count_include_pad, data):
+    x, xd = xs
+    padding = data.draw(st.tuples(st.integers(0, ks[0] // 2), st.integers(0, ks[1] // 2)))
+    args = (ks, stride, padding, ceil_mode, count_include_pad)
+    try:
+        want = fastconv.avg_pool2d(x, *args)
+    except ValueError:
+        with pytest.raises(ValueError):
+            fd.avg_pool2d(xd, *args)
+        return
+    same(fd.avg_pool2d(xd, *args).compute(**SYNC), want)
+
+
+def test_relu_any_shape_and_chunks():
+    x = np.random.default_rng(0).standard_normal((3, 5, 7))
+    x[0, 0, 0] = np.nan
+    y = fd.relu(da.from_array(x, chunks=(2, 3, 4)))
+    assert y.chunks == ((2, 1), (3, 2), (4, 3)) and y.dtype == x.dtype
+    same(y.compute(**SYNC), fastconv.relu(x))
+
+
+def test_chunks_smaller_than_kernel_and_stride():
+    """Every chunk of one row/column, a 5x5 kernel dilated by 2 (extent 9), stride 3."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 2, 19, 16)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 5, 5)).astype(np.float32)
+    kw = dict(stride=3, padding=4, dilation=2, algorithm="direct")
+    y = fd.conv2d(da.from_array(x, chunks=1), w, **kw)
+    same(y.compute(**SYNC), fastconv.conv2d(x, w, **kw))
+    same(fd.max_pool2d(da.from_array(x, chunks=1), 5, 3, 2, 2, True).compute(**SYNC),
+         fastconv.max_pool2d(x, 5, 3, 2, 2, True))
+
+
+# --------------------------------------------------------------------------- laziness, meta, errors
+def _poisoned(shape, dtype, chunks):
+    """A dask array whose blocks raise when computed: building on it must not compute it."""
+    def boom(block):
+        raise AssertionError("computed while building the graph")
+    return da.zeros(shape, dtype=dtype, chunks=chunks).map_blocks(boom, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lazy_with_meta(dtype):
+    x = _poisoned((4, 3, 32, 30), dtype, (2, 3, 10, 8))
+    w = np.ones((5, 3, 3, 3), dtype)
+    for y, shape in [(fd.conv2d(x, w, stride=2, padding=1), (4, 5, 16, 15)),
+                     (fd.max_pool2d(x, 2), (4, 3, 16, 15)),
+                     (fd.avg_pool2d(x, 3, 2, 1), (4, 3, 16, 15)),
+                     (fd.relu(x), (4, 3, 32, 30))]:
+        assert y.shape == shape and y.dtype == dtype
+        assert type(y._meta) is np.ndarray and y._meta.ndim == 4 and y._meta.dtype == dtype
+        assert sum(y.chunks[2]) == shape[2] and sum(y.chunks[3]) == shape[3]
+
+
+def test_output_chunks_follow_input_chunks_over_stride():
+    x = da.zeros((2, 3, 64, 64), dtype=np.float32, chunks=(1, 3, 16, 32))
+    y = fd.conv2d(x, np.ones((4, 3, 3, 3), np.float32), stride=2)  # output i reads rows from 2*i
+    assert y.chunks == ((1, 1), (4,), (8, 8, 8, 7), (16, 15))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: fd.conv2d(np.zeros((1, 1, 4, 4), np.int32), np.ones((1, 1, 3, 3))), TypeError, "float32 or float64"),
+    (lambda: fd.conv2d(da.zeros((1, 4, 4)), np.ones((1, 1, 3, 3))), ValueError, "must be 4-D"),
+    (lambda: fd.conv2d([1.0], np.ones((1, 1, 3, 3))), TypeError, "dask.array.Array or numpy.ndarray"),
+    (lambda: fd.conv2d(da.zeros((1, 1, 4, 4)), np.ones((1, 1, 3, 3)), stride=0), ValueError, "stride must be positive"),
+    (lambda: fd.conv2d(da.zeros((1, 1, 4, 4)), np.ones((1, 1, 5, 5))), ValueError, "must fit"),
+    (lambda: fd.conv2d(da.zeros((1, 1, 4, 4)), np.ones((1, 1, 3, 3)), algorithm="nope"), ValueError, "algorithm"),
+    (lambda: fd.max_pool2d(da.zeros((1, 1, 4, 4)), 2, padding=2), ValueError, "at most half"),
+    (lambda: fd.predict(None, da.zeros((1, 1, 4, 4))), TypeError, "callable"),
+])
+def test_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------- predict
+def test_predict_equals_model():
+    model = build_model((1, 8, 8), rng=0)
+    x = np.random.default_rng(1).standard_normal((11, 1, 8, 8)).astype(np.float32)
+    y = fd.predict(model, da.from_array(x, chunks=(3, 1, 4, 8)))
+    assert y.shape == (11, 10) and y.chunks == ((3, 3, 3, 2), (10,)) and y.dtype == np.float32
+    np.testing.assert_allclose(y.compute(**SYNC), copy.deepcopy(model)(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- clusters
+def _batch(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def _reference_steps(model, x, y, steps):
+    model = copy.deepcopy(model)
+    opt, loss_fn = SGD(model.parameters(), lr=0.1, momentum=0.9), CrossEntropyLoss()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses.append(loss_fn(model(x), y))
+        model.backward(loss_fn.backward(), input_grad=False)
+        opt.step()
+    return model, losses
+
+
+def _check_steps(client, loss_fn=None, steps=2, **kw):
+    x, y = _batch()
+    model = build_model((1, 8, 8), rng=0)
+    want, want_losses = _reference_steps(model, x, y, steps)
+    opt, loss_fn = SGD(model.parameters(), lr=0.1, momentum=0.9), loss_fn or CrossEntropyLoss()
+    losses = [fd.train_step(model, loss_fn, opt, x, y, client=client, **kw) for _ in range(steps)]
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    # each shard counted exactly once: a lost or duplicated shard would move these by far more
+    for p, q in zip(model.parameters(), want.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=":0") as c, \
+            distributed.Client(c) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def process_client():
+    distributed = pytest.importorskip("distributed")
+    import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+            distributed.Client(c) as client:
+        yield client
+
+
+def test_threaded_cluster_train_step_and_ops(thread_client):
+    """Two workers of two threads in this process: four fastconv calls at once (the threading layer
+    must allow it), numba's pool sized to cores // 4 threads."""
+    chosen = fd.setup_workers(thread_client)
+    assert set(chosen.values()) == {max(1, fd._cores() // 4)}
+    _check_steps(thread_client, shards=5, split_every=2)
+    x = np.random.default_rng(0).standard_normal((2, 3, 20, 18)).astype(np.float32)
+    w = np.ones((4, 3, 3, 3), np.float32)
+    got = fd.conv2d(da.from_array(x, chunks=(1, 3, 6, 7)), w, padding=1, algorithm="direct").compute()
+    same(got, fastconv.conv2d(x, w, padding=1, algorithm="direct"))
+
+
+def test_dask_input_shards(thread_client):
+    x, y = _batch(12)
+    model = build_model((1, 8, 8), rng=0)
+    want, want_losses = _reference_steps(model, x, y, 1)
+    loss, grads = fd.gradients(model, CrossEntropyLoss(), da.from_array(x, chunks=(5, 1, 8, 8)), y,
+                               client=thread_client, split_every=3)
+    ref = copy.deepcopy(model)
+    lf = CrossEntropyLoss()
+    lf(ref(x), y)
+    ref.backward(lf.backward(), input_grad=False)
+    assert loss == pytest.approx(want_losses[0], rel=1e-5)
+    for g, p in zip(grads, ref.parameters()):
+        np.testing.assert_allclose(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_process_cluster_train_step(process_client):
+    chosen = fd.setup_workers(process_client)
+    assert len(chosen) == 2 and set(chosen.values()) == {max(1, fd._cores() // 2)}
+    _check_steps(process_client, shards=4)
+
+
+class KillOnce(CrossEntropyLoss):
+    """A loss that kills the worker process computing it, the first time any worker computes it."""
+
+    def __init__(self, marker):
+        super().__init__()
+        self.marker = marker
+
+    def __call__(self, logits, target):
+        try:
+            fd_ = os.open(self.marker, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return super().__call__(logits, target)
+        os.close(fd_)
+        os._exit(1)
+
+
+def test_worker_killed_mid_step(process_client, tmp_path):
+    """The step is rerun after the lost worker and gives the single-process result; with no retry
+    left it says what happened."""
+    _check_steps(process_client, loss_fn=KillOnce(str(tmp_path / "killed-1")), steps=1, shards=4)
+    assert (tmp_path / "killed-1").exists()
+    process_client.wait_for_workers(2, timeout=120)
+    x, y = _batch()
+    model = build_model((1, 8, 8), rng=0)
+    with pytest.raises(RuntimeError, match="workers or connections were lost"):
+        fd.gradients(model, KillOnce(str(tmp_path / "killed-2")), x, y, client=process_client, shards=4,
+                     retries=0)
