@@ -32,7 +32,10 @@ buffers, run the a*a GEMMs (single-threaded BLAS inside each worker, as im2col; 
 ``_gemm_block``, to swap for another GEMM) and transform the products into their own outputs.
 Transforms gather each tile's patch into rows that run over the item's tiles, then apply the 1-D
 matrices along patch rows and columns as whole-row multiply-adds (vectorised).  m is chosen per
-call by :func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile).
+call by :func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except
+that float32 grad_weight always uses F(2x2): with F(4x4) its sums over the batch and every tile
+missed the element-wise tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case (error 2.9e-4
+on an element of 1.92, 3.5e-6 of the largest).
 
 Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles plus a padded input
 strip; shared: ``U`` (``a*a * k * cg``, 4x the weight for m = 4) or grad_weight's accumulator of
@@ -56,10 +59,13 @@ transform's two passes add up to ~6 eps, the GEMM's channel sum cg eps, the outp
 passes ~8 eps, each relative to the absolute-value transforms that S_m bounds.  The direct sum's
 bound is ``eps * 9*cg * sum |d||g|``: F(4x4)'s worst case is ~28x larger (2304/81), F(2x2)'s
 about the same.  The bound is relative to the largest input of the tile, not to each product: a
-small output next to large inputs loses digits.  Measured (tests/test_winograd.py, float32): max
-error 1-4x im2col's on random normal data, a few times more on data spread over 1e-4..1e4 and on
-adversarial inputs (tests assert 12x for F(4x4), 6x for F(2x2), and the bound); float64 within
-1e-12 relative.
+small output next to large inputs loses digits.  Measured, float32, largest error relative to the
+largest output (benchmarks/winograd_report.py, random normal data): F(4x4) 6.9e-6, 9.7e-6 and
+4.8e-6 on resnet50-3x3-64, vgg16-3x3-128 and the 32-channel U-Net layer, against im2col's 5.6e-7,
+4.7e-7 and 8.0e-7 (12-21x: the ratio grows with the channel count); F(2x2) on resnet50-3x3-512
+4.4e-7 against 3.1e-7.  tests/test_winograd.py asserts the bound and, on its small cases (random,
+1e-4..1e4 and adversarial data), at most 12x im2col's error for F(4x4) and 6x for F(2x2); float64
+to 1e-10 relative (measured ~1e-14).
 
 NaN and Inf: a non-finite input value spreads over the output tiles whose input patch holds it (up
 to 2 x 2 tiles, i.e. up to 2m x 2m outputs, in every output channel of its group and image); a
@@ -166,6 +172,8 @@ class _Plan:
 
 def _plan(p, pass_, m, nthreads):
     """The tiling of one pass with F(m x m, 3 x 3), or the reason it cannot fit the budget."""
+    if p.n == 0:  # an empty batch computes nothing; plan as for one image (supports() still answers)
+        p = dataclasses.replace(p, n=1)
     isz = p.itemsize
     th, tw = _tiles(p, m)
     a2 = (m + 2) ** 2
@@ -226,7 +234,8 @@ def _cached_plan(p, pass_, m=None):
     key = (p, pass_, m, nthreads)
     pl = _PLANS.get(key)
     if pl is None:
-        plans = [_plan(p, pass_, mm, nthreads) for mm in ((m,) if m else TILES)]
+        tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
+        plans = [_plan(p, pass_, mm, nthreads) for mm in tiles]
         fit = [c for c in plans if not isinstance(c, str)]
         pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads)) if fit else plans[0]
         if len(_PLANS) > 1024:
@@ -322,26 +331,36 @@ def supports(p, pass_):
     return pl if isinstance(pl, str) else None
 
 
-# Cost model constants, fitted to single-call medians on the 2-core EPYC (Zen 3, AVX2) build machine,
-# shared with other jobs (+-20%): GEMM rate per thread at a GEMM's thinnest side (as im2col's), and
-# transforms per transformed element (input, gy) or output element.
-_GEMM_RATE = {4: 40e9, 8: 20e9}
-_TRANSFORM_RATE = 1.0e9
+# Cost model, on the scale of im2col's calibrated cost (its model times the 5.47 that
+# _calibration.json applies), so that 'auto' compares like with like before winograd has a fitted
+# coefficient of its own.  Fitted to medians of interleaved runs against im2col in one process on
+# the 2-core EPYC (Zen 3, AVX2) build machine while it was heavily shared (load average ~11: all
+# constants are uncertain by 2x; benchmarks/calibrate.py should fit winograd's coefficient):
+# seconds per transformed element per thread of the input / gy transform and of the output transform,
+# and im2col's calibrated GEMM rate per thread at the GEMM's thinner channel side and its tile count.
+_IN_SECONDS = {4: 15.5e-9, 2: 10.8e-9}
+_OUT_SECONDS = {4: 8.2e-9, 2: 3.8e-9}
+_GEMM_RATE = {4: 80e9 / 5.47, 8: 40e9 / 5.47}
 
 
 def _cost_of(p, pass_, pl, nthreads):
     th, tw = _tiles(p, pl.m)
     a2 = (pl.m + 2) ** 2
     tiles = p.n * th * tw
-    thin = min(p.kg, p.cg, pl.tmax)
-    rate = _GEMM_RATE[p.itemsize] * thin / (thin + 16.0) * (1.0 + 0.9 * (min(nthreads, pl.nw) - 1))
-    gemm = 2.0 * a2 * p.k * p.cg * tiles / rate
-    if pass_ == "grad_weight":  # each channel block transforms all of gy again
-        elems = a2 * tiles * (p.c + p.k * -(-p.cg // pl.cb))
+    workers = 1.0 + 0.9 * (min(nthreads, pl.nw) - 1)
+    thin = min(p.kg, p.cg)
+    # few tiles per GEMM (small planes, e.g. 16 for resnet50-3x3-512 with F(4x4)) re-read U's blocks
+    # for little work: measured 2-3x slower than the channel counts alone predict
+    eff = thin / (thin + 12.0) * pl.tmax / (pl.tmax + 48.0)
+    gemm = 2.0 * a2 * p.k * p.cg * tiles / (_GEMM_RATE[p.itemsize] * eff)
+    if pass_ == "grad_weight":  # input and gy tiles are both gathered and transformed; each channel
+        # block transforms all of gy again
+        trans = a2 * tiles * (p.c + p.k * -(-p.cg // pl.cb)) * _IN_SECONDS[pl.m]
     else:
-        elems = a2 * tiles * (p.c + p.k)
-    trans = elems / (_TRANSFORM_RATE * (1.0 + 0.9 * (min(nthreads, pl.nw) - 1)))
-    return 3e-5 + gemm + trans
+        trans = a2 * tiles * (p.c * _IN_SECONDS[pl.m] + p.k * _OUT_SECONDS[pl.m])
+    if p.itemsize == 8:
+        trans *= 1.5
+    return 3e-5 + (gemm + trans) / workers
 
 
 def cost(p, pass_, threads):
