@@ -365,7 +365,7 @@ def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, 
     (array([[4., 4.],
            [4., 4.]]), array([4.]))
     """
-    fn = "conv2d_backward"
+    fn = "conv2d_grad_weight"
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
     threads = apply_threads(p.macs)

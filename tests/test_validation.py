@@ -118,6 +118,17 @@ ERRORS = [
         r"conv2d_backward: padding='same' requires stride 1"),
     row("bwd-algorithm-unknown", conv2d_backward, (GY, X, W), {"algorithm": "fast"}, ValueError,
         r"conv2d_backward: algorithm must be one of 'auto'.*got 'fast'"),
+    row("gw-stride-zero", fastconv.conv2d_grad_weight, (GY, X, W), {"stride": 0}, ValueError,
+        r"conv2d_grad_weight: stride must be positive, got \(0, 0\)"),
+    row("loader-batch-size", fastconv.DataLoader, (X, np.zeros(len(X))), {"batch_size": 0}, ValueError,
+        r"DataLoader: batch_size must be positive, got 0"),
+    row("mse-reduction", fastconv.MSELoss, (), {"reduction": "bogus"}, ValueError,
+        r"MSELoss: reduction must be 'mean' or 'sum', got 'bogus'"),
+    row("modulelist-item", fastconv.ModuleList, ([1],), {}, TypeError,
+        r"ModuleList: items must be fastconv modules, got int"),
+    row("moduledict-value", fastconv.ModuleDict, ({"a": 1},), {}, TypeError,
+        r"ModuleDict: values must be fastconv modules, got int"),
+    row("cat-empty", fastconv.cat, ([],), {}, ValueError, r"cat: tensors must hold at least one tensor, got none"),
     row("bwd-algorithm-not-str", conv2d_backward, (GY, X, W), {"algorithm": b"direct"}, TypeError,
         r"conv2d_backward: algorithm must be a str, got bytes"),
     row("bwd-output-too-large", conv2d_backward,
@@ -338,7 +349,9 @@ def test_error_table_covers_every_public_function():
     public = {name for name in fastconv.__all__ if callable(getattr(fastconv, name))}
     # functions without arguments cannot be called wrongly; ReLU() and Flatten() take no arguments
     # (their forward errors are relu's and Flatten's, tested in test_layers.py)
-    assert public - covered <= {"Conv2dGrads", "BatchNormGrads", "algorithms", "get_workspace_limit", "free_workspace", "get_num_threads", "max_threads",
+    # exception types, the autograd switches and the bare Tensor/Module bases take no checked arguments
+    assert public - covered <= {"AlgorithmUnavailable", "Module", "Tensor", "no_grad", "enable_grad",
+                                "is_grad_enabled", "Conv2dGrads", "BatchNormGrads", "algorithms", "get_workspace_limit", "free_workspace", "get_num_threads", "max_threads",
                                 "get_autotune", "autotune_cache_path", "clear_autotune_cache", "ReLU", "Flatten",
                                 "ReLU6"}
 
