@@ -12,7 +12,8 @@ import tempfile
 
 import numpy as np
 
-from .cases import CONV, CONV_PASSES, LARGE, SkipNotImplemented, algorithms, conv_call, median_seconds
+from .cases import (CONV, CONV_PASSES, LARGE, TORCH_LAYOUTS, SkipNotImplemented, algorithms, conv_call,
+                    median_seconds, torch_conv_call)
 
 ALGORITHMS = algorithms()
 
@@ -32,6 +33,29 @@ class ConvSuite:
         self.fn()
 
     def track_gflops(self, shape, algorithm, pass_):
+        (t,) = median_seconds([self.fn])
+        return self.case.flops(pass_) / t / 1e9
+
+    track_gflops.unit = "GFLOP/s"
+
+
+class TorchConv:
+    """PyTorch's CPU conv2d on the same cases, the reference next to :class:`ConvSuite`: NCHW
+    tensors and channels_last ones (PyTorch's recommended CPU layout, often the faster); compare
+    fastconv against the faster of the two.  Skipped where torch is not installed."""
+
+    params = (list(CONV), TORCH_LAYOUTS, CONV_PASSES)
+    param_names = ["shape", "layout", "pass"]
+    timeout = 600
+
+    def setup(self, shape, layout, pass_):
+        self.case = CONV[shape]
+        self.fn = torch_conv_call(self.case, layout, pass_)
+
+    def time_conv2d(self, shape, layout, pass_):
+        self.fn()
+
+    def track_gflops(self, shape, layout, pass_):
         (t,) = median_seconds([self.fn])
         return self.case.flops(pass_) / t / 1e9
 

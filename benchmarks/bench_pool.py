@@ -1,5 +1,5 @@
 """max_pool2d and avg_pool2d, forward and backward, on the pooling cases of the public suite."""
-from .cases import POOL
+from .cases import POOL, TORCH_LAYOUTS, torch_max_pool_call
 
 PASSES = ["forward", "backward"]
 
@@ -20,6 +20,20 @@ class MaxPool:
         self.fn()  # compile or load the cache outside the timing
 
     def time_max_pool2d(self, shape, pass_):
+        self.fn()
+
+
+class TorchMaxPool:
+    """PyTorch's max pooling on the same cases, NCHW and channels_last tensors (compare
+    :class:`MaxPool` against the faster); skipped where torch is not installed."""
+
+    params = (list(POOL), TORCH_LAYOUTS, PASSES)
+    param_names = ["shape", "layout", "pass"]
+
+    def setup(self, shape, layout, pass_):
+        self.fn = torch_max_pool_call(POOL[shape], layout, pass_)
+
+    def time_max_pool2d(self, shape, layout, pass_):
         self.fn()
 
 

@@ -92,3 +92,55 @@ def median_seconds(fns, min_time=0.3, min_rounds=3, max_rounds=25, stat=np.media
             f()
             ts.append(time.perf_counter() - t)
     return [float(stat(ts)) for ts in times]
+
+
+#: PyTorch's two CPU memory layouts, as the asv ``layout`` parameter.
+TORCH_LAYOUTS = ["nchw", "channels_last"]
+
+
+def _torch_tensors(arrays, layout):
+    """``(torch, tensors)``, the 4-D ones in channels_last memory format for ``layout='channels_last'``;
+    PyTorch with as many threads as numba has (``NUMBA_NUM_THREADS`` of the asv matrix).  No torch in
+    the environment: :class:`SkipNotImplemented`."""
+    try:
+        import torch
+    except ImportError:
+        raise SkipNotImplemented("PyTorch is not installed in this environment") from None
+    import numba
+    torch.set_num_threads(numba.get_num_threads())
+    ts = [torch.from_numpy(a) for a in arrays]
+    if layout == "channels_last":
+        ts = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in ts]
+    return torch, ts
+
+
+def torch_conv_call(case, layout, pass_):
+    """A warmed zero-argument function running one pass of ``case`` with PyTorch's CPU conv2d on
+    tensors in ``layout`` (``'nchw'`` or ``'channels_last'``): the yardstick next to fastconv's."""
+    x, w, b = case.arrays()
+    torch, (tx, tw, tb, tgy) = _torch_tensors((x, w, b, case.grad_output()), layout)
+    if pass_ == "forward":
+        def fn():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(tx, tw, tb, **case.kwargs)
+    else:
+        def fn():
+            return torch.ops.aten.convolution_backward(
+                tgy, tx, tw, [case.k], list(case.stride), list(case.padding), list(case.dilation),
+                False, [0, 0], case.groups, [True, True, True])
+    fn()
+    return fn
+
+
+def torch_max_pool_call(case, layout, pass_):
+    """Like :func:`torch_conv_call` for max pooling with indices (forward) and its backward."""
+    torch, (tx, tgy) = _torch_tensors((case.arrays(), case.grad_output()), layout)
+    aten = torch.ops.aten
+    k, s, p = list(case.kernel), list(case.stride), list(case.padding)
+    _, tidx = aten.max_pool2d_with_indices(tx, k, s, p, [1, 1], False)
+    if pass_ == "forward":
+        fn = lambda: aten.max_pool2d_with_indices(tx, k, s, p, [1, 1], False)  # noqa: E731
+    else:
+        fn = lambda: aten.max_pool2d_with_indices_backward(tgy, tx, k, s, p, [1, 1], False, tidx)  # noqa: E731
+    fn()
+    return fn

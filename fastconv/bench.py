@@ -9,6 +9,12 @@ pool and PyTorch's compete for the cores (``--same-process`` measures that way a
 plain float32 matrix product (sgemm, 1024^3, numpy's BLAS) timed in the same run gives each row a
 "% of sgemm" yardstick: how close the layer gets to the machine's dense-GEMM speed.
 
+PyTorch is timed in both of its CPU memory layouts: ``torch`` (NCHW, contiguous tensors) and
+``torch-cl`` (channels_last: the 4-D tensors in ``torch.channels_last`` memory format, the layout
+PyTorch's CPU guides recommend and often the faster one).  The "vs" ratio of every row, and the
+summary's geometric means, are taken against the FASTER of the two per shape and pass, so a fastconv
+figure above 1 beats PyTorch's best layout (``--torch-layout nchw`` or ``cl`` times only one).
+
 Examples
 --------
 >>> from fastconv.bench import Row, format_table
@@ -53,6 +59,15 @@ class Row(NamedTuple):
     vs_ref: float
     pct_sgemm: float
     pct_gemm: float = float("nan")  # % of the same-shape GEMMs' speed (see gemm_seconds)
+    #: the reference row ``vs_ref`` divides by (the faster PyTorch layout of this shape and pass)
+    ref_algorithm: str = ""
+    #: reference time / this time against each reference row by name (``{'torch': .., 'torch-cl': ..}``)
+    vs_each: dict = {}
+
+
+#: Names of the reference rows: PyTorch in NCHW, PyTorch in channels_last, the plain NumPy baseline.
+TORCH_LAYOUTS = {"nchw": "torch", "cl": "torch-cl"}
+REFERENCE_NAMES = frozenset(TORCH_LAYOUTS.values()) | {"numpy"}
 
 
 # --------------------------------------------------------------------------- timing
@@ -203,8 +218,17 @@ def numpy_max_pool2d_backward(gy, idx, shape):
 
 
 # --------------------------------------------------------------------------- contestants
-def _torch_conv(case, x, w, b, gy, torch):
-    tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, w, b, gy))
+def _torch_tensors(torch, arrays, layout):
+    """The arrays as tensors; with ``layout='cl'`` the 4-D ones in channels_last memory format (as a
+    PyTorch user with ``model.to(memory_format=torch.channels_last)`` hands them over)."""
+    ts = [torch.from_numpy(a) for a in arrays]
+    if layout == "cl":
+        ts = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in ts]
+    return ts
+
+
+def _torch_conv(case, x, w, b, gy, torch, layout="nchw"):
+    tx, tw, tb, tgy = _torch_tensors(torch, (x, w, b, gy), layout)
     kw = case.kwargs
     aten = torch.ops.aten
 
@@ -218,8 +242,8 @@ def _torch_conv(case, x, w, b, gy, torch):
     return {"forward": forward, "backward": backward}
 
 
-def _torch_pool(case, x, gy, torch):
-    tx, tgy = torch.from_numpy(x), torch.from_numpy(gy)
+def _torch_pool(case, x, gy, torch, layout="nchw"):
+    tx, tgy = _torch_tensors(torch, (x, gy), layout)
     k, s, p = list(case.kernel), list(case.stride), list(case.padding)
     aten = torch.ops.aten
     _, tidx = aten.max_pool2d_with_indices(tx, k, s, p, [1, 1], False)
@@ -227,8 +251,9 @@ def _torch_pool(case, x, gy, torch):
             "backward": lambda: aten.max_pool2d_with_indices_backward(tgy, tx, k, s, p, [1, 1], False, tidx)}
 
 
-def _conv_contestants(case, pass_, algorithms, reference, torch, worker=None):
-    """``[(name, fn)]`` for one conv case and pass; algorithms that cannot serve it are left out."""
+def _conv_contestants(case, pass_, algorithms, reference, torch, worker=None, layouts=("nchw", "cl")):
+    """``[(name, fn)]`` for one conv case and pass, the reference rows last (one per PyTorch layout in
+    ``layouts``); algorithms that cannot serve it are left out."""
     import fastconv
     x, w, b = case.arrays()
     gy = case.grad_output()
@@ -247,9 +272,9 @@ def _conv_contestants(case, pass_, algorithms, reference, torch, worker=None):
             continue
         out.append((alg, fn))
     if worker is not None:
-        out.append(("torch", worker.contestant("conv2d", case, pass_)))
+        out += [(TORCH_LAYOUTS[lay], worker.contestant("conv2d", case, pass_, lay)) for lay in layouts]
     elif reference == "torch":
-        out.append(("torch", _torch_conv(case, x, w, b, gy, torch)[pass_]))
+        out += [(TORCH_LAYOUTS[lay], _torch_conv(case, x, w, b, gy, torch, lay)[pass_]) for lay in layouts]
     elif pass_ == "forward":
         out.append(("numpy", lambda: numpy_conv2d(x, w, b, case)))
     else:
@@ -257,7 +282,7 @@ def _conv_contestants(case, pass_, algorithms, reference, torch, worker=None):
     return out
 
 
-def _pool_contestants(case, pass_, reference, torch, worker=None):
+def _pool_contestants(case, pass_, reference, torch, worker=None, layouts=("nchw", "cl")):
     import fastconv
     x, gy = case.arrays(), case.grad_output()
     kw = case.kwargs
@@ -267,9 +292,9 @@ def _pool_contestants(case, pass_, reference, torch, worker=None):
     else:
         out = [("fastconv", lambda: fastconv.max_pool2d_backward(gy, idx, x.shape))]
     if worker is not None:
-        out.append(("torch", worker.contestant("max_pool2d", case, pass_)))
+        out += [(TORCH_LAYOUTS[lay], worker.contestant("max_pool2d", case, pass_, lay)) for lay in layouts]
     elif reference == "torch":
-        out.append(("torch", _torch_pool(case, x, gy, torch)[pass_]))
+        out += [(TORCH_LAYOUTS[lay], _torch_pool(case, x, gy, torch, lay)[pass_]) for lay in layouts]
     elif pass_ == "forward":
         out.append(("numpy", lambda: numpy_max_pool2d(x, case)))
     else:
@@ -280,13 +305,15 @@ def _pool_contestants(case, pass_, reference, torch, worker=None):
 
 def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch", budget=1.0,
         min_rounds=3, max_rounds=15, sgemm=None, progress=True, stat="median", same_process=False,
-        threads=None, gemm=False):
+        threads=None, gemm=False, torch_layouts=("nchw", "cl")):
     """Time every case and pass of ``suite``; returns a list of :class:`Row` (reference rows included).
 
     ``algorithms`` defaults to ``('auto',) + fastconv.algorithms()``; ``reference`` is ``'torch'``
     or ``'numpy'``; ``sgemm`` is the GFLOP/s the "% of sgemm" column divides by; ``gemm`` also times
     each conv case's own matrix products (:func:`gemm_seconds`) for the "% gemm" column.  PyTorch runs
     in a worker process with ``threads`` threads (default: numba's current count) unless ``same_process``.
+    With the torch reference, each layout of ``torch_layouts`` (``'nchw'``, ``'cl'``) gives a reference
+    row (``torch``, ``torch-cl``) and every ``vs_ref`` is against the faster of them (``ref_algorithm``).
     """
     import fastconv
     import numba
@@ -297,6 +324,9 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
     elif reference == "torch":
         worker = _TorchProcess(numba.get_num_threads() if threads is None else threads)
     algorithms = ("auto",) + fastconv.algorithms() if algorithms is None else tuple(algorithms)
+    layouts = tuple(torch_layouts)
+    if not layouts or any(lay not in TORCH_LAYOUTS for lay in layouts):
+        raise ValueError(f"run: torch_layouts must name some of nchw, cl, got {torch_layouts!r}")
     tasks = [("conv2d", c, p) for c in suite.conv for p in passes]
     tasks += [("max_pool2d", c, p) for c in suite.pool for p in passes]
     bar = _progress(len(tasks), progress)
@@ -305,11 +335,13 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
         for op, case, pass_ in tasks:
             bar.set_postfix_str(f"{case.name} {pass_}")
             if op == "conv2d":
-                named = _conv_contestants(case, pass_, algorithms, reference, torch, worker)
+                named = _conv_contestants(case, pass_, algorithms, reference, torch, worker, layouts)
             else:
-                named = _pool_contestants(case, pass_, reference, torch, worker)
+                named = _pool_contestants(case, pass_, reference, torch, worker, layouts)
             times = time_interleaved([f for _, f in named], budget, min_rounds, max_rounds, stat)
-            t_ref = times[-1]
+            refs = {name: t for (name, _), t in zip(named, times) if name in REFERENCE_NAMES}
+            ref_name = min(refs, key=refs.get)  # the faster PyTorch layout of this shape and pass
+            t_ref = refs[ref_name]
             flops = case.flops(pass_)
             t_gemm = float("nan")
             if gemm and op == "conv2d":
@@ -318,7 +350,8 @@ def run(suite, passes=("forward", "backward"), algorithms=None, reference="torch
             for (name, _), t in zip(named, times):
                 gf = flops / t / 1e9
                 pct = 100.0 * gf / sgemm if (sgemm and op == "conv2d") else float("nan")
-                rows.append(Row(op, case.name, pass_, name, 1e3 * t, gf, t_ref / t, pct, 100.0 * t_gemm / t))
+                rows.append(Row(op, case.name, pass_, name, 1e3 * t, gf, t_ref / t, pct, 100.0 * t_gemm / t,
+                                ref_name, {n: tr / t for n, tr in refs.items()}))
             bar.update(1)
     finally:
         bar.close()
@@ -333,8 +366,9 @@ _WORKER = "from fastconv.bench import _torch_worker; _torch_worker()"
 class _TorchProcess:
     """PyTorch's side of the benchmark in a child process, driven one timed call at a time.
 
-    Protocol: one JSON object per line each way.  ``{"op": "setup", "kind", "case", "pass"}`` builds
-    and warms the reference call; ``{"op": "run"}`` answers ``{"seconds": ...}`` for one call.
+    Protocol: one JSON object per line each way.  ``{"op": "setup", "kind", "case", "pass", "layout"}``
+    builds and warms a reference call and answers its ``"id"``; ``{"op": "run", "id"}`` answers
+    ``{"seconds": ...}`` for one call of it (several calls, one per layout, are live at once).
     """
 
     GAP = 0.01
@@ -354,14 +388,15 @@ class _TorchProcess:
             raise RuntimeError(f"fastconv bench: the PyTorch worker failed: {reply['error']}")
         return reply
 
-    def contestant(self, op, case, pass_):
-        self._ask({"op": "setup", "kind": op, "case": dataclasses.asdict(case), "pass": pass_})
+    def contestant(self, op, case, pass_, layout="nchw"):
+        ident = self._ask({"op": "setup", "kind": op, "case": dataclasses.asdict(case), "pass": pass_,
+                           "layout": layout})["id"]
 
         def once():
             # Idle OpenMP workers spin for a while before they sleep; a pause on each side of the
             # reference call keeps one process's spinning pool from slowing the other's timed call.
             time.sleep(self.GAP)
-            seconds = self._ask({"op": "run"})["seconds"]
+            seconds = self._ask({"op": "run", "id": ident})["seconds"]
             time.sleep(self.GAP)
             return seconds
         once.returns_seconds = True
@@ -379,24 +414,30 @@ def _torch_worker():
     """Main loop of the PyTorch worker process (see :class:`_TorchProcess`)."""
     import torch
     torch.set_num_threads(int(sys.argv[1]))
-    fn = None
+    fns, next_id = {}, 0
     for line in sys.stdin:
         msg = json.loads(line)
         try:
             if msg["op"] == "setup":
                 fields = {k: tuple(v) if isinstance(v, list) else v for k, v in msg["case"].items()}
+                layout = msg.get("layout", "nchw")
                 if msg["kind"] == "conv2d":
                     case = _cases.ConvCase(**fields)
                     x, w, b = case.arrays()
-                    fn = _torch_conv(case, x, w, b, case.grad_output(), torch)[msg["pass"]]
+                    fn = _torch_conv(case, x, w, b, case.grad_output(), torch, layout)[msg["pass"]]
                 else:
                     case = _cases.PoolCase(**fields)
-                    fn = _torch_pool(case, case.arrays(), case.grad_output(), torch)[msg["pass"]]
+                    fn = _torch_pool(case, case.arrays(), case.grad_output(), torch, layout)[msg["pass"]]
                 fn()
-                reply = {"ok": True}
+                # the calls of one case (one per layout) stay live together; a new case frees the old
+                key = (msg["kind"], msg["pass"], str(fields))
+                fns = {i: kf for i, kf in fns.items() if kf[0] == key}
+                next_id += 1
+                fns[next_id] = (key, fn)
+                reply = {"ok": True, "id": next_id}
             else:
                 t0 = time.perf_counter()
-                fn()
+                fns[msg["id"]][1]()
                 reply = {"seconds": time.perf_counter() - t0}
         except Exception as exc:  # reported to the parent, which raises it
             reply = {"error": f"{type(exc).__name__}: {exc}"}
@@ -443,15 +484,18 @@ def format_table(rows, reference):
 
 
 def summary(rows, reference):
-    """Geometric-mean speed vs the reference per (op, algorithm, pass), as text lines."""
+    """Geometric-mean speed vs the reference per (op, algorithm, pass), as text lines; each ratio is
+    against the faster reference row of its shape and pass (PyTorch's faster layout)."""
     groups = {}
     for r in rows:
-        if r.algorithm != reference:
+        if r.algorithm != reference and r.algorithm not in REFERENCE_NAMES:
             groups.setdefault((r.op, r.algorithm, r.pass_), []).append(r.vs_ref)
+    both = {r.algorithm for r in rows} >= set(TORCH_LAYOUTS.values())
+    against = f"{reference}'s faster layout" if both else reference
     lines = []
     for (op, alg, pass_), v in groups.items():
         gm = math.exp(sum(math.log(x) for x in v) / len(v))
-        lines.append(f"{op} {alg:8} {pass_:8}: x{gm:.2f} vs {reference} (geometric mean over {len(v)} shapes)")
+        lines.append(f"{op} {alg:8} {pass_:8}: x{gm:.2f} vs {against} (geometric mean over {len(v)} shapes)")
     return lines
 
 
@@ -461,7 +505,8 @@ def plot(rows, reference, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = list(dict.fromkeys((r.shape, r.pass_) for r in rows))
-    algs = list(dict.fromkeys(r.algorithm for r in rows if r.algorithm != reference))
+    algs = list(dict.fromkeys(r.algorithm for r in rows
+                              if r.algorithm != reference and r.algorithm not in REFERENCE_NAMES))
     speed = {(r.shape, r.pass_, r.algorithm): r.vs_ref for r in rows}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(groups) * max(1, len(algs))), 4.5))
     width = 0.8 / max(1, len(algs))
@@ -472,7 +517,7 @@ def plot(rows, reference, path):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"speed vs {reference} (>1: faster)")
+    ax.set_ylabel(f"speed vs {reference}, faster layout (>1: faster)")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -493,6 +538,9 @@ def _parser():
                    help="conv algorithms to time (default: auto and every registered one)")
     p.add_argument("--threads", type=int, help="threads for fastconv, the reference and sgemm (default: all)")
     p.add_argument("--reference", choices=("torch", "numpy"), help="baseline (default: torch when installed)")
+    p.add_argument("--torch-layout", choices=("best", "nchw", "cl"), default="best",
+                   help="PyTorch layout(s) to time: best (default) = both NCHW ('torch' rows) and channels_last "
+                        "('torch-cl' rows), ratios against the faster per shape and pass; nchw or cl: only that one")
     p.add_argument("--quick", action="store_true", help="few rounds per case: a rough figure in seconds")
     p.add_argument("--budget", type=float, help="seconds of timing per case and pass (default 1.0, quick 0.2)")
     p.add_argument("--gemm", action="store_true",
@@ -571,14 +619,16 @@ def main(argv=None):
     # end would otherwise inflate every "% of sgemm".
     sgemm = sgemm_gflops(rounds=3 if a.quick else 7)
     time.sleep(GEMM_SETTLE)  # its spinning BLAS workers would slow the first case's rounds
+    layouts = ("nchw", "cl") if a.torch_layout == "best" else (a.torch_layout,)
     rows = run(suite, passes, algorithms, reference, budget, *rounds, sgemm=None, progress=not a.no_progress,
-               stat=a.stat, same_process=a.same_process, threads=threads, gemm=a.gemm)
+               stat=a.stat, same_process=a.same_process, threads=threads, gemm=a.gemm, torch_layouts=layouts)
     sgemm = max(sgemm, sgemm_gflops(rounds=3 if a.quick else 7))
     rows = [r._replace(pct_sgemm=100.0 * r.gflops / sgemm) if r.op == "conv2d" else r for r in rows]
     header = (f"fastconv {fastconv.__version__} | {threads} threads | {a.stat} of interleaved rounds | "
               f"reference: {reference}"
               f"{' ' + _torch_version() if reference == 'torch' else ''}"
-              f"{(' (same process)' if a.same_process else ' (own process)') if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
+              f"{(' (same process)' if a.same_process else ' (own process)') if reference == 'torch' else ''}"
+              f"{(' ' + _LAYOUT_NOTE[a.torch_layout]) if reference == 'torch' else ''} | sgemm {sgemm:.1f} GFLOP/s | "
               f"{platform.machine()} {os.cpu_count()} cpus")
     print(header)
     print(format_table(rows, reference))
@@ -589,7 +639,11 @@ def main(argv=None):
                         "sgemm_gflops": sgemm, "stat": a.stat, "machine": platform.machine(), "cpus": os.cpu_count(),
                         "python": platform.python_version(), "numpy": np.__version__,
                         "numba": numba.__version__, "quick": a.quick, "same_process": a.same_process,
-                        "torch": _torch_version() if reference == "torch" else None},
+                        "torch": _torch_version() if reference == "torch" else None,
+                        # which rows are references, and that vs_ref divides by the faster of them
+                        "reference_rows": [TORCH_LAYOUTS[lay] for lay in layouts] if reference == "torch"
+                        else [reference],
+                        "vs_ref_against": "fastest reference row per shape and pass"},
                "rows": [dict(r._asdict()) for r in rows]}
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, allow_nan=True)
@@ -598,6 +652,10 @@ def main(argv=None):
         plot(rows, reference, a.plot)
         print(f"wrote {a.plot}")
     return 0
+
+
+_LAYOUT_NOTE = {"best": "NCHW (torch) + channels_last (torch-cl), vs = against the faster",
+                "nchw": "NCHW only (torch)", "cl": "channels_last only (torch-cl)"}
 
 
 def _torch_version():

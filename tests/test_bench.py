@@ -173,16 +173,35 @@ def test_cli_runs_the_tiny_suite(tiny_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("where", ["own process", "same process"])
-def test_cli_options(tiny_file, capsys, where):
+def test_cli_options(tiny_file, tmp_path, capsys, where):
     pytest.importorskip("torch")
     extra = ["--same-process"] if where == "same process" else []
+    out_json = str(tmp_path / "r.json")
     assert cli(["bench", "--shapes", tiny_file, *FAST, "--only", "tiny", "--passes", "fwd",
-                "--algorithms", "direct", "--threads", "1", "--stat", "min", *extra]) == 0
+                "--algorithms", "direct", "--threads", "1", "--stat", "min", "--json", out_json, *extra]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "1 threads" in lines[0] and "reference: torch" in lines[0] and "min of" in lines[0]
-    assert f"({where})" in lines[0]
+    assert f"({where})" in lines[0] and "channels_last (torch-cl)" in lines[0]
     body = [ln.split() for ln in lines[3:] if ln.startswith("tiny")]
-    assert [(b[0], b[1], b[2]) for b in body] == [("tiny", "forward", "direct"), ("tiny", "forward", "torch")]
+    # PyTorch in both layouts: NCHW (torch) and channels_last (torch-cl)
+    assert [(b[0], b[1], b[2]) for b in body] == [("tiny", "forward", "direct"), ("tiny", "forward", "torch"),
+                                                  ("tiny", "forward", "torch-cl")]
+    doc = json.load(open(out_json))
+    assert doc["meta"]["reference_rows"] == ["torch", "torch-cl"]
+    rows = {r["algorithm"]: r for r in doc["rows"]}
+    faster = min(("torch", "torch-cl"), key=lambda n: rows[n]["ms"])
+    for r in rows.values():  # every ratio is against the faster layout
+        assert r["ref_algorithm"] == faster and set(r["vs_each"]) == {"torch", "torch-cl"}
+        assert r["vs_ref"] == pytest.approx(rows[faster]["ms"] / r["ms"]) == min(r["vs_each"].values())
+    assert rows[faster]["vs_ref"] == 1.0 and rows["direct"]["vs_ref"] > 0
+
+
+def test_summary_and_plot_skip_both_torch_rows():
+    rows = [bench.Row("conv2d", "a", "forward", "direct", 1.0, 1.0, 2.0, 1.0),
+            bench.Row("conv2d", "a", "forward", "torch", 3.0, 1.0, 2 / 3, 1.0),
+            bench.Row("conv2d", "a", "forward", "torch-cl", 2.0, 1.0, 1.0, 1.0)]
+    assert bench.summary(rows, "torch") == [
+        "conv2d direct   forward : x2.00 vs torch's faster layout (geometric mean over 1 shapes)"]
 
 
 def test_cli_plot(tiny_file, tmp_path):
@@ -261,6 +280,17 @@ def test_perf_report_uses_interleaved_auto_choice(report_mod, tmp_path, capsys):
                         auto_over_best=2.5)]
     assert _report(report_mod, tmp_path, bad) == 1
     assert "a forward: auto is 2.50x slower than direct" in capsys.readouterr().out
+
+
+def test_perf_report_against_the_faster_torch_layout(report_mod, tmp_path, capsys):
+    g = "conv2d a forward"
+    bms = [_bm(g, "auto", 1.0), _bm(g, "torch", 4.0), _bm(g, "torch-cl", 2.0)]
+    assert _report(report_mod, tmp_path, bms) == 0
+    out = capsys.readouterr().out
+    assert "x 2.00 vs torch-cl" in out and "auto: geometric-mean speed vs torch x2.00 over 1 groups" in out
+    assert _report(report_mod, tmp_path, bms, "--torch-factor", "1.5") == 0
+    bms[0] = _bm(g, "auto", 3.5)  # faster than NCHW torch, 1.75x slower than channels_last torch
+    assert _report(report_mod, tmp_path, bms, "--torch-factor", "1.5") == 1
 
 
 def test_perf_report_torch_factor(report_mod, tmp_path, capsys):

@@ -1,5 +1,8 @@
 """pytest-benchmark suite: every algorithm, ``auto`` and PyTorch side by side, one group per shape.
 
+PyTorch runs in both of its CPU layouts: ``torch`` (NCHW) and ``torch-cl`` (channels_last: the 4-D
+tensors in ``torch.channels_last`` memory format); ``perf_report.py`` compares against the faster.
+
 Deselected from the default run (``perf`` marker).  Run it with::
 
     python -m pytest tests/perf -m perf --benchmark-json=.benchmarks/perf.json
@@ -23,7 +26,8 @@ pytest.importorskip("pytest_benchmark")
 pytestmark = pytest.mark.perf
 
 SUITE = load_suite()
-CONTESTANTS = ("auto",) + fastconv.algorithms() + ("torch",)
+TORCH = ("torch", "torch-cl")  # PyTorch on NCHW tensors, and on channels_last ones
+CONTESTANTS = ("auto",) + fastconv.algorithms() + TORCH
 PASSES = ("forward", "backward")
 
 
@@ -37,13 +41,21 @@ def _torch():
     return torch
 
 
+def _tensors(torch, contestant, *arrays):
+    """The arrays as tensors; for ``torch-cl`` the 4-D ones in channels_last memory format."""
+    ts = [torch.from_numpy(a) for a in arrays]
+    if contestant == "torch-cl":
+        ts = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in ts]
+    return ts
+
+
 def _conv_fn(case, contestant, pass_):
     x, w, b = case.arrays()
     gy = case.grad_output()
     kw = case.kwargs
-    if contestant == "torch":
+    if contestant in TORCH:
         torch = _torch()
-        tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, w, b, gy))
+        tx, tw, tb, tgy = _tensors(torch, contestant, x, w, b, gy)
         if pass_ == "forward":
             def fn():
                 with torch.no_grad():
@@ -71,10 +83,10 @@ def _conv_fn(case, contestant, pass_):
 
 def _pool_fn(case, contestant, pass_):
     x, gy, kw = case.arrays(), case.grad_output(), case.kwargs
-    if contestant == "torch":
+    if contestant in TORCH:
         torch = _torch()
         aten = torch.ops.aten
-        tx, tgy = torch.from_numpy(x), torch.from_numpy(gy)
+        tx, tgy = _tensors(torch, contestant, x, gy)
         k, s, p = list(case.kernel), list(case.stride), list(case.padding)
         _, tidx = aten.max_pool2d_with_indices(tx, k, s, p, [1, 1], False)
         if pass_ == "forward":
@@ -102,7 +114,7 @@ def test_conv2d(benchmark, case, pass_, contestant):
     _record(benchmark, _conv_fn(case, contestant, pass_), case, contestant, pass_, "conv2d")
 
 
-@pytest.mark.parametrize("contestant", ("fastconv", "torch"))
+@pytest.mark.parametrize("contestant", ("fastconv",) + TORCH)
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("case", SUITE.pool, ids=lambda c: c.name)
 def test_max_pool2d(benchmark, case, pass_, contestant):
