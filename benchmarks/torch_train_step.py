@@ -180,7 +180,7 @@ def make_step(model, prep, x, y, dense):
     return train, infer
 
 
-def time_net(name, configs, rounds, seed=0):
+def _time_net(name, configs, rounds, seed=0):
     """{(config, 'train'|'infer'): [seconds per round]} with interleaved rounds."""
     x, y = data(name, seed)
     models, reports = contestants(name, configs)
@@ -310,7 +310,7 @@ def main(argv=None):
     for name in nets:
         shape, batch, _ = NETS[name]
         label = f"{name} {shape[1]}x{shape[2]} b{batch}"
-        results[label], reports = time_net(name, configs, rounds)
+        results[label], reports = _time_net(name, configs, rounds)
         if name == nets[0] and "fastconv" in reports:
             print(str(reports["fastconv"]).splitlines()[0], f"({name})")
     print(format_table(results, configs))
