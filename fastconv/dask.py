@@ -335,6 +335,18 @@ def relu(x):
 
 
 # --------------------------------------------------------------------------- models
+def _lean(model, sample_shape, dtype):
+    """A copy of ``model`` that has run on one sample of zeros, and the output of that run.
+
+    Layers keep what their backward needs from the last forward (inputs, indices): a model used on
+    a batch on the client would carry that batch's activations into every graph or scatter.  After
+    a one-sample forward the copy carries one sample's.
+    """
+    lean = copy.deepcopy(model)
+    out = lean(np.zeros((1,) + tuple(sample_shape), dtype))
+    return lean, np.asarray(out)
+
+
 class _Predict:
     """Runs the model on one batch block, on a private copy: layers keep what their backward needs
     (an input, indices), which would race between tasks sharing one worker's model and keep each
@@ -383,7 +395,7 @@ def predict(model, x, *, batch_chunk=None):
         if isinstance(batch_chunk, bool) or not isinstance(batch_chunk, (int, np.integer)) or batch_chunk < 1:
             raise ValueError(f"{fn}: batch_chunk must be a positive int, got {batch_chunk!r}")
     x = x.rechunk({0: int(batch_chunk) if batch_chunk else x.chunks[0], **{i: -1 for i in range(1, x.ndim)}})
-    probe = np.asarray(_Predict()(model, np.zeros((1,) + x.shape[1:], x.dtype)))
+    model, probe = _lean(model, x.shape[1:], x.dtype)
     name = f"fastconv-predict-{uuid.uuid4().hex}"  # a model has no cheap deterministic token
     mkey = f"fastconv-model-{uuid.uuid4().hex}"
     dsk = {mkey: model}
@@ -550,7 +562,8 @@ def _gradients_once(fn, client, model, loss_fn, x, y, shards, split_every, reduc
     total = sum(n for _, n in parts)
     # hash=False: a new key every step (a content hash of a model may fall back on its id, and
     # would then hand the workers last step's weights)
-    model_f = client.scatter(model, broadcast=True, hash=False)
+    lean, _ = _lean(model, x.shape[1:], x.dtype)  # without the activations of a client-side forward
+    model_f = client.scatter(lean, broadcast=True, hash=False)
     level = [client.submit(_shard_task, model_f, loss_fn, f, n / total if reduction == "mean" else 1.0,
                            pure=False) for f, n in parts]
     while len(level) > 1:
