@@ -302,3 +302,37 @@ def test_worker_killed_mid_step(process_client, tmp_path):
     with pytest.raises(RuntimeError, match="workers or connections were lost"):
         fd.gradients(model, KillOnce(str(tmp_path / "killed-2")), x, y, client=process_client, shards=4,
                      retries=0)
+
+
+# --------------------------------------------------------------------------- packaging, docs
+def test_import_fastconv_does_not_import_dask():
+    import subprocess
+    code = "import sys, fastconv; print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(fastconv.__file__)))
+    assert out.stdout.strip() == "[]"
+
+
+def test_docstring_examples():
+    """The examples of fastconv.dask, but those that start a cluster (the two fixtures above are the
+    file's only clusters)."""
+    import doctest
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in finder.find(fd) if t.examples and not t.name.endswith(("train_step", "setup_workers"))]
+    assert len(tests) >= 5
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0
+
+
+def test_predict_graph_does_not_carry_client_activations():
+    """A model used on a big batch on the client holds that batch's activations for its backward;
+    the graph gets a copy that has seen one sample."""
+    import pickle
+    model = build_model((1, 8, 8), rng=0)
+    x = np.zeros((2000, 1, 8, 8), np.float32)
+    model(x)  # caches about 2000 * 16 * 64 floats per layer
+    y = fd.predict(model, da.from_array(x, chunks=500))
+    shipped = [v for k, v in dict(y.__dask_graph__()).items() if str(k).startswith("fastconv-model-")]
+    assert len(shipped) == 1 and shipped[0] is not model
+    assert len(pickle.dumps(model)) > 4_000_000 and len(pickle.dumps(shipped[0])) < 1_000_000  # weights and grads: 0.3 MB
