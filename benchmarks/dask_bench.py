@@ -80,6 +80,7 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
             Client(cluster) as client:
         startup = time.perf_counter() - t0
         threads = fd.setup_workers(client)
+        idle = client.run(_peak_rss_mb)  # imports done, no data yet
         x = client.persist(x_np)  # generated on the workers, chunk by chunk
         xl = client.persist(xl_np)
         wait([x, xl])
@@ -103,9 +104,8 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
             res["lenet"], out = _median_time(lambda: pred.compute(), args.repeat)
         res["lenet_compute"] = _compute_seconds(ts.data) / args.repeat
         res["lenet_out"] = out
-        peak = client.run(_peak_rss_mb)
-        res["peak_mb"] = {w: peak[w] - base[w] for w in peak}
-        res["base_mb"] = base
+        res["peak_mb"] = client.run(_peak_rss_mb)
+        res["idle_mb"] = idle
     return res
 
 
@@ -164,8 +164,10 @@ def main(argv=None):
         one, two = results[1][key], results[2][key]
         mem_t = f"{mem[key]:.2f}/{(t2 if key == 'stack' else l2):.2f}"
         print(f"{label:24s}{mem_t:>12s}{one:12.2f}{two:12.2f}{one / two:9.2f}x")
-    print(f"{'peak MiB per process':24s}{mem['peak_mb']:12.0f}"
-          f"{max(results[1]['peak_mb'].values()):12.0f}{max(results[2]['peak_mb'].values()):12.0f}")
+    print(f"{'peak RSS MiB/process':24s}{mem['peak_mb'] + before:12.0f}"
+          f"{max(results[1]['peak_mb'].values()):12.0f}{max(results[2]['peak_mb'].values()):12.0f}"
+          f"   (idle worker after imports: {max(results[2]['idle_mb'].values()):.0f} MiB; "
+          f"in memory: {before:.0f} before the runs)")
     for key in ("stack", "lenet"):
         r = results[1]
         over = (r[key] - r[key + "_compute"]) / r[key + "_compute"]

