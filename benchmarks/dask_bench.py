@@ -70,7 +70,6 @@ def _median_time(f, repeat):
 
 
 def run_cluster(workers, args, x_np, ws, lenet, xl_np):
-    import dask.array as da
     from distributed import Client, LocalCluster, wait
 
     import fastconv.dask as fd
@@ -89,7 +88,6 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
         c2 = min(2 * args.chunk, args.size)
         stack_dask(x[:1, :, :c2, :c2], ws).compute()
         fd.predict(lenet, xl[: args.lenet_chunk * workers]).compute()
-        base = client.run(_peak_rss_mb)
         res = {"startup": startup, "threads": threads}
         graph = stack_dask(x, ws)
         res["tasks_stack"] = len(graph.__dask_graph__())

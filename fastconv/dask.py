@@ -24,7 +24,6 @@ import math
 import operator
 import os
 import uuid
-import warnings
 
 import dask
 import dask.array as da
