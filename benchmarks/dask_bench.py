@@ -30,7 +30,20 @@ import numpy as np
 
 
 def _peak_rss_mb():
+    """This process's peak RSS (the client's: it was not forked from a bigger process)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_rss_mb(dask_worker, since=None):
+    """A worker's largest RSS sampled by its system monitor (every 0.5 s) since ``since``, or now.
+
+    Not ru_maxrss: a worker process is started from a fork of the client and inherits its peak.
+    """
+    mon = dask_worker.monitor
+    if since is None:
+        return mon.proc.memory_info().rss / 2**20
+    samples = [m for t, m in zip(mon.quantities["time"], mon.quantities["memory"]) if t >= since]
+    return max(samples + [mon.proc.memory_info().rss]) / 2**20
 
 
 def _stack(rng, dtype=np.float32):
@@ -79,7 +92,7 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
             Client(cluster) as client:
         startup = time.perf_counter() - t0
         threads = fd.setup_workers(client)
-        idle = client.run(_peak_rss_mb)  # imports done, no data yet
+        idle = client.run(_worker_rss_mb)  # imports done, no data yet
         x = client.persist(x_np)  # generated on the workers, chunk by chunk
         xl = client.persist(xl_np)
         wait([x, xl])
@@ -89,6 +102,7 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
         stack_dask(x[:1, :, :c2, :c2], ws).compute()
         fd.predict(lenet, xl[: args.lenet_chunk * workers]).compute()
         res = {"startup": startup, "threads": threads}
+        since = time.time()
         graph = stack_dask(x, ws)
         res["tasks_stack"] = len(graph.__dask_graph__())
         from distributed import get_task_stream
@@ -102,7 +116,7 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
             res["lenet"], out = _median_time(lambda: pred.compute(), args.repeat)
         res["lenet_compute"] = _compute_seconds(ts.data) / args.repeat
         res["lenet_out"] = out
-        res["peak_mb"] = client.run(_peak_rss_mb)
+        res["peak_mb"] = client.run(_worker_rss_mb, since=since)
         res["idle_mb"] = idle
     return res
 

@@ -336,3 +336,17 @@ def test_predict_graph_does_not_carry_client_activations():
     assert len(shipped) == 1 and shipped[0] is not model
     # the copy holds weights and grads (0.3 MB) and one sample's activations
     assert len(pickle.dumps(model)) > 4_000_000 and len(pickle.dumps(shipped[0])) < 1_000_000
+
+
+def test_threads_plugin_refuses_workqueue_with_threaded_workers(monkeypatch):
+    """numba's workqueue layer aborts when several worker threads call parallel kernels at once."""
+    import asyncio
+    import types
+
+    import numba
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    worker = types.SimpleNamespace(state=types.SimpleNamespace(nthreads=2), address="tcp://127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="workqueue"):
+        asyncio.run(fd.FastconvThreads().setup(worker))
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        fd.FastconvThreads(0)
