@@ -360,8 +360,8 @@ def _lean(model, sample_shape, dtype):
     a one-sample forward the copy carries one sample's.
     """
     lean = copy.deepcopy(model)
-    out = lean(np.zeros((1,) + tuple(sample_shape), dtype))
-    return lean, np.asarray(out)
+    lean(np.zeros((1,) + tuple(sample_shape), dtype))  # recording, so it replaces what the last forward kept
+    return lean, _infer(lean, np.zeros((1,) + tuple(sample_shape), dtype))
 
 
 class _Predict:
@@ -370,7 +370,7 @@ class _Predict:
     block's activations alive after the task."""
 
     def __call__(self, model, x):
-        return copy.deepcopy(model)(x)
+        return _infer(copy.deepcopy(model), x)
 
 
 def predict(model, x, *, batch_chunk=None):
@@ -429,10 +429,29 @@ def predict(model, x, *, batch_chunk=None):
 # and where gradients live.  Today: ``model.backward(loss_fn.backward())`` and ``Parameter.grad``;
 # with a ``loss.backward()`` Module API only their bodies change.
 def _loss_and_backward(model, loss_fn, x, y):
-    """Forward, loss and backward of one shard; adds the gradients into the parameters, returns the loss."""
+    """Forward, loss and backward of one shard; adds the gradients into the parameters, returns the loss.
+
+    A loss that has its own ``backward`` (a tensor of an autograd Module API) is differentiated with
+    ``loss.backward()``; a plain float with the layers' ``model.backward(loss_fn.backward())``.
+    """
     loss = loss_fn(model(x), y)
+    if hasattr(loss, "backward"):
+        loss.backward()
+        return float(loss.item())
     model.backward(loss_fn.backward(), input_grad=False)
     return float(loss)
+
+
+def _infer(model, x):
+    """``model(x)`` as a NumPy array, without recording a backward where the API records one."""
+    try:
+        from .autograd import no_grad
+    except ImportError:
+        out = model(x)
+    else:
+        with no_grad():
+            out = model(x)
+    return out if isinstance(out, np.ndarray) else np.asarray(getattr(out, "data", out))
 
 
 def _zero_grads(model):
