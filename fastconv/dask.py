@@ -399,7 +399,7 @@ def predict(model, x, *, batch_chunk=None):
     >>> net = Sequential(Conv2d(1, 4, 3, padding=1, rng=0), ReLU(), MaxPool2d(2), Flatten(), Linear(64, 10, rng=1))
     >>> x = np.random.default_rng(0).standard_normal((10, 1, 8, 8)).astype(np.float32)
     >>> y = fd.predict(net, x, batch_chunk=4)
-    >>> y.chunks, bool(np.allclose(y.compute(scheduler="sync"), net(x), rtol=1e-6, atol=1e-6))
+    >>> y.chunks, bool(np.allclose(y.compute(scheduler="sync"), np.asarray(net(x)), rtol=1e-6, atol=1e-6))
     (((4, 4, 2), (10,)), True)
     """
     fn = "fastconv.dask.predict"
