@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 da = pytest.importorskip("dask.array")
-import dask  # noqa: E402
 
 import fastconv  # noqa: E402
 import fastconv.dask as fd  # noqa: E402
@@ -302,3 +301,65 @@ def test_worker_killed_mid_step(process_client, tmp_path):
     with pytest.raises(RuntimeError, match="workers or connections were lost"):
         fd.gradients(model, KillOnce(str(tmp_path / "killed-2")), x, y, client=process_client, shards=4,
                      retries=0)
+
+
+# --------------------------------------------------------------------------- packaging, docs
+def test_import_fastconv_does_not_import_dask():
+    """Dask is an optional extra: no module of the package but fastconv.dask imports it (read from
+    the sources: a fresh interpreter importing numba took 5-19 s on the shared test machine)."""
+    import ast
+    import pathlib
+    root = pathlib.Path(fastconv.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "dask.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in ("dask", "distributed") and name not in (".dask", "dask"), \
+                    f"{path.name} imports {name}"
+
+
+def test_docstring_examples():
+    """The examples of fastconv.dask, but those that start a cluster (the two fixtures above are the
+    file's only clusters)."""
+    import doctest
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in finder.find(fd) if t.examples and not t.name.endswith(("train_step", "setup_workers"))]
+    assert len(tests) >= 5
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0
+
+
+def test_predict_graph_does_not_carry_client_activations():
+    """A model used on a big batch on the client holds that batch's activations for its backward;
+    the graph gets a copy that has seen one sample."""
+    import pickle
+    model = build_model((1, 8, 8), rng=0)
+    x = np.zeros((2000, 1, 8, 8), np.float32)
+    model(x)  # caches about 2000 * 16 * 64 floats per layer
+    y = fd.predict(model, da.from_array(x, chunks=500))
+    shipped = [v for k, v in dict(y.__dask_graph__()).items() if str(k).startswith("fastconv-model-")]
+    assert len(shipped) == 1 and shipped[0] is not model
+    # the copy holds weights and grads (0.3 MB) and one sample's activations
+    assert len(pickle.dumps(model)) > 4_000_000 and len(pickle.dumps(shipped[0])) < 1_000_000
+
+
+def test_threads_plugin_refuses_workqueue_with_threaded_workers(monkeypatch):
+    """numba's workqueue layer aborts when several worker threads call parallel kernels at once."""
+    import asyncio
+    import types
+
+    import numba
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    worker = types.SimpleNamespace(state=types.SimpleNamespace(nthreads=2), address="tcp://127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="workqueue"):
+        asyncio.run(fd.FastconvThreads().setup(worker))
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        fd.FastconvThreads(0)

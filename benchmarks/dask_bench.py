@@ -1,0 +1,191 @@
+"""fastconv on Dask: in-memory vs a LocalCluster of 1 and of 2 worker processes.
+
+Two workloads:
+
+* a large image batch chunked spatially through a 3-layer conv stack (3->16->16->8 channels, 3x3,
+  'same', ReLU between), reduced to per-channel means so only a small result comes back;
+* a big batch through the LeNet of ``fastconv train`` (``fastconv.dask.predict``).
+
+For each: wall time (median of ``--repeat`` runs; the input is persisted on the workers first, so
+the time is the computation), peak resident memory per worker process above its level before the
+runs, and the scheduling overhead: wall time of the 1-worker run minus the compute time its tasks
+report (the task stream), as a share of that compute time.
+
+Usage::
+
+    python benchmarks/dask_bench.py                      # sizes for a 2-core machine
+    python benchmarks/dask_bench.py --size 4096 --batch 8 --chunk 1024   # the issue's image
+
+Workers get ``cores // workers`` fastconv threads each (:func:`fastconv.dask.setup_workers`); the
+in-memory call uses all cores.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import numpy as np
+
+
+def _peak_rss_mb():
+    """This process's peak RSS (the client's: it was not forked from a bigger process)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_rss_mb(dask_worker, since=None):
+    """A worker's largest RSS sampled by its system monitor (every 0.5 s) since ``since``, or now.
+
+    Not ru_maxrss: a worker process is started from a fork of the client and inherits its peak.
+    """
+    mon = dask_worker.monitor
+    if since is None:
+        return mon.proc.memory_info().rss / 2**20
+    samples = [m for t, m in zip(mon.quantities["time"], mon.quantities["memory"]) if t >= since]
+    return max(samples + [mon.proc.memory_info().rss]) / 2**20
+
+
+def _stack(rng, dtype=np.float32):
+    ws = []
+    for cin, cout in ((3, 16), (16, 16), (16, 8)):
+        bound = 1 / np.sqrt(cin * 9)
+        ws.append((rng.uniform(-bound, bound, (cout, cin, 3, 3)).astype(dtype),
+                   rng.uniform(-bound, bound, cout).astype(dtype)))
+    return ws
+
+
+def stack_numpy(x, ws):
+    import fastconv
+    for i, (w, b) in enumerate(ws):
+        x = fastconv.conv2d(x, w, b, padding="same")
+        if i < len(ws) - 1:
+            x = fastconv.relu(x)
+    return x.mean(axis=(2, 3))
+
+
+def stack_dask(x, ws):
+    import fastconv.dask as fd
+    for i, (w, b) in enumerate(ws):
+        x = fd.conv2d(x, w, b, padding="same")
+        if i < len(ws) - 1:
+            x = fd.relu(x)
+    return x.mean(axis=(2, 3))
+
+
+def _median_time(f, repeat):
+    times, out = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def run_cluster(workers, args, x_np, ws, lenet, xl_np):
+    from distributed import Client, LocalCluster, wait
+
+    import fastconv.dask as fd
+
+    t0 = time.perf_counter()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        startup = time.perf_counter() - t0
+        threads = fd.setup_workers(client)
+        idle = client.run(_worker_rss_mb)  # imports done, no data yet
+        x = client.persist(x_np)  # generated on the workers, chunk by chunk
+        xl = client.persist(xl_np)
+        wait([x, xl])
+        # warm-up on blocks of the timed shapes: every worker loads the kernels it will use from
+        # numba's cache (or compiles them) outside the timings
+        c2 = min(2 * args.chunk, args.size)
+        stack_dask(x[:1, :, :c2, :c2], ws).compute()
+        fd.predict(lenet, xl[: args.lenet_chunk * workers]).compute()
+        res = {"startup": startup, "threads": threads}
+        since = time.time()
+        graph = stack_dask(x, ws)
+        res["tasks_stack"] = len(graph.__dask_graph__())
+        from distributed import get_task_stream
+        with get_task_stream(client) as ts:
+            res["stack"], out = _median_time(lambda: graph.compute(), args.repeat)
+        res["stack_compute"] = _compute_seconds(ts.data) / args.repeat
+        res["stack_out"] = out
+        pred = fd.predict(lenet, xl)
+        res["tasks_lenet"] = len(pred.__dask_graph__())
+        with get_task_stream(client) as ts:
+            res["lenet"], out = _median_time(lambda: pred.compute(), args.repeat)
+        res["lenet_compute"] = _compute_seconds(ts.data) / args.repeat
+        res["lenet_out"] = out
+        res["peak_mb"] = client.run(_worker_rss_mb, since=since)
+        res["idle_mb"] = idle
+    return res
+
+
+def _compute_seconds(stream):
+    return sum(s["stop"] - s["start"] for t in stream for s in t["startstops"] if s["action"] == "compute")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=1024, help="image height and width (default 1024)")
+    p.add_argument("--batch", type=int, default=2, help="images in the batch (default 2)")
+    p.add_argument("--chunk", type=int, default=256, help="spatial chunk (default 256)")
+    p.add_argument("--lenet-batch", type=int, default=4096, help="28x28 images through LeNet (default 4096)")
+    p.add_argument("--lenet-chunk", type=int, default=512, help="images per LeNet task (default 512)")
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+
+    import fastconv
+    from fastconv.train import build_model
+
+    import dask.array as da
+
+    rng = np.random.default_rng(0)
+    ws = _stack(rng)
+    lenet = build_model((1, 28, 28), rng=0)
+    # lazy inputs, generated where they are used: the same values in memory and on the workers
+    x_d = da.random.RandomState(1).standard_normal((args.batch, 3, args.size, args.size),
+                                                   chunks=(1, 3, args.chunk, args.chunk)).astype(np.float32)
+    xl_d = da.random.RandomState(2).standard_normal((args.lenet_batch, 1, 28, 28),
+                                                    chunks=(args.lenet_chunk, 1, 28, 28)).astype(np.float32)
+    x_np, xl_np = x_d.compute(scheduler="sync"), xl_d.compute(scheduler="sync")
+    print(f"image batch {x_np.shape} ({x_np.nbytes / 2**20:.0f} MiB), chunks of {args.chunk}x{args.chunk}; "
+          f"LeNet batch {xl_np.shape}, {args.lenet_chunk} per task; fastconv threads in memory: "
+          f"{fastconv.get_num_threads()}", flush=True)
+
+    stack_numpy(x_np[:, :, :64, :64], ws)  # warm-up (kernels from numba's cache)
+    lenet(xl_np[:8])
+    mem = {}
+    before = _peak_rss_mb()
+    mem["stack"], ref_stack = _median_time(lambda: stack_numpy(x_np, ws), args.repeat)
+    mem["lenet"], ref_lenet = _median_time(lambda: lenet(xl_np), args.repeat)
+    mem["peak_mb"] = _peak_rss_mb() - before
+    results = {}
+    for workers in (1, 2):
+        results[workers] = r = run_cluster(workers, args, x_d, ws, lenet, xl_d)
+        np.testing.assert_allclose(r["stack_out"], ref_stack, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r["lenet_out"], ref_lenet, rtol=1e-4, atol=1e-4)
+        print(f"  {workers} worker(s) up in {r['startup']:.1f}s, fastconv threads {sorted(r['threads'].values())}",
+              flush=True)
+    # the in-memory figures once more, after the clusters: the machine's load drifts
+    t2, _ = _median_time(lambda: stack_numpy(x_np, ws), args.repeat)
+    l2, _ = _median_time(lambda: lenet(xl_np), args.repeat)
+
+    print(f"\n{'':24s}{'in memory':>12s}{'1 worker':>12s}{'2 workers':>12s}{'2w vs 1w':>10s}")
+    for key, label in (("stack", "conv stack (s)"), ("lenet", "LeNet predict (s)")):
+        one, two = results[1][key], results[2][key]
+        mem_t = f"{mem[key]:.2f}/{(t2 if key == 'stack' else l2):.2f}"
+        print(f"{label:24s}{mem_t:>12s}{one:12.2f}{two:12.2f}{one / two:9.2f}x")
+    print(f"{'peak RSS MiB/process':24s}{mem['peak_mb'] + before:12.0f}"
+          f"{max(results[1]['peak_mb'].values()):12.0f}{max(results[2]['peak_mb'].values()):12.0f}"
+          f"   (idle worker after imports: {max(results[2]['idle_mb'].values()):.0f} MiB; "
+          f"in memory: {before:.0f} before the runs)")
+    for key in ("stack", "lenet"):
+        r = results[1]
+        over = (r[key] - r[key + "_compute"]) / r[key + "_compute"]
+        print(f"scheduling overhead, 1 worker, {key}: {r['tasks_' + key]} tasks, wall {r[key]:.2f}s, "
+              f"task compute {r[key + '_compute']:.2f}s -> {100 * over:.0f}% of compute")
+
+
+if __name__ == "__main__":
+    main()
