@@ -712,5 +712,14 @@ class Sequential(Module):
         return input_shape
 
 
-from .losses import CrossEntropyLoss, MSELoss  # noqa: E402  (kept importable from here, as before)
-from .optim import SGD, Adam  # noqa: E402
+def __getattr__(name):
+    """Losses and optimisers live in ``fastconv.losses`` / ``fastconv.optim`` (which import this
+    module); ``from fastconv.layers import SGD`` keeps working, resolved on first use so that no
+    import runs in a circle."""
+    if name in ("CrossEntropyLoss", "MSELoss"):
+        from . import losses
+        return getattr(losses, name)
+    if name in ("SGD", "Adam"):
+        from . import optim
+        return getattr(optim, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
