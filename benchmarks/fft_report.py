@@ -108,7 +108,7 @@ def main():
             total["fft"] += tf
             total["direct"] += td
             print(f"{c.name:20} {name:11} {tf*1e3:9.2f} {td*1e3:10.2f} {tt*1e3:9.2f} {tt/tf:9.2f} "
-                  f"{tf/td:10.2f} {fft.cost(p, name)*1e3:9.2f} {direct.cost(p, name)*1e3:9.2f}")
+                  f"{tf/td:10.2f} {fft.cost(p, name, fastconv.get_num_threads())*1e3:9.2f} {direct.cost(p, name, fastconv.get_num_threads())*1e3:9.2f}")
         tt = medians([torch_all], a.rounds)[0]
         print(f"{c.name:20} {'fwd+bwd':11} {total['fft']*1e3:9.2f} {total['direct']*1e3:10.2f} {tt*1e3:9.2f} "
               f"{tt/total['fft']:9.2f} {total['fft']/total['direct']:10.2f}")

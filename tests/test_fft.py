@@ -151,7 +151,7 @@ def test_impossible_budget_is_refused_and_auto_skips_fft():
     for name in ("forward", "grad_input", "grad_weight"):
         reason = fft.supports(p, name)
         assert isinstance(reason, str) and "workspace_limit=256" in reason
-        assert fft.cost(p, name) == float("inf")
+        assert fft.cost(p, name, 2) == float("inf")
     with pytest.raises(ValueError, match=r"conv2d: algorithm='fft' cannot compute the forward pass here: .*workspace"):
         fastconv.conv2d(x, w, b, algorithm="fft", workspace_limit=256, **kw)
     with pytest.raises(ValueError, match=r"conv2d_backward: algorithm='fft' cannot compute the grad_input"):
@@ -255,7 +255,7 @@ def test_auto_uses_fft_only_where_it_measured_faster(xs, ws, kw, fft_wins):
 def test_cost_charges_stride_as_stride_one():
     base = conv_params("conv2d", (4, 8, 40, 40), (8, 8, 7, 7), np.float32, 1, 3, 1, 1)
     strided = conv_params("conv2d", (4, 8, 40, 40), (8, 8, 7, 7), np.float32, 2, 3, 1, 1)
-    assert fft.cost(strided, "forward") >= 0.8 * fft.cost(base, "forward")
+    assert fft.cost(strided, "forward", 2) >= 0.8 * fft.cost(base, "forward", 2)
     assert fft.supports(strided, "forward") is None
 
 
