@@ -124,6 +124,14 @@ class Module:
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__}: a Module subclass must define forward")
 
+    def __getstate__(self):
+        # the last forward's graph (kept for the compatibility backward) holds closures and the
+        # batch's activations: a pickled or copied module leaves it behind
+        state = self.__dict__.copy()
+        state.pop("_last_in", None)
+        state.pop("_last_out", None)
+        return state
+
     def __call__(self, *args, **kwargs):
         if not is_grad_enabled():
             return self.forward(*args, **kwargs)

@@ -343,12 +343,14 @@ def test_predict_graph_does_not_carry_client_activations():
     import pickle
     model = build_model((1, 8, 8), rng=0)
     x = np.zeros((2000, 1, 8, 8), np.float32)
-    model(x)  # caches about 2000 * 16 * 64 floats per layer
+    model(x)  # records a graph holding about 2000 * 16 * 64 floats per layer
     y = fd.predict(model, da.from_array(x, chunks=500))
     shipped = [v for k, v in dict(y.__dask_graph__()).items() if str(k).startswith("fastconv-model-")]
     assert len(shipped) == 1 and shipped[0] is not model
-    # the copy holds weights and grads (0.3 MB) and one sample's activations
-    assert len(pickle.dumps(model)) > 4_000_000 and len(pickle.dumps(shipped[0])) < 1_000_000
+    # the copy holds weights and grads (0.3 MB) and one sample's activations; a pickled module leaves
+    # its last forward's graph behind, so the client's model pickles small too
+    assert len(pickle.dumps(shipped[0])) < 1_000_000
+    assert model._last_out is not None and len(pickle.dumps(model)) < 1_000_000
 
 
 def test_threads_plugin_refuses_workqueue_with_threaded_workers(monkeypatch):
