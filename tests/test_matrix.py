@@ -156,7 +156,7 @@ def test_summary_of_a_network_totals():
     with pytest.raises(ValueError, match=r"summary: layer \d+ \(Linear 512->\d+\) cannot take a sample of shape "
                                          r"\(\d+,\): Linear: input must have shape \(512,\) per sample"):
         fastconv.summary(model, (1, 16, 16), file=io.StringIO())
-    with pytest.raises(ValueError, match=r"summary: layer 0 \(Conv2d 1->\d+ .*\) cannot take a sample of shape "
+    with pytest.raises(ValueError, match=r"summary: layer \d+ \(Conv2d 1->\d+ .*\) cannot take a sample of shape "
                                          r"\(3, 8, 8\): Conv2d: input channels"):
         fastconv.summary(model, (3, 8, 8), file=io.StringIO())
     with pytest.raises(TypeError, match=r"summary: input_shape must be a tuple of ints, got 8.0"):
