@@ -71,6 +71,15 @@ def _positive_int(fn, name, v):
     return int(v)
 
 
+def _conv_channels(fn, in_channels, out_channels, groups):
+    """Validated ``(in_channels, out_channels, groups)`` of a convolution layer."""
+    cin, cout, g = (_positive_int(fn, "in_channels", in_channels), _positive_int(fn, "out_channels", out_channels),
+                    _positive_int(fn, "groups", groups))
+    if cin % g or cout % g:
+        raise ValueError(f"{fn}: in_channels and out_channels must be divisible by groups={g}, got {cin} and {cout}")
+    return cin, cout, g
+
+
 _float_dtype = V.float_dtype
 
 
@@ -478,12 +487,7 @@ class Conv2d(Module):
         from . import algorithms  # the public list (the package imports this module)
 
         fn = "Conv2d"
-        self.in_channels = _positive_int(fn, "in_channels", in_channels)
-        self.out_channels = _positive_int(fn, "out_channels", out_channels)
-        self.groups = _positive_int(fn, "groups", groups)
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(f"{fn}: in_channels and out_channels must be divisible by groups={self.groups}, "
-                             f"got {self.in_channels} and {self.out_channels}")
+        self.in_channels, self.out_channels, self.groups = _conv_channels(fn, in_channels, out_channels, groups)
         self.kernel_size = V.positive_pair(fn, "kernel_size", kernel_size)
         self.stride = V.positive_pair(fn, "stride", stride)
         self.dilation = V.positive_pair(fn, "dilation", dilation)

@@ -24,7 +24,7 @@ import numpy as np
 from . import _validation as V
 from . import functional as F
 from .autograd import Parameter, Tensor, is_recording, record
-from .layers import Module, _positive_int, _rng, _uniform
+from .layers import Module, _conv_channels, _positive_int, _rng, _uniform
 
 __all__ = ["batch_norm", "dropout", "adaptive_avg_pool2d", "conv_transpose2d", "conv1d", "relu6", "leaky_relu",
            "BatchNorm2d", "Dropout", "AdaptiveAvgPool2d", "ConvTranspose2d", "Conv1d", "ReLU6", "LeakyReLU"]
@@ -268,12 +268,7 @@ class ConvTranspose2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                  bias=True, dilation=1, *, algorithm="auto", dtype=np.float32, rng=None):
         fn = "ConvTranspose2d"
-        self.in_channels = _positive_int(fn, "in_channels", in_channels)
-        self.out_channels = _positive_int(fn, "out_channels", out_channels)
-        self.groups = _positive_int(fn, "groups", groups)
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(f"{fn}: in_channels and out_channels must be divisible by groups={self.groups}, "
-                             f"got {self.in_channels} and {self.out_channels}")
+        self.in_channels, self.out_channels, self.groups = _conv_channels(fn, in_channels, out_channels, groups)
         self.kernel_size = V.positive_pair(fn, "kernel_size", kernel_size)
         self.stride = V.positive_pair(fn, "stride", stride)
         self.padding = V.nonnegative_pair(fn, "padding", padding)
@@ -321,12 +316,7 @@ class Conv1d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, *, algorithm="auto", dtype=np.float32, rng=None):
         fn = "Conv1d"
-        self.in_channels = _positive_int(fn, "in_channels", in_channels)
-        self.out_channels = _positive_int(fn, "out_channels", out_channels)
-        self.groups = _positive_int(fn, "groups", groups)
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(f"{fn}: in_channels and out_channels must be divisible by groups={self.groups}, "
-                             f"got {self.in_channels} and {self.out_channels}")
+        self.in_channels, self.out_channels, self.groups = _conv_channels(fn, in_channels, out_channels, groups)
         self.kernel_size = V.single(fn, "kernel_size", kernel_size)
         self.stride = V.single(fn, "stride", stride)
         self.dilation = V.single(fn, "dilation", dilation)
