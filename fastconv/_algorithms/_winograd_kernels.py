@@ -15,10 +15,13 @@ transform of grad_output tiles.
 """
 import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from .._jit import FASTMATH, kernel
 from .common import claim as _claim
+from .gemm import VBYTES, _tile_of, ukernel_ldb
 from .im2col import _N, _T, _chars, _gemm
 
 _micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
@@ -133,76 +136,6 @@ def _gemm_block(fn, iv, tr, tb, mrows, ncols, inner, one, beta, a, lda, b, ldb, 
     _gemm(fn, iv, tr, _N, tb, mrows, ncols, inner, one, a, lda, b, ldb, beta, c, ldc)
 
 
-# Items: (image block of nb images, group, block of rb tile rows); with nb > 1 every item holds
-# whole images (rb == th).  Tile t of an item: ((n - n0)*(i1 - i0) + (i - i0))*tw + j.
-@kernel
-def forward_tiles(x, u, b, y, buf, bt, at, fn, ints, ctr, m, g, ph0, pw0, hv, wv, th, tw, nb, rb, tmax):
-    # x (n, c, h, w); u (a*a*k*cg,): u[(e*k + kk)*cg + cc]; b (k,) (zeros without a bias);
-    # y (n, k, oh, ow); bt (a, a), at (m, a) the transform matrices in the dtype;
-    # buf (nw, words): v (a*a*cg*tmax) | mm (a*a*kg*tmax) | xs, ts (a*a*tmax each) | strip
-    nn, c = x.shape[0], x.shape[1]
-    k, oh, ow = y.shape[1], y.shape[2], y.shape[3]
-    a = m + 2
-    ee = a * a
-    kg, cg = k // g, c // g
-    wpad = m * tw + 2
-    nw = buf.shape[0]
-    nnb = (nn + nb - 1) // nb
-    nrb = (th + rb - 1) // rb
-    items = nnb * g * nrb
-    for wid in prange(nw):
-        wk = buf[wid]
-        o1 = ee * cg * tmax
-        o2 = o1 + ee * kg * tmax
-        o3 = o2 + ee * tmax
-        o4 = o3 + ee * tmax
-        v = wk[:o1]
-        mm = wk[o1:o2]
-        xs = wk[o2:o3]
-        ts = wk[o3:o4]
-        sb = wk[o4:]
-        iv = ints[wid]
-        tr = _chars()
-        one = np.ones(1, dtype=y.dtype)
-        zero = np.zeros(1, dtype=y.dtype)
-        for _ in range(items):
-            it = _claim(ctr)
-            if it >= items:
-                break
-            ib = it % nrb
-            gi = (it // nrb) % g
-            n0 = (it // (nrb * g)) * nb
-            n1 = min(nn, n0 + nb)
-            i0 = ib * rb
-            i1 = min(th, i0 + rb)
-            nr = i1 - i0
-            nt = (n1 - n0) * nr * tw
-            for cc in range(cg):
-                for n in range(n0, n1):
-                    _strip(x[n, gi * cg + cc], sb, wpad, m * i0, m * nr + 2, ph0, pw0, hv, wv)
-                    _gather_in(sb, wpad, xs, nt, (n - n0) * nr * tw, nr, tw, m, a)
-                _left(ts, 0, nt, xs, 0, nt, bt, a, nt)
-                _right(v, cc * nt, cg * nt, ts, 0, nt, bt, a, nt)
-            for e in range(ee):
-                _gemm_block(fn, iv, tr, _N, kg, nt, cg, one, zero, u[(e * k + gi * kg) * cg:], cg,
-                            v[e * cg * nt:], nt, mm[e * kg * nt:], nt)
-            for q in range(kg):
-                kk = gi * kg + q
-                _left(xs, 0, nt, mm, q * nt, kg * nt, at, a, nt)
-                _right(ts, 0, nt, xs, 0, nt, at, m, nt)
-                bias = b[kk]
-                for n in range(n0, n1):
-                    yp = y[n, kk]
-                    for i in range(i0, i1):
-                        t0 = ((n - n0) * nr + (i - i0)) * tw
-                        for ri in range(min(m, oh - m * i)):
-                            d = yp[m * i + ri]
-                            for ci in range(m):
-                                src = ts[(ri * m + ci) * nt + t0:]
-                                for j in range((ow - ci + m - 1) // m):
-                                    d[m * j + ci] = src[j] + bias
-
-
 @kernel
 def grad_weight_tiles(x, gy, mw, buf, bt, am, fn, ints, ctr, m, g, ph0, pw0, hv, wv, th, tw, nb, rb, cb, tmax):
     # x (n, c, h, w); gy (n, k, oh, ow); mw (a*a*k*cg,) zeroed: mw[(e*k + kk)*cg + cc];
@@ -264,24 +197,6 @@ def grad_weight_tiles(x, gy, mw, buf, bt, am, fn, ints, ctr, m, g, ph0, pw0, hv,
 
 
 @kernel
-def kernel_transform(w, gm, u):
-    # u[(e*k + kk)*cg + cc] = (G w[kk, cc] G^T)[e], e = i*a + j, in float64 (numpy's einsum of the
-    # same took seconds for 512 x 512 channels here, its BLAS contending with numba's pool)
-    k, cg = w.shape[0], w.shape[1]
-    a = gm.shape[0]
-    for kk in prange(k):
-        t = np.empty((a, 3))
-        for cc in range(cg):
-            g = w[kk, cc]
-            for i in range(a):
-                for s in range(3):
-                    t[i, s] = gm[i, 0] * g[s] + gm[i, 1] * g[3 + s] + gm[i, 2] * g[6 + s]
-            for i in range(a):
-                for j in range(a):
-                    u[((i * a + j) * k + kk) * cg + cc] = t[i, 0] * gm[j, 0] + t[i, 1] * gm[j, 1] + t[i, 2] * gm[j, 2]
-
-
-@kernel
 def taps_transform(mw, gm, gw):
     # gw[kk, cc, r*3 + s] = (G^T Mw[:, kk, cc] G)[r, s] in float64: grad_weight's last step
     ee, k, cg = mw.shape
@@ -301,3 +216,409 @@ def taps_transform(mw, gm, gw):
                     for j in range(a):
                         acc += t[r, j] * gm[j, s]
                     gw[kk, cc, r * 3 + s] = acc
+
+
+# --------------------------------------------------------------------------- packed forward
+# The forward pass (and grad_input, a forward pass too) on fastconv's own micro-kernel.  A work item
+# is R consecutive tile rows of one group, counted over (image, tile row), so it may span images.
+# Its tiles get slots q = (row - row0)*(tw + 1) + j: one spare slot per tile row, so that for each
+# input channel the whole item is transformed by a few long vector loops over contiguous data
+# (the a input rows under every tile row copied zero-padded side by side, then the column
+# transform down them, the m column phases, the row transform; the spare slot takes what spills
+# past the row end), with the F(m, 3) coefficients written out.  Short loops over the 14 tiles of
+# one tile row left those loops mostly in their scalar remainders: the transforms took 5.6 ms of
+# the 6.8 ms of resnet50-3x3-64 (8 x 64 x 56 x 56) when the products took 1.2 ms.
+# The a*a products M[e] (kg x slots) = U[e] (kg x cg) . v[e] run on the micro-kernel straight
+# from v (row stride ldt, no packing: ukernel_ldb) against U packed once per call in MR-row panels;
+# the output transform runs the same way backwards.  kc holds the constants (1, 2, 4, 5, 8) in the
+# dtype, so that no arithmetic is promoted to float64.
+
+_u = np.uint64
+
+
+@_micro
+def _zero(a, o, n):
+    for i in range(n):
+        a[o + i] = 0
+
+
+@_micro
+def _copy_rows(xf, xoff, xw, rb, d0, y0, x0, nrow, ld, ncol, hv, wv):
+    # rb[d0 + r*ld + c] = x[y0 + r, x0 + c] (plane at xf[xoff], rows of xw) inside [0, hv) x [0, wv),
+    # else 0; r < nrow, c < ncol.  Offsets, not views: a view inside a prange body is an atomic
+    # reference count update on the owner, which the workers then fight over (gemm._macro).
+    lo = min(ncol, max(0, -x0))
+    hi = max(lo, min(ncol, wv - x0))
+    for r in range(nrow):
+        d = _u(d0 + r * ld)
+        yy = y0 + r
+        if yy < 0 or yy >= hv or hi == lo:
+            _zero(rb, d, _u(ncol))
+            continue
+        _zero(rb, d, _u(lo))
+        src = _u(xoff + yy * xw + x0 + lo)
+        dd = d + _u(lo)
+        for c in range(_u(hi - lo)):
+            rb[dd + c] = xf[src + c]
+        _zero(rb, d + _u(hi), _u(ncol - hi))
+
+
+# Loops that vectorise: one output row per loop (a loop that stores several rows of one buffer
+# while reading several of another needs more run-time overlap checks than LLVM allows, 8, and
+# stays scalar), and unsigned indices (numba wraps a negative signed index around, a select per
+# access that keeps LLVM from vectorising: _bt4 took 240 ns a call with int64 offsets, 43 with
+# uint64 ones).  No int literal may meet a uint64 in arithmetic: numba makes that float64.
+
+@_micro
+def _bt4(src, so, lds, dst, do, ldd, n, kc):
+    # dst[do + i*ldd + q] = sum_u B^T[i, u] src[so + u*lds + q] for F(4, 3), q < n
+    k4, k5, k2 = kc[2], kc[3], kc[1]
+    s0 = _u(so)
+    ls = _u(lds)
+    s1 = s0 + ls
+    s2 = s1 + ls
+    s3 = s2 + ls
+    s4 = s3 + ls
+    s5 = s4 + ls
+    d = _u(do)
+    ld = _u(ldd)
+    nn = _u(n)
+    for q in range(nn):
+        dst[d + q] = k4 * src[s0 + q] - k5 * src[s2 + q] + src[s4 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = src[s3 + q] + src[s4 + q] - k4 * (src[s1 + q] + src[s2 + q])
+    d += ld
+    for q in range(nn):
+        dst[d + q] = k4 * (src[s1 + q] - src[s2 + q]) + src[s4 + q] - src[s3 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = k2 * (src[s3 + q] - src[s1 + q]) + src[s4 + q] - src[s2 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = k2 * (src[s1 + q] - src[s3 + q]) + src[s4 + q] - src[s2 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = k4 * src[s1 + q] - k5 * src[s3 + q] + src[s5 + q]
+
+
+@_micro
+def _bt2(src, so, lds, dst, do, ldd, n):
+    # F(2, 3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+    s0 = _u(so)
+    ls = _u(lds)
+    s1 = s0 + ls
+    s2 = s1 + ls
+    s3 = s2 + ls
+    d = _u(do)
+    ld = _u(ldd)
+    nn = _u(n)
+    for q in range(nn):
+        dst[d + q] = src[s0 + q] - src[s2 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = src[s1 + q] + src[s2 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = src[s2 + q] - src[s1 + q]
+    d += ld
+    for q in range(nn):
+        dst[d + q] = src[s1 + q] - src[s3 + q]
+
+
+@_micro
+def _bt_cols(rb, tb, w, n, m, kc):
+    # tb[r'*w + c] = sum_r B^T[r', r] rb[r*w + c], c < n
+    if m == 4:
+        _bt4(rb, 0, w, tb, 0, w, n, kc)
+    else:
+        _bt2(rb, 0, w, tb, 0, w, n)
+
+
+def _shuffle_args(src, dst, factor):
+    ok = (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.layout == "C" and dst.layout == "C"
+          and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)
+          and isinstance(factor, types.IntegerLiteral))
+    return ok
+
+
+@intrinsic
+def _deinterleave(typingctx, src, so, dst, do, ldd, factor):
+    """One vector of each phase: ``dst[do + s*ldd + i] = src[so + factor*i + s]`` for s < factor,
+    i < lanes (one vector register of the dtype).  LLVM leaves such stride-``factor`` loops scalar
+    (its cost model on x86); here they are factor vector loads and factor shuffles."""
+    if not _shuffle_args(src, dst, factor):
+        return None
+    f = factor.literal_value
+    isz = src.dtype.bitwidth // 8
+
+    def codegen(context, builder, sig, args):
+        sa = context.make_array(sig.args[0])(context, builder, args[0])
+        da = context.make_array(sig.args[2])(context, builder, args[2])
+        fty = context.get_data_type(sig.args[0].dtype)
+        lanes = VBYTES // isz
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        wide = builder.load(builder.bitcast(builder.gep(sa.data, [args[1]]), ir.VectorType(fty, f * lanes).as_pointer()),
+                            align=isz)
+        undef = ir.Constant(ir.VectorType(fty, f * lanes), ir.Undefined)
+        vptr = ir.VectorType(fty, lanes).as_pointer()
+        for ph in range(f):
+            mask = ir.Constant(ir.VectorType(i32, lanes), [ph + f * i for i in range(lanes)])
+            vec = builder.shuffle_vector(wide, undef, mask)
+            off = builder.add(args[3], builder.mul(args[4], ir.Constant(i64, ph)))
+            builder.store(vec, builder.bitcast(builder.gep(da.data, [off]), vptr), align=isz)
+        return context.get_dummy_value()
+
+    return types.void(src, types.intp, dst, types.intp, types.intp, factor), codegen
+
+
+@intrinsic
+def _interleave(typingctx, src, so, lds, dst, do, bias, factor, div):
+    """One vector of each phase back into a row, plus a scalar: ``dst[do + factor*i + s] =
+    src[so + s*lds + i] + bias`` for s < factor, i < lanes / div (the output transform's last
+    step; div = 2 for half vectors)."""
+    if not _shuffle_args(src, dst, factor) or not isinstance(div, types.IntegerLiteral):
+        return None
+    f = factor.literal_value
+    dv = div.literal_value
+    isz = src.dtype.bitwidth // 8
+
+    def codegen(context, builder, sig, args):
+        sa = context.make_array(sig.args[0])(context, builder, args[0])
+        da = context.make_array(sig.args[3])(context, builder, args[3])
+        fty = context.get_data_type(sig.args[0].dtype)
+        lanes = VBYTES // isz // dv
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vty = ir.VectorType(fty, lanes)
+        vecs = []
+        for ph in range(f):
+            off = builder.add(args[1], builder.mul(args[2], ir.Constant(i64, ph)))
+            vecs.append(builder.load(builder.bitcast(builder.gep(sa.data, [off]), vty.as_pointer()), align=isz))
+        # concatenate pairwise into one factor*lanes vector, then interleave with one shuffle
+        while len(vecs) > 1:
+            n = vecs[0].type.count
+            mask = ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n)))
+            vecs = [builder.shuffle_vector(vecs[i], vecs[i + 1], mask) for i in range(0, len(vecs), 2)]
+        cat = vecs[0]
+        wty = ir.VectorType(fty, f * lanes)
+        mask = ir.Constant(ir.VectorType(i32, f * lanes), [(k % f) * lanes + k // f for k in range(f * lanes)])
+        out = builder.shuffle_vector(cat, ir.Constant(wty, ir.Undefined), mask)
+        b = builder.insert_element(ir.Constant(wty, ir.Undefined), args[5], ir.Constant(i32, 0))
+        b = builder.shuffle_vector(b, ir.Constant(wty, ir.Undefined), ir.Constant(ir.VectorType(i32, f * lanes),
+                                                                                  [0] * (f * lanes)))
+        out = builder.fadd(out, b)
+        builder.store(out, builder.bitcast(builder.gep(da.data, [args[4]]), wty.as_pointer()), align=isz)
+        return context.get_dummy_value()
+
+    return types.void(src, types.intp, types.intp, dst, types.intp, src.dtype, factor, div), codegen
+
+
+@intrinsic
+def _lanes_of(typingctx, a):
+    """Elements of one vector register for the dtype of array ``a``, as a constant."""
+    if not (isinstance(a, types.Array) and a.dtype in (types.float32, types.float64)):
+        return None
+    lanes = VBYTES // (a.dtype.bitwidth // 8)
+    return types.intp(a), lambda context, builder, sig, args: context.get_constant(types.intp, lanes)
+
+
+@_micro
+def _split_phases(src, so, ph, lp, n, m):
+    # ph[s*lp + q] = src[so + m*q + s], q < n, s < m: the m column phases of a row, then two
+    # shifted copies of phases 0 and 1 (ph[(m + s)*lp + q] = ph[s*lp + q + 1]: the next tile's first
+    # columns), so that the row transform reads a rows of slots like the column transform.
+    # src must hold m*(n rounded up to a vector) elements from so.
+    lanes = _lanes_of(ph)
+    if m == 4:
+        for q in range(0, n, lanes):
+            _deinterleave(src, so + 4 * q, ph, q, lp, 4)
+    else:
+        for q in range(0, n, lanes):
+            _deinterleave(src, so + 2 * q, ph, q, lp, 2)
+    for s in range(2):
+        d = _u((m + s) * lp)
+        o = _u(s * lp + 1)
+        for q in range(_u(n - 1)):
+            ph[d + q] = ph[o + q]
+        ph[(m + s) * lp + n - 1] = 0
+
+
+@_micro
+def _bt_row(ph, lp, v, voff, ldv, n, m, kc):
+    # v[voff + s'*ldv + q] = sum_s B^T[s', s] d_s(q), d_s(q) = ph[s*lp + q] the column phases
+    if m == 4:
+        _bt4(ph, 0, lp, v, voff, ldv, n, kc)
+    else:
+        _bt2(ph, 0, lp, v, voff, ldv, n)
+
+
+@_micro
+def _at(src, so, lds, dst, do, ldd, n, m, kc):
+    # dst[do + i*ldd + q] = sum_u A^T[i, u] src[so + u*lds + q], i < m, q < n
+    s0 = _u(so)
+    ls = _u(lds)
+    s1 = s0 + ls
+    s2 = s1 + ls
+    s3 = s2 + ls
+    d = _u(do)
+    ld = _u(ldd)
+    nn = _u(n)
+    if m == 4:
+        k2, k4, k8 = kc[1], kc[2], kc[4]
+        s4 = s3 + ls
+        s5 = s4 + ls
+        for q in range(nn):
+            dst[d + q] = src[s0 + q] + src[s1 + q] + src[s2 + q] + src[s3 + q] + src[s4 + q]
+        d += ld
+        for q in range(nn):
+            dst[d + q] = src[s1 + q] - src[s2 + q] + k2 * (src[s3 + q] - src[s4 + q])
+        d += ld
+        for q in range(nn):
+            dst[d + q] = src[s1 + q] + src[s2 + q] + k4 * (src[s3 + q] + src[s4 + q])
+        d += ld
+        for q in range(nn):
+            dst[d + q] = src[s1 + q] - src[s2 + q] + k8 * (src[s3 + q] - src[s4 + q]) + src[s5 + q]
+    else:  # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+        for q in range(nn):
+            dst[d + q] = src[s0 + q] + src[s1 + q] + src[s2 + q]
+        d += ld
+        for q in range(nn):
+            dst[d + q] = src[s1 + q] - src[s2 + q] - src[s3 + q]
+
+
+@_micro
+def _store_row(t2, to, lt, yf, yo, nfull, ncol, m, bias, spill):
+    # yf[yo + m*j + ci] = t2[to + ci*lt + j] + bias for output columns m*j + ci < ncol, in vectors
+    # of m interleaved phases.  spill: the row may be overrun by up to m vectors (the next output
+    # row, which this worker writes next), so whole vectors cover it; else the whole tiles go in
+    # full and half vectors and the rest one element at a time.
+    lanes = _lanes_of(t2)
+    half = lanes // 2
+    if spill:
+        jv = (ncol + m - 1) // m
+    else:
+        jv = nfull
+    j = 0
+    while j + half <= jv or (spill and j < jv):
+        if j + lanes <= jv or spill:
+            if m == 4:
+                _interleave(t2, to + j, lt, yf, yo + 4 * j, bias, 4, 1)
+            else:
+                _interleave(t2, to + j, lt, yf, yo + 2 * j, bias, 2, 1)
+            j += lanes
+        else:
+            if m == 4:
+                _interleave(t2, to + j, lt, yf, yo + 4 * j, bias, 4, 2)
+            else:
+                _interleave(t2, to + j, lt, yf, yo + 2 * j, bias, 2, 2)
+            j += half
+    for col in range(m * j, ncol):
+        yf[yo + col] = t2[to + (col % m) * lt + col // m] + bias
+
+
+@kernel
+def pack_u(w, gm, pu, g, mr):
+    # pu[((e*g + gi)*kgp + ip)*cg + cc*mr + i] = (G w[gi*kg + ip + i, cc] G^T)[e], e = r*a + s, in
+    # float64 rounded once: U of each group in mr-row panels (rows past kg zero), kgp = kg rounded
+    # up to mr.  w (k, cg, 9).
+    k, cg = w.shape[0], w.shape[1]
+    a = gm.shape[0]
+    kg = k // g
+    kgp = (kg + mr - 1) // mr * mr
+    for kk in prange(g * kgp):
+        gi = kk // kgp
+        row = kk - gi * kgp
+        ip = row // mr * mr
+        i = row - ip
+        t = np.empty((a, 3))
+        for cc in range(cg):
+            if row >= kg:
+                for e in range(a * a):
+                    pu[((e * g + gi) * kgp + ip) * cg + cc * mr + i] = 0
+                continue
+            gg = w[gi * kg + row, cc]
+            for r in range(a):
+                for s in range(3):
+                    t[r, s] = gm[r, 0] * gg[s] + gm[r, 1] * gg[3 + s] + gm[r, 2] * gg[6 + s]
+            for r in range(a):
+                for s in range(a):
+                    pu[(((r * a + s) * g + gi) * kgp + ip) * cg + cc * mr + i] = (
+                        t[r, 0] * gm[s, 0] + t[r, 1] * gm[s, 1] + t[r, 2] * gm[s, 2])
+
+
+@kernel
+def forward_packed(xf, pu, b, yf, buf, kc, ctr, nn, c, xh, xw, k, oh, ow, m, g, ph0, pw0, hv, wv, th, tw, rows,
+                   ldt):
+    # xf the (n, c, h, w) input flat; pu from pack_u; b (k,); yf the (n, k, oh, ow) output flat;
+    # an item is `rows` tile rows; ldt >= rows*(tw + 1), a multiple of NR.  buf (nw, words):
+    # v (a*a*cg*ldt) | mm (a*a*kg*ldt) | rb, tb (a*rows*wrow each) | ph (a*lp) | t1 (m*a*ldt) | t2 (m*m*ldt)
+    # + 64 (whole-vector reads past t2's end)
+    a = m + 2
+    ee = a * a
+    kg, cg = k // g, c // g
+    mr, nr = _tile_of(b)
+    lanes = _lanes_of(b)
+    kgp = (kg + mr - 1) // mr * mr
+    sl = tw + 1          # slots per tile row
+    wrow = m * sl        # copied input columns per tile row (>= m*tw + 2)
+    lw = rows * wrow
+    lp = rows * sl + 17  # + a vector of spill: _split_phases writes whole vectors
+    nfull = min(tw, ow // m)
+    trows = nn * th
+    nper = (trows + rows - 1) // rows
+    items = g * nper
+    nw = buf.shape[0]
+    for wid in prange(nw):
+        wk = buf[wid]
+        o1 = ee * cg * ldt
+        o2 = o1 + ee * kg * ldt
+        o3 = o2 + a * lw
+        o4 = o3 + a * lw
+        o5 = o4 + a * lp
+        o6 = o5 + m * a * ldt
+        v = wk[:o1]
+        mm = wk[o1:o2]
+        rb = wk[o2:o3]
+        tb = wk[o3:o4]
+        ph = wk[o4:o5]
+        t1 = wk[o5:o6]
+        t2 = wk[o6:]
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
+            gi = it // nper
+            r0 = (it - gi * nper) * rows
+            nr_ = min(rows, trows - r0)
+            ns = nr_ * sl
+            for cc in range(cg):
+                for ri in range(nr_):
+                    n = (r0 + ri) // th
+                    ti = r0 + ri - n * th
+                    _copy_rows(xf, (n * c + gi * cg + cc) * xh * xw, xw, rb, ri * wrow, m * ti - ph0, -pw0, a, lw,
+                               wrow, hv, wv)
+                _bt_cols(rb, tb, lw, nr_ * wrow, m, kc)
+                for r in range(a):
+                    _split_phases(tb, r * lw, ph, lp, ns, m)
+                    _bt_row(ph, lp, v, (r * a * cg + cc) * ldt, cg * ldt, ns, m, kc)
+            npan = (ns + nr - 1) // nr
+            for e in range(ee):
+                ub = (e * g + gi) * kgp * cg
+                for jp in range(npan):
+                    for ip in range(0, kg, mr):
+                        ukernel_ldb(cg, pu, ub + ip * cg, v, e * cg * ldt + jp * nr, ldt,
+                                    mm, (e * kg + ip) * ldt + jp * nr, ldt, 0, min(mr, kg - ip))
+            for q in range(kg):
+                kk = gi * kg + q
+                bias = b[kk]
+                for s in range(a):  # down the columns: t1[(i*a + s)*ldt + q]
+                    _at(mm, (s * kg + q) * ldt, a * kg * ldt, t1, s * ldt, a * ldt, ns, m, kc)
+                for i in range(m):  # along the rows: t2[(i*m + j)*ldt + q]
+                    _at(t1, i * a * ldt, ldt, t2, i * m * ldt, ldt, ns, m, kc)
+                for ri in range(nr_):
+                    n = (r0 + ri) // th
+                    ti = r0 + ri - n * th
+                    nrow = min(m, oh - m * ti)
+                    for i in range(nrow):
+                        _store_row(t2, i * m * ldt + ri * sl, ldt, yf, ((n * k + kk) * oh + m * ti + i) * ow, nfull,
+                                   ow, m, bias, i < nrow - 1 and m * lanes <= ow)

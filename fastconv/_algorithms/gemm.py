@@ -84,8 +84,9 @@ def _vector_tools(builder, fty, isz, vbytes):
     return lanes, vty, fma, splat
 
 
-def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None):
-    # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride)
+def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None):
+    # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride);
+    # ldb: index of the argument holding B's row stride (default: packed panels, stride NR)
     rows = mr if rows is None else rows
     kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
     pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
@@ -111,7 +112,7 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None):
     for row in acc:
         for a in row:
             a.add_incoming(zero, entry)
-    bp = builder.gep(b0, [builder.mul(p, ir.Constant(i64, nr))])
+    bp = builder.gep(b0, [builder.mul(p, ir.Constant(i64, nr) if ldb is None else args[ldb])])
     bs = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
           for v in range(nv)]
     ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr))])
@@ -192,6 +193,38 @@ def ukernel_rows(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc, rows):
             switch.add_case(ir.Constant(rowsv.type, r), case)
             builder.position_at_end(case)
             _emit_ukernel(context, builder, sig, args, mr, nv, VBYTES, rows=r)
+            builder.branch(exit_)
+        builder.position_at_end(exit_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ukernel_ldb(typingctx, kc, pa, aoff, pb, boff, ldb, c, coff, ldc, acc, rows):
+    """:func:`ukernel` (``rows`` == MR) or :func:`ukernel_rows` (``rows`` < MR) whose B is not a
+    packed panel but NR columns of a row-major matrix with row stride ``ldb``:
+    ``C[i, j] (+)= sum_p pa[aoff + p*MR + i] * pb[boff + p*ldb + j]``.  For B operands that their
+    producer already writes row by row in L1/L2-sized blocks (Winograd's transformed tiles), where a
+    copy into panels would cost as much as the product."""
+    if not _ukernel_types(kc, pa, aoff, pb, boff, c, coff, ldc, acc):
+        return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, pa, types.intp, pb, types.intp, types.intp, c, types.intp, types.intp,
+                     types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        # the emitter reads (kc, pa, aoff, pb, boff, c, coff, ldc, acc) at fixed positions
+        order = [args[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9)] + [args[5]]
+        osig = types.void(*[sig.args[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 5)])
+        rowsv = args[10]
+        exit_ = builder.append_basic_block("ukernel_ldb.exit")
+        switch = builder.switch(rowsv, exit_)
+        for r in range(1, mr + 1):
+            case = builder.append_basic_block(f"ukernel_ldb.{r}")
+            switch.add_case(ir.Constant(rowsv.type, r), case)
+            builder.position_at_end(case)
+            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, ldb=9)
             builder.branch(exit_)
         builder.position_at_end(exit_)
         return context.get_dummy_value()

@@ -64,7 +64,7 @@ largest output (benchmarks/winograd_report.py, random normal data): F(4x4) 6.9e-
 4.8e-6 on resnet50-3x3-64, vgg16-3x3-128 and the 32-channel U-Net layer, against im2col's 5.6e-7,
 4.7e-7 and 8.0e-7 (12-21x: the ratio grows with the channel count); F(2x2) on resnet50-3x3-512
 4.4e-7 against 3.1e-7.  tests/test_winograd.py asserts the bound and, on its small cases (random,
-1e-4..1e4 and adversarial data), at most 12x im2col's error for F(4x4) and 6x for F(2x2); float64
+1e-4..1e4 and adversarial data), at most 16x im2col's error for F(4x4) and 6x for F(2x2); float64
 to 1e-10 relative (measured ~1e-14).
 
 NaN and Inf: a non-finite input value spreads over the output tiles whose input patch holds it (up
@@ -80,6 +80,7 @@ import numba
 import numpy as np
 
 from . import _winograd_kernels as K
+from . import gemm as _gemm
 from .im2col import _BLAS, serial_blas
 
 # --------------------------------------------------------------------------- transform matrices
@@ -235,7 +236,10 @@ def _cached_plan(p, pass_, m=None):
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
-        plans = [_plan(p, pass_, mm, nthreads) for mm in tiles]
+        if pass_ == "grad_weight":
+            plans = [_plan(p, pass_, mm, nthreads) for mm in tiles]
+        else:
+            plans = [_packed_plan(p, mm, nthreads) for mm in tiles]
         fit = [c for c in plans if not isinstance(c, str)]
         pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads)) if fit else plans[0]
         if len(_PLANS) > 1024:
@@ -251,11 +255,51 @@ def _contiguous(a):
 
 
 # --------------------------------------------------------------------------- passes
-def _weight_transform(w, p, m):
-    """U (a*a*k*cg,) = G w G^T per output/input channel pair, in float64, rounded once to the dtype."""
-    u = np.empty((m + 2) ** 2 * p.k * p.cg, dtype=p.dtype)
-    K.kernel_transform(_contiguous(w).reshape(p.k, p.cg, 9), _G[m], u)
-    return u
+_PACKED_TILE_BYTES = 1536 << 10  # v and M of one work item: within the 2 MiB L2 of an AVX-512 core
+
+
+def _ldt(slots, nr):
+    """Row length of the transformed tiles: whole micro-kernel panels plus 16 elements, so that the
+    a*a*cg rows a transform writes are not 4 KiB apart (multiples of 4 KiB share L1 sets: with
+    ldt = 96, resnet50-3x3-64's 36 rows 24 KiB apart made both transforms 2-3x slower)."""
+    return -(-slots // nr) * nr + 16
+
+
+def _packed_plan(p, m, nthreads):
+    """The tiling of the packed forward pass with F(m x m, 3 x 3), or the reason it cannot fit."""
+    isz = p.itemsize
+    mr, nr = _gemm.tile(isz)
+    a2 = (m + 2) ** 2
+    th, tw = _tiles(p, m)
+    sl = tw + 1
+    trows = max(1, p.n) * th
+    kgp = -(-p.kg // mr) * mr
+    fixed = a2 * p.g * kgp * p.cg * isz  # packed U
+    per_slot = a2 * (p.cg + p.kg) * isz
+    # at least 4 items per worker (claimed dynamically: a worker sharing its core with another busy
+    # thread does fewer), and as many tile rows per item as that and the L2 budget allow
+    want = -(-4 * nthreads // p.g)
+    top = max(1, min(_PACKED_TILE_BYTES // (sl * per_slot), -(-trows // want)))
+    # the products run over whole NR-column panels: of the row counts up to top, the one that
+    # computes the fewest wasted columns per real tile (a tie goes to more rows)
+    rows = min(range(1, top + 1), key=lambda r: (-(-r * sl // nr) * nr / (r * tw), -r))
+
+    def words(rows_):
+        ldt = _ldt(rows_ * sl, nr)
+        return (a2 * (p.cg + p.kg) * ldt + 2 * (m + 2) * rows_ * m * sl + (m + 2) * (rows_ * sl + 17)
+                + m * (m + 2) * ldt + m * m * ldt + 64)
+
+    nw = max(1, min(nthreads, p.g * -(-trows // rows)))
+    while fixed + nw * words(rows) * isz > p.workspace_limit:
+        if rows > 1:
+            rows = max(1, rows // 2)
+        elif nw > 1:
+            nw -= 1
+        else:
+            need = fixed + words(rows) * isz
+            return (f"needs at least {need} bytes of workspace (transformed weights and one row of "
+                    f"tiles), workspace_limit is {p.workspace_limit}")
+    return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), words(rows), fixed)
 
 
 def _run_forward(x, w, b, p, m=None):
@@ -263,16 +307,19 @@ def _run_forward(x, w, b, p, m=None):
     pl = _cached_plan(p, "forward", m)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
-    th, tw = _tiles(p, pl.m)
-    bt, at, _ = _matrices(pl.m, p.dtype)
+    m = pl.m
+    th, tw = _tiles(p, m)
+    mr, _ = _gemm.tile(p.itemsize)
+    pu = np.empty(pl.fixed // p.itemsize, dtype=p.dtype)
+    K.pack_u(_contiguous(w).reshape(p.k, p.cg, 9), _G[m], pu, p.g, mr)
     y = np.empty(p.y_shape, dtype=p.dtype)
     bb = _contiguous(b) if b is not None else np.zeros(p.k, p.dtype)
-    hv = min(p.h, p.oh + 2 - p.ph0)  # rows a valid output reads (fewer than h when cropping)
+    hv = min(p.h, p.oh + 2 - p.ph0)
     wv = min(p.w, p.ow + 2 - p.pw0)
-    with serial_blas:
-        K.forward_tiles(_contiguous(x), _weight_transform(w, p, pl.m), bb, y, np.empty((pl.nw, pl.words), p.dtype),
-                        bt, at, *_BLAS.args(p.dtype, pl.nw), np.zeros(1, np.int64), pl.m, p.g, p.ph0, p.pw0,
-                        hv, wv, th, tw, pl.nb, pl.rb, pl.tmax)
+    kc = np.array([1, 2, 4, 5, 8], dtype=p.dtype)
+    K.forward_packed(_contiguous(x).reshape(-1), pu, bb, y.reshape(-1), np.zeros((pl.nw, pl.words), p.dtype), kc,
+                     np.zeros(1, np.int64), p.n, p.c, p.h, p.w, p.k, p.oh, p.ow, m, p.g, p.ph0, p.pw0, hv, wv,
+                     th, tw, pl.rb, pl.tmax)
     return y
 
 
@@ -331,36 +378,42 @@ def supports(p, pass_):
     return pl if isinstance(pl, str) else None
 
 
-# Cost model, on the scale of im2col's calibrated cost (its model times the 5.47 that
-# _calibration.json applies), so that 'auto' compares like with like before winograd has a fitted
-# coefficient of its own.  Fitted to medians of interleaved runs against im2col in one process on
-# the 2-core EPYC (Zen 3, AVX2) build machine while it was heavily shared (load average ~11: all
-# constants are uncertain by 2x; benchmarks/calibrate.py should fit winograd's coefficient):
-# seconds per transformed element per thread of the input / gy transform and of the output transform,
-# and im2col's calibrated GEMM rate per thread at the GEMM's thinner channel side and its tile count.
-_IN_SECONDS = {4: 15.5e-9, 2: 10.8e-9}
-_OUT_SECONDS = {4: 8.2e-9, 2: 3.8e-9}
-_GEMM_RATE = {4: 80e9 / 5.47, 8: 40e9 / 5.47}
+# Cost model, in seconds on one thread of the machine it was measured on (2-core Xeon, AVX-512,
+# 2026-12-02, resnet50-3x3-64 and vgg16-3x3-128 with one thread, process CPU time):
+# the forward (and grad_input) products run at ~170 GFLOP/s per thread in float32 over the columns
+# they compute (whole NR panels of slots, MR-row panels of channels), scaled by the vector width on
+# other CPUs; seconds per transformed element of the input and output transforms (packed path),
+# and the old gather transforms that grad_weight still uses.
+_PACKED_RATE = 170e9 * _gemm.VBYTES / 64
+_PACKED_IN = 0.41e-9
+_PACKED_OUT = 0.73e-9
+_IN_SECONDS = {4: 15.5e-9 / 5.47, 2: 10.8e-9 / 5.47}
+_GEMM_RATE = {4: 80e9, 8: 40e9}
 
 
 def _cost_of(p, pass_, pl, nthreads):
     th, tw = _tiles(p, pl.m)
     a2 = (pl.m + 2) ** 2
-    tiles = p.n * th * tw
+    tiles = max(1, p.n) * th * tw
     workers = 1.0 + 0.9 * (min(nthreads, pl.nw) - 1)
-    thin = min(p.kg, p.cg)
-    # few tiles per GEMM (small planes, e.g. 16 for resnet50-3x3-512 with F(4x4)) re-read U's blocks
-    # for little work: measured 2-3x slower than the channel counts alone predict
-    eff = thin / (thin + 12.0) * pl.tmax / (pl.tmax + 48.0)
-    gemm = 2.0 * a2 * p.k * p.cg * tiles / (_GEMM_RATE[p.itemsize] * eff)
-    if pass_ == "grad_weight":  # input and gy tiles are both gathered and transformed; each channel
-        # block transforms all of gy again
+    if pass_ == "grad_weight":
+        thin = min(p.kg, p.cg)
+        eff = thin / (thin + 12.0) * pl.tmax / (pl.tmax + 48.0)
+        gemm = 2.0 * a2 * p.k * p.cg * tiles / (_GEMM_RATE[p.itemsize] * eff)
+        # input and gy tiles are both gathered and transformed; each channel block transforms gy again
         trans = a2 * tiles * (p.c + p.k * -(-p.cg // pl.cb)) * _IN_SECONDS[pl.m]
-    else:
-        trans = a2 * tiles * (p.c * _IN_SECONDS[pl.m] + p.k * _OUT_SECONDS[pl.m])
-    if p.itemsize == 8:
-        trans *= 1.5
-    return 3e-5 + (gemm + trans) / workers
+        if p.itemsize == 8:
+            trans *= 1.5
+        return 3e-5 + (gemm + trans) / workers
+    mr, nr = _gemm.tile(p.itemsize)
+    sl = tw + 1
+    trows = max(1, p.n) * th
+    cols = -(-trows // pl.rb) * pl.rb * sl * (-(-pl.rb * sl // nr) * nr) / (pl.rb * sl)  # per group
+    kgp = -(-p.kg // mr) * mr
+    rate = _PACKED_RATE * 4 / p.itemsize * p.cg / (p.cg + 8.0)  # the micro-kernel's k loop is cg long
+    gemm = 2.0 * a2 * p.g * kgp * p.cg * cols / rate
+    trans = a2 * trows * sl * (p.c * _PACKED_IN + p.k * _PACKED_OUT) * p.itemsize / 4
+    return 3e-5 + 2e-9 * a2 * p.k * p.cg / workers + (gemm + trans) / workers
 
 
 def cost(p, pass_, threads):
