@@ -206,17 +206,19 @@ def _dot_shape(typingctx, c):
 
 # ---------------------------------------------------------------------------------------- helpers
 @_micro
-def _pack_panel(src, sb, toff, p0, kb, u0, nn, ow, rstep, pb, nr):
-    # pb[p*nr + jj] = src[sb + toff[p0 + p] + i*rstep + j] for position u0 + jj = (i, j), jj < nn,
-    # and 0 for nn <= jj < nr: the panel's positions fall into runs along output rows, each run
-    # one masked copy per tap
+def _pack_panel(src, sb, toff, p0, kb, u0, nn, ow, oh, rstep, istep, pb, nr):
+    # pb[p*nr + jj] = src[sb + n*istep + toff[p0 + p] + i*rstep + j] for the position
+    # u0 + jj = (n*oh + i)*ow + j (image n, output row i, column j), jj < nn, and 0 for
+    # nn <= jj < nr: the panel's positions fall into runs along output rows, each run one masked
+    # copy per tap
     d = 0
     u = u0
     while d < nn:
-        i = u // ow
-        j = u - i * ow
+        ig = u // ow
+        j = u - ig * ow
+        n = ig // oh
         run = min(ow - j, nn - d)
-        so = sb + i * rstep + j
+        so = sb + n * istep + (ig - n * oh) * rstep + j
         st = nr - d if d + run == nn else run  # the last run also zeroes the panel's tail
         for p in range(kb):
             copy_masked(pb, p * nr + d, src, so + toff[p0 + p], run, st)
@@ -235,51 +237,76 @@ def pack_weights(w, pa, aoffs, rows, kdim, ars, acs, blk):
 
 
 @kernel
-def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, rstep, npos, blk):
+def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, rstep, npos, mblk, staged, blk):
     # src (n, c, L) planes; toff (tn,) tap offsets within a group; pa (g, packed A) the weights;
-    # b (k,); y (n*k*oh*ow,) written here; wbuf (nw, kc*NR + MR*NR).
-    # Item = (image, group, block of npos output positions): the item's (kg x npos) block of y,
-    # row pitch oh*ow, is computed by k-blocks of kc taps, each B panel (kc x NR positions) gathered
-    # straight from src, used by every MR-row panel of the weights while it sits in L1.
+    # b (k,); y (n*k*oh*ow,) written here; wbuf (nw, kc*NR + MR*NR [+ mblk*npos staging]).
+    # Item = (group, block of mblk rows of the weights, block of npos output positions).  Its block
+    # of y is computed by k-blocks of kc taps; each B panel (kc x NR positions) is gathered straight
+    # from src and used by every MR-row panel of the block while it sits in L1.  Positions of one
+    # image are written in place (row pitch oh*ow, bias pre-filled); staged (small planes), a block
+    # runs over the positions of all images in a row and goes through staging, then into y.
     nn, c, ll = src.shape
     k = b.shape[0]
     cg = c // g
     tn = toff.shape[0]
     kc = blk[0]
     plane = oh * ow
-    nblk = (plane + npos - 1) // npos
-    items = nn * g * nblk
+    nbi = (plane + npos - 1) // npos
+    npb = (nn * plane + npos - 1) // npos if staged else nn * nbi
+    nrb = (kg + mblk - 1) // mblk
+    items = g * nrb * npb
     nw = wbuf.shape[0]
     flat = src.reshape(nn * c * ll)
     for wid in prange(nw):
         ws = wbuf[wid]
         mr, nr = _tile_of(ws)
         tmpoff = kc * nr
+        stoff = tmpoff + mr * nr
         mp = (kg + mr - 1) // mr * mr
         for _ in range(items):
             it = _claim(ctr)
             if it >= items:
                 break
-            bi = it % nblk
-            gi = (it // nblk) % g
-            n = it // (nblk * g)
-            u0 = bi * npos
-            m = min(npos, plane - u0)
-            y0 = (n * k + gi * kg) * plane + u0
-            if has_bias:
-                for q in range(kg):
-                    bq = b[gi * kg + q]
-                    for j in range(m):
-                        y[y0 + q * plane + j] = bq
-            sb = (n * c + gi * cg) * ll
+            pbi = it % npb
+            ri = (it // npb) % nrb
+            gi = it // (npb * nrb)
+            q0 = ri * mblk
+            mb = min(mblk, kg - q0)
+            if staged:
+                u0 = pbi * npos
+                m = min(npos, nn * plane - u0)
+                cc = ws
+                coff = stoff
+                ldc = npos
+            else:
+                n = pbi // nbi
+                bi = pbi - n * nbi
+                u0 = n * plane + bi * npos
+                m = min(npos, plane - bi * npos)
+                cc = y
+                coff = (n * k + gi * kg + q0) * plane + bi * npos
+                ldc = plane
+                if has_bias:
+                    for q in range(mb):
+                        bq = b[gi * kg + q0 + q]
+                        for j in range(m):
+                            y[coff + q * plane + j] = bq
+            sb = gi * cg * ll
             pag = pa[gi]
             for pc in range(0, tn, kc):
                 kb = min(kc, tn - pc)
-                acc = 1 if (has_bias or pc > 0) else 0
+                acc = 1 if ((has_bias and not staged) or pc > 0) else 0
                 for jr in range(0, m, nr):
                     nn_ = min(nr, m - jr)
-                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, ow, rstep, ws, nr)
-                    _macro(kb, kg, nn_, pag, pc * mp, ws, 0, tmpoff, y, y0 + jr, plane, acc)
+                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, ow, oh, rstep, c * ll, ws, nr)
+                    _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
+            if staged:
+                for q in range(mb):
+                    bq = b[gi * kg + q0 + q]  # zeros without a bias
+                    for jj in range(m):
+                        u = u0 + jj
+                        n = u // plane
+                        y[(n * k + gi * kg + q0 + q) * plane + u - n * plane] = ws[stoff + q * npos + jj] + bq
 
 
 @kernel
