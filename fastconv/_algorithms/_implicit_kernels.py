@@ -84,10 +84,14 @@ def copy_masked(typingctx, dst, doff, src, soff, nload, nstore):
         zero = ir.Constant(vty, [0.0] * lanes)
         for v in range(nv):
             off = ir.Constant(i64, v * lanes)
-            ml = mask(builder.sub(args[4], off))
-            ms = mask(builder.sub(args[5], off))
-            val = builder.call(load, [builder.bitcast(builder.gep(sp, [off]), vptr), ir.Constant(i32, isz), ml, zero])
-            builder.call(store, [val, builder.bitcast(builder.gep(dp, [off]), vptr), ir.Constant(i32, isz), ms])
+            # vectors past the store range are skipped: a 7-element run (a 7x7 plane's rows) is
+            # then one load and one store, not NV
+            with builder.if_then(builder.icmp_signed(">", args[5], off), likely=True):
+                ml = mask(builder.sub(args[4], off))
+                ms = mask(builder.sub(args[5], off))
+                val = builder.call(load, [builder.bitcast(builder.gep(sp, [off]), vptr), ir.Constant(i32, isz), ml,
+                                          zero])
+                builder.call(store, [val, builder.bitcast(builder.gep(dp, [off]), vptr), ir.Constant(i32, isz), ms])
         return context.get_dummy_value()
 
     return types.void(dst, types.intp, src, types.intp, types.intp, types.intp), codegen
@@ -237,7 +241,7 @@ def pack_weights(w, pa, aoffs, rows, kdim, ars, acs, blk):
 
 
 @kernel
-def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, rstep, npos, mblk, staged, blk):
+def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, rstep, npos, mblk, staged, blk):
     # src (n, c, L) planes; toff (tn,) tap offsets within a group; pa (g, packed A) the weights;
     # b (k,); y (n*k*oh*ow,) written here; wbuf (nw, kc*NR + MR*NR [+ mblk*npos staging]).
     # Item = (group, block of mblk rows of the weights, block of npos output positions).  Its block
@@ -245,6 +249,8 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, rstep, npos
     # from src and used by every MR-row panel of the block while it sits in L1.  Positions of one
     # image are written in place (row pitch oh*ow, bias pre-filled); staged (small planes), a block
     # runs over the positions of all images in a row and goes through staging, then into y.
+    # The gather sees goh x gow output planes: (oh, ow), or (1, oh*ow) where the source's rows
+    # follow each other (1x1 kernels read in place), so that a panel is one run per tap.
     nn, c, ll = src.shape
     k = b.shape[0]
     cg = c // g
@@ -298,7 +304,7 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, rstep, npos
                 acc = 1 if ((has_bias and not staged) or pc > 0) else 0
                 for jr in range(0, m, nr):
                     nn_ = min(nr, m - jr)
-                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, ow, oh, rstep, c * ll, ws, nr)
+                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
                     _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
             if staged:
                 for q in range(mb):

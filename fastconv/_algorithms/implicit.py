@@ -124,24 +124,33 @@ def _forward_plan(p, nthreads):
     span = p.n * plane if staged else plane
     npos = min(npos, -(-span // nr) * nr)
     pblocks = -(-span // npos) * (1 if staged else p.n)
-    want = 4 * nthreads  # several items per worker: a worker slowed by another process does fewer
+    want = _ITEMS_PER_WORKER * nthreads
     mblk = p.kg
-    if p.g * pblocks < want:
+    pasz = G.packed_a_size(p.dtype, p.kg, tn)
+    if p.g * pblocks < want and pasz * p.itemsize > _l2() // 2:
         # few positions: split the weights' rows (each item then streams only its rows of the
         # weights, which for resnet50-3x3-512 are 9.4 MB) before splitting positions further
-        nrb = min(-(-p.kg // mr), -(-want // (p.g * pblocks)))
+        # blocks of at least _MIN_ROWS rows: the B panels are gathered once per row block
+        nrb = min(-(-p.kg // _MIN_ROWS), -(-want // (p.g * pblocks)))
         mblk = -(-(-(-p.kg // nrb)) // mr) * mr
-        nrb = -(-p.kg // mblk)
-        if p.g * pblocks * nrb < want:
-            split = -(-want // (p.g * pblocks * nrb))
-            npos = max(nr, -(-(-(-npos // split)) // nr) * nr)
-    pasz = G.packed_a_size(p.dtype, p.kg, tn)
+    nrb = -(-p.kg // mblk)
+    if p.g * pblocks * nrb < want:
+        split = -(-want // (p.g * pblocks * nrb))
+        npos = max(nr, -(-(-(-npos // split)) // nr) * nr)
     items = p.g * -(-p.kg // mblk) * (-(-span // npos) * (1 if staged else p.n))
     nw = max(1, min(nthreads, items))
     ws = kc * nr + mr * nr + (mblk * npos if staged else 0)
     need = _copy_bytes(p) + (p.g * pasz + nw * ws) * p.itemsize
     return npos, mblk, staged, pasz, ws, nw, need
 
+
+# Items per worker the forward plan aims for: a worker slowed by another process then does fewer.
+_ITEMS_PER_WORKER = 4
+
+# Rows of the weights per item at the least when they are split: a B panel row gathered for 256
+# rows feeds 2*18 vector FMAs per tap; for 70 rows (8 blocks of resnet50-3x3-512) its ~5 masked copies
+# of 7-element runs cost more than the 10 FMAs they fed.
+_MIN_ROWS = 256
 
 # Planes below this many positions are batched: an item's positions run over several images,
 # through a staging buffer (one 7x7 image is 49 positions: 2 panels of 32 would waste 23%).
@@ -160,8 +169,10 @@ def forward(x, w, b, p):
     has_bias = b is not None
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
     _, wq, _ = _layout(p)
+    rstep = p.sh * wq
+    goh, gow = (1, p.oh * p.ow) if rstep == p.ow else (p.oh, p.ow)
     K.forward(src, _tap_offsets(p), pa, bb, y.reshape(-1), np.empty((nw, wsz), p.dtype), np.zeros(1, np.int64),
-              has_bias, p.g, p.kg, p.oh, p.ow, p.sh * wq, npos, mblk, staged, blk)
+              has_bias, p.g, p.kg, p.oh, p.ow, goh, gow, rstep, npos, mblk, staged, blk)
     return y
 
 
