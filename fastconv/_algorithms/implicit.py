@@ -47,10 +47,10 @@ from . import gemm as G
 from .common import SLACK, transposed_weight
 from .im2col import _split_planes, _unsplit
 
-# Positions summed per dot-product call in grad_weight: the gy rows of one call stay in L1
-# (4 rows x 1024 x 4 bytes) and the lane reduction at its end (~200 instructions for 24 sums) costs
-# a few percent of its ~1500 vector FMAs.
-_DOT_POSITIONS = 1024
+# Positions summed per dot-product call in grad_weight: the lane reduction at the end of a call
+# (~200 instructions for 24 sums) is then paid once per image of 56x56 (resnet50-3x3-64: 22.9 ms of
+# CPU at 4096, 24.5 at 1024, 26.3 at 512).
+_DOT_POSITIONS = 4096
 
 
 def _l2():
@@ -317,14 +317,48 @@ def supports(p, pass_):
     return None
 
 
+# Cost model, fitted by hand to CPU times of each pass (summed over 2 workers, medians of 5
+# interleaved runs) on the 2-core Xeon (Sapphire Rapids, AVX-512) while it was shared with 2-3 other
+# busy processes (+-20%): per core, the forward GEMM ran at 98-167 GFLOP/s (resnet50-1x1-256 .. -3x3-64),
+# grad_weight's dot tiles at 66-81 GFLOP/s on 28-56-wide rows and 23 on 7-wide ones (7 of 16 lanes),
+# col2im's grad_input at 92.  Gathering a B panel row costs ~1.5 ns per run it copies.
+_PEAK = {4: 190e9, 8: 95e9}     # forward GEMM rate per core before the fill factors
+_DOT = {4: 100e9, 8: 50e9}      # grad_weight dot-tile rate per core at full lanes
+_RUN_SECONDS = 1.5e-9
+# 'auto' compares calibrated costs; until benchmarks/calibrate.py fits this algorithm, seconds are put
+# on the scale of im2col's calibrated cost, which is 79 ms for resnet50-3x3-64's forward pass where
+# im2col measures 8.3 ms here.
+_TO_NOMINAL = 9.6
+
+
+def _forward_seconds(p, nthreads):
+    mr, nr = G.tile(p.itemsize)
+    npos, mblk, staged, *_ = _forward_plan(p, nthreads)
+    tn = p.cg * p.r * p.s
+    fill = p.kg / (-(-p.kg // mr) * mr) * tn / (tn + 64.0)
+    gemm = 2.0 * p.macs / (_PEAK[p.itemsize] * fill)
+    ow = p.oh * p.ow if p.sh * _layout(p)[1] == p.ow else p.ow
+    runs = (nr / ow + 1.0) if ow < nr else 1.0 + nr / ow  # runs a panel row of NR positions crosses
+    panels = p.n * p.g * -(-p.oh * p.ow // nr) * -(-p.kg // mblk)
+    return gemm + panels * tn * runs * _RUN_SECONDS
+
+
 def cost(p, pass_, threads):
-    """Seconds: GEMM flops at a rate that falls with the thin sides of the products, plus the
-    copies.  (Placeholder rates: see _RATE.)"""
+    """Estimated seconds of one pass on ``threads`` threads, on the calibrated scale (see
+    ``_TO_NOMINAL``); ``inf`` when unsupported."""
     if supports(p, pass_) is not None:
         return float("inf")
-    rate = _RATE[p.itemsize] * p.kg / (p.kg + 12.0)
-    rate *= 1.0 + 0.9 * (threads - 1)
-    return 2e-5 + 2.0 * p.macs / rate
-
-
-_RATE = {4: 150e9, 8: 75e9}
+    lanes = G.VBYTES // p.itemsize
+    if pass_ == "forward":
+        t = _forward_seconds(p, threads)
+    elif pass_ == "grad_weight":
+        mt = K.DOT_TILES[G.ISA][0]
+        use = p.ow / (-(-p.ow // lanes) * lanes) * p.kg / (-(-p.kg // mt) * mt)
+        t = 2.0 * p.macs / (_DOT[p.itemsize] * use)
+    else:
+        q = _use_transposed(p)
+        if q is not None:
+            t = _forward_seconds(q, threads)
+        else:
+            t = 1.4 * _forward_seconds(p, threads)  # GEMM into the tile, then the scatter
+    return _TO_NOMINAL * (3e-5 + t / (1.0 + 0.9 * (threads - 1)))
