@@ -122,8 +122,8 @@ def _forward_plan(p, nthreads):
     # the item's block of y (kg x npos) stays in L2 across the kc blocks: half of L2
     npos = max(nr, (_l2() // 2) // (p.kg * p.itemsize) // nr * nr)
     span = p.n * plane if staged else plane
-    npos = min(npos, -(-span // nr) * nr)
-    pblocks = -(-span // npos) * (1 if staged else p.n)
+    npos = max(nr, min(npos, -(-span // nr) * nr))  # an empty batch still has a block size
+    pblocks = max(1, -(-span // npos) * (1 if staged else p.n))
     want = _ITEMS_PER_WORKER * nthreads
     mblk = p.kg
     pasz = G.packed_a_size(p.dtype, p.kg, tn)
@@ -236,7 +236,7 @@ def _col_plan(p, nthreads):
     kc = int(G.blocking(p.dtype)[0])
     rs = p.r * p.s
     cb = p.cg
-    if p.n * p.g < 2 * nthreads:  # split channels so that every worker gets items
+    if 0 < p.n * p.g < 2 * nthreads:  # split channels so that every worker gets items
         cb = -(-p.cg // min(p.cg, -(-2 * nthreads // (p.n * p.g))))
     half = _l2() // 2
     cb = max(1, min(cb, half // (rs * p.ow * isz)))  # a row of the block's taps in half of L2
