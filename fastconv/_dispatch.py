@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ._algorithms import direct, fft, im2col, winograd
+from ._algorithms import direct, fft, im2col, implicit, winograd
 
 PASSES = ("forward", "grad_input", "grad_weight")
 NAN_SPREADS = ("window", "tile", "plane")
@@ -133,3 +133,5 @@ register(Algorithm("fft", fft.forward, fft.grad_input, fft.grad_weight, fft.supp
                    backward=fft.backward, nan_spread="tile"))
 register(Algorithm("winograd", winograd.forward, winograd.grad_input, winograd.grad_weight, winograd.supports,
                    winograd.cost, nan_spread="tile", thread_invariant=()))
+register(Algorithm("gemm", implicit.forward, implicit.grad_input, implicit.grad_weight, implicit.supports,
+                   implicit.cost))

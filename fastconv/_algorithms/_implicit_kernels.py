@@ -1,0 +1,407 @@
+"""The numba kernels of the implicit-GEMM algorithm (see :mod:`fastconv._algorithms.implicit` for the
+method, the notation and the guarantees).
+
+They live apart from the planning and cost code because numba's on-disk cache is keyed on the
+source file's time stamp: an edit to the Python layer would otherwise recompile them.  (numba does
+not track the functions a kernel inlines from other files: after an edit to ``gemm.py`` clear the
+cache, ``python -m fastconv doctor --clear-cache`` or delete ``__pycache__/*.nbi``.)
+
+Source layout.  Every kernel reads the input (or grad_output, for the transposed grad_input) as
+flat planes of L elements, one per (image, channel): common.pad_planes' zero-padded planes whose
+columns are split by phase ``iw % sw`` (or the raw planes when there is no padding and the column
+stride is 1).  A tap t = (cc, rr, ss) of a group then starts at ``toff[t] = cc*L + (cs % sw)*hp*wq
++ rr*dh*wq + cs // sw`` (cs = ss*dw), and output position (i, j) of that tap reads
+``toff[t] + i*rstep + j`` (rstep = sh*wq): each output row of each tap is one contiguous run.
+"""
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._jit import FASTMATH, kernel
+from .common import claim as _claim
+from .gemm import ISA, TILES, VBYTES, _macro, _tile_of, gemm_serial_packed, pack_a_all
+
+_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+
+#: (rows of gy, taps) of grad_weight's dot-product tile per ISA: rows*taps accumulators, rows
+#: vectors of gy and one tap vector live at once (AVX-512: 4*6 + 4 + 1 = 29 of 32 registers;
+#: 16-register ISAs: 2*5 + 2 + 1 = 13)
+DOT_TILES = {"avx512": (4, 6), "avx2": (2, 5), "portable": (2, 5)}
+
+
+def _masked_tools(builder, fty, lanes):
+    """(vector type, masked load, masked store, mask(limit)) for ``lanes`` elements of ``fty``."""
+    vty = ir.VectorType(fty, lanes)
+    vptr = vty.as_pointer()
+    i1v = ir.VectorType(ir.IntType(1), lanes)
+    i32 = ir.IntType(32)
+    bits = "f32" if isinstance(fty, ir.FloatType) else "f64"
+    mod = builder.module
+    load = cgutils.get_or_insert_function(mod, ir.FunctionType(vty, [vptr, i32, i1v, vty]),
+                                          f"llvm.masked.load.v{lanes}{bits}.p0")
+    store = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [vty, vptr, i32, i1v]),
+                                           f"llvm.masked.store.v{lanes}{bits}.p0")
+    idx = ir.Constant(ir.VectorType(i32, lanes), list(range(lanes)))
+    undef = ir.Constant(ir.VectorType(i32, lanes), ir.Undefined)
+    zeros = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+
+    def mask(limit):  # lanes l < limit (an i64; clamped to i32 range by the callers' sizes)
+        lim = builder.trunc(limit, i32)
+        v = builder.insert_element(undef, lim, ir.Constant(i32, 0))
+        return builder.icmp_signed("<", idx, builder.shuffle_vector(v, undef, zeros))
+
+    return vty, vptr, load, store, mask
+
+
+def _float_arrays(*arrays):
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 for a in arrays) and \
+        arrays[0].dtype in (types.float32, types.float64) and all(a.dtype == arrays[0].dtype for a in arrays)
+
+
+@intrinsic
+def copy_masked(typingctx, dst, doff, src, soff, nload, nstore):
+    """``dst[doff + l] = src[soff + l]`` for l < nload and ``= 0`` for nload <= l < nstore, with
+    nload <= nstore <= NR (the GEMM tile's width for the dtype): NV masked vector loads and stores,
+    so no element outside those ranges is read or written.  One tap's run of a packed B panel: LLVM
+    copies runs this short one element at a time."""
+    if not _float_arrays(dst, src):
+        return None
+    isz = dst.dtype.bitwidth // 8
+    nv = TILES[ISA][isz][1]
+    lanes = VBYTES // isz
+
+    def codegen(context, builder, sig, args):
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        fty = context.get_data_type(sig.args[0].dtype)
+        vty, vptr, load, store, mask = _masked_tools(builder, fty, lanes)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        sp = builder.gep(s.data, [args[3]])
+        dp = builder.gep(d.data, [args[1]])
+        zero = ir.Constant(vty, [0.0] * lanes)
+        for v in range(nv):
+            off = ir.Constant(i64, v * lanes)
+            # vectors past the store range are skipped: a 7-element run (a 7x7 plane's rows) is
+            # then one load and one store, not NV
+            with builder.if_then(builder.icmp_signed(">", args[5], off), likely=True):
+                ml = mask(builder.sub(args[4], off))
+                ms = mask(builder.sub(args[5], off))
+                val = builder.call(load, [builder.bitcast(builder.gep(sp, [off]), vptr), ir.Constant(i32, isz), ml,
+                                          zero])
+                builder.call(store, [val, builder.bitcast(builder.gep(dp, [off]), vptr), ir.Constant(i32, isz), ms])
+        return context.get_dummy_value()
+
+    return types.void(dst, types.intp, src, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def dot_tile(typingctx, a, aoffs, astep, b, boffs, bstep, nrows, ncols, res):
+    """``res[i*NT + j] = sum over rows q < nrows, columns u < ncols of
+    a[aoffs[i] + q*astep + u] * b[boffs[j] + q*bstep + u]`` for the whole DOT_TILES (MT x NT) tile:
+    grad_weight's products over output positions, read straight from grad_output rows (a) and the
+    input's tap runs (b), both contiguous along the positions, so neither is transposed or packed.
+    MT*NT vector accumulators; a row's last vector is a masked load (nothing past ncols is read);
+    each sum is reduced across lanes once at the end."""
+    if not (_float_arrays(a, b, res) and isinstance(aoffs, types.Array) and aoffs.dtype == types.int64
+            and isinstance(boffs, types.Array) and boffs.dtype == types.int64):
+        return None
+    isz = a.dtype.bitwidth // 8
+    mt, nt = DOT_TILES[ISA]
+    lanes = VBYTES // isz
+
+    def codegen(context, builder, sig, args):
+        av, aov, astepv, bv, bov, bstepv, nrowsv, ncolsv, resv = args
+        A = context.make_array(sig.args[0])(context, builder, av)
+        AO = context.make_array(sig.args[1])(context, builder, aov)
+        B = context.make_array(sig.args[3])(context, builder, bv)
+        BO = context.make_array(sig.args[4])(context, builder, bov)
+        R = context.make_array(sig.args[8])(context, builder, resv)
+        fty = context.get_data_type(sig.args[0].dtype)
+        vty, vptr, load, store, mask = _masked_tools(builder, fty, lanes)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fmuladd.v{lanes}f{8 * isz}")
+        zero = ir.Constant(vty, [0.0] * lanes)
+        c0, c1 = ir.Constant(i64, 0), ir.Constant(i64, 1)
+        ap = [builder.gep(A.data, [builder.load(builder.gep(AO.data, [ir.Constant(i64, i)]))]) for i in range(mt)]
+        bp = [builder.gep(B.data, [builder.load(builder.gep(BO.data, [ir.Constant(i64, j)]))]) for j in range(nt)]
+        nvec = builder.udiv(builder.add(ncolsv, ir.Constant(i64, lanes - 1)), ir.Constant(i64, lanes))
+        total = builder.mul(nvec, nrowsv)
+
+        entry = builder.block
+        loop = builder.append_basic_block("dot.loop")
+        done = builder.append_basic_block("dot.done")
+        builder.cbranch(builder.icmp_signed(">", total, c0), loop, done)
+        builder.position_at_end(loop)
+        q = builder.phi(i64)      # step
+        v = builder.phi(i64)      # vector within the row
+        ra = builder.phi(i64)     # row start in a
+        rb = builder.phi(i64)     # row start in b
+        acc = [[builder.phi(vty) for _ in range(nt)] for _ in range(mt)]
+        for ph, init in ((q, c0), (v, c0), (ra, c0), (rb, c0)):
+            ph.add_incoming(init, entry)
+        for row in acc:
+            for x in row:
+                x.add_incoming(zero, entry)
+        col = builder.mul(v, ir.Constant(i64, lanes))
+        m = mask(builder.sub(ncolsv, col))
+        oa = builder.add(ra, col)
+        ob = builder.add(rb, col)
+        avs = [builder.call(load, [builder.bitcast(builder.gep(ap[i], [oa]), vptr), ir.Constant(i32, isz), m, zero])
+               for i in range(mt)]
+        new = [[None] * nt for _ in range(mt)]
+        for j in range(nt):
+            bj = builder.call(load, [builder.bitcast(builder.gep(bp[j], [ob]), vptr), ir.Constant(i32, isz), m, zero])
+            for i in range(mt):
+                new[i][j] = builder.call(fma, [avs[i], bj, acc[i][j]])
+        v1 = builder.add(v, c1)
+        wrap = builder.icmp_signed("==", v1, nvec)
+        q1 = builder.add(q, c1)
+        body_end = builder.block
+        q.add_incoming(q1, body_end)
+        v.add_incoming(builder.select(wrap, c0, v1), body_end)
+        ra.add_incoming(builder.select(wrap, builder.add(ra, astepv), ra), body_end)
+        rb.add_incoming(builder.select(wrap, builder.add(rb, bstepv), rb), body_end)
+        for i in range(mt):
+            for j in range(nt):
+                acc[i][j].add_incoming(new[i][j], body_end)
+        builder.cbranch(builder.icmp_signed("<", q1, total), loop, done)
+
+        builder.position_at_end(done)
+        fin = [[builder.phi(vty) for _ in range(nt)] for _ in range(mt)]
+        for i in range(mt):
+            for j in range(nt):
+                fin[i][j].add_incoming(zero, entry)
+                fin[i][j].add_incoming(new[i][j], body_end)
+        for i in range(mt):
+            for j in range(nt):
+                x = fin[i][j]
+                h = lanes // 2
+                while h >= 1:  # halves folded onto each other: log2(lanes) shuffles and adds
+                    hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, lanes),
+                                                                   [(l + h) % lanes for l in range(lanes)]))
+                    x = builder.fadd(x, hi)
+                    h //= 2
+                s = builder.extract_element(x, ir.Constant(i32, 0))
+                builder.store(s, builder.gep(R.data, [ir.Constant(i64, i * nt + j)]))
+        return context.get_dummy_value()
+
+    sig = types.void(a, aoffs, types.intp, b, boffs, types.intp, types.intp, types.intp, res)
+    return sig, codegen
+
+
+@intrinsic
+def _dot_shape(typingctx, c):
+    """(MT, NT) of :func:`dot_tile`, as constants."""
+    if not (isinstance(c, types.Array) and c.dtype in (types.float32, types.float64)):
+        return None
+    mt, nt = DOT_TILES[ISA]
+    ret = types.UniTuple(types.intp, 2)
+
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, ret, [context.get_constant(types.intp, mt),
+                                                 context.get_constant(types.intp, nt)])
+
+    return ret(c), codegen
+
+
+# ---------------------------------------------------------------------------------------- helpers
+@_micro
+def _pack_panel(src, sb, toff, p0, kb, u0, nn, ow, oh, rstep, istep, pb, nr):
+    # pb[p*nr + jj] = src[sb + n*istep + toff[p0 + p] + i*rstep + j] for the position
+    # u0 + jj = (n*oh + i)*ow + j (image n, output row i, column j), jj < nn, and 0 for
+    # nn <= jj < nr: the panel's positions fall into runs along output rows, each run one masked
+    # copy per tap
+    d = 0
+    u = u0
+    while d < nn:
+        ig = u // ow
+        j = u - ig * ow
+        n = ig // oh
+        run = min(ow - j, nn - d)
+        so = sb + n * istep + (ig - n * oh) * rstep + j
+        st = nr - d if d + run == nn else run  # the last run also zeroes the panel's tail
+        for p in range(kb):
+            copy_masked(pb, p * nr + d, src, so + toff[p0 + p], run, st)
+        d += run
+        u += run
+
+
+# ---------------------------------------------------------------------------------------- kernels
+@kernel
+def pack_weights(w, pa, aoffs, rows, kdim, ars, acs, blk):
+    # pa[i] = pack_a_all of the (rows[i] x kdim) matrix A[t, q] = w[aoffs[i] + t*ars + q*acs]:
+    # a group's weights (kg x tn) for the forward pass, a channel block's rows of the transposed
+    # weights (taps x kg) for grad_input's col2im
+    for i in prange(pa.shape[0]):
+        pack_a_all(rows[i], kdim, w, aoffs[i], ars, acs, pa[i], blk)
+
+
+@kernel
+def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, rstep, npos, mblk, staged, blk):
+    # src (n, c, L) planes; toff (tn,) tap offsets within a group; pa (g, packed A) the weights;
+    # b (k,); y (n*k*oh*ow,) written here; wbuf (nw, kc*NR + MR*NR [+ mblk*npos staging]).
+    # Item = (group, block of mblk rows of the weights, block of npos output positions).  Its block
+    # of y is computed by k-blocks of kc taps; each B panel (kc x NR positions) is gathered straight
+    # from src and used by every MR-row panel of the block while it sits in L1.  Positions of one
+    # image are written in place (row pitch oh*ow, bias pre-filled); staged (small planes), a block
+    # runs over the positions of all images in a row and goes through staging, then into y.
+    # The gather sees goh x gow output planes: (oh, ow), or (1, oh*ow) where the source's rows
+    # follow each other (1x1 kernels read in place), so that a panel is one run per tap.
+    nn, c, ll = src.shape
+    k = b.shape[0]
+    cg = c // g
+    tn = toff.shape[0]
+    kc = blk[0]
+    plane = oh * ow
+    nbi = (plane + npos - 1) // npos
+    npb = (nn * plane + npos - 1) // npos if staged else nn * nbi
+    nrb = (kg + mblk - 1) // mblk
+    items = g * nrb * npb
+    nw = wbuf.shape[0]
+    flat = src.reshape(nn * c * ll)
+    for wid in prange(nw):
+        ws = wbuf[wid]
+        mr, nr = _tile_of(ws)
+        tmpoff = kc * nr
+        stoff = tmpoff + mr * nr
+        mp = (kg + mr - 1) // mr * mr
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
+            pbi = it % npb
+            ri = (it // npb) % nrb
+            gi = it // (npb * nrb)
+            q0 = ri * mblk
+            mb = min(mblk, kg - q0)
+            if staged:
+                u0 = pbi * npos
+                m = min(npos, nn * plane - u0)
+                cc = ws
+                coff = stoff
+                ldc = npos
+            else:
+                n = pbi // nbi
+                bi = pbi - n * nbi
+                u0 = n * plane + bi * npos
+                m = min(npos, plane - bi * npos)
+                cc = y
+                coff = (n * k + gi * kg + q0) * plane + bi * npos
+                ldc = plane
+                if has_bias:
+                    for q in range(mb):
+                        bq = b[gi * kg + q0 + q]
+                        for j in range(m):
+                            y[coff + q * plane + j] = bq
+            sb = gi * cg * ll
+            pag = pa[gi]
+            for pc in range(0, tn, kc):
+                kb = min(kc, tn - pc)
+                acc = 1 if ((has_bias and not staged) or pc > 0) else 0
+                for jr in range(0, m, nr):
+                    nn_ = min(nr, m - jr)
+                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
+                    _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
+            if staged:
+                for q in range(mb):
+                    bq = b[gi * kg + q0 + q]  # zeros without a bias
+                    for jj in range(m):
+                        u = u0 + jj
+                        n = u // plane
+                        y[(n * k + gi * kg + q0 + q) * plane + u - n * plane] = ws[stoff + q * npos + jj] + bq
+
+
+@kernel
+def grad_weight(gy, src, toff, gw, nw, ctr, g, kg, oh, ow, rstep, rows, tblk):
+    # gy (n*k*oh*ow,); src (n, c, L); toff (tn,); gw (k*tn,) zeroed, accumulated here; nw workers.
+    # Item = (group, block of tblk taps): it owns those columns of the group's rows
+    # of gw and sums over images and blocks of `rows` output rows in a fixed order.
+    nn, c, ll = src.shape
+    tn = toff.shape[0]
+    k = gw.shape[0] // tn
+    cg = c // g
+    plane = oh * ow
+    ntb = (tn + tblk - 1) // tblk
+    items = g * ntb
+    flat = src.reshape(nn * c * ll)
+    for wid in prange(nw):
+        mt, nt = _dot_shape(gw)
+        aoffs = np.empty(mt, np.int64)
+        boffs = np.empty(nt, np.int64)
+        res = np.empty(mt * nt, gw.dtype)
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
+            ti = it % ntb
+            gi = it // ntb
+            t0 = ti * tblk
+            t1 = min(tn, t0 + tblk)
+            for n in range(nn):
+                sb = (n * c + gi * cg) * ll
+                gb = (n * k + gi * kg) * plane
+                for i0 in range(0, oh, rows):
+                    nr_ = min(rows, oh - i0)
+                    for q0 in range(0, kg, mt):
+                        mm = min(mt, kg - q0)
+                        for i in range(mt):
+                            aoffs[i] = gb + min(q0 + i, kg - 1) * plane + i0 * ow
+                        for tt in range(t0, t1, nt):
+                            nn_ = min(nt, t1 - tt)
+                            for j in range(nt):
+                                boffs[j] = sb + toff[min(tt + j, t1 - 1)] + i0 * rstep
+                            dot_tile(gy, aoffs, ow, flat, boffs, rstep, nr_, ow, res)
+                            for i in range(mm):
+                                o = (gi * kg + q0 + i) * tn + tt
+                                for j in range(nn_):
+                                    gw[o + j] += res[i * nt + j]
+
+
+@kernel
+def col_tiles(gy, pa, gq, wbuf, ctr, g, k, r, s, sh, sw, dh, dw, hp, wq, oh, ow, cb, rb, blk, cbuf):
+    # grad_input by col2im: gy (n*k*oh*ow,); pa (g*ncb, packed W.T rows of a channel block);
+    # gq (n, c, L) zeroed padded planes, scattered into here; wbuf (nw, GEMM workspace);
+    # cbuf (nw, cb*r*s*rb*ow) column tiles.  Item = (image, group, block of cb channels): it owns
+    # those planes of gq.  Per block of rb output rows: col = W.T[block] . gy[rows], then col2im.
+    nn, c, ll = gq.shape
+    kg = k // g
+    cg = c // g
+    ncb = (cg + cb - 1) // cb
+    plane = oh * ow
+    items = nn * g * ncb
+    nw = wbuf.shape[0]
+    for wid in prange(nw):
+        ws = wbuf[wid]
+        col = cbuf[wid]
+        for _ in range(items):
+            it = _claim(ctr)
+            if it >= items:
+                break
+            ci = it % ncb
+            gi = (it // ncb) % g
+            n = it // (ncb * g)
+            c0 = ci * cb
+            nc = min(cb, cg - c0)
+            tb = nc * r * s
+            gp = gq[n]
+            for i0 in range(0, oh, rb):
+                i1 = min(oh, i0 + rb)
+                m = (i1 - i0) * ow
+                gemm_serial_packed(tb, m, kg, pa[gi * ncb + ci], gy, (n * k + gi * kg) * plane + i0 * ow, plane, 1,
+                                   0, col, 0, m, ws, blk)
+                for cc in range(nc):
+                    d = gp[gi * cg + c0 + cc]
+                    for rr in range(r):
+                        for ss in range(s):
+                            cs = ss * dw
+                            base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
+                            t0 = ((cc * r + rr) * s + ss) * m
+                            for i in range(i0, i1):
+                                v = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
+                                dd = d[base + i * sh * wq:base + i * sh * wq + ow]
+                                for j in range(ow):
+                                    dd[j] += v[j]

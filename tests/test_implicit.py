@@ -1,0 +1,136 @@
+"""The implicit-GEMM algorithm ('gemm'): its own tiling paths against the reference -- edge tiles
+(output channels not a multiple of MR, positions not a multiple of NR), staged small planes,
+weights split by rows, in-place and padded sources, grad_input's transposed forward and col2im
+paths -- in float32 and float64, and its refusal of budgets it cannot work in.  The shared
+geometries run in tests/test_conv.py through the registry."""
+import numpy as np
+import pytest
+
+import fastconv
+import reference as ref
+from conftest import DTYPES, assert_results, random_array
+from fastconv._algorithms import gemm as G
+from fastconv._algorithms import implicit
+from fastconv._validation import conv_params
+
+MR, NR = G.tile(4)
+
+# (id, x shape, weight shape, keyword arguments)
+CASES = [
+    # k not a multiple of MR, 37-wide rows: partial row panels and panels crossing output rows
+    ("edge-tiles", (2, 5, 13, 37), (MR + 3, 5, 3, 3), {"padding": 1}),
+    # > 256 positions: written in place; odd kernel, asymmetric stride and padding, dilation
+    ("in-place-odd", (1, 3, 23, 29), (5, 3, 2, 5), {"stride": (1, 2), "padding": (0, 2), "dilation": (2, 1)}),
+    ("stride3-prime", (3, 7, 31, 29), (11, 7, 3, 3), {"stride": 3, "padding": 1}),
+    # small planes: positions of several images in one item, through staging
+    ("staged", (9, 6, 7, 7), (16, 6, 3, 3), {"padding": 1}),
+    ("staged-groups-stride", (8, 4, 8, 8), (6, 2, 3, 3), {"stride": 2, "padding": 1, "groups": 2}),
+    ("groups-dilated", (2, 6, 20, 18), (9, 2, 3, 3), {"groups": 3, "dilation": 2, "padding": 2}),
+    # 1x1 without padding: the input's planes are read in place and gathered as one run per tap
+    ("1x1", (2, 16, 19, 17), (MR + 1, 16, 1, 1), {}),
+    ("1x1-stride2", (2, 4, 17, 18), (3, 4, 1, 1), {"stride": 2}),
+    ("kernel-eq-input", (2, 2, 4, 5), (3, 2, 4, 5), {}),
+    ("C1-N1", (1, 1, 17, 40), (2, 1, 5, 5), {"padding": "same"}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _make(case, dtype, seed=0):
+    _, xs, ws, kw = case
+    rng = np.random.default_rng(seed)
+    x, w, b = random_array(rng, xs, dtype), random_array(rng, ws, dtype), random_array(rng, ws[0], dtype)
+    gy = random_array(rng, ref.conv2d(np.zeros(xs), np.zeros(ws), **kw).shape, dtype)
+    return x, w, b, gy, kw
+
+
+def _results(x, w, b, gy, kw, **extra):
+    g = fastconv.conv2d_backward(gy, x, w, algorithm="gemm", **kw, **extra)
+    return {"forward": fastconv.conv2d(x, w, b, algorithm="gemm", **kw, **extra),
+            "grad_input": g.grad_input, "grad_weight": g.grad_weight}
+
+
+def _reference(x, w, b, gy, kw):
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
+    return {"forward": ref.conv2d(x64, w64, b.astype(np.float64), **kw),
+            "grad_input": ref.conv2d_grad_input(gy64, x.shape, w64, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy64, x64, w.shape, **kw)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_against_reference(case, dtype):
+    x, w, b, gy, kw = _make(case, dtype)
+    assert_results(_results(x, w, b, gy, kw), _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_split_by_rows(dtype):
+    # weights too large for half of L2 and few positions: items split the weights' rows
+    x, w, b, gy, kw = _make(("rows", (2, 64, 5, 5), (300, 64, 3, 3), {"padding": 1}), dtype)
+    p = conv_params("conv2d", x.shape, w.shape, dtype, 1, 1, 1, 1)
+    _, mblk, staged, *_ = implicit._forward_plan(p, 2)
+    if G.packed_a_size(dtype, 300, 576) * np.dtype(dtype).itemsize > implicit._l2() // 2:
+        assert staged and mblk < 300
+    y = fastconv.conv2d(x, w, b, algorithm="gemm", **kw)
+    want = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    assert_results({"forward": y}, {"forward": want}, dtype, scale=8.0)
+
+
+def test_grad_input_paths_agree():
+    # stride 1 runs the transposed forward; a non-finite weight forces the col2im scatter
+    x, w, b, gy, kw = _make(("gi", (2, 8, 12, 11), (5, 8, 3, 3), {"padding": 1}), np.float64)
+    p = conv_params("conv2d", x.shape, w.shape, np.float64, 1, 1, 1, 1)
+    assert implicit._use_transposed(p) is not None
+    a = implicit.grad_input(gy, w, p)
+    b_ = implicit._grad_input_col2im(gy, w, p)
+    np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+    w2 = w.copy()
+    w2[0, 0, 0, 0] = np.inf
+    gi = implicit.grad_input(gy, w2, p)
+    want = ref.conv2d_grad_input(gy, x.shape, w2, padding=1)
+    np.testing.assert_array_equal(np.isnan(gi), np.isnan(want))
+
+
+def test_thread_counts_give_the_same_bits():
+    import numba
+    x, w, b, gy, kw = _make(("t", (3, 6, 21, 19), (17, 6, 3, 3), {"padding": 1, "stride": (1, 2)}), np.float32)
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _results(x, w, b, gy, kw)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = _results(x, w, b, gy, kw)
+    finally:
+        numba.set_num_threads(prev)
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+
+
+@pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
+def test_workspace_limit(pass_):
+    xs, ws, kw = (2, 4, 9, 9), (5, 4, 3, 3), {"stride": 2, "padding": 1}
+    p = conv_params("conv2d", xs, ws, np.float32, 2, 1, 1, 1)
+    need = implicit._need(p, pass_, 1)
+    assert need > 0
+    small = conv_params("conv2d", xs, ws, np.float32, 2, 1, 1, 1, workspace_limit=need - 1)
+    reason = implicit.supports(small, pass_)
+    assert reason is not None and "workspace_limit" in reason and str(need) in reason
+    assert implicit.cost(small, pass_, 1) == float("inf")
+    x, w, b, gy, _ = _make(("w", xs, ws, kw), np.float32)
+    with pytest.raises(fastconv.AlgorithmUnavailable, match="workspace"):
+        if pass_ == "forward":
+            fastconv.conv2d(x, w, b, algorithm="gemm", workspace_limit=need - 1, **kw)
+        else:
+            fastconv.conv2d_backward(gy, x, w, algorithm="gemm", workspace_limit=need - 1, **kw)
+    # at the bound it computes
+    exact = _results(x, w, b, gy, kw, workspace_limit=max(implicit._need(p, q, 1) for q in
+                                                          ("forward", "grad_input", "grad_weight")))
+    assert_results(exact, _reference(x, w, b, gy, kw), np.float32)
+
+
+def test_cost_is_finite_and_grows_with_work():
+    small = conv_params("conv2d", (2, 16, 28, 28), (32, 16, 3, 3), np.float32, 1, 1, 1, 1)
+    big = conv_params("conv2d", (8, 16, 28, 28), (32, 16, 3, 3), np.float32, 1, 1, 1, 1)
+    for pass_ in ("forward", "grad_input", "grad_weight"):
+        assert 0 < implicit.cost(small, pass_, 2) < implicit.cost(big, pass_, 2) < float("inf")
+        assert implicit.cost(big, pass_, 2) < implicit.cost(big, pass_, 1)
