@@ -407,6 +407,11 @@ def unbatched(fn, name, a, ndim):
     return as_float_array(fn, name, a, ndim), False
 
 
+def squeezed(a, squeeze):
+    """Undo :func:`unbatched`: drop the batch axis again when ``squeeze``."""
+    return a[0] if squeeze else a
+
+
 def any_float_array(fn, name, a, dtype=None):
     """A float32/float64 ndarray of any number of dimensions (element-wise ops)."""
     return as_float_array(fn, name, a, a.ndim if isinstance(a, np.ndarray) else 0, dtype)
