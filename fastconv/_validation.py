@@ -456,6 +456,20 @@ def check_out(fn, out, shape, dtype):
     return out
 
 
+def check_no_overlap(fn, out, inputs):
+    """``out`` shares no memory with any of the ``(name, array)`` pairs in ``inputs`` (None skipped).
+
+    ``np.may_share_memory`` compares address ranges only (constant time), so two interleaved views
+    that touch no common element are refused too; an exact answer can cost exponential time.
+    """
+    if out is None:
+        return
+    for name, a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{fn}: out must not overlap the {name} (the kernels read it while writing out), "
+                             f"got an array sharing memory with it")
+
+
 def same_shape(fn, name, a, shape):
     if a.shape != tuple(shape):
         raise ValueError(f"{fn}: {name} must have the input's shape {tuple(shape)}, got {a.shape}")

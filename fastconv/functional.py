@@ -37,7 +37,7 @@ from ._nn_functional import (  # noqa: F401
 
 @reports_memory
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
-           workspace_limit=None):
+           workspace_limit=None, out=None):
     """2-D convolution (cross-correlation, as in deep learning) of a batch of images.
 
     ``y[n, k, i, j] = b[k] + sum_{c, r, s} x_pad[n, g*C/groups + c, i*sh + r*dh, j*sw + s*dw] * w[k, c, r, s]``
@@ -45,7 +45,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, H, W), float32 or float64
+    x : ndarray, shape (N, C, H, W) or unbatched (C, H, W), float32 or float64
     weight : ndarray, shape (K, C/groups, R, S), same dtype as ``x``
     bias : ndarray, shape (K,), optional
     stride, dilation : int or (int, int), positive
@@ -58,19 +58,28 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         ``'auto'`` (cheapest eligible by the cost model) or a name from :func:`fastconv.algorithms`.
     workspace_limit : int, optional
         Scratch-memory budget of this call in bytes (default: :func:`fastconv.get_workspace_limit`).
+    out : ndarray, optional
+        Array to hold the result: the result's shape and dtype, C-contiguous, writeable, sharing no
+        memory with ``x``, ``weight`` or ``bias``.  It is returned.
 
     Returns
     -------
-    y : ndarray, shape (N, K, OH, OW)
+    y : ndarray, shape (N, K, OH, OW), or (K, OH, OW) for an unbatched input
         ``OH = floor((H + 2*ph - dh*(R-1) - 1) / sh) + 1`` and likewise ``OW``.
 
     Raises
     ------
     TypeError
-        Non-ndarray or non-float inputs, mixed dtypes, non-int arguments.
+        Non-ndarray or non-float inputs, mixed dtypes, non-int arguments, an ``out`` of another dtype.
     ValueError
         Bad shapes, channel/group mismatch, non-positive stride or dilation, negative padding, a
-        kernel larger than the padded input, an unknown algorithm or one that cannot serve the case.
+        kernel larger than the padded input, an unknown algorithm or one that cannot serve the case,
+        an ``out`` of the wrong shape, not C-contiguous, read-only or overlapping an input.
+
+    Notes
+    -----
+    The algorithms allocate their own result today, so ``out=`` copies it in (one write of the
+    output): it keeps a caller's buffer, not the allocation.
 
     Examples
     --------
@@ -82,15 +91,23 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
            [81., 90.]], dtype=float32)
     >>> fastconv.conv2d(x, w, padding="same").shape
     (1, 1, 4, 4)
+    >>> y = np.empty((1, 2, 2), np.float32)                     # unbatched (C, H, W), into out=
+    >>> fastconv.conv2d(x[0], w, out=y) is y, y[0, 0]
+    (True, array([45., 54.], dtype=float32))
     """
     fn = "conv2d"
+    x, squeeze = V.unbatched(fn, "input", x, 4)  # (C, H, W) convolves as one image, as PyTorch
     x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
                                           workspace_limit)
+    out = V.check_out(fn, out, p.y_shape[1:] if squeeze else p.y_shape, p.dtype)
+    V.check_no_overlap(fn, out, (("input", x), ("weight", weight), ("bias", bias)))
     threads = apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call runs with
     alg = select(fn, algorithm, p, "forward", threads)
-    if p.n == 0:
-        return np.zeros(p.y_shape, dtype=p.dtype)
-    return alg.forward(x, weight, bias, p)
+    y = np.zeros(p.y_shape, dtype=p.dtype) if p.n == 0 else alg.forward(x, weight, bias, p)
+    if out is None:
+        return V.squeezed(y, squeeze)
+    np.copyto(out.reshape(p.y_shape), y)
+    return out
 
 
 @reports_memory
@@ -105,7 +122,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
 
     Parameters
     ----------
-    grad_output : ndarray, shape (N, K, OH, OW)
+    grad_output : ndarray, shape (N, K, OH, OW), or (K, OH, OW) with an unbatched ``x``
         Gradient of the loss with respect to the output of ``conv2d(x, weight, ...)``.
     x, weight, stride, padding, dilation, groups
         As given to :func:`conv2d`.
@@ -118,7 +135,8 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     Returns
     -------
     Conv2dGrads
-        ``(grad_input (N, C, H, W), grad_weight (K, C/groups, R, S), grad_bias (K,))``.
+        ``(grad_input (N, C, H, W), grad_weight (K, C/groups, R, S), grad_bias (K,))``; ``grad_input``
+        is (C, H, W) for an unbatched ``x``.
 
     Examples
     --------
@@ -134,6 +152,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
            [4., 4.]]), array([4.]))
     """
     fn = "conv2d_backward"
+    grad_output, x, squeeze = _unbatched_pair(fn, grad_output, x)
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
     threads = apply_threads(2 * p.macs)  # first: 'auto' chooses for the thread count the call runs with
@@ -146,7 +165,15 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     else:
         gx = alg_i.grad_input(grad_output, weight, p)
         gw = alg_w.grad_weight(grad_output, x, p)
-    return Conv2dGrads(gx, gw, bias_grad(grad_output))
+    return Conv2dGrads(V.squeezed(gx, squeeze), gw, bias_grad(grad_output))
+
+
+def _unbatched_pair(fn, grad_output, x):
+    """An unbatched ``x`` (C, H, W) takes an unbatched ``grad_output`` (K, OH, OW): both get a batch axis."""
+    x, squeeze = V.unbatched(fn, "input", x, 4)
+    if squeeze:
+        grad_output = V.as_float_array(fn, "grad_output", grad_output, 3, x.dtype)[None]
+    return grad_output, x, squeeze
 
 
 @reports_memory
@@ -366,6 +393,7 @@ def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, 
            [4., 4.]]), array([4.]))
     """
     fn = "conv2d_grad_weight"
+    grad_output, x, _ = _unbatched_pair(fn, grad_output, x)
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
     threads = apply_threads(p.macs)
