@@ -211,9 +211,10 @@ def summary(model, input_shape, *, file=None):
     Parameters
     ----------
     model : fastconv.layers.Module
-        A ``Sequential`` or one layer (rows from the layers' shape rules), or any model with its own
-        ``forward`` (residual blocks, branches): then one row per innermost layer, in the order a
-        forward pass on one zero sample calls them, named by its attribute path (``'blocks.0.conv1'``).
+        One layer or a ``Sequential`` of layers (rows from the layers' shape rules, nothing computed),
+        or any model built of blocks (residual blocks, branches, nested ``Sequential`` s): then one row
+        per innermost layer, in the order a forward pass on one zero sample calls them, named by its
+        attribute path (``'blocks.0.conv1'``).
     input_shape : tuple
         Shape of one sample without the batch axis, e.g. ``(C, H, W)``.
     file : file-like, optional
@@ -274,7 +275,8 @@ def summary(model, input_shape, *, file=None):
     if not isinstance(input_shape, (tuple, list)) or not input_shape:
         raise ValueError(f"{fn}: input_shape must be one sample's shape, e.g. (C, H, W), got {input_shape!r}")
     shape = tuple(V._int(fn, "input_shape", d, "a tuple of ints") for d in input_shape)
-    composite = not isinstance(model, Sequential) and any(True for _ in model.children())
+    inner = model.layers if isinstance(model, Sequential) else [model]
+    composite = any(True for m in inner for _ in m.children())  # else each row is a layer with a shape rule
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # a forward in training mode would move BatchNorm's running statistics
     try:
