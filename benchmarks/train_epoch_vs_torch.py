@@ -1,239 +1,232 @@
-"""One training epoch of the ``python -m fastconv train`` network in fastconv and in PyTorch (CPU):
-same architecture, initial weights, batch size, batch order and optimiser (Adam), same thread count.
+"""One training epoch of each network of ``python -m fastconv train --model`` (LeNet-5, ResNet-style,
+MobileNet-style) in fastconv and in the identical PyTorch network (CPU), trained the same way.
 
-Data: 1,438 images of 1x8x8 in 10 classes, the size of the bundled digits' training split (random
-pixel values: an epoch's time does not depend on them).  asv runs ``time_epoch`` per library and
-thread count; ``python benchmarks/train_epoch_vs_torch.py [--threads N] [--rounds R] [--epochs E]``
-runs each library in its own processes, alternated, and prints the per-epoch medians, the ratio and
-where fastconv's time goes per layer.  Separate processes, because in one process the idle workers
-of numba's OpenMP pool and PyTorch's compete for the cores (PyTorch ran 5-20x slower that way here).
+Same for both libraries: architecture and parameter names (fastconv's initial weights are loaded
+into the PyTorch twin), data (the 4,000 training digits of ``--data mnist5k``, 1x28x28,
+standardised once here -- the models get no standardisation layer of their own), batch size and
+shuffled order, Adam with the same learning rate, loss ``cross_entropy``, thread count.  PyTorch runs
+both in NCHW and in channels_last (model and each batch converted) and the faster counts.
 
-Importing this module does no work (asv imports every module in benchmarks/).
+    python benchmarks/train_epoch_vs_torch.py [--models lenet5 resnet mobilenet] [--threads 1]
+                                              [--rounds 5] [--images 4000] [--batch 32]
+
+One process; the rounds interleave fastconv, PyTorch NCHW and PyTorch channels_last epochs
+(A, B, C, A, B, C, ...) after one warm-up epoch each (JIT compilation, allocator), and the
+medians are reported: on a shared machine only ratios inside one run mean anything.
+``OMP_WAIT_POLICY=passive`` is set (unless already set) before PyTorch is imported, so that
+PyTorch's OpenMP workers sleep between operators instead of spinning on the cores fastconv's next
+call needs (see the README's training-step benchmark).
+
+Importing this module does no work (asv imports every module in benchmarks/); asv times
+``TrainEpoch.time_epoch`` per library, model and thread count.
 """
 import argparse
+import os
 import statistics
 import time
 
 import numpy as np
 
-N_TRAIN, IMAGE, CLASSES, BATCH = 1438, (1, 8, 8), 10, 32
+MODEL_NAMES = ("lenet5", "resnet", "mobilenet")
+BATCH, LR = 32, 3e-3
 
 
-def make_data(n=N_TRAIN, image=IMAGE, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n,) + tuple(image), dtype=np.float32)
-    y = rng.integers(0, CLASSES, n).astype(np.int64)
-    return x, y
+def make_data(n=None):
+    """The mnist5k training split, standardised with its own mean and standard deviation."""
+    from fastconv import _data
+
+    x, y, _, _ = _data.load_mnist5k(0.2, 0)
+    x = ((x - x.mean()) / x.std()).astype(np.float32)
+    return (x, y) if n is None else (x[:n], y[:n])
 
 
-def fastconv_setup(x, batch=BATCH, seed=0, lr=3e-3):
-    from fastconv.layers import Adam, CrossEntropyLoss
-    from fastconv.train import build_model
+# --------------------------------------------------------------------------- the PyTorch twins
+def torch_model(torch, name):
+    """The PyTorch network identical to ``fastconv.models.MODELS[name]()``: same layers, same
+    parameter and buffer names (its own random weights: load fastconv's ``state_dict``)."""
+    import inspect
 
-    model = build_model(x.shape[1:], CLASSES, rng=seed)
-    return model, CrossEntropyLoss(), Adam(model.parameters(), lr=lr)
+    from fastconv import models
+
+    nn = torch.nn
+    widths = {k: inspect.signature(getattr(models, k)).parameters["widths"].default for k in ("resnet", "mobilenet")}
+
+    def conv_bn(cin, cout, k, stride=1, groups=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv1(x)))
+            h = self.bn2(self.conv2(h))
+            return torch.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+    class ResNet(nn.Module):
+        def __init__(self, widths):
+            super().__init__()
+            self.stem = conv_bn(1, widths[0], 3)
+            self.stages = nn.ModuleList([nn.Sequential(BasicBlock(a, b, 2)) for a, b in zip(widths[:-1], widths[1:])])
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(widths[-1], 10)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            for stage in self.stages:
+                h = stage(h)
+            return self.fc(torch.flatten(self.pool(h), 1))
+
+    class DepthwiseSeparable(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.depthwise = conv_bn(cin, cin, 3, stride, cin)
+            self.pointwise = conv_bn(cin, cout, 1)
+            self.act = nn.ReLU6()
+
+        def forward(self, x):
+            return self.act(self.pointwise(self.act(self.depthwise(x))))
+
+    if name == "lenet5":
+        return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+                             nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    if name == "resnet":
+        return ResNet(widths["resnet"])
+    if name == "mobilenet":
+        w = widths["mobilenet"]
+        blocks = [DepthwiseSeparable(a, b, 2 if i < 2 else 1) for i, (a, b) in enumerate(zip(w[:-1], w[1:]))]
+        return nn.Sequential(conv_bn(1, w[0], 3), nn.ReLU6(), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(w[-1], 10))
+    raise ValueError(f"torch_model: name must be one of {MODEL_NAMES}, got {name!r}")
 
 
-def torch_twin(model, lr=3e-3):
-    """The same network in PyTorch, initialised with a copy of ``model``'s parameters."""
-    import torch
-    from torch import nn
+# --------------------------------------------------------------------------- one epoch each
+def fastconv_setup(name, seed=0):
+    import fastconv
+    from fastconv.models import MODELS
 
-    layers = []
-    for layer in model:
-        name = type(layer).__name__
-        if name == "Conv2d":
-            layers.append(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                    layer.padding, layer.dilation, layer.groups, layer.bias is not None))
-        elif name == "Linear":
-            layers.append(nn.Linear(layer.in_features, layer.out_features, layer.bias is not None))
-        elif name == "MaxPool2d":
-            layers.append(nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, layer.dilation))
-        elif name == "ReLU":
-            layers.append(nn.ReLU())
-        elif name == "Flatten":
-            layers.append(nn.Flatten())
-        else:  # pragma: no cover
-            raise NotImplementedError(name)
-    net = nn.Sequential(*layers)
-    with torch.no_grad():
-        state = {k: torch.from_numpy(v.copy()) for k, v in model.state_dict().items()}
-        net.load_state_dict(state)
-    return net, nn.CrossEntropyLoss(), torch.optim.Adam(net.parameters(), lr=lr)
+    model = MODELS[name](rng=seed)
+    return model, fastconv.CrossEntropyLoss(), fastconv.Adam(model.parameters(), lr=LR)
+
+
+def torch_setup(torch, model, name, channels_last):
+    """The twin of fastconv ``model`` with a copy of its current weights, its loss and optimiser."""
+    net = torch_model(torch, name)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, torch.nn.CrossEntropyLoss(), torch.optim.Adam(net.parameters(), lr=LR)
 
 
 def fastconv_epoch(model, loss_fn, opt, x, y, order, batch=BATCH):
+    model.train()
     for start in range(0, len(x), batch):
         idx = order[start:start + batch]
-        opt.zero_grad()
-        loss_fn(model(x[idx]), y[idx])
-        model.backward(loss_fn.backward(), input_grad=False)
+        loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
+        opt.zero_grad()
 
 
-def torch_epoch(net, loss_fn, opt, xt, yt, order_t, batch=BATCH):
+def torch_epoch(torch, net, loss_fn, opt, xt, yt, order_t, channels_last, batch=BATCH):
+    net.train()
     for start in range(0, len(xt), batch):
         idx = order_t[start:start + batch]
-        opt.zero_grad()
-        loss_fn(net(xt[idx]), yt[idx]).backward()
+        xb = xt[idx]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        loss_fn(net(xb), yt[idx]).backward()
         opt.step()
+        opt.zero_grad()
 
 
-class TrainEpochFastconv:
-    """Seconds per training epoch in fastconv, at 1 and 2 threads.
+def runners(name, threads, x, y, order, batch=BATCH):
+    """``{'fastconv': run, 'torch': run, 'torch-cl': run}``: each call trains one epoch."""
+    import torch
 
-    fastconv and PyTorch are timed in separate classes (so asv runs them in separate processes):
-    measured in one process, the idle workers of numba's OpenMP pool and PyTorch's compete for the
-    same cores and slowed PyTorch by 5-20x here.
-    """
+    import fastconv
 
-    params = ([1, 2],)
-    param_names = ["threads"]
-    timeout = 300
+    fastconv.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    fc = fastconv_setup(name)
+    xt, yt, ot = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order)
+    tc = torch_setup(torch, fc[0], name, False)
+    tcl = torch_setup(torch, fc[0], name, True)
+    return {"fastconv": lambda: fastconv_epoch(*fc, x, y, order, batch),
+            "torch": lambda: torch_epoch(torch, *tc, xt, yt, ot, False, batch),
+            "torch-cl": lambda: torch_epoch(torch, *tcl, xt, yt, ot, True, batch)}
+
+
+def measure(name, threads, rounds, x, y, batch=BATCH, seed=1):
+    order = np.random.default_rng(seed).permutation(len(x))
+    runs = runners(name, threads, x, y, order, batch)
+    for run in runs.values():  # warm-up: compilation, caches, allocator
+        run()
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class TrainEpoch:
+    """Seconds per training epoch (1,000 digits) of each model, per library, at 1 and 2 threads."""
+
+    params = (list(MODEL_NAMES), ["fastconv", "torch", "torch-cl"], [1, 2])
+    param_names = ["model", "library", "threads"]
+    timeout = 600
     number = 1
-    repeat = 5
+    repeat = 3
 
-    def setup(self, threads):
+    def setup(self, model, library, threads):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise NotImplementedError("torch is not installed") from None
         import fastconv
 
         if threads > fastconv.max_threads():
             raise NotImplementedError(f"only {fastconv.max_threads()} threads")
-        self.x, self.y = make_data()
-        self.order = np.random.default_rng(1).permutation(len(self.x))
-        self.fc = fastconv_setup(self.x)
-        self._ctx = fastconv.threads(threads)
-        self._ctx.__enter__()
-        fastconv_epoch(*self.fc, self.x, self.y, self.order)  # compile / load the numba cache
+        x, y = make_data(1000)
+        self.run = runners(model, threads, x, y, np.random.default_rng(1).permutation(len(x)))[library]
+        self.run()
 
-    def teardown(self, threads):
-        self._ctx.__exit__(None, None, None)
-
-    def time_epoch(self, threads):
-        fastconv_epoch(*self.fc, self.x, self.y, self.order)
-
-
-class TrainEpochTorch:
-    """Seconds per training epoch in PyTorch (CPU), same network, initial weights and batches."""
-
-    params = ([1, 2],)
-    param_names = ["threads"]
-    timeout = 300
-    number = 1
-    repeat = 5
-
-    def setup(self, threads):
-        try:
-            import torch
-        except ImportError:
-            raise NotImplementedError("torch is not installed") from None
-        torch.set_num_threads(threads)
-        x, y = make_data()
-        order = np.random.default_rng(1).permutation(len(x))
-        self.tc = torch_twin(fastconv_setup(x)[0])  # builds fastconv's model only to copy its weights
-        self.data = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order)
-        torch_epoch(*self.tc, *self.data)
-
-    def time_epoch(self, threads):
-        torch_epoch(*self.tc, *self.data)
-
-
-def layer_profile(model, loss_fn, opt, x, y, order, batch=BATCH):
-    """Seconds per epoch spent in each layer's forward and backward, the loss and the optimiser."""
-    times = {}
-
-    def add(key, t0):
-        times[key] = times.get(key, 0.0) + time.perf_counter() - t0
-
-    for start in range(0, len(x), batch):
-        idx = order[start:start + batch]
-        opt.zero_grad()
-        h = x[idx]
-        for i, layer in enumerate(model):
-            t0 = time.perf_counter()
-            h = layer(h)
-            add(f"{i} {type(layer).__name__} forward", t0)
-        t0 = time.perf_counter()
-        loss_fn(h, y[idx])
-        g = loss_fn.backward()
-        add("loss", t0)
-        for i in reversed(range(len(model))):
-            t0 = time.perf_counter()
-            g = model[i].backward(g, input_grad=False) if i == 0 else model[i].backward(g)
-            add(f"{i} {type(model[i]).__name__} backward", t0)
-        t0 = time.perf_counter()
-        opt.step()
-        add("optimizer", t0)
-    return times
-
-
-def _worker(kind, threads, epochs, batch):
-    """Time ``epochs`` epochs of one library in this process (after one warm-up epoch)."""
-    x, y = make_data()
-    order = np.random.default_rng(1).permutation(len(x))
-    fc = fastconv_setup(x, batch)
-    if kind == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
-        tc = torch_twin(fc[0])
-        args = tc + (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order), batch)
-
-        def run():
-            torch_epoch(*args)
-    else:
-        import fastconv
-
-        fastconv.set_num_threads(threads)
-
-        def run():
-            fastconv_epoch(*fc, x, y, order, batch)
-    run()
-    times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    if kind == "profile":
-        return {"times": times, "profile": layer_profile(*fc, x, y, order, batch)}
-    return {"times": times}
+    def time_epoch(self, model, library, threads):
+        self.run()
 
 
 def main(argv=None):
-    import json
-    import subprocess
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3, help="processes per library, alternated")
-    ap.add_argument("--epochs", type=int, default=5, help="timed epochs per process")
+    ap.add_argument("--rounds", type=int, default=5, help="timed epochs per configuration, interleaved")
+    ap.add_argument("--images", type=int, default=None, help="train on the first N digits (default all 4,000)")
     ap.add_argument("--batch", type=int, default=BATCH)
-    ap.add_argument("--worker", choices=("fastconv", "torch", "profile"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args.worker, args.threads, args.epochs, args.batch)))
-        return 0
+    if not os.environ.get("OMP_WAIT_POLICY"):  # an empty value counts as set for OpenMP: treat it as unset
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+    import torch
 
-    def spawn(kind):
-        cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads),
-               "--epochs", str(args.epochs), "--batch", str(args.batch)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+    import fastconv
 
-    t_fc, t_tc = [], []
-    for r in range(args.rounds):  # alternate which library goes first
-        for kind in (("fastconv", "torch") if r % 2 == 0 else ("torch", "fastconv")):
-            (t_fc if kind == "fastconv" else t_tc).extend(spawn(kind)["times"])
-    prof = spawn("profile")["profile"]
-    m_fc, m_tc = statistics.median(t_fc), statistics.median(t_tc)
-    print(f"one epoch, {N_TRAIN} images 1x8x8, batch {args.batch}, Adam, {args.threads} thread(s); "
-          f"{args.rounds} alternated processes per library x {args.epochs} epochs")
-    print(f"  fastconv {1e3 * m_fc:8.1f} ms   (min {1e3 * min(t_fc):.1f})")
-    print(f"  pytorch  {1e3 * m_tc:8.1f} ms   (min {1e3 * min(t_tc):.1f})")
-    print(f"  fastconv / pytorch time: {m_fc / m_tc:.2f}x (median), {min(t_fc) / min(t_tc):.2f}x (min)")
-    print("fastconv time per epoch by part (one profiled epoch):")
-    for key, t in sorted(prof.items(), key=lambda kv: -kv[1]):
-        print(f"  {key:28} {1e3 * t:8.2f} ms")
+    x, y = make_data(args.images)
+    print(f"one training epoch: {len(x)} MNIST digits 1x28x28, batch {args.batch}, Adam lr {LR}, {args.threads} "
+          f"thread(s); median of {args.rounds} interleaved rounds; fastconv {fastconv.__version__}, torch "
+          f"{torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    print("| model | fastconv ms | PyTorch NCHW ms | PyTorch channels_last ms | best PyTorch / fastconv |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        m = measure(name, args.threads, args.rounds, x, y, args.batch)
+        best = min(m["torch"], m["torch-cl"])
+        print(f"| {name} | {1e3 * m['fastconv']:.0f} | {1e3 * m['torch']:.0f} | {1e3 * m['torch-cl']:.0f} | "
+              f"{best / m['fastconv']:.2f}x |", flush=True)
     return 0
 
 

@@ -52,7 +52,7 @@ from .layers import (
     ReLU,
     Sequential,
 )
-from . import layers_extra
+from . import layers_extra, models
 from .layers_extra import AdaptiveAvgPool2d, BatchNorm2d, Conv1d, ConvTranspose2d, Dropout, LeakyReLU, ReLU6
 from .losses import CrossEntropyLoss, MSELoss
 from .optim import SGD, Adam
@@ -128,6 +128,7 @@ __all__ = [
     "relu6",
     "relu6_backward",
     "layers_extra",
+    "models",
     "AdaptiveAvgPool2d",
     "BatchNorm2d",
     "Conv1d",

@@ -407,6 +407,11 @@ def unbatched(fn, name, a, ndim):
     return as_float_array(fn, name, a, ndim), False
 
 
+def squeezed(a, squeeze):
+    """Undo :func:`unbatched`: drop the batch axis again when ``squeeze``."""
+    return a[0] if squeeze else a
+
+
 def any_float_array(fn, name, a, dtype=None):
     """A float32/float64 ndarray of any number of dimensions (element-wise ops)."""
     return as_float_array(fn, name, a, a.ndim if isinstance(a, np.ndarray) else 0, dtype)
@@ -449,6 +454,20 @@ def check_out(fn, out, shape, dtype):
         raise ValueError(f"{fn}: out must be C-contiguous and writeable, got strides {out.strides}"
                          f"{'' if out.flags.writeable else ' (read-only)'}")
     return out
+
+
+def check_no_overlap(fn, out, inputs):
+    """``out`` shares no memory with any of the ``(name, array)`` pairs in ``inputs`` (None skipped).
+
+    ``np.may_share_memory`` compares address ranges only (constant time), so two interleaved views
+    that touch no common element are refused too; an exact answer can cost exponential time.
+    """
+    if out is None:
+        return
+    for name, a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{fn}: out must not overlap the {name} (the kernels read it while writing out), "
+                             f"got an array sharing memory with it")
 
 
 def same_shape(fn, name, a, shape):

@@ -334,6 +334,16 @@ class Conv1d(Module):
         return conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                       algorithm=self.algorithm)
 
+    def output_shape(self, input_shape):
+        fn = type(self).__name__
+        if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 2:
+            raise ValueError(f"{fn}: input shape of one sample must be (C, L), got {input_shape!r}")
+        pad = self.padding if isinstance(self.padding, str) else (0, self.padding)
+        k, cg, s = self.weight.shape
+        p = V.conv_params(fn, (1, input_shape[0], 1, input_shape[1]), (k, cg, 1, s), self.dtype, (1, self.stride),
+                          pad, (1, self.dilation), self.groups)
+        return (p.k, p.ow)
+
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}")

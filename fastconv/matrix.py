@@ -114,13 +114,94 @@ def conv2d_as_matrix(weight, input_shape, stride=1, padding=0, dilation=1, group
 
 def _describe(layer):
     name = type(layer).__name__
-    if name == "Conv2d":
-        return f"Conv2d {layer.in_channels}->{layer.out_channels} {layer.kernel_size[0]}x{layer.kernel_size[1]}"
+    if name in ("Conv2d", "ConvTranspose2d"):
+        kh, kw = layer.kernel_size
+        d = f"{name} {layer.in_channels}->{layer.out_channels} {kh}x{kw}"
+        d += "" if layer.stride == (1, 1) else f" s{layer.stride[0]}" if layer.stride[0] == layer.stride[1] \
+            else f" s{layer.stride}"
+        return d + ("" if layer.groups == 1 else f" g{layer.groups}")
+    if name == "Conv1d":
+        return f"Conv1d {layer.in_channels}->{layer.out_channels} {layer.kernel_size}" + \
+            ("" if layer.groups == 1 else f" g{layer.groups}")
     if name == "Linear":
         return f"Linear {layer.in_features}->{layer.out_features}"
     if name in ("MaxPool2d", "AvgPool2d"):
         return f"{name} {layer.kernel_size[0]}x{layer.kernel_size[1]}"
+    if name == "BatchNorm2d":
+        return f"BatchNorm2d {layer.num_features}"
+    if name == "Dropout":
+        return f"Dropout p={layer.p}"
+    if name == "AdaptiveAvgPool2d":
+        return f"AdaptiveAvgPool2d {layer.output_size}"
+    if name == "LeakyReLU":
+        return f"LeakyReLU {layer.negative_slope}"
     return name
+
+
+def _linear_cost(layer, in_shape, out_shape):
+    """("as fully connected" cell, MACs) of a layer that is a linear map, else ("-", 0)."""
+    from .layers import Conv2d, Linear
+    from .layers_extra import Conv1d, ConvTranspose2d
+
+    if not isinstance(layer, (Conv2d, Linear, ConvTranspose2d, Conv1d)):
+        return "-", 0
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+    fc = f"{n_in * n_out + (n_out if layer.bias is not None else 0):,}"
+    if isinstance(layer, Conv2d):
+        return fc, layer.params(in_shape).macs
+    if isinstance(layer, Linear):
+        return fc, n_in * n_out
+    taps = int(np.prod(layer.weight.shape[1:]))  # each input (transposed) or output (1-D) element's
+    return fc, (n_in if isinstance(layer, ConvTranspose2d) else n_out) * taps
+
+
+def _rule_rows(fn, model, shape):
+    """Rows of a Sequential's layers (or of one layer) by their shape rules: nothing is computed."""
+    from .layers import Sequential
+
+    rows = []
+    for i, layer in enumerate(model.layers if isinstance(model, Sequential) else [model]):
+        try:
+            out = layer.output_shape(shape)
+        except ValueError as exc:  # the layer's own message, about a per-sample shape
+            raise ValueError(f"{fn}: layer {i} ({_describe(layer)}) cannot take a sample of shape {shape}: "
+                             f"{exc}") from None
+        rows.append((str(i), layer, shape, tuple(out), layer.num_parameters()))
+        shape = tuple(out)
+    return rows
+
+
+def _traced_rows(fn, model, shape):
+    """Rows of every innermost layer of a model with its own ``forward`` (residual blocks, branches),
+    in the order one forward pass on a zero sample calls them: the forward *is* the architecture.
+    A layer called twice shows twice, its parameters once."""
+    from .autograd import no_grad
+
+    leaves = [(name, m) for name, m in model.named_modules() if not any(True for _ in m.children())]
+    rows, counted = [], set()
+
+    def tracer(name, m):
+        def forward(*args, **kwargs):
+            y = type(m).forward(m, *args, **kwargs)
+            params = 0 if id(m) in counted else m.num_parameters()
+            counted.add(id(m))
+            rows.append((name, m, tuple(args[0].shape[1:]), tuple(y.shape[1:]), params))
+            return y
+        return forward
+
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else np.float32
+    for name, m in leaves:  # an instance attribute shadows the class's forward until deleted
+        m.forward = tracer(name, m)
+    try:
+        with no_grad():
+            model(np.zeros((1,) + shape, dtype))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{fn}: the model cannot take a sample of shape {shape}: {exc}") from None
+    finally:
+        for _, m in leaves:
+            del m.forward
+    return rows
 
 
 def summary(model, input_shape, *, file=None):
@@ -129,7 +210,11 @@ def summary(model, input_shape, *, file=None):
 
     Parameters
     ----------
-    model : fastconv.layers.Sequential or one layer
+    model : fastconv.layers.Module
+        One layer or a ``Sequential`` of layers (rows from the layers' shape rules, nothing computed),
+        or any model built of blocks (residual blocks, branches, nested ``Sequential`` s): then one row
+        per innermost layer, in the order a forward pass on one zero sample calls them, named by its
+        attribute path (``'blocks.0.conv1'``).
     input_shape : tuple
         Shape of one sample without the batch axis, e.g. ``(C, H, W)``.
     file : file-like, optional
@@ -143,8 +228,10 @@ def summary(model, input_shape, *, file=None):
     Notes
     -----
     "As fully connected" counts ``in*out`` weights (plus ``out`` biases where the layer has a bias)
-    for ``Conv2d`` and ``Linear``; layers without parameters show ``-``.  MACs are per sample for
-    the forward pass; each of the two gradients costs about as many again.
+    for the linear layers (``Conv2d``, ``ConvTranspose2d``, ``Conv1d``, ``Linear``); other layers show
+    ``-``.  MACs are per sample for the forward pass of those linear layers (normalisation, pooling
+    and activations, memory-bound, count 0); each of the two gradients costs about as many again.
+    The total of parameters is the model's (a parameter shared by two layers counts once).
 
     Examples
     --------
@@ -162,8 +249,25 @@ def summary(model, input_shape, *, file=None):
     layer              output shape   params  as fully connected     MACs
     0 Conv2d 1->6 5x5  (6, 28, 28)       150           4,816,896  117,600
     total                                150                      117,600
+
+    A model with a shortcut lists the layers its forward calls:
+
+    >>> from fastconv.layers import Module
+    >>> from fastconv.layers_extra import BatchNorm2d, AdaptiveAvgPool2d
+    >>> class Block(Module):
+    ...     def __init__(self):
+    ...         self.conv, self.bn = Conv2d(4, 4, 3, padding=1, bias=False), BatchNorm2d(4)
+    ...         self.pool = AdaptiveAvgPool2d(1)
+    ...     def forward(self, x):
+    ...         return self.pool(x + self.bn(self.conv(x)))
+    >>> _ = fastconv.summary(Block(), (4, 8, 8))
+    layer                     output shape  params  as fully connected   MACs
+    conv Conv2d 4->4 3x3      (4, 8, 8)        144              65,536  9,216
+    bn BatchNorm2d 4          (4, 8, 8)          8                   -      0
+    pool AdaptiveAvgPool2d 1  (4, 1, 1)          0                   -      0
+    total                                      152                      9,216
     """
-    from .layers import Conv2d, Linear, Module, Sequential
+    from .layers import Module, Sequential
 
     fn = "summary"
     if not isinstance(model, Module):
@@ -171,26 +275,22 @@ def summary(model, input_shape, *, file=None):
     if not isinstance(input_shape, (tuple, list)) or not input_shape:
         raise ValueError(f"{fn}: input_shape must be one sample's shape, e.g. (C, H, W), got {input_shape!r}")
     shape = tuple(V._int(fn, "input_shape", d, "a tuple of ints") for d in input_shape)
-    layers = model.layers if isinstance(model, Sequential) else [model]
-    rows, total_params, total_macs = [], 0, 0
-    for i, layer in enumerate(layers):
-        try:
-            out = layer.output_shape(shape)
-        except ValueError as exc:  # the layer's own message, about a per-sample shape
-            raise ValueError(f"{fn}: layer {i} ({_describe(layer)}) cannot take a sample of shape {shape}: "
-                             f"{exc}") from None
-        params = layer.num_parameters()
-        fc, macs = "-", 0
-        if isinstance(layer, (Conv2d, Linear)):
-            n_in, n_out = int(np.prod(shape)), int(np.prod(out))
-            fc = f"{n_in * n_out + (n_out if layer.bias is not None else 0):,}"
-            macs = layer.params(shape).macs if isinstance(layer, Conv2d) else n_in * n_out
-        rows.append((f"{i} {_describe(layer)}", str(out), f"{params:,}", fc, f"{macs:,}"))
-        total_params += params
+    inner = model.layers if isinstance(model, Sequential) else [model]
+    composite = any(True for m in inner for _ in m.children())  # else each row is a layer with a shape rule
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # a forward in training mode would move BatchNorm's running statistics
+    try:
+        traced = (_traced_rows if composite else _rule_rows)(fn, model, shape)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    rows, total_macs = [], 0
+    for name, layer, in_shape, out, params in traced:
+        fc, macs = _linear_cost(layer, in_shape, out)
+        rows.append((f"{name} {_describe(layer)}", str(out), f"{params:,}", fc, f"{macs:,}"))
         total_macs += macs
-        shape = out
     header = ("layer", "output shape", "params", "as fully connected", "MACs")
-    footer = ("total", "", f"{total_params:,}", "", f"{total_macs:,}")
+    footer = ("total", "", f"{model.num_parameters():,}", "", f"{total_macs:,}")
     table = [header] + rows + [footer]
     widths = [max(len(row[j]) for row in table) for j in range(5)]
     lines = []

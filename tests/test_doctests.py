@@ -5,9 +5,11 @@ import importlib
 
 import pytest
 
-MODULES = ["fastconv", "fastconv.functional", "fastconv._dispatch", "fastconv._config", "fastconv._threads",
-           "fastconv._select", "fastconv.layers", "fastconv.layers_extra", "fastconv.matrix", "fastconv.cases",
-           "fastconv.bench", "fastconv.autograd", "fastconv.losses", "fastconv.optim", "fastconv.batching"]
+MODULES = ["fastconv", "fastconv.functional", "fastconv._nn_functional", "fastconv._results",
+           "fastconv._dispatch", "fastconv._config", "fastconv._threads", "fastconv._select",
+           "fastconv.layers", "fastconv.layers_extra", "fastconv.matrix", "fastconv.cases", "fastconv.bench",
+           "fastconv.autograd", "fastconv.losses", "fastconv.optim", "fastconv.batching",
+           "fastconv.models"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -260,8 +260,9 @@ def test_backward_needs_a_forward_first():
 def test_forward_errors_name_the_operation():
     with pytest.raises(TypeError, match=r"Conv2d: input must have the layer's dtype float32, got float64"):
         Conv2d(1, 2, 3)(np.zeros((1, 1, 4, 4), np.float64))
-    with pytest.raises(ValueError, match=r"conv2d: input must be 4-D, got 3-D"):
-        Conv2d(1, 2, 3)(np.zeros((1, 4, 4), np.float32))
+    assert Conv2d(1, 2, 3)(np.zeros((1, 4, 4), np.float32)).shape == (2, 2, 2)  # unbatched, as nn.Conv2d
+    with pytest.raises(ValueError, match=r"conv2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 2-D"):
+        Conv2d(1, 2, 3)(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match=r"Linear: input must have shape \(N, 3\), got \(2, 4\)"):
         Linear(3, 2)(np.zeros((2, 4), np.float32))
     with pytest.raises(TypeError, match=r"Flatten: input must be a numpy.ndarray"):

@@ -169,3 +169,82 @@ def test_summary_names_a_batch_shape_given_instead_of_one_sample():
         fastconv.summary(Sequential(Conv2d(1, 6, 5)), (1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"MaxPool2d: input shape of one sample must be \(C, H, W\)"):
         fastconv.summary(MaxPool2d(2), (28, 28))
+
+
+def test_summary_covers_the_layers_of_modern_cnns():
+    from fastconv.layers import Conv2d, Flatten, Linear, Sequential
+    from fastconv.layers_extra import (AdaptiveAvgPool2d, BatchNorm2d, Conv1d, ConvTranspose2d, Dropout, LeakyReLU,
+                                       ReLU6)
+    net = Sequential(Conv2d(3, 8, 3, padding=1, rng=0), BatchNorm2d(8), ReLU6(), Dropout(0.2, rng=0),
+                     ConvTranspose2d(8, 4, 2, stride=2, rng=0), LeakyReLU(0.1), AdaptiveAvgPool2d(1), Flatten(),
+                     Linear(4, 10, rng=0))
+    lines = fastconv.summary(net, (3, 6, 6), file=io.StringIO()).splitlines()
+    assert [ln.split()[1] for ln in lines[1:-1]] == ["Conv2d", "BatchNorm2d", "ReLU6", "Dropout", "ConvTranspose2d",
+                                                     "LeakyReLU", "AdaptiveAvgPool2d", "Flatten", "Linear"]
+    # each row's shape is what the forward really gives
+    x = np.zeros((2, 3, 6, 6), np.float32)
+    for line, layer in zip(lines[1:-1], net):
+        x = np.asarray(layer(x))
+        assert str(x.shape[1:]) in line, line
+    bn, tconv = lines[2].split(), lines[5].split()
+    assert bn[-3:] == ["16", "-", "0"]                   # weight and bias; no fully connected view, no MACs
+    assert "s2" in lines[5]
+    # the transposed convolution: 8 x 6 x 6 inputs, each spreading over 4 outputs x 2x2 taps
+    assert tconv[-1] == f"{8 * 6 * 6 * 4 * 2 * 2:,}" and tconv[-3] == f"{8 * 4 * 2 * 2 + 4:,}"
+    assert tconv[-2] == f"{8 * 6 * 6 * 4 * 12 * 12 + 4 * 12 * 12:,}"
+    assert lines[-1].split()[1] == f"{net.num_parameters():,}"
+    one_d = fastconv.summary(Sequential(Conv1d(2, 4, 3, stride=2, rng=0), ReLU6()), (2, 11), file=io.StringIO())
+    row = one_d.splitlines()[1].split()
+    assert row[:3] == ["0", "Conv1d", "2->4"] and "(4, 5)" in one_d
+    assert row[-1] == f"{4 * 5 * 2 * 3:,}"              # 4 x 5 outputs, 2 x 3 taps each
+    with pytest.raises(ValueError, match=r"summary: layer 0 \(Conv1d 2->4 3\) cannot take a sample of shape "
+                                         r"\(2, 4, 4\): Conv1d: input shape of one sample must be \(C, L\)"):
+        fastconv.summary(Sequential(Conv1d(2, 4, 3)), (2, 4, 4), file=io.StringIO())
+
+
+def test_summary_of_a_residual_model_follows_its_forward():
+    from fastconv.autograd import relu
+    from fastconv.layers import Conv2d, Linear, Module
+    from fastconv.layers_extra import AdaptiveAvgPool2d, BatchNorm2d
+
+    class Block(Module):
+        def __init__(self):
+            self.conv1, self.bn1 = Conv2d(4, 4, 3, padding=1, bias=False, rng=1), BatchNorm2d(4)
+            self.conv2, self.bn2 = Conv2d(4, 4, 3, padding=1, bias=False, rng=2), BatchNorm2d(4)
+
+        def forward(self, x):
+            return relu(x + self.bn2(self.conv2(relu(self.bn1(self.conv1(x))))))
+
+    class Net(Module):
+        def __init__(self):
+            self.stem = Conv2d(1, 4, 3, stride=2, padding=1, rng=0)
+            self.blocks = [Block(), Block()]
+            self.pool, self.fc = AdaptiveAvgPool2d(1), Linear(4, 10, rng=3)
+
+        def forward(self, x):
+            h = self.stem(x)
+            for b in self.blocks:
+                h = b(h)
+            h = self.pool(h)
+            return self.fc(h.reshape(h.shape[0], -1))
+
+    net = Net()
+    net.train()
+    before = {k: v.copy() for k, v in net.state_dict().items()}
+    lines = fastconv.summary(net, (1, 8, 8), file=io.StringIO()).splitlines()
+    names = [ln.split()[0] for ln in lines[1:-1]]
+    assert names == ["stem", "blocks.0.conv1", "blocks.0.bn1", "blocks.0.conv2", "blocks.0.bn2", "blocks.1.conv1",
+                     "blocks.1.bn1", "blocks.1.conv2", "blocks.1.bn2", "pool", "fc"]
+    assert "(4, 4, 4)" in lines[1] and "(4, 1, 1)" in lines[-3] and "(10,)" in lines[-2]
+    assert lines[-1].split()[1] == f"{net.num_parameters():,}"
+    assert sum(int(ln.split()[-3].replace(",", "")) for ln in lines[1:-1]) == net.num_parameters()
+    assert lines[-1].split()[-1] == f"{4 * 4 * 4 * 9 + 4 * 16 * 36 * 4 + 40:,}"  # stem, 4 convs, fc
+    # the model is as it was: same buffers (no batch statistics taken), training mode, no tracer left
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert net.training and net.blocks[0].bn1.training
+    assert all("forward" not in vars(m) for m in net.modules())
+    with pytest.raises(ValueError, match=r"summary: the model cannot take a sample of shape \(3, 8, 8\): conv2d: "
+                                         r"input channels"):
+        fastconv.summary(net, (3, 8, 8), file=io.StringIO())
+    assert all("forward" not in vars(m) for m in net.modules())

@@ -20,6 +20,7 @@ P = np.zeros((1, 2, 6, 6), F32)          # pooling input; kernel 2 -> output (1,
 PGY = np.zeros((1, 2, 3, 3), F32)
 IDX = np.zeros((1, 2, 3, 3), np.int64)
 HUGE = (10**6, 1024, 1024, 1024)         # ~4 PB in float32
+SHARED = np.zeros(72, F32)               # views of it overlap: out= against weight and bias
 
 
 def huge(shape=HUGE, dtype=F32):
@@ -39,8 +40,30 @@ ERRORS = [
     row("input-masked", conv2d, (np.ma.masked_array(X, mask=X > 0), W), {}, TypeError,
         r"conv2d: input must be a plain numpy.ndarray .*got a masked array"),
     row("weight-list", conv2d, (X, W.tolist()), {}, TypeError, r"conv2d: weight must be a numpy.ndarray, got list"),
-    row("input-0d", conv2d, (np.array(1.0, F32), W), {}, ValueError, r"conv2d: input must be 4-D, got 0-D"),
-    row("input-3d", conv2d, (X[0], W), {}, ValueError, r"conv2d: input must be 4-D, got 3-D"),
+    row("input-0d", conv2d, (np.array(1.0, F32), W), {}, ValueError,
+        r"conv2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 0-D"),
+    row("input-2d", conv2d, (X[0, 0], W), {}, ValueError,
+        r"conv2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 2-D"),
+    row("input-3d-channels", conv2d, (X[0, :1], W), {}, ValueError,
+        r"conv2d: input channels must equal weight.shape\[1\] \* groups \(2 \* 1 = 2\), got 1"),
+    # ---- conv2d: out=
+    row("out-list", conv2d, (X, W), {"out": GY.tolist()}, TypeError, r"conv2d: out must be a numpy.ndarray, got list"),
+    row("out-dtype", conv2d, (X, W), {"out": GY.astype(F64)}, TypeError,
+        r"conv2d: out must have the result's dtype float32, got float64"),
+    row("out-shape", conv2d, (X, W), {"out": GY[0]}, ValueError,
+        r"conv2d: out must have the result's shape \(1, 4, 3, 3\), got \(4, 3, 3\)"),
+    row("out-shape-unbatched", conv2d, (X[0], W), {"out": GY}, ValueError,
+        r"conv2d: out must have the result's shape \(4, 3, 3\), got \(1, 4, 3, 3\)"),
+    row("out-strided", conv2d, (X, W), {"out": np.zeros((1, 4, 3, 6), F32)[..., ::2]}, ValueError,
+        r"conv2d: out must be C-contiguous and writeable, got strides"),
+    row("out-read-only", conv2d, (X, W), {"out": np.broadcast_to(GY, GY.shape)}, ValueError,
+        r"conv2d: out must be C-contiguous and writeable, .*\(read-only\)"),
+    row("out-is-input", conv2d, (GY, np.zeros((4, 4, 1, 1), F32)), {"out": GY}, ValueError,
+        r"conv2d: out must not overlap the input \(the kernels read it while writing out\)"),
+    row("out-in-weight", conv2d, (X, SHARED[:72].reshape(W.shape)), {"out": SHARED[36:72].reshape(GY.shape)},
+        ValueError, r"conv2d: out must not overlap the weight"),
+    row("out-in-bias", conv2d, (X, W, SHARED[:4]), {"out": SHARED[:36].reshape(GY.shape)}, ValueError,
+        r"conv2d: out must not overlap the bias"),
     row("weight-5d", conv2d, (X, W[None]), {}, ValueError, r"conv2d: weight must be 4-D, got 5-D"),
     row("bias-2d", conv2d, (X, W, B[None]), {}, ValueError, r"conv2d: bias must be 1-D, got 2-D"),
     row("bias-shape", conv2d, (X, W, B[:3]), {}, ValueError, r"conv2d: bias must have shape \(4,\) .*got \(3,\)"),
