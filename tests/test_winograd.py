@@ -253,3 +253,22 @@ def test_nan_spreads_over_tiles_only(m):
         for u in cols:
             inside[t * m:t * m + m, u * m:u * m + m] = True
     assert not nan[1][:, ~inside].any()
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("width", [29, 31, 32, 33, 57, 64, 70, 135])
+def test_wide_rows_every_store_path(width, m):
+    # The output rows are written in whole vectors that may run into the next row (spill), in
+    # full and overlapping half vectors, and element by element for a partial last tile: widths
+    # around the vector sizes and the row-count choices of the plan take every path.
+    case = ("wide", (2, 3, 9, width), (5, 3, 3, 3), 1, (1, 1), (1, 1))
+    for dtype in (np.float64, np.float32):
+        x, w, bias, gy = _make(case, dtype, seed=5)
+        p = _params(case, dtype)
+        want = _exact(case, x, w, bias, gy)
+        got = _winograd(p, x, w, bias, gy, m)
+        if dtype == np.float64:
+            for name in want:
+                assert _err(got[name], want[name]) <= 1e-10 * max(1.0, float(np.abs(want[name]).max())), name
+        else:
+            assert (np.abs(got["forward"] - want["forward"]) <= _tile_bound(p, x, w, bias, m)).all()

@@ -489,24 +489,31 @@ def _at(src, so, lds, dst, do, ldd, n, m, kc):
 @_micro
 def _store_row(t2, to, lt, yf, yo, nfull, ncol, m, bias, spill):
     # yf[yo + m*j + ci] = t2[to + ci*lt + j] + bias for output columns m*j + ci < ncol, in vectors
-    # of m interleaved phases.  spill: the row may be overrun by up to m vectors (the next output
-    # row, which this worker writes next), so whole vectors cover it; else the whole tiles go in
-    # full and half vectors and the rest one element at a time.
+    # of m interleaved phases.  spill: the row may be overrun by less than one more row (the next
+    # output row, which this worker writes next), so whole vectors cover it.  Otherwise whole
+    # tiles go in full vectors, then half vectors, the last one overlapping the one before (the
+    # same values written twice), and only a partial last tile element by element.
     lanes = _lanes_of(t2)
     half = lanes // 2
+    j = 0
     if spill:
         jv = (ncol + m - 1) // m
-    else:
-        jv = nfull
-    j = 0
-    while j + half <= jv or (spill and j < jv):
-        if j + lanes <= jv or spill:
+        while j < jv:
             if m == 4:
                 _interleave(t2, to + j, lt, yf, yo + 4 * j, bias, 4, 1)
             else:
                 _interleave(t2, to + j, lt, yf, yo + 2 * j, bias, 2, 1)
             j += lanes
+        return
+    while j + lanes <= nfull:
+        if m == 4:
+            _interleave(t2, to + j, lt, yf, yo + 4 * j, bias, 4, 1)
         else:
+            _interleave(t2, to + j, lt, yf, yo + 2 * j, bias, 2, 1)
+        j += lanes
+    if j < nfull and nfull >= half:
+        while j < nfull:
+            j = min(j, nfull - half)
             if m == 4:
                 _interleave(t2, to + j, lt, yf, yo + 4 * j, bias, 4, 2)
             else:
@@ -551,8 +558,11 @@ def forward_packed(xf, pu, b, yf, buf, kc, ctr, nn, c, xh, xw, k, oh, ow, m, g, 
                    ldt):
     # xf the (n, c, h, w) input flat; pu from pack_u; b (k,); yf the (n, k, oh, ow) output flat;
     # an item is `rows` tile rows; ldt >= rows*(tw + 1), a multiple of NR.  buf (nw, words):
-    # v (a*a*cg*ldt) | mm (a*a*kg*ldt) | rb, tb (a*rows*wrow each) | ph (a*lp) | t1 (m*a*ldt) | t2 (m*m*ldt)
-    # + 64 (whole-vector reads past t2's end)
+    # v (a*a*ev) | mm (a*a*em) | rb, tb (a*rows*wrow each) | ph (a*lp) | t1 (m*a*ldt) | t2 (m*m*ldt)
+    # + 64 (whole-vector reads past t2's end).  v[e] (cg x ldt) starts at e*ev, ev = cg*ldt + 16:
+    # the 16-element skew keeps the a*a rows a transform reads or writes for one channel out of
+    # one L1 set (cg*ldt*4 bytes is a multiple of 4 KiB whenever cg is a power of two and ldt a
+    # multiple of 16; resnet50-3x3-64's output transform ran 2x slower that way).
     a = m + 2
     ee = a * a
     kg, cg = k // g, c // g
@@ -564,14 +574,18 @@ def forward_packed(xf, pu, b, yf, buf, kc, ctr, nn, c, xh, xw, k, oh, ow, m, g, 
     lw = rows * wrow
     lp = rows * sl + 17  # + a vector of spill: _split_phases writes whole vectors
     nfull = min(tw, ow // m)
+    # whole vectors may run past a row's end into the next row when that stays within it
+    spill = (((ow + m - 1) // m + lanes - 1) // lanes) * lanes * m <= 2 * ow
     trows = nn * th
     nper = (trows + rows - 1) // rows
     items = g * nper
     nw = buf.shape[0]
     for wid in prange(nw):
         wk = buf[wid]
-        o1 = ee * cg * ldt
-        o2 = o1 + ee * kg * ldt
+        ev = cg * ldt + 16
+        em = kg * ldt + 16
+        o1 = ee * ev
+        o2 = o1 + ee * em
         o3 = o2 + a * lw
         o4 = o3 + a * lw
         o5 = o4 + a * lp
@@ -600,19 +614,19 @@ def forward_packed(xf, pu, b, yf, buf, kc, ctr, nn, c, xh, xw, k, oh, ow, m, g, 
                 _bt_cols(rb, tb, lw, nr_ * wrow, m, kc)
                 for r in range(a):
                     _split_phases(tb, r * lw, ph, lp, ns, m)
-                    _bt_row(ph, lp, v, (r * a * cg + cc) * ldt, cg * ldt, ns, m, kc)
+                    _bt_row(ph, lp, v, r * a * ev + cc * ldt, ev, ns, m, kc)
             npan = (ns + nr - 1) // nr
             for e in range(ee):
                 ub = (e * g + gi) * kgp * cg
                 for jp in range(npan):
                     for ip in range(0, kg, mr):
-                        ukernel_ldb(cg, pu, ub + ip * cg, v, e * cg * ldt + jp * nr, ldt,
-                                    mm, (e * kg + ip) * ldt + jp * nr, ldt, 0, min(mr, kg - ip))
+                        ukernel_ldb(cg, pu, ub + ip * cg, v, e * ev + jp * nr, ldt,
+                                    mm, e * em + ip * ldt + jp * nr, ldt, 0, min(mr, kg - ip))
             for q in range(kg):
                 kk = gi * kg + q
                 bias = b[kk]
                 for s in range(a):  # down the columns: t1[(i*a + s)*ldt + q]
-                    _at(mm, (s * kg + q) * ldt, a * kg * ldt, t1, s * ldt, a * ldt, ns, m, kc)
+                    _at(mm, s * em + q * ldt, a * em, t1, s * ldt, a * ldt, ns, m, kc)
                 for i in range(m):  # along the rows: t2[(i*m + j)*ldt + q]
                     _at(t1, i * a * ldt, ldt, t2, i * m * ldt, ldt, ns, m, kc)
                 for ri in range(nr_):
@@ -621,4 +635,4 @@ def forward_packed(xf, pu, b, yf, buf, kc, ctr, nn, c, xh, xw, k, oh, ow, m, g, 
                     nrow = min(m, oh - m * ti)
                     for i in range(nrow):
                         _store_row(t2, i * m * ldt + ri * sl, ldt, yf, ((n * k + kk) * oh + m * ti + i) * ow, nfull,
-                                   ow, m, bias, i < nrow - 1 and m * lanes <= ow)
+                                   ow, m, bias, i < nrow - 1 and spill)

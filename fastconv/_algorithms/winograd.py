@@ -25,21 +25,26 @@ of 36 for m = 2).
   each m x m tile of ``gy`` (zero beyond the output), GEMMs ``Mw[e] (kg x cb) += W[e] (kg x T) .
   V[e]^T (T x cb)`` accumulated over all tiles, then ``G^T Mw G`` to the 3 x 3 taps (float64).
 
-Kernels (:mod:`._winograd_kernels`).  One parallel kernel per pass: numba's workers claim work items
-(tile blocks of whole images or of tile rows of one image, per group; for grad_weight, blocks of cb
-input channels of one group with the whole batch), transform their item's tiles into per-worker
-buffers, run the a*a GEMMs (single-threaded BLAS inside each worker, as im2col; one small function,
-``_gemm_block``, to swap for another GEMM) and transform the products into their own outputs.
-Transforms gather each tile's patch into rows that run over the item's tiles, then apply the 1-D
-matrices along patch rows and columns as whole-row multiply-adds (vectorised).  m is chosen per
-call by :func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except
+Kernels (:mod:`._winograd_kernels`).  One parallel kernel per pass; numba's workers claim work
+items.  Forward (and grad_input): an item is R consecutive tile rows of one group (across images),
+its tiles in slots with one spare per tile row so that each transform is a few long vector loops
+over contiguous rows (input rows copied zero-padded side by side, column transform, split into the
+m column phases, row transform; the output transform backwards, interleaving the phases into the
+output rows with vector shuffles); ``U`` is transformed once per call straight into the MR-row
+panels of fastconv's GEMM micro-kernel and the a*a products run on that micro-kernel reading the
+transformed rows in place (:func:`.gemm.ukernel_ldb`).  R is the row count, within ~1.5 MiB of
+transformed tiles per item (L2) and at least 4 items per worker, that wastes the fewest columns of
+the micro-kernel's NR-wide panels.  grad_weight: items are blocks of cb input channels of one group
+with the whole batch; tiles are gathered, transformed by rows of 1-D multiply-adds, and multiplied
+by single-threaded BLAS inside each worker (im2col's ?gemm pointer).  m is chosen per call by
+:func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except
 that float32 grad_weight always uses F(2x2): with F(4x4) its sums over the batch and every tile
 missed the element-wise tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case (error 2.9e-4
 on an element of 1.92, 3.5e-6 of the largest).
 
-Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles plus a padded input
-strip; shared: ``U`` (``a*a * k * cg``, 4x the weight for m = 4) or grad_weight's accumulator of
-the same size.  T is chosen so that all of it stays under ``p.workspace_limit``; below one tile row
+Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles (T the slots of an item,
+rounded up to whole panels) plus rows of scratch; shared: ``U`` packed (``a*a * k * cg`` rounded up
+to MR rows per group, 4x the weight for m = 4) or grad_weight's accumulator.  T is chosen so that all of it stays under ``p.workspace_limit``; below one tile row
 on one worker :func:`supports` refuses.
 
 Races and determinism.  Forward items write disjoint output tiles; grad_weight items own disjoint
@@ -286,7 +291,7 @@ def _packed_plan(p, m, nthreads):
 
     def words(rows_):
         ldt = _ldt(rows_ * sl, nr)
-        return (a2 * (p.cg + p.kg) * ldt + 2 * (m + 2) * rows_ * m * sl + (m + 2) * (rows_ * sl + 17)
+        return (a2 * ((p.cg + p.kg) * ldt + 32) + 2 * (m + 2) * rows_ * m * sl + (m + 2) * (rows_ * sl + 17)
                 + m * (m + 2) * ldt + m * m * ldt + 64)
 
     nw = max(1, min(nthreads, p.g * -(-trows // rows)))
