@@ -527,30 +527,36 @@ def _store_row(t2, to, lt, yf, yo, nfull, ncol, m, bias, spill):
 def pack_u(w, gm, pu, g, mr):
     # pu[((e*g + gi)*kgp + ip)*cg + cc*mr + i] = (G w[gi*kg + ip + i, cc] G^T)[e], e = r*a + s, in
     # float64 rounded once: U of each group in mr-row panels (rows past kg zero), kgp = kg rounded
-    # up to mr.  w (k, cg, 9).
+    # up to mr.  w (k, cg, 9).  One panel per iteration, its mr rows innermost, so that each write
+    # run is mr contiguous elements (row-major iteration scattered them: 26 ms for 512 x 512).
     k, cg = w.shape[0], w.shape[1]
     a = gm.shape[0]
     kg = k // g
     kgp = (kg + mr - 1) // mr * mr
-    for kk in prange(g * kgp):
-        gi = kk // kgp
-        row = kk - gi * kgp
-        ip = row // mr * mr
-        i = row - ip
+    npn = kgp // mr
+    for pn in prange(g * npn):
+        gi = pn // npn
+        ip = (pn - gi * npn) * mr
         t = np.empty((a, 3))
+        out = np.empty((a * a, mr))
         for cc in range(cg):
-            if row >= kg:
-                for e in range(a * a):
-                    pu[((e * g + gi) * kgp + ip) * cg + cc * mr + i] = 0
-                continue
-            gg = w[gi * kg + row, cc]
-            for r in range(a):
-                for s in range(3):
-                    t[r, s] = gm[r, 0] * gg[s] + gm[r, 1] * gg[3 + s] + gm[r, 2] * gg[6 + s]
-            for r in range(a):
-                for s in range(a):
-                    pu[(((r * a + s) * g + gi) * kgp + ip) * cg + cc * mr + i] = (
-                        t[r, 0] * gm[s, 0] + t[r, 1] * gm[s, 1] + t[r, 2] * gm[s, 2])
+            for i in range(mr):
+                row = ip + i
+                if row >= kg:
+                    for e in range(a * a):
+                        out[e, i] = 0
+                    continue
+                gg = w[gi * kg + row, cc]
+                for r in range(a):
+                    for s in range(3):
+                        t[r, s] = gm[r, 0] * gg[s] + gm[r, 1] * gg[3 + s] + gm[r, 2] * gg[6 + s]
+                for r in range(a):
+                    for s in range(a):
+                        out[r * a + s, i] = t[r, 0] * gm[s, 0] + t[r, 1] * gm[s, 1] + t[r, 2] * gm[s, 2]
+            for e in range(a * a):
+                base = ((e * g + gi) * kgp + ip) * cg + cc * mr
+                for i in range(mr):
+                    pu[base + i] = out[e, i]
 
 
 @kernel

@@ -283,7 +283,8 @@ def _packed_plan(p, m, nthreads):
     per_slot = a2 * (p.cg + p.kg) * isz
     # at least 4 items per worker (claimed dynamically: a worker sharing its core with another busy
     # thread does fewer), and as many tile rows per item as that and the L2 budget allow
-    want = -(-4 * nthreads // p.g)
+    # (one item per worker when U outgrows the caches: every item streams all of it)
+    want = -(-(4 if fixed <= _U_CACHED else 1) * nthreads // p.g)
     top = max(1, min(_PACKED_TILE_BYTES // (sl * per_slot), -(-trows // want)))
     # the products run over whole NR-column panels: of the row counts up to top, the one that
     # computes the fewest wasted columns per real tile (a tie goes to more rows)
@@ -384,14 +385,20 @@ def supports(p, pass_):
 
 
 # Cost model, in seconds on one thread of the machine it was measured on (2-core Xeon, AVX-512,
-# 2026-12-02, resnet50-3x3-64 and vgg16-3x3-128 with one thread, process CPU time):
-# the forward (and grad_input) products run at ~170 GFLOP/s per thread in float32 over the columns
-# they compute (whole NR panels of slots, MR-row panels of channels), scaled by the vector width on
-# other CPUs; seconds per transformed element of the input and output transforms (packed path),
-# and the old gather transforms that grad_weight still uses.
+# 2026-12-02; resnet50-3x3-64 and resnet50-3x3-512, one thread, thread CPU time): the forward (and
+# grad_input) products run at ~170 GFLOP/s per thread in float32 over the columns they compute
+# (whole NR panels of slots, MR-row panels of channels), scaled by the vector width on other CPUs;
+# each work item streams all of packed U, from memory (~10 GB/s) once U outgrows the caches; seconds per
+# transformed element of the input and output transforms, plus a fixed cost per item and channel
+# (short tile rows: 7x7 planes ran at 1.2 ns per element, 56x56 ones at 0.4); U's transform
+# (2.8 ns per element for 512 x 512 channels: its panel writes are scattered); and the old gather
+# transforms and BLAS rate that grad_weight still uses.
 _PACKED_RATE = 170e9 * _gemm.VBYTES / 64
-_PACKED_IN = 0.41e-9
-_PACKED_OUT = 0.73e-9
+_PACKED_IN, _PACKED_OUT = 0.38e-9, 0.16e-9
+_ITEM_IN, _ITEM_OUT = 0.2e-6, 0.36e-6
+_U_SECONDS = 2.8e-9
+_MEMORY_RATE = 10e9
+_U_CACHED = 8 << 20  # U up to this size streams from cache (vgg16-3x3-128's 2.6 MB did)
 _IN_SECONDS = {4: 15.5e-9 / 5.47, 2: 10.8e-9 / 5.47}
 _GEMM_RATE = {4: 80e9, 8: 40e9}
 
@@ -413,12 +420,17 @@ def _cost_of(p, pass_, pl, nthreads):
     mr, nr = _gemm.tile(p.itemsize)
     sl = tw + 1
     trows = max(1, p.n) * th
-    cols = -(-trows // pl.rb) * pl.rb * sl * (-(-pl.rb * sl // nr) * nr) / (pl.rb * sl)  # per group
+    items = -(-trows // pl.rb)  # per group
+    cols = items * -(-pl.rb * sl // nr) * nr
     kgp = -(-p.kg // mr) * mr
     rate = _PACKED_RATE * 4 / p.itemsize * p.cg / (p.cg + 8.0)  # the micro-kernel's k loop is cg long
     gemm = 2.0 * a2 * p.g * kgp * p.cg * cols / rate
-    trans = a2 * trows * sl * (p.c * _PACKED_IN + p.k * _PACKED_OUT) * p.itemsize / 4
-    return 3e-5 + 2e-9 * a2 * p.k * p.cg / workers + (gemm + trans) / workers
+    if pl.fixed > _U_CACHED:
+        gemm += p.g * items * pl.fixed / _MEMORY_RATE
+    scale = p.itemsize / 4
+    trans = scale * (a2 * trows * sl * (p.c * _PACKED_IN + p.k * _PACKED_OUT)
+                     + items * (p.c * _ITEM_IN + p.k * _ITEM_OUT))
+    return 3e-5 + (_U_SECONDS * a2 * p.k * p.cg + gemm + trans) / workers
 
 
 def cost(p, pass_, threads):
