@@ -239,15 +239,19 @@ def _forward(src, wt, b, y, buf, fn, ints, ctr, has_bias, padded, direct, g, r, 
 
 
 @_micro
-def _stage(gy, stage, n0, n1, k, k0, kg, plane, off, mi, m):
-    # stage[q*m + (n - n0)*mi + u] = gy[n*k*plane + (k0 + q)*plane + off + u]: several images'
-    # gradient rows as one (kg x m) matrix
+def _gy_rows(gy, stage, n0, n1, k, k0, kg, plane, off, mi, m):
+    # (matrix, row pitch) of the (kg x m) output-gradient rows of images n0 .. n1-1 that the
+    # backward GEMMs read: gy in place for one image, else the images' rows copied into stage,
+    # stage[q*m + (n - n0)*mi + u] = gy[n*k*plane + (k0 + q)*plane + off + u]
+    if n1 - n0 == 1:
+        return gy[(n0 * k + k0) * plane + off:], plane
     for n in range(n0, n1):
         for q in range(kg):
             d = stage[q * m + (n - n0) * mi:q * m + (n - n0 + 1) * mi]
             v = gy[(n * k + k0 + q) * plane + off:]
             for j in range(mi):
                 d[j] = v[j]
+    return stage, m
 
 
 @kernel
@@ -290,13 +294,7 @@ def _grad_input(gy, wt, gq, buf, fn, ints, ctr, padded, direct, g, k, r, s, sh, 
                 i1 = min(oh, i0 + rb)
                 mi = (i1 - i0) * ow
                 m = (n1 - n0) * mi
-                if n1 - n0 == 1:
-                    gsrc = gy[(n0 * k + gi * kg) * plane + i0 * ow:]
-                    ldg = plane
-                else:
-                    _stage(gy, stage, n0, n1, k, gi * kg, kg, plane, i0 * ow, mi, m)
-                    gsrc = stage
-                    ldg = m
+                gsrc, ldg = _gy_rows(gy, stage, n0, n1, k, gi * kg, kg, plane, i0 * ow, mi, m)
                 if direct:
                     dst = gq[n0, gi * cg + c0]
                     _gemm(fn, iv, tr, _T, _N, tb, m, kg, one, a, tn, gsrc, ldg, zero, dst[i0 * ow:], h * w)
@@ -351,13 +349,7 @@ def _grad_weight(gy, src, gwp, buf, fn, ints, ctr, padded, direct, g, k, r, s, s
                     i1 = min(oh, i0 + rb)
                     mi = (i1 - i0) * ow
                     m = (n1 - n0) * mi
-                    if n1 - n0 == 1:
-                        gsrc = gy[(n0 * k + gi * kg) * plane + i0 * ow:]
-                        ldg = plane
-                    else:
-                        _stage(gy, stage, n0, n1, k, gi * kg, kg, plane, i0 * ow, mi, m)
-                        gsrc = stage
-                        ldg = m
+                    gsrc, ldg = _gy_rows(gy, stage, n0, n1, k, gi * kg, kg, plane, i0 * ow, mi, m)
                     if direct:
                         xs = src[n0, gi * cg + c0]
                         _gemm(fn, iv, tr, _N, _T, kg, tb, m, one, gsrc, ldg, xs[i0 * ow:], h * w, one, out, tn)
