@@ -36,8 +36,8 @@ from numba import prange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastconv import _cpu  # noqa: E402
+from fastconv._algorithms import _blas as BL, im2col  # noqa: E402
 from fastconv._algorithms import gemm as G  # noqa: E402
-from fastconv._algorithms import im2col  # noqa: E402
 from fastconv._jit import kernel  # noqa: E402
 from fastconv._validation import conv_params  # noqa: E402
 from fastconv.cases import load_suite  # noqa: E402
@@ -58,11 +58,11 @@ def _own_loop(reps, m, n, k, a, ars, acs, b, brs, bcs, c, pa, ws, blk):
 @kernel
 def _blas_loop(reps, m, n, k, ta, tb, a, lda, b, ldb, c, fn, ints):
     for wid in prange(c.shape[0]):
-        tr = im2col._chars()
+        tr = BL._chars()
         one = np.ones(1, dtype=c.dtype)
         zero = np.zeros(1, dtype=c.dtype)
         for _ in range(reps):
-            im2col._gemm(fn, ints[wid], tr, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c[wid], n)
+            BL._gemm(fn, ints[wid], tr, ta, tb, m, n, k, one, a, lda, b, ldb, zero, c[wid], n)
 
 
 def tile_products(case, passes):
@@ -127,7 +127,7 @@ def run(rounds, dtype, only, passes):
         cases.append(("1024^3 (whole GEMM)", t, big, big, big, own, blas, 1))
 
     suite = {c.name: c for c in load_suite().conv}
-    fn, _ = im2col._BLAS.args(dtype, 1)
+    fn, _ = BL._BLAS.args(dtype, 1)
     for name in LAYERS:
         if only and name not in only:
             continue
@@ -144,7 +144,7 @@ def run(rounds, dtype, only, passes):
                 cbl = np.empty((t, m * n), dtype)
                 ws = np.empty((t, G.workspace_size(dtype)), dtype)
                 pa = np.empty((t, G.packed_a_size(dtype, m, k)), dtype)
-                ints = np.zeros((t, 8), dtype=im2col._BLAS.args(dtype, 1)[1].dtype)
+                ints = np.zeros((t, 8), dtype=BL._BLAS.args(dtype, 1)[1].dtype)
 
                 def own(t=t, cown=cown, pa=pa, ws=ws, reps=reps, m=m, n=n, k=k, af=af, bf=bf, ars=ars, acs=acs,
                         brs=brs, bcs=bcs):
@@ -154,7 +154,7 @@ def run(rounds, dtype, only, passes):
                 def blas(t=t, cbl=cbl, ints=ints, reps=reps, m=m, n=n, k=k, af=af, bf=bf, ta=ta, tb=tb,
                          lda=lda, ldb=ldb):
                     numba.set_num_threads(t)
-                    with im2col.serial_blas:
+                    with BL.serial_blas:
                         _blas_loop(reps, m, n, k, int(ta), int(tb), af, lda, bf, ldb, cbl, fn, ints)
                 cases.append((label, t, m, n, k, own, blas, reps))
                 # same products: check once that both agree

@@ -29,7 +29,7 @@ from numba import prange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastconv  # noqa: E402
-from fastconv._algorithms import im2col  # noqa: E402
+from fastconv._algorithms import _blas, im2col  # noqa: E402
 from fastconv.bench import GEMM_SETTLE  # noqa: E402
 from fastconv.cases import load_suite  # noqa: E402
 from fastconv._validation import conv_params  # noqa: E402
@@ -103,12 +103,12 @@ def _replay_gemms(fn, ints, wt, col, out, kg, tn, m, items):
     nw = col.shape[0]
     for wid in prange(nw):
         iv = ints[wid]
-        tr = im2col._chars()
+        tr = _blas._chars()
         one = np.ones(1, out.dtype)
         zero = np.zeros(1, out.dtype)
         for _ in range(wid, items, nw):
-            im2col._gemm(fn, iv, tr, im2col._N, im2col._N, kg, m, tn, one, wt, tn, col[wid], m, zero,
-                         out[wid], m)
+            _blas._gemm(fn, iv, tr, _blas._N, _blas._N, kg, m, tn, one, wt, tn, col[wid], m, zero,
+                        out[wid], m)
 
 
 def gemms_alone(c, x, w, kw, rounds):
@@ -125,10 +125,10 @@ def gemms_alone(c, x, w, kw, rounds):
     col = rng.standard_normal((plan.nw, tn * m)).astype(x.dtype)
     out = np.empty((plan.nw, p.kg * m), x.dtype)
     wt = np.ascontiguousarray(w[:p.kg]).reshape(-1)
-    fn, ints = im2col._BLAS.args(x.dtype, plan.nw)
+    fn, ints = _blas._BLAS.args(x.dtype, plan.nw)
 
     def run():
-        with im2col.serial_blas:
+        with _blas.serial_blas:
             _replay_gemms(fn, ints, wt, col, out, p.kg, tn, m, items)
 
     return medians([run], rounds)[0]

@@ -53,6 +53,10 @@ _start_pool()
 BOUNDSCHECK = bool(numba.config.BOUNDSCHECK)
 # cache: numba's cache=True, hardened against damaged and unwritable cache files (_cache.py).
 kernel = cached(numba.njit(parallel=not BOUNDSCHECK, fastmath=FASTMATH, nogil=True), enabled=not BOUNDSCHECK)
+# Serial helpers inlined into the calling kernel and compiled (and cached) with it, never cached on
+# their own (a cached serial function calling a cached parallel one is the crash above).  numba does
+# not see an edit to a helper in another file: delete the calling kernel's __pycache__/*.nbi then.
+micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
 
 # --------------------------------------------------------------------------- vectors and runs
 #: Bytes per vector in the IR micro-kernels (``common.mac_taps``, ``copy_vector``): 256 bits, which

@@ -364,9 +364,9 @@ def test_every_kernel_uses_the_hardened_cache():
     for info in pkgutil.walk_packages(algorithms.__path__, "fastconv._algorithms."):
         importlib.import_module(info.name)
     modules = {k.py_func.__module__ for k in _cache.KERNELS}
-    for family in ("common", "direct", "fft", "im2col", "pooling"):  # a module, or a package of them
-        assert any(m == f"fastconv._algorithms.{family}" or m.startswith(f"fastconv._algorithms.{family}.")
-                   for m in modules), (family, sorted(modules))
+    for family in ("common", "direct", "fft", "im2col", "pooling"):  # a module, its _NAME_kernels, or a package
+        assert any(m in (f"fastconv._algorithms.{family}", f"fastconv._algorithms._{family}_kernels")
+                   or m.startswith(f"fastconv._algorithms.{family}.") for m in modules), (family, sorted(modules))
     for k in _cache.KERNELS:
         assert isinstance(k._cache, (_cache._FunctionCache, _cache.caching.NullCache))
 

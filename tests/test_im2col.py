@@ -7,7 +7,7 @@ import pytest
 import fastconv
 import reference as ref
 from conftest import GEOMETRIES, DTYPES, TOL, assert_results, random_array
-from fastconv._algorithms import im2col
+from fastconv._algorithms import _blas, _im2col_kernels, im2col
 from fastconv._validation import conv_params
 
 # (id, x shape, weight shape, keyword arguments).  N is large enough in places that small planes
@@ -214,12 +214,12 @@ def test_single_thread_agrees(monkeypatch):
 def test_blas_threads_restored():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     x, w, b, gy, kw = make(CASES[0], np.float32)
-    libs = im2col.serial_blas.found()[2]
+    libs = _blas.serial_blas.found()[2]
     assert libs, "the BLAS that kernels call was not found by threadpoolctl"
     before = [lib.get_num_threads() for lib in libs]
-    with im2col.serial_blas:
+    with _blas.serial_blas:
         assert all(lib.get_num_threads() == 1 for lib in libs)
-        with im2col.serial_blas:  # re-entrant
+        with _blas.serial_blas:  # re-entrant
             pass
         assert all(lib.get_num_threads() == 1 for lib in libs)
     im2col_results(x, w, b, gy, kw)
@@ -230,7 +230,7 @@ def test_blas_threads_restored():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scipy_blas_fallback(monkeypatch, dtype):
     # without numpy's bundled OpenBLAS symbols the kernels call scipy's cython_blas (32-bit ints)
-    fallback = im2col._Blas()
+    fallback = _blas._Blas()
     monkeypatch.setattr(fallback, "_NUMPY_SYMBOLS", ())
     assert fallback.found()[1] is np.int32
     monkeypatch.setattr(im2col, "_BLAS", fallback)
@@ -260,7 +260,7 @@ def test_copy_runs_writes_exactly_its_runs(dtype, run, pitch, nruns):
     soff, doff = 3, 5
     src = rng.standard_normal(soff + max(0, nruns - 1) * pitch + run).astype(dtype)
     d = np.full(doff + nruns * run + 40, -9, dtype)
-    im2col._copy_runs(d, doff, src, soff, pitch, nruns, run)
+    _im2col_kernels._copy_runs(d, doff, src, soff, pitch, nruns, run)
     want = np.full_like(d, -9)
     for i in range(nruns):
         want[doff + i * run:doff + (i + 1) * run] = src[soff + i * pitch:soff + i * pitch + run]

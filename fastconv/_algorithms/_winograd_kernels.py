@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 from .._jit import FASTMATH, kernel
 from .common import claim as _claim
 from .gemm import VBYTES, _tile_of, ukernel_ldb
-from .im2col import _N, _T, _chars, _gemm
+from ._blas import _N, _T, _chars, _gemm
 
 _micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
 

@@ -127,6 +127,54 @@ def pad_planes(a, top, bottom, left, right, sw=1, check_finite=False):
     return out.reshape(n, c, -1), hp, wq, not bad.any()
 
 
+# im2col and implicit call these two from Python: the input into padded planes, and grad_input's
+# padded planes back into (n*c, h, w).
+@kernel
+def _unsplit(gq, gx, sw, hp, wq, top, left):
+    # gx[p, ih, iw] = the padded, phase-split plane element of (ih + top, iw + left)
+    pp, h, w = gx.shape
+    for p in prange(pp):
+        src = gq[p]
+        for ih in range(h):
+            d = gx[p, ih]
+            for iw in range(w):
+                cc = iw + left
+                d[iw] = src[(cc % sw) * hp * wq + (ih + top) * wq + cc // sw]
+
+
+@kernel
+def _split_planes(x, out, sw, hp, wq, top, left):
+    # pad_planes' layout (zero padding, columns split by phase iw % sw, SLACK zeros), with
+    # explicit loops over 1-D views: 2-3x faster than pad_planes on strided layers here
+    pp, h, w = x.shape
+    for p in prange(pp):
+        o = out[p]
+        for f in range(sw):
+            q_lo = max(0, (left - f + sw - 1) // sw)
+            q_hi = max(q_lo, min(wq, (w + left - f + sw - 1) // sw))
+            c0 = q_lo * sw + f - left
+            for i in range(hp):
+                d = o[f * hp * wq + i * wq:f * hp * wq + (i + 1) * wq]
+                xi = i - top
+                if xi < 0 or xi >= h:
+                    for q in range(wq):
+                        d[q] = 0
+                    continue
+                for q in range(q_lo):
+                    d[q] = 0
+                v = x[p, xi, c0:]
+                if sw == 1:
+                    for q in range(q_hi - q_lo):
+                        d[q_lo + q] = v[q]
+                else:
+                    for q in range(q_hi - q_lo):
+                        d[q_lo + q] = v[q * sw]
+                for q in range(q_hi, wq):
+                    d[q] = 0
+        for j in range(sw * hp * wq, o.shape[0]):
+            o[j] = 0
+
+
 def pad_input(x, p):
     """A contiguous copy of ``x`` zero-padded to ``(n, c, hp, wp)`` (``x`` itself when no padding)."""
     if not p.padded:

@@ -44,8 +44,7 @@ import numpy as np
 from .. import _cpu
 from . import _implicit_kernels as K
 from . import gemm as G
-from .common import SLACK, transposed_weight
-from .im2col import _split_planes, _unsplit
+from .common import SLACK, _split_planes, _unsplit, transposed_weight
 
 # Positions summed per dot-product call in grad_weight: the lane reduction at the end of a call
 # (~200 instructions for 24 sums) is then paid once per image of 56x56 (resnet50-3x3-64: 22.9 ms of

@@ -86,7 +86,7 @@ import numpy as np
 
 from . import _winograd_kernels as K
 from . import gemm as _gemm
-from .im2col import _BLAS, serial_blas
+from ._blas import _BLAS, serial_blas
 
 # --------------------------------------------------------------------------- transform matrices
 # float64 copies for the Python-side weight transforms (kernels hard-code the same numbers).
