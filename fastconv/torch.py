@@ -11,10 +11,18 @@ It needs PyTorch (``pip install 'fastconv[torch]'``); ``import fastconv`` never 
 What it registers
 -----------------
 Custom operators (``torch.library.custom_op``, namespace ``fastconv``, CPU): ``fastconv::conv2d``,
-``fastconv::max_pool2d`` (values and int64 indices), ``fastconv::avg_pool2d`` and one backward
-operator for each.  Each forward operator has a fake (meta) implementation, so ``torch.compile``
-traces through it without a graph break, and an autograd formula whose backward is again a fastconv
-operator (:func:`fastconv.conv2d_backward` etc.), so a compiled graph keeps fastconv in both passes.
+``fastconv::max_pool2d`` (values and int64 indices), ``fastconv::avg_pool2d`` and their backward
+operators (``conv2d_backward``, ``conv2d_grad_weight`` for a layer whose input needs no gradient,
+``max_pool2d_backward``, ``avg_pool2d_backward``).  Each forward operator has a fake (meta)
+implementation, so ``torch.compile`` traces through it without a graph break, and an autograd
+formula whose backward is again a fastconv operator, so a compiled graph keeps fastconv in both
+passes.  Only the gradients autograd asks for are computed (``ctx.needs_input_grad``).
+
+Eager calls (no tracing, plain tensors) run the same computations through
+``torch.autograd.Function`` twins instead: a custom-operator call costs ~30 us of dispatch where a
+Function costs ~7 (measured on a 2-core Xeon), which a converted MobileNet pays about 60 times per
+training step.  Calls with nothing to differentiate (``torch.no_grad``, inference) call the
+computation directly.
 
 Data exchange
 -------------
@@ -63,6 +71,7 @@ import numpy as np
 from . import functional as _fc
 from ._threads import max_threads as _max_threads
 from ._threads import set_num_threads as _fc_set_num_threads
+from ._threads import current as _fc_current
 from ._threads import threads as _fc_threads
 
 __all__ = [
@@ -103,16 +112,26 @@ def _tensor(a: np.ndarray) -> Tensor:
 
 
 class _pool_threads:
-    """Run fastconv's kernels on PyTorch's thread count for the duration of one operator call."""
+    """Run fastconv's kernels on PyTorch's thread count for the duration of one operator call.
+
+    When fastconv already runs on that count (after :func:`set_num_threads`, or by default when
+    both libraries use every core) nothing is switched: entering ``fastconv.threads`` costs ~4 us,
+    which a converted MobileNet pays ~100 times per training step.
+    """
 
     __slots__ = ("_cm",)
 
     def __enter__(self):
         n = max(1, min(torch.get_num_threads(), _max_threads()))
+        if n == _fc_current():
+            self._cm = None
+            return n
         self._cm = _fc_threads(n)
         return self._cm.__enter__()
 
     def __exit__(self, *exc):
+        if self._cm is None:
+            return False
         return self._cm.__exit__(*exc)
 
 
@@ -173,13 +192,34 @@ def _conv_padding(padding, same):
     return "same" if same else tuple(padding)
 
 
-@torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
-def _conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
-               dilation: List[int], groups: int, same: bool) -> Tensor:
+# The computations, shared by the custom operators (what torch.compile traces) and the eager
+# autograd.Functions below (what an eager step runs: an operator call costs ~30 us of dispatch
+# over the Function's ~7, ~100 us per convolution layer and training step with its backward).
+def _conv2d_impl(x, weight, bias, stride, padding, dilation, groups, same):
     with _pool_threads():
         y = _fc.conv2d(_array(x), _array(weight), None if bias is None else _array(bias), tuple(stride),
                        _conv_padding(padding, same), tuple(dilation), groups)
     return _tensor(y)
+
+
+def _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same):
+    with _pool_threads():
+        g = _fc.conv2d_backward(_array(grad), _array(x), _array(weight), tuple(stride),
+                                _conv_padding(padding, same), tuple(dilation), groups)
+    return _tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
+
+
+def _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same):
+    with _pool_threads():
+        gw, gb = _fc.conv2d_grad_weight(_array(grad), _array(x), _array(weight), tuple(stride),
+                                        _conv_padding(padding, same), tuple(dilation), groups)
+    return _tensor(gw), _tensor(gb)
+
+
+@torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
+def _conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+               dilation: List[int], groups: int, same: bool) -> Tensor:
+    return _conv2d_impl(x, weight, bias, stride, padding, dilation, groups, same)
 
 
 @_conv2d_op.register_fake
@@ -191,19 +231,28 @@ def _(x, weight, bias, stride, padding, dilation, groups, same):
 
 @torch.library.custom_op("fastconv::conv2d_backward", mutates_args=(), device_types="cpu")
 def _conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
-                        dilation: List[int], groups: int, same: bool) -> Tuple[Tensor, Tensor]:
-    # fastconv.conv2d_backward computes grad_input and grad_weight together (each pass with its own
-    # algorithm); when autograd needs only one of them the other is computed and dropped.
-    with _pool_threads():
-        g = _fc.conv2d_backward(_array(grad), _array(x), _array(weight), tuple(stride),
-                                _conv_padding(padding, same), tuple(dilation), groups)
-    return _tensor(g.grad_input), _tensor(g.grad_weight)
+                        dilation: List[int], groups: int, same: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    # grad_input, grad_weight and grad_bias, each pass with its own algorithm
+    return _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same)
 
 
 @_conv2d_backward_op.register_fake
 def _(grad, x, weight, stride, padding, dilation, groups, same):
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        torch.empty_like(weight, memory_format=torch.contiguous_format)
+        torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=(), device_types="cpu")
+def _conv2d_grad_weight_op(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                           dilation: List[int], groups: int, same: bool) -> Tuple[Tensor, Tensor]:
+    # grad_weight and grad_bias only: a first layer's input needs no gradient, and its grad_input
+    # pass would be the most expensive of the three (it is as large as the network's input)
+    return _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same)
+
+
+@_conv2d_grad_weight_op.register_fake
+def _(grad, x, weight, stride, padding, dilation, groups, same):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
 
 
 def _conv2d_setup(ctx, inputs, output):
@@ -213,10 +262,13 @@ def _conv2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias)
 
 
-def _conv2d_grad(ctx, grad):
+def _conv2d_gradients(ctx, grad, backward, grad_weight):
+    """(gx, gw, gb, None x 5): only what autograd asks for (``ctx.needs_input_grad``), through the
+    operators (``backward``/``grad_weight``) or their eager implementations."""
     x, weight, bias = ctx.saved_tensors
     stride, padding, dilation, groups, same = ctx.args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
     gx = gw = gb = None
     if _double_backward(ctx):
         with torch.enable_grad():
@@ -225,16 +277,52 @@ def _conv2d_grad(ctx, grad):
             got = iter(torch.autograd.grad(y, wrt, grad, create_graph=True, allow_unused=True))
         return (next(got) if need_x else None, next(got) if need_w else None,
                 next(got) if need_b else None, None, None, None, None, None)
-    if need_x or need_w:
-        gi, gwt = _conv2d_backward_op(grad, x, weight, stride, padding, dilation, groups, same)
-        gx = gi if need_x else None
-        gw = gwt if need_w else None
-    if need_b and ctx.has_bias:
-        gb = grad.sum((0, 2, 3))
-    return gx, gw, gb, None, None, None, None, None
+    if need_x:
+        gx, gw, gb = backward(grad, x, weight, stride, padding, dilation, groups, same)
+    elif need_w or need_b:
+        gw, gb = grad_weight(grad, x, weight, stride, padding, dilation, groups, same)
+    return gx, gw if need_w else None, gb if need_b else None, None, None, None, None, None
+
+
+def _conv2d_grad(ctx, grad):
+    return _conv2d_gradients(ctx, grad, _conv2d_backward_op, _conv2d_grad_weight_op)
 
 
 _conv2d_op.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
+
+
+class _Conv2dFunction(torch.autograd.Function):
+    """The eager twin of ``fastconv::conv2d`` (same computation and gradients, less dispatch).
+
+    ``forward`` takes ``ctx`` and calls the setup itself: with a separate ``setup_context``,
+    ``Function.apply`` binds its arguments through ``inspect.signature``, +20 us a call.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, same):
+        out = _conv2d_impl(x, weight, bias, stride, padding, dilation, groups, same)
+        _conv2d_setup(ctx, (x, weight, bias, stride, padding, dilation, groups, same), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _conv2d_gradients(ctx, grad, _conv2d_backward_impl, _conv2d_grad_weight_impl)
+
+
+def _eager(*tensors):
+    """How to run on these tensors: ``None`` -- the custom operator (while torch.compile / torch.export
+    trace, which need it, or for a tensor subclass such as a fake or functorch tensor, which may
+    need its registrations); ``False`` -- the computation alone (nothing to differentiate);
+    ``True`` -- the eager autograd.Function."""
+    if torch.compiler.is_compiling():
+        return None
+    grad = False
+    for t in tensors:
+        if t is not None:
+            if type(t) is not Tensor and type(t) is not nn.Parameter:
+                return None
+            grad = grad or t.requires_grad
+    return grad and torch.is_grad_enabled()
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -263,8 +351,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         pad = [0, 0]
     else:
         pad = _pair(padding, fn, "padding")
-    y = _conv2d_op(input, weight, bias, _pair(stride, fn, "stride"), pad, _pair(dilation, fn, "dilation"),
-                   int(groups), same)
+    args = (input, weight, bias, _pair(stride, fn, "stride"), pad, _pair(dilation, fn, "dilation"), int(groups), same)
+    how = _eager(input, weight, bias)
+    y = _conv2d_op(*args) if how is None else _Conv2dFunction.apply(*args) if how else _conv2d_impl(*args)
     return _like_input(y, input)
 
 
@@ -282,13 +371,23 @@ def _pool_shape(x, kernel, stride, padding, dilation, ceil_mode):
             _pool_out(x.shape[3], padding[1], kernel[1], stride[1], dilation[1], ceil_mode))
 
 
-@torch.library.custom_op("fastconv::max_pool2d", mutates_args=(), device_types="cpu")
-def _max_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
-                   dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
+def _max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode):
     with _pool_threads():
         y, idx = _fc.max_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
                                 ceil_mode, return_indices=True)
     return _tensor(y), _tensor(idx)
+
+
+def _max_pool2d_backward_impl(grad, indices, x):
+    with _pool_threads():
+        gx = _fc.max_pool2d_backward(_array(grad), _array(indices), tuple(x.shape))
+    return _tensor(gx)
+
+
+@torch.library.custom_op("fastconv::max_pool2d", mutates_args=(), device_types="cpu")
+def _max_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                   dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
+    return _max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 @_max_pool2d_op.register_fake
@@ -299,9 +398,7 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 @torch.library.custom_op("fastconv::max_pool2d_backward", mutates_args=(), device_types="cpu")
 def _max_pool2d_backward_op(grad: Tensor, indices: Tensor, x: Tensor) -> Tensor:
-    with _pool_threads():
-        gx = _fc.max_pool2d_backward(_array(grad), _array(indices), tuple(x.shape))
-    return _tensor(gx)
+    return _max_pool2d_backward_impl(grad, indices, x)
 
 
 @_max_pool2d_backward_op.register_fake
@@ -317,7 +414,7 @@ def _max_pool2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x, output[1])
 
 
-def _max_pool2d_grad(ctx, grad, _grad_indices):
+def _max_pool2d_gradient(ctx, grad, backward):
     x, indices = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
@@ -327,10 +424,28 @@ def _max_pool2d_grad(ctx, grad, _grad_indices):
             y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
             (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
         return gx, None, None, None, None, None
-    return _max_pool2d_backward_op(grad, indices, x), None, None, None, None, None
+    return backward(grad, indices, x), None, None, None, None, None
+
+
+def _max_pool2d_grad(ctx, grad, _grad_indices):
+    return _max_pool2d_gradient(ctx, grad, _max_pool2d_backward_op)
 
 
 _max_pool2d_op.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup)
+
+
+class _MaxPool2dFunction(torch.autograd.Function):
+    """The eager twin of ``fastconv::max_pool2d``."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        out = _max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode)
+        _max_pool2d_setup(ctx, (x, kernel_size, stride, padding, dilation, ceil_mode), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, _grad_indices):
+        return _max_pool2d_gradient(ctx, grad, _max_pool2d_backward_impl)
 
 
 def _pool_args(fn, kernel_size, stride, padding, dilation=1):
@@ -359,18 +474,32 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         out = max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode, return_indices)
         return (out[0].squeeze(0), out[1].squeeze(0)) if return_indices else out.squeeze(0)
     k, s, p, d = _pool_args("fastconv.torch.max_pool2d", kernel_size, stride, padding, dilation)
-    y, idx = _max_pool2d_op(input, k, s, p, d, bool(ceil_mode))
+    args = (input, k, s, p, d, bool(ceil_mode))
+    how = _eager(input)
+    y, idx = (_max_pool2d_op(*args) if how is None else _MaxPool2dFunction.apply(*args) if how
+              else _max_pool2d_impl(*args))
     y = _like_input(y, input)
     return (y, _like_input(idx, input)) if return_indices else y
+
+
+def _avg_pool2d_impl(x, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    with _pool_threads():
+        y = _fc.avg_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode,
+                           count_include_pad)
+    return _tensor(y)
+
+
+def _avg_pool2d_backward_impl(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    with _pool_threads():
+        gx = _fc.avg_pool2d_backward(_array(grad), tuple(x.shape), tuple(kernel_size), tuple(stride),
+                                     tuple(padding), ceil_mode, count_include_pad)
+    return _tensor(gx)
 
 
 @torch.library.custom_op("fastconv::avg_pool2d", mutates_args=(), device_types="cpu")
 def _avg_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], ceil_mode: bool,
                    count_include_pad: bool) -> Tensor:
-    with _pool_threads():
-        y = _fc.avg_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode,
-                           count_include_pad)
-    return _tensor(y)
+    return _avg_pool2d_impl(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
 
 @_avg_pool2d_op.register_fake
@@ -381,10 +510,7 @@ def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad):
 @torch.library.custom_op("fastconv::avg_pool2d_backward", mutates_args=(), device_types="cpu")
 def _avg_pool2d_backward_op(grad: Tensor, x: Tensor, kernel_size: List[int], stride: List[int],
                             padding: List[int], ceil_mode: bool, count_include_pad: bool) -> Tensor:
-    with _pool_threads():
-        gx = _fc.avg_pool2d_backward(_array(grad), tuple(x.shape), tuple(kernel_size), tuple(stride),
-                                     tuple(padding), ceil_mode, count_include_pad)
-    return _tensor(gx)
+    return _avg_pool2d_backward_impl(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
 
 @_avg_pool2d_backward_op.register_fake
@@ -398,7 +524,7 @@ def _avg_pool2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x)  # for its shape (and double backward); saving does not copy it
 
 
-def _avg_pool2d_grad(ctx, grad):
+def _avg_pool2d_gradient(ctx, grad, backward):
     (x,) = ctx.saved_tensors
     none = (None,) * 5
     if not ctx.needs_input_grad[0]:
@@ -409,10 +535,28 @@ def _avg_pool2d_grad(ctx, grad):
             y = F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
             (gx,) = torch.autograd.grad(y, x, grad, create_graph=True)
         return (gx,) + none
-    return (_avg_pool2d_backward_op(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad),) + none
+    return (backward(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad),) + none
+
+
+def _avg_pool2d_grad(ctx, grad):
+    return _avg_pool2d_gradient(ctx, grad, _avg_pool2d_backward_op)
 
 
 _avg_pool2d_op.register_autograd(_avg_pool2d_grad, setup_context=_avg_pool2d_setup)
+
+
+class _AvgPool2dFunction(torch.autograd.Function):
+    """The eager twin of ``fastconv::avg_pool2d``."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
+        out = _avg_pool2d_impl(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+        _avg_pool2d_setup(ctx, (x, kernel_size, stride, padding, ceil_mode, count_include_pad), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _avg_pool2d_gradient(ctx, grad, _avg_pool2d_backward_impl)
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -434,7 +578,10 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     if input.dim() == 3:
         return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad).squeeze(0)
     k, s, p, _ = _pool_args("fastconv.torch.avg_pool2d", kernel_size, stride, padding)
-    y = _avg_pool2d_op(input, k, s, p, bool(ceil_mode), bool(count_include_pad))
+    args = (input, k, s, p, bool(ceil_mode), bool(count_include_pad))
+    how = _eager(input)
+    y = (_avg_pool2d_op(*args) if how is None else _AvgPool2dFunction.apply(*args) if how
+         else _avg_pool2d_impl(*args))
     return _like_input(y, input)
 
 

@@ -130,12 +130,59 @@ def test_gradgradcheck_float64():
     assert torch.autograd.gradgradcheck(lambda x: ft.avg_pool2d(x, 3, 1, 1), (xp,))
 
 
-def test_only_needed_grads_are_returned():
-    x = _rand((1, 2, 5, 5), F32, 13)                 # input without grad (a first layer)
+@pytest.mark.parametrize("s", CONV_SAMPLES[:2], ids=[s[0] for s in CONV_SAMPLES[:2]])
+def test_opcheck_conv2d_grad_weight(s):
+    x, w, _, *rest = _conv_args(s, requires_grad=False)
+    y = F.conv2d(x, w, None, rest[0], "same" if rest[4] else rest[1], rest[2], rest[3])
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (torch.randn_like(y), x, w, *rest))
+
+
+@pytest.mark.parametrize("route", ["eager", "operator"])
+def test_only_needed_grads_are_computed(route, monkeypatch):
+    """A first layer (input without grad) runs only the weight-gradient pass: conv2d_backward, which
+    would also compute the input gradient, is never called; frozen weights get no gradient."""
+    import fastconv.torch as ftm
+
+    def conv(x, w, b):
+        if route == "eager":
+            return ft.conv2d(x, w, b, 1, 1)
+        return torch.ops.fastconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1, False)
+
+    x = _rand((2, 2, 5, 5), F32, 13)
     w = _rand((3, 2, 3, 3), F32, 14).requires_grad_()
-    ft.conv2d(x, w).sum().backward()
-    assert x.grad is None and w.grad is not None
-    torch.testing.assert_close(w.grad, torch.autograd.grad(F.conv2d(x, w).sum(), w)[0])
+    b = _rand((3,), F32, 15).requires_grad_()
+    calls = []
+    real = ftm._fc.conv2d_backward
+    monkeypatch.setattr(ftm._fc, "conv2d_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = conv(x, w, b)
+    y.square().sum().backward()
+    assert x.grad is None and calls == []
+    gw, gb = torch.autograd.grad(F.conv2d(x, w, b, 1, 1).square().sum(), (w, b))
+    torch.testing.assert_close(w.grad, gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, gb, rtol=1e-5, atol=1e-5)
+    xg, wf = x.clone().requires_grad_(), w.detach()   # frozen weights: the input gradient only
+    conv(xg, wf, None).square().sum().backward()
+    assert wf.grad is None and calls == [1]
+    ref = torch.autograd.grad(F.conv2d(xg, wf, None, 1, 1).square().sum(), xg)[0]
+    torch.testing.assert_close(xg.grad, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_calls_skip_the_operator_dispatch():
+    """Eager calls run autograd.Functions (an operator call costs ~30 us of dispatch more), calls
+    under no_grad the computation alone; the operators stay what torch.compile traces (see the
+    dynamo test) and give the same gradients (gradcheck through them here)."""
+    x = _rand((1, 2, 6, 6), F64, 30).requires_grad_()
+    w = _rand((3, 2, 3, 3), F64, 31).requires_grad_()
+    assert type(ft.conv2d(x, w).grad_fn).__name__ == "_Conv2dFunctionBackward"
+    assert type(ft.max_pool2d(x, 2).grad_fn).__name__ == "_MaxPool2dFunctionBackward"
+    assert type(ft.avg_pool2d(x, 2).grad_fn).__name__ == "_AvgPool2dFunctionBackward"
+    with torch.no_grad():
+        assert ft.conv2d(x, w).grad_fn is None
+    op = torch.ops.fastconv
+    assert torch.autograd.gradcheck(lambda x, w: op.conv2d(x, w, None, [2, 1], [1, 0], [1, 1], 1, False), (x, w))
+    xp = (torch.randperm(72, dtype=F64).reshape(1, 2, 6, 6) / 7).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: op.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True)[0], (xp,))
+    assert torch.autograd.gradcheck(lambda x: op.avg_pool2d(x, [3, 3], [2, 2], [1, 1], True, False), (xp,))
 
 
 def test_max_pool_indices_match_torch():
