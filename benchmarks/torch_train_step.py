@@ -14,8 +14,10 @@ concatenation) on 128x128 (batch 4).
 Rounds are interleaved (every round times each configuration once, in a shuffled order, after one
 untimed warm-up step each) and each figure is the median over rounds.  ``--compile`` adds
 ``torch.compile`` (inductor, NCHW) for PyTorch and for the converted model; compiling takes minutes
-on a small machine.  ``--profile`` prints where the converted model's step spends its time
-(fastconv operators, PyTorch operators, the bridge's per-call overhead).  ``--oversubscription``
+on a small machine.  ``--profile`` prints where the converted model's step spends its time, timed
+from inside the bridge (torch.profiler's hooks inflated this step 10x): fastconv's calls by shape
+and pass with the algorithm ``'auto'`` chose, the bridge's own cost (tensor <-> array, layout
+copies, thread setting) and the rest (PyTorch's operators, autograd, Python).  ``--oversubscription``
 reruns the eager and converted configurations in child processes with PyTorch's OpenMP pool set to
 sleep when idle (``OMP_WAIT_POLICY=passive``) to show what its spinning workers cost fastconv.
 
@@ -223,10 +225,47 @@ def format_table(results, configs):
     return "\n".join(lines)
 
 
-def profile_step(name, top=12):
-    """Where the converted model's training step spends its time (torch.profiler, self CPU time)."""
-    import torch
+class _Timed:
+    """Stands in for ``fastconv.functional`` inside ``fastconv.torch`` while profiling: every call is
+    timed and keyed by function, shapes and geometry."""
+
+    def __init__(self, functional, log):
+        self._f, self._log = functional, log
+
+    def __getattr__(self, name):
+        fn = getattr(self._f, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            dt = time.perf_counter() - t0
+            shapes = tuple(tuple(a.shape) for a in args if hasattr(a, "shape"))
+            geo = tuple(a for a in args if not hasattr(a, "shape") and a is not None)
+            self._log.append((name, shapes, geo, dt))
+            return out
+        return timed
+
+
+def _conv_choices(name, shapes, geo):
+    """'auto''s algorithm for each pass of a logged convolution call."""
     import fastconv
+    if name == "conv2d":
+        (xs, ws), passes = shapes[:2], ("forward",)
+    elif name == "conv2d_backward":
+        (xs, ws), passes = shapes[1:3], ("grad_input", "grad_weight")
+    elif name == "conv2d_grad_weight":
+        (xs, ws), passes = shapes[1:3], ("grad_weight",)
+    else:
+        return ""
+    stride, padding, dilation, groups = geo[:4]
+    return "/".join(fastconv.choose_algorithm(xs, ws, stride, padding, dilation, groups, pass_=q) for q in passes)
+
+
+def profile_step(name, top=12, steps=5):
+    """Where the converted model's training step goes, timed from inside (no profiler hooks):
+    fastconv's calls keyed by shape and pass (with the algorithm 'auto' chose), the bridge's own
+    cost (tensor <-> array, layout copies, thread setting: time in the bridge's computations
+    outside fastconv), and the rest (PyTorch's operators, autograd, Python)."""
     import fastconv.torch as ft
 
     x, y = data(name)
@@ -234,41 +273,60 @@ def profile_step(name, top=12):
     model, _ = models["fastconv"]
     train, _ = make_step(model, None, x, y, NETS[name][2] is None)
     train()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(3):
+    log, impl_time, copies = [], [0.0], [0, 0]
+    saved = {k: getattr(ft, k) for k in dir(ft) if k.endswith("_impl") or k in ("_fc", "_array")}
+
+    def timed_impl(fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            impl_time[0] += time.perf_counter() - t0
+            return out
+        return run
+
+    def counted_array(t):
+        if not t.is_contiguous():
+            copies[0] += 1
+            copies[1] += t.numel() * t.element_size()
+        return saved["_array"](t)
+
+    walls = []
+    try:
+        ft._fc = _Timed(saved["_fc"], log)
+        ft._array = counted_array
+        for k, fn in saved.items():
+            if k.endswith("_impl"):
+                setattr(ft, k, timed_impl(fn))
+        for _ in range(steps):
+            t0 = time.perf_counter()
             train()
-        wall = (time.perf_counter() - t0) / 3
-    rows = [(e.key, e.self_cpu_time_total / 3e3, e.count // 3) for e in prof.key_averages()]
-    # A forward operator's work is recorded as the self time of its autograd function's entry
-    # ("GeneratedBackwardFor_fastconv_conv2d_default", a child of "fastconv::conv2d"); a backward
-    # operator's under its own name.  Self times never count a nanosecond twice.
-    ours = ("fastconv::", "GeneratedBackwardFor_fastconv")
-    fc = sum(t for k, t, _ in rows if k.startswith(ours))
-    total = sum(t for _, t, _ in rows)
-    calls = sum(n for k, _, n in rows if k.startswith("fastconv::"))
-    # the bridge's own cost per call: a tiny convolution through the operator vs fastconv directly
-    xs, ws = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)
-    xa, wa = xs.numpy(), ws.numpy()
-    for _ in range(50):
-        ft.conv2d(xs, ws), fastconv.conv2d(xa, wa)
-    via = statistics.median(_clock(lambda: ft.conv2d(xs, ws)) for _ in range(200))
-    direct = statistics.median(_clock(lambda: fastconv.conv2d(xa, wa)) for _ in range(200))
-    bridge = max(via - direct, 0.0) * 1e3
-    lines = [f"where a training step of the converted {name} goes (torch.profiler self CPU time, mean of 3 "
-             f"steps; wall {wall * 1e3:.1f} ms):",
-             f"  fastconv operators {fc:8.1f} ms ({100 * fc / total:4.1f}%), {calls} calls; bridge overhead "
-             f"~{bridge * 1e3:.0f} us/call = {bridge * calls:.2f} ms",
-             f"  PyTorch operators  {total - fc:8.1f} ms ({100 * (total - fc) / total:4.1f}%)"]
-    for k, t, n in sorted(rows, key=lambda r: -r[1])[:top]:
-        lines.append(f"    {k:44} {t:8.2f} ms  x{n}")
+            walls.append(time.perf_counter() - t0)
+    finally:
+        for k, fn in saved.items():
+            setattr(ft, k, fn)
+    wall = statistics.median(walls) * 1e3
+    per_step = lambda t: t / steps * 1e3  # noqa: E731
+    fc = per_step(sum(r[3] for r in log))
+    bridge = per_step(impl_time[0]) - fc
+    rest = sum(walls) / steps * 1e3 - fc - bridge
+    groups = {}
+    for fname, shapes, geo, dt in log:
+        entry = groups.setdefault((fname, shapes, geo), [0, 0.0])
+        entry[0] += 1
+        entry[1] += dt
+    lines = [f"where a training step of the converted {name} goes (median wall {wall:.1f} ms over {steps} steps; "
+             f"per-step means):",
+             f"  fastconv calls   {fc:8.2f} ms  {len(log) // steps} calls",
+             f"  bridge           {bridge:8.2f} ms  (tensor<->array, {copies[0] // steps} layout copies = "
+             f"{copies[1] / steps / 1e6:.1f} MB, thread setting)",
+             f"  PyTorch + rest   {rest:8.2f} ms  (its operators, autograd, Python)",
+             f"  top fastconv calls (ms per step; 'auto' choice per pass):"]
+    for (fname, shapes, geo), (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        shape_text = " ".join("x".join(map(str, sh)) for sh in shapes)
+        geo_text = ",".join(str(g) for g in geo[:5])
+        lines.append(f"    {per_step(t):7.2f}  {fname:20} x{n // steps:<2} {shape_text:40} {geo_text:34} "
+                     f"{_conv_choices(fname, shapes, geo)}")
     return "\n".join(lines)
-
-
-def _clock(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv=None):

@@ -479,8 +479,18 @@ def run_backward(root, grad, inputs=(), stop_at_inputs=False):
         need[k] = False  # visiting; set for real once its inputs are done
         push((t,))
         for i in node.inputs:
-            if isinstance(i, Tensor) and id(i) not in need:
-                push(i)
+            if isinstance(i, Tensor):
+                ki = id(i)
+                if ki in need:
+                    continue
+                if i._node is None and ki not in want:  # a leaf (a parameter): settled here, not pushed
+                    if i.requires_grad and not i._implicit:
+                        need[ki] = True
+                        leaves.append(i)
+                    else:
+                        need[ki] = False
+                else:
+                    push(i)
     if not need.get(id(root)):
         return [None] * len(inputs)
     grads = {id(root): grad}
