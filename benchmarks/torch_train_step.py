@@ -3,7 +3,7 @@ PyTorch eager (NCHW), PyTorch channels_last, ``torch.compile`` and the model con
 ``fastconv.torch.convert`` -- same initial weights, same batch, same threads, one process.
 
     python benchmarks/torch_train_step.py [--nets lenet,resnet18,mobilenet,unet] [--rounds 7]
-        [--threads N] [--compile] [--profile] [--oversubscription] [--quick]
+        [--threads N] [--compile] [--autotune] [--profile] [--oversubscription] [--quick]
     python -m fastconv bench --torch-step [--quick] [--threads N]     # the same, via the CLI
 
 Networks: LeNet-5 on 28x28 (batch 64); ResNet-18 for 32x32 inputs (CIFAR stem: 3x3 conv, no
@@ -20,6 +20,8 @@ and pass with the algorithm ``'auto'`` chose, the bridge's own cost (tensor <-> 
 copies, thread setting) and the rest (PyTorch's operators, autograd, Python).  ``--oversubscription``
 reruns the eager and converted configurations in child processes with PyTorch's OpenMP pool set to
 sleep when idle (``OMP_WAIT_POLICY=passive``) to show what its spinning workers cost fastconv.
+``--autotune`` adds the converted model with measured algorithm choices (``fastconv.set_autotune``,
+measured in its untimed warm-up step): what a better-fitted cost model would give on this machine.
 
 Importing this module does no work (asv imports every module in benchmarks/).
 """
@@ -151,7 +153,7 @@ def contestants(name, configs):
             prep = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
         elif c == "compile":
             m = torch.compile(m)
-        elif c == "fastconv":
+        elif c in ("fastconv", "fastconv+autotune"):
             m, reports[c] = ft.convert(m)
         elif c == "fastconv+compile":
             m, reports[c] = ft.convert(m)
@@ -162,9 +164,10 @@ def contestants(name, configs):
     return out, reports
 
 
-def make_step(model, prep, x, y, dense):
+def make_step(model, prep, x, y, dense, autotune=False):
     import torch
     import torch.nn.functional as F
+    import fastconv
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     xin = prep(x) if prep else x
 
@@ -179,7 +182,18 @@ def make_step(model, prep, x, y, dense):
         with torch.no_grad():
             model(xin)
 
-    return train, infer
+    if not autotune:
+        return train, infer
+
+    def tuned(fn):  # measured algorithm choices for this configuration only (the flag is global)
+        def run():
+            old = fastconv.set_autotune(True)
+            try:
+                fn()
+            finally:
+                fastconv.set_autotune(old)
+        return run
+    return tuned(train), tuned(infer)
 
 
 def _time_net(name, configs, rounds, seed=0):
@@ -190,7 +204,7 @@ def _time_net(name, configs, rounds, seed=0):
     fns = {}
     for c, (m, prep) in models.items():
         m.train()
-        train, infer = make_step(m, prep, x, y, dense)
+        train, infer = make_step(m, prep, x, y, dense, autotune=c.endswith("+autotune"))
         t0 = time.perf_counter()
         train()  # warm-up: JIT / compile / allocator
         infer()
@@ -210,16 +224,19 @@ def _time_net(name, configs, rounds, seed=0):
 
 def format_table(results, configs):
     best_torch = [c for c in configs if not c.startswith("fastconv")]
+    ours = [c for c in configs if c.startswith("fastconv")]
     lines = []
     for mode, title in (("train", "training step (ms, median)"), ("infer", "inference, no_grad (ms, median)")):
-        head = f"{title:34}" + "".join(f"{c:>17}" for c in configs) + f"{'fastconv vs best':>18}"
+        head = f"{title:34}" + "".join(f"{c:>19}" for c in configs)
+        if best_torch:
+            head += "".join(f"{c + ' vs best':>28}" for c in ours)
         lines += [head, "-" * len(head)]
         for name, times in results.items():
             med = {c: statistics.median(times[(c, mode)]) * 1e3 for c in configs}
-            row = f"{name:34}" + "".join(f"{med[c]:17.1f}" for c in configs)
-            if "fastconv" in med and best_torch:
+            row = f"{name:34}" + "".join(f"{med[c]:19.1f}" for c in configs)
+            if best_torch:
                 best = min(best_torch, key=lambda c: med[c])
-                row += f"{med[best] / med['fastconv']:>11.2f}x ({best})"
+                row += "".join(f"{med[best] / med[c]:>12.2f}x ({best})".rjust(28) for c in ours)
             lines.append(row)
         lines.append("")
     return "\n".join(lines)
@@ -227,10 +244,10 @@ def format_table(results, configs):
 
 class _Timed:
     """Stands in for ``fastconv.functional`` inside ``fastconv.torch`` while profiling: every call is
-    timed and keyed by function, shapes and geometry."""
+    timed and keyed by function, shapes and geometry; ``own`` is the time this logging took."""
 
     def __init__(self, functional, log):
-        self._f, self._log = functional, log
+        self._f, self._log, self.own = functional, log, 0.0
 
     def __getattr__(self, name):
         fn = getattr(self._f, name)
@@ -238,11 +255,13 @@ class _Timed:
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
             shapes = tuple(tuple(a.shape) for a in args if hasattr(a, "shape"))
             geo = tuple(a for a in args if not hasattr(a, "shape") and a is not None)
-            self._log.append((name, shapes, geo, dt))
+            self._log.append((name, shapes, geo, t1 - t0))
+            self.own += time.perf_counter() - t1
             return out
+        setattr(self, name, timed)  # looked up once
         return timed
 
 
@@ -291,8 +310,9 @@ def profile_step(name, top=12, steps=5):
         return saved["_array"](t)
 
     walls = []
+    timed_fc = _Timed(saved["_fc"], log)
     try:
-        ft._fc = _Timed(saved["_fc"], log)
+        ft._fc = timed_fc
         ft._array = counted_array
         for k, fn in saved.items():
             if k.endswith("_impl"):
@@ -307,7 +327,7 @@ def profile_step(name, top=12, steps=5):
     wall = statistics.median(walls) * 1e3
     per_step = lambda t: t / steps * 1e3  # noqa: E731
     fc = per_step(sum(r[3] for r in log))
-    bridge = per_step(impl_time[0]) - fc
+    bridge = per_step(impl_time[0] - timed_fc.own) - fc
     rest = sum(walls) / steps * 1e3 - fc - bridge
     groups = {}
     for fname, shapes, geo, dt in log:
@@ -336,7 +356,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="threads for both libraries (default: all)")
     p.add_argument("--compile", action="store_true", help="also torch.compile (PyTorch and the converted model)")
     p.add_argument("--configs", help="explicit comma-separated configurations (eager, channels_last, compile, "
-                                     "fastconv, fastconv+compile)")
+                                     "fastconv, fastconv+autotune, fastconv+compile)")
+    p.add_argument("--autotune", action="store_true",
+                   help="also the converted model with measured algorithm choices (fastconv.set_autotune; "
+                        "the cache goes to a fresh FASTCONV_CACHE_DIR unless that is set)")
     p.add_argument("--profile", action="store_true", help="print where the converted model's step goes")
     p.add_argument("--oversubscription", action="store_true",
                    help="compare eager/fastconv in child processes with PyTorch's OpenMP pool spinning (default) "
@@ -351,7 +374,10 @@ def main(argv=None):
     rounds = 3 if a.quick and a.rounds == 7 else a.rounds
     configs = (a.configs.split(",") if a.configs else
                ["eager", "channels_last"] + (["compile"] if a.compile else []) + ["fastconv"] +
-               (["fastconv+compile"] if a.compile else []))
+               (["fastconv+autotune"] if a.autotune else []) + (["fastconv+compile"] if a.compile else []))
+    if any(c.endswith("+autotune") for c in configs) and not os.environ.get("FASTCONV_CACHE_DIR"):
+        import tempfile
+        os.environ["FASTCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastconv_autotune_")  # measured afresh
 
     if a.oversubscription:
         return _oversubscription(nets, rounds, a.threads)
