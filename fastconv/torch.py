@@ -310,11 +310,11 @@ class _Conv2dFunction(torch.autograd.Function):
 
 
 def _eager(*tensors):
-    """How to run on these tensors: ``None`` -- the custom operator (while torch.compile / torch.export
-    trace, which need it, or for a tensor subclass such as a fake or functorch tensor, which may
-    need its registrations); ``False`` -- the computation alone (nothing to differentiate);
-    ``True`` -- the eager autograd.Function."""
-    if torch.compiler.is_compiling():
+    """How to run on these tensors: ``None`` -- the custom operator (while torch.compile,
+    torch.export or torch.jit.trace trace, which need it, or for a tensor subclass such as a fake or
+    functorch tensor, which may need its registrations); ``False`` -- the computation alone
+    (nothing to differentiate); ``True`` -- the eager autograd.Function."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     grad = False
     for t in tensors:
