@@ -3,7 +3,7 @@ PyTorch eager (NCHW), PyTorch channels_last, ``torch.compile`` and the model con
 ``fastconv.torch.convert`` -- same initial weights, same batch, same threads, one process.
 
     python benchmarks/torch_train_step.py [--nets lenet,resnet18,mobilenet,unet] [--rounds 7]
-        [--threads N] [--compile] [--autotune] [--profile] [--oversubscription] [--quick]
+        [--threads N] [--compile] [--batch-norm] [--autotune] [--profile] [--oversubscription] [--quick]
     python -m fastconv bench --torch-step [--quick] [--threads N]     # the same, via the CLI
 
 Networks: LeNet-5 on 28x28 (batch 64); ResNet-18 for 32x32 inputs (CIFAR stem: 3x3 conv, no
@@ -20,6 +20,7 @@ and pass with the algorithm ``'auto'`` chose, the bridge's own cost (tensor <-> 
 copies, thread setting) and the rest (PyTorch's operators, autograd, Python).  ``--oversubscription``
 reruns the eager and converted configurations in child processes with PyTorch's OpenMP pool set to
 sleep when idle (``OMP_WAIT_POLICY=passive``) to show what its spinning workers cost fastconv.
+``--batch-norm`` adds the model converted with ``batch_norm=True`` (BatchNorm2d on fastconv too).
 ``--autotune`` adds the converted model with measured algorithm choices (``fastconv.set_autotune``,
 measured in its untimed warm-up step): what a better-fitted cost model would give on this machine.
 
@@ -155,6 +156,8 @@ def contestants(name, configs):
             m = torch.compile(m)
         elif c in ("fastconv", "fastconv+autotune"):
             m, reports[c] = ft.convert(m)
+        elif c == "fastconv+bn":
+            m, reports[c] = ft.convert(m, batch_norm=True)
         elif c == "fastconv+compile":
             m, reports[c] = ft.convert(m)
             m = torch.compile(m)
@@ -356,7 +359,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="threads for both libraries (default: all)")
     p.add_argument("--compile", action="store_true", help="also torch.compile (PyTorch and the converted model)")
     p.add_argument("--configs", help="explicit comma-separated configurations (eager, channels_last, compile, "
-                                     "fastconv, fastconv+autotune, fastconv+compile)")
+                                     "fastconv, fastconv+bn, fastconv+autotune, fastconv+compile)")
+    p.add_argument("--batch-norm", action="store_true",
+                   help="also the model converted with convert(..., batch_norm=True) (BatchNorm2d on fastconv)")
     p.add_argument("--autotune", action="store_true",
                    help="also the converted model with measured algorithm choices (fastconv.set_autotune; "
                         "the cache goes to a fresh FASTCONV_CACHE_DIR unless that is set)")
@@ -374,7 +379,8 @@ def main(argv=None):
     rounds = 3 if a.quick and a.rounds == 7 else a.rounds
     configs = (a.configs.split(",") if a.configs else
                ["eager", "channels_last"] + (["compile"] if a.compile else []) + ["fastconv"] +
-               (["fastconv+autotune"] if a.autotune else []) + (["fastconv+compile"] if a.compile else []))
+               (["fastconv+bn"] if a.batch_norm else []) + (["fastconv+autotune"] if a.autotune else []) +
+               (["fastconv+compile"] if a.compile else []))
     if any(c.endswith("+autotune") for c in configs) and not os.environ.get("FASTCONV_CACHE_DIR"):
         import tempfile
         os.environ["FASTCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastconv_autotune_")  # measured afresh

@@ -18,6 +18,10 @@ implementation, so ``torch.compile`` traces through it without a graph break, an
 formula whose backward is again a fastconv operator, so a compiled graph keeps fastconv in both
 passes.  Only the gradients autograd asks for are computed (``ctx.needs_input_grad``).
 
+``convert(model, batch_norm=True)`` also swaps ``nn.BatchNorm2d`` (operators ``fastconv::batch_norm``,
+``fastconv::batch_norm_backward``; the forward returns the updated running statistics, which the
+caller copies into the buffers, so the operator stays functional as autograd and torch.compile need).
+
 Eager calls (no tracing, plain tensors) run the same computations through
 ``torch.autograd.Function`` twins instead: a custom-operator call costs ~30 us of dispatch where a
 Function costs ~7 (measured on a 2-core Xeon), which a converted MobileNet pays about 60 times per
@@ -76,10 +80,12 @@ from ._threads import threads as _fc_threads
 
 __all__ = [
     "AvgPool2d",
+    "BatchNorm2d",
     "Conv2d",
     "ConversionReport",
     "MaxPool2d",
     "avg_pool2d",
+    "batch_norm",
     "conv2d",
     "convert",
     "max_pool2d",
@@ -585,6 +591,145 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     return _like_input(y, input)
 
 
+# --------------------------------------------------------------------------- batch_norm
+def _stat(t):
+    """A NumPy view of a (C,) tensor, or None."""
+    return None if t is None else _array(t)
+
+
+def _batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``(y, new running_mean, new running_var)``: in training fastconv updates copies of the running
+    statistics (the caller copies them back with ``copy_``, so the operator is functional, as
+    autograd formulas and torch.compile need); empty tensors where there is nothing to update."""
+    new = []
+    for t in (running_mean, running_var):
+        new.append(t.detach().clone() if training and t is not None else x.new_empty((0,)))
+    stats = [_stat(n) if training else _stat(t) for n, t in zip(new, (running_mean, running_var))]
+    stats = [None if t is None else a for a, t in zip(stats, (running_mean, running_var))]
+    with _pool_threads():
+        y = _fc.batch_norm(_array(x), stats[0], stats[1], _stat(weight), _stat(bias), training, momentum, eps)
+    return _tensor(y), new[0], new[1]
+
+
+def _batch_norm_backward_impl(grad, x, running_mean, running_var, weight, training, eps):
+    with _pool_threads():
+        g = _fc.batch_norm_backward(_array(grad), _array(x), _stat(running_mean), _stat(running_var),
+                                    _stat(weight), training, eps)
+    return _tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
+
+
+@torch.library.custom_op("fastconv::batch_norm", mutates_args=(), device_types="cpu")
+def _batch_norm_op(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@_batch_norm_op.register_fake
+def _(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    def stat(t):
+        return x.new_empty((x.shape[1],) if training and t is not None else (0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stat(running_mean), stat(running_var)
+
+
+@torch.library.custom_op("fastconv::batch_norm_backward", mutates_args=(), device_types="cpu")
+def _batch_norm_backward_op(grad: Tensor, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            weight: Optional[Tensor], training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _batch_norm_backward_impl(grad, x, running_mean, running_var, weight, training, eps)
+
+
+@_batch_norm_backward_op.register_fake
+def _(grad, x, running_mean, running_var, weight, training, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[1],)),
+            x.new_empty((x.shape[1],)))
+
+
+def _batch_norm_setup(ctx, inputs, output):
+    x, running_mean, running_var, weight, bias, training, momentum, eps = inputs
+    ctx.args = (training, eps)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+    # training recomputes the batch statistics from x; eval normalises with the running ones
+    if training:
+        ctx.save_for_backward(x, weight, bias, None, None)
+    else:
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+
+
+def _batch_norm_gradient(ctx, grad, backward):
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    training, eps = ctx.args
+    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+    need_w = need_w and weight is not None
+    need_b = need_b and ctx.has_bias
+    none = (None,) * 3
+    if not (need_x or need_w or need_b):
+        return (None,) * 5 + none
+    if _double_backward(ctx):
+        with torch.enable_grad():  # no running statistics in training: recomputing must not update them
+            y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.0, eps)
+            wrt = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+            got = iter(torch.autograd.grad(y, wrt, grad, create_graph=True, allow_unused=True))
+        return (next(got) if need_x else None, None, None, next(got) if need_w else None,
+                next(got) if need_b else None) + none
+    gx, gw, gb = backward(grad, x, running_mean, running_var, weight, training, eps)
+    return (gx if need_x else None, None, None, gw if need_w else None, gb if need_b else None) + none
+
+
+def _batch_norm_grad(ctx, grad, _grad_mean, _grad_var):
+    return _batch_norm_gradient(ctx, grad, _batch_norm_backward_op)
+
+
+_batch_norm_op.register_autograd(_batch_norm_grad, setup_context=_batch_norm_setup)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """The eager twin of ``fastconv::batch_norm``."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
+        out = _batch_norm_impl(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        _batch_norm_setup(ctx, (x, running_mean, running_var, weight, bias, training, momentum, eps), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        return _batch_norm_gradient(ctx, grad, _batch_norm_backward_impl)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """``torch.nn.functional.batch_norm`` computed by fastconv where it can (else by PyTorch).
+
+    Same arguments and result, running statistics updated in place in training as PyTorch does
+    (the variance unbiased).  4-D float32/float64 CPU tensors are served; anything else goes to
+    PyTorch's operator.
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> x = torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1)
+    >>> rm, rv = torch.zeros(1), torch.ones(1)
+    >>> fastconv.torch.batch_norm(x, rm, rv, training=True, eps=0.0).flatten()
+    tensor([-1.,  1.])
+    >>> rm, rv
+    (tensor([0.2000]), tensor([1.1000]))
+    """
+    stats = (running_mean, running_var)
+    if (not _serves(input, weight, bias, *stats) or any(t is not None and not t.is_contiguous() for t in stats)
+            or (not training and (running_mean is None or running_var is None))):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    args = (input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps))
+    how = _eager(input, weight, bias, *stats)
+    y, new_mean, new_var = (_batch_norm_op(*args) if how is None else _BatchNormFunction.apply(*args) if how
+                            else _batch_norm_impl(*args))
+    if training:  # in place, as PyTorch's operator (its version counter moves, so autograd sees it)
+        if running_mean is not None:
+            running_mean.copy_(new_mean)
+        if running_var is not None:
+            running_var.copy_(new_var)
+    return _like_input(y, input)
+
+
 # --------------------------------------------------------------------------- modules
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` whose forward runs on fastconv (same constructor, parameters, init and
@@ -637,8 +782,35 @@ class AvgPool2d(nn.AvgPool2d):
                           self.count_include_pad, self.divisor_override)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` whose forward runs on fastconv (same constructor, parameters,
+    buffers and ``state_dict`` keys; running statistics, ``momentum=None`` and
+    ``num_batches_tracked`` as PyTorch's).
+
+    Examples
+    --------
+    >>> import torch, fastconv.torch
+    >>> bn = fastconv.torch.BatchNorm2d(3)
+    >>> bn(torch.randn(4, 3, 5, 5)).shape, int(bn.num_batches_tracked)
+    (torch.Size([4, 3, 5, 5]), 1)
+    """
+
+    def forward(self, input):
+        # nn.BatchNorm2d's forward, calling fastconv's batch_norm
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return batch_norm(input, self.running_mean if track else None, self.running_var if track else None,
+                          self.weight, self.bias, bn_training, factor, self.eps)
+
+
 # --------------------------------------------------------------------------- convert
 _SWAPS = {nn.Conv2d: Conv2d, nn.MaxPool2d: MaxPool2d, nn.AvgPool2d: AvgPool2d}
+_SWAPS_BN = {nn.BatchNorm2d: BatchNorm2d}
 
 
 @dataclass
@@ -668,7 +840,7 @@ def _why_not(m) -> Optional[str]:
     return None
 
 
-def convert(model: nn.Module, inplace: bool = False):
+def convert(model: nn.Module, inplace: bool = False, *, batch_norm: bool = False):
     """Swap every supported ``nn.Conv2d`` / ``nn.MaxPool2d`` / ``nn.AvgPool2d`` in ``model`` for its
     fastconv twin, keeping parameters, buffers, hooks and ``state_dict`` keys.
 
@@ -678,6 +850,8 @@ def convert(model: nn.Module, inplace: bool = False):
     inplace : bool
         Change ``model`` itself (its parameters stay the same objects, so an existing optimizer keeps
         working) instead of a deep copy.
+    batch_norm : bool
+        Also swap ``nn.BatchNorm2d`` for :class:`BatchNorm2d` (off by default: see Notes).
 
     Returns
     -------
@@ -689,6 +863,11 @@ def convert(model: nn.Module, inplace: bool = False):
     Only modules of exactly these types are swapped (their class is changed in place: the fastconv
     twins add no state).  A subclass with its own ``forward`` is left alone and reported.  Swapped
     modules still fall back to PyTorch at run time for inputs fastconv cannot serve (CUDA, half, ...).
+
+    ``batch_norm=True``: fastconv's batch norm was 1.3-1.5x faster than PyTorch's (NCHW, forward and
+    backward) on 48x48 planes but up to 2x slower on planes of 6x6 and smaller (its per-call cost,
+    ~0.2 ms); on the benchmark's ResNet-18 and MobileNet-style nets inference got 10-19% faster and a
+    training step changed by -4% to +1% (2-core Xeon, 1 thread, shared machine).
 
     Examples
     --------
@@ -702,14 +881,17 @@ def convert(model: nn.Module, inplace: bool = False):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"convert: inplace must be a bool, got {inplace!r}")
+    if not isinstance(batch_norm, bool):
+        raise TypeError(f"convert: batch_norm must be a bool, got {batch_norm!r}")
+    swaps = {**_SWAPS, **_SWAPS_BN} if batch_norm else _SWAPS
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
     for name, m in model.named_modules():
         kind = type(m).__name__
-        twin = _SWAPS.get(type(m))
+        twin = swaps.get(type(m))
         if twin is None:
-            if isinstance(m, tuple(_SWAPS)) and not isinstance(m, tuple(_SWAPS.values())):
+            if isinstance(m, tuple(swaps)) and not isinstance(m, tuple(swaps.values())):
                 report.left.append((name, kind, "a subclass with its own forward"))
             continue
         why = _why_not(m)
