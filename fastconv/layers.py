@@ -160,6 +160,16 @@ class Module:
                 self._last_in = (a,) if isinstance(a, Tensor) else ()
                 self._last_out = out
             return out
+        if not kwargs:
+            for a in args:
+                if type(a) is np.ndarray and (a.dtype == _F32 or a.dtype == _F64):
+                    break
+            else:  # nothing to wrap (a loss: logits and integer targets)
+                out = self.forward(*args)
+                if isinstance(out, Tensor) and out._node is not None:
+                    self._last_in = tuple([a for a in args if isinstance(a, Tensor)])
+                    self._last_out = out
+                return out
         args = list(args)
         inputs = []
         for i, a in enumerate(args):
