@@ -3,7 +3,7 @@ PyTorch eager (NCHW), PyTorch channels_last, ``torch.compile`` and the model con
 ``fastconv.torch.convert`` -- same initial weights, same batch, same threads, one process.
 
     python benchmarks/torch_train_step.py [--nets lenet,resnet18,mobilenet,unet] [--rounds 7]
-        [--threads N] [--compile] [--profile] [--oversubscription] [--quick]
+        [--threads N] [--compile] [--batch-norm] [--autotune] [--profile] [--oversubscription] [--quick]
     python -m fastconv bench --torch-step [--quick] [--threads N]     # the same, via the CLI
 
 Networks: LeNet-5 on 28x28 (batch 64); ResNet-18 for 32x32 inputs (CIFAR stem: 3x3 conv, no
@@ -14,10 +14,15 @@ concatenation) on 128x128 (batch 4).
 Rounds are interleaved (every round times each configuration once, in a shuffled order, after one
 untimed warm-up step each) and each figure is the median over rounds.  ``--compile`` adds
 ``torch.compile`` (inductor, NCHW) for PyTorch and for the converted model; compiling takes minutes
-on a small machine.  ``--profile`` prints where the converted model's step spends its time
-(fastconv operators, PyTorch operators, the bridge's per-call overhead).  ``--oversubscription``
+on a small machine.  ``--profile`` prints where the converted model's step spends its time, timed
+from inside the bridge (torch.profiler's hooks inflated this step 10x): fastconv's calls by shape
+and pass with the algorithm ``'auto'`` chose, the bridge's own cost (tensor <-> array, layout
+copies, thread setting) and the rest (PyTorch's operators, autograd, Python).  ``--oversubscription``
 reruns the eager and converted configurations in child processes with PyTorch's OpenMP pool set to
 sleep when idle (``OMP_WAIT_POLICY=passive``) to show what its spinning workers cost fastconv.
+``--batch-norm`` adds the model converted with ``batch_norm=True`` (BatchNorm2d on fastconv too).
+``--autotune`` adds the converted model with measured algorithm choices (``fastconv.set_autotune``,
+measured in its untimed warm-up step): what a better-fitted cost model would give on this machine.
 
 Importing this module does no work (asv imports every module in benchmarks/).
 """
@@ -149,8 +154,10 @@ def contestants(name, configs):
             prep = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
         elif c == "compile":
             m = torch.compile(m)
-        elif c == "fastconv":
+        elif c in ("fastconv", "fastconv+autotune"):
             m, reports[c] = ft.convert(m)
+        elif c == "fastconv+bn":
+            m, reports[c] = ft.convert(m, batch_norm=True)
         elif c == "fastconv+compile":
             m, reports[c] = ft.convert(m)
             m = torch.compile(m)
@@ -160,9 +167,10 @@ def contestants(name, configs):
     return out, reports
 
 
-def make_step(model, prep, x, y, dense):
+def make_step(model, prep, x, y, dense, autotune=False):
     import torch
     import torch.nn.functional as F
+    import fastconv
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     xin = prep(x) if prep else x
 
@@ -177,7 +185,18 @@ def make_step(model, prep, x, y, dense):
         with torch.no_grad():
             model(xin)
 
-    return train, infer
+    if not autotune:
+        return train, infer
+
+    def tuned(fn):  # measured algorithm choices for this configuration only (the flag is global)
+        def run():
+            old = fastconv.set_autotune(True)
+            try:
+                fn()
+            finally:
+                fastconv.set_autotune(old)
+        return run
+    return tuned(train), tuned(infer)
 
 
 def _time_net(name, configs, rounds, seed=0):
@@ -188,7 +207,7 @@ def _time_net(name, configs, rounds, seed=0):
     fns = {}
     for c, (m, prep) in models.items():
         m.train()
-        train, infer = make_step(m, prep, x, y, dense)
+        train, infer = make_step(m, prep, x, y, dense, autotune=c.endswith("+autotune"))
         t0 = time.perf_counter()
         train()  # warm-up: JIT / compile / allocator
         infer()
@@ -208,25 +227,67 @@ def _time_net(name, configs, rounds, seed=0):
 
 def format_table(results, configs):
     best_torch = [c for c in configs if not c.startswith("fastconv")]
+    ours = [c for c in configs if c.startswith("fastconv")]
     lines = []
     for mode, title in (("train", "training step (ms, median)"), ("infer", "inference, no_grad (ms, median)")):
-        head = f"{title:34}" + "".join(f"{c:>17}" for c in configs) + f"{'fastconv vs best':>18}"
+        head = f"{title:34}" + "".join(f"{c:>19}" for c in configs)
+        if best_torch:
+            head += "".join(f"{c + ' vs best':>28}" for c in ours)
         lines += [head, "-" * len(head)]
         for name, times in results.items():
             med = {c: statistics.median(times[(c, mode)]) * 1e3 for c in configs}
-            row = f"{name:34}" + "".join(f"{med[c]:17.1f}" for c in configs)
-            if "fastconv" in med and best_torch:
+            row = f"{name:34}" + "".join(f"{med[c]:19.1f}" for c in configs)
+            if best_torch:
                 best = min(best_torch, key=lambda c: med[c])
-                row += f"{med[best] / med['fastconv']:>11.2f}x ({best})"
+                row += "".join(f"{med[best] / med[c]:>12.2f}x ({best})".rjust(28) for c in ours)
             lines.append(row)
         lines.append("")
     return "\n".join(lines)
 
 
-def profile_step(name, top=12):
-    """Where the converted model's training step spends its time (torch.profiler, self CPU time)."""
-    import torch
+class _Timed:
+    """Stands in for ``fastconv.functional`` inside ``fastconv.torch`` while profiling: every call is
+    timed and keyed by function, shapes and geometry; ``own`` is the time this logging took."""
+
+    def __init__(self, functional, log):
+        self._f, self._log, self.own = functional, log, 0.0
+
+    def __getattr__(self, name):
+        fn = getattr(self._f, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            t1 = time.perf_counter()
+            shapes = tuple(tuple(a.shape) for a in args if hasattr(a, "shape"))
+            geo = tuple(a for a in args if not hasattr(a, "shape") and a is not None)
+            self._log.append((name, shapes, geo, t1 - t0))
+            self.own += time.perf_counter() - t1
+            return out
+        setattr(self, name, timed)  # looked up once
+        return timed
+
+
+def _conv_choices(name, shapes, geo):
+    """'auto''s algorithm for each pass of a logged convolution call."""
     import fastconv
+    if name == "conv2d":
+        (xs, ws), passes = shapes[:2], ("forward",)
+    elif name == "conv2d_backward":
+        (xs, ws), passes = shapes[1:3], ("grad_input", "grad_weight")
+    elif name == "conv2d_grad_weight":
+        (xs, ws), passes = shapes[1:3], ("grad_weight",)
+    else:
+        return ""
+    stride, padding, dilation, groups = geo[:4]
+    return "/".join(fastconv.choose_algorithm(xs, ws, stride, padding, dilation, groups, pass_=q) for q in passes)
+
+
+def profile_step(name, top=12, steps=5):
+    """Where the converted model's training step goes, timed from inside (no profiler hooks):
+    fastconv's calls keyed by shape and pass (with the algorithm 'auto' chose), the bridge's own
+    cost (tensor <-> array, layout copies, thread setting: time in the bridge's computations
+    outside fastconv), and the rest (PyTorch's operators, autograd, Python)."""
     import fastconv.torch as ft
 
     x, y = data(name)
@@ -234,41 +295,61 @@ def profile_step(name, top=12):
     model, _ = models["fastconv"]
     train, _ = make_step(model, None, x, y, NETS[name][2] is None)
     train()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(3):
+    log, impl_time, copies = [], [0.0], [0, 0]
+    saved = {k: getattr(ft, k) for k in dir(ft) if k.endswith("_impl") or k in ("_fc", "_array")}
+
+    def timed_impl(fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            impl_time[0] += time.perf_counter() - t0
+            return out
+        return run
+
+    def counted_array(t):
+        if not t.is_contiguous():
+            copies[0] += 1
+            copies[1] += t.numel() * t.element_size()
+        return saved["_array"](t)
+
+    walls = []
+    timed_fc = _Timed(saved["_fc"], log)
+    try:
+        ft._fc = timed_fc
+        ft._array = counted_array
+        for k, fn in saved.items():
+            if k.endswith("_impl"):
+                setattr(ft, k, timed_impl(fn))
+        for _ in range(steps):
+            t0 = time.perf_counter()
             train()
-        wall = (time.perf_counter() - t0) / 3
-    rows = [(e.key, e.self_cpu_time_total / 3e3, e.count // 3) for e in prof.key_averages()]
-    # A forward operator's work is recorded as the self time of its autograd function's entry
-    # ("GeneratedBackwardFor_fastconv_conv2d_default", a child of "fastconv::conv2d"); a backward
-    # operator's under its own name.  Self times never count a nanosecond twice.
-    ours = ("fastconv::", "GeneratedBackwardFor_fastconv")
-    fc = sum(t for k, t, _ in rows if k.startswith(ours))
-    total = sum(t for _, t, _ in rows)
-    calls = sum(n for k, _, n in rows if k.startswith("fastconv::"))
-    # the bridge's own cost per call: a tiny convolution through the operator vs fastconv directly
-    xs, ws = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)
-    xa, wa = xs.numpy(), ws.numpy()
-    for _ in range(50):
-        ft.conv2d(xs, ws), fastconv.conv2d(xa, wa)
-    via = statistics.median(_clock(lambda: ft.conv2d(xs, ws)) for _ in range(200))
-    direct = statistics.median(_clock(lambda: fastconv.conv2d(xa, wa)) for _ in range(200))
-    bridge = max(via - direct, 0.0) * 1e3
-    lines = [f"where a training step of the converted {name} goes (torch.profiler self CPU time, mean of 3 "
-             f"steps; wall {wall * 1e3:.1f} ms):",
-             f"  fastconv operators {fc:8.1f} ms ({100 * fc / total:4.1f}%), {calls} calls; bridge overhead "
-             f"~{bridge * 1e3:.0f} us/call = {bridge * calls:.2f} ms",
-             f"  PyTorch operators  {total - fc:8.1f} ms ({100 * (total - fc) / total:4.1f}%)"]
-    for k, t, n in sorted(rows, key=lambda r: -r[1])[:top]:
-        lines.append(f"    {k:44} {t:8.2f} ms  x{n}")
+            walls.append(time.perf_counter() - t0)
+    finally:
+        for k, fn in saved.items():
+            setattr(ft, k, fn)
+    wall = statistics.median(walls) * 1e3
+    per_step = lambda t: t / steps * 1e3  # noqa: E731
+    fc = per_step(sum(r[3] for r in log))
+    bridge = per_step(impl_time[0] - timed_fc.own) - fc
+    rest = sum(walls) / steps * 1e3 - fc - bridge
+    groups = {}
+    for fname, shapes, geo, dt in log:
+        entry = groups.setdefault((fname, shapes, geo), [0, 0.0])
+        entry[0] += 1
+        entry[1] += dt
+    lines = [f"where a training step of the converted {name} goes (median wall {wall:.1f} ms over {steps} steps; "
+             f"per-step means):",
+             f"  fastconv calls   {fc:8.2f} ms  {len(log) // steps} calls",
+             f"  bridge           {bridge:8.2f} ms  (tensor<->array, {copies[0] // steps} layout copies = "
+             f"{copies[1] / steps / 1e6:.1f} MB, thread setting)",
+             f"  PyTorch + rest   {rest:8.2f} ms  (its operators, autograd, Python)",
+             f"  top fastconv calls (ms per step; 'auto' choice per pass):"]
+    for (fname, shapes, geo), (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        shape_text = " ".join("x".join(map(str, sh)) for sh in shapes)
+        geo_text = ",".join(str(g) for g in geo[:5])
+        lines.append(f"    {per_step(t):7.2f}  {fname:20} x{n // steps:<2} {shape_text:40} {geo_text:34} "
+                     f"{_conv_choices(fname, shapes, geo)}")
     return "\n".join(lines)
-
-
-def _clock(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -278,7 +359,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="threads for both libraries (default: all)")
     p.add_argument("--compile", action="store_true", help="also torch.compile (PyTorch and the converted model)")
     p.add_argument("--configs", help="explicit comma-separated configurations (eager, channels_last, compile, "
-                                     "fastconv, fastconv+compile)")
+                                     "fastconv, fastconv+bn, fastconv+autotune, fastconv+compile)")
+    p.add_argument("--batch-norm", action="store_true",
+                   help="also the model converted with convert(..., batch_norm=True) (BatchNorm2d on fastconv)")
+    p.add_argument("--autotune", action="store_true",
+                   help="also the converted model with measured algorithm choices (fastconv.set_autotune; "
+                        "the cache goes to a fresh FASTCONV_CACHE_DIR unless that is set)")
     p.add_argument("--profile", action="store_true", help="print where the converted model's step goes")
     p.add_argument("--oversubscription", action="store_true",
                    help="compare eager/fastconv in child processes with PyTorch's OpenMP pool spinning (default) "
@@ -293,7 +379,11 @@ def main(argv=None):
     rounds = 3 if a.quick and a.rounds == 7 else a.rounds
     configs = (a.configs.split(",") if a.configs else
                ["eager", "channels_last"] + (["compile"] if a.compile else []) + ["fastconv"] +
+               (["fastconv+bn"] if a.batch_norm else []) + (["fastconv+autotune"] if a.autotune else []) +
                (["fastconv+compile"] if a.compile else []))
+    if any(c.endswith("+autotune") for c in configs) and not os.environ.get("FASTCONV_CACHE_DIR"):
+        import tempfile
+        os.environ["FASTCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastconv_autotune_")  # measured afresh
 
     if a.oversubscription:
         return _oversubscription(nets, rounds, a.threads)

@@ -212,6 +212,23 @@ def test_input_gradient_of_a_branching_model_matches_finite_differences():
     assert abs(float((xt.grad * d).sum()) - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 
+def test_frozen_parameter_gets_no_gradient_and_the_others_are_unchanged():
+    """A parameter with requires_grad=False (frozen, as in fine-tuning) is a constant: its .grad
+    stays zero and every other gradient, and the input's, is what the unfrozen model gives."""
+    x, y = batch(np.float64, 2, seed=8)
+    grads = []
+    for freeze in (False, True):
+        model = Residual(np.float64)
+        model.stem.weight.requires_grad = not freeze
+        xt = fastconv.Tensor(x, requires_grad=True)
+        CrossEntropyLoss()(model(xt), y).backward()
+        grads.append((xt.grad, {n: p.grad.copy() for n, p in model.named_parameters()}))
+    (x0, free), (x1, frozen) = grads
+    assert free["stem.weight"].any() and not frozen["stem.weight"].any()
+    assert np.array_equal(x0, x1)
+    assert all(np.array_equal(free[n], frozen[n]) for n in free if n != "stem.weight")
+
+
 # --------------------------------------------------------------------------- the graph's lifetime
 def test_second_backward_of_one_forward_is_refused():
     model = plain(np.float64)

@@ -130,12 +130,59 @@ def test_gradgradcheck_float64():
     assert torch.autograd.gradgradcheck(lambda x: ft.avg_pool2d(x, 3, 1, 1), (xp,))
 
 
-def test_only_needed_grads_are_returned():
-    x = _rand((1, 2, 5, 5), F32, 13)                 # input without grad (a first layer)
+@pytest.mark.parametrize("s", CONV_SAMPLES[:2], ids=[s[0] for s in CONV_SAMPLES[:2]])
+def test_opcheck_conv2d_grad_weight(s):
+    x, w, _, *rest = _conv_args(s, requires_grad=False)
+    y = F.conv2d(x, w, None, rest[0], "same" if rest[4] else rest[1], rest[2], rest[3])
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (torch.randn_like(y), x, w, *rest))
+
+
+@pytest.mark.parametrize("route", ["eager", "operator"])
+def test_only_needed_grads_are_computed(route, monkeypatch):
+    """A first layer (input without grad) runs only the weight-gradient pass: conv2d_backward, which
+    would also compute the input gradient, is never called; frozen weights get no gradient."""
+    import fastconv.torch as ftm
+
+    def conv(x, w, b):
+        if route == "eager":
+            return ft.conv2d(x, w, b, 1, 1)
+        return torch.ops.fastconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1, False)
+
+    x = _rand((2, 2, 5, 5), F32, 13)
     w = _rand((3, 2, 3, 3), F32, 14).requires_grad_()
-    ft.conv2d(x, w).sum().backward()
-    assert x.grad is None and w.grad is not None
-    torch.testing.assert_close(w.grad, torch.autograd.grad(F.conv2d(x, w).sum(), w)[0])
+    b = _rand((3,), F32, 15).requires_grad_()
+    calls = []
+    real = ftm._fc.conv2d_backward
+    monkeypatch.setattr(ftm._fc, "conv2d_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = conv(x, w, b)
+    y.square().sum().backward()
+    assert x.grad is None and calls == []
+    gw, gb = torch.autograd.grad(F.conv2d(x, w, b, 1, 1).square().sum(), (w, b))
+    torch.testing.assert_close(w.grad, gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, gb, rtol=1e-5, atol=1e-5)
+    xg, wf = x.clone().requires_grad_(), w.detach()   # frozen weights: the input gradient only
+    conv(xg, wf, None).square().sum().backward()
+    assert wf.grad is None and calls == [1]
+    ref = torch.autograd.grad(F.conv2d(xg, wf, None, 1, 1).square().sum(), xg)[0]
+    torch.testing.assert_close(xg.grad, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_calls_skip_the_operator_dispatch():
+    """Eager calls run autograd.Functions (an operator call costs ~30 us of dispatch more), calls
+    under no_grad the computation alone; the operators stay what torch.compile traces (see the
+    dynamo test) and give the same gradients (gradcheck through them here)."""
+    x = _rand((1, 2, 6, 6), F64, 30).requires_grad_()
+    w = _rand((3, 2, 3, 3), F64, 31).requires_grad_()
+    assert type(ft.conv2d(x, w).grad_fn).__name__ == "_Conv2dFunctionBackward"
+    assert type(ft.max_pool2d(x, 2).grad_fn).__name__ == "_MaxPool2dFunctionBackward"
+    assert type(ft.avg_pool2d(x, 2).grad_fn).__name__ == "_AvgPool2dFunctionBackward"
+    with torch.no_grad():
+        assert ft.conv2d(x, w).grad_fn is None
+    op = torch.ops.fastconv
+    assert torch.autograd.gradcheck(lambda x, w: op.conv2d(x, w, None, [2, 1], [1, 0], [1, 1], 1, False), (x, w))
+    xp = (torch.randperm(72, dtype=F64).reshape(1, 2, 6, 6) / 7).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: op.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True)[0], (xp,))
+    assert torch.autograd.gradcheck(lambda x: op.avg_pool2d(x, [3, 3], [2, 2], [1, 1], True, False), (xp,))
 
 
 def test_max_pool_indices_match_torch():
@@ -143,6 +190,84 @@ def test_max_pool_indices_match_torch():
     y, i = ft.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
     yr, ir = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
     assert torch.equal(y, yr) and torch.equal(i, ir) and i.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------- batch_norm
+# (id, training, running statistics given, affine, dtype, layout)
+BN_SAMPLES = [
+    ("train-stats-f32", True, True, True, F32, "contiguous"),
+    ("train-nostats-f64", True, False, True, F64, "strided"),
+    ("eval-f64", False, True, True, F64, "channels_last"),
+    ("eval-noaffine-f32", False, True, False, F32, "contiguous"),
+]
+
+
+def _bn_args(s, seed=40):
+    _, training, stats, affine, dtype, layout = s
+    x = _rand((3, 4, 5, 6), dtype, seed, layout).requires_grad_()
+    rm = _rand((4,), dtype, seed + 1) if stats else None
+    rv = _rand((4,), dtype, seed + 2).abs() + 0.5 if stats else None
+    w = _rand((4,), dtype, seed + 3).requires_grad_() if affine else None
+    b = _rand((4,), dtype, seed + 4).requires_grad_() if affine else None
+    return x, rm, rv, w, b, training, 0.3, 1e-4
+
+
+@pytest.mark.parametrize("s", BN_SAMPLES, ids=[s[0] for s in BN_SAMPLES])
+def test_opcheck_batch_norm(s):
+    torch.library.opcheck(torch.ops.fastconv.batch_norm.default, _bn_args(s))
+    x, rm, rv, w, *_ = _bn_args(s)
+    torch.library.opcheck(torch.ops.fastconv.batch_norm_backward.default,
+                          (torch.randn_like(x), x.detach(), None if s[1] else rm, None if s[1] else rv,
+                           None if w is None else w.detach(), s[1], 1e-4))
+
+
+@pytest.mark.parametrize("s", BN_SAMPLES, ids=[s[0] for s in BN_SAMPLES])
+def test_batch_norm_matches_torch_with_grads_and_running_stats(s):
+    """Output, gradients and the running statistics updated in place, against F.batch_norm."""
+    x, rm, rv, w, b, training, momentum, eps = _bn_args(s)
+    xr, rmr, rvr = x.detach().clone().requires_grad_(), *(None if t is None else t.clone() for t in (rm, rv))
+    wr, br = (None if t is None else t.detach().clone().requires_grad_() for t in (w, b))
+    y = ft.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    ref = F.batch_norm(xr, rmr, rvr, wr, br, training, momentum, eps)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if x.dtype == F32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(y, ref, **tol)
+    assert y.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last)
+    for got, want in ((rm, rmr), (rv, rvr)):
+        if got is not None:
+            torch.testing.assert_close(got, want, **tol)
+    g = torch.randn_like(ref)
+    ours = [t for t in (x, w, b) if t is not None]
+    theirs = [t for t in (xr, wr, br) if t is not None]
+    for got, want in zip(torch.autograd.grad(y, ours, g), torch.autograd.grad(ref, theirs, g)):
+        torch.testing.assert_close(got, want, rtol=10 * tol["rtol"], atol=10 * tol["atol"])
+
+
+def test_batch_norm_gradcheck_and_module():
+    x = _rand((3, 2, 4, 3), F64, 50).requires_grad_()
+    w, b = _rand((2,), F64, 51).requires_grad_(), _rand((2,), F64, 52).requires_grad_()
+    rm, rv = torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64)
+    for training in (True, False):
+        assert torch.autograd.gradcheck(lambda x, w, b: ft.batch_norm(x, rm.clone(), rv.clone(), w, b, training),
+                                        (x, w, b))
+        assert torch.autograd.gradgradcheck(lambda x, w, b: ft.batch_norm(x, rm.clone(), rv.clone(), w, b, training),
+                                            (x, w, b))
+    op = torch.ops.fastconv  # the operator's own autograd formula (what torch.compile traces)
+    assert torch.autograd.gradcheck(lambda x, w, b: op.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)[0], (x, w, b))
+    # the module: momentum=None (a cumulative average), num_batches_tracked, eval, state_dict keys
+    torch.manual_seed(3)
+    ref = nn.BatchNorm2d(2, momentum=None)
+    assert not ft.convert(ref)[1].swapped  # opt-in
+    fast, report = ft.convert(ref, batch_norm=True)
+    assert len(report.swapped) == 1 and type(fast) is ft.BatchNorm2d
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    for step in range(3):
+        xi = _rand((4, 2, 3, 3), F32, 60 + step)
+        torch.testing.assert_close(fast(xi), ref(xi), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
+    assert int(fast.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    fast.eval()
+    ref.eval()
+    torch.testing.assert_close(fast(xi), ref(xi), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- modules and convert
@@ -212,10 +337,11 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("build,shape,swapped", [(lenet, (2, 1, 28, 28), 4), (resnet_style, (2, 3, 16, 16), 7),
-                                                 (mobilenet_style, (2, 3, 16, 16), 6)],
-                         ids=["lenet", "resnet", "mobilenet"])
-def test_converted_model_matches(build, shape, swapped):
+@pytest.mark.parametrize("build,shape,swapped,batch_norm", [
+    (lenet, (2, 1, 28, 28), 4, False), (resnet_style, (2, 3, 16, 16), 7, False),
+    (mobilenet_style, (2, 3, 16, 16), 6, False), (resnet_style, (2, 3, 16, 16), 13, True),
+    (mobilenet_style, (2, 3, 16, 16), 11, True)], ids=["lenet", "resnet", "mobilenet", "resnet-bn", "mobilenet-bn"])
+def test_converted_model_matches(build, shape, swapped, batch_norm):
     """Outputs and every parameter gradient of the converted model within 1e-5 (relative to the
     tensor's largest entry) of the original's, in float32.
 
@@ -226,7 +352,7 @@ def test_converted_model_matches(build, shape, swapped):
     torch.manual_seed(0)
     ref = build()
     ref64 = copy.deepcopy(ref).double()
-    fast, report = ft.convert(ref)
+    fast, report = ft.convert(ref, batch_norm=batch_norm)
     assert len(report.swapped) == swapped and not report.left
     assert all(type(m).__module__ == "torch.nn.modules.conv" for m in ref.modules() if isinstance(m, nn.Conv2d))
     x = _rand(shape, F32, 17)
@@ -256,6 +382,8 @@ def test_convert_inplace_keeps_parameters_and_reports_what_it_left():
     assert "left to PyTorch" in str(report)
     with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module"):
         ft.convert(object())
+    with pytest.raises(TypeError, match="convert: batch_norm must be a bool, got 1"):
+        ft.convert(net, batch_norm=1)
 
 
 # --------------------------------------------------------------------------- fallbacks
@@ -326,6 +454,27 @@ def test_dynamo_no_graph_break_and_compiled_step_matches():
         assert _rel_err(p.grad, q.grad) <= 1e-5
 
 
+def test_dynamo_batch_norm_model_no_graph_break_and_running_stats():
+    """A converted model with BatchNorm2d (running statistics updated in training) compiles whole and
+    updates its statistics as the original does."""
+    torch.manual_seed(0)
+    ref = resnet_style()
+    fast, _ = ft.convert(ref, batch_norm=True)
+    x = _rand((2, 3, 16, 16), F32, 23)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(copy.deepcopy(fast))(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+    y, yr = compiled(x), ref(x)
+    assert _rel_err(y, yr) <= 1e-5
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert _rel_err(p.grad, q.grad) <= 1e-4, name
+    for (name, b), c in zip(fast.named_buffers(), ref.buffers()):
+        assert _rel_err(b.double(), c.double()) <= 1e-5, name
+
+
 # --------------------------------------------------------------------------- the benchmark's networks
 def test_benchmark_networks_convert_completely():
     """benchmarks/torch_train_step.py's four networks: every conv and pool swapped, nothing left."""
@@ -336,10 +485,13 @@ def test_benchmark_networks_convert_completely():
     finally:
         sys.path.remove(root)
     expected = {"lenet": 4, "resnet18": 20, "mobilenet": 28, "unet": 19}  # U-Net: one pool module, reused
+    batch_norms = {"lenet": 0, "resnet18": 20, "mobilenet": 27, "unet": 0}
     for name, count in expected.items():
         net = tts.build(name)
         _, report = ft.convert(net)
         assert len(report.swapped) == count and not report.left, (name, report)
+        _, report = ft.convert(net, batch_norm=True)
+        assert len(report.swapped) == count + batch_norms[name] and not report.left, (name, report)
     with pytest.raises(ValueError, match="unknown network"):
         tts.build("vgg")
 
