@@ -25,6 +25,10 @@ from .gemm import VBYTES, _tile_of, ukernel_ldb
 from ._blas import _N, _T, _chars, _gemm
 
 _micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+# The packed forward's row transforms are called, not inlined by numba: inlining them all into the
+# parallel kernel took 35 s to compile per dtype, calls 1/3 of that (LLVM still inlines the small
+# ones); each call runs over whole rows of slots, so the call costs nothing measurable.
+_helper = numba.njit(fastmath=FASTMATH, nogil=True)
 
 
 @_micro
@@ -242,7 +246,7 @@ def _zero(a, o, n):
         a[o + i] = 0
 
 
-@_micro
+@_helper
 def _copy_rows(xf, xoff, xw, rb, d0, y0, x0, nrow, ld, ncol, hv, wv):
     # rb[d0 + r*ld + c] = x[y0 + r, x0 + c] (plane at xf[xoff], rows of xw) inside [0, hv) x [0, wv),
     # else 0; r < nrow, c < ncol.  Offsets, not views: a view inside a prange body is an atomic
@@ -326,7 +330,7 @@ def _bt2(src, so, lds, dst, do, ldd, n):
         dst[d + q] = src[s1 + q] - src[s3 + q]
 
 
-@_micro
+@_helper
 def _bt_cols(rb, tb, w, n, m, kc):
     # tb[r'*w + c] = sum_r B^T[r', r] rb[r*w + c], c < n
     if m == 4:
@@ -422,7 +426,7 @@ def _lanes_of(typingctx, a):
     return types.intp(a), lambda context, builder, sig, args: context.get_constant(types.intp, lanes)
 
 
-@_micro
+@_helper
 def _split_phases(src, so, ph, lp, n, m):
     # ph[s*lp + q] = src[so + m*q + s], q < n, s < m: the m column phases of a row, then two
     # shifted copies of phases 0 and 1 (ph[(m + s)*lp + q] = ph[s*lp + q + 1]: the next tile's first
@@ -443,7 +447,7 @@ def _split_phases(src, so, ph, lp, n, m):
         ph[(m + s) * lp + n - 1] = 0
 
 
-@_micro
+@_helper
 def _bt_row(ph, lp, v, voff, ldv, n, m, kc):
     # v[voff + s'*ldv + q] = sum_s B^T[s', s] d_s(q), d_s(q) = ph[s*lp + q] the column phases
     if m == 4:
@@ -452,7 +456,7 @@ def _bt_row(ph, lp, v, voff, ldv, n, m, kc):
         _bt2(ph, 0, lp, v, voff, ldv, n)
 
 
-@_micro
+@_helper
 def _at(src, so, lds, dst, do, ldd, n, m, kc):
     # dst[do + i*ldd + q] = sum_u A^T[i, u] src[so + u*lds + q], i < m, q < n
     s0 = _u(so)
@@ -486,7 +490,7 @@ def _at(src, so, lds, dst, do, ldd, n, m, kc):
             dst[d + q] = src[s1 + q] - src[s2 + q] - src[s3 + q]
 
 
-@_micro
+@_helper
 def _store_row(t2, to, lt, yf, yo, nfull, ncol, m, bias, spill):
     # yf[yo + m*j + ci] = t2[to + ci*lt + j] + bias for output columns m*j + ci < ncol, in vectors
     # of m interleaved phases.  spill: the row may be overrun by less than one more row (the next
