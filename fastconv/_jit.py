@@ -57,6 +57,9 @@ kernel = cached(numba.njit(parallel=not BOUNDSCHECK, fastmath=FASTMATH, nogil=Tr
 # their own (a cached serial function calling a cached parallel one is the crash above).  numba does
 # not see an edit to a helper in another file: delete the calling kernel's __pycache__/*.nbi then.
 micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+# serial: a helper compiled on its own and called (LLVM may still inline it): for big helpers that
+# numba's own inlining would copy into a parallel kernel many times (its compile time grows with it)
+serial = numba.njit(fastmath=FASTMATH, nogil=True)
 
 # --------------------------------------------------------------------------- vectors and runs
 #: Bytes per vector in the IR micro-kernels (``common.mac_taps``, ``copy_vector``): 256 bits, which

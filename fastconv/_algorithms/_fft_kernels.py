@@ -7,16 +7,15 @@ They live apart from the planning and cost code because numba's on-disk cache is
 source file's time stamp: an edit to the Python layer would otherwise recompile them (~16-18 s per
 dtype cold).
 """
-import numba
 import numpy as np
 from numba import prange
 
-from .._jit import FASTMATH, kernel
+from .._jit import kernel, serial
 
 # Serial, uncached helper linked into the calling parallel kernels (and stored in their cache
 # entries): never a cached kernel calling another cached kernel (numba issue 8578,
 # shared/NUMBA_NOTES.md).  Not inlined: inlining it into both kernels cost more compile time.
-_inline = numba.njit(fastmath=FASTMATH, nogil=True)
+_inline = serial
 
 
 # --------------------------------------------------------------------------- kernels

@@ -13,18 +13,17 @@ stride is 1).  A tap t = (cc, rr, ss) of a group then starts at ``toff[t] = cc*L
 + rr*dh*wq + cs // sw`` (cs = ss*dw), and output position (i, j) of that tap reads
 ``toff[t] + i*rstep + j`` (rstep = sh*wq): each output row of each tap is one contiguous run.
 """
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._jit import FASTMATH, kernel
+from .._jit import kernel, micro
 from .common import claim as _claim
 from .gemm import ISA, TILES, VBYTES, _macro, _tile_of, gemm_serial_packed, pack_a_all
 
-_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+_micro = micro
 
 #: (rows of gy, taps) of grad_weight's dot-product tile per ISA: rows*taps accumulators, rows
 #: vectors of gy and one tap vector live at once (AVX-512: 4*6 + 4 + 1 = 29 of 32 registers;

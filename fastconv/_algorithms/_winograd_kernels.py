@@ -13,22 +13,21 @@ columns are then loops of ``dst_row += c * src_row`` over whole rows (:func:`_le
 (zero coefficients skipped).  The same two helpers do the output transform and grad_weight's
 transform of grad_output tiles.
 """
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .._jit import FASTMATH, kernel
+from .._jit import kernel, micro, serial
 from .common import claim as _claim
 from .gemm import VBYTES, _tile_of, ukernel_ldb
 from ._blas import _N, _T, _chars, _gemm
 
-_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+_micro = micro
 # The packed forward's row transforms are called, not inlined by numba: inlining them all into the
 # parallel kernel took 35 s to compile per dtype, calls 1/3 of that (LLVM still inlines the small
 # ones); each call runs over whole rows of slots, so the call costs nothing measurable.
-_helper = numba.njit(fastmath=FASTMATH, nogil=True)
+_helper = serial
 
 
 @_micro

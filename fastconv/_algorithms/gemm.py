@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _cpu
-from .._jit import FASTMATH, kernel
+from .._jit import kernel, serial
 from .common import claim
 
 #: (MR rows, NV vectors per row) of the micro-kernel per ISA and element size
@@ -404,7 +404,7 @@ def _fma_loop(typingctx, n, seed, out):
 
 
 # ---------------------------------------------------------------------------------------- packing
-_serial = numba.njit(fastmath=FASTMATH, nogil=True)
+_serial = serial
 
 
 @_serial

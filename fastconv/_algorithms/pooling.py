@@ -13,13 +13,12 @@ positions ``ih*w + iw`` in each plane.
 2x2 windows with stride 2 and no padding (LeNet's, VGG's pools) have their own forward kernel,
 ``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.
 """
-import numba
 import numpy as np
 from numba import prange
 
-from .._jit import FASTMATH, RUN_VECTOR, kernel, round_run
+from .._jit import kernel, micro, round_run, RUN_VECTOR
 
-_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")  # compiled into the caller
+_micro = micro  # compiled into the caller
 
 # Interior output rows run one window tap at a time over a whole row of outputs, so the selects
 # are vector blends.  Scalar selects inside loops with run-time bounds are turned into branches

@@ -1,17 +1,16 @@
 """Micro-kernels of the direct algorithm (register blocks, dot products, row copies), inlined
 into its parallel kernels."""
 import numpy as np
-import numba
 from numba import literally
 
-from ..._jit import BOUNDSCHECK, FASTMATH, RUN_VECTOR, VECTOR_BYTES, round_run
+from ..._jit import BOUNDSCHECK, micro, round_run, RUN_VECTOR, serial, VECTOR_BYTES
 from ..common import SLACK, mac_taps
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
 _FWD_KB = 8       # output channels per forward work item
 
 # Micro-kernels: serial, uncached, compiled into the calling parallel kernel.
-_micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
+_micro = micro
 
 
 @_micro
@@ -100,7 +99,7 @@ def _tap_offsets(tc, tb, pitch):
     return offs
 
 
-@numba.njit(fastmath=FASTMATH, nogil=True)  # not inlined: literally() needs its own typing
+@serial  # not inlined: literally() needs its own typing
 def _mac_run(acc, q, xv, base, offs, wt, k0, b, ln, lanes, nq):
     """Rows q .. q+nq-1 of ``acc`` over a run of ln positions (a multiple of lanes): mac_taps
     blocks of 3 vectors, then single vectors; ``nq`` a literal (one compiled copy per value)."""
