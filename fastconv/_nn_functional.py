@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation as V
+from ._algorithms import elementwise as _ew
 from ._algorithms import norm as _norm
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
@@ -466,6 +467,14 @@ def _elementwise_out(fn, x, out):
     return np.empty(x.shape, x.dtype) if y is None else y
 
 
+def _elementwise_grad(kern, grad_output, x, *args):
+    """A new array ``kern`` fills from ``grad_output`` and ``x`` (same shape and dtype, checked)."""
+    gx = np.empty(x.shape, x.dtype)
+    apply_threads(x.size)
+    kern(np.ascontiguousarray(grad_output).reshape(-1), np.ascontiguousarray(x).reshape(-1), *args, gx.reshape(-1))
+    return gx
+
+
 def relu6(x, *, out=None):
     """``min(max(x, 0), 6)`` (NaN stays NaN, as PyTorch's ``hardtanh``).
 
@@ -477,7 +486,9 @@ def relu6(x, *, out=None):
     """
     x = V.any_float_array("relu6", "input", x)
     y = _elementwise_out("relu6", x, out)
-    return np.minimum(np.maximum(x, x.dtype.type(0), out=y), x.dtype.type(6), out=y)
+    apply_threads(x.size)
+    _ew.relu6(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
+    return y
 
 
 def relu6_backward(grad_output, x):
@@ -493,7 +504,7 @@ def relu6_backward(grad_output, x):
     fn = "relu6_backward"
     x = V.any_float_array(fn, "input", x)
     grad_output = V.same_shape(fn, "grad_output", V.any_float_array(fn, "grad_output", grad_output, x.dtype), x.shape)
-    return np.where((x > 0) & (x < 6), grad_output, grad_output.dtype.type(0))
+    return _elementwise_grad(_ew.relu6_backward, grad_output, x)
 
 
 def leaky_relu(x, negative_slope=0.01, *, out=None):
@@ -509,7 +520,8 @@ def leaky_relu(x, negative_slope=0.01, *, out=None):
     x = V.any_float_array(fn, "input", x)
     slope = x.dtype.type(V.real(fn, "negative_slope", negative_slope))
     y = _elementwise_out(fn, x, out)
-    y[...] = np.where(x > 0, x, x * slope)
+    apply_threads(x.size)
+    _ew.leaky_relu(np.ascontiguousarray(x).reshape(-1), slope, y.reshape(-1))
     return y
 
 
@@ -526,4 +538,4 @@ def leaky_relu_backward(grad_output, x, negative_slope=0.01):
     x = V.any_float_array(fn, "input", x)
     grad_output = V.same_shape(fn, "grad_output", V.any_float_array(fn, "grad_output", grad_output, x.dtype), x.shape)
     slope = x.dtype.type(V.real(fn, "negative_slope", negative_slope))
-    return np.where(x > 0, grad_output, grad_output * slope)
+    return _elementwise_grad(_ew.leaky_relu_backward, grad_output, x, slope)
