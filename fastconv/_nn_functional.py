@@ -258,6 +258,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     (array([0.2]), array([1.1]))
     """
     fn = "batch_norm"
+    args = _bn_forward_args(fn, x, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = V.check_out(fn, out, args[0].shape, args[0].dtype)
+    return _batch_norm(*args, y, None)[0]
+
+
+def _bn_forward_args(fn, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """:func:`batch_norm`'s arguments validated, in its order."""
     x, running_mean, running_var, weight, training, eps = _bn_args(fn, x, running_mean, running_var, weight,
                                                                    training, eps)
     momentum = V.real(fn, "momentum", momentum)
@@ -270,10 +277,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if training and a is not None and not a.flags.writeable:
             raise ValueError(f"{fn}: {name} must be writeable when training (it is updated in place), got a "
                              f"read-only array")
-    y = V.check_out(fn, out, x.shape, x.dtype)
+    return x, running_mean, running_var, weight, bias, training, momentum, eps
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, y, act):
+    """:func:`batch_norm` of validated arguments, followed by the activation ``act`` (None, 'relu' or
+    'relu6') in the same pass; returns ``(y, mean, invstd)``, the statistics used (float64, None for
+    an empty ``x``), for :func:`_batch_norm_backward`."""
     y = np.empty(x.shape, x.dtype) if y is None else y
     if x.size == 0:
-        return y
+        return y, None, None
+    c = x.shape[1]
     x3 = _norm.planes(x)
     apply_threads(x.size)
     mean, invstd, var = _bn_stats(x3, running_mean, running_var, training, eps)
@@ -287,8 +301,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if running_var is not None:
             running_var *= 1 - momentum
             running_var += momentum * var * (cnt / (cnt - 1))
-    _norm.affine(x3, a, d, y.reshape(x3.shape))
-    return y
+    if act is None:
+        _norm.affine(x3, a, d, y.reshape(x3.shape))
+    else:
+        _norm.affine_act(x3, a, d, act, y.reshape(x3.shape))
+    return y, mean, invstd
 
 
 def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, training=False, eps=1e-5):
@@ -316,13 +333,26 @@ def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, 
                                                                    training, eps)
     grad_output = V.any_float_array(fn, "grad_output", grad_output, x.dtype)
     V.same_shape(fn, "grad_output", grad_output, x.shape)
+    if x.size == 0:
+        return _batch_norm_backward(grad_output, x, None, None, weight, training)
+    apply_threads(2 * x.size)
+    mean, invstd, _ = _bn_stats(_norm.planes(x), running_mean, running_var, training, eps)
+    return _batch_norm_backward(grad_output, x, mean, invstd, weight, training)
+
+
+def _batch_norm_backward(grad_output, x, mean, invstd, weight, training, act=None, y=None):
+    """:func:`batch_norm_backward` of validated arguments with the statistics the forward used
+    (``_batch_norm``'s); with ``act``, of the fused activation too, masked by its output ``y``."""
     c = x.shape[1]
     if x.size == 0:
         return BatchNormGrads(np.zeros_like(x), np.zeros(c, x.dtype), np.zeros(c, x.dtype))
     x3, g3 = _norm.planes(x), _norm.planes(grad_output)
     apply_threads(2 * x.size)
-    mean, invstd, _ = _bn_stats(x3, running_mean, running_var, training, eps)
-    s1, s2 = _norm.grad_sums(g3, x3, mean)
+    if act is None:
+        s1, s2 = _norm.grad_sums(g3, x3, mean)
+    else:
+        y3 = y.reshape(x3.shape)
+        s1, s2 = _norm.grad_sums_act(g3, y3, x3, mean, act)
     w = np.ones(c) if weight is None else weight.astype(np.float64)
     a = w * invstd
     if training:
@@ -332,7 +362,10 @@ def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, 
     else:
         b = d = np.zeros(c)
     gx = np.empty(x.shape, x.dtype)
-    _norm.affine2(g3, x3, a, b, d, gx.reshape(x3.shape))
+    if act is None:
+        _norm.affine2(g3, x3, a, b, d, gx.reshape(x3.shape))
+    else:
+        _norm.affine2_act(g3, y3, x3, a, b, d, act, gx.reshape(x3.shape))
     return BatchNormGrads(gx, (s2 * invstd).astype(x.dtype), s1.astype(x.dtype))
 
 
