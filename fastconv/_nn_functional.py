@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation as V
+from ._algorithms import elementwise as _ew
 from ._algorithms import norm as _norm
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
@@ -257,6 +258,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     (array([0.2]), array([1.1]))
     """
     fn = "batch_norm"
+    args = _bn_forward_args(fn, x, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = V.check_out(fn, out, args[0].shape, args[0].dtype)
+    return _batch_norm(*args, y, None)[0]
+
+
+def _bn_forward_args(fn, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """:func:`batch_norm`'s arguments validated, in its order."""
     x, running_mean, running_var, weight, training, eps = _bn_args(fn, x, running_mean, running_var, weight,
                                                                    training, eps)
     momentum = V.real(fn, "momentum", momentum)
@@ -269,10 +277,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if training and a is not None and not a.flags.writeable:
             raise ValueError(f"{fn}: {name} must be writeable when training (it is updated in place), got a "
                              f"read-only array")
-    y = V.check_out(fn, out, x.shape, x.dtype)
+    return x, running_mean, running_var, weight, bias, training, momentum, eps
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, y, act):
+    """:func:`batch_norm` of validated arguments, followed by the activation ``act`` (None, 'relu' or
+    'relu6') in the same pass; returns ``(y, mean, invstd)``, the statistics used (float64, None for
+    an empty ``x``), for :func:`_batch_norm_backward`."""
     y = np.empty(x.shape, x.dtype) if y is None else y
     if x.size == 0:
-        return y
+        return y, None, None
+    c = x.shape[1]
     x3 = _norm.planes(x)
     apply_threads(x.size)
     mean, invstd, var = _bn_stats(x3, running_mean, running_var, training, eps)
@@ -286,8 +301,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if running_var is not None:
             running_var *= 1 - momentum
             running_var += momentum * var * (cnt / (cnt - 1))
-    _norm.affine(x3, a, d, y.reshape(x3.shape))
-    return y
+    if act is None:
+        _norm.affine(x3, a, d, y.reshape(x3.shape))
+    else:
+        _norm.affine_act(x3, a, d, act, y.reshape(x3.shape))
+    return y, mean, invstd
 
 
 def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, training=False, eps=1e-5):
@@ -315,13 +333,26 @@ def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, 
                                                                    training, eps)
     grad_output = V.any_float_array(fn, "grad_output", grad_output, x.dtype)
     V.same_shape(fn, "grad_output", grad_output, x.shape)
+    if x.size == 0:
+        return _batch_norm_backward(grad_output, x, None, None, weight, training)
+    apply_threads(2 * x.size)
+    mean, invstd, _ = _bn_stats(_norm.planes(x), running_mean, running_var, training, eps)
+    return _batch_norm_backward(grad_output, x, mean, invstd, weight, training)
+
+
+def _batch_norm_backward(grad_output, x, mean, invstd, weight, training, act=None, y=None):
+    """:func:`batch_norm_backward` of validated arguments with the statistics the forward used
+    (``_batch_norm``'s); with ``act``, of the fused activation too, masked by its output ``y``."""
     c = x.shape[1]
     if x.size == 0:
         return BatchNormGrads(np.zeros_like(x), np.zeros(c, x.dtype), np.zeros(c, x.dtype))
     x3, g3 = _norm.planes(x), _norm.planes(grad_output)
     apply_threads(2 * x.size)
-    mean, invstd, _ = _bn_stats(x3, running_mean, running_var, training, eps)
-    s1, s2 = _norm.grad_sums(g3, x3, mean)
+    if act is None:
+        s1, s2 = _norm.grad_sums(g3, x3, mean)
+    else:
+        y3 = y.reshape(x3.shape)
+        s1, s2 = _norm.grad_sums_act(g3, y3, x3, mean, act)
     w = np.ones(c) if weight is None else weight.astype(np.float64)
     a = w * invstd
     if training:
@@ -331,7 +362,10 @@ def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, 
     else:
         b = d = np.zeros(c)
     gx = np.empty(x.shape, x.dtype)
-    _norm.affine2(g3, x3, a, b, d, gx.reshape(x3.shape))
+    if act is None:
+        _norm.affine2(g3, x3, a, b, d, gx.reshape(x3.shape))
+    else:
+        _norm.affine2_act(g3, y3, x3, a, b, d, act, gx.reshape(x3.shape))
     return BatchNormGrads(gx, (s2 * invstd).astype(x.dtype), s1.astype(x.dtype))
 
 
@@ -466,6 +500,14 @@ def _elementwise_out(fn, x, out):
     return np.empty(x.shape, x.dtype) if y is None else y
 
 
+def _elementwise_grad(kern, grad_output, x, *args):
+    """A new array ``kern`` fills from ``grad_output`` and ``x`` (same shape and dtype, checked)."""
+    gx = np.empty(x.shape, x.dtype)
+    apply_threads(x.size)
+    kern(np.ascontiguousarray(grad_output).reshape(-1), np.ascontiguousarray(x).reshape(-1), *args, gx.reshape(-1))
+    return gx
+
+
 def relu6(x, *, out=None):
     """``min(max(x, 0), 6)`` (NaN stays NaN, as PyTorch's ``hardtanh``).
 
@@ -477,7 +519,9 @@ def relu6(x, *, out=None):
     """
     x = V.any_float_array("relu6", "input", x)
     y = _elementwise_out("relu6", x, out)
-    return np.minimum(np.maximum(x, x.dtype.type(0), out=y), x.dtype.type(6), out=y)
+    apply_threads(x.size)
+    _ew.relu6(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
+    return y
 
 
 def relu6_backward(grad_output, x):
@@ -493,7 +537,7 @@ def relu6_backward(grad_output, x):
     fn = "relu6_backward"
     x = V.any_float_array(fn, "input", x)
     grad_output = V.same_shape(fn, "grad_output", V.any_float_array(fn, "grad_output", grad_output, x.dtype), x.shape)
-    return np.where((x > 0) & (x < 6), grad_output, grad_output.dtype.type(0))
+    return _elementwise_grad(_ew.relu6_backward, grad_output, x)
 
 
 def leaky_relu(x, negative_slope=0.01, *, out=None):
@@ -509,7 +553,8 @@ def leaky_relu(x, negative_slope=0.01, *, out=None):
     x = V.any_float_array(fn, "input", x)
     slope = x.dtype.type(V.real(fn, "negative_slope", negative_slope))
     y = _elementwise_out(fn, x, out)
-    y[...] = np.where(x > 0, x, x * slope)
+    apply_threads(x.size)
+    _ew.leaky_relu(np.ascontiguousarray(x).reshape(-1), slope, y.reshape(-1))
     return y
 
 
@@ -526,4 +571,4 @@ def leaky_relu_backward(grad_output, x, negative_slope=0.01):
     x = V.any_float_array(fn, "input", x)
     grad_output = V.same_shape(fn, "grad_output", V.any_float_array(fn, "grad_output", grad_output, x.dtype), x.shape)
     slope = x.dtype.type(V.real(fn, "negative_slope", negative_slope))
-    return np.where(x > 0, grad_output, grad_output * slope)
+    return _elementwise_grad(_ew.leaky_relu_backward, grad_output, x, slope)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation as V
+from ._algorithms import elementwise as _ew
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
 from ._config import reports_memory
@@ -350,7 +351,10 @@ def relu(x):
     """
     x = V.as_float_array("relu", "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
     V.check_memory("relu", f"output of shape {x.shape}", x.nbytes)
-    return np.maximum(x, x.dtype.type(0), out=np.empty_like(x))
+    y = np.empty(x.shape, x.dtype)
+    apply_threads(x.size)
+    _ew.relu(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
+    return y
 
 
 @reports_memory
@@ -367,10 +371,14 @@ def relu_backward(grad_output, x):
     fn = "relu_backward"
     x = V.as_float_array(fn, "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
     grad_output = V.as_float_array(fn, "grad_output", grad_output, x.ndim, x.dtype)
-    V.check_memory(fn, f"output of shape {x.shape} and a mask", x.size * (x.itemsize + 1))
+    V.check_memory(fn, f"output of shape {x.shape}", x.nbytes)
     if grad_output.shape != x.shape:
         raise ValueError(f"{fn}: grad_output must have the input's shape {x.shape}, got {grad_output.shape}")
-    return np.where(x <= 0, grad_output.dtype.type(0), grad_output)
+    gx = np.empty(x.shape, x.dtype)
+    apply_threads(x.size)
+    _ew.relu_backward(np.ascontiguousarray(grad_output).reshape(-1), np.ascontiguousarray(x).reshape(-1),
+                      gx.reshape(-1))
+    return gx
 
 
 def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",

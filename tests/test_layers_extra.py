@@ -163,3 +163,61 @@ def test_resnet_block_loads_a_torch_state_dict(torch):
             want = tnet(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(net(x).numpy(), want, rtol=1e-5, atol=1e-5, err_msg=mode)
     np.testing.assert_allclose(net.block.bn1.running_mean, tnet.block.bn1.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- BatchNorm fused with its activation
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_fused_activation_equals_the_separate_ops(activation, training, dtype):
+    from fastconv.layers_extra import relu6
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 4, 5, 6)) * 4).astype(dtype)
+    x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]  # NaN/Inf outputs: the mask must follow each activation's rule
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    grads = []
+    for fused in (False, True):
+        bn = BatchNorm2d(4, dtype=dtype)
+        bn.weight.data[:] = rng.standard_normal(4) if not fused else grads[0][3]
+        bn.bias.data[:] = rng.standard_normal(4) if not fused else grads[0][4]
+        bn.running_var[:] = 2.0
+        bn.train(training)
+        xt = A.Tensor(x.copy(), requires_grad=True)
+        act = {"relu": A.relu, "relu6": relu6}[activation]
+        y = bn(xt, activation=activation) if fused else act(bn(xt))
+        (y * gy).sum().backward()
+        grads.append((y.numpy(), xt.grad, bn.weight.grad, bn.weight.data.copy(), bn.bias.data.copy(),
+                       bn.bias.grad, bn.running_mean.copy()))
+    names = ("output", "grad_input", "grad_weight", "weight", "bias", "grad_bias", "running_mean")
+    rtol = 1e-12 if dtype == np.float64 else 1e-5  # the sums vectorise differently with the mask inside
+    for name, a, b in zip(names, *grads):
+        if name in ("output", "running_mean"):
+            np.testing.assert_array_equal(a, b, err_msg=name)  # the same affine map and clamp: the same bits
+        else:
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.nanmax(np.abs(b)), err_msg=name)
+
+
+def test_batch_norm_fused_activation_rejects_an_unknown_name():
+    bn = BatchNorm2d(2)
+    with pytest.raises(ValueError, match=r"BatchNorm2d: activation must be None or one of \['relu', 'relu6'\], "
+                                         r"got 'gelu'"):
+        bn(np.zeros((2, 2, 3, 3), np.float32), activation="gelu")
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_models_with_fused_batch_norm_match_the_unfused_network():
+    from fastconv.models import _FusedSequential, mobilenet
+    net = mobilenet(rng=0)
+    plain = Sequential(*net.layers)  # the same layers, each activation run on its own
+    assert type(net) is _FusedSequential
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    y1 = net(x)
+    y1.sum().backward()
+    g1 = {k: p.grad.copy() for k, p in net.named_parameters()}
+    for _, p in net.named_parameters():
+        p.grad[...] = 0
+    y2 = plain(x)
+    y2.sum().backward()
+    np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+    for k, p in plain.named_parameters():
+        np.testing.assert_allclose(g1[k], p.grad, rtol=1e-4, atol=1e-5 * np.abs(p.grad).max(), err_msg=k)

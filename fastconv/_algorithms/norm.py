@@ -10,6 +10,11 @@ The backward pass is written as one per-channel affine map of ``(gy, x)``:
 ``S2 = sum(gy*(x-mean))``: ``a = w*invstd``, ``b = -w*invstd**3*S2/M``, ``d = -a*S1/M - b*mean``
 (the derivative of ``w*(x-mean)*invstd`` through the batch mean and variance).  In eval mode the
 statistics are constants: ``b = d = 0``.
+
+Batch norm fused with the activation after it (``relu``, or ``relu6`` with ``hi = 6``): the forward
+clamps ``a*x + d`` as it stores it; the backward masks ``gy`` by the fused output ``y`` as it reads
+it (``gy`` where ``0 < y < hi``, and also where ``y`` is NaN for relu, as ``threshold_backward``),
+so the activation's own pass over memory, its output and its gradient array disappear.
 """
 import numpy as np
 from numba import prange
@@ -79,6 +84,52 @@ def _affine2(gy, x, a, b, d, out):
 
 
 @kernel
+def _affine_act(x, a, d, zero, hi, out):
+    """``out[i, k, :] = clamp(a[k] * x[i, k, :] + d[k], 0, hi)`` (NaN stays NaN)."""
+    n, c, m = x.shape
+    for p in prange(n * c):
+        i, k = p // c, p % c
+        ak, dk = a[k], d[k]
+        xr, orow = x[i, k], out[i, k]
+        for j in range(m):
+            v = ak * xr[j] + dk
+            orow[j] = zero if v <= 0 else (hi if v >= hi else v)
+
+
+@kernel
+def _grad_sums_act(gy, y, x, mean, hi, relu, zero, s1, s2):
+    """``_grad_sums`` of the gradient masked by the fused output ``y``."""
+    n, c, m = x.shape
+    for k in prange(c):
+        a = 0.0
+        b = 0.0
+        mu = mean[k]
+        for i in range(n):
+            gr, yr, xr = gy[i, k], y[i, k], x[i, k]
+            for j in range(m):
+                v = yr[j]
+                g = gr[j] if (not v <= 0) and (relu or v < hi) else zero
+                a += g
+                b += g * (xr[j] - mu)
+        s1[k] = a
+        s2[k] = b
+
+
+@kernel
+def _affine2_act(gy, y, x, a, b, d, hi, relu, zero, out):
+    """``_affine2`` of the gradient masked by the fused output ``y``."""
+    n, c, m = x.shape
+    for p in prange(n * c):
+        i, k = p // c, p % c
+        ak, bk, dk = a[k], b[k], d[k]
+        gr, yr, xr, orow = gy[i, k], y[i, k], x[i, k], out[i, k]
+        for j in range(m):
+            v = yr[j]
+            g = gr[j] if (not v <= 0) and (relu or v < hi) else zero
+            orow[j] = ak * g + bk * xr[j] + dk
+
+
+@kernel
 def _masked_scale(x, keep, scale, zero, out):
     """``out = x * (scale if keep else 0)`` over flat arrays (dropout forward and backward).  A
     product, not a select, so a NaN in a dropped position stays NaN, as in PyTorch."""
@@ -120,6 +171,31 @@ def grad_sums(gy3, x3, mean):
 def affine2(gy3, x3, a, b, d, out3):
     dt = x3.dtype
     _affine2(gy3, x3, a.astype(dt), b.astype(dt), d.astype(dt), out3)
+
+
+#: The activations batch norm fuses: name -> (upper clamp, whether a NaN output passes the gradient).
+ACTIVATIONS = {"relu": (np.inf, True), "relu6": (6.0, False)}
+
+
+def affine_act(x3, a, d, act, out3):
+    dt = x3.dtype
+    _affine_act(x3, a.astype(dt), d.astype(dt), dt.type(0), dt.type(ACTIVATIONS[act][0]), out3)
+
+
+def grad_sums_act(gy3, y3, x3, mean, act):
+    c = x3.shape[1]
+    s1 = np.empty(c, np.float64)
+    s2 = np.empty(c, np.float64)
+    dt = x3.dtype
+    hi, relu = ACTIVATIONS[act]
+    _grad_sums_act(gy3, y3, x3, mean.astype(dt), dt.type(hi), relu, dt.type(0), s1, s2)
+    return s1, s2
+
+
+def affine2_act(gy3, y3, x3, a, b, d, act, out3):
+    dt = x3.dtype
+    hi, relu = ACTIVATIONS[act]
+    _affine2_act(gy3, y3, x3, a.astype(dt), b.astype(dt), d.astype(dt), dt.type(hi), relu, dt.type(0), out3)
 
 
 def masked_scale(x, keep, scale, out):

@@ -287,7 +287,23 @@ def supports(p, pass_):
 def cost(p, pass_, threads):
     """Work model in nominal seconds: a per-call floor plus multiply-accumulates at 8 GMAC/s, slowed
     where the inner loop is short (rows under 64 lanes waste vector lanes) or the grad_input scatter
-    is strided.  ``fastconv._select`` scales it to this machine (``_calibration.json``)."""
-    inner = p.ow if (pass_ == "grad_input" and (p.sh != 1 or p.sw != 1)) else min(p.oh * p.wp, 512)
-    eff = min(1.0, inner / 64.0) * (1.0 if p.sw == 1 or pass_ != "grad_input" else 0.3)
+    is strided.  ``fastconv._select`` scales it to this machine (``_calibration.json``).
+
+    A strided grad_input is a scatter only for depthwise layers (rows of ``ow`` lanes); otherwise it
+    runs by phases (``_grad_input_by_phases``): stride-1 correlations over the output gradient's
+    rows, as long as the forward's.  Modelling those as the scatter (0.3x efficiency on ``ow``-lane
+    rows) priced resnet's 1x1 stride-2 shortcut (32x16x28x28, 1 thread) at 6.1 nominal ms for
+    0.29 ms measured; now 0.42.  On the 78 suite cases of ``_calibration.json`` no choice changes; of
+    the 42 ResNet/MobileNet layer x pass cases at batch 32, MobileNet's first depthwise grad_input
+    goes from im2col (2.75 ms) to direct (1.52 ms), 1 thread."""
+    strided = p.sh != 1 or p.sw != 1
+    if pass_ == "grad_input" and strided and not _depthwise(p):
+        inner = min(p.oh * (p.ow + p.s - 1), 512)
+        eff = min(1.0, inner / 64.0)
+    elif pass_ == "grad_input" and strided:
+        # the depthwise scatter: rows of ow lanes, as fast per lane as the forward's (measured
+        # 1.52 vs 1.28 ms on 32x32x28x28 3x3/s2, 1 thread), not the 0.3 of a strided read
+        eff = min(1.0, p.ow / 64.0)
+    else:
+        eff = min(1.0, min(p.oh * p.wp, 512) / 64.0)
     return 2e-5 + p.macs / (8e9 * max(eff, 0.05))
