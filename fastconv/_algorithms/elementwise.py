@@ -15,6 +15,7 @@ NaN follows PyTorch: the forward ops keep a NaN input NaN (``relu``/``relu6`` te
 ``0 < x < 6``), ``leaky_relu_backward`` scales it (``x > 0`` is false).
 """
 import numba
+import numpy as np
 from numba import prange
 
 from .._jit import kernel
@@ -25,11 +26,17 @@ from .._jit import kernel
 CHUNK = 1 << 14
 
 
+# Unsigned indices: numba wraps a negative signed index around (a select per access), which keeps
+# LLVM from vectorising these loops: relu_backward on 65,536 floats took 39 us with int64 indices,
+# 7 with uint64 ones (1 thread).
+_u = np.uint64
+
+
 @kernel
 def _relu(x, zero, out, nch):
     size = x.size
     for ch in prange(nch):
-        for e in range(ch * size // nch, (ch + 1) * size // nch):
+        for e in range(_u(ch * size // nch), _u((ch + 1) * size // nch)):
             v = x[e]
             out[e] = zero if v <= 0 else v
 
@@ -38,7 +45,7 @@ def _relu(x, zero, out, nch):
 def _relu_backward(g, x, zero, out, nch):
     size = x.size
     for ch in prange(nch):
-        for e in range(ch * size // nch, (ch + 1) * size // nch):
+        for e in range(_u(ch * size // nch), _u((ch + 1) * size // nch)):
             out[e] = zero if x[e] <= 0 else g[e]
 
 
@@ -46,7 +53,7 @@ def _relu_backward(g, x, zero, out, nch):
 def _relu6(x, zero, six, out, nch):
     size = x.size
     for ch in prange(nch):
-        for e in range(ch * size // nch, (ch + 1) * size // nch):
+        for e in range(_u(ch * size // nch), _u((ch + 1) * size // nch)):
             v = x[e]
             out[e] = zero if v <= 0 else (six if v >= six else v)
 
@@ -55,7 +62,7 @@ def _relu6(x, zero, six, out, nch):
 def _relu6_backward(g, x, zero, six, out, nch):
     size = x.size
     for ch in prange(nch):
-        for e in range(ch * size // nch, (ch + 1) * size // nch):
+        for e in range(_u(ch * size // nch), _u((ch + 1) * size // nch)):
             v = x[e]
             out[e] = g[e] if (v > 0) & (v < six) else zero
 
@@ -64,7 +71,7 @@ def _relu6_backward(g, x, zero, six, out, nch):
 def _leaky_relu(x, slope, out, nch):
     size = x.size
     for ch in prange(nch):
-        for e in range(ch * size // nch, (ch + 1) * size // nch):
+        for e in range(_u(ch * size // nch), _u((ch + 1) * size // nch)):
             v = x[e]
             out[e] = v if v > 0 else v * slope
 
@@ -73,7 +80,7 @@ def _leaky_relu(x, slope, out, nch):
 def _leaky_relu_backward(g, x, slope, out, nch):
     size = x.size
     for ch in prange(nch):
-        for e in range(ch * size // nch, (ch + 1) * size // nch):
+        for e in range(_u(ch * size // nch), _u((ch + 1) * size // nch)):
             out[e] = g[e] if x[e] > 0 else g[e] * slope
 
 
