@@ -288,6 +288,7 @@ def profile_step(name, top=12, steps=5):
     fastconv's calls keyed by shape and pass (with the algorithm 'auto' chose), the bridge's own
     cost (tensor <-> array, layout copies, thread setting: time in the bridge's computations
     outside fastconv), and the rest (PyTorch's operators, autograd, Python)."""
+    import fastconv._torch_ops as ops
     import fastconv.torch as ft
 
     x, y = data(name)
@@ -296,7 +297,9 @@ def profile_step(name, top=12, steps=5):
     train, _ = make_step(model, None, x, y, NETS[name][2] is None)
     train()
     log, impl_time, copies = [], [0.0], [0, 0]
-    saved = {k: getattr(ft, k) for k in dir(ft) if k.endswith("_impl") or k in ("_fc", "_array")}
+    # the computations live in _torch_ops; fastconv.torch's public functions also call the *_impl by name
+    saved = {(m, k): getattr(m, k) for m in (ops, ft) for k in dir(m)
+             if k.endswith("_impl") or (m is ops and k in ("_fc", "_array"))}
 
     def timed_impl(fn):
         def run(*args):
@@ -310,23 +313,23 @@ def profile_step(name, top=12, steps=5):
         if not t.is_contiguous():
             copies[0] += 1
             copies[1] += t.numel() * t.element_size()
-        return saved["_array"](t)
+        return saved[ops, "_array"](t)
 
     walls = []
-    timed_fc = _Timed(saved["_fc"], log)
+    timed_fc = _Timed(saved[ops, "_fc"], log)
     try:
-        ft._fc = timed_fc
-        ft._array = counted_array
-        for k, fn in saved.items():
+        ops._fc = timed_fc
+        ops._array = counted_array
+        for (m, k), fn in saved.items():
             if k.endswith("_impl"):
-                setattr(ft, k, timed_impl(fn))
+                setattr(m, k, timed_impl(fn))
         for _ in range(steps):
             t0 = time.perf_counter()
             train()
             walls.append(time.perf_counter() - t0)
     finally:
-        for k, fn in saved.items():
-            setattr(ft, k, fn)
+        for (m, k), fn in saved.items():
+            setattr(m, k, fn)
     wall = statistics.median(walls) * 1e3
     per_step = lambda t: t / steps * 1e3  # noqa: E731
     fc = per_step(sum(r[3] for r in log))

@@ -7,9 +7,10 @@ import pytest
 
 MODULES = ["fastconv", "fastconv.functional", "fastconv._nn_functional", "fastconv._results",
            "fastconv._dispatch", "fastconv._config", "fastconv._threads", "fastconv._select",
-           "fastconv.layers", "fastconv.layers_extra", "fastconv.matrix", "fastconv.cases", "fastconv.bench",
+           "fastconv.layers", "fastconv._layers_basic", "fastconv.layers_extra", "fastconv.matrix",
+           "fastconv.cases", "fastconv.bench",
            "fastconv._bench_measure",
-           "fastconv.autograd", "fastconv.losses", "fastconv.optim", "fastconv.batching",
+           "fastconv.autograd", "fastconv._autograd_ops", "fastconv.losses", "fastconv.optim", "fastconv.batching",
            "fastconv.models"]
 
 

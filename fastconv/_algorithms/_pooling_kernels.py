@@ -1,0 +1,466 @@
+"""The numba kernels of :mod:`fastconv._algorithms.pooling`: max- and average-pooling, forward and backward.
+
+Notation: planes ``p`` = n*c (each ``(h, w)``), window kh kw, stride sh sw, padding ph pw, dilation
+dh dw, output oh ow.  Every kernel runs ``prange`` over planes (max forward: over chunks of whole
+planes that share scratch buffers): a plane's outputs, and for the backward passes its input
+gradient, belong to one work item, so scatters never race.
+
+Max-pool follows PyTorch's CPU kernel exactly: the window is clipped to the input, the running
+maximum starts at -inf with the index of the first in-bounds element, and an element replaces it
+when it is greater or NaN (so NaN propagates and ties keep the first position).  Indices are flat
+positions ``ih*w + iw`` in each plane.
+
+2x2 windows with stride 2 and no padding (LeNet's, VGG's pools) have their own forward kernel,
+``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.
+
+Adaptive average pooling and the channels_last (NHWC) kernels are here too; ``pooling.py`` holds
+the Python drivers that allocate and call them.
+"""
+import numpy as np
+from numba import prange
+
+from .._jit import kernel, micro, round_run, RUN_VECTOR
+
+_micro = micro  # compiled into the caller
+
+# Interior output rows run one window tap at a time over a whole row of outputs, so the selects
+# are vector blends.  Scalar selects inside loops with run-time bounds are turned into branches
+# by LLVM, which random data mispredicts: the per-output scan took 28 ns per output on vgg16-pool
+# (1 thread), this 5 ns.  Columns are first split by phase ``iw % sw`` so that every tap reads a
+# unit-stride run, and runs are rounded up to whole vectors (a scalar remainder would branch again).
+# Indices are int32 there (twice the vector width of int64): planes of 2**31 elements or more take
+# the per-window path.  One function, loops only (no slices assigned, no array expressions, no
+# helpers): each of those added seconds of compile time.
+_RUN = 16
+
+
+@kernel
+def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    jlo = min(ow, (pw + sw - 1) // sw)  # columns whose windows lie inside [0, w)
+    jhi = max(jlo, min(ow, (w - 1 - (kw - 1) * dw + pw) // sw + 1))
+    nj = jhi - jlo if h * w < 2**31 else 0
+    nl = nj + (-nj) % _RUN
+    wp = (w + sw - 1) // sw
+    wl = wp + nl
+    c0 = jlo * sw - pw  # first column of the first vector-run window
+    # per-tap offsets into the phase-split plane and per-phase lengths, computed once (divisions by
+    # the run-time stride per tap and row were ~10% of the time on 28x28 planes)
+    toff = np.empty(kw, np.int64)
+    for t in range(kw):
+        toff[t] = ((c0 + t * dw) % sw) * h * wl + (c0 + t * dw) // sw
+    cnt = np.empty(sw, np.int64)
+    for q in range(sw):
+        cnt[q] = (w - q + sw - 1) // sw
+    nch = min(pp, 64)  # chunks of planes share their scratch buffers
+    for ch in prange(nch):
+        bv = np.empty(nl, x.dtype)
+        bi = np.empty(nl, np.int32)
+        jw = np.empty(nl, np.int32)
+        for j in range(nl):
+            jw[j] = j * sw
+        phs = np.empty(sw * h * wl, x.dtype)  # phs[q*h*wl + r*wl + m] = x[p, r, q + m*sw]
+        for m in range(phs.size):
+            phs[m] = 0  # the rows' tails are read by rounded-up runs and never kept
+        for p in range(ch * pp // nch, (ch + 1) * pp // nch):
+            xp, yp, ip = x[p], y[p], idx[p]
+            if nj > 0 and sw == 2:
+                # both phases in one loop: LLVM vectorises the stride-2 pair with shuffles
+                for r in range(h):
+                    src = xp[r]
+                    d0 = phs[r * wl:(r + 1) * wl]
+                    d1 = phs[(h + r) * wl:(h + r + 1) * wl]
+                    for m in range(w // 2):
+                        d0[m] = src[2 * m]
+                        d1[m] = src[2 * m + 1]
+                    if w % 2:
+                        d0[w // 2] = src[w - 1]
+            elif nj > 0:
+                for r in range(h):
+                    src = xp[r]
+                    for q in range(sw):
+                        dst = phs[(q * h + r) * wl:(q * h + r + 1) * wl]
+                        for m in range(cnt[q]):
+                            dst[m] = src[q + m * sw]
+            for i in range(oh):
+                h0 = i * sh - ph
+                j0, j1 = ow, ow
+                if nj > 0 and h0 >= 0 and h0 + (kh - 1) * dh < h:  # rows inside: vector runs
+                    j0, j1 = jlo, jhi
+                    for a in range(kh):
+                        r = h0 + a * dh
+                        for t in range(kw):
+                            o = toff[t] + r * wl
+                            src = phs[o:o + nl]
+                            base = np.int32(r * w + c0 + t * dw)
+                            first = a == 0 and t == 0
+                            for j in range(nl):
+                                v = src[j]
+                                b = bv[j]
+                                upd = (v > b) | (v != v) | first
+                                bv[j] = v if upd else b
+                                bi[j] = base + jw[j] if upd else bi[j]
+                    for j in range(nj):
+                        yp[i, jlo + j] = bv[j]
+                        ip[i, jlo + j] = bi[j]
+                for jj in range(j0 + ow - j1):  # windows clipped by the border: one at a time
+                    j = jj if jj < j0 else jj - j0 + j1
+                    # PyTorch's scan: the first in-bounds row / column, then row-major; starting
+                    # from the first element is the same as its (-inf, first index), and a window
+                    # entirely in the padding gives (-inf, its first position) as PyTorch does
+                    a0 = h0 + ((dh - 1 - h0) // dh) * dh if h0 < 0 else h0
+                    a1 = min(h0 + (kh - 1) * dh + 1, h)
+                    w0 = j * sw - pw
+                    w1 = min(w0 + (kw - 1) * dw + 1, w)
+                    if w0 < 0:
+                        w0 += ((dw - 1 - w0) // dw) * dw
+                    b = xp[a0, w0] if a0 < a1 and w0 < w1 else ninf
+                    bj = a0 * w + w0
+                    for ih in range(a0, a1, dh):
+                        for iw in range(w0, w1, dw):
+                            v = xp[ih, iw]
+                            upd = (v > b) | (v != v)
+                            b = v if upd else b
+                            bj = ih * w + iw if upd else bj
+                    yp[i, j] = b
+                    ip[i, j] = bj
+
+
+@_micro
+def _max2x2_row(r0, r1, yr, ir, n, b0, w):
+    # outputs 0..n-1 of one row: windows (r0|r1)[2j : 2j+2], PyTorch's scan order and NaN rule
+    for j in range(n):
+        a, b, c, d = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
+        k = b0 + 2 * j
+        u = (b > a) | (b != b)
+        m = b if u else a
+        kk = k + 1 if u else k
+        u = (c > m) | (c != c)
+        m = c if u else m
+        kk = k + w if u else kk
+        u = (d > m) | (d != d)
+        yr[j] = d if u else m
+        ir[j] = k + w + 1 if u else kk
+
+
+@kernel
+def _max_forward_2x2(x, y, idx):
+    """2x2 windows, stride 2, no padding or dilation, every window inside the plane (LeNet's and
+    VGG's pooling).  One pass per output row reads both input rows at stride 2 (LLVM vectorises the
+    pairs with shuffles and the selects as blends): no phase split.  Rows of fewer than 32 outputs
+    are first copied into scratch rows rounded up to whole vectors, so no scalar remainder runs
+    (its selects become branches that random data mispredicts); the same scan order and
+    comparisons as ``_max_forward``, so the same values and indices.  The row helper is called at
+    two sites on purpose: one loop choosing between input rows and scratch rows ran 5-8x slower
+    (LLVM no longer vectorised it)."""
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    wide = ow >= 32
+    ov = round_run(ow, RUN_VECTOR)
+    nch = min(pp, 64)
+    for ch in prange(nch):
+        s0 = np.zeros(2 * ov, x.dtype)
+        s1 = np.zeros(2 * ov, x.dtype)
+        yv = np.empty(ov, x.dtype)
+        iv = np.empty(ov, np.int64)
+        for p in range(ch * pp // nch, (ch + 1) * pp // nch):
+            xp = x[p]
+            for i in range(oh):
+                if wide:
+                    _max2x2_row(xp[2 * i], xp[2 * i + 1], y[p, i], idx[p, i], ow, 2 * i * w, w)
+                else:
+                    q0 = xp[2 * i]
+                    q1 = xp[2 * i + 1]
+                    for m in range(2 * ow):
+                        s0[m] = q0[m]
+                        s1[m] = q1[m]
+                    _max2x2_row(s0, s1, yv, iv, ov, 2 * i * w, w)
+                    for j in range(ow):
+                        y[p, i, j] = yv[j]
+                        idx[p, i, j] = iv[j]
+
+
+@kernel
+def _max_backward(gy, idx, gx, bad):
+    pp, hw = gx.shape
+    m = gy.shape[1]
+    for p in prange(pp):
+        g = gx[p]
+        g[:] = 0  # zeroed by the thread that scatters into it: parallel first touch
+        for o in range(m):
+            t = idx[p, o]
+            if t < 0 or t >= hw:
+                bad[p] = 1
+            else:
+                g[t] += gy[p, o]
+
+
+@kernel
+def _avg_forward(x, y, kh, kw, sh, sw, ph, pw, include_pad, override, zero):
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for p in prange(pp):
+        for i in range(oh):
+            h0 = i * sh - ph
+            h1 = min(h0 + kh, h + ph)
+            for j in range(ow):
+                w0 = j * sw - pw
+                w1 = min(w0 + kw, w + pw)
+                size = (h1 - h0) * (w1 - w0)
+                a0, a1, b0, b1 = max(h0, 0), min(h1, h), max(w0, 0), min(w1, w)
+                if a0 >= a1 or b0 >= b1:
+                    y[p, i, j] = 0
+                    continue
+                div = override if override != 0 else size if include_pad else (a1 - a0) * (b1 - b0)
+                acc = zero
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        acc += x[p, ih, iw]
+                y[p, i, j] = acc / div
+
+
+@kernel
+def _avg_backward(gy, gx, kh, kw, sh, sw, ph, pw, include_pad, override):
+    pp, h, w = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    for p in prange(pp):
+        for i in range(oh):
+            h0 = i * sh - ph
+            h1 = min(h0 + kh, h + ph)
+            for j in range(ow):
+                w0 = j * sw - pw
+                w1 = min(w0 + kw, w + pw)
+                size = (h1 - h0) * (w1 - w0)
+                a0, a1, b0, b1 = max(h0, 0), min(h1, h), max(w0, 0), min(w1, w)
+                if a0 >= a1 or b0 >= b1:
+                    continue
+                div = override if override != 0 else size if include_pad else (a1 - a0) * (b1 - b0)
+                v = gy[p, i, j] / div
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        gx[p, ih, iw] += v
+
+
+# --------------------------------------------------------------------------- adaptive average pooling
+# Output cell ``i`` of ``oh`` averages input rows ``[floor(i*h/oh), ceil((i+1)*h/oh))`` (PyTorch's
+# windows: they may overlap when ``h`` is not a multiple of ``oh``), and likewise for columns.
+@kernel
+def _adaptive_avg_forward(x, y, zero):
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for p in prange(pp):
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                acc = zero
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        acc += x[p, ih, iw]
+                y[p, i, j] = acc / ((a1 - a0) * (b1 - b0))
+
+
+@kernel
+def _adaptive_avg_backward(gy, gx):
+    pp, h, w = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    # windows that tile the plane (h % oh == 0 and w % ow == 0: global pooling, ResNet's head) are
+    # written once, without zeroing first and accumulating: one pass over the gradient, not two
+    tiled = h % oh == 0 and w % ow == 0
+    for p in prange(pp):
+        g = gx[p]
+        if not tiled:
+            g[:] = 0  # zeroed by the thread that accumulates into it: parallel first touch
+        for i in range(oh):
+            a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                v = gy[p, i, j] / ((a1 - a0) * (b1 - b0))
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        if tiled:
+                            g[ih, iw] = v
+                        else:
+                            g[ih, iw] += v
+
+
+# --------------------------------------------------------------------------- channels_last (NHWC)
+# An NCHW-shaped array whose strides are NHWC (``x.transpose(0, 2, 3, 1)`` contiguous) is pooled in
+# that layout, without a transposing copy either way: each output position reads its window's taps
+# as whole runs of ``c`` contiguous channels, so the inner loop is over channels (unit stride,
+# vectorised) and the window bookkeeping is paid once per position rather than once per element.
+# ``prange`` runs over (image, output row) for the forward passes -- disjoint outputs -- and over
+# images for the backward passes, so an image's gradient belongs to one work item.  Indices are the
+# same flat ``ih*w + iw`` plane positions as in NCHW (PyTorch's, in either layout).
+#
+# (is_channels_last and the layout views are in pooling.py.)
+
+@kernel
+def _max_forward_nhwc(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for q in prange(n * oh):
+        b, i = q // oh, q % oh
+        # the running maxima and their positions (int32: twice the vector width of int64; planes of
+        # 2**31 elements or more are refused by the driver) stay in two small buffers per row
+        bv = np.empty(c, x.dtype)
+        bi = np.empty(c, np.int32)
+        h0 = i * sh - ph
+        a0 = h0 + ((dh - 1 - h0) // dh) * dh if h0 < 0 else h0  # first in-bounds row of the window
+        a1 = min(h0 + (kh - 1) * dh + 1, h)
+        for j in range(ow):
+            w0 = j * sw - pw
+            w1 = min(w0 + (kw - 1) * dw + 1, w)
+            if w0 < 0:
+                w0 += ((dw - 1 - w0) // dw) * dw
+            yr, ir = y[b, i, j], idx[b, i, j]
+            first = a0 * w + w0
+            if a0 >= a1 or w0 >= w1:  # a window entirely in the padding, as PyTorch
+                for k in range(c):
+                    yr[k] = ninf
+                    ir[k] = first
+                continue
+            src = x[b, a0, w0]
+            for k in range(c):
+                bv[k] = src[k]
+                bi[k] = first
+            for ih in range(a0, a1, dh):
+                for iw in range(w0, w1, dw):
+                    src = x[b, ih, iw]
+                    t = np.int32(ih * w + iw)
+                    for k in range(c):
+                        v = src[k]
+                        m = bv[k]
+                        upd = (v > m) | (v != v)
+                        bv[k] = v if upd else m
+                        bi[k] = t if upd else bi[k]
+            for k in range(c):
+                yr[k] = bv[k]
+                ir[k] = bi[k]
+
+
+@kernel
+def _max_backward_nhwc(gy, idx, gx, bad):
+    n, hw, c = gx.shape
+    m = gy.shape[1]
+    for b in prange(n):
+        g = gx[b]
+        g[:] = 0  # zeroed by the thread that scatters into it: parallel first touch
+        for o in range(m):
+            gr, ir = gy[b, o], idx[b, o]
+            for k in range(c):
+                t = ir[k]
+                if t < 0 or t >= hw:
+                    bad[b] = 1
+                else:
+                    g[t, k] += gr[k]
+
+
+@kernel
+def _avg_forward_nhwc(x, y, kh, kw, sh, sw, ph, pw, include_pad, override):
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for q in prange(n * oh):
+        b, i = q // oh, q % oh
+        buf = np.empty(c, x.dtype)  # sums in the input's dtype, taps in NCHW's order: the same bits
+        h0 = i * sh - ph
+        h1 = min(h0 + kh, h + ph)
+        a0, a1 = max(h0, 0), min(h1, h)
+        for j in range(ow):
+            w0 = j * sw - pw
+            w1 = min(w0 + kw, w + pw)
+            b0, b1 = max(w0, 0), min(w1, w)
+            yr = y[b, i, j]
+            if a0 >= a1 or b0 >= b1:
+                yr[:] = 0
+                continue
+            div = override if override != 0 else (h1 - h0) * (w1 - w0) if include_pad else (a1 - a0) * (b1 - b0)
+            for k in range(c):
+                buf[k] = 0
+            for ih in range(a0, a1):
+                for iw in range(b0, b1):
+                    src = x[b, ih, iw]
+                    for k in range(c):
+                        buf[k] += src[k]
+            for k in range(c):
+                yr[k] = buf[k] / div
+
+
+@kernel
+def _avg_backward_nhwc(gy, gx, kh, kw, sh, sw, ph, pw, include_pad, override):
+    n, h, w, c = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    for b in prange(n):
+        g = gx[b]
+        g[:] = 0
+        for i in range(oh):
+            h0 = i * sh - ph
+            h1 = min(h0 + kh, h + ph)
+            a0, a1 = max(h0, 0), min(h1, h)
+            for j in range(ow):
+                w0 = j * sw - pw
+                w1 = min(w0 + kw, w + pw)
+                b0, b1 = max(w0, 0), min(w1, w)
+                if a0 >= a1 or b0 >= b1:
+                    continue
+                div = override if override != 0 else (h1 - h0) * (w1 - w0) if include_pad else (a1 - a0) * (b1 - b0)
+                gr = gy[b, i, j]
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        dst = g[ih, iw]
+                        for k in range(c):
+                            dst[k] += gr[k] / div
+
+
+@kernel
+def _adaptive_avg_forward_nhwc(x, y, zero):
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for q in prange(n * oh):
+        b, i = q // oh, q % oh
+        buf = np.empty(c, x.dtype)
+        a0, a1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+        for j in range(ow):
+            b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+            for k in range(c):
+                buf[k] = zero
+            for ih in range(a0, a1):
+                for iw in range(b0, b1):
+                    src = x[b, ih, iw]
+                    for k in range(c):
+                        buf[k] += src[k]
+            yr = y[b, i, j]
+            div = (a1 - a0) * (b1 - b0)
+            for k in range(c):
+                yr[k] = buf[k] / div
+
+
+@kernel
+def _adaptive_avg_backward_nhwc(gy, gx):
+    n, h, w, c = gx.shape
+    oh, ow = gy.shape[1], gy.shape[2]
+    tiled = h % oh == 0 and w % ow == 0  # as in the NCHW kernel: written once, no zeroing
+    for q in prange(n * oh):  # output rows: with tiled windows their input rows are disjoint
+        b, i = q // oh, q % oh
+        if not tiled and i > 0:
+            continue
+        g = gx[b]
+        if not tiled:
+            g[:] = 0
+        lo, hi = (i, i + 1) if tiled else (0, oh)
+        for i2 in range(lo, hi):
+            a0, a1 = (i2 * h) // oh, ((i2 + 1) * h + oh - 1) // oh
+            for j in range(ow):
+                b0, b1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                gr = gy[b, i2, j]
+                div = (a1 - a0) * (b1 - b0)
+                for ih in range(a0, a1):
+                    for iw in range(b0, b1):
+                        dst = g[ih, iw]
+                        if tiled:
+                            for k in range(c):
+                                dst[k] = gr[k] / div
+                        else:
+                            for k in range(c):
+                                dst[k] += gr[k] / div
