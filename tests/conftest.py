@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import fastconv
+from fastconv import _dispatch
 
 # --------------------------------------------------------------------------- hypothesis
 # "ci" (default) stays bounded and derandomized, so a CI run is repeatable; "long" (random, 1000
@@ -80,13 +81,24 @@ def run_conv(algorithm, x, w, b=None, grad_output=None, **kw):
     return out
 
 
-def assert_results(got, want, dtype, scale=1.0):
+def float32_error(algorithm):
+    """The registry's ``float32_error`` of ``algorithm`` (for ``'auto'``: the largest, as it may pick
+    any of them)."""
+    reg = _dispatch.registry()
+    if algorithm == "auto":
+        return max(a.float32_error for a in reg.values())
+    return reg[algorithm].float32_error if algorithm in reg else 1.0
+
+
+def assert_results(got, want, dtype, scale=1.0, algorithm=None):
     """Compare named results (``'forward'`` and gradients) with separate tolerances.
 
     Checks type, shape and dtype of every result before any value; ``want`` may be float64.
-    ``scale`` widens atol for results whose magnitude grows with the problem size.
+    ``scale`` widens atol for results whose magnitude grows with the problem size; in float32 the
+    tolerances also grow by the ``algorithm``'s stated ``float32_error`` (registry metadata).
     """
     dtype = np.dtype(dtype)
+    factor = float32_error(algorithm) if algorithm is not None and dtype == np.float32 else 1.0
     assert set(got) >= set(want), f"missing results {set(want) - set(got)}"
     for name, expected in want.items():
         actual = got[name]
@@ -95,7 +107,7 @@ def assert_results(got, want, dtype, scale=1.0):
         assert actual.dtype == dtype, f"{name}: dtype {actual.dtype} != {dtype}"
     for name, expected in want.items():
         rtol, atol = TOL[dtype]["forward" if name == "forward" else "grad"]
-        np.testing.assert_allclose(got[name], expected, rtol=rtol, atol=atol * scale, err_msg=name)
+        np.testing.assert_allclose(got[name], expected, rtol=rtol * factor, atol=atol * scale * factor, err_msg=name)
 
 
 def random_array(rng, shape, dtype):

@@ -75,7 +75,7 @@ def test_registry_lists_direct():
 def test_matches_reference(algorithm, case, dtype):
     x, w, b, gy, kw = make_inputs(case, dtype)
     got = run_conv(algorithm, x, w, b, gy, **kw)
-    assert_results(got, reference_results(x, w, b, gy, kw), dtype)
+    assert_results(got, reference_results(x, w, b, gy, kw), dtype, algorithm=algorithm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,7 +85,7 @@ def test_matches_reference(algorithm, case, dtype):
 def test_matches_torch(torch, algorithm, case, dtype):
     x, w, b, gy, kw = make_inputs(case, dtype, seed=1)
     got = run_conv(algorithm, x, w, b, gy, **kw)
-    assert_results(got, torch_results(torch, x, w, b, gy, kw), dtype)
+    assert_results(got, torch_results(torch, x, w, b, gy, kw), dtype, algorithm=algorithm)
 
 
 def _directional(f, a, v):
@@ -206,7 +206,7 @@ def test_algorithms_agree(case, dtype):
             got = run_conv(algorithm, x, w, b, gy, **kw)
         except pytest.skip.Exception:
             continue
-        assert_results(got, want, dtype)
+        assert_results(got, want, dtype, algorithm=algorithm)
         served.append(algorithm)
     assert "direct" in served and "auto" in served  # direct serves every case
 
