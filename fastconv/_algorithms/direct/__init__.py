@@ -285,8 +285,8 @@ def supports(p, pass_):
 
 
 def cost(p, pass_, threads):
-    """Work model in nominal seconds: a per-call floor plus multiply-accumulates at 8 GMAC/s, slowed
-    where the inner loop is short (rows under 64 lanes waste vector lanes) or the grad_input scatter
+    """Work model in nominal seconds: a per-call floor plus multiply-accumulates at 8 GMAC/s per
+    thread, slowed where the inner loop is short (rows under 64 lanes waste vector lanes) or the grad_input scatter
     is strided.  ``fastconv._select`` scales it to this machine (``_calibration.json``).
 
     A strided grad_input is a scatter only for depthwise layers (rows of ``ow`` lanes); otherwise it
@@ -306,4 +306,7 @@ def cost(p, pass_, threads):
         eff = min(1.0, p.ow / 64.0)
     else:
         eff = min(1.0, min(p.oh * p.wp, 512) / 64.0)
-    return 2e-5 + p.macs / (8e9 * max(eff, 0.05))
+    # workers share the work as the other algorithms' models assume (0.9 per added thread): without
+    # it direct's cost stood still while theirs halved, so a table fitted at 2 threads over-picked
+    # direct for calls that run on 1
+    return 2e-5 + p.macs / (8e9 * max(eff, 0.05)) / (1.0 + 0.9 * (max(1, threads) - 1))
