@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._jit import kernel, micro
+from ._im2col_kernels import _col2im_planes
 from .common import claim as _claim
 from .gemm import ISA, TILES, VBYTES, _macro, _tile_of, gemm_serial_packed, pack_a_all
 
@@ -392,15 +393,4 @@ def col_tiles(gy, pa, gq, wbuf, ctr, g, k, r, s, sh, sw, dh, dw, hp, wq, oh, ow,
                 m = (i1 - i0) * ow
                 gemm_serial_packed(tb, m, kg, pa[gi * ncb + ci], gy, (n * k + gi * kg) * plane + i0 * ow, plane, 1,
                                    0, col, 0, m, ws, blk)
-                for cc in range(nc):
-                    d = gp[gi * cg + c0 + cc]
-                    for rr in range(r):
-                        for ss in range(s):
-                            cs = ss * dw
-                            base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
-                            t0 = ((cc * r + rr) * s + ss) * m
-                            for i in range(i0, i1):
-                                v = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
-                                dd = d[base + i * sh * wq:base + i * sh * wq + ow]
-                                for j in range(ow):
-                                    dd[j] += v[j]
+                _col2im_planes(col, gp, 0, m, gi * cg + c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, wq, ow)

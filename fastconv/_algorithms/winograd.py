@@ -176,44 +176,29 @@ class _Plan:
     fixed: int   # bytes shared by all workers (U, or grad_weight's accumulator)
 
 
-def _plan(p, pass_, m, nthreads):
-    """The tiling of one pass with F(m x m, 3 x 3), or the reason it cannot fit the budget."""
+def _plan(p, m, nthreads):
+    """The tiling of grad_weight with F(m x m, 3 x 3), or the reason it cannot fit the budget."""
     if p.n == 0:  # an empty batch computes nothing; plan as for one image (supports() still answers)
         p = dataclasses.replace(p, n=1)
     isz = p.itemsize
     th, tw = _tiles(p, m)
     a2 = (m + 2) ** 2
-    fixed = a2 * p.k * p.cg * isz  # U, or grad_weight's accumulator
-    if pass_ == "grad_weight":
-        cb = -(-p.cg // min(p.cg, max(1, -(-nthreads // p.g))))  # every worker gets a channel block
-        per_tile = a2 * (cb + p.kg) * isz
-        par = p.g * -(-p.cg // cb)
-    else:
-        cb = p.cg
-        per_tile = a2 * (p.cg + p.kg) * isz
-        par = p.g
-    # tiles per item: ~_TILE_BYTES of transformed tiles, whole images when planes are small; for
-    # the forward pass, at least one item per worker
+    fixed = a2 * p.k * p.cg * isz  # grad_weight's accumulator
+    cb = -(-p.cg // min(p.cg, max(1, -(-nthreads // p.g))))  # every worker gets a channel block
+    per_tile = a2 * (cb + p.kg) * isz
+    items = p.g * -(-p.cg // cb)
+    # tiles per step: ~_TILE_BYTES of transformed tiles, whole images when planes are small
     want = max(tw, _T_MIN, _TILE_BYTES // per_tile)
     plane = th * tw
     if plane <= want:
         nb, rb = max(1, min(p.n, want // plane)), th
     else:
         nb, rb = 1, max(1, min(th, want // tw))
-    if pass_ != "grad_weight":
-        while nb > 1 and -(-p.n // nb) * par < nthreads:
-            nb = -(-nb // 2)
-        if nb == 1 and p.n * par * -(-th // rb) < nthreads:
-            rb = max(1, -(-th // -(-nthreads // (p.n * par))))
 
     def words(nb_, rb_):
         t = nb_ * rb_ * tw
         return t, per_tile // isz * t + _extra_words(m, tw, rb_, t)
 
-    if pass_ == "grad_weight":
-        items = par
-    else:
-        items = -(-p.n // nb) * par * -(-th // rb)
     nw = max(1, min(nthreads, items))
     while True:
         tmax, wds = words(nb, rb)
@@ -242,7 +227,7 @@ def _cached_plan(p, pass_, m=None):
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
         if pass_ == "grad_weight":
-            plans = [_plan(p, pass_, mm, nthreads) for mm in tiles]
+            plans = [_plan(p, mm, nthreads) for mm in tiles]
         else:
             plans = [_packed_plan(p, mm, nthreads) for mm in tiles]
         fit = [c for c in plans if not isinstance(c, str)]
