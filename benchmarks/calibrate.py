@@ -2,6 +2,7 @@
 
     python benchmarks/calibrate.py                 # measure, fit, print the table (writes nothing)
     python benchmarks/calibrate.py --write         # ... and store the fit in fastconv/_calibration.json
+                                                   #     as the table of this CPU's vector ISA
     python benchmarks/calibrate.py --only lenet5-c1,resnet50-1x1-256 --rounds 3
 
 Every registered algorithm's ``cost(p, pass_, threads)`` is a model of seconds with constants guessed from
@@ -27,6 +28,7 @@ import time
 import numpy as np
 
 import fastconv
+from fastconv import _cpu as _cpuinfo
 from fastconv import _dispatch, _select, _threads
 from fastconv import _validation as V
 from fastconv.cases import load_suite
@@ -187,9 +189,17 @@ def main(argv=None):
                 "date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "numpy": np.__version__,
                 "python": platform.python_version(), "cases": len(rows), "accuracy": acc, "accuracy_all": total,
                 "coef": coef}
+        isa = _cpuinfo.isa()
+        try:  # the other ISAs' tables stay as they are
+            with open(CAL_PATH, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            stored = {}
+        tables = stored.get("by_isa", {})
+        tables[isa] = dict(data, isa=isa)
         with open(CAL_PATH, "w") as f:
-            json.dump(data, f, indent=1)
-        print(f"wrote {CAL_PATH}")
+            json.dump({"by_isa": dict(sorted(tables.items()))}, f, indent=1)
+        print(f"wrote the {isa} table of {CAL_PATH}")
     return 0
 
 

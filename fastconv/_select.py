@@ -44,12 +44,45 @@ _dispatch.on_change(_CHOICES.clear)
 _CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_calibration.json")
 
 
+# Which fitted table serves a CPU: its own ISA's, else the nearest in vector width.  The same machine
+# kind has been a Zen 3 (AVX2) and a Xeon (AVX-512) in successive sessions, and one table fitted on
+# one of them mis-ranked the other's algorithms (winograd's and gemm's rates follow the vector width).
+_ISA_ORDER = {"avx512": ("avx512", "avx2", "portable"), "avx2": ("avx2", "avx512", "portable"),
+              "portable": ("portable", "avx2", "avx512")}
+
+
+def table_for(data: dict, isa: str) -> dict:
+    """The calibration table of ``data`` (the parsed ``_calibration.json``) that serves ``isa``.
+
+    The file holds one table per ISA under ``"by_isa"``; a file of the older format (one table at
+    the top level) serves every ISA.
+
+    Examples
+    --------
+    >>> from fastconv import _select
+    >>> d = {"by_isa": {"avx512": {"coef": {"im2col/forward": [2.0, 0.0]}}}}
+    >>> _select.table_for(d, "avx2")["coef"]
+    {'im2col/forward': [2.0, 0.0]}
+    >>> _select.table_for({"coef": {}}, "avx2")
+    {'coef': {}}
+    """
+    tables = data.get("by_isa")
+    if tables is None:
+        return data
+    for name in _ISA_ORDER.get(isa, (isa,)):
+        if name in tables:
+            return tables[name]
+    return {}
+
+
 @functools.lru_cache(maxsize=1)
 def _load_calibration() -> dict:
+    from . import _cpu as cpu
+
     try:
         with open(_CAL_PATH, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            return table_for(json.load(f), cpu.isa())
+    except (OSError, ValueError, AttributeError):
         return {}
 
 
@@ -58,7 +91,8 @@ def calibration() -> dict:
     seconds.
 
     Fitted by ``benchmarks/calibrate.py --write`` (see ``_calibration.json`` for the machine, date and
-    the accuracy of the resulting choice); an algorithm without an entry gets ``(1, 0)``.
+    the accuracy of the resulting choice), one table per vector ISA (:func:`table_for` picks this
+    CPU's); an algorithm without an entry gets ``(1, 0)``.
     """
     return dict(_load_calibration().get("coef", {}))
 

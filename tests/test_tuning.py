@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _dispatch, _select
+from fastconv import _cpu, _dispatch, _select
 
 GEOM = dict(x_shape=(2, 4, 9, 9), weight_shape=(6, 4, 3, 3), padding=1)
 
@@ -146,3 +146,20 @@ def test_calibration_correction_changes_the_choice(monkeypatch):
     monkeypatch.setattr(_select, "_CHOICES", {})
     monkeypatch.setattr(_select, "_load_calibration", lambda: {"coef": {f"{first}/forward": [1e6, 0.0]}})
     assert fastconv.choose_algorithm(**shape) not in (first, None)
+
+
+def test_calibration_table_follows_the_cpu_isa():
+    """One fitted table per vector ISA; a CPU without its own gets the nearest one, an old
+    single-table file serves every CPU, and the shipped file has a table this CPU can use."""
+    tables = {"avx512": {"coef": {"gemm/forward": [2.0, 0.0]}}, "avx2": {"coef": {"gemm/forward": [3.0, 0.0]}}}
+    data = {"by_isa": tables}
+    assert _select.table_for(data, "avx512") is tables["avx512"]
+    assert _select.table_for(data, "avx2") is tables["avx2"]
+    assert _select.table_for(data, "portable") is tables["avx2"]
+    assert _select.table_for({"by_isa": {"avx2": tables["avx2"]}}, "avx512") is tables["avx2"]
+    assert _select.table_for({"by_isa": {}}, "avx2") == {}
+    assert _select.table_for(tables["avx2"], "avx512") is tables["avx2"]
+    with open(_select._CAL_PATH, encoding="utf-8") as f:
+        shipped = json.load(f)
+    assert set(shipped["by_isa"]) <= {"avx512", "avx2", "portable"}
+    assert _select.table_for(shipped, _cpu.isa())["coef"]

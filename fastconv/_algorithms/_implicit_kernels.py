@@ -62,11 +62,15 @@ def _float_arrays(*arrays):
 
 
 @intrinsic
-def copy_masked(typingctx, dst, doff, src, soff, nload, nstore):
+def copy_masked(typingctx, dst, doff, src, soff, nload, nstore, room):
     """``dst[doff + l] = src[soff + l]`` for l < nload and ``= 0`` for nload <= l < nstore, with
-    nload <= nstore <= NR (the GEMM tile's width for the dtype): NV masked vector loads and stores,
-    so no element outside those ranges is read or written.  One tap's run of a packed B panel: LLVM
-    copies runs this short one element at a time."""
+    nload <= nstore <= room <= NR (the GEMM tile's width for the dtype): up to NV vector loads and
+    stores.  No source element at or past nload is read (a partial vector is a masked load); the
+    destination may be written up to ``room`` (a vector that fits there is stored whole, whatever
+    it leaves past nstore), and a vector that does not fit is a masked store.  One tap's run of a
+    packed B panel: LLVM copies runs this short one element at a time.  Why ``room``: AMD's Zen 3
+    runs a 256-bit masked store (VMASKMOVPS) as microcode, ~10x a plain store; with a masked store
+    per vector, gemm's 1x1-256 forward ran at 18 GFLOP/s there against im2col's 37."""
     if not _float_arrays(dst, src):
         return None
     isz = dst.dtype.bitwidth // 8
@@ -87,14 +91,28 @@ def copy_masked(typingctx, dst, doff, src, soff, nload, nstore):
             # vectors past the store range are skipped: a 7-element run (a 7x7 plane's rows) is
             # then one load and one store, not NV
             with builder.if_then(builder.icmp_signed(">", args[5], off), likely=True):
-                ml = mask(builder.sub(args[4], off))
-                ms = mask(builder.sub(args[5], off))
-                val = builder.call(load, [builder.bitcast(builder.gep(sp, [off]), vptr), ir.Constant(i32, isz), ml,
-                                          zero])
-                builder.call(store, [val, builder.bitcast(builder.gep(dp, [off]), vptr), ir.Constant(i32, isz), ms])
+                src_v = builder.bitcast(builder.gep(sp, [off]), vptr)
+                dst_v = builder.bitcast(builder.gep(dp, [off]), vptr)
+                end = ir.Constant(i64, (v + 1) * lanes)
+                with builder.if_else(builder.icmp_signed(">=", args[4], end), likely=True) as (whole, part):
+                    with whole:
+                        val_w = builder.load(src_v, align=isz)
+                        bb_w = builder.block
+                    with part:
+                        val_p = builder.call(load, [src_v, ir.Constant(i32, isz), mask(builder.sub(args[4], off)),
+                                                    zero])
+                        bb_p = builder.block
+                val = builder.phi(vty)
+                val.add_incoming(val_w, bb_w)
+                val.add_incoming(val_p, bb_p)
+                with builder.if_else(builder.icmp_signed(">=", args[6], end), likely=True) as (fits, edge):
+                    with fits:
+                        builder.store(val, dst_v, align=isz)
+                    with edge:
+                        builder.call(store, [val, dst_v, ir.Constant(i32, isz), mask(builder.sub(args[5], off))])
         return context.get_dummy_value()
 
-    return types.void(dst, types.intp, src, types.intp, types.intp, types.intp), codegen
+    return types.void(dst, types.intp, src, types.intp, types.intp, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -213,8 +231,9 @@ def _dot_shape(typingctx, c):
 def _pack_panel(src, sb, toff, p0, kb, u0, nn, ow, oh, rstep, istep, pb, nr):
     # pb[p*nr + jj] = src[sb + n*istep + toff[p0 + p] + i*rstep + j] for the position
     # u0 + jj = (n*oh + i)*ow + j (image n, output row i, column j), jj < nn, and 0 for
-    # nn <= jj < nr: the panel's positions fall into runs along output rows, each run one masked
-    # copy per tap
+    # nn <= jj < nr: the panel's positions fall into runs along output rows, each run one vector
+    # copy per tap (written in increasing jj: a run's whole-vector store past its end is overwritten
+    # by the next run's, and the last run zeroes the tail)
     d = 0
     u = u0
     while d < nn:
@@ -225,7 +244,7 @@ def _pack_panel(src, sb, toff, p0, kb, u0, nn, ow, oh, rstep, istep, pb, nr):
         so = sb + n * istep + (ig - n * oh) * rstep + j
         st = nr - d if d + run == nn else run  # the last run also zeroes the panel's tail
         for p in range(kb):
-            copy_masked(pb, p * nr + d, src, so + toff[p0 + p], run, st)
+            copy_masked(pb, p * nr + d, src, so + toff[p0 + p], run, st, nr - d)
         d += run
         u += run
 
