@@ -39,7 +39,6 @@ array([4., 5.])
 from __future__ import annotations
 
 import threading
-import weakref
 
 import numpy as np
 

@@ -17,7 +17,6 @@ buffers) and its running statistics, and :class:`Dropout` between dropping and t
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
