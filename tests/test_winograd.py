@@ -101,6 +101,43 @@ def test_float32_error_within_factor_of_im2col(case, m):
         assert _err(got[name], want[name]) <= FACTOR[m] * max(_err(base[name], want[name]), floor), name
 
 
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rows", "gather"])
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_both_grad_weight_kernels_match_the_reference(case, m, rowwise):
+    """grad_weight on the row transforms and on the gathers, each forced: float64 to 1e-10, float32
+    within the factor of im2col's error."""
+    for dtype, seed in ((np.float64, 3), (np.float32, 4)):
+        x, w, bias, gy = _make(case, dtype, seed=seed)
+        p = _params(case, dtype)
+        assert W._cached_plan(p, "grad_weight", m, rowwise).rowwise is rowwise
+        want = _exact(case, x, w, bias, gy)["grad_weight"]
+        got = W.grad_weight(gy, x, p, m=m, rowwise=rowwise)
+        assert got.shape == want.shape and got.dtype == dtype
+        scale = max(1.0, float(np.abs(want).max()))
+        if dtype == np.float64:
+            assert _err(got, want) <= 1e-10 * scale
+        else:
+            base = _im2col(case, p, x, w, bias, gy)["grad_weight"]
+            assert _err(got, want) <= FACTOR[m] * max(_err(base, want), 4 * EPS[p.dtype] * scale)
+
+
+def test_row_transform_grad_weight_is_reproducible_and_chosen_for_wide_planes():
+    """Fixed shares per worker: the same bits on every call; the cost model takes the row
+    transforms for a 32-channel layer on 40x40 planes (the gathers cost ~2x there)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 32, 40, 40)).astype(np.float32)
+    p = conv_params("conv2d", x.shape, (32, 32, 3, 3), np.float32, 1, 1, 1, 1)
+    gy = rng.standard_normal(p.y_shape).astype(np.float32)
+    assert W._cached_plan(p, "grad_weight").rowwise
+    first = W.grad_weight(gy, x, p)
+    for _ in range(3):
+        assert np.array_equal(W.grad_weight(gy, x, p), first)
+    gy[:, :, -1, :] = np.nan  # the last output row: only its own taps' sums, as in a direct sum
+    got = W.grad_weight(gy, x, p)
+    assert np.isnan(got).all()  # every (k, c) pair meets the NaN row through some tap
+
+
 def _tile_bound(p, x, w, bias, m):
     """The docstring's bound on |y - y_exact| per output: eps * (15 + cg) * S_m**2 * sum_c
     max|d_c| * max|w_kc| (+ eps*|b|), max|d_c| over the a x a input patch of the output's tile."""

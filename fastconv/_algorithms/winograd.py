@@ -34,9 +34,17 @@ output rows with vector shuffles); ``U`` is transformed once per call straight i
 panels of fastconv's GEMM micro-kernel and the a*a products run on that micro-kernel reading the
 transformed rows in place (:func:`.gemm.ukernel_ldb`).  R is the row count, within ~1.5 MiB of
 transformed tiles per item (L2) and at least 4 items per worker, that wastes the fewest columns of
-the micro-kernel's NR-wide panels.  grad_weight: items are blocks of cb input channels of one group
-with the whole batch; tiles are gathered, transformed by rows of 1-D multiply-adds, and multiplied
-by single-threaded BLAS inside each worker (im2col's ?gemm pointer).  m is chosen per call by
+the micro-kernel's NR-wide panels.  grad_weight has two kernels, chosen by cost.  On the row
+transforms (:mod:`._winograd_gw_kernels`): each worker takes a fixed share of the tile rows of
+every group, transforms the input with the forward's code and gy with the output transform's
+transpose into the same slot layout, and adds the a*a products ``w[e] . v[e]^T`` (single-threaded
+BLAS, im2col's ?gemm pointer) into sums of its own, added in worker order at the end (memory
+(workers + 1) * a*a*k*cg; wins on wide planes: resnet50-3x3-64 21-28 ms against the gathers' 30-44
+and im2col's 39-44, 1 thread, AVX2 EPYC).  On the gathers: items are blocks of cb input channels
+of one group with the whole batch; tiles are gathered, transformed by rows of 1-D multiply-adds,
+and multiplied by BLAS the same way; it keeps one shared accumulator, so it is what fits when the
+workers' sums do not, and it is cheaper where kg*cg is large and planes small (resnet50-3x3-512:
+its short reductions re-add 16 MB of sums).  m is chosen per call by
 :func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except
 that float32 grad_weight always uses F(2x2): with F(4x4) its sums over the batch and every tile
 missed the element-wise tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case (error 2.9e-4
@@ -47,8 +55,9 @@ rounded up to whole panels) plus rows of scratch; shared: ``U`` packed (``a*a * 
 to MR rows per group, 4x the weight for m = 4) or grad_weight's accumulator.  T is chosen so that all of it stays under ``p.workspace_limit``; below one tile row
 on one worker :func:`supports` refuses.
 
-Races and determinism.  Forward items write disjoint output tiles; grad_weight items own disjoint
-channel blocks of ``Mw`` and reduce over the batch and tiles in a fixed order.  The tiling follows
+Races and determinism.  Forward items write disjoint output tiles; the gathering grad_weight's
+items own disjoint channel blocks of ``Mw`` and reduce over the batch and tiles in a fixed order;
+the row-transform grad_weight's workers own their sums and fixed shares of the tiles.  The tiling follows
 the thread count (T, channel blocks), so results are bitwise reproducible for a given thread count
 and budget, and equal within rounding across thread counts.
 
@@ -84,6 +93,8 @@ import dataclasses
 import numba
 import numpy as np
 
+from .. import _cpu
+from . import _winograd_gw_kernels as KG
 from . import _winograd_kernels as K
 from . import gemm as _gemm
 from ._blas import _BLAS, serial_blas
@@ -173,7 +184,8 @@ class _Plan:
     nw: int      # workers
     tmax: int    # most tiles in an item
     words: int   # buffer elements per worker
-    fixed: int   # bytes shared by all workers (U, or grad_weight's accumulator)
+    fixed: int   # bytes shared by all workers (U, or grad_weight's accumulators)
+    rowwise: bool = False  # grad_weight on the packed forward's row transforms (else the gathers)
 
 
 def _plan(p, m, nthreads):
@@ -220,14 +232,17 @@ def _plan(p, m, nthreads):
 _PLANS: dict = {}
 
 
-def _cached_plan(p, pass_, m=None):
+def _cached_plan(p, pass_, m=None, rowwise=None):
+    """The cheaper fitting plan of ``pass_`` (``m`` forces a tile size; ``rowwise`` True/False forces
+    grad_weight's kernel: the tests reach both on small cases), or the first refusal."""
     nthreads = numba.get_num_threads()
-    key = (p, pass_, m, nthreads)
+    key = (p, pass_, m, rowwise, nthreads)
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
         if pass_ == "grad_weight":
-            plans = [_plan(p, mm, nthreads) for mm in tiles]
+            plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
+                    ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else [])
         else:
             plans = [_packed_plan(p, mm, nthreads) for mm in tiles]
         fit = [c for c in plans if not isinstance(c, str)]
@@ -255,6 +270,16 @@ def _ldt(slots, nr):
     return -(-slots // nr) * nr + 16
 
 
+def _packed_words(p, m, rows, nr):
+    """Buffer elements per worker of the packed forward (and of grad_weight's row transforms):
+    v and M (or w) of ``rows`` tile rows, the copied rows, their phases and the output transform's rows."""
+    a2 = (m + 2) ** 2
+    sl = _tiles(p, m)[1] + 1
+    ldt = _ldt(rows * sl, nr)
+    return (a2 * ((p.cg + p.kg) * ldt + 32) + 2 * (m + 2) * rows * m * sl + (m + 2) * (rows * sl + 17)
+            + m * (m + 2) * ldt + m * m * ldt + 64)
+
+
 def _packed_plan(p, m, nthreads):
     """The tiling of the packed forward pass with F(m x m, 3 x 3), or the reason it cannot fit."""
     isz = p.itemsize
@@ -276,9 +301,7 @@ def _packed_plan(p, m, nthreads):
     rows = min(range(1, top + 1), key=lambda r: (-(-r * sl // nr) * nr / (r * tw), -r))
 
     def words(rows_):
-        ldt = _ldt(rows_ * sl, nr)
-        return (a2 * ((p.cg + p.kg) * ldt + 32) + 2 * (m + 2) * rows_ * m * sl + (m + 2) * (rows_ * sl + 17)
-                + m * (m + 2) * ldt + m * m * ldt + 64)
+        return _packed_words(p, m, rows_, nr)
 
     nw = max(1, min(nthreads, p.g * -(-trows // rows)))
     while fixed + nw * words(rows) * isz > p.workspace_limit:
@@ -291,6 +314,41 @@ def _packed_plan(p, m, nthreads):
             return (f"needs at least {need} bytes of workspace (transformed weights and one row of "
                     f"tiles), workspace_limit is {p.workspace_limit}")
     return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), words(rows), fixed)
+
+
+# Transformed tiles per grad_weight step: the products reduce over the step's slots, and each adds
+# into the a*a x kg x cg sums; measured (AVX2 EPYC, 1 thread, float32) 0.5 / 1.5 / 4 / 16 MiB:
+# resnet50-3x3-64 26 / 21 / 23 / 34 ms, vgg16-3x3-128 45 / 40 / 36 / 51, resnet50-3x3-512
+# 186 / 106 / 85 / 89 (short reductions re-add the large sums too often, long ones leave the caches).
+_GW_TILE_BYTES = 3 << 20
+
+
+def _rows_plan(p, m, nthreads):
+    """The tiling of grad_weight on the row transforms: each worker a fixed share of the tile rows,
+    ``rows`` at a time (~_GW_TILE_BYTES of transformed tiles), its own a*a x k x cg sums; or the
+    reason it cannot fit (then the gathering kernel, with one shared accumulator, may)."""
+    if p.n == 0:
+        p = dataclasses.replace(p, n=1)
+    isz = p.itemsize
+    _, nr = _gemm.tile(isz)
+    a2 = (m + 2) ** 2
+    th, tw = _tiles(p, m)
+    sl = tw + 1
+    trows = p.n * th
+    sums = a2 * p.k * p.cg * isz
+    nw = max(1, min(nthreads, trows))
+    rows = max(1, min(-(-trows // nw), _GW_TILE_BYTES // (sl * a2 * (p.cg + p.kg) * isz)))
+    # the sums of every worker plus the result they are added into
+    while (nw + 1) * sums + nw * _packed_words(p, m, rows, nr) * isz > p.workspace_limit:
+        if rows > 1:
+            rows = max(1, rows // 2)
+        elif nw > 1:
+            nw -= 1
+        else:
+            need = 2 * sums + _packed_words(p, m, rows, nr) * isz
+            return (f"needs at least {need} bytes of workspace (two a*a x k x c/groups sums and one row of "
+                    f"tiles), workspace_limit is {p.workspace_limit}")
+    return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), _packed_words(p, m, rows, nr), (nw + 1) * sums, True)
 
 
 def _run_forward(x, w, b, p, m=None):
@@ -329,22 +387,33 @@ def grad_input(gy, w, p, m=None):
     return _run_forward(gy, wf.reshape(p.c, p.kg, 3, 3), None, _transposed(p), m)
 
 
-def grad_weight(gy, x, p, m=None):
-    pl = _cached_plan(p, "grad_weight", m)
+def grad_weight(gy, x, p, m=None, rowwise=None):
+    pl = _cached_plan(p, "grad_weight", m, rowwise)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
     m = pl.m
     th, tw = _tiles(p, m)
     a = m + 2
-    bt, _, am = _matrices(m, p.dtype)
-    mw = np.zeros(a * a * p.k * p.cg, dtype=p.dtype)
     hv = min(p.h, p.oh + 2 - p.ph0)
     wv = min(p.w, p.ow + 2 - p.pw0)
+    gw = np.empty(p.w_shape, dtype=p.dtype)
+    if pl.rowwise:
+        acc = np.zeros((pl.nw, a * a * p.k * p.cg), dtype=p.dtype)
+        mw = np.empty(a * a * p.k * p.cg, dtype=p.dtype)
+        kc = np.array([1, 2, 4, 5, 8], dtype=p.dtype)
+        with serial_blas:
+            KG.grad_weight_rows(_contiguous(x).reshape(-1), _contiguous(gy).reshape(-1), acc,
+                                np.zeros((pl.nw, pl.words), p.dtype), kc, *_BLAS.args(p.dtype, pl.nw), p.n, p.c, p.h,
+                                p.w, p.k, p.oh, p.ow, m, p.g, p.ph0, p.pw0, hv, wv, th, tw, pl.rb, pl.tmax)
+        KG.sum_workers(acc, mw)
+        K.taps_transform(mw.reshape(a * a, p.k, p.cg), _G[m], gw.reshape(p.k, p.cg, 9))
+        return gw
+    bt, _, am = _matrices(m, p.dtype)
+    mw = np.zeros(a * a * p.k * p.cg, dtype=p.dtype)
     with serial_blas:
         K.grad_weight_tiles(_contiguous(x), _contiguous(gy), mw, np.empty((pl.nw, pl.words), p.dtype), bt, am,
                             *_BLAS.args(p.dtype, pl.nw), np.zeros(1, np.int64), m, p.g, p.ph0, p.pw0, hv, wv,
                             th, tw, pl.nb, pl.rb, pl.cb, pl.tmax)
-    gw = np.empty(p.w_shape, dtype=p.dtype)
     K.taps_transform(mw.reshape(a * a, p.k, p.cg), _G[m], gw.reshape(p.k, p.cg, 9))
     return gw
 
@@ -385,6 +454,9 @@ _U_SECONDS = 2.8e-9
 _MEMORY_RATE = 10e9
 _U_CACHED = 8 << 20  # U up to this size streams from cache (vgg16-3x3-128's 2.6 MB did)
 _IN_SECONDS = {4: 15.5e-9 / 5.47, 2: 10.8e-9 / 5.47}
+_GY_IN = 0.3e-9       # grad_weight's row transform of gy, per transformed element
+_SUM_SECONDS = 0.5e-9  # adding the workers' sums, per element
+_SUMS_L2, _SUMS_MEM = 0.3e-9, 3e-9  # a product's read-modify-write of its sums, per element
 _GEMM_RATE = {4: 80e9, 8: 40e9}
 
 
@@ -393,6 +465,20 @@ def _cost_of(p, pass_, pl, nthreads):
     a2 = (pl.m + 2) ** 2
     tiles = max(1, p.n) * th * tw
     workers = 1.0 + 0.9 * (min(nthreads, pl.nw) - 1)
+    if pass_ == "grad_weight" and pl.rowwise:
+        trows = max(1, p.n) * th
+        slots = trows * (tw + 1)
+        items = -(-trows // pl.rb) * p.g
+        ns = pl.rb * (tw + 1)
+        thin = min(p.kg, p.cg)
+        eff = thin / (thin + 12.0) * ns / (ns + 48.0)
+        gemm = 2.0 * a2 * p.k * p.cg * slots / (_GEMM_RATE[p.itemsize] * eff)
+        # every product reads and writes its kg x cg block of the sums: from L2 while they fit
+        sums = a2 * p.kg * p.cg * p.itemsize
+        gemm += items * a2 * p.kg * p.cg * (_SUMS_L2 if sums <= _cpu.cache_sizes()["l2"] else _SUMS_MEM)
+        trans = p.itemsize / 4 * (a2 * slots * (p.c * _PACKED_IN + p.k * _GY_IN)
+                                  + items * (p.c + p.k) * _ITEM_IN)
+        return 3e-5 + (gemm + trans) / workers + (pl.nw + 1) * a2 * p.k * p.cg * _SUM_SECONDS
     if pass_ == "grad_weight":
         thin = min(p.kg, p.cg)
         eff = thin / (thin + 12.0) * pl.tmax / (pl.tmax + 48.0)
