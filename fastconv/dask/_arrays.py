@@ -16,19 +16,19 @@ from .. import functional as F
 
 
 # --------------------------------------------------------------------------- inputs
-def _as_dask(fn, x, ndim=4):
+def _as_dask(fn, x, ndim=4, name="input"):
     """A float32/float64 dask array of ``ndim`` dims (a NumPy array becomes one chunk)."""
     if isinstance(x, np.ndarray):
         x = da.from_array(x, chunks=x.shape)
     if not isinstance(x, da.Array):
-        raise TypeError(f"{fn}: input must be a dask.array.Array or numpy.ndarray, got {type(x).__name__}")
+        raise TypeError(f"{fn}: {name} must be a dask.array.Array or numpy.ndarray, got {type(x).__name__}")
     if x.dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"{fn}: input must have dtype float32 or float64, got {x.dtype}")
+        raise TypeError(f"{fn}: {name} must have dtype float32 or float64, got {x.dtype}")
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{fn}: input must be {ndim}-D, got {x.ndim}-D array of shape {x.shape}")
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got {x.ndim}-D array of shape {x.shape}")
     if any(math.isnan(d) for c in x.chunks for d in c):
-        raise ValueError(f"{fn}: input must have known chunk sizes, got {x.chunks} "
-                         f"(call x.compute_chunk_sizes() first)")
+        raise ValueError(f"{fn}: {name} must have known chunk sizes, got {x.chunks} "
+                         f"(call compute_chunk_sizes() first)")
     return x
 
 
@@ -76,8 +76,9 @@ def _output_blocks(bounds, size, s, p0, out):
     return blocks
 
 
-def _plan(chunks, size, s, p0, e, out, own_padding):
-    """Per output block along one axis: ``(o0, o1, pieces, local)``.
+def _plan(chunks, size, s, p0, e, out, own_padding, blocks=None):
+    """Per output block along one axis: ``(o0, o1, pieces, local)``; the output blocks are
+    :func:`_output_blocks`' unless given as ``blocks = [(o0, o1), ...]``.
 
     ``own_padding=False`` (convolution): the block reads rows ``[o0*s - p0, (o1-1)*s - p0 + e)``,
     the part outside the input is padded with explicit zeros (``local = (lead, trail)``) and the
@@ -93,7 +94,7 @@ def _plan(chunks, size, s, p0, e, out, own_padding):
     """
     bounds = _bounds(chunks)
     plan = []
-    for o0, o1 in _output_blocks(bounds, size, s, p0, out):
+    for o0, o1 in blocks or _output_blocks(bounds, size, s, p0, out):
         lo, hi = o0 * s - p0, (o1 - 1) * s - p0 + e
         if not own_padding:
             start, stop = max(lo, 0), min(hi, size)
