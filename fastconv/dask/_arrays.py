@@ -51,8 +51,9 @@ def _pieces(bounds, start, stop):
         lo, hi = max(start, bounds[j]), min(stop, bounds[j + 1])
         if lo < hi:
             out.append((j, slice(lo - bounds[j], hi - bounds[j])))
-    if not out:  # windows wholly inside a convolution's padding: an empty slice, all padding
-        j = 0 if start < 0 else len(bounds) - 2
+    if not out:  # windows wholly inside a convolution's padding: an empty slice of the nearest block
+        at = min(max(start, 0), bounds[-1] - 1)
+        j = next(j for j in range(len(bounds) - 1) if bounds[j] <= at < bounds[j + 1])
         out.append((j, slice(0, 0)))
     return out
 
@@ -96,9 +97,10 @@ def _plan(chunks, size, s, p0, e, out, own_padding, blocks=None):
     plan = []
     for o0, o1 in blocks or _output_blocks(bounds, size, s, p0, out):
         lo, hi = o0 * s - p0, (o1 - 1) * s - p0 + e
-        if not own_padding:
-            start, stop = max(lo, 0), min(hi, size)
-            local = (start - lo, hi - stop)
+        if not own_padding:  # (a block of windows wholly in the padding reads no row)
+            start = min(max(lo, 0), size)
+            stop = start + max(0, min(hi, size) - max(lo, 0))
+            local = (max(0, min(hi, 0) - lo), max(0, hi - max(lo, size)))
         elif lo >= 0 and hi <= size:
             start, stop, local = lo, hi, (0, 0)
         else:
