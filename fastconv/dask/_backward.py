@@ -14,6 +14,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .. import _validation as V
 from .. import functional as F
 from .._results import Conv2dGrads
+from .._select import select
 from ._arrays import _as_dask, _assemble, _bounds, _plan
 from ._transpose import _transposed
 
@@ -41,19 +42,19 @@ def _piece(x, key, sh, sw):
 
 
 def _partial(parts, which):
-    """One of a block's two partial sums, with three leading axes of one (batch, H, W block)."""
-    return parts[which][None, None, None]
+    """One of a block's two partial sums, with a leading axis of one (the block's index)."""
+    return parts[which][None]
 
 
 def _grad_weight(gy, x, weight, p, algorithm, split_every, token):
     """Per (batch, H, W) block of ``gy`` the partial ``(grad_weight, grad_bias)``, summed by dask's
-    tree reduction over the three block axes."""
+    tree reduction, ``split_every`` partials per task."""
     # output blocks as gy is chunked; each reads the x rows its windows cover (the conv2d plan)
     blocks_h = list(zip(_bounds(gy.chunks[2])[:-1], _bounds(gy.chunks[2])[1:]))
     blocks_w = list(zip(_bounds(gy.chunks[3])[:-1], _bounds(gy.chunks[3])[1:]))
     plan_h = _plan(x.chunks[2], p.h, p.sh, p.ph0, p.dh * (p.r - 1) + 1, p.oh, False, blocks_h)
     plan_w = _plan(x.chunks[3], p.w, p.sw, p.pw0, p.dw * (p.s - 1) + 1, p.ow, False, blocks_w)
-    name = f"fastconv-conv2d-grad-weight-part-{token}"
+    name = f"fastconv-conv2d-grad-block-{token}"
     wkey = f"fastconv-weight-{tokenize(weight)}"
     op = _GradWeightBlock((p.sh, p.sw), (p.dh, p.dw), p.g, algorithm)
     dsk = {wkey: weight}
@@ -64,15 +65,16 @@ def _grad_weight(gy, x, weight, p, algorithm, split_every, token):
                 parts = [[_piece(x, (x.name, bn, 0, ih, iw), sh, sw) for iw, sw in wpieces] for ih, sh in hpieces]
                 dsk[(name, bn, i, j)] = (op, parts, hlocal, wlocal, (gy.name, bn, 0, i, j), wkey)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x, gy])
+    blocks = [(bn, i, j) for bn in range(nb) for i in range(nh) for j in range(nw)]
     out = []
     for which, shape in ((0, weight.shape), (1, (weight.shape[0],))):
-        pname = f"fastconv-conv2d-grad-{'weight' if which == 0 else 'bias'}-parts-{token}"
-        layer = {(pname, bn, i, j) + (0,) * len(shape): (_partial, (name, bn, i, j), which)
-                 for bn in range(nb) for i in range(nh) for j in range(nw)}
+        # the partials along one leading axis, so that a task of the tree adds split_every of them
+        pname = f"fastconv-conv2d-grad-{'weight' if which == 0 else 'bias'}-partial-{token}"
+        layer = {(pname, b) + (0,) * len(shape): (_partial, (name,) + blk, which) for b, blk in enumerate(blocks)}
         g = HighLevelGraph.merge(graph, HighLevelGraph({pname: layer}, {pname: {name}}))
-        chunks = ((1,) * nb, (1,) * nh, (1,) * nw) + tuple((d,) for d in shape)
-        parts = da.Array(g, pname, chunks, meta=np.empty((0,) * (3 + len(shape)), gy.dtype))
-        out.append(parts.sum(axis=(0, 1, 2), split_every=split_every))
+        chunks = ((1,) * len(blocks),) + tuple((d,) for d in shape)
+        parts = da.Array(g, pname, chunks, meta=np.empty((0,) * (1 + len(shape)), gy.dtype))
+        out.append(parts.sum(axis=0, split_every=split_every))
     return out
 
 
@@ -141,8 +143,9 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
         raise ValueError(f"{fn}: split_every must be None or an int >= 2, got {split_every!r}")
     if not isinstance(algorithm, str):
         raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
-    F.conv2d_backward(np.zeros((0,) + p.y_shape[1:], x.dtype), np.zeros((0,) + x.shape[1:], x.dtype), weight,
-                      stride, padding, dilation, groups, algorithm=algorithm)  # an unservable algorithm raises
+    if algorithm != "auto":  # an unknown name, or one that cannot serve a pass, raises here
+        for pass_ in ("grad_input", "grad_weight"):
+            select(fn, algorithm, p, pass_, 1)
     c_chunks = x.chunks[1]
     x = x.rechunk({1: -1})
     grad_output = grad_output.rechunk({0: x.chunks[0], 1: -1})

@@ -17,6 +17,7 @@ from dask.base import tokenize
 
 from .. import _validation as V
 from .. import functional as F
+from .._select import select
 from ._arrays import _as_dask, _assemble, _bounds, _pieces, _windowed
 
 
@@ -161,8 +162,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
             raise ValueError(f"{fn}: bias must have shape ({p.c},) (out channels), got {bias.shape}")
     if not isinstance(algorithm, str):
         raise TypeError(f"{fn}: algorithm must be a str, got {type(algorithm).__name__}")
-    F.conv_transpose2d(np.zeros((0,) + x.shape[1:], x.dtype), weight, bias, stride, padding, output_padding,
-                       groups, dilation, algorithm=algorithm)  # an algorithm that cannot serve it raises here
+    if algorithm != "auto":  # an unknown name, or one that cannot serve the pass, raises here
+        select(fn, algorithm, p, "grad_input", 1)
     x = x.rechunk({1: -1})
     # p is the convolution whose input gradient this is: its input is our output (p.h x p.w)
     blocks_h = _transpose_blocks(_bounds(x.chunks[2]), p.sh, p.ph0, p.h)
