@@ -131,6 +131,27 @@ def test_other_algorithms_within_their_error(algorithm, dtype):
     _check(x, w, gy, (1, 3, (2, 9, 6), (7, 1, 7)), (2, 4, 6, 5), algorithm=algorithm, padding=1)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("inf_weight", [False, True])
+def test_nan_and_inf_spread_as_in_memory(stride, inf_weight):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 11, 10))
+    x[0, 1, 4, 5], x[1, 0, 0, 0] = np.nan, np.inf
+    w = np.ones((3, 2, 3, 2))
+    w[0, 0, 0, 0] = np.inf if inf_weight else 2.0
+    kw = dict(stride=stride, padding=1, algorithm="direct")
+    gy = rng.standard_normal(fastconv.conv2d(x, w, **kw).shape)
+    gy[0, 0, 1, 1] = np.nan
+    want = fastconv.conv2d_backward(gy, x, w, **kw)
+    g = da.compute(*fd.conv2d_backward(da.from_array(gy, chunks=(1, 3, 2, 3)), da.from_array(x, chunks=(1, 2, 3, 4)),
+                                       w, **kw), **SYNC)
+    assert np.isnan(want.grad_input).any() and np.isnan(want.grad_weight).any()
+    np.testing.assert_array_equal(g[0], want.grad_input)
+    for got, ref in zip(g[1:], want[1:]):  # the same entries not finite; the finite ones within rounding
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+        np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-11, atol=1e-11)
+
+
 # --------------------------------------------------------------------------- the tree, laziness, meta
 def test_weight_gradient_is_a_tree_of_per_block_partials():
     """16 blocks of grad_output: one partial task each, then sums of ``split_every`` partials."""

@@ -104,6 +104,24 @@ def test_other_algorithms_within_their_error(algorithm, dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("inf_weight", [False, True])
+def test_nan_and_inf_spread_as_in_memory(stride, inf_weight):
+    """A NaN or Inf input reaches the same outputs; an Inf weight takes the direct scatter, which sums
+    only real terms, in both calls (the zero row a one-row block may add must not leak into the block)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 11, 10))
+    x[0, 1, 4, 5], x[1, 0, 0, 0] = np.nan, np.inf
+    w = rng.standard_normal((2, 3, 3, 2))
+    if inf_weight:
+        w[1, 2, 0, 1] = np.inf
+    kw = dict(stride=stride, padding=1, algorithm="direct")
+    want = fastconv.conv_transpose2d(x, w, **kw)
+    got = fd.conv_transpose2d(da.from_array(x, chunks=(1, 2, 3, 4)), w, **kw).compute(**SYNC)
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(got, want)  # NaN where want has NaN
+
+
 # --------------------------------------------------------------------------- chunks, laziness, meta
 def test_output_chunks_follow_input_chunks_times_stride():
     x = da.zeros((3, 2, 8, 10), dtype=np.float32, chunks=(2, 1, 4, (3, 7)))
