@@ -89,6 +89,21 @@ def test_direct_edge_cases(name, x_shape, w_shape, kw, chunks, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_per_image_path_within_rounding(dtype):
+    """direct's stride-1 pass runs image by image (another summation order) for 16 or more (image,
+    group) items of small planes: the whole batch of 32 x 3 groups does, its blocks of 4 x 3 do not."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 6, 12, 12)).astype(dtype)
+    w = rng.standard_normal((6, 1, 3, 3)).astype(dtype)
+    kw = dict(padding=1, groups=3, algorithm="direct")
+    want = fastconv.conv_transpose2d(x, w, **kw)
+    got = fd.conv_transpose2d(da.from_array(x, chunks=(4, 6, 6, 5)), w, **kw).compute(**SYNC)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("algorithm", ["auto"] + [a for a in ALGORITHMS if a != "direct"])
 def test_other_algorithms_within_their_error(algorithm, dtype):
     rng = np.random.default_rng(0)

@@ -106,7 +106,8 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     -----
     ``grad_input``: each of ``x``'s blocks is the transposed convolution of the ``grad_output`` rows
     that reach it (see :func:`fastconv.dask.conv_transpose2d`); bitwise the in-memory result with
-    ``algorithm='direct'``.  ``grad_weight`` and ``grad_bias``: per block of ``grad_output``, the
+    ``algorithm='direct'`` (but where only one of the whole batch and a block runs direct's
+    image-by-image stride-1 path: about an ulp).  ``grad_weight`` and ``grad_bias``: per block of ``grad_output``, the
     input rows its windows read (zeros where the whole-array call pads) and the block give a partial
     sum (:func:`fastconv.conv2d_grad_weight`); a tree adds them, in another order than the in-memory
     call, so they agree within rounding (float32: a few ulps of the largest partial per level).

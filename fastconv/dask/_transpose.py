@@ -134,8 +134,11 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     (its own rows over the stride plus a halo of about ``d*(R-1)/s`` rows before them, gathered
     from as many input blocks as that takes), cropped to the block; rows that no input reaches
     (``output_padding``, gaps of a stride larger than the kernel) are zeros plus the bias.  With
-    ``algorithm='direct'`` the result is bitwise the in-memory result; other algorithms agree within
-    their stated error.
+    ``algorithm='direct'`` the result is bitwise the in-memory result, but where direct's stride-1
+    pass runs image by image (16 or more images x groups of small planes) for the whole batch and
+    not for a block, or the reverse: that path sums in another order (about an ulp; the in-memory
+    call differs as much between a batch and its halves).  Other algorithms agree within their
+    stated error.
 
     Examples
     --------
