@@ -141,25 +141,24 @@ def _assemble(parts, hpad=(0, 0), wpad=(0, 0)):
     return out
 
 
+def _piece(x, key, sh, sw):
+    """The task for rows ``sh`` and columns ``sw`` of block ``key`` of ``x`` (the key if all of it)."""
+    if sh.stop - sh.start == x.chunks[2][key[3]] and sw.stop - sw.start == x.chunks[3][key[4]]:
+        return key
+    return (operator.getitem, key, (slice(None), slice(None), sh, sw))
+
+
 def _windowed(fn, x, op, plan_h, plan_w, c_blocks, c_chunks, extra_keys, extra_dsk, token):
     """Graph of one task per output block (batch block x channel block x H block x W block): the
     pieces of the input blocks its halo reaches, assembled and passed to ``op``."""
     name = f"{fn}-{token}"
     dsk = dict(extra_dsk)
-    full = slice(None)
     for bn in range(len(x.chunks[0])):
         for bo, bc in enumerate(c_blocks):
             for i, (_, _, hpieces, hlocal) in enumerate(plan_h):
                 for j, (_, _, wpieces, wlocal) in enumerate(plan_w):
-                    parts = []
-                    for ih, sh in hpieces:
-                        row = []
-                        for iw, sw in wpieces:
-                            key = (x.name, bn, bc, ih, iw)
-                            whole = (sh.stop - sh.start == x.chunks[2][ih]
-                                     and sw.stop - sw.start == x.chunks[3][iw])
-                            row.append(key if whole else (operator.getitem, key, (full, full, sh, sw)))
-                        parts.append(row)
+                    parts = [[_piece(x, (x.name, bn, bc, ih, iw), sh, sw) for iw, sw in wpieces]
+                             for ih, sh in hpieces]
                     dsk[(name, bn, bo, i, j)] = (op, parts, hlocal, wlocal) + tuple(extra_keys)
     chunks = (x.chunks[0], c_chunks, tuple(b[1] - b[0] for b in plan_h), tuple(b[1] - b[0] for b in plan_w))
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])

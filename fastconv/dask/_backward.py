@@ -4,8 +4,6 @@ that reach it, the weight and bias gradients as per-block partial sums reduced b
 """
 from __future__ import annotations
 
-import operator
-
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -15,7 +13,7 @@ from .. import _validation as V
 from .. import functional as F
 from .._results import Conv2dGrads
 from .._select import select
-from ._arrays import _as_dask, _assemble, _bounds, _plan
+from ._arrays import _as_dask, _assemble, _bounds, _piece, _plan
 from ._transpose import _transposed
 
 
@@ -32,13 +30,6 @@ class _GradWeightBlock:
         x = _assemble(parts, hlocal, wlocal)
         return F.conv2d_grad_weight(gy, x, weight, self.stride, 0, self.dilation, self.groups,
                                     algorithm=self.algorithm)
-
-
-def _piece(x, key, sh, sw):
-    """The task for rows ``sh`` and columns ``sw`` of block ``key`` of ``x`` (the key if all of it)."""
-    if sh.stop - sh.start == x.chunks[2][key[3]] and sw.stop - sw.start == x.chunks[3][key[4]]:
-        return key
-    return (operator.getitem, key, (slice(None), slice(None), sh, sw))
 
 
 def _partial(parts, which):
