@@ -16,19 +16,19 @@ from .. import functional as F
 
 
 # --------------------------------------------------------------------------- inputs
-def _as_dask(fn, x, ndim=4):
+def _as_dask(fn, x, ndim=4, name="input"):
     """A float32/float64 dask array of ``ndim`` dims (a NumPy array becomes one chunk)."""
     if isinstance(x, np.ndarray):
         x = da.from_array(x, chunks=x.shape)
     if not isinstance(x, da.Array):
-        raise TypeError(f"{fn}: input must be a dask.array.Array or numpy.ndarray, got {type(x).__name__}")
+        raise TypeError(f"{fn}: {name} must be a dask.array.Array or numpy.ndarray, got {type(x).__name__}")
     if x.dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"{fn}: input must have dtype float32 or float64, got {x.dtype}")
+        raise TypeError(f"{fn}: {name} must have dtype float32 or float64, got {x.dtype}")
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{fn}: input must be {ndim}-D, got {x.ndim}-D array of shape {x.shape}")
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got {x.ndim}-D array of shape {x.shape}")
     if any(math.isnan(d) for c in x.chunks for d in c):
-        raise ValueError(f"{fn}: input must have known chunk sizes, got {x.chunks} "
-                         f"(call x.compute_chunk_sizes() first)")
+        raise ValueError(f"{fn}: {name} must have known chunk sizes, got {x.chunks} "
+                         f"(call compute_chunk_sizes() first)")
     return x
 
 
@@ -51,8 +51,9 @@ def _pieces(bounds, start, stop):
         lo, hi = max(start, bounds[j]), min(stop, bounds[j + 1])
         if lo < hi:
             out.append((j, slice(lo - bounds[j], hi - bounds[j])))
-    if not out:  # windows wholly inside a convolution's padding: an empty slice, all padding
-        j = 0 if start < 0 else len(bounds) - 2
+    if not out:  # windows wholly inside a convolution's padding: an empty slice of the nearest block
+        at = min(max(start, 0), bounds[-1] - 1)
+        j = next(j for j in range(len(bounds) - 1) if bounds[j] <= at < bounds[j + 1])
         out.append((j, slice(0, 0)))
     return out
 
@@ -76,8 +77,9 @@ def _output_blocks(bounds, size, s, p0, out):
     return blocks
 
 
-def _plan(chunks, size, s, p0, e, out, own_padding):
-    """Per output block along one axis: ``(o0, o1, pieces, local)``.
+def _plan(chunks, size, s, p0, e, out, own_padding, blocks=None):
+    """Per output block along one axis: ``(o0, o1, pieces, local)``; the output blocks are
+    :func:`_output_blocks`' unless given as ``blocks = [(o0, o1), ...]``.
 
     ``own_padding=False`` (convolution): the block reads rows ``[o0*s - p0, (o1-1)*s - p0 + e)``,
     the part outside the input is padded with explicit zeros (``local = (lead, trail)``) and the
@@ -93,11 +95,12 @@ def _plan(chunks, size, s, p0, e, out, own_padding):
     """
     bounds = _bounds(chunks)
     plan = []
-    for o0, o1 in _output_blocks(bounds, size, s, p0, out):
+    for o0, o1 in blocks or _output_blocks(bounds, size, s, p0, out):
         lo, hi = o0 * s - p0, (o1 - 1) * s - p0 + e
-        if not own_padding:
-            start, stop = max(lo, 0), min(hi, size)
-            local = (start - lo, hi - stop)
+        if not own_padding:  # (a block of windows wholly in the padding reads no row)
+            start = min(max(lo, 0), size)
+            stop = start + max(0, min(hi, size) - max(lo, 0))
+            local = (max(0, min(hi, 0) - lo), max(0, hi - max(lo, size)))
         elif lo >= 0 and hi <= size:
             start, stop, local = lo, hi, (0, 0)
         else:
@@ -138,25 +141,24 @@ def _assemble(parts, hpad=(0, 0), wpad=(0, 0)):
     return out
 
 
+def _piece(x, key, sh, sw):
+    """The task for rows ``sh`` and columns ``sw`` of block ``key`` of ``x`` (the key if all of it)."""
+    if sh.stop - sh.start == x.chunks[2][key[3]] and sw.stop - sw.start == x.chunks[3][key[4]]:
+        return key
+    return (operator.getitem, key, (slice(None), slice(None), sh, sw))
+
+
 def _windowed(fn, x, op, plan_h, plan_w, c_blocks, c_chunks, extra_keys, extra_dsk, token):
     """Graph of one task per output block (batch block x channel block x H block x W block): the
     pieces of the input blocks its halo reaches, assembled and passed to ``op``."""
     name = f"{fn}-{token}"
     dsk = dict(extra_dsk)
-    full = slice(None)
     for bn in range(len(x.chunks[0])):
         for bo, bc in enumerate(c_blocks):
             for i, (_, _, hpieces, hlocal) in enumerate(plan_h):
                 for j, (_, _, wpieces, wlocal) in enumerate(plan_w):
-                    parts = []
-                    for ih, sh in hpieces:
-                        row = []
-                        for iw, sw in wpieces:
-                            key = (x.name, bn, bc, ih, iw)
-                            whole = (sh.stop - sh.start == x.chunks[2][ih]
-                                     and sw.stop - sw.start == x.chunks[3][iw])
-                            row.append(key if whole else (operator.getitem, key, (full, full, sh, sw)))
-                        parts.append(row)
+                    parts = [[_piece(x, (x.name, bn, bc, ih, iw), sh, sw) for iw, sw in wpieces]
+                             for ih, sh in hpieces]
                     dsk[(name, bn, bo, i, j)] = (op, parts, hlocal, wlocal) + tuple(extra_keys)
     chunks = (x.chunks[0], c_chunks, tuple(b[1] - b[0] for b in plan_h), tuple(b[1] - b[0] for b in plan_w))
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
