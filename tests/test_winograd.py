@@ -237,7 +237,7 @@ def test_a_budget_below_one_panel_of_tiles_is_refused_with_the_need():
 
 @pytest.mark.parametrize("kw, reason", [
     ({"stride": 2}, "needs stride 1"),
-    ({"dilation": 2}, "needs dilation 1"),
+    ({"stride": 2, "dilation": 2}, "needs stride 1"),
 ])
 def test_refuses_what_it_cannot_serve(kw, reason):
     x, w = np.ones((1, 2, 9, 9)), np.ones((2, 2, 3, 3))
@@ -309,3 +309,47 @@ def test_wide_rows_every_store_path(width, m):
                 assert _err(got[name], want[name]) <= 1e-10 * max(1.0, float(np.abs(want[name]).max())), name
         else:
             assert (np.abs(got["forward"] - want["forward"]) <= _tile_bound(p, x, w, bias, m)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, padding, dilation, groups", [
+    ((2, 3, 9, 11, 4), 2, 2, 1),
+    ((1, 4, 13, 10, 6), (1, 3), (2, 3), 2),
+    ((2, 2, 7, 7, 3), 0, 3, 1),           # one output per phase row
+    ((3, 2, 5, 6, 2), (4, 0), (3, 2), 1),  # padding wider than the input's phases
+    ((2, 4, 20, 17, 4), "same", 2, 1),
+    ((1, 1, 4, 4, 1), 3, 4, 1),           # phases that read nothing but padding
+])
+def test_dilated_layers_through_phase_sub_images(shape, padding, dilation, groups, dtype):
+    """Dilation by the phase sub-images stacked into the batch: every pass equals the float64
+    reference (1e-10) and, in float32, stays within F(4x4)'s factor of im2col's error."""
+    n, c, h, w, k = shape
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c // groups, 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    kw = dict(padding=padding, dilation=dilation, groups=groups)
+    y = fastconv.conv2d(x, wt, b, **kw, algorithm="winograd")
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    got = fastconv.conv2d_backward(gy, x, wt, **kw, algorithm="winograd")
+    x64, w64, b64, gy64 = (a.astype(np.float64) for a in (x, wt, b, gy))
+    want_y = fastconv.conv2d(x64, w64, b64, **kw, algorithm="direct")
+    want = fastconv.conv2d_backward(gy64, x64, w64, **kw, algorithm="direct")
+    base_y = fastconv.conv2d(x, wt, b, **kw, algorithm="im2col")
+    base = fastconv.conv2d_backward(gy, x, wt, **kw, algorithm="im2col")
+    for g, wnt, bs in [(y, want_y, base_y), (got.grad_input, want.grad_input, base.grad_input),
+                       (got.grad_weight, want.grad_weight, base.grad_weight)]:
+        assert g.shape == wnt.shape and g.dtype == dtype
+        scale = max(1.0, float(np.abs(wnt).max()))
+        if dtype == np.float64:
+            assert _err(g, wnt) <= 1e-10 * scale
+        else:
+            assert _err(g, wnt) <= FACTOR[4] * max(_err(bs, wnt), 4 * EPS[np.dtype(dtype)] * scale)
+
+
+def test_dilated_cost_includes_the_phase_copies():
+    p = conv_params("conv2d", (8, 64, 64, 64), (64, 64, 3, 3), np.float32, 1, 2, 2, 1)
+    q = W.phases.stacked(p)
+    assert (q.n, q.h, q.w, q.oh, q.ow, q.dh, q.ph0) == (32, 34, 34, 32, 32, 1, 0)
+    assert W.supports(p, "forward") is None
+    assert W.cost(p, "forward", 2) > W.cost(q, "forward", 2)

@@ -1,4 +1,8 @@
-"""Winograd convolution F(m x m, 3 x 3) for 3x3, stride-1, undilated layers: all three passes.
+"""Winograd convolution F(m x m, 3 x 3) for 3x3, stride-1 layers: all three passes.
+
+A dilated layer runs as the undilated one on its phase sub-images stacked into the batch
+(:mod:`._dilation_phases`); everything below is about the undilated problem, and with dilation
+(dh, dw) a tile of a sub-image covers outputs dh (dw) apart, which is also how far a NaN spreads.
 
 Notation: n c h w input; k 3 3 weight (cg = c/g, kg = k/g per group g); oh ow output; ph0 pw0
 top/left padding; m the output tile (4 or 2), a = m + 2 the transformed tile, e = i*a + j one of
@@ -94,6 +98,7 @@ import numba
 import numpy as np
 
 from .. import _cpu
+from . import _dilation_phases as phases
 from . import _winograd_gw_kernels as KG
 from . import _winograd_kernels as K
 from . import gemm as _gemm
@@ -372,7 +377,14 @@ def _run_forward(x, w, b, p, m=None):
     return y
 
 
+def _dilated(p):
+    return (p.dh, p.dw) != (1, 1)
+
+
 def forward(x, w, b, p):
+    if _dilated(p):  # the phase sub-images stacked into the batch, undilated (see _dilation_phases)
+        q = phases.stacked(p)
+        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q), p, q)
     return _run_forward(x, w, b, p)
 
 
@@ -383,11 +395,17 @@ def _transposed(p):
 
 
 def grad_input(gy, w, p, m=None):
+    if _dilated(p):
+        q = phases.stacked(p)
+        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m), p, q)
     wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, 3, 3).transpose(0, 2, 1, 3, 4)
     return _run_forward(gy, wf.reshape(p.c, p.kg, 3, 3), None, _transposed(p), m)
 
 
 def grad_weight(gy, x, p, m=None, rowwise=None):
+    if _dilated(p):  # the sum over the stacked batch is the sum over images and phases
+        q = phases.stacked(p)
+        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise)
     pl = _cached_plan(p, "grad_weight", m, rowwise)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
@@ -423,13 +441,14 @@ _INT_MAX = 2**31 - 1
 
 
 def supports(p, pass_):
-    """3x3 kernels with stride 1 and dilation 1, any padding and groups, within the budget."""
+    """3x3 kernels with stride 1, any padding, dilation (through the phase sub-images) and groups,
+    within the budget."""
     if (p.r, p.s) != (3, 3):
         return f"needs a 3x3 kernel, got {p.r}x{p.s}"
     if (p.sh, p.sw) != (1, 1):
         return f"needs stride 1, got ({p.sh}, {p.sw})"
-    if (p.dh, p.dw) != (1, 1):
-        return f"needs dilation 1, got ({p.dh}, {p.dw})"
+    if _dilated(p):
+        return supports(phases.stacked(p), pass_)
     if pass_ == "grad_input":
         p = _transposed(p)
     if p.n * (p.oh // 2 + 1) * (p.ow // 2 + 1) * 36 * max(p.c, p.k) > _INT_MAX:
@@ -457,6 +476,7 @@ _IN_SECONDS = {4: 15.5e-9 / 5.47, 2: 10.8e-9 / 5.47}
 _GY_IN = 0.3e-9       # grad_weight's row transform of gy, per transformed element
 _SUM_SECONDS = 0.5e-9  # adding the workers' sums, per element
 _SUMS_L2, _SUMS_MEM = 0.3e-9, 3e-9  # a product's read-modify-write of its sums, per element
+_COPY_SECONDS = 1e-9  # a dilated layer's phase split or merge, per element (zeroing included)
 _GEMM_RATE = {4: 80e9, 8: 40e9}
 
 
@@ -509,6 +529,10 @@ def cost(p, pass_, threads):
     (``inf`` when unsupported)."""
     if supports(p, pass_) is not None:
         return float("inf")
+    if _dilated(p):  # plus the copies into and out of the phase sub-images (NumPy, one thread)
+        q = phases.stacked(p)
+        copied = q.n * (q.c * q.h * q.w + q.k * q.oh * q.ow)
+        return cost(q, pass_, threads) + copied * _COPY_SECONDS * p.itemsize / 4
     q = _transposed(p) if pass_ == "grad_input" else p
     pl = _cached_plan(q, "forward" if pass_ == "grad_input" else pass_)
     return _cost_of(q, pass_, pl, threads)

@@ -1,0 +1,160 @@
+"""A dilated stride-1 convolution as an undilated one on the input's phase sub-images.
+
+With dilation (dh, dw) and stride 1, output (i, j) = (dh*i' + pi, dw*j' + pj) only reads padded
+input rows ``dh*(i' + r) + pi`` and columns ``dw*(j' + s) + pj``: the phase sub-image
+``X_{pi,pj}[u, v] = x_pad[dh*u + pi, dw*v + pj]`` convolved with the same (undilated) kernel,
+unpadded, gives exactly the outputs of phase (pi, pj).  The dh*dw phases are stacked into the
+batch (padded with zeros to one size: ceil(oh/dh) + R - 1 rows and so on), so that an algorithm
+that serves only dilation 1 (Winograd) runs all of them in one call:
+
+* forward: y[:, :, pi::dh, pj::dw] = conv(X_{pi,pj}) cropped to the phase's outputs;
+* grad_input: the stacked grad_output (zero outside each phase's outputs) through the undilated
+  grad_input, then each phase's rows and columns back to the input positions they came from
+  (the padded input's positions fall into exactly one phase each: an assignment, no sums);
+* grad_weight: the undilated grad_weight of the stacked problem: its sum over the batch is the sum
+  over images and phases.
+
+The copies (numba kernels over the planes) cost one pass over the input and one over the output.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from numba import prange
+
+from .._jit import kernel, micro
+
+
+def stacked(p):
+    """The parameters of the stacked undilated problem for ``p`` (stride 1): batch n*dh*dw, sub-images
+    ceil(oh/dh) + (R - 1) x ceil(ow/dw) + (S - 1), padding 0, dilation 1."""
+    ohs, ows = -(-p.oh // p.dh), -(-p.ow // p.dw)
+    hs, ws = ohs + p.r - 1, ows + p.s - 1
+    return dataclasses.replace(p, n=p.n * p.dh * p.dw, h=hs, w=ws, oh=ohs, ow=ows, ph0=0, ph1=0, pw0=0, pw1=0,
+                               dh=1, dw=1)
+
+
+@micro
+def _valid(size, pad0, d, ph, count):
+    # sub-image indices [v0, v1) whose source d*v + ph - pad0 lies in [0, size), v < count
+    v0 = max(0, (pad0 - ph + d - 1) // d)
+    v1 = min(count, (size - 1 + pad0 - ph) // d + 1) if size - 1 + pad0 - ph >= 0 else 0
+    return v0, max(v0, v1)
+
+
+@kernel
+def _split(x, out, dh, dw, ph0, pw0):
+    # out[(pi*dw + pj)*n + b, c, u, v] = x[b, c, dh*u + pi - ph0, dw*v + pj - pw0], 0 outside x
+    n, c, h, w = x.shape
+    hs, ws = out.shape[2], out.shape[3]
+    for it in prange(n * c):
+        b = it // c
+        ch = it - b * c
+        for pi in range(dh):
+            for pj in range(dw):
+                o = out[(pi * dw + pj) * n + b, ch]
+                for u in range(hs):
+                    r = dh * u + pi - ph0
+                    if r < 0 or r >= h:
+                        for v in range(ws):
+                            o[u, v] = 0
+                        continue
+                    xr = x[b, ch, r]
+                    v0, v1 = _valid(w, pw0, dw, pj, ws)
+                    for v in range(v0):
+                        o[u, v] = 0
+                    for v in range(v0, v1):
+                        o[u, v] = xr[dw * v + pj - pw0]
+                    for v in range(v1, ws):
+                        o[u, v] = 0
+
+
+@kernel
+def _merge(ys, y, dh, dw):
+    # y[b, k, dh*i + pi, dw*j + pj] = ys[(pi*dw + pj)*n + b, k, i, j]
+    n, k, oh, ow = y.shape
+    for it in prange(n * k):
+        b = it // k
+        ch = it - b * k
+        for r in range(oh):
+            pi = r % dh
+            i = r // dh
+            yr = y[b, ch, r]
+            for pj in range(dw):
+                src = ys[(pi * dw + pj) * n + b, ch, i]
+                for j in range((ow - pj + dw - 1) // dw):
+                    yr[dw * j + pj] = src[j]
+
+
+@kernel
+def _split_out(gy, out, dh, dw):
+    # out[(pi*dw + pj)*n + b, k, i, j] = gy[b, k, dh*i + pi, dw*j + pj], 0 past the output
+    n, k, oh, ow = gy.shape
+    ohs, ows = out.shape[2], out.shape[3]
+    for it in prange(n * k):
+        b = it // k
+        ch = it - b * k
+        for pi in range(dh):
+            for pj in range(dw):
+                o = out[(pi * dw + pj) * n + b, ch]
+                for i in range(ohs):
+                    r = dh * i + pi
+                    for j in range(ows):
+                        col = dw * j + pj
+                        o[i, j] = gy[b, ch, r, col] if r < oh and col < ow else 0
+
+
+@kernel
+def _merge_in(gxs, gx, dh, dw, ph0, pw0):
+    # gx[b, c, r, col] = gxs[(pi*dw + pj)*n + b, c, u, v] with r + ph0 = dh*u + pi, col + pw0 = dw*v + pj
+    # (0 where u, v fall outside the sub-images: positions no output reads)
+    n, c, h, w = gx.shape
+    hs, ws = gxs.shape[2], gxs.shape[3]
+    for it in prange(n * c):
+        b = it // c
+        ch = it - b * c
+        for r in range(h):
+            u = (r + ph0) // dh
+            pi = r + ph0 - u * dh
+            gr = gx[b, ch, r]
+            if u >= hs:
+                for col in range(w):
+                    gr[col] = 0
+                continue
+            for pj in range(dw):
+                src = gxs[(pi * dw + pj) * n + b, ch, u]
+                v0, v1 = _valid(w, pw0, dw, pj, ws)
+                for v in range(v0, v1):
+                    gr[dw * v + pj - pw0] = src[v]
+                # columns of this phase past the sub-image: no output reads them
+                for v in range(v1, (w + pw0 - pj + dw - 1) // dw):
+                    gr[dw * v + pj - pw0] = 0
+
+
+def split_input(x, p, q):
+    """(n*dh*dw, c, q.h, q.w) stacked phase sub-images of the zero-padded ``x``, phase-major."""
+    out = np.empty((p.dh * p.dw * p.n, p.c, q.h, q.w), dtype=x.dtype)
+    _split(np.ascontiguousarray(x), out, p.dh, p.dw, p.ph0, p.pw0)
+    return out
+
+
+def split_output(gy, p, q):
+    """(n*dh*dw, k, q.oh, q.ow) stacked phases of ``gy``, zero past each phase's outputs."""
+    out = np.empty((p.dh * p.dw * p.n, p.k, q.oh, q.ow), dtype=gy.dtype)
+    _split_out(np.ascontiguousarray(gy), out, p.dh, p.dw)
+    return out
+
+
+def merge_output(ys, p, q):
+    """The (n, k, oh, ow) output from the stacked phases' outputs."""
+    y = np.empty((p.n, p.k, p.oh, p.ow), dtype=ys.dtype)
+    _merge(np.ascontiguousarray(ys), y, p.dh, p.dw)
+    return y
+
+
+def merge_input(gxs, p, q):
+    """The (n, c, h, w) input gradient from the stacked phases' input gradients."""
+    gx = np.empty((p.n, p.c, p.h, p.w), dtype=gxs.dtype)
+    _merge_in(np.ascontiguousarray(gxs), gx, p.dh, p.dw, p.ph0, p.pw0)
+    return gx
