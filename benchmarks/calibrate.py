@@ -7,8 +7,8 @@
 
 Every registered algorithm's ``cost(p, pass_, threads)`` is a model of seconds with constants guessed from
 first principles.  This script times every eligible algorithm, per pass, on the public suite
-(``fastconv/shapes.json``) and on batch-1 copies of it (the small-layer regime where per-call
-overheads decide), then searches for each pass one scale factor per algorithm that makes auto's
+(``fastconv/shapes.json``), on batch-1 copies of it (the small-layer regime where per-call
+overheads decide) and on small-plane training layers (:data:`TRAINING`), then searches for each pass one scale factor per algorithm that makes auto's
 picks cost the least time (see :func:`fit`).  ``'auto'`` applies the stored correction.  The printed table shows, per
 shape and pass, the measured best algorithm, the calibrated model's pick and its time over the best;
 the summary line is the fraction of cases where the pick is within 10% of the best.
@@ -31,7 +31,7 @@ import fastconv
 from fastconv import _cpu as _cpuinfo
 from fastconv import _dispatch, _select, _threads
 from fastconv import _validation as V
-from fastconv.cases import load_suite
+from fastconv.cases import ConvCase, load_suite
 
 CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(fastconv.__file__)), "_calibration.json")
 
@@ -49,14 +49,30 @@ def timeit(f, rounds, budget=1.5):
     return float(np.median(ts))
 
 
+# Layers of the small networks people train on CPU (benchmarks/torch_train_step.py's ResNet-18 on
+# 32x32 at batch 32, MobileNet on 96x96 at batch 16): planes of 4x4 to 32x32, where per-item and
+# weight-streaming costs decide and the suite's 56x56 layers say little.  Without them auto took
+# Winograd for ResNet-18's 512-channel 4x4 layer (44.7 ms forward, direct 24.0).
+TRAINING = (
+    ConvCase("resnet18-3x3-512@4", 32, 512, 4, 4, 512, 3, 3, padding=(1, 1)),
+    ConvCase("resnet18-3x3-256@8", 32, 256, 8, 8, 256, 3, 3, padding=(1, 1)),
+    ConvCase("resnet18-3x3-64@32", 32, 64, 32, 32, 64, 3, 3, padding=(1, 1)),
+    ConvCase("resnet18-3x3-s2@16", 32, 128, 16, 16, 256, 3, 3, stride=(2, 2), padding=(1, 1)),
+    ConvCase("mobilenet-1x1-256@6", 16, 256, 6, 6, 256, 1, 1),
+    ConvCase("mobilenet-dw-s2@24", 16, 64, 24, 24, 64, 3, 3, stride=(2, 2), padding=(1, 1), groups=64),
+)
+
+
 def cases(only):
     suite = load_suite()
-    conv = suite.conv if not only else [suite.conv_case(n) for n in only]
+    conv = suite.conv if not only else [suite.conv_case(n) for n in only if not n.startswith(("resnet18", "mobilenet-1x1",
+                                                                                               "mobilenet-dw-s2"))]
     out = []
     for c in conv:
         out.append((c.name, c))
         if c.n > 1:
             out.append((c.name + "@n1", c.scaled(batch=1)))
+    out += [(c.name, c) for c in TRAINING if not only or c.name in only]
     return out
 
 

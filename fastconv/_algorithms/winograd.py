@@ -472,6 +472,12 @@ _ITEM_IN, _ITEM_OUT = 0.2e-6, 0.36e-6
 _U_SECONDS = 2.8e-9
 _MEMORY_RATE = 10e9
 _U_CACHED = 8 << 20  # U up to this size streams from cache (vgg16-3x3-128's 2.6 MB did)
+
+
+def _u_streams():
+    """Packed U larger than this is streamed at memory speed by every item: twice the L2 (the
+    Xeon's 2 MiB L2 held vgg16-3x3-128's 2.6 MB U well enough; the EPYC's 512 KiB did not hold 4.2 MB)."""
+    return min(_U_CACHED, 2 * _cpu.cache_sizes()["l2"])
 _IN_SECONDS = {4: 15.5e-9 / 5.47, 2: 10.8e-9 / 5.47}
 _GY_IN = 0.3e-9       # grad_weight's row transform of gy, per transformed element
 _SUM_SECONDS = 0.5e-9  # adding the workers' sums, per element
@@ -516,12 +522,15 @@ def _cost_of(p, pass_, pl, nthreads):
     kgp = -(-p.kg // mr) * mr
     rate = _PACKED_RATE * 4 / p.itemsize * p.cg / (p.cg + 8.0)  # the micro-kernel's k loop is cg long
     gemm = 2.0 * a2 * p.g * kgp * p.cg * cols / rate
-    if pl.fixed > _U_CACHED:
-        gemm += p.g * items * pl.fixed / _MEMORY_RATE
+    # every item streams all of packed U: from memory once U outgrows the caches, a bandwidth the
+    # workers share (resnet18's 512 x 512 layer on 4x4 planes at batch 32: 13 items x 16.9 MB,
+    # 44.6 ms measured where the per-worker term said 31)
+    # (so did the 4.2 MB of a 256-channel U on the EPYC's 512 KiB L2: 16x256x6x6 11.1 ms, 5.3 modelled)
+    stream = p.g * items * pl.fixed / _MEMORY_RATE if pl.fixed > _u_streams() else 0.0
     scale = p.itemsize / 4
     trans = scale * (a2 * trows * sl * (p.c * _PACKED_IN + p.k * _PACKED_OUT)
                      + items * (p.c * _ITEM_IN + p.k * _ITEM_OUT))
-    return 3e-5 + (_U_SECONDS * a2 * p.k * p.cg + gemm + trans) / workers
+    return 3e-5 + (_U_SECONDS * a2 * p.k * p.cg + gemm + trans) / workers + stream
 
 
 def cost(p, pass_, threads):
