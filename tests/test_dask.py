@@ -17,20 +17,13 @@ import fastconv.dask as fd  # noqa: E402
 from fastconv.dask import _arrays, _training  # noqa: E402
 from fastconv.layers import SGD, CrossEntropyLoss  # noqa: E402
 from fastconv.train import build_model  # noqa: E402
+from dask_strategies import chunks_of, pairs  # noqa: E402
 
 SYNC = {"scheduler": "sync"}
 FEW = settings(max_examples=25)
 
 
 # --------------------------------------------------------------------------- strategies
-@st.composite
-def chunks_of(draw, n):
-    """A chunking of an axis of length n: any cut points, so chunks of 1, uneven last chunks."""
-    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=min(4, n - 1)))) if n > 1 else []
-    b = [0] + cuts + [n]
-    return tuple(b[i + 1] - b[i] for i in range(len(b) - 1))
-
-
 @st.composite
 def chunked(draw, c_max=3, hw=(3, 13)):
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, c_max))
@@ -39,10 +32,6 @@ def chunked(draw, c_max=3, hw=(3, 13)):
     x = np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal((n, c, h, w)).astype(dtype)
     chunks = (draw(chunks_of(n)), draw(chunks_of(c)), draw(chunks_of(h)), draw(chunks_of(w)))
     return x, da.from_array(x, chunks=chunks)
-
-
-def pairs(lo, hi):
-    return st.tuples(st.integers(lo, hi), st.integers(lo, hi))
 
 
 def same(got, want):

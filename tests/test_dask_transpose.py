@@ -10,22 +10,11 @@ da = pytest.importorskip("dask.array")
 import fastconv  # noqa: E402
 import fastconv.dask as fd  # noqa: E402
 from conftest import ALGORITHMS, DTYPES, float32_error  # noqa: E402
+from dask_strategies import chunks_of, pairs  # noqa: E402
 from fastconv.dask import _transpose  # noqa: E402
 
 SYNC = {"scheduler": "sync"}
 FEW = settings(max_examples=30)
-
-
-@st.composite
-def chunks_of(draw, n):
-    """A chunking of an axis of length n: any cut points (chunks of 1, uneven last chunks)."""
-    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=min(4, n - 1)))) if n > 1 else []
-    b = [0] + cuts + [n]
-    return tuple(b[i + 1] - b[i] for i in range(len(b) - 1))
-
-
-def pairs(lo, hi):
-    return st.tuples(st.integers(lo, hi), st.integers(lo, hi))
 
 
 def same(got, want):
