@@ -32,6 +32,9 @@ row ``i`` starts at ``tb[t] + i*sh*wq``.  With ``sw == 1`` this is just the padd
   into a private buffer (no padded copy of the whole tensor: the pass is memory-bound) and sums all
   taps of a run in one pass; 3x3 with ``sw == dw == 1`` has unrolled micro-kernels.  Forward: one
   item per (image, channel) plane.  grad_weight: one item per channel, summing its images in order.
+  Strided depthwise layers run on the channel-vectorised kernels of ``depthwise_cv`` instead (an
+  item is one image and two vectors of channels, copied channels-innermost; 1.3-2x the plane-wise
+  kernels on MobileNet's stride-2 layers, slower at stride 1).
 """
 import functools
 
