@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by the fastconv.dask tests (test_dask*.py)."""
+"""Hypothesis strategies and helpers shared by the fastconv.dask tests (test_dask*.py)."""
 from hypothesis import strategies as st
 
 
@@ -12,3 +12,12 @@ def chunks_of(draw, n):
 
 def pairs(lo, hi):
     return st.tuples(st.integers(lo, hi), st.integers(lo, hi))
+
+
+def poisoned(shape, dtype, chunks):
+    """A dask array whose blocks raise when computed: building on it must not compute it."""
+    import dask.array as da
+
+    def boom(block):
+        raise AssertionError("computed while building the graph")
+    return da.zeros(shape, dtype=dtype, chunks=chunks).map_blocks(boom, dtype=dtype)

@@ -11,7 +11,7 @@ da = pytest.importorskip("dask.array")
 import fastconv  # noqa: E402
 import fastconv.dask as fd  # noqa: E402
 from conftest import ALGORITHMS, DTYPES, GEOMETRIES, TOL, float32_error  # noqa: E402
-from dask_strategies import chunks_of, pairs  # noqa: E402
+from dask_strategies import chunks_of, pairs, poisoned  # noqa: E402
 from fastconv.dask import _backward  # noqa: E402
 
 SYNC = {"scheduler": "sync"}
@@ -178,16 +178,10 @@ def test_weight_gradient_is_a_tree_of_per_block_partials():
     assert sums(16) == (1, 16)
 
 
-def _poisoned(shape, dtype, chunks):
-    def boom(block):
-        raise AssertionError("computed while building the graph")
-    return da.zeros(shape, dtype=dtype, chunks=chunks).map_blocks(boom, dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lazy_with_meta(dtype):
-    x = _poisoned((4, 3, 20, 18), dtype, (2, 3, 7, 5))
-    gy = _poisoned((4, 5, 10, 9), dtype, (4, 5, 3, 9))
+    x = poisoned((4, 3, 20, 18), dtype, (2, 3, 7, 5))
+    gy = poisoned((4, 5, 10, 9), dtype, (4, 5, 3, 9))
     g = fd.conv2d_backward(gy, x, np.ones((5, 3, 3, 3), dtype), stride=2, padding=1)
     for a, shape in zip(g, [(4, 3, 20, 18), (5, 3, 3, 3), (5,)]):
         assert isinstance(a, da.Array) and a.shape == shape and a.dtype == dtype
@@ -199,7 +193,7 @@ def test_lazy_with_meta(dtype):
 
 
 def test_grad_input_keeps_x_channel_chunks_and_never_reads_x():
-    x = _poisoned((2, 4, 6, 6), np.float64, (1, 2, 3, 3))  # computing any block of x raises
+    x = poisoned((2, 4, 6, 6), np.float64, (1, 2, 3, 3))  # computing any block of x raises
     gy = np.random.default_rng(0).standard_normal((2, 2, 6, 6))
     w = np.ones((2, 4, 3, 3))
     g = fd.conv2d_backward(da.from_array(gy, chunks=(2, 2, 4, 4)), x, w, padding=1, algorithm="direct")

@@ -10,7 +10,7 @@ da = pytest.importorskip("dask.array")
 import fastconv  # noqa: E402
 import fastconv.dask as fd  # noqa: E402
 from conftest import ALGORITHMS, DTYPES, float32_error  # noqa: E402
-from dask_strategies import chunks_of, pairs  # noqa: E402
+from dask_strategies import chunks_of, pairs, poisoned  # noqa: E402
 from fastconv.dask import _transpose  # noqa: E402
 
 SYNC = {"scheduler": "sync"}
@@ -135,16 +135,9 @@ def test_output_chunks_follow_input_chunks_times_stride():
     assert y.chunks == ((2, 1), (5,), (7, 9), (5, 15))
 
 
-def _poisoned(shape, dtype, chunks):
-    """A dask array whose blocks raise when computed: building on it must not compute it."""
-    def boom(block):
-        raise AssertionError("computed while building the graph")
-    return da.zeros(shape, dtype=dtype, chunks=chunks).map_blocks(boom, dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lazy_with_meta(dtype):
-    x = _poisoned((4, 3, 20, 18), dtype, (2, 3, 7, 5))
+    x = poisoned((4, 3, 20, 18), dtype, (2, 3, 7, 5))
     y = fd.conv_transpose2d(x, np.ones((3, 2, 3, 3), dtype), np.ones(2, dtype), stride=2, padding=1,
                             output_padding=1)
     assert y.shape == (4, 2, 40, 36) and y.dtype == dtype
