@@ -65,6 +65,18 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
     a0 = builder.gep(pa.data, [aoffv])
     b0 = builder.gep(pb.data, [boffv])
     zero = ir.Constant(vty, [0.0] * lanes)
+    # C's rows are prefetched (for writing) before the k loop: the tile is stored once at its end,
+    # and with C out of cache the 2*MR line misses stalled it; 1024^3, 1 thread: 62-68 -> 72-74 GF/s
+    c0 = builder.gep(c.data, [coffv])
+    rowp = [builder.gep(c0, [builder.mul(ldcv, ir.Constant(i64, i))]) for i in range(rows)]
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    for row in rowp:
+        for e in (0, nr - 1):  # the row's first and last element: the lines it spans
+            builder.call(pf, [builder.bitcast(builder.gep(row, [ir.Constant(i64, e)]), i8p),
+                              ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
     entry = builder.block
     loop = builder.append_basic_block("ukernel.loop")
@@ -101,9 +113,7 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
             total[i][v].add_incoming(zero, entry)
             total[i][v].add_incoming(new[i][v], body_end)
     ptrs = []
-    c0 = builder.gep(c.data, [coffv])
-    for i in range(rows):
-        row = builder.gep(c0, [builder.mul(ldcv, ir.Constant(i64, i))])
+    for row in rowp:
         ptrs.append([builder.bitcast(builder.gep(row, [ir.Constant(i64, v * lanes)]), vptr) for v in range(nv)])
     with builder.if_else(builder.icmp_signed("!=", accv, ir.Constant(accv.type, 0))) as (add, plain):
         with add:  # beta = 1: C += tile
