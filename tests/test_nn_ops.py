@@ -14,6 +14,7 @@ import pytest
 
 import fastconv
 from conftest import TOL
+import reference as ref
 
 F32, F64 = np.float32, np.float64
 ALGS = fastconv.algorithms() + ("auto",)
@@ -538,6 +539,25 @@ def test_channels_last_pooling_matches_nchw(kind, kw, dtype, channels):
         np.testing.assert_array_equal(yc, y)
     np.testing.assert_allclose(yc, y, rtol=tol, atol=tol)
     np.testing.assert_allclose(gxc, gx, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=1),
+                                dict(kernel_size=3, stride=(1, 2), padding=(1, 0), ceil_mode=True)],
+                         ids=["s2-p1", "s1", "mixed-ceil"])
+def test_channels_last_max_pool_3x3_ties_nan_inf_match_reference(kw, dtype):
+    # 3x3 windows inside the plane take their nine taps in registers: ties keep the first tap in
+    # row-major order, NaN wins (the last NaN), a window of -inf keeps its first tap's index
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, (2, 18, 9, 8)).astype(dtype)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, 20)] = np.nan
+    flat[rng.integers(0, flat.size, 20)] = np.inf
+    x[1, 3] = -np.inf
+    y, i = fastconv.max_pool2d(_cl(x), return_indices=True, **kw)
+    y_ref, i_ref = ref.max_pool2d(x, **kw)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(i, i_ref)
 
 
 def test_channels_last_max_pool_rejects_bad_indices():

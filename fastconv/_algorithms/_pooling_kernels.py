@@ -402,14 +402,53 @@ def _adaptive_avg_backward(gy, gx):
 #
 # (is_channels_last and the layout views are in pooling.py.)
 
+@_micro
+def _max_tap(src, t, av, ai, bv, bi, n):
+    # (bv, bi) = the running maximum (av, ai) updated by one more tap (src, position t)
+    for k in range(n):
+        v = src[k]
+        b = av[k]
+        u = (v > b) | (v != v)
+        bv[k] = v if u else b
+        bi[k] = t if u else ai[k]
+
+
+@_micro
+def _upd(v, m, tv, t):
+    u = (v > m) | (v != v)
+    return (v if u else m), (tv if u else t)
+
+
+@_micro
+def _max9(r0, r1, r2, w0, t0, w, yr, ir, n):
+    # one 3x3 window inside the plane, its channels (n) in vectors: rows r0..r2 (w x c) from
+    # column w0, flat position t0 of its first tap; the taps in PyTorch's row-major scan order
+    for k in range(n):
+        m, t = r0[w0, k], t0
+        m, t = _upd(r0[w0 + 1, k], m, t0 + 1, t)
+        m, t = _upd(r0[w0 + 2, k], m, t0 + 2, t)
+        m, t = _upd(r1[w0, k], m, t0 + w, t)
+        m, t = _upd(r1[w0 + 1, k], m, t0 + w + 1, t)
+        m, t = _upd(r1[w0 + 2, k], m, t0 + w + 2, t)
+        m, t = _upd(r2[w0, k], m, t0 + 2 * w, t)
+        m, t = _upd(r2[w0 + 1, k], m, t0 + 2 * w + 1, t)
+        m, t = _upd(r2[w0 + 2, k], m, t0 + 2 * w + 2, t)
+        yr[k] = m
+        ir[k] = t
+
+
 @kernel
 def _max_forward_nhwc(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
     n, h, w, c = x.shape
     oh, ow = y.shape[1], y.shape[2]
+    k3 = (kh, kw, dh, dw) == (3, 3, 1, 1)
     for q in prange(n * oh):
         b, i = q // oh, q % oh
         # the running maxima and their positions (int32: twice the vector width of int64; planes of
-        # 2**31 elements or more are refused by the driver) stay in two small buffers per row
+        # 2**31 elements or more are refused by the driver) stay in small buffers per row, read
+        # from one pair and written to the other per tap (see _max_rows)
+        av = np.empty(c, x.dtype)
+        ai = np.empty(c, np.int32)
         bv = np.empty(c, x.dtype)
         bi = np.empty(c, np.int32)
         h0 = i * sh - ph
@@ -427,23 +466,22 @@ def _max_forward_nhwc(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
                     yr[k] = ninf
                     ir[k] = first
                 continue
+            if k3 and a1 - a0 == 3 and w1 - w0 == 3:  # 3x3 windows inside the plane: in registers
+                _max9(x[b, a0], x[b, a0 + 1], x[b, a0 + 2], w0, np.int32(first), w, yr, ir, c)
+                continue
             src = x[b, a0, w0]
             for k in range(c):
-                bv[k] = src[k]
-                bi[k] = first
+                av[k] = src[k]
+                ai[k] = first
             for ih in range(a0, a1, dh):
                 for iw in range(w0, w1, dw):
-                    src = x[b, ih, iw]
-                    t = np.int32(ih * w + iw)
-                    for k in range(c):
-                        v = src[k]
-                        m = bv[k]
-                        upd = (v > m) | (v != v)
-                        bv[k] = v if upd else m
-                        bi[k] = t if upd else bi[k]
+                    if ih > a0 or iw > w0:
+                        _max_tap(x[b, ih, iw], np.int32(ih * w + iw), av, ai, bv, bi, c)
+                        av, bv = bv, av
+                        ai, bi = bi, ai
             for k in range(c):
-                yr[k] = bv[k]
-                ir[k] = bi[k]
+                yr[k] = av[k]
+                ir[k] = ai[k]
 
 
 @kernel
