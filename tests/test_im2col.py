@@ -16,6 +16,7 @@ CASES = GEOMETRIES + [
     ("1x1-groups", (2, 4, 5, 5), (6, 2, 1, 1), {"groups": 2}),
     ("1x1-stride2", (2, 4, 7, 6), (3, 4, 1, 1), {"stride": 2}),
     ("1x1-padded", (2, 4, 4, 4), (3, 4, 1, 1), {"padding": 1}),
+    ("1x1-tiny-planes", (9, 6, 3, 4), (4, 3, 1, 1), {"groups": 2}),  # forward gathers, batched
     ("batched-small-planes", (9, 3, 6, 5), (5, 3, 3, 3), {"padding": 1}),
     ("batched-groups-stride", (8, 4, 8, 8), (6, 2, 3, 3), {"stride": 2, "padding": 1, "groups": 2}),
     ("tall-rows", (1, 2, 40, 37), (10, 2, 3, 3), {"padding": 1}),
@@ -164,6 +165,20 @@ def test_1x1_reads_the_input_in_place():
                          "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw)}, np.float64)
     assert not im2col._direct(params(x, w, {"groups": 2, "stride": 2}))
     assert not im2col._direct(params(x, w, {"groups": 2, "padding": 1}))
+
+
+def test_1x1_tiny_planes_forward_is_gathered_and_batched():
+    # planes under _IN_PLACE_MIN positions: the forward gathers several images per GEMM; a budget
+    # too small for one row of the gather falls back to reading in place
+    x, w, b, gy, kw = make(CASES[CASE_IDS.index("1x1-tiny-planes")], np.float64)
+    p = params(x, w, kw)
+    assert im2col._direct(p) and not im2col._forward_in_place(p)
+    plan = im2col._plan(p, p.cg, p.kg, p.g, p.n, im2col._copy_bytes(x, p), False)
+    assert plan.nb > 1
+    assert im2col._forward_in_place(params(x, w, kw, 1))
+    for limit in (None, 1):
+        got = fastconv.conv2d(x, w, b, algorithm="im2col", workspace_limit=limit, **kw)
+        assert_results({"forward": got}, {"forward": ref.conv2d(x, w, b, **kw)}, np.float64)
 
 
 @pytest.mark.parametrize("kw", [{}, {"stride": (2, 1)}, {"dilation": 2}], ids=["plain", "row-stride", "dilated"])
