@@ -35,6 +35,19 @@ _micro = micro  # compiled into the caller
 _RUN = 16
 
 
+@_micro
+def _max_run(src, base, jw, first, av, ai, bv, bi, n):
+    # (bv, bi) = the running maxima (av, ai) updated by one tap's run (src, positions base + jw);
+    # ``first`` takes the tap whatever the old values.  Into other arrays: written back in place,
+    # LLVM made the stores conditional (masked: microcode on Zen 3; 3x3/s1 on 8x64x56x56 13.9 ms)
+    for j in range(n):
+        v = src[j]
+        b = av[j]
+        u = (v > b) | (v != v) | first
+        bv[j] = v if u else b
+        bi[j] = base + jw[j] if u else ai[j]
+
+
 @kernel
 def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
     pp, h, w = x.shape
@@ -56,6 +69,8 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
         cnt[q] = (w - q + sw - 1) // sw
     nch = min(pp, 64)  # chunks of planes share their scratch buffers
     for ch in prange(nch):
+        av = np.empty(nl, x.dtype)  # running maxima of an output row, read from one pair, written to the other
+        ai = np.empty(nl, np.int32)
         bv = np.empty(nl, x.dtype)
         bi = np.empty(nl, np.int32)
         jw = np.empty(nl, np.int32)
@@ -95,16 +110,12 @@ def _max_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw, ninf):
                             o = toff[t] + r * wl
                             src = phs[o:o + nl]
                             base = np.int32(r * w + c0 + t * dw)
-                            first = a == 0 and t == 0
-                            for j in range(nl):
-                                v = src[j]
-                                b = bv[j]
-                                upd = (v > b) | (v != v) | first
-                                bv[j] = v if upd else b
-                                bi[j] = base + jw[j] if upd else bi[j]
+                            _max_run(src, base, jw, a == 0 and t == 0, av, ai, bv, bi, nl)
+                            av, bv = bv, av
+                            ai, bi = bi, ai
                     for j in range(nj):
-                        yp[i, jlo + j] = bv[j]
-                        ip[i, jlo + j] = bi[j]
+                        yp[i, jlo + j] = av[j]
+                        ip[i, jlo + j] = ai[j]
                 for jj in range(j0 + ow - j1):  # windows clipped by the border: one at a time
                     j = jj if jj < j0 else jj - j0 + j1
                     # PyTorch's scan: the first in-bounds row / column, then row-major; starting
