@@ -210,19 +210,24 @@ def test_max_pool_2x2_path_matches_generic_kernel(shape, ceil_mode, dtype, monke
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,kh,sh,ph,pw", [
-    ((2, 3, 112, 112), 3, 2, 1, 1),   # ResNet's stem pool, shrunk in batch
-    ((1, 2, 9, 11), 3, 2, 1, 0),      # odd sizes, no column padding
-    ((1, 1, 5, 4), 2, 1, 0, 1),       # 2-row windows, row stride 1, even width
-    ((2, 1, 3, 3), 3, 3, 1, 1),       # one window per column and row, clipped on every side
-    ((1, 2, 17, 70), 4, 3, 2, 1),     # wider than a vector pair, row stride 3
-    ((1, 1, 1, 1), 1, 1, 0, 1),       # a single element
-], ids=["resnet", "odd", "kh2", "clipped", "wide", "single"])
+@pytest.mark.parametrize("shape,kh,kw,sh,sw,ph,pw", [
+    ((2, 3, 112, 112), 3, 3, 2, 2, 1, 1),   # ResNet's stem pool, shrunk in batch
+    ((1, 2, 9, 11), 3, 3, 2, 2, 1, 0),      # odd sizes, no column padding
+    ((1, 1, 5, 4), 2, 3, 1, 2, 0, 1),       # 2-row windows, row stride 1, even width
+    ((2, 1, 3, 3), 3, 3, 3, 2, 1, 1),       # one window per column and row, clipped on every side
+    ((1, 2, 17, 70), 4, 3, 3, 2, 2, 1),     # wider than a vector pair, row stride 3
+    ((1, 1, 1, 1), 1, 3, 1, 2, 0, 1),       # a single element
+    ((2, 2, 20, 37), 5, 5, 1, 1, 2, 2),     # YOLO's SPPF pool (5x5/s1/p2)
+    ((1, 3, 9, 40), 3, 3, 1, 1, 1, 1),      # 3x3/s1/p1
+    ((1, 2, 8, 6), 2, 4, 2, 1, 1, 2),       # even width at stride 1, padding half the window
+    ((1, 1, 4, 3), 1, 3, 1, 1, 0, 1),       # narrower than a vector
+], ids=["resnet", "odd", "kh2", "clipped", "wide", "single", "sppf", "s1", "even-s1", "narrow-s1"])
 @pytest.mark.parametrize("ceil_mode", [False, True])
-def test_max_pool_w3s2_path_matches_generic_kernel(shape, kh, sh, ph, pw, ceil_mode, dtype, monkeypatch):
-    # the separable kernel for 3-wide windows at column stride 2 against the generic kernel and the
-    # reference: same values and indices with ties, NaN and +-Inf, and a row of -Inf only (its
-    # index must be its first in-bounds element, not a padded one)
+def test_max_pool_separable_path_matches_generic_kernel(shape, kh, kw, sh, sw, ph, pw, ceil_mode, dtype,
+                                                        monkeypatch):
+    # the separable kernel (stride-1 rows, or 3-wide windows at column stride 2) against the
+    # generic kernel and the reference: same values and indices with ties, NaN and +-Inf, and a
+    # row of -Inf only (its index must be its first in-bounds element, not a padded one)
     from fastconv._algorithms import pooling
     rng = np.random.default_rng(12)
     x = rng.integers(-3, 4, shape).astype(dtype)
@@ -230,15 +235,15 @@ def test_max_pool_w3s2_path_matches_generic_kernel(shape, kh, sh, ph, pw, ceil_m
     for v in (np.nan, np.inf, -np.inf):
         flat[rng.integers(0, flat.size, max(1, flat.size // 50))] = v
     x[0, 0, 0] = -np.inf
-    kw = dict(kernel_size=(kh, 3), stride=(sh, 2), padding=(ph, pw), ceil_mode=ceil_mode)
-    p = fastconv._validation.pool_params("t", x.shape, (kh, 3), (sh, 2), (ph, pw), 1, ceil_mode)
-    assert pooling._is_w3s2(p)
-    y, idx = fastconv.max_pool2d(x, **kw, return_indices=True)
-    monkeypatch.setattr(pooling, "_is_w3s2", lambda p: False)
-    y2, idx2 = fastconv.max_pool2d(x, **kw, return_indices=True)
+    kw_ = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode)
+    p = fastconv._validation.pool_params("t", x.shape, (kh, kw), (sh, sw), (ph, pw), 1, ceil_mode)
+    assert pooling._is_separable(p)
+    y, idx = fastconv.max_pool2d(x, **kw_, return_indices=True)
+    monkeypatch.setattr(pooling, "_is_separable", lambda p: False)
+    y2, idx2 = fastconv.max_pool2d(x, **kw_, return_indices=True)
     np.testing.assert_array_equal(y, y2)
     np.testing.assert_array_equal(idx, idx2)
-    y_ref, idx_ref = ref.max_pool2d(x, **kw)
+    y_ref, idx_ref = ref.max_pool2d(x, **kw_)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(idx, idx_ref)
 

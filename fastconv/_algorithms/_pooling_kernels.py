@@ -12,7 +12,8 @@ positions ``ih*w + iw`` in each plane.
 
 2x2 windows with stride 2 and no padding (LeNet's, VGG's pools) have their own forward kernel,
 ``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.  So do
-3-wide windows at column stride 2 (ResNet's 3x3/s2), ``_max_forward_w3s2``, separable: ~3x.
+column stride 1 (YOLO's 5x5/s1) and 3-wide windows at column stride 2 (ResNet's 3x3/s2),
+``_max_forward_sep``, separable: 2-3x.
 
 Adaptive average pooling and the channels_last (NHWC) kernels are here too; ``pooling.py`` holds
 the Python drivers that allocate and call them.
@@ -224,28 +225,34 @@ def _max_rows(sv, si, base, av, ai, bv, bi, n):
 
 
 @kernel
-def _max_forward_w3s2(x, y, idx, kh, sh, ph, pw):
-    """Windows 3 wide with column stride 2 (ResNet's 3x3/s2 pool), no dilation, any kh, sh, ph,
-    pw <= 1, every window holding an input element, planes under 2**31 elements.  Separable: a
-    horizontal pass per input row (the 3-column maximum of every output column, a row copied into
-    its even and odd columns (offset by pw) split into two scratch rows rounded up to whole vectors,
-    so the loads are unit-stride vectors and no scalar remainder runs), then a vertical pass per output row over its kh rows'
-    results.  The same values and indices as ``_max_forward``: row by row, each row's first maximum
-    (or last NaN), then the rows in order with the same rule, is the row-major scan.  Output
-    columns whose windows are clipped by the border are redone one at a time.  3.5x faster than
-    ``_max_forward`` on resnet50-pool (8x64x112x112, 2 threads, AVX2: 13.5 -> 4.6 ms)."""
+def _max_forward_sep(x, y, idx, kh, kw, sh, sw, ph, pw):
+    """Separable max-pool forward: column stride 1 with any window width (YOLO's 5x5/s1, 3x3/s1),
+    or windows 3 wide at column stride 2 (ResNet's 3x3/s2); no dilation, any kh, sh, ph, every
+    window holding an input element, planes under 2**31 elements.  A horizontal pass per input row
+    (the maximum over each output column's kw columns), then a vertical pass per output row over its
+    kh rows' results, each a unit-stride vector loop with no scalar remainder (rows rounded up to
+    whole vectors): at stride 2 the row's even and odd columns (offset by pw) are split into two
+    scratch rows, at stride 1 the row is copied behind pw zeros and each tap is one run.  The same
+    values and indices as ``_max_forward``: row by row, each row's first maximum (or last NaN), then
+    the rows in order with the same rule, is the row-major scan.  Output columns whose windows the
+    border clips are redone one at a time.  2 threads, AVX2, against ``_max_forward``: resnet50-pool
+    (8x64x112x112, 3x3/s2) 13.5 -> 4.6 ms; 8x64x56x56 3x3/s1 7.5 -> 5.5 ms, 5x5/s1 17.7 -> 7.7 ms."""
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     nl = max(round_run(ow, RUN_PAIR), (w + 1) // 2)
-    jlo = (pw + 1) // 2  # columns whose windows lie inside [0, w): 2j - pw >= 0 and 2j - pw + 2 < w
-    jhi = max(jlo, min(ow, (w - 3 + pw) // 2 + 1))
+    jlo = (pw + sw - 1) // sw  # columns whose windows lie inside [0, w)
+    jhi = max(jlo, min(ow, (w - kw + pw) // sw + 1))
     nch = min(pp, 64)
     for ch in prange(nch):
-        e = np.zeros(nl + 1, x.dtype)  # e[m], o[m]: column 2m - pw, 2m + 1 - pw of the row
+        e = np.zeros(nl + 1, x.dtype)  # stride 2: e[m], o[m] = column 2m - pw, 2m + 1 - pw of the row
         o = np.zeros(nl + 1, x.dtype)
-        hv = np.empty(h * nl, x.dtype)
+        s = np.zeros(max(nl + kw, w + pw), x.dtype)  # stride 1: s[pw + c] = column c of the row
+        jw = np.empty(nl, np.int32)
+        for j in range(nl):
+            jw[j] = j
+        hv = np.empty(h * nl, x.dtype)  # the horizontal pass: maxima and their positions in e/o or s
         hi = np.empty(h * nl, np.int32)
-        av = np.empty(nl, x.dtype)  # the running maximum of an output row, and the next one
+        av = np.empty(nl, x.dtype)  # a running maximum, and the next one
         ai = np.empty(nl, np.int32)
         bv = np.empty(nl, x.dtype)
         bi = np.empty(nl, np.int32)
@@ -253,24 +260,38 @@ def _max_forward_w3s2(x, y, idx, kh, sh, ph, pw):
             xp = x[p]
             for r in range(h):
                 src = xp[r]
-                if pw == 0:
-                    for m in range(w // 2):
-                        e[m] = src[2 * m]
-                        o[m] = src[2 * m + 1]
-                    if w % 2:
-                        e[w // 2] = src[w - 1]
-                else:
-                    for m in range(w // 2):
-                        o[m] = src[2 * m]
-                        e[m + 1] = src[2 * m + 1]
-                    if w % 2:
-                        o[w // 2] = src[w - 1]
                 q = r * nl
-                _max3s2_row(e, o, hv[q:q + nl], hi[q:q + nl], nl)
+                if sw == 1:
+                    for c in range(w):
+                        s[pw + c] = src[c]
+                    for j in range(nl):
+                        av[j] = s[j]
+                        ai[j] = jw[j]
+                    for t in range(1, kw):
+                        _max_rows(s[t:t + nl], jw, np.int32(t), av, ai, bv, bi, nl)
+                        av, bv = bv, av
+                        ai, bi = bi, ai
+                    for j in range(nl):
+                        hv[q + j] = av[j]
+                        hi[q + j] = ai[j]
+                else:
+                    if pw == 0:
+                        for m in range(w // 2):
+                            e[m] = src[2 * m]
+                            o[m] = src[2 * m + 1]
+                        if w % 2:
+                            e[w // 2] = src[w - 1]
+                    else:
+                        for m in range(w // 2):
+                            o[m] = src[2 * m]
+                            e[m + 1] = src[2 * m + 1]
+                        if w % 2:
+                            o[w // 2] = src[w - 1]
+                    _max3s2_row(e, o, hv[q:q + nl], hi[q:q + nl], nl)
                 for jj in range(jlo + ow - jhi):  # clipped windows: scan their in-bounds columns
                     j = jj if jj < jlo else jj - jlo + jhi
-                    c0 = max(0, 2 * j - pw)
-                    c1 = min(w, 2 * j - pw + 3)
+                    c0 = max(0, sw * j - pw)
+                    c1 = min(w, sw * j - pw + kw)
                     b = src[c0]
                     bj = c0
                     for c in range(c0 + 1, c1):

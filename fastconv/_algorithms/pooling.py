@@ -7,7 +7,7 @@ import numpy as np
 from ._pooling_kernels import (_adaptive_avg_backward, _adaptive_avg_backward_nhwc, _adaptive_avg_forward,
                                _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_forward,
                                _avg_forward_nhwc, _max_backward, _max_backward_nhwc, _max_forward,
-                               _max_forward_2x2, _max_forward_nhwc, _max_forward_w3s2)
+                               _max_forward_2x2, _max_forward_nhwc, _max_forward_sep)
 
 
 # --------------------------------------------------------------------------- Python drivers
@@ -21,11 +21,12 @@ def _is_2x2(p):
             and 2 * p.oh <= p.h and 2 * p.ow <= p.w)
 
 
-def _is_w3s2(p):
-    # every window holds an input element: the last ones start inside the plane (ceil_mode keeps
-    # them there) and the first ones reach it (padding <= kernel // 2)
-    return ((p.kw, p.sw, p.dh, p.dw) == (3, 2, 1, 1) and p.pw <= 1 and p.ph < p.kh
-            and (p.oh - 1) * p.sh - p.ph < p.h and 2 * (p.ow - 1) - p.pw < p.w and p.h * p.w < 2**31)
+def _is_separable(p):
+    # _max_forward_sep's cases: column stride 1, or 3-wide windows at column stride 2; every window
+    # holds an input element: the last ones start inside the plane (ceil_mode keeps them there) and
+    # the first ones reach it
+    return ((p.dh, p.dw) == (1, 1) and (p.sw == 1 or (p.sw, p.kw) == (2, 3)) and p.pw < p.kw and p.ph < p.kh
+            and (p.oh - 1) * p.sh - p.ph < p.h and (p.ow - 1) * p.sw - p.pw < p.w and p.h * p.w < 2**31)
 
 
 def max_forward_work(p):
@@ -57,9 +58,9 @@ def max_forward(x, p):
     idx = np.empty(p.y_shape, dtype=np.int64)
     if y.size and _is_2x2(p):
         _max_forward_2x2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow))
-    elif y.size and _is_w3s2(p):
-        _max_forward_w3s2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow),
-                          p.kh, p.sh, p.ph, p.pw)
+    elif y.size and _is_separable(p):
+        _max_forward_sep(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow),
+                         p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
     elif y.size:
         _max_forward(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow),
                      p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, x.dtype.type(-np.inf))
