@@ -43,6 +43,10 @@ AVG_CASES = [
     ("ceil-k4-s3-p2", (1, 1, 8, 9), {"kernel_size": 4, "stride": 3, "padding": 2, "ceil_mode": True}),
     ("ceil-k4-s3-p2-exclude", (1, 1, 8, 9), {"kernel_size": 4, "stride": 3, "padding": 2,
                                              "ceil_mode": True, "count_include_pad": False}),
+    # rows longer than a vector pair, through the separable kernels (column stride 1 and 2)
+    ("wide-k5-s1-p2", (1, 1, 4, 37), {"kernel_size": 5, "stride": 1, "padding": 2}),
+    ("wide-k4-s2-p2-exclude-ceil", (1, 1, 5, 38), {"kernel_size": 4, "stride": 2, "padding": 2,
+                                                   "ceil_mode": True, "count_include_pad": False}),
 ]
 AVG_IDS = [c[0] for c in AVG_CASES]
 
@@ -339,6 +343,33 @@ def test_avg_pool_matches_reference(case, dtype):
            "grad_input": fastconv.avg_pool2d_backward(gy, x.shape, **kw)}
     want = {"forward": ref.avg_pool2d(x, **kw), "grad_input": ref.avg_pool2d_backward(gy, x.shape, **kw)}
     assert_results(got, want, dtype)
+
+
+@pytest.mark.parametrize("shape,k,s,p,ceil,include_pad,override", [
+    ((2, 3, 9, 70), (3, 3), (2, 2), (1, 1), False, True, 0),
+    ((1, 2, 8, 33), (5, 5), (1, 1), (2, 2), True, False, 0),
+    ((1, 2, 7, 20), (2, 4), (3, 2), (1, 2), True, True, 3),
+    ((2, 1, 5, 1), (3, 1), (1, 2), (1, 0), True, False, 0),
+    ((1, 1, 3, 4), (3, 4), (2, 1), (1, 2), True, False, 0),
+], ids=["resnet-like", "sppf-ceil", "override", "one-column", "windows-in-padding"])
+def test_avg_pool_separable_kernels_match_the_per_window_kernels(shape, k, s, p, ceil, include_pad, override):
+    # column stride 1 and 2 run the separable kernels (row sums, then sums of rows): the same
+    # values as the per-window kernels to rounding, windows clipped or in the padding included
+    from fastconv._algorithms import _pooling_kernels as K
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal(shape)
+    prm = fastconv._validation.pool_params("t", shape, k, s, p, 1, ceil)
+    y1, y2 = (np.full((shape[0] * shape[1], prm.oh, prm.ow), np.nan) for _ in range(2))
+    args = (prm.kh, prm.kw, prm.sh, prm.sw, prm.ph, prm.pw, include_pad, override)
+    K._avg_forward_sep(x.reshape(-1, *shape[2:]), y1, *args, 0.0)
+    K._avg_forward(x.reshape(-1, *shape[2:]), y2, *args, 0.0)
+    np.testing.assert_allclose(y1, y2, rtol=1e-13, atol=1e-13)
+    gy = rng.standard_normal(y1.shape)
+    g1 = np.full((shape[0] * shape[1], *shape[2:]), np.nan)  # every element written
+    g2 = np.zeros_like(g1)
+    K._avg_backward_sep(gy, g1, *args)
+    K._avg_backward(gy, g2, *args)
+    np.testing.assert_allclose(g1, g2, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,7 @@ import numpy as np
 
 from ._pooling_kernels import (_adaptive_avg_backward, _adaptive_avg_backward_nhwc, _adaptive_avg_forward,
                                _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_forward,
-                               _avg_forward_nhwc, _max_backward, _max_backward_nhwc, _max_forward,
+                               _avg_forward_nhwc, _avg_forward_sep, _avg_backward_sep, _max_backward, _max_backward_nhwc, _max_forward,
                                _max_forward_2x2, _max_forward_nhwc, _max_forward_sep)
 
 
@@ -95,8 +95,9 @@ def avg_forward(x, p, count_include_pad, divisor_override=0):
         return _nchw_view(y)
     y = np.empty(p.y_shape, dtype=x.dtype)
     if y.size:
-        _avg_forward(_planes(x), y.reshape(-1, p.oh, p.ow), p.kh, p.kw, p.sh, p.sw, p.ph, p.pw,
-                     bool(count_include_pad), int(divisor_override), x.dtype.type(0))
+        kernel = _avg_forward_sep if p.sw <= 2 else _avg_forward
+        kernel(_planes(x), y.reshape(-1, p.oh, p.ow), p.kh, p.kw, p.sh, p.sw, p.ph, p.pw,
+               bool(count_include_pad), int(divisor_override), x.dtype.type(0))
     return y
 
 
@@ -107,10 +108,11 @@ def avg_backward(gy, p, count_include_pad, divisor_override=0):
             _avg_backward_nhwc(_nhwc(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
                                int(divisor_override))
         return _nchw_view(gx)
-    gx = np.zeros((p.n * p.c, p.h, p.w), dtype=gy.dtype)
+    sep = p.sw <= 2 and gy.size > 0  # _avg_backward_sep writes every element of gx
+    gx = (np.empty if sep else np.zeros)((p.n * p.c, p.h, p.w), dtype=gy.dtype)
     if gx.size:
-        _avg_backward(_planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
-                      int(divisor_override))
+        (_avg_backward_sep if sep else _avg_backward)(
+            _planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad), int(divisor_override))
     return gx.reshape(p.n, p.c, p.h, p.w)
 
 
