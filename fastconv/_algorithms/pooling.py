@@ -5,9 +5,9 @@ validate nothing (functional did), allocate the outputs and call the kernels of
 import numpy as np
 
 from ._pooling_kernels import (_adaptive_avg_backward, _adaptive_avg_backward_nhwc, _adaptive_avg_forward,
-                               _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_forward,
-                               _avg_forward_nhwc, _avg_forward_sep, _avg_backward_sep, _max_backward, _max_backward_nhwc, _max_forward,
-                               _max_forward_2x2, _max_forward_nhwc, _max_forward_sep)
+                               _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_backward_sep,
+                               _avg_forward, _avg_forward_nhwc, _avg_forward_sep, _max_backward, _max_backward_nhwc,
+                               _max_forward, _max_forward_2x2, _max_forward_nhwc, _max_forward_sep)
 
 
 # --------------------------------------------------------------------------- Python drivers
