@@ -32,8 +32,8 @@ _micro = micro  # compiled into the caller
 # (1 thread), this 5 ns.  Columns are first split by phase ``iw % sw`` so that every tap reads a
 # unit-stride run, and runs are rounded up to whole vectors (a scalar remainder would branch again).
 # Indices are int32 there (twice the vector width of int64): planes of 2**31 elements or more take
-# the per-window path.  One function, loops only (no slices assigned, no array expressions, no
-# helpers): each of those added seconds of compile time.
+# the per-window path.  Loops only (no slices assigned, no array expressions): each of those added
+# seconds of compile time; the one helper, ``_max_run``, is there to keep its stores unconditional.
 _RUN = 16
 
 
