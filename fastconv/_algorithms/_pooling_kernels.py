@@ -388,6 +388,19 @@ def _add_run(acc, src, n):
         acc[j] += src[j]
 
 
+@_micro
+def _col_counts(nl, ow, w, kw, sw, pw, include_pad, dtype):
+    # each output column's window width as the divisor counts it (with the padding, or in bounds);
+    # 1 past ow and for windows with no input column
+    wd = np.ones(nl, dtype)
+    for j in range(ow):
+        w0 = j * sw - pw
+        w1 = min(w0 + kw, w + pw)
+        cnt = (w1 - w0) if include_pad else (min(w1, w) - max(w0, 0))
+        wd[j] = cnt if cnt > 0 else 1
+    return wd
+
+
 @kernel
 def _avg_forward_sep(x, y, kh, kw, sh, sw, ph, pw, include_pad, override, zero):
     """Separable average-pool forward for column stride 1 or 2 (any window): the sums of each
@@ -401,12 +414,7 @@ def _avg_forward_sep(x, y, kh, kw, sh, sw, ph, pw, include_pad, override, zero):
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     nl = round_run(ow, RUN_PAIR)
-    wd = np.ones(nl, x.dtype)  # each column's window width as counted, 1 past ow and for empty windows
-    for j in range(ow):
-        w0 = j * sw - pw
-        w1 = min(w0 + kw, w + pw)
-        cnt = (w1 - w0) if include_pad else (min(w1, w) - max(w0, 0))
-        wd[j] = cnt if cnt > 0 else 1
+    wd = _col_counts(nl, ow, w, kw, sw, pw, include_pad, x.dtype)
     nch = min(pp, 64)
     for ch in prange(nch):
         s = np.zeros(sw * (nl + kw) + 2 + w + pw, x.dtype)
@@ -452,12 +460,7 @@ def _avg_backward_sep(gy, gx, kh, kw, sh, sw, ph, pw, include_pad, override):
     pp, h, w = gx.shape
     oh, ow = gy.shape[1], gy.shape[2]
     nl = round_run(ow, RUN_PAIR)
-    wd = np.ones(nl, gy.dtype)
-    for j in range(ow):
-        w0 = j * sw - pw
-        w1 = min(w0 + kw, w + pw)
-        cnt = (w1 - w0) if include_pad else (min(w1, w) - max(w0, 0))
-        wd[j] = cnt if cnt > 0 else 1
+    wd = _col_counts(nl, ow, w, kw, sw, pw, include_pad, gy.dtype)
     nch = min(pp, 64)
     for ch in prange(nch):
         s = np.empty(sw * (nl + kw) + 2 + w + pw, gy.dtype)
