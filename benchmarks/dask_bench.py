@@ -6,22 +6,25 @@ Two workloads:
   'same', ReLU between), reduced to per-channel means so only a small result comes back;
 * a big batch through the LeNet of ``fastconv train`` (``fastconv.dask.predict``).
 
-For each: wall time (median of ``--repeat`` runs; the input is persisted on the workers first, so
-the time is the computation), peak resident memory per worker process above its level before the
-runs, and the scheduling overhead: wall time of the 1-worker run minus the compute time its tasks
-report (the task stream), as a share of that compute time.
+Three clusters of worker processes, one worker thread each: 1 worker with all the cores as fastconv
+threads, 1 worker with 1 thread, and one worker per core with 1 thread each; "scaling" is the last
+against the second (the same per-worker resources, more workers).  For each: wall time (median of
+``--repeat`` runs; the input is persisted on the workers first, so the time is the computation), peak
+resident memory per worker process above its level before the runs, and the scheduling overhead of
+the 1-worker 1-thread cluster: its wall time minus the compute time its tasks report (the task
+stream), as a share of that compute time.
 
 Usage::
 
-    python benchmarks/dask_bench.py                      # sizes for a 2-core machine
+    python benchmarks/dask_bench.py                      # 2 x 3 x 4096^2 in chunks of 1024^2
     python benchmarks/dask_bench.py --size 4096 --batch 8 --chunk 1024   # the issue's image
 
-Workers get ``cores // workers`` fastconv threads each (:func:`fastconv.dask.setup_workers`); the
-in-memory call uses all cores.
+The in-memory call uses all cores.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -82,7 +85,7 @@ def _median_time(f, repeat):
     return statistics.median(times), out
 
 
-def run_cluster(workers, args, x_np, ws, lenet, xl_np):
+def run_cluster(workers, threads, args, x_np, ws, lenet, xl_np):
     from distributed import Client, LocalCluster, wait
 
     import fastconv.dask as fd
@@ -91,7 +94,7 @@ def run_cluster(workers, args, x_np, ws, lenet, xl_np):
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         startup = time.perf_counter() - t0
-        threads = fd.setup_workers(client)
+        threads = fd.setup_workers(client, threads=threads)
         idle = client.run(_worker_rss_mb)  # imports done, no data yet
         x = client.persist(x_np)  # generated on the workers, chunk by chunk
         xl = client.persist(xl_np)
@@ -127,11 +130,11 @@ def _compute_seconds(stream):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=1024, help="image height and width (default 1024)")
+    p.add_argument("--size", type=int, default=4096, help="image height and width (default 4096)")
     p.add_argument("--batch", type=int, default=2, help="images in the batch (default 2)")
-    p.add_argument("--chunk", type=int, default=256, help="spatial chunk (default 256)")
-    p.add_argument("--lenet-batch", type=int, default=4096, help="28x28 images through LeNet (default 4096)")
-    p.add_argument("--lenet-chunk", type=int, default=512, help="images per LeNet task (default 512)")
+    p.add_argument("--chunk", type=int, default=1024, help="spatial chunk (default 1024)")
+    p.add_argument("--lenet-batch", type=int, default=16384, help="28x28 images through LeNet (default 16384)")
+    p.add_argument("--lenet-chunk", type=int, default=1024, help="images per LeNet task (default 1024)")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
 
@@ -160,32 +163,35 @@ def main(argv=None):
     mem["stack"], ref_stack = _median_time(lambda: stack_numpy(x_np, ws), args.repeat)
     mem["lenet"], ref_lenet = _median_time(lambda: lenet(xl_np), args.repeat)
     mem["peak_mb"] = _peak_rss_mb() - before
+    cores = len(os.sched_getaffinity(0))
+    configs = {"1w x all": (1, cores), "1w x 1": (1, 1), f"{cores}w x 1": (cores, 1)}
     results = {}
-    for workers in (1, 2):
-        results[workers] = r = run_cluster(workers, args, x_d, ws, lenet, xl_d)
+    for label, (workers, threads) in configs.items():
+        results[label] = r = run_cluster(workers, threads, args, x_d, ws, lenet, xl_d)
         np.testing.assert_allclose(r["stack_out"], ref_stack, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(r["lenet_out"], ref_lenet, rtol=1e-4, atol=1e-4)
-        print(f"  {workers} worker(s) up in {r['startup']:.1f}s, fastconv threads {sorted(r['threads'].values())}",
-              flush=True)
+        print(f"  {label}: {workers} worker(s) up in {r['startup']:.1f}s, fastconv threads "
+              f"{sorted(r['threads'].values())}", flush=True)
     # the in-memory figures once more, after the clusters: the machine's load drifts
     t2, _ = _median_time(lambda: stack_numpy(x_np, ws), args.repeat)
     l2, _ = _median_time(lambda: lenet(xl_np), args.repeat)
 
-    print(f"\n{'':24s}{'in memory':>12s}{'1 worker':>12s}{'2 workers':>12s}{'2w vs 1w':>10s}")
-    for key, label in (("stack", "conv stack (s)"), ("lenet", "LeNet predict (s)")):
-        one, two = results[1][key], results[2][key]
+    many = f"{cores}w x 1"
+    print(f"\n{'wall time (s)':24s}{'in memory':>12s}" + "".join(f"{k:>11s}" for k in configs)
+          + f"{'scaling':>9s}")
+    for key, label in (("stack", "conv stack"), ("lenet", "LeNet predict")):
         mem_t = f"{mem[key]:.2f}/{(t2 if key == 'stack' else l2):.2f}"
-        print(f"{label:24s}{mem_t:>12s}{one:12.2f}{two:12.2f}{one / two:9.2f}x")
+        print(f"{label:24s}{mem_t:>12s}" + "".join(f"{results[k][key]:11.2f}" for k in configs)
+              + f"{results['1w x 1'][key] / results[many][key]:8.2f}x")
     print(f"{'peak RSS MiB/process':24s}{mem['peak_mb'] + before:12.0f}"
-          f"{max(results[1]['peak_mb'].values()):12.0f}{max(results[2]['peak_mb'].values()):12.0f}"
-          f"   (idle worker after imports: {max(results[2]['idle_mb'].values()):.0f} MiB; "
+          + "".join(f"{max(results[k]['peak_mb'].values()):11.0f}" for k in configs)
+          + f"   (idle worker after imports: {max(results[many]['idle_mb'].values()):.0f} MiB; "
           f"in memory: {before:.0f} before the runs)")
     for key in ("stack", "lenet"):
-        r = results[1]
+        r = results["1w x 1"]
         over = (r[key] - r[key + "_compute"]) / r[key + "_compute"]
-        print(f"scheduling overhead, 1 worker, {key}: {r['tasks_' + key]} tasks, wall {r[key]:.2f}s, "
+        print(f"scheduling overhead, 1 worker x 1 thread, {key}: {r['tasks_' + key]} tasks, wall {r[key]:.2f}s, "
               f"task compute {r[key + '_compute']:.2f}s -> {100 * over:.0f}% of compute")
-
 
 if __name__ == "__main__":
     main()

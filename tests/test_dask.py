@@ -132,6 +132,58 @@ def test_chunks_smaller_than_kernel_and_stride():
          fastconv.max_pool2d(x, 5, 3, 2, 2, True))
 
 
+def test_halo_is_cut_where_its_block_lives():
+    """A block's halo from a neighbour is a task of its own (a slice of that block), so only the
+    halo travels between workers; after dask's optimisation no output task reads a neighbour's
+    whole block (it did: the slice sat inside the consuming task)."""
+    import dask
+    x = da.from_array(np.arange(2 * 20 * 20, dtype=np.float32).reshape(1, 2, 20, 20), chunks=(1, 2, 10, 10))
+    x = x.persist(**SYNC)
+    y = fd.conv2d(x, np.ones((3, 2, 3, 3), np.float32), padding=1, algorithm="direct")
+    (yo,) = dask.optimize(y)
+    graph = dict(yo.__dask_graph__())
+    deps = {k: v.dependencies for k, v in graph.items()}
+
+    def blocks_read(key):  # x blocks a task reads, through tasks fused into it
+        return {d for d in deps[key] if isinstance(d, tuple) and d[0] == x.name}
+
+    outs = [k for k in graph if isinstance(k, tuple) and k[0] == y.name]
+    assert len(outs) == 4
+    for k in outs:
+        assert blocks_read(k) == {(x.name, 0, 0) + k[3:]}  # its own block only
+        halos = [d for d in deps[k] if str(d[0]).startswith("halo-")]
+        # output i goes with the block holding its window's first row (i - 1): block 0 holds
+        # outputs 0-10 and reads row 10 from block 1 (and the same for columns)
+        assert len(halos) == {(0, 0): 3, (0, 1): 1, (1, 0): 1, (1, 1): 0}[k[3:]]
+        for h in halos:
+            assert len(blocks_read(h)) == 1
+    same(y.compute(**SYNC), fastconv.conv2d(x.compute(), np.ones((3, 2, 3, 3), np.float32), padding=1,
+                                            algorithm="direct"))
+
+
+def test_assembly_buffer_reused_and_results_independent():
+    """Blocks are assembled in one buffer per thread: two blocks' results computed one after the
+    other in one thread are both intact (no result is a view of the buffer)."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((1, 2, 9, 9)).astype(np.float32) for _ in range(2))
+    x1 = _arrays._assemble([[a, a[:, :, :, :2]]], (1, 1), (0, 0))
+    x2 = _arrays._assemble([[b], [b[:, :, :1]]], (0, 0), (1, 1))
+    assert np.shares_memory(x1, x2)  # the same buffer: x1 is gone
+    np.testing.assert_array_equal(x2[:, :, :9, 1:10], b)
+    assert (x2[:, :, :, 0] == 0).all() and (x2[:, :, :, -1] == 0).all()
+    w = np.ones((1, 2, 3, 3), np.float32)
+    da_x = da.from_array(np.concatenate([a, b], axis=2), chunks=(1, 2, 5, 4))
+    ys = [fd.conv2d(da_x, w, padding=p, algorithm="direct") for p in (1, 2)]
+    got = dask_compute_sync(*ys)
+    for y, p in zip(got, (1, 2)):
+        same(y, fastconv.conv2d(np.concatenate([a, b], axis=2), w, padding=p, algorithm="direct"))
+
+
+def dask_compute_sync(*arrays):
+    import dask
+    return dask.compute(*arrays, **SYNC)
+
+
 # --------------------------------------------------------------------------- laziness, meta, errors
 def _poisoned(shape, dtype, chunks):
     """A dask array whose blocks raise when computed: building on it must not compute it."""
@@ -264,6 +316,41 @@ def test_process_cluster_train_step(process_client):
     _check_steps(process_client, shards=4)
 
 
+def _faults_of_a_reused_4mb_buffer(dask_worker=None):
+    """Minor page faults of allocating and filling a 4 MiB array after one was freed (this thread)."""
+    import resource
+    np.ones(2**20, np.float32)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    np.ones(2**20, np.float32)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_keep_freed_blocks_under_dasks_malloc_setting():
+    """With dask's MALLOC_TRIM_THRESHOLD_ a 4 MiB temporary is fresh memory every time (1024 page
+    faults); after _keep_freed_blocks the freed one is reused."""
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_dask as t; "
+            "from fastconv.dask._training import _keep_freed_blocks as k; "
+            "print(t._faults_of_a_reused_4mb_buffer(), k(), t._faults_of_a_reused_4mb_buffer())")
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env, check=True,
+                         capture_output=True, text=True, timeout=300).stdout.split()
+    before, applied, after = int(out[0]), out[1], int(out[2])
+    assert before >= 256 and applied == "True" and after < 64, out
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_workers_malloc_reuses_freed_blocks(process_client):
+    fd.setup_workers(process_client)
+    assert all(process_client.run(lambda dask_worker: dask_worker.plugins[fd.FastconvThreads.name].malloc_set)
+               .values())
+    assert max(process_client.run(_faults_of_a_reused_4mb_buffer).values()) < 64
+
+
 class KillOnce(CrossEntropyLoss):
     """A loss that kills the worker process computing it, the first time any worker computes it."""
 
@@ -356,3 +443,6 @@ def test_threads_plugin_refuses_workqueue_with_threaded_workers(monkeypatch):
         asyncio.run(fd.FastconvThreads().setup(worker))
     with pytest.raises(ValueError, match="threads must be a positive int"):
         fd.FastconvThreads(0)
+    for bad in (0, -1, 2**25 + 1, 1.5, True):
+        with pytest.raises(ValueError, match=r"FastconvThreads: mmap_threshold must be None or an int in"):
+            fd.FastconvThreads(mmap_threshold=bad)

@@ -53,7 +53,8 @@ def _grad_weight(gy, x, weight, p, algorithm, split_every, token):
     for bn in range(nb):
         for i, (_, _, hpieces, hlocal) in enumerate(plan_h):
             for j, (_, _, wpieces, wlocal) in enumerate(plan_w):
-                parts = [[_piece(x, (x.name, bn, 0, ih, iw), sh, sw) for iw, sw in wpieces] for ih, sh in hpieces]
+                parts = [[_piece(x, (x.name, bn, 0, ih, iw), sh, sw, dsk, name) for iw, sw in wpieces]
+                         for ih, sh in hpieces]
                 dsk[(name, bn, i, j)] = (op, parts, hlocal, wlocal, (gy.name, bn, 0, i, j), wkey)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x, gy])
     blocks = [(bn, i, j) for bn in range(nb) for i in range(nh) for j in range(nw)]
