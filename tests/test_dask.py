@@ -293,6 +293,11 @@ def test_threaded_cluster_train_step_and_ops(thread_client):
     w = np.ones((4, 3, 3, 3), np.float32)
     got = fd.conv2d(da.from_array(x, chunks=(1, 3, 6, 7)), w, padding=1, algorithm="direct").compute()
     same(got, fastconv.conv2d(x, w, padding=1, algorithm="direct"))
+    from fastconv.layers import Conv2d, MaxPool2d, ReLU, Sequential
+    net = Sequential(Conv2d(3, 4, 3, padding=1, algorithm="direct", rng=0), ReLU(), MaxPool2d(2),
+                     Conv2d(4, 2, 3, algorithm="direct", rng=1))
+    tiles = fd.predict(net, da.from_array(x, chunks=(1, 3, 6, 7)), tiles=True).compute()
+    same(tiles, np.asarray(net(x).data))
 
 
 def test_dask_input_shards(thread_client):

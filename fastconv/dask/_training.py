@@ -14,6 +14,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .._threads import max_threads, set_num_threads
 from ._arrays import _as_dask, _meta
+from ._tiles import predict_tiles
 
 try:
     from distributed import WorkerPlugin as _WorkerPlugin
@@ -43,9 +44,10 @@ class _Predict:
         return _infer(copy.deepcopy(model), x)
 
 
-def predict(model, x, *, batch_chunk=None):
+def predict(model, x, *, batch_chunk=None, tiles=None):
     """Run a fastconv model (anything called as ``model(x)`` on a NumPy batch) over a dask array
-    chunked along its first axis, one task per batch block.
+    chunked along its first axis, one task per batch block; or, for a fully convolutional model
+    over images chunked over ``H`` and ``W`` too, one task per output tile.
 
     Parameters
     ----------
@@ -53,9 +55,19 @@ def predict(model, x, *, batch_chunk=None):
         E.g. a :class:`fastconv.layers.Sequential`.  Stored once in the graph (one copy per worker,
         not one per task); each task runs a private copy of it.
     x : dask.array.Array or numpy.ndarray, shape (N, ...)
-        The other axes are rechunked to one chunk each.
+        Without tiles the other axes are rechunked to one chunk each.
     batch_chunk : int, optional
         Rechunk the batch axis to this many samples per block.
+    tiles : bool, optional
+        Tile by tile over ``H`` and ``W`` (``x`` of shape (N, C, H, W)): each task runs every layer
+        on its input tile plus the halo the whole stack needs, read from the neighbouring blocks,
+        and writes one output tile (chunked as chaining :func:`conv2d` and the pools would chunk
+        it); a worker holds a tile's activations, not bands of every layer.  The model must be a
+        ``Sequential`` of ``Conv2d``, ``MaxPool2d``, ``AvgPool2d``, ``ReLU``, ``ReLU6``,
+        ``LeakyReLU``, and ``BatchNorm2d``/``Dropout`` in eval mode.  Default: tiles when ``x`` is
+        chunked over ``H`` or ``W`` and the model is such a stack, else whole samples.  ``True``
+        raises for a model that cannot run tile by tile.  The result equals the in-memory call
+        bitwise with ``algorithm='direct'`` convolutions.
 
     Returns
     -------
@@ -81,7 +93,19 @@ def predict(model, x, *, batch_chunk=None):
     if batch_chunk is not None:
         if isinstance(batch_chunk, bool) or not isinstance(batch_chunk, (int, np.integer)) or batch_chunk < 1:
             raise ValueError(f"{fn}: batch_chunk must be a positive int, got {batch_chunk!r}")
-    x = x.rechunk({0: int(batch_chunk) if batch_chunk else x.chunks[0], **{i: -1 for i in range(1, x.ndim)}})
+    if tiles not in (None, True, False):
+        raise TypeError(f"{fn}: tiles must be None, True or False, got {tiles!r}")
+    if batch_chunk:
+        x = x.rechunk({0: int(batch_chunk)})
+    if tiles or (tiles is None and x.ndim == 4 and (len(x.chunks[2]) > 1 or len(x.chunks[3]) > 1)):
+        if x.ndim != 4:
+            raise ValueError(f"{fn}: tiles=True needs an input of shape (N, C, H, W), got {x.ndim}-D")
+        try:
+            return predict_tiles(fn, model, x)
+        except (TypeError, ValueError):
+            if tiles:
+                raise
+    x = x.rechunk({i: -1 for i in range(1, x.ndim)})
     model, probe = _lean(model, x.shape[1:], x.dtype)
     name = f"fastconv-predict-{uuid.uuid4().hex}"  # a model has no cheap deterministic token
     mkey = f"fastconv-model-{uuid.uuid4().hex}"
