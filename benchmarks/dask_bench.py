@@ -1,18 +1,21 @@
 """fastconv on Dask: in-memory vs a LocalCluster of 1 and of 2 worker processes.
 
-Two workloads:
+Three workloads:
 
 * a large image batch chunked spatially through a 3-layer conv stack (3->16->16->8 channels, 3x3,
-  'same', ReLU between), reduced to per-channel means so only a small result comes back;
+  'same', ReLU between), reduced to per-channel means so only a small result comes back: once as
+  chained ops (``fastconv.dask.conv2d``/``relu``, a task per layer and block) and once as a model run
+  tile by tile (``fastconv.dask.predict``, a task per tile running every layer);
 * a big batch through the LeNet of ``fastconv train`` (``fastconv.dask.predict``).
 
 Three clusters of worker processes, one worker thread each: 1 worker with all the cores as fastconv
 threads, 1 worker with 1 thread, and one worker per core with 1 thread each; "scaling" is the last
 against the second (the same per-worker resources, more workers).  For each: wall time (median of
 ``--repeat`` runs; the input is persisted on the workers first, so the time is the computation), peak
-resident memory per worker process above its level before the runs, and the scheduling overhead of
+resident memory per worker process above its level before that workload's runs (the persisted
+input excluded: what the computation holds), and the scheduling overhead of
 the 1-worker 1-thread cluster: its wall time minus the compute time its tasks report (the task
-stream), as a share of that compute time.
+stream), as a share of that compute time, over all the runs.
 
 Usage::
 
@@ -76,13 +79,27 @@ def stack_dask(x, ws):
     return x.mean(axis=(2, 3))
 
 
-def _median_time(f, repeat):
-    times, out = [], None
+def stack_model(ws):
+    """The conv stack as a fastconv Sequential (for ``fastconv.dask.predict``)."""
+    from fastconv.layers import Conv2d, ReLU, Sequential
+    layers = []
+    for i, (w, b) in enumerate(ws):
+        conv = Conv2d(w.shape[1], w.shape[0], w.shape[2:], padding="same")
+        conv.weight.data[...], conv.bias.data[...] = w, b
+        layers += [conv] + ([ReLU()] if i < len(ws) - 1 else [])
+    return Sequential(*layers)
+
+
+def _median_time(f, repeat, times=None):
+    """Median wall time of ``repeat`` calls and the last result; each call's time is appended to
+    ``times`` if given."""
+    times = [] if times is None else times
+    out = None
     for _ in range(repeat):
         t = time.perf_counter()
         out = f()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    return statistics.median(times[-repeat:]), out
 
 
 def run_cluster(workers, threads, args, x_np, ws, lenet, xl_np):
@@ -104,22 +121,22 @@ def run_cluster(workers, threads, args, x_np, ws, lenet, xl_np):
         c2 = min(2 * args.chunk, args.size)
         stack_dask(x[:1, :, :c2, :c2], ws).compute()
         fd.predict(lenet, xl[: args.lenet_chunk * workers]).compute()
-        res = {"startup": startup, "threads": threads}
-        since = time.time()
-        graph = stack_dask(x, ws)
-        res["tasks_stack"] = len(graph.__dask_graph__())
+        fd.predict(stack_model(ws), x[:1, :, :c2, :c2]).mean(axis=(2, 3)).compute()
+        res = {"startup": startup, "threads": threads, "peak_mb": {}}
         from distributed import get_task_stream
-        with get_task_stream(client) as ts:
-            res["stack"], out = _median_time(lambda: graph.compute(), args.repeat)
-        res["stack_compute"] = _compute_seconds(ts.data) / args.repeat
-        res["stack_out"] = out
-        pred = fd.predict(lenet, xl)
-        res["tasks_lenet"] = len(pred.__dask_graph__())
-        with get_task_stream(client) as ts:
-            res["lenet"], out = _median_time(lambda: pred.compute(), args.repeat)
-        res["lenet_compute"] = _compute_seconds(ts.data) / args.repeat
-        res["lenet_out"] = out
-        res["peak_mb"] = client.run(_worker_rss_mb, since=since)
+        for key, graph in (("stack", stack_dask(x, ws)),
+                           ("tiles", fd.predict(stack_model(ws), x).mean(axis=(2, 3))),
+                           ("lenet", fd.predict(lenet, xl))):
+            res["tasks_" + key] = len(graph.__dask_graph__())
+            level, since = client.run(_worker_rss_mb), time.time()
+            walls = []
+            with get_task_stream(client) as ts:
+                res[key], res[key + "_out"] = _median_time(lambda: graph.compute(), args.repeat, walls)
+            # totals over the runs, both: a slow first run moves a mean but not the median
+            res[key + "_wall_total"], res[key + "_compute"] = sum(walls), _compute_seconds(ts.data)
+            time.sleep(0.6)  # one more sample of the workers' monitors
+            peak = client.run(_worker_rss_mb, since=since)
+            res["peak_mb"][key] = max(peak[w] - level[w] for w in peak)
         res["idle_mb"] = idle
     return res
 
@@ -161,6 +178,7 @@ def main(argv=None):
     mem = {}
     before = _peak_rss_mb()
     mem["stack"], ref_stack = _median_time(lambda: stack_numpy(x_np, ws), args.repeat)
+    mem["tiles"] = mem["stack"]
     mem["lenet"], ref_lenet = _median_time(lambda: lenet(xl_np), args.repeat)
     mem["peak_mb"] = _peak_rss_mb() - before
     cores = len(os.sched_getaffinity(0))
@@ -169,6 +187,7 @@ def main(argv=None):
     for label, (workers, threads) in configs.items():
         results[label] = r = run_cluster(workers, threads, args, x_d, ws, lenet, xl_d)
         np.testing.assert_allclose(r["stack_out"], ref_stack, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r["tiles_out"], ref_stack, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(r["lenet_out"], ref_lenet, rtol=1e-4, atol=1e-4)
         print(f"  {label}: {workers} worker(s) up in {r['startup']:.1f}s, fastconv threads "
               f"{sorted(r['threads'].values())}", flush=True)
@@ -179,19 +198,22 @@ def main(argv=None):
     many = f"{cores}w x 1"
     print(f"\n{'wall time (s)':24s}{'in memory':>12s}" + "".join(f"{k:>11s}" for k in configs)
           + f"{'scaling':>9s}")
-    for key, label in (("stack", "conv stack"), ("lenet", "LeNet predict")):
-        mem_t = f"{mem[key]:.2f}/{(t2 if key == 'stack' else l2):.2f}"
+    rows = (("stack", "conv stack, ops"), ("tiles", "conv stack, tiles"), ("lenet", "LeNet predict"))
+    for key, label in rows:
+        mem_t = f"{mem[key]:.2f}/{(t2 if key != 'lenet' else l2):.2f}"
         print(f"{label:24s}{mem_t:>12s}" + "".join(f"{results[k][key]:11.2f}" for k in configs)
               + f"{results['1w x 1'][key] / results[many][key]:8.2f}x")
-    print(f"{'peak RSS MiB/process':24s}{mem['peak_mb'] + before:12.0f}"
-          + "".join(f"{max(results[k]['peak_mb'].values()):11.0f}" for k in configs)
-          + f"   (idle worker after imports: {max(results[many]['idle_mb'].values()):.0f} MiB; "
-          f"in memory: {before:.0f} before the runs)")
-    for key in ("stack", "lenet"):
+    print(f"\npeak MiB above the level before the runs, per process (in memory: peak RSS {mem['peak_mb'] + before:.0f},"
+          f" {before:.0f} before the runs; an idle worker after imports: "
+          f"{max(results[many]['idle_mb'].values()):.0f})")
+    for key, label in rows:
+        print(f"{label:36s}" + "".join(f"{results[k]['peak_mb'][key]:11.0f}" for k in configs))
+    for key, _ in rows:
         r = results["1w x 1"]
-        over = (r[key] - r[key + "_compute"]) / r[key + "_compute"]
-        print(f"scheduling overhead, 1 worker x 1 thread, {key}: {r['tasks_' + key]} tasks, wall {r[key]:.2f}s, "
-              f"task compute {r[key + '_compute']:.2f}s -> {100 * over:.0f}% of compute")
+        wall, comp = r[key + "_wall_total"], r[key + "_compute"]
+        print(f"scheduling overhead, 1 worker x 1 thread, {key}: {r['tasks_' + key]} tasks, wall {wall:.2f}s "
+              f"({args.repeat} runs), task compute {comp:.2f}s -> {100 * (wall - comp) / comp:.0f}% of compute")
+
 
 if __name__ == "__main__":
     main()
