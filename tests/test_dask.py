@@ -321,6 +321,22 @@ def test_process_cluster_train_step(process_client):
     _check_steps(process_client, shards=4)
 
 
+def test_client_by_scheduler_address(process_client):
+    """The same calls through a Client made from the scheduler's address, as a user reaches a real
+    cluster (``Client("tcp://host:8786")``)."""
+    distributed = pytest.importorskip("distributed")
+    address = process_client.scheduler.address
+    assert address.startswith("tcp://")
+    with distributed.Client(address, set_as_default=False) as remote:
+        assert len(fd.setup_workers(remote)) == 2
+        _check_steps(remote, steps=1, shards=3)
+        x = np.random.default_rng(4).standard_normal((2, 3, 16, 12)).astype(np.float32)
+        w = np.ones((2, 3, 3, 3), np.float32)
+        got = remote.compute(fd.conv2d(da.from_array(x, chunks=(1, 3, 5, 5)), w, padding=1,
+                                       algorithm="direct")).result()
+        same(got, fastconv.conv2d(x, w, padding=1, algorithm="direct"))
+
+
 def _faults_of_a_reused_4mb_buffer(dask_worker=None):
     """Minor page faults of allocating and filling a 4 MiB array after one was freed (this thread)."""
     import resource
