@@ -22,6 +22,13 @@ CASES = [
     ("1x1", (2, 4, 5, 6), (1, 1), {}),
     ("kernel-eq-input", (1, 2, 5, 5), (5, 5), {}),
     ("long-rows", (1, 2, 90, 150), (3, 3), {"padding": 1}),  # several row blocks per plane
+    # 3x3 'same' planes run as flat runs with their edges rewritten: the smallest such planes, and
+    # planes too thin for it (fewer than 3 rows or columns: the padded kernel)
+    ("3x3-same-3x3-plane", (2, 3, 3, 3), (3, 3), {"padding": 1}),
+    ("3x3-same-3-rows", (1, 2, 3, 17), (3, 3), {"padding": "same"}),
+    ("3x3-same-3-cols", (3, 2, 13, 3), (3, 3), {"padding": 1}),
+    ("3x3-same-2-rows", (1, 2, 2, 6), (3, 3), {"padding": 1}),
+    ("3x3-same-1-col", (1, 2, 5, 1), (3, 3), {"padding": 1}),
 ]
 
 

@@ -45,7 +45,7 @@ from ... import _cpu
 from ..._jit import RUN_PAIR
 from ..common import SLACK, pad_planes, transposed_weight
 from .blocks import _FWD_KB, _FWD_TILE
-from .depthwise import _DW_RB, _dw_forward, _dw_grad_weight
+from .depthwise import _DW_RB, _dw_forward, _dw_grad_weight, _dw_same3x3
 from .depthwise_cv import dwc_forward, dwc_grad_input, dwc_grad_weight
 from .general import _forward, _grad_input, _grad_weight
 from .per_image import _STACK_COLS, _forward_img, _grad_input_img, _grad_weight_img
@@ -130,6 +130,12 @@ def _dw_conv(x, w, b, top, left, hp, wp, sh, sw, dh, dw, oh, ow):
     rb = 1 if sh != 1 else _DW_RB
     if b is None:
         b = np.zeros(c, dtype=x.dtype)
+    h, wd = x.shape[2], x.shape[3]
+    if (r, s, sh, sw, dh, dw, top, left, oh, ow) == (3, 3, 1, 1, 1, 1, 1, 1, h, wd) and min(h, wd) >= 3 and y.size:
+        # 3x3 'same' (MobileNet's stride-1 layers, and their input gradient): flat runs, no copies
+        _dw_same3x3(np.ascontiguousarray(x), np.ascontiguousarray(w).reshape(c, 9), np.ascontiguousarray(b), y,
+                    *_workers(n * c), x.dtype.type(0))
+        return y
     if y.size:
         _dw_forward(np.ascontiguousarray(x), np.ascontiguousarray(w).reshape(c, r * s), tb,
                     np.ascontiguousarray(b), y, sw, hp, wq, top, left, sh, dh, r, rb, *_workers(n * c),

@@ -75,6 +75,58 @@ def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nw, ctr,
 
 
 @_micro
+def _dw_edge(xs, i, j, h, w, wt, c, bias, zero):
+    # output (i, j) of a 3x3 'same' plane, taps outside the plane reading zeros (their products,
+    # 0 * w, are NaN for an infinite weight, as in the padded kernels), in _dw3x3's order
+    s = bias
+    for r in range(3):
+        for q in range(3):
+            ii, jj = i + r - 1, j + q - 1
+            v = xs[ii, jj] if 0 <= ii < h and 0 <= jj < w else zero
+            s += wt[c, 3 * r + q] * v
+    return s
+
+
+@kernel
+def _dw_same3x3(x, wt, b, y, nw, ctr, zero):
+    """Depthwise 3x3 forward, stride 1, dilation 1, padding 1 (the output is the input's size):
+    one work item per plane.  Rows 1..h-2 are one flat run straight from the input plane into the
+    output plane (tap (r, q) of flat output k reads flat input k + (r-1)*w + q-1): no padded copy
+    and no copy out, which with rows of 56 took half of the padded kernel's time.  The run's
+    outputs in columns 0 and w-1 read wrapped neighbours; they, and rows 0 and h-1, are then
+    written from zero-padded taps (the two rows through a 3-row padded scratch, vectorised)."""
+    nn, cc, h, w = x.shape
+    items = nn * cc
+    wq = w + 2
+    for wid in prange(nw):
+        eb = np.zeros(3 * wq + SLACK, dtype=y.dtype)  # padding columns stay zero
+        acc = np.empty(round_run(w, RUN_PAIR), dtype=y.dtype)
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            n, c = it // cc, it % cc
+            xs, ys = x[n, c], y[n, c]
+            xf, yf = xs.reshape(h * w), ys.reshape(h * w)
+            bias = b[c]
+            ln = (h - 2) * w - 2  # outputs (1, 1) .. (h-2, w-2) and the wrapped edges between
+            _dw3x3(yf[w + 1:w + 1 + ln], xf, 0, w, wt, c, bias, ln)
+            for i in range(1, h - 1):
+                ys[i, 0] = _dw_edge(xs, i, 0, h, w, wt, c, bias, zero)
+                ys[i, w - 1] = _dw_edge(xs, i, w - 1, h, w, wt, c, bias, zero)
+            for i in (0, h - 1):
+                for r in range(3):  # padded rows i-1..i+1 into the scratch
+                    ii = i + r - 1
+                    row = eb[r * wq + 1:r * wq + 1 + w]
+                    if 0 <= ii < h:
+                        _copy(row, xs[ii], w)
+                    else:
+                        row[:] = zero
+                _dw3x3(acc, eb, 0, wq, wt, c, bias, w)
+                _copy(ys[i], acc, w)
+
+
+@_micro
 def _dw3x3_dots(tot, gb, buf, wq2, ln, zero):
     # tot[t] += the dot of the gradient run gb with tap t's input run, 3x3 with sw == dw == 1: a
     # pure reduction (no stores), so LLVM vectorises it without alias checks
