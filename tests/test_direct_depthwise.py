@@ -22,13 +22,18 @@ CASES = [
     ("1x1", (2, 4, 5, 6), (1, 1), {}),
     ("kernel-eq-input", (1, 2, 5, 5), (5, 5), {}),
     ("long-rows", (1, 2, 90, 150), (3, 3), {"padding": 1}),  # several row blocks per plane
-    # 3x3 'same' planes run as flat runs with their edges rewritten: the smallest such planes, and
-    # planes too thin for it (fewer than 3 rows or columns: the padded kernel)
-    ("3x3-same-3x3-plane", (2, 3, 3, 3), (3, 3), {"padding": 1}),
     ("3x3-same-3-rows", (1, 2, 3, 17), (3, 3), {"padding": "same"}),
     ("3x3-same-3-cols", (3, 2, 13, 3), (3, 3), {"padding": 1}),
-    ("3x3-same-2-rows", (1, 2, 2, 6), (3, 3), {"padding": 1}),
-    ("3x3-same-1-col", (1, 2, 5, 1), (3, 3), {"padding": 1}),
+]
+# 3x3 'same' planes run as flat runs with their edges rewritten (_dw_same3x3): the smallest such
+# planes, and planes too thin for it (fewer than 3 rows or columns: the padded kernel); planes this
+# small take the channel-vectorised kernels unless the plane-wise ones are forced
+TINY_SAME = [
+    ("3x3-plane", (2, 3, 3, 3)),
+    ("3-rows", (1, 2, 3, 5)),
+    ("3-cols", (3, 2, 4, 3)),
+    ("2-rows", (1, 2, 2, 6)),
+    ("1-col", (1, 2, 5, 1)),
 ]
 
 
@@ -47,6 +52,23 @@ def test_depthwise_matches_reference(case, dtype):
             "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw), "grad_bias": ref.conv2d_grad_bias(gy)}
     assert_results(got, want, dtype, scale=np.sqrt(xs[0] * xs[2] * xs[3]))
     assert np.array_equal(x, x0) and np.array_equal(w, w0) and np.array_equal(gy, gy0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", TINY_SAME, ids=[c[0] for c in TINY_SAME])
+def test_plane_kernels_on_the_smallest_same_planes(case, dtype, monkeypatch):
+    from fastconv._algorithms import direct as D
+    monkeypatch.setattr(D, "_CV", False)
+    _, xs = case
+    c = xs[1]
+    kw = dict(padding=1, groups=c)
+    rng = np.random.default_rng(2)
+    x, w, b = random_array(rng, xs, dtype), random_array(rng, (c, 1, 3, 3), dtype), random_array(rng, c, dtype)
+    gy = random_array(rng, xs, dtype)
+    got = run_conv("direct", x, w, b, gy, **kw)
+    want = {"forward": ref.conv2d(x, w, b, **kw), "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw), "grad_bias": ref.conv2d_grad_bias(gy)}
+    assert_results(got, want, dtype, scale=np.sqrt(xs[0] * xs[2] * xs[3]))
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -47,11 +47,15 @@ def test_depthwise_kernels_match_the_reference(shape, stride, padding, dilation,
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
 
 
-def test_strided_depthwise_layers_take_the_channel_vectorised_kernels():
+def test_strided_and_tiny_depthwise_layers_take_the_channel_vectorised_kernels():
     s2 = conv_params("conv2d", (16, 64, 24, 24), (64, 1, 3, 3), np.float32, 2, 1, 1, 64)
     s1 = conv_params("conv2d", (16, 64, 24, 24), (64, 1, 3, 3), np.float32, 1, 1, 1, 64)
     dense = conv_params("conv2d", (16, 64, 24, 24), (64, 64, 3, 3), np.float32, 2, 1, 1, 1)
     assert D._cv_depthwise(s2) and not D._cv_depthwise(s1) and not D._cv_depthwise(dense)
+    # stride 1 on planes of at most 36 outputs (MobileNet's 6x6 and 3x3 layers): channels-innermost
+    tiny = conv_params("conv2d", (16, 256, 6, 6), (256, 1, 3, 3), np.float32, 1, 1, 1, 256)
+    small = conv_params("conv2d", (16, 256, 7, 7), (256, 1, 3, 3), np.float32, 1, 1, 1, 256)
+    assert D._cv_depthwise(tiny) and not D._cv_depthwise(small)
 
 
 @pytest.mark.parametrize("forced", [True], indirect=True, ids=["cv"])

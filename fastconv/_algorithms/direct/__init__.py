@@ -67,13 +67,17 @@ def _depthwise(p):
 # 0.87 / 2.6, 16x256x6x6 1.33 / 3.9 -> 0.68 / 2.0; at stride 1 they lost (16x64x24x24 0.73 ->
 # 2.3 forward).  None lets _cv_depthwise decide (tests force True/False to reach both).
 _CV = None
+# ... except on tiny planes, where the plane-wise kernels' per-plane work dominates: 3x3 'same',
+# forward / forward + backward ms, 2 threads: 16x256x3x3 0.84 / 1.22 -> 0.40 / 0.67, 4x4 0.44 /
+# 0.70 -> 0.28 / 0.49, 6x6 0.51 / 0.85 -> 0.46 / 0.79; even at 7x7, 8x8 1.4x slower
+_CV_MAX_PLANE = 36
 
 
 def _cv_depthwise(p):
-    """Depthwise layers that run channels-innermost: the strided ones."""
+    """Depthwise layers that run channels-innermost: the strided ones, and those of tiny planes."""
     if _CV is not None:
         return _CV and _depthwise(p)
-    return _depthwise(p) and (p.sh != 1 or p.sw != 1)
+    return _depthwise(p) and (p.sh != 1 or p.sw != 1 or p.oh * p.ow <= _CV_MAX_PLANE)
 
 
 def _cv_block(p):
