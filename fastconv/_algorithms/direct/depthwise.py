@@ -74,19 +74,6 @@ def _dw_forward(x, wt, tb, b, y, sw, hp, wq, top, left, sh, dh, rr, rb, nw, ctr,
                     _copy(y[n, c, i], acc[o:o + ow], ow)
 
 
-@_micro
-def _dw_edge(xs, i, j, h, w, wt, c, bias, zero):
-    # output (i, j) of a 3x3 'same' plane, taps outside the plane reading zeros (their products,
-    # 0 * w, are NaN for an infinite weight, as in the padded kernels), in _dw3x3's order
-    s = bias
-    for r in range(3):
-        for q in range(3):
-            ii, jj = i + r - 1, j + q - 1
-            v = xs[ii, jj] if 0 <= ii < h and 0 <= jj < w else zero
-            s += wt[c, 3 * r + q] * v
-    return s
-
-
 @kernel
 def _dw_same3x3(x, wt, b, y, nw, ctr, zero):
     """Depthwise 3x3 forward, stride 1, dilation 1, padding 1 (the output is the input's size):
@@ -111,9 +98,16 @@ def _dw_same3x3(x, wt, b, y, nw, ctr, zero):
             bias = b[c]
             ln = (h - 2) * w - 2  # outputs (1, 1) .. (h-2, w-2) and the wrapped edges between
             _dw3x3(yf[w + 1:w + 1 + ln], xf, 0, w, wt, c, bias, ln)
+            # columns 0 and w-1 of rows 1..h-2: the taps past the edge read zeros (their products,
+            # 0 * w, are NaN for an infinite weight, as in the padded kernels), in _dw3x3's order
+            w0, w1, w2, w3, w4, w5 = wt[c, 0], wt[c, 1], wt[c, 2], wt[c, 3], wt[c, 4], wt[c, 5]
+            w6, w7, w8 = wt[c, 6], wt[c, 7], wt[c, 8]
             for i in range(1, h - 1):
-                ys[i, 0] = _dw_edge(xs, i, 0, h, w, wt, c, bias, zero)
-                ys[i, w - 1] = _dw_edge(xs, i, w - 1, h, w, wt, c, bias, zero)
+                a, m, d = xs[i - 1], xs[i], xs[i + 1]
+                ys[i, 0] = (bias + w0 * zero + w1 * a[0] + w2 * a[1] + w3 * zero + w4 * m[0] + w5 * m[1]
+                            + w6 * zero + w7 * d[0] + w8 * d[1])
+                ys[i, w - 1] = (bias + w0 * a[w - 2] + w1 * a[w - 1] + w2 * zero + w3 * m[w - 2] + w4 * m[w - 1]
+                                + w5 * zero + w6 * d[w - 2] + w7 * d[w - 1] + w8 * zero)
             for i in (0, h - 1):
                 for r in range(3):  # padded rows i-1..i+1 into the scratch
                     ii = i + r - 1
