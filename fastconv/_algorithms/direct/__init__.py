@@ -321,9 +321,11 @@ def grad_weight(gy, x, p):
         _, tb = _taps(1, p.r, p.s, p.dh, p.dw, p.sw, p.hp, wq)
         gw = np.empty((p.k, p.r * p.s), dtype=p.dtype)
         if p.k:
+            fast = p.r == 3 and p.s == 3 and p.sh == 1 and p.sw == 1 and p.dw == 1
+            same = (fast and p.dh == 1 and (p.ph0, p.pw0, p.oh, p.ow) == (1, 1, p.h, p.w)
+                    and min(p.h, p.w) >= 3)
             _dw_grad_weight(np.ascontiguousarray(gy), np.ascontiguousarray(x), tb, gw, p.sw, p.hp, wq,
-                            p.ph0, p.pw0, p.sh, p.dh, p.r == 3 and p.s == 3 and p.sh == 1 and p.sw == 1 and p.dw == 1,
-                            p.dtype.type(0))
+                            p.ph0, p.pw0, p.sh, p.dh, fast, same, p.dtype.type(0))
         return gw.reshape(p.w_shape)
     hp, wq = p.hp, -(-p.wp // p.sw)
     tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)

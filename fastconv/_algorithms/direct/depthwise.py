@@ -150,13 +150,84 @@ def _dw3x3_dots(tot, gb, buf, wq2, ln, zero):
     tot[8] += s8
 
 
+@_micro
+def _dw_same_dots(tot, xs, gs, gl, gr, zero):
+    # tot[3r + q] += sum over the plane of g(i, j) * x(i + r - 1, j + q - 1), 3x3 'same', finite
+    # planes: rows 1..h-2 as one flat run of nine dots straight from the planes; the run's wrapped
+    # taps (q = 0 at column 0, q = 2 at column w-1) meet zeros in gl / gr (copies of g with that
+    # column zeroed), rows 0 and h-1 and the run's two end positions separately
+    h, w = xs.shape
+    xf, gf = xs.reshape(h * w), gs.reshape(h * w)
+    _copy(gl, gf, h * w)
+    _copy(gr, gf, h * w)
+    for i in range(h):
+        gl[i * w] = zero
+        gr[i * w + w - 1] = zero
+    base = w + 1
+    ln = (h - 2) * w - 2
+    ga, gb, gc = gl[base:base + ln], gf[base:base + ln], gr[base:base + ln]
+    # nine slices, each read at j: read as x[j], x[j + 1], x[j + 2] of one slice, LLVM built the
+    # shifted vectors by shuffles with spills (1.7 us a 56x56 plane against 1.1 here)
+    x0, x1, x2 = xf[0:ln], xf[1:1 + ln], xf[2:2 + ln]
+    x3, x4, x5 = xf[w:w + ln], xf[w + 1:w + 1 + ln], xf[w + 2:w + 2 + ln]
+    x6, x7, x8 = xf[2 * w:2 * w + ln], xf[2 * w + 1:2 * w + 1 + ln], xf[2 * w + 2:2 * w + 2 + ln]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = zero
+    for j in range(ln):
+        a, b, d = ga[j], gb[j], gc[j]
+        s0 += a * x0[j]
+        s1 += b * x1[j]
+        s2 += d * x2[j]
+        s3 += a * x3[j]
+        s4 += b * x4[j]
+        s5 += d * x5[j]
+        s6 += a * x6[j]
+        s7 += b * x7[j]
+        s8 += d * x8[j]
+    tot[0] += s0
+    tot[1] += s1
+    tot[2] += s2
+    tot[3] += s3
+    tot[4] += s4
+    tot[5] += s5
+    tot[6] += s6
+    tot[7] += s7
+    tot[8] += s8
+    # the run's ends: (1, 0) without its q = 0 taps, (h-2, w-1) without its q = 2 taps
+    k0, k1 = w, (h - 1) * w - 1
+    for r in range(3):
+        tot[3 * r + 1] += gf[k0] * xf[k0 + (r - 1) * w]
+        tot[3 * r + 2] += gr[k0] * xf[k0 + (r - 1) * w + 1]
+        tot[3 * r] += gl[k1] * xf[k1 + (r - 1) * w - 1]
+        tot[3 * r + 1] += gf[k1] * xf[k1 + (r - 1) * w]
+    # rows 0 and h-1, with the kernel rows that stay inside the plane
+    for gi in (0, h - 1):
+        g = gs[gi]
+        for r in range(3):
+            xi = gi + r - 1
+            if xi < 0 or xi >= h:
+                continue
+            xr = xs[xi]
+            t0 = t1 = t2 = zero
+            for j in range(1, w):
+                t0 += g[j] * xr[j - 1]
+            for j in range(w):
+                t1 += g[j] * xr[j]
+            for j in range(w - 1):
+                t2 += g[j] * xr[j + 1]
+            tot[3 * r] += t0
+            tot[3 * r + 1] += t1
+            tot[3 * r + 2] += t2
+
+
 @kernel
-def _dw_grad_weight(gy, x, tb, gw, sw, hp, wq, top, left, sh, dh, fast, zero):
+def _dw_grad_weight(gy, x, tb, gw, sw, hp, wq, top, left, sh, dh, fast, same, zero):
     """Depthwise grad_weight: one work item per channel; each of its planes is padded into a
     private buffer.  ``fast`` (3x3, stride 1, dw == 1) and a finite plane: the gradient plane is
     copied with the input's row pitch (zeros between rows) and each tap is one dot over the whole
     plane.  Otherwise (a garbage column times a zero gradient is NaN where the input holds Inf)
-    every output row adds ``g * input`` of all taps into per-column partial sums.  Sums run over
+    every output row adds ``g * input`` of all taps into per-column partial sums.  ``same`` (3x3
+    'same', stride 1, planes of 3 rows and columns or more), finite input and gradient planes:
+    nine dots straight from the two planes (:func:`_dw_same_dots`), no padded copy.  Sums run over
     the batch in a fixed order into float64: independent of the thread count."""
     nn, kk_, oh, ow = gy.shape
     tn = tb.shape[0]
@@ -167,7 +238,17 @@ def _dw_grad_weight(gy, x, tb, gw, sw, hp, wq, top, left, sh, dh, fast, zero):
         gb = np.zeros(ln, dtype=gy.dtype) if fast else np.zeros(0, dtype=gy.dtype)
         pa = np.empty((tn, ow), dtype=gy.dtype)
         tot = np.zeros(tn, dtype=np.float64)
+        hw = x.shape[2] * x.shape[3] if same else 0
+        gl, gr = np.empty(hw, dtype=gy.dtype), np.empty(hw, dtype=gy.dtype)
         for n in range(nn):
+            if same:
+                xf, gf = x[n, c].reshape(hw), gy[n, c].reshape(hw)
+                nf = zero
+                for j in range(hw):
+                    nf += xf[j] * 0 + gf[j] * 0
+                if nf == 0:
+                    _dw_same_dots(tot, x[n, c], gy[n, c], gl, gr, zero)
+                    continue
             _fill_plane(x[n, c], buf, sw, hp, wq, top, left, 0, hp)
             if fast:
                 nf = zero
