@@ -52,10 +52,12 @@ def test_strided_and_tiny_depthwise_layers_take_the_channel_vectorised_kernels()
     s1 = conv_params("conv2d", (16, 64, 24, 24), (64, 1, 3, 3), np.float32, 1, 1, 1, 64)
     dense = conv_params("conv2d", (16, 64, 24, 24), (64, 64, 3, 3), np.float32, 2, 1, 1, 1)
     assert D._cv_depthwise(s2) and not D._cv_depthwise(s1) and not D._cv_depthwise(dense)
-    # stride 1 on planes of at most 36 outputs (MobileNet's 6x6 and 3x3 layers): channels-innermost
+    # stride 1 on planes of at most 36 outputs (MobileNet's 6x6 and 3x3 layers) with 16 channels or more
     tiny = conv_params("conv2d", (16, 256, 6, 6), (256, 1, 3, 3), np.float32, 1, 1, 1, 256)
     small = conv_params("conv2d", (16, 256, 7, 7), (256, 1, 3, 3), np.float32, 1, 1, 1, 256)
     assert D._cv_depthwise(tiny) and not D._cv_depthwise(small)
+    one = conv_params("conv2d", (16, 1, 6, 6), (1, 1, 3, 3), np.float32, 1, 1, 1, 1)  # nothing to vectorise
+    assert not D._cv_depthwise(one)
 
 
 @pytest.mark.parametrize("forced", [True], indirect=True, ids=["cv"])

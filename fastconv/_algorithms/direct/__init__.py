@@ -69,15 +69,18 @@ def _depthwise(p):
 _CV = None
 # ... except on tiny planes, where the plane-wise kernels' per-plane work dominates: 3x3 'same',
 # forward / forward + backward ms, 2 threads: 16x256x3x3 0.84 / 1.22 -> 0.40 / 0.67, 4x4 0.44 /
-# 0.70 -> 0.28 / 0.49, 6x6 0.51 / 0.85 -> 0.46 / 0.79; even at 7x7, 8x8 1.4x slower
+# 0.70 -> 0.28 / 0.49, 6x6 0.51 / 0.85 -> 0.46 / 0.79; even at 7x7, 8x8 1.4x slower.  Only with
+# channels to fill the vectors (16): a single-channel convolution (a depthwise one too) of small
+# planes stays on the plane kernels, whose sums a chunked (Dask) run of its blocks repeats exactly
 _CV_MAX_PLANE = 36
+_CV_MIN_CHANNELS = 16
 
 
 def _cv_depthwise(p):
     """Depthwise layers that run channels-innermost: the strided ones, and those of tiny planes."""
     if _CV is not None:
         return _CV and _depthwise(p)
-    return _depthwise(p) and (p.sh != 1 or p.sw != 1 or p.oh * p.ow <= _CV_MAX_PLANE)
+    return _depthwise(p) and (p.sh != 1 or p.sw != 1 or (p.oh * p.ow <= _CV_MAX_PLANE and p.c >= _CV_MIN_CHANNELS))
 
 
 def _cv_block(p):
