@@ -120,3 +120,19 @@ def test_tiles_false_keeps_whole_samples():
     y = fd.predict(model, da.from_array(x, chunks=(1, 3, 5, 5)), tiles=False)
     assert y.chunks[2:] == ((10,), (10,))
     np.testing.assert_array_equal(y.compute(**SYNC), _array(copy.deepcopy(model)(x)))
+
+
+def test_graph_holds_copies_of_the_weights():
+    """The graph is built from copies of the layers' arrays: a model changed after predict (the next
+    training step) does not change the lazy result, and activations a layer keeps from its last
+    forward are not carried into the graph."""
+    import pickle
+    model = _model("resnet-stem")
+    x = np.random.default_rng(4).standard_normal((2, 3, 30, 30)).astype(np.float32)
+    want = _array(copy.deepcopy(model)(x))
+    model(np.zeros((64, 3, 64, 64), np.float32))  # a forward whose activations the layers may keep
+    y = fd.predict(model, da.from_array(x, chunks=(1, 3, 10, 10)))
+    model.layers[0].weight.data[...] = 0
+    model.layers[1].running_mean[...] = 5
+    np.testing.assert_array_equal(y.compute(**SYNC), want)
+    assert len(pickle.dumps(dict(y.__dask_graph__()))) < 200_000

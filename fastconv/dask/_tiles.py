@@ -8,8 +8,6 @@ channels in 1024^2 chunks).  A tile that runs the whole stack holds only its own
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
@@ -33,11 +31,22 @@ def _layers(fn, model):
 
 
 class _Step:
-    """One layer's geometry on the whole image: ``kind`` 'conv' | 'max' | 'avg' | 'pointwise', and per
-    axis ``(stride, leading padding, window extent, output size)`` for the first three."""
+    """One layer, detached from the model (copies of its arrays, so later changes to the model or
+    activations it keeps from a forward are not in the graph): ``kind`` 'conv' | 'max' | 'avg' |
+    'pointwise', the validated params ``p``, per axis ``(stride, leading padding, window extent,
+    output size)`` for the first three, and ``args``: (weight, bias, algorithm) for 'conv',
+    (ceil_mode, count_include_pad) for the pools, (function, extra arguments) for 'pointwise'."""
 
-    def __init__(self, kind, layer, axes=None, params=None):
-        self.kind, self.layer, self.axes, self.params = kind, layer, axes, params
+    def __init__(self, kind, p=None, axes=None, args=()):
+        self.kind, self.p, self.axes, self.args = kind, p, axes, args
+
+
+def _copy_of(a):
+    return None if a is None else np.array(getattr(a, "data", a), copy=True)
+
+
+def _identity(x):
+    return x
 
 
 def _steps(fn, layers, shape, dtype):
@@ -51,18 +60,28 @@ def _steps(fn, layers, shape, dtype):
             p = V.conv_params(fn, (0,) + shape, layer.weight.shape, dtype, layer.stride, layer.padding,
                               layer.dilation, layer.groups)
             axes = ((p.sh, p.ph0, p.dh * (p.r - 1) + 1, p.oh), (p.sw, p.pw0, p.dw * (p.s - 1) + 1, p.ow))
-            steps.append(_Step("conv", layer, axes, p))
+            steps.append(_Step("conv", p, axes, (_copy_of(layer.weight), _copy_of(layer.bias), layer.algorithm)))
             shape = (p.k, p.oh, p.ow)
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             dil = getattr(layer, "dilation", (1, 1))
             p = V.pool_params(fn, (0,) + shape, layer.kernel_size, layer.stride, layer.padding, dil,
                               layer.ceil_mode)
             axes = ((p.sh, p.ph, p.dh * (p.kh - 1) + 1, p.oh), (p.sw, p.pw, p.dw * (p.kw - 1) + 1, p.ow))
-            steps.append(_Step("max" if isinstance(layer, MaxPool2d) else "avg", layer, axes, p))
+            kind = "max" if isinstance(layer, MaxPool2d) else "avg"
+            steps.append(_Step(kind, p, axes, (layer.ceil_mode, getattr(layer, "count_include_pad", True))))
             shape = (shape[0], p.oh, p.ow)
-        elif isinstance(layer, (ReLU, ReLU6, LeakyReLU)) or (isinstance(layer, Dropout) and not layer.training) \
-                or (isinstance(layer, BatchNorm2d) and not layer.training and layer.track_running_stats):
-            steps.append(_Step("pointwise", layer))
+        elif isinstance(layer, ReLU):
+            steps.append(_Step("pointwise", args=(F.relu, ())))
+        elif isinstance(layer, ReLU6):
+            steps.append(_Step("pointwise", args=(F.relu6, ())))
+        elif isinstance(layer, LeakyReLU):
+            steps.append(_Step("pointwise", args=(F.leaky_relu, (layer.negative_slope,))))
+        elif isinstance(layer, Dropout) and not layer.training:
+            steps.append(_Step("pointwise", args=(_identity, ())))
+        elif isinstance(layer, BatchNorm2d) and not layer.training and layer.track_running_stats:
+            steps.append(_Step("pointwise", args=(F.batch_norm, (
+                _copy_of(layer.running_mean), _copy_of(layer.running_var), _copy_of(layer.weight),
+                _copy_of(layer.bias), False, 0.0, layer.eps))))
         else:
             what = type(layer).__name__
             if isinstance(layer, (BatchNorm2d, Dropout)) and layer.training:
@@ -117,30 +136,29 @@ class _TileRun:
         self.plan_h, self.plan_w = plan_h, plan_w
 
     def __call__(self, parts, steps):
-        from ._training import _infer
         tile = x = _assemble(parts)  # in the thread's scratch buffer: never returned (below)
         for st, (out_h, loc_h), (out_w, loc_w) in zip(steps, self.plan_h, self.plan_w):
-            if st.kind == "pointwise":  # a shallow copy: a layer keeps its last input, tasks share steps
-                x = _infer(copy.copy(st.layer), x)
+            p = st.p
+            if st.kind == "pointwise":
+                f, extra = st.args
+                x = f(x, *extra)
                 continue
-            layer, p = st.layer, st.params
             nh, nw = out_h[1] - out_h[0], out_w[1] - out_w[0]
             if st.kind == "conv":
+                weight, bias, algorithm = st.args
                 if x.shape[2] + sum(loc_h) == 0 or x.shape[3] + sum(loc_w) == 0:
                     x = np.zeros((x.shape[0], p.k, nh, nw), x.dtype)  # no row to read: none to write
                     continue
                 # zeros only where the whole-image call pads (an image edge), else the rows are there
                 xp = np.pad(x, ((0, 0), (0, 0), loc_h, loc_w)) if any(loc_h) or any(loc_w) else x
-                bias = None if layer.bias is None else layer.bias.data
-                x = F.conv2d(xp, layer.weight.data, bias, (p.sh, p.sw), 0, (p.dh, p.dw), p.g,
-                             algorithm=layer.algorithm)
+                x = F.conv2d(xp, weight, bias, (p.sh, p.sw), 0, (p.dh, p.dw), p.g, algorithm=algorithm)
             else:
+                ceil_mode, count_include_pad = st.args
                 (ph, h0), (pw, w0) = loc_h, loc_w
                 if st.kind == "max":
-                    y = F.max_pool2d(x, (p.kh, p.kw), (p.sh, p.sw), (ph, pw), (p.dh, p.dw), layer.ceil_mode)
+                    y = F.max_pool2d(x, (p.kh, p.kw), (p.sh, p.sw), (ph, pw), (p.dh, p.dw), ceil_mode)
                 else:
-                    y = F.avg_pool2d(x, (p.kh, p.kw), (p.sh, p.sw), (ph, pw), layer.ceil_mode,
-                                     layer.count_include_pad)
+                    y = F.avg_pool2d(x, (p.kh, p.kw), (p.sh, p.sw), (ph, pw), ceil_mode, count_include_pad)
                 x = y if (h0, w0, nh, nw) == (0, 0) + y.shape[2:] else y[:, :, h0:h0 + nh, w0:w0 + nw]
         x = np.ascontiguousarray(x)
         return x.copy() if np.may_share_memory(x, tile) else x
