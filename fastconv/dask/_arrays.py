@@ -214,7 +214,10 @@ class _PoolBlock:
         self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
 
     def __call__(self, parts, hlocal, wlocal):
-        x = _assemble(parts)
+        return self.pool(_assemble(parts), hlocal, wlocal)
+
+    def pool(self, x, hlocal, wlocal):
+        """The block's outputs from its assembled input ``x`` (also a layer of a tile's model)."""
         (ph, h0, nh), (pw, w0, nw) = hlocal, wlocal
         if self.kind == "max":
             y = F.max_pool2d(x, self.kernel_size, self.stride, (ph, pw), self.dilation, self.ceil_mode)

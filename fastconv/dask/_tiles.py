@@ -15,7 +15,7 @@ import dask.array as da
 
 from .. import _validation as V
 from .. import functional as F
-from ._arrays import _assemble, _bounds, _meta, _output_blocks, _piece, _pieces, _plan
+from ._arrays import _PoolBlock, _assemble, _bounds, _meta, _output_blocks, _piece, _pieces, _plan
 
 
 def _layers(fn, model):
@@ -35,7 +35,7 @@ class _Step:
     activations it keeps from a forward are not in the graph): ``kind`` 'conv' | 'max' | 'avg' |
     'pointwise', the validated params ``p``, per axis ``(stride, leading padding, window extent,
     output size)`` for the first three, and ``args``: (weight, bias, algorithm) for 'conv',
-    (ceil_mode, count_include_pad) for the pools, (function, extra arguments) for 'pointwise'."""
+    the :class:`_PoolBlock` for the pools, (function, extra arguments) for 'pointwise'."""
 
     def __init__(self, kind, p=None, axes=None, args=()):
         self.kind, self.p, self.axes, self.args = kind, p, axes, args
@@ -68,7 +68,8 @@ def _steps(fn, layers, shape, dtype):
                               layer.ceil_mode)
             axes = ((p.sh, p.ph, p.dh * (p.kh - 1) + 1, p.oh), (p.sw, p.pw, p.dw * (p.kw - 1) + 1, p.ow))
             kind = "max" if isinstance(layer, MaxPool2d) else "avg"
-            steps.append(_Step(kind, p, axes, (layer.ceil_mode, getattr(layer, "count_include_pad", True))))
+            steps.append(_Step(kind, p, axes, _PoolBlock(kind, (p.kh, p.kw), (p.sh, p.sw), (p.dh, p.dw),
+                                                         layer.ceil_mode, getattr(layer, "count_include_pad", True))))
             shape = (shape[0], p.oh, p.ow)
         elif isinstance(layer, ReLU):
             steps.append(_Step("pointwise", args=(F.relu, ())))
@@ -152,14 +153,8 @@ class _TileRun:
                 # zeros only where the whole-image call pads (an image edge), else the rows are there
                 xp = np.pad(x, ((0, 0), (0, 0), loc_h, loc_w)) if any(loc_h) or any(loc_w) else x
                 x = F.conv2d(xp, weight, bias, (p.sh, p.sw), 0, (p.dh, p.dw), p.g, algorithm=algorithm)
-            else:
-                ceil_mode, count_include_pad = st.args
-                (ph, h0), (pw, w0) = loc_h, loc_w
-                if st.kind == "max":
-                    y = F.max_pool2d(x, (p.kh, p.kw), (p.sh, p.sw), (ph, pw), (p.dh, p.dw), ceil_mode)
-                else:
-                    y = F.avg_pool2d(x, (p.kh, p.kw), (p.sh, p.sw), (ph, pw), ceil_mode, count_include_pad)
-                x = y if (h0, w0, nh, nw) == (0, 0) + y.shape[2:] else y[:, :, h0:h0 + nh, w0:w0 + nw]
+            else:  # the pool of a chunked max_pool2d / avg_pool2d block, on the tile's rows
+                x = st.args.pool(x, loc_h + (nh,), loc_w + (nw,))
         x = np.ascontiguousarray(x)
         return x.copy() if np.may_share_memory(x, tile) else x
 

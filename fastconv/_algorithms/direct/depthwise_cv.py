@@ -112,8 +112,8 @@ def dwc_forward(x, wt, bb, y, ph0, pw0, hp, wq, sh, sw, dh, dw, s, cb, nw, ctr):
             it = claim(ctr)
             if it >= items:
                 break
-            c0 = it // n * cb  # channel blocks outer: a worker's next item mostly has the same weights
-            nn = it - it // n * n
+            cbi = it // n  # channel blocks outer: a worker's next item mostly has the same weights
+            c0, nn = cbi * cb, it - cbi * n
             nc = min(cb, c - c0)
             _load_block(x, nn, c0, nc, cb, buf, ph0, pw0, hp, wq, sw)
             if c0 != last:
@@ -149,8 +149,8 @@ def dwc_grad_input(gy, wt, gx, ph0, pw0, hp, wq, sh, sw, dh, dw, s, cb, nw, ctr)
             it = claim(ctr)
             if it >= items:
                 break
-            c0 = it // n * cb  # channel blocks outer, as in dwc_forward
-            nn = it - it // n * n
+            cbi = it // n  # channel blocks outer, as in dwc_forward
+            c0, nn = cbi * cb, it - cbi * n
             nc = min(cb, c - c0)
             acc[:] = 0
             _load_block(gy, nn, c0, nc, cb, g, 0, 0, oh, ow, 1)
