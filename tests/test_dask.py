@@ -174,14 +174,9 @@ def test_assembly_buffer_reused_and_results_independent():
     w = np.ones((1, 2, 3, 3), np.float32)
     da_x = da.from_array(np.concatenate([a, b], axis=2), chunks=(1, 2, 5, 4))
     ys = [fd.conv2d(da_x, w, padding=p, algorithm="direct") for p in (1, 2)]
-    got = dask_compute_sync(*ys)
+    got = da.compute(*ys, **SYNC)
     for y, p in zip(got, (1, 2)):
         same(y, fastconv.conv2d(np.concatenate([a, b], axis=2), w, padding=p, algorithm="direct"))
-
-
-def dask_compute_sync(*arrays):
-    import dask
-    return dask.compute(*arrays, **SYNC)
 
 
 # --------------------------------------------------------------------------- laziness, meta, errors
