@@ -40,6 +40,22 @@ def _array(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _is_cl(t: Tensor) -> bool:
+    """A 4-D tensor in channels_last memory format (and not also NCHW-contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _conv_array(t: Tensor) -> np.ndarray:
+    """:func:`_array` for the convolutions, which compute on channels_last memory natively: a
+    channels_last tensor is handed over as it is (an (N, C, H, W) array with NHWC strides)."""
+    return t.detach().numpy() if _is_cl(t) else _array(t)
+
+
+def _conv_tensor(a: np.ndarray) -> Tensor:
+    """:func:`_tensor` that keeps a channels_last result's strides (a zero-copy tensor)."""
+    return torch.from_numpy(a) if a.ndim == 4 and not a.flags.c_contiguous else _tensor(a)
+
+
 def _tensor(a: np.ndarray) -> Tensor:
     """A tensor sharing ``a``'s memory (fastconv's outputs are fresh, contiguous and writable)."""
     return torch.from_numpy(np.ascontiguousarray(a))
@@ -107,23 +123,28 @@ def _conv_padding(padding, same):
 # The computations, shared by the custom operators (what torch.compile traces) and the eager
 # autograd.Functions below (what an eager step runs: an operator call costs ~30 us of dispatch
 # over the Function's ~7, ~100 us per convolution layer and training step with its backward).
+def _format(x):
+    """The memory format of the convolutions' results for input ``x`` (what the fakes promise)."""
+    return torch.channels_last if _is_cl(x) else torch.contiguous_format
+
+
 def _conv2d_impl(x, weight, bias, stride, padding, dilation, groups, same):
     with _pool_threads():
-        y = _fc.conv2d(_array(x), _array(weight), None if bias is None else _array(bias), tuple(stride),
+        y = _fc.conv2d(_conv_array(x), _array(weight), None if bias is None else _array(bias), tuple(stride),
                        _conv_padding(padding, same), tuple(dilation), groups)
-    return _tensor(y)
+    return _conv_tensor(y)
 
 
 def _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same):
     with _pool_threads():
-        g = _fc.conv2d_backward(_array(grad), _array(x), _array(weight), tuple(stride),
+        g = _fc.conv2d_backward(_conv_array(grad), _conv_array(x), _array(weight), tuple(stride),
                                 _conv_padding(padding, same), tuple(dilation), groups)
-    return _tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
+    return _conv_tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
 
 
 def _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same):
     with _pool_threads():
-        gw, gb = _fc.conv2d_grad_weight(_array(grad), _array(x), _array(weight), tuple(stride),
+        gw, gb = _fc.conv2d_grad_weight(_conv_array(grad), _conv_array(x), _array(weight), tuple(stride),
                                         _conv_padding(padding, same), tuple(dilation), groups)
     return _tensor(gw), _tensor(gb)
 
@@ -138,7 +159,8 @@ def _conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[i
 def _(x, weight, bias, stride, padding, dilation, groups, same):
     oh = _conv_out(x.shape[2], padding[0], dilation[0], weight.shape[2], stride[0], same)
     ow = _conv_out(x.shape[3], padding[1], dilation[1], weight.shape[3], stride[1], same)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=_format(x))
 
 
 @torch.library.custom_op("fastconv::conv2d_backward", mutates_args=(), device_types="cpu")
@@ -150,7 +172,7 @@ def _conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, stride: List[in
 
 @_conv2d_backward_op.register_fake
 def _(grad, x, weight, stride, padding, dilation, groups, same):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+    return torch.empty_like(x, memory_format=_format(x)), \
         torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _validation as V
 from ._algorithms import elementwise as _ew
+from ._algorithms import nhwc as _nhwc
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
 from ._config import reports_memory
@@ -104,7 +105,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     V.check_no_overlap(fn, out, (("input", x), ("weight", weight), ("bias", bias)))
     threads = apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call runs with
     alg = select(fn, algorithm, p, "forward", threads)
-    y = np.zeros(p.y_shape, dtype=p.dtype) if p.n == 0 else alg.forward(x, weight, bias, p)
+    if p.n == 0:
+        y = np.zeros(p.y_shape, dtype=p.dtype)
+    elif _nhwc.is_channels_last(x):  # channels_last in, channels_last out, as PyTorch
+        if _native(p, alg, algorithm, "forward"):
+            y = _nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p)
+        else:
+            y = _nhwc.to_nhwc(alg.forward(_nhwc.to_nchw(x), weight, bias, p))
+        y = _nhwc.channels_last_view(y)
+    else:
+        y = alg.forward(x, weight, bias, p)
     if out is None:
         return V.squeezed(y, squeeze)
     np.copyto(out.reshape(p.y_shape), y)
@@ -161,12 +171,51 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     alg_w = select(fn, algorithm, p, "grad_weight", threads)
     if p.n == 0:
         return Conv2dGrads(np.zeros(p.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
+    if _nhwc.is_channels_last(x):
+        gx, gw, gb = _backward_channels_last(grad_output, x, weight, p, alg_i, alg_w, algorithm)
+        return Conv2dGrads(V.squeezed(gx, squeeze), gw, gb)
+    grad_output = _nhwc.to_nchw(grad_output)  # a channels_last gradient of an NCHW input
     if alg_i is alg_w and alg_i.backward is not None:  # one call shares work between the passes
         gx, gw = alg_i.backward(grad_output, x, weight, p)
     else:
         gx = alg_i.grad_input(grad_output, weight, p)
         gw = alg_w.grad_weight(grad_output, x, p)
     return Conv2dGrads(V.squeezed(gx, squeeze), gw, bias_grad(grad_output))
+
+
+#: The algorithms whose work the channels_last GEMM passes (:mod:`._algorithms.nhwc`) do natively.
+_GEMM_FAMILY = ("gemm", "im2col")
+
+
+def _native(p, alg, algorithm, pass_):
+    """Whether a channels_last call runs this pass on the NHWC kernels (no layout conversion): when
+    they can serve it and the pass's algorithm is the GEMM -- ``algorithm='gemm'``, or ``'auto'``
+    choosing ``gemm`` or ``im2col``.  Other algorithms compute in NCHW, converted both ways."""
+    if algorithm != "gemm" and not (algorithm == "auto" and alg.name in _GEMM_FAMILY):
+        return False
+    return _nhwc.supports(p, pass_) is None
+
+
+def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
+    """conv2d_backward of a channels_last ``x``: grad_input in ``x``'s layout, each pass native or on
+    NCHW copies (made once, when a pass needs them)."""
+    gyh = _nhwc.to_nhwc(gy)
+    nchw = {}
+
+    def as_nchw(name, a):
+        if name not in nchw:
+            nchw[name] = _nhwc.to_nchw(a)
+        return nchw[name]
+
+    if _native(p, alg_i, algorithm, "grad_input"):
+        gxh = _nhwc.grad_input(gyh, w, p)
+    else:
+        gxh = _nhwc.to_nhwc(alg_i.grad_input(as_nchw("gy", gy), w, p))
+    if _native(p, alg_w, algorithm, "grad_weight"):
+        gw = _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p)
+    else:
+        gw = alg_w.grad_weight(as_nchw("gy", gy), as_nchw("x", x), p)
+    return _nhwc.channels_last_view(gxh), gw, _nhwc.bias_grad(gyh)
 
 
 def _unbatched_pair(fn, grad_output, x):
@@ -408,4 +457,10 @@ def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, 
     alg = select(fn, algorithm, p, "grad_weight", threads)
     if p.n == 0:
         return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
+    if _nhwc.is_channels_last(x):
+        gyh = _nhwc.to_nhwc(grad_output)
+        if _native(p, alg, algorithm, "grad_weight"):
+            return _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p), _nhwc.bias_grad(gyh)
+        return alg.grad_weight(_nhwc.to_nchw(grad_output), _nhwc.to_nchw(x), p), _nhwc.bias_grad(gyh)
+    grad_output = _nhwc.to_nchw(grad_output)
     return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)

@@ -50,9 +50,11 @@ def _vector_tools(builder, fty, isz, vbytes):
     return lanes, vty, fma, splat
 
 
-def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None):
+def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None, rowptr=None):
     # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride);
-    # ldb: index of the argument holding B's row stride (default: packed panels, stride NR)
+    # ldb: index of the argument holding B's row stride (default: packed panels, stride NR);
+    # rowptr: (offsets array, tap offset) argument indices: A is not packed, its row i starts at
+    # pa[offsets[aoff + i] + tap offset] and runs along p (channels_last input rows, read in place)
     rows = mr if rows is None else rows
     kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
     pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
@@ -78,6 +80,11 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
             builder.call(pf, [builder.bitcast(builder.gep(row, [ir.Constant(i64, e)]), i8p),
                               ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
+    if rowptr is not None:
+        offs = context.make_array(sig.args[rowptr[0]])(context, builder, args[rowptr[0]])
+        arows = [builder.gep(pa.data, [builder.add(
+            builder.load(builder.gep(offs.data, [builder.add(aoffv, ir.Constant(i64, i))])), args[rowptr[1]])])
+            for i in range(rows)]
     entry = builder.block
     loop = builder.append_basic_block("ukernel.loop")
     done = builder.append_basic_block("ukernel.done")
@@ -93,10 +100,14 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
     bp = builder.gep(b0, [builder.mul(p, ir.Constant(i64, nr) if ldb is None else args[ldb])])
     bs = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
           for v in range(nv)]
-    ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr))])
+    if rowptr is None:
+        ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr))])
+        arow = [builder.gep(ap, [ir.Constant(i64, i)]) for i in range(rows)]
+    else:
+        arow = [builder.gep(r0, [p]) for r0 in arows]
     new = []
     for i in range(rows):
-        av = splat(builder.load(builder.gep(ap, [ir.Constant(i64, i)])))
+        av = splat(builder.load(arow[i]))
         new.append([builder.call(fma, [av, bs[v], acc[i][v]]) for v in range(nv)])
     p1 = builder.add(p, ir.Constant(i64, 1))
     body_end = builder.block
@@ -201,6 +212,40 @@ def ukernel_ldb(typingctx, kc, pa, aoff, pb, boff, ldb, c, coff, ldc, acc, rows)
             switch.add_case(ir.Constant(rowsv.type, r), case)
             builder.position_at_end(case)
             _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, ldb=9)
+            builder.branch(exit_)
+        builder.position_at_end(exit_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ukernel_rowptr(typingctx, kc, a, offs, ioff, toff, pb, boff, c, coff, ldc, acc, rows):
+    """:func:`ukernel` (``rows`` == MR) or :func:`ukernel_rows` (``rows`` < MR) whose A is not
+    packed: row i of the tile reads ``a[offs[ioff + i] + toff + p]``, p < kc.  For a channels_last
+    input, whose output positions' taps are runs of contiguous channels read in place (``offs`` the
+    positions' bases, ``toff`` the tap's offset): ``C[i, j] (+)= sum_p a[...] * pb[boff + p*NR + j]``."""
+    if not _ukernel_types(kc, a, ioff, pb, boff, c, coff, ldc, acc):
+        return None
+    if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1):
+        return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, a, offs, types.intp, types.intp, pb, types.intp, c, types.intp, types.intp,
+                     types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        # the emitter reads (kc, pa, aoff, pb, boff, c, coff, ldc, acc) at fixed positions
+        idx = (0, 1, 3, 5, 6, 7, 8, 9, 10, 2, 4)
+        order = [args[i] for i in idx]
+        osig = types.void(*[sig.args[i] for i in idx])
+        rowsv = args[11]
+        exit_ = builder.append_basic_block("ukernel_rowptr.exit")
+        switch = builder.switch(rowsv, exit_)
+        for r in range(1, mr + 1):
+            case = builder.append_basic_block(f"ukernel_rowptr.{r}")
+            switch.add_case(ir.Constant(rowsv.type, r), case)
+            builder.position_at_end(case)
+            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10))
             builder.branch(exit_)
         builder.position_at_end(exit_)
         return context.get_dummy_value()

@@ -1,0 +1,359 @@
+"""The numba kernels of the channels_last (NHWC) convolution passes (see
+:mod:`fastconv._algorithms.nhwc` for the method and the notation) and the layout conversions.
+
+Every array is flat and C-contiguous: the input ``x[((n*h + iy)*w + ix)*c + ch]``, the output
+``y[pos*k + kk]`` with ``pos = (n*oh + oy)*ow + ox``, the weights transposed per group to
+``wt[g][t, kk]`` with taps ``t = (rr*s + ss)*cg + cc`` (the order in which one output position's
+taps lie in an NHWC input: runs of cg contiguous channels).
+
+(numba does not see an edit to the GEMM helpers inlined from ``_gemm_kernels.py``: clear this
+file's ``__pycache__/*.nbi`` after one, or run ``python -m fastconv doctor --clear-cache``.)
+"""
+from numba import prange
+
+from .._jit import kernel, serial
+from .common import claim
+from .gemm import _macro, _pack_a, _pack_b, _tile_of, gemm_serial, ukernel_rowptr
+
+# one tile of a plane transpose: 32 x 32 float32 (4 KiB) read and written in L1
+_T = 32
+
+
+@kernel
+def transpose_planes(src, dst):
+    """``dst[i, b, a] = src[i, a, b]`` for (n, A, B) ``src`` and (n, B, A) ``dst``, tile by tile."""
+    n, na, nb = src.shape
+    ta = (na + _T - 1) // _T
+    for it in prange(n * ta):
+        i = it // ta
+        a0 = (it % ta) * _T
+        a1 = min(na, a0 + _T)
+        for b0 in range(0, nb, _T):
+            b1 = min(nb, b0 + _T)
+            for b in range(b0, b1):
+                for a in range(a0, a1):
+                    dst[i, b, a] = src[i, a, b]
+
+
+@serial
+def _gather_a(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, i0, mb, p0, kb, pa, mr):
+    # the GEMM's packed A (pa[ib*kb + p*mr + ii] = A[i0 + ib + ii, p0 + p], rows past mb zero),
+    # gathered straight from the NHWC input: A[pos, t] is tap t of output position pos, a run of
+    # up to cg contiguous channels per (rr, ss), zero where the tap falls in the padding
+    plane = oh * ow
+    for ib in range(0, mb, mr):
+        for ii in range(mr):
+            d0 = ib * kb + ii
+            if ib + ii >= mb:
+                for p in range(kb):
+                    pa[d0 + p * mr] = 0
+                continue
+            pos = i0 + ib + ii
+            img = pos // plane
+            rem = pos - img * plane
+            oy = rem // ow
+            iy0 = oy * sh - ph
+            ix0 = (rem - oy * ow) * sw - pw
+            t = p0 // cg
+            cc = p0 - t * cg
+            p = 0
+            while p < kb:
+                rr = t // s
+                iy = iy0 + rr * dh
+                ix = ix0 + (t - rr * s) * dw
+                run = min(cg - cc, kb - p)
+                d = d0 + p * mr
+                if 0 <= iy < h and 0 <= ix < w:
+                    src = ((img * h + iy) * w + ix) * cin + c0 + cc
+                    for q in range(run):
+                        pa[d + q * mr] = x[src + q]
+                else:
+                    for q in range(run):
+                        pa[d + q * mr] = 0
+                p += run
+                cc = 0
+                t += 1
+
+
+@serial
+def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j0, nb, pb, pboff, nr):
+    # the GEMM's packed B (pb[pboff + jb*kb + p*nr + jj] = B[p0 + p, j0 + jb + jj], columns past nb
+    # zero) with B = the column matrix of grad_weight: row p is output position p0 + p, column j a
+    # tap; each row is gathered as runs of contiguous channels, written panel by panel
+    plane = oh * ow
+    for p in range(kb):
+        pos = p0 + p
+        img = pos // plane
+        rem = pos - img * plane
+        oy = rem // ow
+        iy0 = oy * sh - ph
+        ix0 = (rem - oy * ow) * sw - pw
+        base = img * h * w * cin + c0
+        for jb in range(0, nb, nr):
+            nn = min(nr, nb - jb)
+            d = pboff + jb * kb + p * nr
+            j = j0 + jb
+            t = j // cg
+            cc = j - t * cg
+            jj = 0
+            while jj < nn:
+                rr = t // s
+                iy = iy0 + rr * dh
+                ix = ix0 + (t - rr * s) * dw
+                run = min(cg - cc, nn - jj)
+                if 0 <= iy < h and 0 <= ix < w:
+                    src = base + (iy * w + ix) * cin + cc
+                    for q in range(run):
+                        pb[d + jj + q] = x[src + q]
+                else:
+                    for q in range(run):
+                        pb[d + jj + q] = 0
+                jj += run
+                cc = 0
+                t += 1
+            for q in range(nn, nr):
+                pb[d + q] = 0
+
+
+@kernel
+def forward(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, s, g, cg, kg, wt, bias, has_bias, y, m,
+            wbuf, blk, bm, ctr):
+    """``y[pos, g*kg + j] = bias + sum_t A_g[pos, t] * wt[g][t, j]`` for the ``m`` output positions.
+
+    Items (block of bm positions, group) write disjoint rows x columns of y; per item and cache
+    block of taps the weights' panel is packed and the positions' taps are gathered into the packed
+    A block, then the macro-kernel runs (tap blocks in one order: bits independent of the cut)."""
+    kc, mc, nc = blk[0], blk[1], blk[2]
+    mr, nr = _tile_of(y)
+    tn = wt.size // (g * kg)
+    kt = g * kg
+    pboff = mc * kc
+    tmpoff = mc * kc + kc * nc
+    nblk = (m + bm - 1) // bm
+    items = nblk * g
+    nw = wbuf.shape[0]
+    for wid in prange(nw):
+        ws = wbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            gi = it % g
+            i0 = (it // g) * bm
+            mb = min(bm, m - i0)
+            for jc in range(0, kg, nc):
+                nb = min(nc, kg - jc)
+                for pc in range(0, tn, kc):
+                    kb = min(kc, tn - pc)
+                    _pack_b(wt, gi * tn * kg, kg, 1, pc, kb, jc, nb, ws, pboff, nr)
+                    _gather_a(x, h, w, cin, gi * cg, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, i0, mb, pc, kb,
+                              ws, mr)
+                    _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, y, i0 * kt + gi * kg + jc, kt,
+                           1 if pc > 0 else 0)
+            if has_bias:
+                for i in range(mb):
+                    o = (i0 + i) * kt + gi * kg
+                    for j in range(kg):
+                        y[o + j] += bias[gi * kg + j]
+
+
+@kernel
+def grad_weight(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, s, g, cg, kg, m, gw, wbuf, blk, bm, bn,
+                ctr):
+    """``gw[g][j, t] = sum_pos gy[pos, g*kg + j] * A_g[pos, t]`` (gw (g, kg, tn), taps last).
+
+    Items (group, block of bm output channels, block of bn taps) own disjoint blocks of gw and sum
+    over all m positions in one order; per cache block of positions the taps are gathered into the
+    packed B panel and gy's block is packed as A."""
+    kc, mc, nc = blk[0], blk[1], blk[2]
+    mr, nr = _tile_of(gw)
+    tn = gw.size // (g * kg)
+    kt = g * kg
+    pboff = mc * kc
+    tmpoff = mc * kc + kc * nc
+    ni = (kg + bm - 1) // bm
+    nj = (tn + bn - 1) // bn
+    items = g * ni * nj
+    nw = wbuf.shape[0]
+    for wid in prange(nw):
+        ws = wbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            gi = it // (ni * nj)
+            rest = it - gi * ni * nj
+            i0 = (rest // nj) * bm
+            j0 = (rest % nj) * bn
+            mi = min(bm, kg - i0)
+            nj_ = min(bn, tn - j0)
+            for jc in range(j0, j0 + nj_, nc):
+                nb = min(nc, j0 + nj_ - jc)
+                for pc in range(0, m, kc):
+                    kb = min(kc, m - pc)
+                    _gather_b(x, h, w, cin, gi * cg, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, pc, kb, jc, nb,
+                              ws, pboff, nr)
+                    for ic in range(i0, i0 + mi, mc):
+                        mb = min(mc, i0 + mi - ic)
+                        # A = gy's columns transposed: A[i, p] = gy[(pc + p)*kt + gi*kg + ic + i]
+                        _pack_a(gy, gi * kg, 1, kt, ic, mb, pc, kb, ws, 0, mr)
+                        _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, gw, (gi * kg + ic) * tn + jc, tn,
+                               1 if pc > 0 else 0)
+
+
+@kernel
+def grad_input_col2im(gy, wg, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, n, gx, wbuf,
+                      tbuf, blk, bm, ctr):
+    """``gx = col2im(gy . w)`` per (image, group): a block of bm positions' column rows
+    ``col[pos, t] = sum_j gy[pos, g*kg + j] * wg[g][j, t]`` into the worker's tile, then added tap run
+    by tap run into the input positions it came from.  Items own whole (image, group) slices of gx
+    (zeroed here), so the scatter's sums never race and run in one order."""
+    tn = r * s * cg
+    kt = g * kg
+    plane = oh * ow
+    items = n * g
+    nw = wbuf.shape[0]
+    for wid in prange(nw):
+        ws = wbuf[wid]
+        tile = tbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            img = it // g
+            gi = it - img * g
+            c0 = gi * cg
+            for iy in range(h):
+                for ix in range(w):
+                    o = ((img * h + iy) * w + ix) * cin + c0
+                    for cc in range(cg):
+                        gx[o + cc] = 0
+            for q0 in range(0, plane, bm):
+                mb = min(bm, plane - q0)
+                gemm_serial(mb, tn, kg, gy, (img * plane + q0) * kt + gi * kg, kt, 1, wg, gi * kg * tn, tn, 1,
+                            0, tile, 0, tn, ws, blk)
+                for i in range(mb):
+                    q = q0 + i
+                    oy = q // ow
+                    iy0 = oy * sh - ph
+                    ix0 = (q - oy * ow) * sw - pw
+                    for rr in range(r):
+                        iy = iy0 + rr * dh
+                        if iy < 0 or iy >= h:
+                            continue
+                        for ss in range(s):
+                            ix = ix0 + ss * dw
+                            if ix < 0 or ix >= w:
+                                continue
+                            o = ((img * h + iy) * w + ix) * cin + c0
+                            src = i * tn + (rr * s + ss) * cg
+                            for cc in range(cg):
+                                gx[o + cc] += tile[src + cc]
+
+
+# ---------------------------------------------------------------------------------------- in place
+@kernel
+def pad_rows(x, n, h, w, c, ph, pw, xp, hp, wp):
+    """``xp`` (n, hp, wp, c) = ``x`` (n, h, w, c) with ph rows above, pw columns left and zeros
+    to fill, row by row (each padded row written once)."""
+    for it in prange(n * hp):
+        img = it // hp
+        iy = it - img * hp - ph
+        d = it * wp * c
+        if iy < 0 or iy >= h:
+            for e in range(wp * c):
+                xp[d + e] = 0
+            continue
+        for e in range(pw * c):
+            xp[d + e] = 0
+        src = (img * h + iy) * w * c
+        d1 = d + pw * c
+        for e in range(w * c):
+            xp[d1 + e] = x[src + e]
+        for e in range((pw + w) * c, wp * c):
+            xp[d + e] = 0
+
+
+@kernel
+def pack_weights(w, g, kg, cg, r, s, pb, nr):
+    """The weights (k, cg, r, s) as NR-column panels over taps t = (rr*s + ss)*cg + cc:
+    ``pb[((gi*npan + jp)*tn + t)*nr + jj] = w[gi*kg + jp*nr + jj, cc, rr, ss]``, zero past kg."""
+    tn = r * s * cg
+    npan = (kg + nr - 1) // nr
+    for it in prange(g * npan):
+        gi = it // npan
+        jp = it - gi * npan
+        d0 = it * tn * nr
+        for jj in range(nr):
+            j = jp * nr + jj
+            if j >= kg:
+                for t in range(tn):
+                    pb[d0 + t * nr + jj] = 0
+                continue
+            src = (gi * kg + j) * tn
+            for cc in range(cg):
+                for rs in range(r * s):
+                    pb[d0 + (rs * cg + cc) * nr + jj] = w[src + cc * r * s + rs]
+
+
+@kernel
+def forward_rows(xp, hp, wp, cin, oh, ow, sh, sw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
+                 wbuf, offbuf, blk, bm, ctr):
+    """:func:`forward` reading A in place: the (padded) NHWC input ``xp`` holds every tap of every
+    output position, so a tile's rows are the positions' channel runs at ``offs[i] + tap offset``
+    (``ukernel_rowptr``) and nothing is gathered.  Weights come packed (:func:`pack_weights`).
+    Items (block of bm positions, group); per tap and cache block of channels the B micro-panel
+    stays in L1 across the item's tiles, the item's C block (bm x kg) in L2."""
+    kc = blk[0]
+    mr, nr = _tile_of(y)
+    tn = r * s * cg
+    kt = g * kg
+    npan = (kg + nr - 1) // nr
+    plane = oh * ow
+    nblk = (m + bm - 1) // bm
+    items = nblk * g
+    nw = wbuf.shape[0]
+    for wid in prange(nw):
+        tmp = wbuf[wid]
+        offs = offbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            gi = it % g
+            i0 = (it // g) * bm
+            mb = min(bm, m - i0)
+            for i in range(mb):
+                pos = i0 + i
+                img = pos // plane
+                rem = pos - img * plane
+                oy = rem // ow
+                offs[i] = ((img * hp + oy * sh) * wp + (rem - oy * ow) * sw) * cin + gi * cg
+            for t in range(r * s):
+                rr = t // s
+                tb = (rr * dh * wp + (t - rr * s) * dw) * cin
+                for cc0 in range(0, cg, kc):
+                    kb = min(kc, cg - cc0)
+                    acc = 0 if t == 0 and cc0 == 0 else 1
+                    for jp in range(npan):
+                        j0 = jp * nr
+                        nn = min(nr, kg - j0)
+                        boff = ((gi * npan + jp) * tn + t * cg + cc0) * nr
+                        for i in range(0, mb, mr):
+                            rows = min(mr, mb - i)
+                            co = (i0 + i) * kt + gi * kg + j0
+                            if nn == nr:
+                                ukernel_rowptr(kb, xp, offs, i, tb + cc0, pbw, boff, y, co, kt, acc, rows)
+                            else:
+                                ukernel_rowptr(kb, xp, offs, i, tb + cc0, pbw, boff, tmp, 0, nr, 0, rows)
+                                for ii in range(rows):
+                                    for jj in range(nn):
+                                        if acc:
+                                            y[co + ii * kt + jj] += tmp[ii * nr + jj]
+                                        else:
+                                            y[co + ii * kt + jj] = tmp[ii * nr + jj]
+            if has_bias:
+                for i in range(mb):
+                    o = (i0 + i) * kt + gi * kg
+                    for j in range(kg):
+                        y[o + j] += bias[gi * kg + j]

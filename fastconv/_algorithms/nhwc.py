@@ -1,0 +1,281 @@
+"""Convolution on channels_last (NHWC) arrays, natively: the own GEMM with the gather in its packing.
+
+A PyTorch user's channels_last tensor arrives as an array of shape (N, C, H, W) whose memory is
+(N, H, W, C): ``x.transpose(0, 2, 3, 1)`` is then a C-contiguous view, no copy.  In that layout one
+output position's taps are runs of ``cg`` contiguous channels, and the convolution of a group is
+
+* forward: ``y (P x kg) = A (P x tn) . wt (tn x kg)`` with ``A[pos, t]`` = tap ``t = (rr*s + ss)*cg + cc``
+  of output position ``pos`` (P = n*oh*ow positions of the whole batch) -- written straight into the
+  NHWC output.  A 1x1 stride-1 layer's A *is* the input; no column matrix is ever written: the
+  gather fills the GEMM's packed A panels (:func:`._nhwc_kernels._gather_a`);
+* grad_weight: ``gw (kg x tn) = gy.T (kg x P) . A (P x tn)``: A's rows gathered into packed B panels;
+* grad_input: with stride 1 (padding within the kernel's extent, finite weights) the forward pass
+  on ``gy`` with the flipped, channel-swapped kernel; otherwise per (image, group) ``col = gy . w``
+  in tiles and a scatter-add (col2im) into the image's NHWC gradient.
+
+The public ops take this path for channels_last inputs when the algorithm chosen is one of the GEMM
+family (``'auto'``'s pick of ``gemm`` or ``im2col``, or ``algorithm='gemm'``), and hand back the
+result in the input's layout (an (N, K, OH, OW) array with NHWC memory, as PyTorch's channels_last
+outputs).  Other algorithms compute in NCHW: :func:`to_nchw` / :func:`to_nhwc` convert both ways
+with a tiled parallel transpose (one read and one write of the array).
+
+Threads: numba's one pool, workers claim items with disjoint outputs (forward: a block of
+positions x a group; grad_weight: a group x a block of output channels x a block of taps, each
+summing over every position in one order; grad_input: an image x a group).  Results do not depend on
+the thread count.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numba
+import numpy as np
+
+from .. import _cpu
+from . import _nhwc_kernels as K
+from . import gemm as G
+from .common import transposed_weight
+
+
+# ---------------------------------------------------------------------------------------- layouts
+def is_channels_last(a):
+    """True for a 4-D array whose memory is (N, H, W, C) but not also (N, C, H, W) (PyTorch's
+    ``channels_last`` memory format seen through ``tensor.numpy()``)."""
+    return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def to_nhwc(a):
+    """A C-contiguous (N, H, W, C) array of the (N, C, H, W) array ``a`` (a view when ``a`` is
+    channels_last already)."""
+    if is_channels_last(a) or (a.shape[1] == 1 and a.flags.c_contiguous):
+        return a.transpose(0, 2, 3, 1)
+    n, c, h, w = a.shape
+    out = np.empty((n, h, w, c), dtype=a.dtype)
+    if a.size:
+        K.transpose_planes(np.ascontiguousarray(a).reshape(n, c, h * w), out.reshape(n, h * w, c))
+    return out
+
+
+def to_nchw(a):
+    """A C-contiguous (N, C, H, W) array of the (N, C, H, W)-shaped array ``a`` (``a`` itself when it
+    is C-contiguous)."""
+    if a.flags.c_contiguous:
+        return a
+    if not is_channels_last(a):
+        return np.ascontiguousarray(a)
+    n, c, h, w = a.shape
+    out = np.empty((n, c, h, w), dtype=a.dtype)
+    if a.size:
+        K.transpose_planes(a.transpose(0, 2, 3, 1).reshape(n, h * w, c), out.reshape(n, c, h * w))
+    return out
+
+
+def channels_last_view(a_nhwc):
+    """The (N, C, H, W)-shaped view of a C-contiguous (N, H, W, C) array."""
+    return a_nhwc.transpose(0, 3, 1, 2)
+
+
+def bias_grad(gyh):
+    """``grad_bias`` from an NHWC output gradient (n, oh, ow, k): the sum over all but the last axis,
+    accumulated in float64 (as :func:`.common.bias_grad` for NCHW)."""
+    k = gyh.shape[-1]
+    return gyh.reshape(-1, k).sum(axis=0, dtype=np.float64).astype(gyh.dtype)
+
+
+# ---------------------------------------------------------------------------------------- planning
+def _nw(items):
+    return max(1, min(numba.get_num_threads(), items))
+
+
+def _blk(p):
+    return G.blocking(p.dtype)
+
+
+def _forward_plan(p, m):
+    """(positions per item, workers) for ``m`` positions: at least three items per worker where
+    the batch allows, each at most one packed A block (mc rows) and at least 4 micro-rows."""
+    mr, _ = G.tile(p.itemsize)
+    mc = int(_blk(p)[1])
+    want = 3 * numba.get_num_threads()
+    per = -(-m // max(1, -(-want // p.g)))
+    bm = min(mc, max(4 * mr, -(-per // mr) * mr))
+    return bm, _nw(-(-m // bm) * p.g)
+
+
+def _col_rows(p):
+    """Positions per col2im tile: a tile of bm x tn elements in half of L2."""
+    mr, _ = G.tile(p.itemsize)
+    tn = p.r * p.s * p.cg
+    rows = (_cpu.cache_sizes()["l2"] // 2) // max(1, tn * p.itemsize)
+    return max(mr, min(p.oh * p.ow, rows) // mr * mr)
+
+
+def _transposed(p):
+    """grad_input as a forward correlation (stride 1, padding within the dilated extent), or None."""
+    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    if p.sh != 1 or p.sw != 1 or max(p.ph0, p.ph1) > eh or max(p.pw0, p.pw1) > ew:
+        return None
+    return dataclasses.replace(p, c=p.k, h=p.oh, w=p.ow, k=p.c, ph0=eh - p.ph0, ph1=eh - p.ph1,
+                               pw0=ew - p.pw0, pw1=ew - p.pw1, oh=p.h, ow=p.w)
+
+
+def need(p, pass_):
+    """Bytes of scratch a pass takes: the workers' packing buffers (and col2im's tiles)."""
+    nt = numba.get_num_threads()
+    ws = G.workspace_size(p.dtype) * p.itemsize * nt
+    weights = p.k * p.cg * p.r * p.s * p.itemsize
+    q = _transposed(p)
+    if pass_ == "grad_input" and q is None:
+        return ws + nt * _col_rows(p) * p.r * p.s * p.cg * p.itemsize + weights
+    if pass_ == "grad_input":
+        p = q
+    if pass_ != "grad_weight" and p.cg >= ROWS_MIN_CHANNELS:
+        return ws + weights + _rows_bytes(p)
+    return ws + weights
+
+
+def supports(p, pass_):
+    """Every stride, padding, dilation and group count of at least 8 channels per group in and out
+    (narrower groups, depthwise above all, would run the GEMM on partial vectors), in budget."""
+    if p.g > 1 and min(p.cg, p.kg) < 8:
+        return (f"groups of {p.cg} input and {p.kg} output channels: the channels_last GEMM needs at "
+                f"least 8 per group")
+    b = need(p, pass_)
+    if b > p.workspace_limit:
+        return f"needs {b} bytes of workspace (packing buffers), workspace_limit is {p.workspace_limit}"
+    return None
+
+
+def _rows_plan(p, m):
+    """(positions per item, workers) of :func:`_forward_rows`: the item's C block (bm x kg) in half
+    of L2, at least three items per worker where the batch allows."""
+    mr, _ = G.tile(p.itemsize)
+    half = _cpu.cache_sizes()["l2"] // 2
+    bm = max(mr, min(int(_blk(p)[1]), half // (p.kg * p.itemsize)) // mr * mr)
+    want = 3 * numba.get_num_threads()
+    per = -(-m // max(1, -(-want // p.g)))
+    bm = min(bm, max(4 * mr, -(-per // mr) * mr))
+    return bm, _nw(-(-m // bm) * p.g)
+
+
+def _rows_bytes(p):
+    """Scratch of :func:`_forward_rows`: the padded input copy and the packed weights."""
+    _, nr = G.tile(p.itemsize)
+    copy = p.n * p.hp * p.wp * p.c if p.padded else 0
+    return (copy + p.g * -(-p.kg // nr) * nr * p.r * p.s * p.cg) * p.itemsize
+
+
+def _forward_rows(xh, w, b, p):
+    mr, nr = G.tile(p.itemsize)
+    m = p.n * p.oh * p.ow
+    y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
+    xh = np.ascontiguousarray(xh)
+    hp, wp = p.hp, p.wp
+    if p.padded:
+        xp = np.empty(p.n * hp * wp * p.c, dtype=p.dtype)
+        K.pad_rows(xh.reshape(-1), p.n, p.h, p.w, p.c, p.ph0, p.pw0, xp, hp, wp)
+    else:
+        xp = xh.reshape(-1)
+    tn = p.r * p.s * p.cg
+    pbw = np.empty(p.g * -(-p.kg // nr) * tn * nr, dtype=p.dtype)
+    K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr)
+    bm, nw = _rows_plan(p, m)
+    bias = np.zeros(1, p.dtype) if b is None else np.ascontiguousarray(b)
+    with _threads(nw):
+        K.forward_rows(xp, hp, wp, p.c, p.oh, p.ow, p.sh, p.sw, p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw,
+                       bias, b is not None, y.reshape(-1), m, np.empty((nw, mr * nr), p.dtype),
+                       np.empty((nw, bm), np.int64), _blk(p), bm, np.zeros(1, np.int64))
+    return y
+
+
+#: Channels per group from which the forward pass reads tiles' rows in place (runs of at least two
+#: float32 vectors per tap); narrower groups (the stem's 3 channels) gather packed panels instead.
+ROWS_MIN_CHANNELS = 16
+
+
+# ---------------------------------------------------------------------------------------- passes
+def forward(xh, w, b, p):
+    """``y`` (n, oh, ow, k) C-contiguous from the NHWC input ``xh`` (n, h, w, c) (module docstring)."""
+    if p.cg >= ROWS_MIN_CHANNELS and p.n * p.oh * p.ow and p.r * p.s:
+        return _forward_rows(xh, w, b, p)
+    tn = p.r * p.s * p.cg
+    wt = np.ascontiguousarray(
+        w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 3, 4, 2, 1)).reshape(-1)  # (g, tn, kg)
+    m = p.n * p.oh * p.ow
+    y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
+    if m == 0:
+        return y
+    bm, nw = _forward_plan(p, m)
+    blk = _blk(p)
+    wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
+    bias = np.zeros(1, p.dtype) if b is None else np.ascontiguousarray(b)
+    if tn == 0:
+        y[...] = 0 if b is None else bias
+        return y
+    with _threads(nw):
+        K.forward(np.ascontiguousarray(xh).reshape(-1), p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0,
+                  p.dh, p.dw, p.s, p.g, p.cg, p.kg, wt, bias, b is not None, y.reshape(-1), m, wbuf, blk, bm,
+                  np.zeros(1, np.int64))
+    return y
+
+
+def grad_input(gyh, w, p):
+    """``gx`` (n, h, w, c) C-contiguous from the NHWC output gradient ``gyh`` (n, oh, ow, k)."""
+    q = _transposed(p)
+    if q is not None and np.isfinite(w).all():
+        # the correlation multiplies every weight by gy's zero padding: a non-finite weight would
+        # put NaNs where the scatter (and PyTorch) puts none
+        return forward(gyh, transposed_weight(w, p.g), None, q)
+    gx = np.empty((p.n, p.h, p.w, p.c), dtype=p.dtype)
+    tn = p.r * p.s * p.cg
+    wg = np.ascontiguousarray(w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 1, 3, 4, 2)).reshape(-1)
+    bm = _col_rows(p)
+    nw = _nw(p.n * p.g)
+    blk = _blk(p)
+    wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
+    tbuf = np.empty((nw, bm * tn), dtype=p.dtype)
+    with _threads(nw):
+        K.grad_input_col2im(np.ascontiguousarray(gyh).reshape(-1), wg, p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw,
+                            p.ph0, p.pw0, p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, p.n, gx.reshape(-1), wbuf, tbuf,
+                            blk, bm, np.zeros(1, np.int64))
+    return gx
+
+
+def grad_weight(gyh, xh, p):
+    """``gw`` (k, cg, r, s) C-contiguous from NHWC ``gyh`` (n, oh, ow, k) and ``xh`` (n, h, w, c)."""
+    mr, nr = G.tile(p.itemsize)
+    tn = p.r * p.s * p.cg
+    m = p.n * p.oh * p.ow
+    gwt = np.zeros((p.g, p.kg, tn), dtype=p.dtype)
+    if m and tn:
+        blk = _blk(p)
+        mc = int(blk[1])
+        bm = min(mc, -(-p.kg // mr) * mr)
+        ni = -(-p.kg // bm)
+        nj = max(1, min(-(-tn // nr), -(-2 * numba.get_num_threads() // (p.g * ni))))
+        bn = -(-(-(-tn // nj)) // nr) * nr
+        items = p.g * ni * -(-tn // bn)
+        nw = _nw(items)
+        wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
+        with _threads(nw):
+            K.grad_weight(np.ascontiguousarray(gyh).reshape(-1), np.ascontiguousarray(xh).reshape(-1), p.h, p.w,
+                          p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.s, p.g, p.cg, p.kg, m,
+                          gwt.reshape(-1), wbuf, blk, bm, bn, np.zeros(1, np.int64))
+    gw = gwt.reshape(p.g, p.kg, p.r, p.s, p.cg).transpose(0, 1, 4, 2, 3)
+    return np.ascontiguousarray(gw).reshape(p.k, p.cg, p.r, p.s)
+
+
+class _threads:
+    """numba's pool narrowed to ``n`` workers for one kernel call (an item count below the pool's
+    size would otherwise leave idle workers spinning on the counter)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(self.n, self.prev)))
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.prev)
+        return False

@@ -1,0 +1,222 @@
+"""channels_last (NHWC) convolution: the layout helpers, the native GEMM passes of
+fastconv._algorithms.nhwc (in-place rows, gathered panels, transposed and col2im grad_input) against
+the reference, and the public ops' handling of channels_last arrays (result in the input's layout,
+native or converted, inputs untouched), float32 and float64."""
+import numba
+import numpy as np
+import pytest
+
+import fastconv
+import reference as ref
+from conftest import DTYPES, assert_results, random_array
+from fastconv._algorithms import gemm as G
+from fastconv._algorithms import nhwc
+from fastconv._validation import conv_params
+
+MR, NR = G.tile(4)
+ROWS = nhwc.ROWS_MIN_CHANNELS
+
+# (id, x shape, weight shape, keyword arguments)
+CASES = [
+    # >= ROWS channels: tiles read the input's rows in place (padded copy, partial tiles, k % NR)
+    ("rows-3x3-pad", (2, ROWS, 9, 11), (NR + 5, ROWS, 3, 3), {"padding": 1}),
+    ("rows-1x1", (3, 2 * ROWS, 5, 7), (2 * NR, 2 * ROWS, 1, 1), {}),
+    ("rows-stride2-dilated", (2, ROWS + 3, 13, 12), (7, ROWS + 3, 3, 2),
+     {"stride": 2, "padding": (2, 1), "dilation": (2, 1)}),
+    ("rows-groups", (2, 2 * ROWS, 8, 9), (2 * (NR + 3), ROWS, 3, 3), {"groups": 2, "padding": "same"}),
+    ("rows-wide-channels", (1, 300, 4, 5), (MR + 1, 300, 3, 3), {"padding": 1}),  # channels > kc blocks
+    # fewer channels: the gather into packed panels
+    ("gather-odd", (2, 3, 11, 13), (5, 3, 5, 4), {"stride": (2, 1), "padding": (2, 1)}),
+    ("gather-groups-8", (2, 16, 7, 7), (16, 8, 3, 3), {"groups": 2, "padding": 1, "stride": 2}),
+    ("gather-same-even", (1, 5, 6, 7), (3, 5, 2, 4), {"padding": "same", "dilation": 2}),
+    ("kernel-eq-input", (2, 4, 4, 5), (3, 4, 4, 5), {}),
+    ("stride-gt-kernel", (2, 6, 9, 8), (4, 6, 2, 2), {"stride": 3}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _make(case, dtype, seed=0):
+    _, xs, ws, kw = case
+    rng = np.random.default_rng(seed)
+    x, w, b = random_array(rng, xs, dtype), random_array(rng, ws, dtype), random_array(rng, ws[0], dtype)
+    gy = random_array(rng, ref.conv2d(np.zeros(xs), np.zeros(ws), **kw).shape, dtype)
+    return x, w, b, gy, kw
+
+
+def _params(x, w, kw):
+    return conv_params("conv2d", x.shape, w.shape, x.dtype, kw.get("stride", 1), kw.get("padding", 0),
+                       kw.get("dilation", 1), kw.get("groups", 1))
+
+
+def _cl(a):
+    """``a`` (N, C, H, W) as a channels_last array: same shape, NHWC memory."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def _reference(x, w, b, gy, kw):
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
+    return {"forward": ref.conv2d(x64, w64, b.astype(np.float64), **kw),
+            "grad_input": ref.conv2d_grad_input(gy64, x.shape, w64, **kw),
+            "grad_weight": ref.conv2d_grad_weight(gy64, x64, w.shape, **kw)}
+
+
+# --------------------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 6, 11), (3, 70, 1, 40), (2, 1, 4, 4)])
+def test_layout_round_trip(shape, dtype):
+    a = random_array(np.random.default_rng(1), shape, dtype)
+    h = nhwc.to_nhwc(a)
+    assert h.flags.c_contiguous and h.shape == (shape[0], shape[2], shape[3], shape[1])
+    np.testing.assert_array_equal(h, a.transpose(0, 2, 3, 1))
+    cl = nhwc.channels_last_view(h)
+    assert cl.shape == a.shape and np.shares_memory(cl, h)
+    np.testing.assert_array_equal(cl, a)
+    back = nhwc.to_nchw(cl)
+    assert back.flags.c_contiguous
+    np.testing.assert_array_equal(back, a)
+    assert nhwc.to_nchw(a) is a  # already NCHW: no copy
+
+
+def test_is_channels_last():
+    a = np.zeros((2, 3, 4, 5), np.float32)
+    assert not nhwc.is_channels_last(a)
+    assert nhwc.is_channels_last(_cl(a))
+    assert not nhwc.is_channels_last(a[:, :, ::2])  # strided, neither layout
+    assert not nhwc.is_channels_last(np.zeros((2, 1, 4, 5)))  # both layouts at once: NCHW wins
+    assert not nhwc.is_channels_last(np.zeros((3, 4, 5)))
+
+
+# --------------------------------------------------------------------------------------- the passes
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_passes_against_reference(case, dtype):
+    x, w, b, gy, kw = _make(case, dtype)
+    p = _params(x, w, kw)
+    assert nhwc.supports(p, "forward") is None
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    got = {"forward": nhwc.forward(xh, w, b, p).transpose(0, 3, 1, 2),
+           "grad_input": nhwc.grad_input(gyh, w, p).transpose(0, 3, 1, 2),
+           "grad_weight": nhwc.grad_weight(gyh, xh, p)}
+    assert_results(got, _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
+def test_grad_input_paths_agree():
+    # stride 1 runs the transposed forward; a non-finite weight forces the col2im scatter
+    x, w, b, gy, kw = _make(("gi", (2, ROWS, 7, 6), (5, ROWS, 3, 3), {"padding": 1}), np.float64)
+    p = _params(x, w, kw)
+    assert nhwc._transposed(p) is not None
+    gyh = nhwc.to_nhwc(gy)
+    w2 = w.copy()
+    w2[1, 2, 0, 1] = np.inf
+    got = nhwc.grad_input(gyh, w2, p).transpose(0, 3, 1, 2)
+    want = ref.conv2d_grad_input(gy, x.shape, w2, padding=1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_refused_with_reason():
+    p = conv_params("conv2d", (2, 32, 8, 8), (32, 1, 3, 3), np.float32, 1, 1, 1, 32)
+    reason = nhwc.supports(p, "forward")
+    assert reason is not None and "per group" in reason
+
+
+def test_workspace_limit_refused():
+    p = conv_params("conv2d", (2, 32, 8, 8), (32, 32, 3, 3), np.float32, 1, 1, 1, 1, workspace_limit=1024)
+    reason = nhwc.supports(p, "forward")
+    assert reason is not None and "workspace_limit is 1024" in reason
+
+
+def test_thread_counts_give_the_same_bits():
+    x, w, b, gy, kw = _make(("t", (3, ROWS, 9, 10), (NR + 3, ROWS, 3, 3), {"padding": 1, "stride": (1, 2)}),
+                            np.float32)
+    p = _params(x, w, kw)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    prev = numba.get_num_threads()
+    out = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            out.append((nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p), nhwc.grad_weight(gyh, xh, p)))
+    finally:
+        numba.set_num_threads(prev)
+    for one, two in zip(*out):
+        np.testing.assert_array_equal(one, two)
+
+
+# --------------------------------------------------------------------------------------- public ops
+@pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct", "im2col"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=[CASES[0][0], CASES[2][0], CASES[5][0]])
+def test_public_ops_keep_channels_last(case, dtype, algorithm):
+    x, w, b, gy, kw = _make(case, dtype)
+    xc, gyc = _cl(x), _cl(gy)
+    x_before, gy_before = xc.copy(), gyc.copy()
+    y = fastconv.conv2d(xc, w, b, algorithm=algorithm, **kw)
+    g = fastconv.conv2d_backward(gyc, xc, w, algorithm=algorithm, **kw)
+    gw, gb = fastconv.conv2d_grad_weight(gyc, xc, w, algorithm=algorithm, **kw)
+    assert nhwc.is_channels_last(y) and nhwc.is_channels_last(g.grad_input)
+    assert g.grad_weight.flags.c_contiguous
+    want = _reference(x, w, b, gy, kw)
+    assert_results({"forward": y, "grad_input": g.grad_input, "grad_weight": g.grad_weight}, want, dtype,
+                   scale=4.0)
+    np.testing.assert_allclose(gw, g.grad_weight, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    np.testing.assert_allclose(gb, gy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(xc, x_before)
+    np.testing.assert_array_equal(gyc, gy_before)
+    assert nhwc.is_channels_last(xc) and nhwc.is_channels_last(gyc)
+
+
+def test_channels_last_matches_nchw_bitwise_on_converted_paths():
+    # an algorithm without NHWC kernels computes on converted copies: the same bits as from NCHW
+    x, w, b, gy, kw = _make(CASES[5], np.float32)
+    for alg in ("direct", "fft"):
+        np.testing.assert_array_equal(fastconv.conv2d(_cl(x), w, b, algorithm=alg, **kw),
+                                      fastconv.conv2d(x, w, b, algorithm=alg, **kw))
+
+
+def test_mixed_layouts_and_out():
+    x, w, b, gy, kw = _make(CASES[0], np.float64)
+    want = _reference(x, w, b, gy, kw)
+    # channels_last gradient of an NCHW input, and the reverse: each result in x's layout
+    g = fastconv.conv2d_backward(_cl(gy), x, w, **kw)
+    assert g.grad_input.flags.c_contiguous
+    np.testing.assert_allclose(g.grad_input, want["grad_input"], rtol=1e-10, atol=1e-10)
+    g = fastconv.conv2d_backward(gy, _cl(x), w, **kw)
+    assert nhwc.is_channels_last(g.grad_input)
+    np.testing.assert_allclose(g.grad_input, want["grad_input"], rtol=1e-10, atol=1e-10)
+    out = np.empty(want["forward"].shape)
+    assert fastconv.conv2d(_cl(x), w, b, out=out, **kw) is out
+    np.testing.assert_allclose(out, want["forward"], rtol=1e-10, atol=1e-10)
+
+
+def test_unbatched_hwc_input():
+    x, w, b, gy, kw = _make(CASES[1], np.float32)
+    x3 = np.ascontiguousarray(x[0].transpose(1, 2, 0)).transpose(2, 0, 1)  # (C, H, W) in HWC memory
+    y = fastconv.conv2d(x3, w, b, **kw)
+    assert y.shape == want_shape(x[0:1], w)[1:]
+    np.testing.assert_allclose(y, ref.conv2d(x[0:1].astype(np.float64), w.astype(np.float64),
+                                             b.astype(np.float64), **kw)[0], rtol=1e-4, atol=1e-4)
+
+
+def want_shape(x, w):
+    return (x.shape[0], w.shape[0], x.shape[2] - w.shape[2] + 1, x.shape[3] - w.shape[3] + 1)
+
+
+def test_gemm_runs_natively_and_others_convert(monkeypatch):
+    calls = []
+    real = nhwc.forward
+    monkeypatch.setattr(nhwc, "forward", lambda *a: calls.append(1) or real(*a))
+    x, w, b, gy, kw = _make(CASES[0], np.float32)
+    fastconv.conv2d(_cl(x), w, b, algorithm="gemm", **kw)
+    assert calls == [1]
+    fastconv.conv2d(_cl(x), w, b, algorithm="direct", **kw)
+    fastconv.conv2d(x, w, b, algorithm="gemm", **kw)  # NCHW input: the NCHW kernels
+    assert calls == [1]
+    # depthwise: refused by the NHWC kernels, so even algorithm='gemm' computes on a converted copy
+    xd = _cl(random_array(np.random.default_rng(2), (2, 16, 6, 6), np.float32))
+    wd = random_array(np.random.default_rng(3), (16, 1, 3, 3), np.float32)
+    y = fastconv.conv2d(xd, wd, groups=16, padding=1, algorithm="gemm")
+    assert calls == [1] and nhwc.is_channels_last(y)
+    np.testing.assert_allclose(y, ref.conv2d(np.asarray(xd, np.float64), wd.astype(np.float64), groups=16,
+                                             padding=1), rtol=1e-4, atol=1e-4)
