@@ -156,6 +156,10 @@ def contestants(name, configs):
             m = torch.compile(m)
         elif c in ("fastconv", "fastconv+autotune"):
             m, reports[c] = ft.convert(m)
+        elif c == "fastconv+cl":  # the converted model on channels_last tensors (computed natively)
+            m, reports[c] = ft.convert(m)
+            m = m.to(memory_format=torch.channels_last)
+            prep = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
         elif c == "fastconv+bn":
             m, reports[c] = ft.convert(m, batch_norm=True)
         elif c == "fastconv+compile":
@@ -361,7 +365,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7; --quick 3)")
     p.add_argument("--threads", type=int, help="threads for both libraries (default: all)")
     p.add_argument("--compile", action="store_true", help="also torch.compile (PyTorch and the converted model)")
-    p.add_argument("--configs", help="explicit comma-separated configurations (eager, channels_last, compile, "
+    p.add_argument("--configs", help="explicit comma-separated configurations (eager, channels_last, compile, fastconv+cl, "
                                      "fastconv, fastconv+bn, fastconv+autotune, fastconv+compile)")
     p.add_argument("--batch-norm", action="store_true",
                    help="also the model converted with convert(..., batch_norm=True) (BatchNorm2d on fastconv)")

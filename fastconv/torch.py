@@ -31,10 +31,12 @@ computation directly.
 Data exchange
 -------------
 Contiguous (NCHW) tensors are shared with NumPy without a copy (``Tensor.numpy()`` /
-``torch.from_numpy``).  A channels_last or otherwise strided tensor is copied to NCHW first (one
-read and one write of the tensor, the same pass PyTorch's own ``.contiguous()`` makes), and the
-result is copied back to the input's memory format: a channels_last network therefore pays two
-layout copies per layer and direction.  Run converted models in the default NCHW layout.
+``torch.from_numpy``).  The convolutions also take channels_last tensors as they are (fastconv's
+ops accept channels_last arrays and return their results in that layout; the GEMM passes compute on
+it natively, other algorithms on converted copies).  Pooling and other strided tensors are copied to
+NCHW first (one read and one write, PyTorch's ``.contiguous()``) and the result copied back to the
+input's memory format.  Measured (2 threads, AVX2): a converted ResNet-18 / MobileNet / U-Net step
+is 11-48% slower on channels_last tensors than in NCHW -- run converted models in NCHW.
 
 What falls back to PyTorch
 --------------------------

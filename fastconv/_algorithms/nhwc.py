@@ -193,6 +193,16 @@ def _forward_rows(xh, w, b, p):
 ROWS_MIN_CHANNELS = 16
 
 
+def preferred(p, pass_):
+    """Whether 'auto' runs this pass natively rather than on NCHW copies (measured, 2 threads, AVX2:
+    native / converted ms -- resnet50-1x1-256 forward 5.2 / 10.2, grad_input 5.2 / 15.3;
+    resnet50-3x3-s2 12.2 / 16.5 and 17.3 / 18.7; but with 3 or 6 input channels (alexnet-c1,
+    lenet5-c3) the gathered forward 19.2 / 10.1 and 1.2 / 0.4, and grad_weight's gathered panels lose
+    everywhere: 18.1 / 10.7 on resnet50-1x1-256, 27.9 / 11.1 on -3x3-64).  So: forward and
+    grad_input with at least ROWS_MIN_CHANNELS channels per group in and out."""
+    return pass_ != "grad_weight" and min(p.cg, p.kg) >= ROWS_MIN_CHANNELS
+
+
 # ---------------------------------------------------------------------------------------- passes
 def forward(xh, w, b, p):
     """``y`` (n, oh, ow, k) C-contiguous from the NHWC input ``xh`` (n, h, w, c) (module docstring)."""
