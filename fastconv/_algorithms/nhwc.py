@@ -26,8 +26,6 @@ the thread count.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numba
 import numpy as np
 
@@ -35,6 +33,9 @@ from .. import _cpu
 from . import _nhwc_kernels as K
 from . import gemm as G
 from .common import transposed_weight
+# grad_input as a forward correlation (stride 1, padding within the dilated extent), or None: the
+# same geometry whatever the layout
+from .implicit import _transposed
 
 
 # ---------------------------------------------------------------------------------------- layouts
@@ -108,15 +109,6 @@ def _col_rows(p):
     tn = p.r * p.s * p.cg
     rows = (_cpu.cache_sizes()["l2"] // 2) // max(1, tn * p.itemsize)
     return max(mr, min(p.oh * p.ow, rows) // mr * mr)
-
-
-def _transposed(p):
-    """grad_input as a forward correlation (stride 1, padding within the dilated extent), or None."""
-    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
-    if p.sh != 1 or p.sw != 1 or max(p.ph0, p.ph1) > eh or max(p.pw0, p.pw1) > ew:
-        return None
-    return dataclasses.replace(p, c=p.k, h=p.oh, w=p.ow, k=p.c, ph0=eh - p.ph0, ph1=eh - p.ph1,
-                               pw0=ew - p.pw0, pw1=ew - p.pw1, oh=p.h, ow=p.w)
 
 
 def need(p, pass_):
