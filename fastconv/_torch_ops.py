@@ -45,13 +45,14 @@ def _is_cl(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _conv_array(t: Tensor) -> np.ndarray:
-    """:func:`_array` for the convolutions, which compute on channels_last memory natively: a
-    channels_last tensor is handed over as it is (an (N, C, H, W) array with NHWC strides)."""
+def _layout_array(t: Tensor) -> np.ndarray:
+    """:func:`_array` for the convolutions and pools, which take channels_last arrays and return
+    their results in that layout: a channels_last tensor is handed over as it is (an (N, C, H, W)
+    array with NHWC strides)."""
     return t.detach().numpy() if _is_cl(t) else _array(t)
 
 
-def _conv_tensor(a: np.ndarray) -> Tensor:
+def _layout_tensor(a: np.ndarray) -> Tensor:
     """:func:`_tensor` that keeps a channels_last result's strides (a zero-copy tensor)."""
     return torch.from_numpy(a) if a.ndim == 4 and not a.flags.c_contiguous else _tensor(a)
 
@@ -124,27 +125,28 @@ def _conv_padding(padding, same):
 # autograd.Functions below (what an eager step runs: an operator call costs ~30 us of dispatch
 # over the Function's ~7, ~100 us per convolution layer and training step with its backward).
 def _format(x):
-    """The memory format of the convolutions' results for input ``x`` (what the fakes promise)."""
+    """The memory format of the convolutions' and pools' results for input ``x`` (what the fakes
+    promise): channels_last in, channels_last out."""
     return torch.channels_last if _is_cl(x) else torch.contiguous_format
 
 
 def _conv2d_impl(x, weight, bias, stride, padding, dilation, groups, same):
     with _pool_threads():
-        y = _fc.conv2d(_conv_array(x), _array(weight), None if bias is None else _array(bias), tuple(stride),
+        y = _fc.conv2d(_layout_array(x), _array(weight), None if bias is None else _array(bias), tuple(stride),
                        _conv_padding(padding, same), tuple(dilation), groups)
-    return _conv_tensor(y)
+    return _layout_tensor(y)
 
 
 def _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same):
     with _pool_threads():
-        g = _fc.conv2d_backward(_conv_array(grad), _conv_array(x), _array(weight), tuple(stride),
+        g = _fc.conv2d_backward(_layout_array(grad), _layout_array(x), _array(weight), tuple(stride),
                                 _conv_padding(padding, same), tuple(dilation), groups)
-    return _conv_tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
+    return _layout_tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
 
 
 def _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same):
     with _pool_threads():
-        gw, gb = _fc.conv2d_grad_weight(_conv_array(grad), _conv_array(x), _array(weight), tuple(stride),
+        gw, gb = _fc.conv2d_grad_weight(_layout_array(grad), _layout_array(x), _array(weight), tuple(stride),
                                         _conv_padding(padding, same), tuple(dilation), groups)
     return _tensor(gw), _tensor(gb)
 
@@ -275,15 +277,15 @@ def _pool_shape(x, kernel, stride, padding, dilation, ceil_mode):
 
 def _max_pool2d_impl(x, kernel_size, stride, padding, dilation, ceil_mode):
     with _pool_threads():
-        y, idx = _fc.max_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
-                                ceil_mode, return_indices=True)
-    return _tensor(y), _tensor(idx)
+        y, idx = _fc.max_pool2d(_layout_array(x), tuple(kernel_size), tuple(stride), tuple(padding),
+                                tuple(dilation), ceil_mode, return_indices=True)
+    return _layout_tensor(y), _layout_tensor(idx)
 
 
 def _max_pool2d_backward_impl(grad, indices, x):
     with _pool_threads():
-        gx = _fc.max_pool2d_backward(_array(grad), _array(indices), tuple(x.shape))
-    return _tensor(gx)
+        gx = _fc.max_pool2d_backward(_layout_array(grad), _layout_array(indices), tuple(x.shape))
+    return _layout_tensor(gx)
 
 
 @torch.library.custom_op("fastconv::max_pool2d", mutates_args=(), device_types="cpu")
@@ -295,7 +297,8 @@ def _max_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding
 @_max_pool2d_op.register_fake
 def _(x, kernel_size, stride, padding, dilation, ceil_mode):
     shape = _pool_shape(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(x)),
+            torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=_format(x)))
 
 
 @torch.library.custom_op("fastconv::max_pool2d_backward", mutates_args=(), device_types="cpu")
@@ -305,7 +308,7 @@ def _max_pool2d_backward_op(grad: Tensor, indices: Tensor, x: Tensor) -> Tensor:
 
 @_max_pool2d_backward_op.register_fake
 def _(grad, indices, x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=_format(grad))  # the gradient's layout
 
 
 def _max_pool2d_setup(ctx, inputs, output):
@@ -358,16 +361,16 @@ def _pool_args(fn, kernel_size, stride, padding, dilation=1):
 
 def _avg_pool2d_impl(x, kernel_size, stride, padding, ceil_mode, count_include_pad):
     with _pool_threads():
-        y = _fc.avg_pool2d(_array(x), tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode,
+        y = _fc.avg_pool2d(_layout_array(x), tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode,
                            count_include_pad)
-    return _tensor(y)
+    return _layout_tensor(y)
 
 
 def _avg_pool2d_backward_impl(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
     with _pool_threads():
-        gx = _fc.avg_pool2d_backward(_array(grad), tuple(x.shape), tuple(kernel_size), tuple(stride),
+        gx = _fc.avg_pool2d_backward(_layout_array(grad), tuple(x.shape), tuple(kernel_size), tuple(stride),
                                      tuple(padding), ceil_mode, count_include_pad)
-    return _tensor(gx)
+    return _layout_tensor(gx)
 
 
 @torch.library.custom_op("fastconv::avg_pool2d", mutates_args=(), device_types="cpu")
@@ -378,7 +381,8 @@ def _avg_pool2d_op(x: Tensor, kernel_size: List[int], stride: List[int], padding
 
 @_avg_pool2d_op.register_fake
 def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad):
-    return x.new_empty(_pool_shape(x, kernel_size, stride, padding, (1, 1), ceil_mode))
+    return torch.empty(_pool_shape(x, kernel_size, stride, padding, (1, 1), ceil_mode), dtype=x.dtype,
+                       device=x.device, memory_format=_format(x))
 
 
 @torch.library.custom_op("fastconv::avg_pool2d_backward", mutates_args=(), device_types="cpu")
@@ -389,7 +393,7 @@ def _avg_pool2d_backward_op(grad: Tensor, x: Tensor, kernel_size: List[int], str
 
 @_avg_pool2d_backward_op.register_fake
 def _(grad, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=_format(grad))  # the gradient's layout
 
 
 def _avg_pool2d_setup(ctx, inputs, output):

@@ -53,6 +53,10 @@ def _cl(a):
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
 
 
+def _nhwc_memory(a):
+    return a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def _reference(x, w, b, gy, kw):
     x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
     return {"forward": ref.conv2d(x64, w64, b.astype(np.float64), **kw),
@@ -220,3 +224,76 @@ def test_gemm_runs_natively_and_others_convert(monkeypatch):
     assert calls == [1] and nhwc.is_channels_last(y)
     np.testing.assert_allclose(y, ref.conv2d(np.asarray(xd, np.float64), wd.astype(np.float64), groups=16,
                                              padding=1), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------- depthwise
+DW_CASES = [
+    # 3x3: the nine-term interior columns and the tap-by-tap borders
+    ("dw-3x3-same", (2, 8, 7, 9), (8, 1, 3, 3), {"padding": 1}),
+    ("dw-3x3-s2", (2, 16, 11, 10), (16, 1, 3, 3), {"stride": 2, "padding": 1}),
+    ("dw-3x3-dilated", (1, 24, 9, 8), (24, 1, 3, 3), {"padding": "same", "dilation": 2}),
+    ("dw-3x3-valid-s3", (2, 8, 5, 5), (8, 1, 3, 3), {"stride": 3}),
+    ("dw-5x3-asym", (1, 9, 6, 7), (9, 1, 5, 3), {"stride": (2, 1), "padding": (2, 1), "dilation": (1, 2)}),
+    ("dw-2x2", (2, 8, 4, 4), (8, 1, 2, 2), {}),
+    ("dw-tiny-plane", (3, 32, 2, 3), (32, 1, 3, 3), {"padding": 1}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DW_CASES, ids=[c[0] for c in DW_CASES])
+def test_depthwise_passes_against_reference(case, dtype):
+    _, xs, ws, kw = case
+    kw = dict(kw, groups=xs[1])
+    x, w, b, gy, _ = _make((case[0], xs, ws, kw), dtype)
+    p = _params(x, w, kw)
+    assert nhwc.depthwise_serves(p, w)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    got = {"forward": nhwc.dw_forward(xh, w, b, p).transpose(0, 3, 1, 2),
+           "grad_input": nhwc.dw_grad_input(gyh, w, p).transpose(0, 3, 1, 2),
+           "grad_weight": nhwc.dw_grad_weight(gyh, xh, p)}
+    assert_results(got, _reference(x, w, b, gy, kw), dtype, scale=4.0)
+    # the public ops take these loops for channels_last input ('auto' chooses direct for depthwise)
+    for alg in ("auto", "direct"):
+        y = fastconv.conv2d(_cl(x), w, b, algorithm=alg, **kw)
+        g = fastconv.conv2d_backward(_cl(gy), _cl(x), w, algorithm=alg, **kw)
+        assert _nhwc_memory(y) and _nhwc_memory(g.grad_input)  # (a 1x1 output is both layouts)
+        np.testing.assert_array_equal(y, got["forward"])
+        np.testing.assert_array_equal(g.grad_input, got["grad_input"])
+        np.testing.assert_array_equal(g.grad_weight, got["grad_weight"])
+
+
+def test_depthwise_serves_only_finite_wide_depthwise():
+    p = conv_params("conv2d", (2, 16, 6, 6), (16, 1, 3, 3), np.float32, 1, 1, 1, 16)
+    w = np.ones((16, 1, 3, 3), np.float32)
+    assert nhwc.depthwise_serves(p, w)
+    w[3, 0, 1, 1] = np.inf
+    assert not nhwc.depthwise_serves(p, w)
+    narrow = conv_params("conv2d", (2, 4, 6, 6), (4, 1, 3, 3), np.float32, 1, 1, 1, 4)
+    assert not nhwc.depthwise_serves(narrow, np.ones((4, 1, 3, 3), np.float32))
+    multiplier = conv_params("conv2d", (2, 16, 6, 6), (32, 1, 3, 3), np.float32, 1, 1, 1, 16)
+    assert not nhwc.depthwise_serves(multiplier, np.ones((32, 1, 3, 3), np.float32))
+
+
+def test_depthwise_non_finite_weight_keeps_nchw_nan_pattern():
+    # an infinite weight times the padding's zeros is NaN in the NCHW kernels (and the reference):
+    # such calls run there, on converted copies, and give the same bits as from NCHW
+    x, w, b, gy, kw = _make(("nan", (2, 16, 6, 7), (16, 1, 3, 3), {"padding": 1, "groups": 16}), np.float32)
+    w[2, 0, 0, 0] = np.inf
+    y = fastconv.conv2d(_cl(x), w, b, **kw)
+    np.testing.assert_array_equal(y, fastconv.conv2d(x, w, b, **kw))
+    assert np.isnan(y[:, 2]).any()
+
+
+def test_depthwise_grad_weight_thread_invariant():
+    x, w, b, gy, kw = _make(("t", (5, 16, 9, 8), (16, 1, 3, 3), {"padding": 1, "groups": 16}), np.float32)
+    p = _params(x, w, kw)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    prev = numba.get_num_threads()
+    out = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            out.append(nhwc.dw_grad_weight(gyh, xh, p))
+    finally:
+        numba.set_num_threads(prev)
+    np.testing.assert_array_equal(out[0], out[1])

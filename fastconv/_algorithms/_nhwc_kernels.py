@@ -9,11 +9,14 @@ taps lie in an NHWC input: runs of cg contiguous channels).
 (numba does not see an edit to the GEMM helpers inlined from ``_gemm_kernels.py``: clear this
 file's ``__pycache__/*.nbi`` after one, or run ``python -m fastconv doctor --clear-cache``.)
 """
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from .._jit import kernel, serial
+from ._gemm_kernels import VBYTES, _vector_tools
 from .common import claim
-from .gemm import _macro, _pack_a, _pack_b, _tile_of, gemm_serial, ukernel_rowptr
+from .gemm import _copy_nr, _macro, _pack_a, _pack_b, _tile_of, gemm_serial, ukernel_rowptr
 
 # one tile of a plane transpose: 32 x 32 float32 (4 KiB) read and written in L1
 _T = 32
@@ -96,6 +99,16 @@ def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j
             t = j // cg
             cc = j - t * cg
             jj = 0
+            if nn == nr and cc + nr <= cg:  # the whole panel row is one channel run: vectors
+                rr = t // s
+                iy = iy0 + rr * dh
+                ix = ix0 + (t - rr * s) * dw
+                if 0 <= iy < h and 0 <= ix < w:
+                    _copy_nr(pb, d, x, base + (iy * w + ix) * cin + cc)
+                else:
+                    for q in range(nr):
+                        pb[d + q] = 0
+                continue
             while jj < nn:
                 rr = t // s
                 iy = iy0 + rr * dh
@@ -357,3 +370,196 @@ def forward_rows(xp, hp, wp, cin, oh, ow, sh, sw, dh, dw, r, s, g, cg, kg, pbw, 
                     o = (i0 + i) * kt + gi * kg
                     for j in range(kg):
                         y[o + j] += bias[gi * kg + j]
+
+
+# ---------------------------------------------------------------------------------------- depthwise
+# One filter per channel (groups == channels == out channels): the channels of one position are
+# contiguous, so every tap of an output row is one multiply-add over a row of positions x channels,
+# vectorised along the channels.  Arrays are 2-D (positions, channels) and the channel loop indexes
+# the last axis with its own counter: with flat indices (row offset + channel) numba's wraparound
+# check stayed in the loop and it ran scalar, 30x slower.  Taps in the padding are skipped (the
+# caller sends non-finite weights, whose products with the padding's zeros would be NaN, to the NCHW
+# kernels).
+@intrinsic
+def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias):
+    """``y[yi, :] = (bias if has_bias else 0) + sum_t x[xi[t], :] * wt[t, :]`` over the nine taps
+    ``xi`` (a 9-tuple of rows) in vectors along the channels (a multiple of the vector width).
+    numba's own loop for this stayed scalar: eighteen loads from runtime offsets exceed LLVM's
+    budget of runtime alias checks against the store (2.3 ms for 8x128x56x56 before)."""
+    arrays = (y, x, wt, bias)
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
+        return None
+    if not (isinstance(xi, types.UniTuple) and xi.count == 9):
+        return None
+    sig = types.void(y, types.intp, x, xi, wt, bias, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        yv, yiv, xv, xiv, wv, bv, hb = args
+        ya, xa, wa, ba = (context.make_array(sig.args[i])(context, builder, v)
+                          for i, v in ((0, yv), (2, xv), (4, wv), (5, bv)))
+        fty = context.get_data_type(sig.args[0].dtype)
+        isz = context.get_abi_sizeof(fty)
+        lanes, vty, fma, _ = _vector_tools(builder, fty, isz, VBYTES)
+        i64 = ir.IntType(64)
+        vptr = vty.as_pointer()
+        c = builder.extract_value(ya.shape, 1)
+        yb = builder.gep(ya.data, [builder.mul(yiv, c)])
+        xb = [builder.gep(xa.data, [builder.mul(builder.extract_value(xiv, t), c)]) for t in range(9)]
+        wb = [builder.gep(wa.data, [builder.mul(c, ir.Constant(i64, t))]) for t in range(9)]
+        zero = ir.Constant(vty, [0.0] * lanes)
+        entry = builder.block
+        loop = builder.append_basic_block("madd9.loop")
+        done = builder.append_basic_block("madd9.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        ch = builder.phi(i64)
+        ch.add_incoming(ir.Constant(i64, 0), entry)
+
+        def load(base):
+            return builder.load(builder.bitcast(builder.gep(base, [ch]), vptr), align=isz)
+
+        acc = builder.select(hb, load(ba.data), zero)
+        for t in range(9):
+            acc = builder.call(fma, [load(xb[t]), load(wb[t]), acc])
+        builder.store(acc, builder.bitcast(builder.gep(yb, [ch]), vptr), align=isz)
+        nxt = builder.add(ch, ir.Constant(i64, lanes))
+        ch.add_incoming(nxt, builder.block)
+        builder.cbranch(builder.icmp_signed("<", nxt, c), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _lanes_of(typingctx, a):
+    """Elements of ``a``'s dtype in one vector of this CPU's width."""
+    if not isinstance(a, types.Array):
+        return None
+    lanes = VBYTES // (a.dtype.bitwidth // 8)
+    return types.intp(a), lambda context, builder, sig, args: ir.Constant(ir.IntType(64), lanes)
+
+
+@kernel
+def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_bias, y):
+    """``y[(n*oh + oy)*ow + ox, ch] = bias[ch] + sum_{rr, ss} x[(n*h + iy)*w + ix, ch] * wt[rr*s + ss, ch]``
+    with ``iy = oy*sh - ph + rr*dh``, ``ix = ox*sw - pw + ss*dw``; items are output rows (disjoint)."""
+    c = x.shape[1]
+    for it in prange(n * oh):
+        img = it // oh
+        oy = it - img * oh
+        yo = it * ow
+        # 3x3 with all three input rows inside: the columns whose nine taps are all inside are
+        # one nine-term sum per channel vector (19 loads and stores per 9 FMAs, not 36)
+        ia = -1
+        ib = -1
+        iy0 = oy * sh - ph
+        if r == 3 and s == 3 and iy0 >= 0 and iy0 + 2 * dh < h and c % _lanes_of(y) == 0:
+            ia = max(0, (pw + sw - 1) // sw)
+            ib = max(ia, min(ow, (w - 1 - 2 * dw + pw) // sw + 1))
+            x0 = (img * h + iy0) * w - pw
+            x1 = x0 + dh * w
+            x2 = x1 + dh * w
+            for ox in range(ia, ib):
+                a = ox * sw
+                _madd9(y, yo + ox, x, (x0 + a, x0 + a + dw, x0 + a + 2 * dw, x1 + a, x1 + a + dw,
+                                       x1 + a + 2 * dw, x2 + a, x2 + a + dw, x2 + a + 2 * dw), wt, bias, has_bias)
+        for ox in range(ow):
+            if ia <= ox < ib:
+                continue
+            for ch in range(c):
+                y[yo + ox, ch] = bias[ch] if has_bias else 0
+        for rr in range(r):
+            iy = iy0 + rr * dh
+            if iy < 0 or iy >= h:
+                continue
+            xrow = (img * h + iy) * w
+            for ss in range(s):
+                off = ss * dw - pw
+                ox0 = max(0, (-off + sw - 1) // sw)
+                ox1 = min(ow, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
+                t = rr * s + ss
+                for ox in range(ox0, ox1):
+                    if ia <= ox < ib:
+                        continue
+                    xi = xrow + ox * sw + off
+                    yi = yo + ox
+                    for ch in range(c):
+                        y[yi, ch] += x[xi, ch] * wt[t, ch]
+
+
+@kernel
+def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx):
+    """``gx[(n*h + iy)*w + ix, ch] = sum gy[(n*oh + oy)*ow + ox, ch] * wt[rr*s + ss, ch]`` over the
+    taps and output positions with ``oy*sh - ph + rr*dh == iy`` and ``ox*sw - pw + ss*dw == ix``:
+    gathered per input row (disjoint items), so nothing is scattered."""
+    c = gy.shape[1]
+    for it in prange(n * h):
+        img = it // h
+        iy = it - img * h
+        go = it * w
+        for ix in range(w):
+            for ch in range(c):
+                gx[go + ix, ch] = 0
+        for rr in range(r):
+            num = iy + ph - rr * dh
+            if num < 0 or num % sh != 0 or num // sh >= oh:
+                continue
+            grow = (img * oh + num // sh) * ow
+            for ss in range(s):
+                off = ss * dw - pw  # ix = ox*sw + off
+                t = rr * s + ss
+                for ox in range(max(0, (-off + sw - 1) // sw), ow):
+                    ix = ox * sw + off
+                    if ix >= w:
+                        break
+                    gi = go + ix
+                    src = grow + ox
+                    for ch in range(c):
+                        gx[gi, ch] += gy[src, ch] * wt[t, ch]
+
+
+@kernel
+def dw_grad_weight(gy, x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, part, rows_per):
+    """``part[b, rr*s + ss, ch]`` = the sum over output rows ``b*rows_per ..`` of
+    ``gy[pos, ch] * x[tap's input position, ch]``: fixed row blocks (not one per worker), so the
+    caller's sum over blocks gives the same bits for every thread count."""
+    c = gy.shape[1]
+    nb = part.shape[0]
+    for b in prange(nb):
+        for t in range(r * s):
+            for ch in range(c):
+                part[b, t, ch] = 0
+        for it in range(b * rows_per, min(n * oh, (b + 1) * rows_per)):
+            img = it // oh
+            oy = it - img * oh
+            grow = it * ow
+            for rr in range(r):
+                iy = oy * sh - ph + rr * dh
+                if iy < 0 or iy >= h:
+                    continue
+                xrow = (img * h + iy) * w
+                for ss in range(s):
+                    off = ss * dw - pw
+                    ox0 = max(0, (-off + sw - 1) // sw)
+                    ox1 = min(ow, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
+                    t = rr * s + ss
+                    for ox in range(ox0, ox1):
+                        xi = xrow + ox * sw + off
+                        gi = grow + ox
+                        for ch in range(c):
+                            part[b, t, ch] += gy[gi, ch] * x[xi, ch]
+
+
+@kernel
+def sum_rows(g, part, per):
+    """``part[b, ch]`` = the float64 sum of ``g[i, ch]`` over the rows of block b (``per`` rows
+    each): the bias gradient of an NHWC output gradient, in fixed blocks (thread-invariant bits)."""
+    nb, c = part.shape
+    rows = g.shape[0]
+    for b in prange(nb):
+        for ch in range(c):
+            part[b, ch] = 0
+        for i in range(b * per, min(rows, (b + 1) * per)):
+            for ch in range(c):
+                part[b, ch] += g[i, ch]

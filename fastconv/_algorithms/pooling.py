@@ -4,6 +4,11 @@ validate nothing (functional did), allocate the outputs and call the kernels of
 """
 import numpy as np
 
+# the layout helpers shared with the convolutions: is_channels_last, and NHWC <-> NCHW by a tiled
+# parallel transpose (a view where the array already has the layout)
+from .nhwc import channels_last_view as _nchw_view
+from .nhwc import is_channels_last, to_nchw
+from .nhwc import to_nhwc as _nhwc
 from ._pooling_kernels import (_adaptive_avg_backward, _adaptive_avg_backward_nhwc, _adaptive_avg_forward,
                                _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_backward_sep,
                                _avg_forward, _avg_forward_nhwc, _avg_forward_sep, _max_backward, _max_backward_nhwc,
@@ -45,12 +50,12 @@ CL_MIN_CHANNELS = 16
 
 
 def _to_cl(a):
-    return _nchw_view(np.ascontiguousarray(a.transpose(0, 2, 3, 1)))
+    return _nchw_view(_nhwc(a))
 
 
 def max_forward(x, p):
     if is_channels_last(x) and p.c < CL_MIN_CHANNELS:
-        y, idx = max_forward(np.ascontiguousarray(x), p)
+        y, idx = max_forward(to_nchw(x), p)
         return _to_cl(y), _to_cl(idx)
     if is_channels_last(x) and p.h * p.w < 2**31:
         return _max_forward_cl(x, p)
@@ -70,7 +75,7 @@ def max_forward(x, p):
 def max_backward(gy, idx, input_shape):
     """Scatter ``gy`` to the flat positions ``idx``; returns ``(grad_input, ok)``."""
     if is_channels_last(gy) and input_shape[1] < CL_MIN_CHANNELS:
-        gx, ok = max_backward(np.ascontiguousarray(gy), np.ascontiguousarray(idx), input_shape)
+        gx, ok = max_backward(to_nchw(gy), to_nchw(idx), input_shape)
         return _to_cl(gx), ok
     if is_channels_last(gy):
         return _max_backward_cl(gy, idx, input_shape)
@@ -149,21 +154,6 @@ def adaptive_avg_backward(gy, input_shape):
 
 # --------------------------------------------------------------------------- channels_last (NHWC)
 # (the kernels and why they exist: _pooling_kernels.py)
-def is_channels_last(a):
-    """True for a 4-D array laid out NHWC but not also NCHW-contiguous (C == 1 or H*W == 1 are both)."""
-    return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
-
-
-def _nhwc(a):
-    """The ``(n, h, w, c)`` contiguous view of a channels_last array (or copy of any 4-D array)."""
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-
-
-def _nchw_view(a):
-    """An ``(n, h, w, c)`` contiguous array seen as NCHW (channels_last strides)."""
-    return a.transpose(0, 3, 1, 2)
-
-
 def _max_forward_cl(x, p):
     y = np.empty((p.n, p.oh, p.ow, p.c), dtype=x.dtype)
     idx = np.empty((p.n, p.oh, p.ow, p.c), dtype=np.int64)
