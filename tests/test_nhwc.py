@@ -297,3 +297,17 @@ def test_depthwise_grad_weight_thread_invariant():
     finally:
         numba.set_num_threads(prev)
     np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_auto_prefers_native_where_measured_faster():
+    def pref(xs, ws, stride=1, padding=0, groups=1):
+        p = conv_params("conv2d", xs, ws, np.float32, stride, padding, 1, groups)
+        return {ps: nhwc.preferred(p, ps) for ps in ("forward", "grad_input", "grad_weight")}
+    wide_1x1 = pref((8, 256, 56, 56), (64, 256, 1, 1))
+    assert all(wide_1x1.values())
+    assert pref((8, 128, 56, 56), (128, 128, 3, 3), stride=2, padding=1) == dict.fromkeys(wide_1x1, True)
+    # stride-1 3x3: grad_weight's gathered panels lose to converting
+    assert pref((8, 64, 56, 56), (64, 64, 3, 3), padding=1) == {"forward": True, "grad_input": True,
+                                                                "grad_weight": False}
+    assert not any(pref((8, 512, 7, 7), (512, 512, 3, 3), padding=1).values())  # small planes
+    assert not any(pref((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3).values())  # 3 channels

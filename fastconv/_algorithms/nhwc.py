@@ -193,13 +193,25 @@ ROWS_MIN_CHANNELS = 16
 
 
 def preferred(p, pass_):
-    """Whether 'auto' runs this pass natively rather than on NCHW copies (measured, 2 threads, AVX2:
-    native / converted ms -- resnet50-1x1-256 forward 5.2 / 10.2, grad_input 5.2 / 15.3;
-    resnet50-3x3-s2 12.2 / 16.5 and 17.3 / 18.7; but with 3 or 6 input channels (alexnet-c1,
-    lenet5-c3) the gathered forward 19.2 / 10.1 and 1.2 / 0.4, and grad_weight's gathered panels lose
-    everywhere: 18.1 / 10.7 on resnet50-1x1-256, 27.9 / 11.1 on -3x3-64).  So: forward and
-    grad_input with at least ROWS_MIN_CHANNELS channels per group in and out."""
-    return pass_ != "grad_weight" and min(p.cg, p.kg) >= ROWS_MIN_CHANNELS
+    """Whether 'auto', having chosen the GEMM family for this pass, runs it natively rather than on
+    NCHW copies.  Measured (2 threads, AVX2, ms native / converted, the converted side with the
+    tiled transposes): resnet50-1x1-256 forward 5.5 / 11.9, grad_input 5.3 / 17.9, grad_weight
+    8.0 / 12.8; resnet50-3x3-s2 12.3 / 15.6, 17.1 / 19.5, 13.6 / 16.0; 32x256x8x8 3x3 forward
+    14.0 / 15.9; but on 7x7 and 4x4 planes (resnet50-3x3-512: 14.0 / 12.5, 16.7 / 13.1,
+    14.1 / 12.2), with 3 input channels (alexnet-c1 forward 19.5 / 9.9, the stem 31.8 / 25.7),
+    and grad_weight of stride-1 3x3 layers (resnet50-3x3-64 16.0 / 11.4, vgg16 25.9 / 25.3).
+    So: at least ROWS_MIN_CHANNELS channels per group in and out, planes of at least
+    NATIVE_MIN_PLANE positions (the output plane for the forward and grad_weight, the input plane
+    for grad_input), and grad_weight only for 1x1 or strided layers."""
+    if min(p.cg, p.kg) < ROWS_MIN_CHANNELS:
+        return False
+    if pass_ == "grad_weight" and p.r * p.s > 1 and p.sh * p.sw == 1:
+        return False
+    return (p.h * p.w if pass_ == "grad_input" else p.oh * p.ow) >= NATIVE_MIN_PLANE
+
+
+#: Smallest plane (positions) on which 'auto' prefers the NHWC GEMM passes (:func:`preferred`).
+NATIVE_MIN_PLANE = 64
 
 
 # ---------------------------------------------------------------------------------------- passes
@@ -250,26 +262,40 @@ def grad_input(gyh, w, p):
     return gx
 
 
+#: Positions per split of grad_weight's reduction (:func:`._nhwc_kernels.grad_weight`), at most
+#: GW_SPLITS splits: a count from the problem alone, so the bits do not depend on the threads.
+GW_SPLIT_POSITIONS = 2048
+GW_SPLITS = 16
+
+
 def grad_weight(gyh, xh, p):
     """``gw`` (k, cg, r, s) C-contiguous from NHWC ``gyh`` (n, oh, ow, k) and ``xh`` (n, h, w, c)."""
     mr, nr = G.tile(p.itemsize)
     tn = p.r * p.s * p.cg
     m = p.n * p.oh * p.ow
-    gwt = np.zeros((p.g, p.kg, tn), dtype=p.dtype)
-    if m and tn:
-        blk = _blk(p)
-        mc = int(blk[1])
-        bm = min(mc, -(-p.kg // mr) * mr)
-        ni = -(-p.kg // bm)
-        nj = max(1, min(-(-tn // nr), -(-2 * numba.get_num_threads() // (p.g * ni))))
-        bn = -(-(-(-tn // nj)) // nr) * nr
-        items = p.g * ni * -(-tn // bn)
-        nw = _nw(items)
-        wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
-        with _threads(nw):
-            K.grad_weight(np.ascontiguousarray(gyh).reshape(-1), np.ascontiguousarray(xh).reshape(-1), p.h, p.w,
-                          p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.s, p.g, p.cg, p.kg, m,
-                          gwt.reshape(-1), wbuf, blk, bm, bn, np.zeros(1, np.int64))
+    if not (m and tn):
+        return np.zeros((p.k, p.cg, p.r, p.s), dtype=p.dtype)
+    ns = max(1, min(GW_SPLITS, m // GW_SPLIT_POSITIONS))
+    per = -(-m // ns)
+    ns = -(-m // per)
+    part = np.empty((ns, p.g, p.kg, tn), dtype=p.dtype)
+    blk = _blk(p)
+    mc = int(blk[1])
+    bm = min(mc, -(-p.kg // mr) * mr)
+    ni = -(-p.kg // bm)
+    # split the taps only where splits and groups leave workers idle
+    nj = max(1, min(-(-tn // nr), -(-2 * numba.get_num_threads() // (ns * p.g * ni))))
+    bn = -(-(-(-tn // nj)) // nr) * nr
+    items = ns * p.g * ni * -(-tn // bn)
+    nw = _nw(items)
+    wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
+    with _threads(nw):
+        K.grad_weight(np.ascontiguousarray(gyh).reshape(-1), np.ascontiguousarray(xh).reshape(-1), p.h, p.w,
+                      p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.s, p.g, p.cg, p.kg, m, part, per,
+                      wbuf, blk, bm, bn, np.zeros(1, np.int64))
+    gwt = part[0]
+    for q in range(1, ns):
+        gwt += part[q]
     gw = gwt.reshape(p.g, p.kg, p.r, p.s, p.cg).transpose(0, 1, 4, 2, 3)
     return np.ascontiguousarray(gw).reshape(p.k, p.cg, p.r, p.s)
 
