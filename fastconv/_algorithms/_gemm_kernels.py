@@ -53,8 +53,9 @@ def _vector_tools(builder, fty, isz, vbytes):
 def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None, rowptr=None):
     # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride);
     # ldb: index of the argument holding B's row stride (default: packed panels, stride NR);
-    # rowptr: (offsets array, tap offset) argument indices: A is not packed, its row i starts at
-    # pa[offsets[aoff + i] + tap offset] and runs along p (channels_last input rows, read in place)
+    # rowptr: (offsets array, tap offset, zeros array) argument indices: A is not packed, its row i
+    # starts at pa[offsets[aoff + i] + tap offset] and runs along p (channels_last input rows, read
+    # in place); a negative offset reads the zeros array instead (a tap in the padding)
     rows = mr if rows is None else rows
     kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
     pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
@@ -82,9 +83,12 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
 
     if rowptr is not None:
         offs = context.make_array(sig.args[rowptr[0]])(context, builder, args[rowptr[0]])
-        arows = [builder.gep(pa.data, [builder.add(
-            builder.load(builder.gep(offs.data, [builder.add(aoffv, ir.Constant(i64, i))])), args[rowptr[1]])])
-            for i in range(rows)]
+        zeros = context.make_array(sig.args[rowptr[2]])(context, builder, args[rowptr[2]])
+        arows = []
+        for i in range(rows):
+            o = builder.load(builder.gep(offs.data, [builder.add(aoffv, ir.Constant(i64, i))]))
+            arows.append(builder.select(builder.icmp_signed("<", o, ir.Constant(i64, 0)), zeros.data,
+                                        builder.gep(pa.data, [builder.add(o, args[rowptr[1]])])))
     entry = builder.block
     loop = builder.append_basic_block("ukernel.loop")
     done = builder.append_basic_block("ukernel.done")
@@ -220,32 +224,35 @@ def ukernel_ldb(typingctx, kc, pa, aoff, pb, boff, ldb, c, coff, ldc, acc, rows)
 
 
 @intrinsic
-def ukernel_rowptr(typingctx, kc, a, offs, ioff, toff, pb, boff, c, coff, ldc, acc, rows):
+def ukernel_rowptr(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, c, coff, ldc, acc, rows):
     """:func:`ukernel` (``rows`` == MR) or :func:`ukernel_rows` (``rows`` < MR) whose A is not
-    packed: row i of the tile reads ``a[offs[ioff + i] + toff + p]``, p < kc.  For a channels_last
-    input, whose output positions' taps are runs of contiguous channels read in place (``offs`` the
-    positions' bases, ``toff`` the tap's offset): ``C[i, j] (+)= sum_p a[...] * pb[boff + p*NR + j]``."""
+    packed: row i of the tile reads ``a[offs[ioff + i] + toff + p]``, p < kc, or ``zeros[p]`` where
+    ``offs[ioff + i]`` is negative.  For a channels_last input, whose output positions' taps are
+    runs of contiguous channels read in place (``offs`` the positions' tap rows, -1 in the padding,
+    ``toff`` the channel block): ``C[i, j] (+)= sum_p A[i, p] * pb[boff + p*NR + j]``."""
     if not _ukernel_types(kc, a, ioff, pb, boff, c, coff, ldc, acc):
         return None
     if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1):
         return None
+    if not (isinstance(zeros, types.Array) and zeros.dtype == a.dtype and zeros.layout == "C"):
+        return None
     mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
-    sig = types.void(types.intp, a, offs, types.intp, types.intp, pb, types.intp, c, types.intp, types.intp,
-                     types.intp, types.intp)
+    sig = types.void(types.intp, a, offs, types.intp, types.intp, zeros, pb, types.intp, c, types.intp,
+                     types.intp, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
         # the emitter reads (kc, pa, aoff, pb, boff, c, coff, ldc, acc) at fixed positions
-        idx = (0, 1, 3, 5, 6, 7, 8, 9, 10, 2, 4)
+        idx = (0, 1, 3, 6, 7, 8, 9, 10, 11, 2, 4, 5)
         order = [args[i] for i in idx]
         osig = types.void(*[sig.args[i] for i in idx])
-        rowsv = args[11]
+        rowsv = args[12]
         exit_ = builder.append_basic_block("ukernel_rowptr.exit")
         switch = builder.switch(rowsv, exit_)
         for r in range(1, mr + 1):
             case = builder.append_basic_block(f"ukernel_rowptr.{r}")
             switch.add_case(ir.Constant(rowsv.type, r), case)
             builder.position_at_end(case)
-            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10))
+            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10, 11))
             builder.branch(exit_)
         builder.position_at_end(exit_)
         return context.get_dummy_value()

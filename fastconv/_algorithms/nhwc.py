@@ -158,32 +158,26 @@ def _rows_plan(p, m):
 
 
 def _rows_bytes(p):
-    """Scratch of :func:`_forward_rows`: the padded input copy and the packed weights."""
+    """Scratch of :func:`_forward_rows`: the packed weights."""
     _, nr = G.tile(p.itemsize)
-    copy = p.n * p.hp * p.wp * p.c if p.padded else 0
-    return (copy + p.g * -(-p.kg // nr) * nr * p.r * p.s * p.cg) * p.itemsize
+    return p.g * -(-p.kg // nr) * nr * p.r * p.s * p.cg * p.itemsize
 
 
 def _forward_rows(xh, w, b, p):
     mr, nr = G.tile(p.itemsize)
     m = p.n * p.oh * p.ow
     y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
-    xh = np.ascontiguousarray(xh)
-    hp, wp = p.hp, p.wp
-    if p.padded:
-        xp = np.empty(p.n * hp * wp * p.c, dtype=p.dtype)
-        K.pad_rows(xh.reshape(-1), p.n, p.h, p.w, p.c, p.ph0, p.pw0, xp, hp, wp)
-    else:
-        xp = xh.reshape(-1)
     tn = p.r * p.s * p.cg
     pbw = np.empty(p.g * -(-p.kg // nr) * tn * nr, dtype=p.dtype)
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr)
     bm, nw = _rows_plan(p, m)
+    blk = _blk(p)
     bias = np.zeros(1, p.dtype) if b is None else np.ascontiguousarray(b)
     with _threads(nw):
-        K.forward_rows(xp, hp, wp, p.c, p.oh, p.ow, p.sh, p.sw, p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw,
-                       bias, b is not None, y.reshape(-1), m, np.empty((nw, mr * nr), p.dtype),
-                       np.empty((nw, bm), np.int64), _blk(p), bm, np.zeros(1, np.int64))
+        K.forward_rows(np.ascontiguousarray(xh).reshape(-1), p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0,
+                       p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw, bias, b is not None, y.reshape(-1), m,
+                       np.empty((nw, mr * nr), p.dtype), np.empty((nw, 4 * bm), np.int64),
+                       np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
     return y
 
 
