@@ -48,6 +48,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     Parameters
     ----------
     x : ndarray, shape (N, C, H, W) or unbatched (C, H, W), float32 or float64
+        Any strides; with channels_last memory (``x.transpose(0, 2, 3, 1)`` C-contiguous, as
+        PyTorch's channels_last tensors) the result comes back in that layout too, computed natively
+        where the GEMM or depthwise passes serve it (README "channels_last arrays").
     weight : ndarray, shape (K, C/groups, R, S), same dtype as ``x``
     bias : ndarray, shape (K,), optional
     stride, dilation : int or (int, int), positive
@@ -149,7 +152,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     -------
     Conv2dGrads
         ``(grad_input (N, C, H, W), grad_weight (K, C/groups, R, S), grad_bias (K,))``; ``grad_input``
-        is (C, H, W) for an unbatched ``x``.
+        is (C, H, W) for an unbatched ``x``, and channels_last when ``x`` is.
 
     Examples
     --------

@@ -31,12 +31,13 @@ computation directly.
 Data exchange
 -------------
 Contiguous (NCHW) tensors are shared with NumPy without a copy (``Tensor.numpy()`` /
-``torch.from_numpy``).  The convolutions also take channels_last tensors as they are (fastconv's
-ops accept channels_last arrays and return their results in that layout; the GEMM passes compute on
-it natively, other algorithms on converted copies).  Pooling and other strided tensors are copied to
-NCHW first (one read and one write, PyTorch's ``.contiguous()``) and the result copied back to the
-input's memory format.  Measured (2 threads, AVX2): a converted ResNet-18 / MobileNet / U-Net step
-is 11-48% slower on channels_last tensors than in NCHW -- run converted models in NCHW.
+``torch.from_numpy``).  The convolutions and pools also take channels_last tensors as they are
+(fastconv's ops accept channels_last arrays and return their results in that layout; the GEMM and
+depthwise passes compute on it natively, other algorithms on converted copies).  Other strided
+tensors (and batch norm's inputs) are copied to NCHW first (one read and one write, PyTorch's
+``.contiguous()``) and the result copied back to the input's memory format.  Measured (2 threads,
+AVX2, README "Use under PyTorch"): channels_last pays for a MobileNet-style network (step 0.67x of
+PyTorch's best against 0.60x in NCHW), NCHW for a U-Net (0.92x against 0.78x).
 
 What falls back to PyTorch
 --------------------------
