@@ -50,46 +50,6 @@ def transpose_planes(src, dst):
 
 
 @serial
-def _gather_a(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, i0, mb, p0, kb, pa, mr):
-    # the GEMM's packed A (pa[ib*kb + p*mr + ii] = A[i0 + ib + ii, p0 + p], rows past mb zero),
-    # gathered straight from the NHWC input: A[pos, t] is tap t of output position pos, a run of
-    # up to cg contiguous channels per (rr, ss), zero where the tap falls in the padding
-    plane = oh * ow
-    for ib in range(0, mb, mr):
-        for ii in range(mr):
-            d0 = ib * kb + ii
-            if ib + ii >= mb:
-                for p in range(kb):
-                    pa[d0 + p * mr] = 0
-                continue
-            pos = i0 + ib + ii
-            img = pos // plane
-            rem = pos - img * plane
-            oy = rem // ow
-            iy0 = oy * sh - ph
-            ix0 = (rem - oy * ow) * sw - pw
-            t = p0 // cg
-            cc = p0 - t * cg
-            p = 0
-            while p < kb:
-                rr = t // s
-                iy = iy0 + rr * dh
-                ix = ix0 + (t - rr * s) * dw
-                run = min(cg - cc, kb - p)
-                d = d0 + p * mr
-                if 0 <= iy < h and 0 <= ix < w:
-                    src = ((img * h + iy) * w + ix) * cin + c0 + cc
-                    for q in range(run):
-                        pa[d + q * mr] = x[src + q]
-                else:
-                    for q in range(run):
-                        pa[d + q * mr] = 0
-                p += run
-                cc = 0
-                t += 1
-
-
-@serial
 def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j0, nb, pb, pboff, nr):
     # the GEMM's packed B (pb[pboff + jb*kb + p*nr + jj] = B[p0 + p, j0 + jb + jj], columns past nb
     # zero) with B = the column matrix of grad_weight: row p is output position p0 + p, column j a
@@ -137,48 +97,6 @@ def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j
                 t += 1
             for q in range(nn, nr):
                 pb[d + q] = 0
-
-
-@kernel
-def forward(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, s, g, cg, kg, wt, bias, has_bias, y, m,
-            wbuf, blk, bm, ctr):
-    """``y[pos, g*kg + j] = bias + sum_t A_g[pos, t] * wt[g][t, j]`` for the ``m`` output positions.
-
-    Items (block of bm positions, group) write disjoint rows x columns of y; per item and cache
-    block of taps the weights' panel is packed and the positions' taps are gathered into the packed
-    A block, then the macro-kernel runs (tap blocks in one order: bits independent of the cut)."""
-    kc, mc, nc = blk[0], blk[1], blk[2]
-    mr, nr = _tile_of(y)
-    tn = wt.size // (g * kg)
-    kt = g * kg
-    pboff = mc * kc
-    tmpoff = mc * kc + kc * nc
-    nblk = (m + bm - 1) // bm
-    items = nblk * g
-    nw = wbuf.shape[0]
-    for wid in prange(nw):
-        ws = wbuf[wid]
-        for _ in range(items):
-            it = claim(ctr)
-            if it >= items:
-                break
-            gi = it % g
-            i0 = (it // g) * bm
-            mb = min(bm, m - i0)
-            for jc in range(0, kg, nc):
-                nb = min(nc, kg - jc)
-                for pc in range(0, tn, kc):
-                    kb = min(kc, tn - pc)
-                    _pack_b(wt, gi * tn * kg, kg, 1, pc, kb, jc, nb, ws, pboff, nr)
-                    _gather_a(x, h, w, cin, gi * cg, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, i0, mb, pc, kb,
-                              ws, mr)
-                    _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, y, i0 * kt + gi * kg + jc, kt,
-                           1 if pc > 0 else 0)
-            if has_bias:
-                for i in range(mb):
-                    o = (i0 + i) * kt + gi * kg
-                    for j in range(kg):
-                        y[o + j] += bias[gi * kg + j]
 
 
 @kernel
@@ -380,6 +298,94 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
                                             y[co + ii * kt + jj] += tmp[ii * nr + jj]
                                         else:
                                             y[co + ii * kt + jj] = tmp[ii * nr + jj]
+            if has_bias:
+                for i in range(mb):
+                    o = (i0 + i) * kt + gi * kg
+                    for j in range(kg):
+                        y[o + j] += bias[gi * kg + j]
+
+
+@kernel
+def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
+                   wbuf, offbuf, rowbuf, blk, bm, ctr):
+    """:func:`forward_rows` for narrow groups (a stem's 3 channels: one micro-kernel call per tap
+    would reload the C tile every 3 steps): per item the positions' taps are first copied into
+    rows of ``rowbuf`` (bm x tn, the worker's: per kernel row one run of s*cg elements where the
+    taps are adjacent in memory, zeros in the padding), then each tile's rows are read there by ``ukernel_rowptr`` over whole cache blocks
+    of taps.  (Gathering straight into packed panels wrote one element per MR-strided slot and took
+    as long as the products.)"""
+    kc = blk[0]
+    mr, nr = _tile_of(y)
+    tn = r * s * cg
+    kt = g * kg
+    npan = (kg + nr - 1) // nr
+    plane = oh * ow
+    nblk = (m + bm - 1) // bm
+    items = nblk * g
+    nw = wbuf.shape[0]
+    for wid in prange(nw):
+        tmp = wbuf[wid]
+        offs = offbuf[wid]
+        rb = rowbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            gi = it % g
+            i0 = (it // g) * bm
+            mb = min(bm, m - i0)
+            for i in range(mb):
+                pos = i0 + i
+                img = pos // plane
+                rem = pos - img * plane
+                oy = rem // ow
+                iy0 = oy * sh - ph
+                ix0 = (rem - oy * ow) * sw - pw
+                d = i * tn
+                offs[i] = d
+                lo = min(s, max(0, (-ix0 + dw - 1) // dw))  # taps left of the input
+                hi = max(lo, min(s, (w - 1 - ix0) // dw + 1)) if w - 1 - ix0 >= 0 else lo
+                for rr in range(r):
+                    iy = iy0 + rr * dh
+                    if iy < 0 or iy >= h:
+                        for q in range(s * cg):
+                            rb[d + q] = 0
+                        d += s * cg
+                        continue
+                    for q in range(lo * cg):
+                        rb[d + q] = 0
+                    src = ((img * h + iy) * w + ix0) * cin + gi * cg
+                    if dw == 1 and cin == cg:  # the row's taps inside the input: one run
+                        for q in range(lo * cg, hi * cg):
+                            rb[d + q] = x[src + q]
+                    else:
+                        for ss in range(lo, hi):
+                            o = src + ss * dw * cin
+                            for cc in range(cg):
+                                rb[d + ss * cg + cc] = x[o + cc]
+                    for q in range(hi * cg, s * cg):
+                        rb[d + q] = 0
+                    d += s * cg
+            for pc in range(0, tn, kc):
+                kb = min(kc, tn - pc)
+                acc = 0 if pc == 0 else 1
+                for jp in range(npan):
+                    j0 = jp * nr
+                    nn = min(nr, kg - j0)
+                    boff = ((gi * npan + jp) * tn + pc) * nr
+                    for i in range(0, mb, mr):
+                        rows = min(mr, mb - i)
+                        co = (i0 + i) * kt + gi * kg + j0
+                        if nn == nr:
+                            ukernel_rowptr(kb, rb, offs, i, pc, rb, pbw, boff, y, co, kt, acc, rows)
+                        else:
+                            ukernel_rowptr(kb, rb, offs, i, pc, rb, pbw, boff, tmp, 0, nr, 0, rows)
+                            for ii in range(rows):
+                                for jj in range(nn):
+                                    if acc:
+                                        y[co + ii * kt + jj] += tmp[ii * nr + jj]
+                                    else:
+                                        y[co + ii * kt + jj] = tmp[ii * nr + jj]
             if has_bias:
                 for i in range(mb):
                     o = (i0 + i) * kt + gi * kg

@@ -1,4 +1,5 @@
-"""Convolution on channels_last (NHWC) arrays, natively: the own GEMM with the gather in its packing.
+"""Convolution on channels_last (NHWC) arrays, natively: the own GEMM reading tap rows in place, and
+depthwise loops along the channels.
 
 A PyTorch user's channels_last tensor arrives as an array of shape (N, C, H, W) whose memory is
 (N, H, W, C): ``x.transpose(0, 2, 3, 1)`` is then a C-contiguous view, no copy.  In that layout one
@@ -6,23 +7,27 @@ output position's taps are runs of ``cg`` contiguous channels, and the convoluti
 
 * forward: ``y (P x kg) = A (P x tn) . wt (tn x kg)`` with ``A[pos, t]`` = tap ``t = (rr*s + ss)*cg + cc``
   of output position ``pos`` (P = n*oh*ow positions of the whole batch) -- written straight into the
-  NHWC output.  A 1x1 stride-1 layer's A *is* the input; no column matrix is ever written: the
-  gather fills the GEMM's packed A panels (:func:`._nhwc_kernels._gather_a`);
-* grad_weight: ``gw (kg x tn) = gy.T (kg x P) . A (P x tn)``: A's rows gathered into packed B panels;
+  NHWC output.  No column matrix and no packing of A: the micro-kernel (``gemm.ukernel_rowptr``)
+  reads each tile row's channel run in place, tap by tap, a tap in the padding from a zero row
+  (:func:`._nhwc_kernels.forward_rows`); groups narrower than ROWS_MIN_CHANNELS first copy their
+  positions' taps into a per-worker im2row block and read the rows there
+  (:func:`._nhwc_kernels.forward_im2row`).  The weights are packed once per call;
+* grad_weight: ``gw (kg x tn) = gy.T (kg x P) . A (P x tn)``: A's rows gathered into packed B
+  panels, the sum over positions split in a count of parts fixed by P (added in order);
 * grad_input: with stride 1 (padding within the kernel's extent, finite weights) the forward pass
   on ``gy`` with the flipped, channel-swapped kernel; otherwise per (image, group) ``col = gy . w``
-  in tiles and a scatter-add (col2im) into the image's NHWC gradient.
+  in tiles and a scatter-add (col2im) into the image's NHWC gradient;
+* depthwise (groups == channels): loops along the channels (:func:`dw_forward` and friends).
 
-The public ops take this path for channels_last inputs when the algorithm chosen is one of the GEMM
-family (``'auto'``'s pick of ``gemm`` or ``im2col``, or ``algorithm='gemm'``), and hand back the
-result in the input's layout (an (N, K, OH, OW) array with NHWC memory, as PyTorch's channels_last
-outputs).  Other algorithms compute in NCHW: :func:`to_nchw` / :func:`to_nhwc` convert both ways
-with a tiled parallel transpose (one read and one write of the array).
+The public ops (``functional``) choose these for channels_last inputs (see :func:`preferred` and
+``functional._native``) and hand back the result in the input's layout (an (N, K, OH, OW) array
+with NHWC memory, as PyTorch's channels_last outputs).  Other algorithms compute in NCHW:
+:func:`to_nchw` / :func:`to_nhwc` convert both ways with a tiled parallel transpose.
 
 Threads: numba's one pool, workers claim items with disjoint outputs (forward: a block of
-positions x a group; grad_weight: a group x a block of output channels x a block of taps, each
-summing over every position in one order; grad_input: an image x a group).  Results do not depend on
-the thread count.
+positions x a group; grad_weight: a part of the positions x a group x blocks of output channels
+and taps; grad_input: an image x a group; depthwise: rows).  Results do not depend on the thread
+count.
 """
 from __future__ import annotations
 
@@ -99,17 +104,6 @@ def _blk(p):
     return G.blocking(p.dtype)
 
 
-def _forward_plan(p, m):
-    """(positions per item, workers) for ``m`` positions: at least three items per worker where
-    the batch allows, each at most one packed A block (mc rows) and at least 4 micro-rows."""
-    mr, _ = G.tile(p.itemsize)
-    mc = int(_blk(p)[1])
-    want = 3 * numba.get_num_threads()
-    per = -(-m // max(1, -(-want // p.g)))
-    bm = min(mc, max(4 * mr, -(-per // mr) * mr))
-    return bm, _nw(-(-m // bm) * p.g)
-
-
 def _col_rows(p):
     """Positions per col2im tile: a tile of bm x tn elements in half of L2."""
     mr, _ = G.tile(p.itemsize)
@@ -128,7 +122,7 @@ def need(p, pass_):
         return ws + nt * _col_rows(p) * p.r * p.s * p.cg * p.itemsize + weights
     if pass_ == "grad_input":
         p = q
-    if pass_ != "grad_weight" and p.cg >= ROWS_MIN_CHANNELS:
+    if pass_ != "grad_weight":
         return ws + weights + _rows_bytes(p)
     return ws + weights
 
@@ -145,12 +139,14 @@ def supports(p, pass_):
     return None
 
 
-def _rows_plan(p, m):
-    """(positions per item, workers) of :func:`_forward_rows`: the item's C block (bm x kg) in half
-    of L2, at least three items per worker where the batch allows."""
+def _rows_plan(p, m, in_place=True):
+    """(positions per item, workers) of :func:`_forward_rows`: the item's C block (bm x kg) -- and
+    without ``in_place`` its im2row block (bm x tn) -- in half of L2, at least three items per
+    worker where the batch allows."""
     mr, _ = G.tile(p.itemsize)
     half = _cpu.cache_sizes()["l2"] // 2
-    bm = max(mr, min(int(_blk(p)[1]), half // (p.kg * p.itemsize)) // mr * mr)
+    row = p.kg + (0 if in_place else p.r * p.s * p.cg)
+    bm = max(mr, min(int(_blk(p)[1]), half // (row * p.itemsize)) // mr * mr)
     want = 3 * numba.get_num_threads()
     per = -(-m // max(1, -(-want // p.g)))
     bm = min(bm, max(4 * mr, -(-per // mr) * mr))
@@ -158,31 +154,42 @@ def _rows_plan(p, m):
 
 
 def _rows_bytes(p):
-    """Scratch of :func:`_forward_rows`: the packed weights."""
+    """Scratch of :func:`_forward_rows`: the packed weights (and the workers' im2row blocks)."""
     _, nr = G.tile(p.itemsize)
-    return p.g * -(-p.kg // nr) * nr * p.r * p.s * p.cg * p.itemsize
+    weights = p.g * -(-p.kg // nr) * nr * p.r * p.s * p.cg
+    rows = 0
+    if p.cg < ROWS_MIN_CHANNELS:  # the workers' im2row blocks: at most half of L2 (or MR rows) each
+        tn = p.r * p.s * p.cg
+        rows = numba.get_num_threads() * max(_cpu.cache_sizes()["l2"] // 2 // p.itemsize, G.tile(p.itemsize)[0] * tn)
+    return (weights + rows) * p.itemsize
 
 
 def _forward_rows(xh, w, b, p):
+    """The forward on the row-pointer micro-kernel: tiles' rows read in place from the input
+    (>= ROWS_MIN_CHANNELS channels per group) or from the item's im2row block."""
     mr, nr = G.tile(p.itemsize)
     m = p.n * p.oh * p.ow
     y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
     tn = p.r * p.s * p.cg
     pbw = np.empty(p.g * -(-p.kg // nr) * tn * nr, dtype=p.dtype)
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr)
-    bm, nw = _rows_plan(p, m)
+    in_place = p.cg >= ROWS_MIN_CHANNELS
+    bm, nw = _rows_plan(p, m, in_place)
     blk = _blk(p)
     bias = np.zeros(1, p.dtype) if b is None else np.ascontiguousarray(b)
+    args = (np.ascontiguousarray(xh).reshape(-1), p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh,
+            p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw, bias, b is not None, y.reshape(-1), m,
+            np.empty((nw, mr * nr), p.dtype), np.empty((nw, 4 * bm), np.int64))
     with _threads(nw):
-        K.forward_rows(np.ascontiguousarray(xh).reshape(-1), p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0,
-                       p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw, bias, b is not None, y.reshape(-1), m,
-                       np.empty((nw, mr * nr), p.dtype), np.empty((nw, 4 * bm), np.int64),
-                       np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
+        if in_place:
+            K.forward_rows(*args, np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
+        else:
+            K.forward_im2row(*args, np.empty((nw, bm * tn), p.dtype), blk, bm, np.zeros(1, np.int64))
     return y
 
 
 #: Channels per group from which the forward pass reads tiles' rows in place (runs of at least two
-#: float32 vectors per tap); narrower groups (the stem's 3 channels) gather packed panels instead.
+#: float32 vectors per tap); narrower groups (the stem's 3 channels) copy them into im2row blocks.
 ROWS_MIN_CHANNELS = 16
 
 
@@ -211,27 +218,9 @@ NATIVE_MIN_PLANE = 64
 # ---------------------------------------------------------------------------------------- passes
 def forward(xh, w, b, p):
     """``y`` (n, oh, ow, k) C-contiguous from the NHWC input ``xh`` (n, h, w, c) (module docstring)."""
-    if p.cg >= ROWS_MIN_CHANNELS and p.n * p.oh * p.ow and p.r * p.s:
-        return _forward_rows(xh, w, b, p)
-    tn = p.r * p.s * p.cg
-    wt = np.ascontiguousarray(
-        w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 3, 4, 2, 1)).reshape(-1)  # (g, tn, kg)
-    m = p.n * p.oh * p.ow
-    y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
-    if m == 0:
-        return y
-    bm, nw = _forward_plan(p, m)
-    blk = _blk(p)
-    wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
-    bias = np.zeros(1, p.dtype) if b is None else np.ascontiguousarray(b)
-    if tn == 0:
-        y[...] = 0 if b is None else bias
-        return y
-    with _threads(nw):
-        K.forward(np.ascontiguousarray(xh).reshape(-1), p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0,
-                  p.dh, p.dw, p.s, p.g, p.cg, p.kg, wt, bias, b is not None, y.reshape(-1), m, wbuf, blk, bm,
-                  np.zeros(1, np.int64))
-    return y
+    if p.n * p.oh * p.ow == 0:
+        return np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
+    return _forward_rows(xh, w, b, p)
 
 
 def grad_input(gyh, w, p):
