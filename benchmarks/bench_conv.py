@@ -39,6 +39,29 @@ class ConvSuite:
     track_gflops.unit = "GFLOP/s"
 
 
+class ConvChannelsLast:
+    """``'auto'`` on channels_last arrays (PyTorch's recommended CPU layout, handed over by
+    ``fastconv.torch``): the native NHWC passes where they serve, converted copies elsewhere; compare
+    with :class:`TorchConv`'s ``cl`` rows."""
+
+    params = (list(CONV), CONV_PASSES)
+    param_names = ["shape", "pass"]
+    timeout = 600
+
+    def setup(self, shape, pass_):
+        self.case = CONV[shape]
+        self.fn = conv_call(self.case, "auto", pass_, layout="cl")
+
+    def time_conv2d(self, shape, pass_):
+        self.fn()
+
+    def track_gflops(self, shape, pass_):
+        (t,) = median_seconds([self.fn])
+        return self.case.flops(pass_) / t / 1e9
+
+    track_gflops.unit = "GFLOP/s"
+
+
 class TorchConv:
     """PyTorch's CPU conv2d on the same cases, the reference next to :class:`ConvSuite`: NCHW
     tensors and channels_last ones (PyTorch's recommended CPU layout, often the faster); compare

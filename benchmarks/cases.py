@@ -44,8 +44,15 @@ def algorithms():
     return ["auto"] + list(getattr(fastconv, "algorithms", lambda: ("direct",))())
 
 
-def conv_call(case, algorithm, pass_):
-    """A warmed zero-argument function running one pass of ``case`` with ``algorithm``.
+def _channels_last(a):
+    """``a`` (N, C, H, W) with channels_last (NHWC) memory, as ``tensor.numpy()`` of a PyTorch
+    channels_last tensor gives it."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def conv_call(case, algorithm, pass_, layout="nchw"):
+    """A warmed zero-argument function running one pass of ``case`` with ``algorithm``, on NCHW
+    arrays or (``layout='cl'``) channels_last ones.
 
     The first call (JIT compile or cache load) happens here, so it lands in ``setup``, never in a
     ``time_`` figure.  An algorithm that is unknown to this commit's fastconv or cannot serve the
@@ -53,12 +60,16 @@ def conv_call(case, algorithm, pass_):
     """
     import fastconv
     x, w, b = case.arrays()
+    if layout == "cl":
+        x = _channels_last(x)
     kw = case.kwargs
     if pass_ == "forward":
         def fn():
             return fastconv.conv2d(x, w, b, **kw, algorithm=algorithm)
     else:
         gy = case.grad_output()
+        if layout == "cl":
+            gy = _channels_last(gy)
 
         def fn():
             return fastconv.conv2d_backward(gy, x, w, **kw, algorithm=algorithm)
