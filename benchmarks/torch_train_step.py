@@ -287,18 +287,19 @@ def _conv_choices(name, shapes, geo):
     return "/".join(fastconv.choose_algorithm(xs, ws, stride, padding, dilation, groups, pass_=q) for q in passes)
 
 
-def profile_step(name, top=12, steps=5):
+def profile_step(name, top=12, steps=5, config="fastconv"):
     """Where the converted model's training step goes, timed from inside (no profiler hooks):
     fastconv's calls keyed by shape and pass (with the algorithm 'auto' chose), the bridge's own
     cost (tensor <-> array, layout copies, thread setting: time in the bridge's computations
-    outside fastconv), and the rest (PyTorch's operators, autograd, Python)."""
+    outside fastconv), and the rest (PyTorch's operators, autograd, Python).  ``config``:
+    ``fastconv`` (NCHW) or ``fastconv+cl`` (the converted model on channels_last tensors)."""
     import fastconv._torch_ops as ops
     import fastconv.torch as ft
 
     x, y = data(name)
-    models, _ = contestants(name, ["fastconv"])
-    model, _ = models["fastconv"]
-    train, _ = make_step(model, None, x, y, NETS[name][2] is None)
+    models, _ = contestants(name, [config])
+    model, prep = models[config]
+    train, _ = make_step(model, prep, x, y, NETS[name][2] is None)
     train()
     log, impl_time, copies = [], [0.0], [0, 0]
     # the computations live in _torch_ops; fastconv.torch's public functions also call the *_impl by name
@@ -344,7 +345,7 @@ def profile_step(name, top=12, steps=5):
         entry = groups.setdefault((fname, shapes, geo), [0, 0.0])
         entry[0] += 1
         entry[1] += dt
-    lines = [f"where a training step of the converted {name} goes (median wall {wall:.1f} ms over {steps} steps; "
+    lines = [f"where a training step of the converted {name} ({config}) goes (median wall {wall:.1f} ms over {steps} steps; "
              f"per-step means):",
              f"  fastconv calls   {fc:8.2f} ms  {len(log) // steps} calls",
              f"  bridge           {bridge:8.2f} ms  (tensor<->array, {copies[0] // steps} layout copies = "
@@ -413,7 +414,8 @@ def main(argv=None):
     print(format_table(results, configs))
     if a.profile:
         for name in nets:
-            print(profile_step(name))
+            for c in [c for c in configs if c in ("fastconv", "fastconv+cl")] or ["fastconv"]:
+                print(profile_step(name, config=c))
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({k: {f"{c}/{m}": v for (c, m), v in t.items()} for k, t in results.items()}, f, indent=1)

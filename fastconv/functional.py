@@ -195,9 +195,10 @@ _GEMM_FAMILY = ("gemm", "im2col")
 def _native(p, alg, algorithm, pass_):
     """Whether a channels_last call runs this pass on the NHWC kernels (no layout conversion): with
     ``algorithm='gemm'`` whenever they can serve it; under ``'auto'`` when it chose ``gemm`` or
-    ``im2col`` and the NHWC pass measured faster than converting (:func:`._algorithms.nhwc.preferred`).
-    Other algorithms compute in NCHW, converted both ways."""
-    if algorithm != "gemm" and not (algorithm == "auto" and alg.name in _GEMM_FAMILY
+    ``im2col`` (any algorithm for a 1x1 layer, a plain GEMM in NHWC) and the NHWC pass measured
+    faster than converting (:func:`._algorithms.nhwc.preferred`).  Other algorithms compute in NCHW,
+    converted both ways."""
+    if algorithm != "gemm" and not (algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1)
                                     and _nhwc.preferred(p, pass_)):
         return False
     return _nhwc.supports(p, pass_) is None

@@ -194,25 +194,28 @@ ROWS_MIN_CHANNELS = 16
 
 
 def preferred(p, pass_):
-    """Whether 'auto', having chosen the GEMM family for this pass, runs it natively rather than on
-    NCHW copies.  Measured (2 threads, AVX2, ms native / converted, the converted side with the
-    tiled transposes): resnet50-1x1-256 forward 5.5 / 11.9, grad_input 5.3 / 17.9, grad_weight
-    8.0 / 12.8; resnet50-3x3-s2 12.3 / 15.6, 17.1 / 19.5, 13.6 / 16.0; 32x256x8x8 3x3 forward
-    14.0 / 15.9; but on 7x7 and 4x4 planes (resnet50-3x3-512: 14.0 / 12.5, 16.7 / 13.1,
-    14.1 / 12.2), with 3 input channels (alexnet-c1 forward 19.5 / 9.9, the stem 31.8 / 25.7),
-    and grad_weight of stride-1 3x3 layers (resnet50-3x3-64 16.0 / 11.4, vgg16 25.9 / 25.3).
-    So: at least ROWS_MIN_CHANNELS channels per group in and out, planes of at least
-    NATIVE_MIN_PLANE positions (the output plane for the forward and grad_weight, the input plane
-    for grad_input), and grad_weight only for 1x1 or strided layers."""
+    """Whether 'auto' runs this pass natively rather than on NCHW copies, where its NCHW choice is
+    the GEMM family (or any, for 1x1 layers: their NHWC form is a plain GEMM).  Measured (2 threads,
+    AVX2, ms native / converted): forward wins or ties wherever the groups are wide --
+    resnet50-1x1-256 5.5 / 11.9, resnet50-3x3-s2 12.3 / 15.6, resnet50-3x3-512 11.8 / 12.3,
+    16x16x48x48 1x1 to 32 0.55 / 1.32 ('auto' picks direct there); with 3 input channels it loses
+    (alexnet-c1 11.7 / 9.9).  grad_input wins with enough positions (resnet50-1x1-256 5.3 / 17.9,
+    16x256x6x6 1x1 0.67 / 0.81) and loses with few (resnet50-3x3-512, 392 positions, 15.5 / 13.1;
+    16x512x3x3 1x1 1.35 / 1.10).  grad_weight wins for 1x1 and strided layers (resnet50-1x1-256
+    8.0 / 12.8, 16x512x3x3 0.60 / 1.03, resnet50-3x3-s2 13.6 / 16.0) and loses for stride-1 3x3
+    ones (resnet50-3x3-64 16.0 / 11.4, 32x256x8x8 19.9 / 17.4)."""
     if min(p.cg, p.kg) < ROWS_MIN_CHANNELS:
         return False
-    if pass_ == "grad_weight" and p.r * p.s > 1 and p.sh * p.sw == 1:
-        return False
-    return (p.h * p.w if pass_ == "grad_input" else p.oh * p.ow) >= NATIVE_MIN_PLANE
+    if pass_ == "grad_weight":
+        return p.r * p.s == 1 or p.sh * p.sw > 1
+    if pass_ == "grad_input":
+        return p.n * p.h * p.w >= NATIVE_MIN_POSITIONS
+    return True
 
 
-#: Smallest plane (positions) on which 'auto' prefers the NHWC GEMM passes (:func:`preferred`).
-NATIVE_MIN_PLANE = 64
+#: Fewest input positions (batch x plane) on which 'auto' runs grad_input natively (:func:`preferred`).
+NATIVE_MIN_POSITIONS = 512
+
 
 
 # ---------------------------------------------------------------------------------------- passes
@@ -247,7 +250,7 @@ def grad_input(gyh, w, p):
 
 #: Positions per split of grad_weight's reduction (:func:`._nhwc_kernels.grad_weight`), at most
 #: GW_SPLITS splits: a count from the problem alone, so the bits do not depend on the threads.
-GW_SPLIT_POSITIONS = 2048
+GW_SPLIT_POSITIONS = 512
 GW_SPLITS = 16
 
 
