@@ -36,8 +36,8 @@ Contiguous (NCHW) tensors are shared with NumPy without a copy (``Tensor.numpy()
 depthwise passes compute on it natively, other algorithms on converted copies).  Other strided
 tensors (and batch norm's inputs) are copied to NCHW first (one read and one write, PyTorch's
 ``.contiguous()``) and the result copied back to the input's memory format.  Measured (2 threads,
-AVX2, README "Use under PyTorch"): channels_last pays for a MobileNet-style network (step 0.67x of
-PyTorch's best against 0.60x in NCHW), NCHW for a U-Net (0.92x against 0.78x).
+AVX2, README "Use under PyTorch"): channels_last pays for a MobileNet-style network (step 0.79x of
+PyTorch's best against 0.62x in NCHW), NCHW for a U-Net (0.88x against 0.73x).
 
 What falls back to PyTorch
 --------------------------
