@@ -125,10 +125,26 @@ def test_depthwise_refused_with_reason():
     assert reason is not None and "per group" in reason
 
 
-def test_workspace_limit_refused():
+@pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
+def test_workspace_limit_refused(pass_):
     p = conv_params("conv2d", (2, 32, 8, 8), (32, 32, 3, 3), np.float32, 1, 1, 1, 1, workspace_limit=1024)
-    reason = nhwc.supports(p, "forward")
+    reason = nhwc.supports(p, pass_)
     assert reason is not None and "workspace_limit is 1024" in reason
+
+
+def test_grad_weight_splits_fit_the_budget():
+    # the partial sums of the split reduction count against workspace_limit (and never depend on
+    # the threads): they may take half of it, so a budget of four partials' bytes allows two
+    xs, ws = (8, 64, 32, 32), (64, 64, 3, 3)
+    one = 64 * 64 * 9 * 4
+    big = conv_params("conv2d", xs, ws, np.float32, 1, 1, 1, 1)
+    small = conv_params("conv2d", xs, ws, np.float32, 1, 1, 1, 1, workspace_limit=4 * one)
+    assert nhwc._gw_splits(big) == nhwc.GW_SPLITS
+    assert nhwc._gw_splits(small) == 2
+    x, w, b, gy, kw = _make(("split", xs, ws, {"padding": 1}), np.float32)
+    got = nhwc.grad_weight(nhwc.to_nhwc(gy), nhwc.to_nhwc(x), small)
+    want = ref.conv2d_grad_weight(gy.astype(np.float64), x.astype(np.float64), w.shape, padding=1)
+    assert_results({"grad_weight": got}, {"grad_weight": want}, np.float32, scale=8.0)
 
 
 def test_thread_counts_give_the_same_bits():

@@ -124,7 +124,7 @@ def need(p, pass_):
         p = q
     if pass_ != "grad_weight":
         return ws + weights + _rows_bytes(p)
-    return ws + weights
+    return ws + weights + _gw_splits(p) * p.k * p.r * p.s * p.cg * p.itemsize
 
 
 def supports(p, pass_):
@@ -254,6 +254,15 @@ GW_SPLIT_POSITIONS = 512
 GW_SPLITS = 16
 
 
+def _gw_splits(p):
+    """Parts of grad_weight's sum over positions: one per GW_SPLIT_POSITIONS, at most GW_SPLITS and
+    at most what half of the workspace budget holds of partial weight gradients (never fewer than
+    one) -- from the problem alone, not the threads."""
+    m = p.n * p.oh * p.ow
+    one = max(1, p.k * p.r * p.s * p.cg * p.itemsize)
+    return max(1, min(GW_SPLITS, m // GW_SPLIT_POSITIONS, p.workspace_limit // 2 // one))
+
+
 def grad_weight(gyh, xh, p):
     """``gw`` (k, cg, r, s) C-contiguous from NHWC ``gyh`` (n, oh, ow, k) and ``xh`` (n, h, w, c)."""
     mr, nr = G.tile(p.itemsize)
@@ -261,7 +270,7 @@ def grad_weight(gyh, xh, p):
     m = p.n * p.oh * p.ow
     if not (m and tn):
         return np.zeros((p.k, p.cg, p.r, p.s), dtype=p.dtype)
-    ns = max(1, min(GW_SPLITS, m // GW_SPLIT_POSITIONS))
+    ns = _gw_splits(p)
     per = -(-m // ns)
     ns = -(-m // per)
     part = np.empty((ns, p.g, p.kg, tn), dtype=p.dtype)
