@@ -229,6 +229,37 @@ def pack_weights(w, g, kg, cg, r, s, pb, nr):
                     pb[d + jj] = 0
 
 
+@serial
+def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, npan, y, i0, mb, kt, ycol, kg, tmp, acc, mr, nr):
+    # C[i0 .. i0+mb, ycol .. ycol+kg] (+)= the item's rows (ukernel_rowptr: offs[obase + i] + toff)
+    # . the packed weights' kb-row block at bbase of each panel; panels past kg through tmp
+    for jp in range(npan):
+        j0 = jp * nr
+        nn = min(nr, kg - j0)
+        boff = bbase + jp * tn * nr
+        for i in range(0, mb, mr):
+            rows = min(mr, mb - i)
+            co = (i0 + i) * kt + ycol + j0
+            if nn == nr:
+                ukernel_rowptr(kb, a, offs, obase + i, toff, zeros, pbw, boff, y, co, kt, acc, rows)
+            else:
+                ukernel_rowptr(kb, a, offs, obase + i, toff, zeros, pbw, boff, tmp, 0, nr, 0, rows)
+                for ii in range(rows):
+                    for jj in range(nn):
+                        if acc:
+                            y[co + ii * kt + jj] += tmp[ii * nr + jj]
+                        else:
+                            y[co + ii * kt + jj] = tmp[ii * nr + jj]
+
+
+@serial
+def _add_bias(y, bias, i0, mb, kt, c0, kg):
+    for i in range(mb):
+        o = (i0 + i) * kt + c0
+        for j in range(kg):
+            y[o + j] += bias[c0 + j]
+
+
 @kernel
 def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
                  wbuf, offbuf, zeros, blk, bm, ctr):
@@ -277,32 +308,11 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
                     else:
                         offs[3 * bm + i] = -1
                 for cc0 in range(0, cg, kc):
-                    kb = min(kc, cg - cc0)
-                    acc = 0 if t == 0 and cc0 == 0 else 1
-                    for jp in range(npan):
-                        j0 = jp * nr
-                        nn = min(nr, kg - j0)
-                        boff = ((gi * npan + jp) * tn + t * cg + cc0) * nr
-                        for i in range(0, mb, mr):
-                            rows = min(mr, mb - i)
-                            co = (i0 + i) * kt + gi * kg + j0
-                            if nn == nr:
-                                ukernel_rowptr(kb, x, offs, 3 * bm + i, cc0, zeros, pbw, boff, y, co, kt, acc,
-                                               rows)
-                            else:
-                                ukernel_rowptr(kb, x, offs, 3 * bm + i, cc0, zeros, pbw, boff, tmp, 0, nr, 0,
-                                               rows)
-                                for ii in range(rows):
-                                    for jj in range(nn):
-                                        if acc:
-                                            y[co + ii * kt + jj] += tmp[ii * nr + jj]
-                                        else:
-                                            y[co + ii * kt + jj] = tmp[ii * nr + jj]
+                    _row_tiles(min(kc, cg - cc0), x, offs, 3 * bm, cc0, zeros, pbw,
+                               (gi * npan * tn + t * cg + cc0) * nr, tn, npan, y, i0, mb, kt, gi * kg, kg, tmp,
+                               0 if t == 0 and cc0 == 0 else 1, mr, nr)
             if has_bias:
-                for i in range(mb):
-                    o = (i0 + i) * kt + gi * kg
-                    for j in range(kg):
-                        y[o + j] += bias[gi * kg + j]
+                _add_bias(y, bias, i0, mb, kt, gi * kg, kg)
 
 
 @kernel
@@ -367,30 +377,10 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
                         rb[d + q] = 0
                     d += s * cg
             for pc in range(0, tn, kc):
-                kb = min(kc, tn - pc)
-                acc = 0 if pc == 0 else 1
-                for jp in range(npan):
-                    j0 = jp * nr
-                    nn = min(nr, kg - j0)
-                    boff = ((gi * npan + jp) * tn + pc) * nr
-                    for i in range(0, mb, mr):
-                        rows = min(mr, mb - i)
-                        co = (i0 + i) * kt + gi * kg + j0
-                        if nn == nr:
-                            ukernel_rowptr(kb, rb, offs, i, pc, rb, pbw, boff, y, co, kt, acc, rows)
-                        else:
-                            ukernel_rowptr(kb, rb, offs, i, pc, rb, pbw, boff, tmp, 0, nr, 0, rows)
-                            for ii in range(rows):
-                                for jj in range(nn):
-                                    if acc:
-                                        y[co + ii * kt + jj] += tmp[ii * nr + jj]
-                                    else:
-                                        y[co + ii * kt + jj] = tmp[ii * nr + jj]
+                _row_tiles(min(kc, tn - pc), rb, offs, 0, pc, rb, pbw, (gi * npan * tn + pc) * nr, tn, npan, y, i0,
+                           mb, kt, gi * kg, kg, tmp, 0 if pc == 0 else 1, mr, nr)
             if has_bias:
-                for i in range(mb):
-                    o = (i0 + i) * kt + gi * kg
-                    for j in range(kg):
-                        y[o + j] += bias[gi * kg + j]
+                _add_bias(y, bias, i0, mb, kt, gi * kg, kg)
 
 
 # ---------------------------------------------------------------------------------------- depthwise
