@@ -5,6 +5,8 @@ native or converted, inputs untouched), float32 and float64."""
 import numba
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import fastconv
 import reference as ref
@@ -329,3 +331,55 @@ def test_auto_prefers_native_where_measured_faster():
     assert pref((8, 512, 7, 7), (512, 512, 3, 3), padding=1) == {"forward": True, "grad_input": False,
                                                                  "grad_weight": False}
     assert not any(pref((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3).values())  # 3 channels
+
+
+# --------------------------------------------------------------------------------------- random geometries
+_pairs = lambda s: st.one_of(s, st.tuples(s, s))  # noqa: E731
+
+
+@st.composite
+def _wide_cases(draw):
+    """Geometries for the in-place rows forward (>= ROWS channels per group) and the depthwise loops
+    (the fuzz of tests/test_fuzz.py draws at most 5 channels per group)."""
+    depthwise = draw(st.booleans())
+    if depthwise:
+        groups = c = k = draw(st.integers(8, 24))
+        cg = 1
+    else:
+        groups = draw(st.sampled_from([1, 1, 2]))
+        cg, kg = draw(st.integers(ROWS, ROWS + 9)), draw(st.integers(1, 2 * NR + 3))
+        if groups > 1:
+            kg = max(kg, 8)
+        c, k = cg * groups, kg * groups
+    r, s = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dilation = draw(_pairs(st.integers(1, 2)))
+    padding = draw(st.one_of(_pairs(st.integers(0, 2)), st.sampled_from(["same", "valid"])))
+    stride = 1 if padding == "same" else draw(_pairs(st.integers(1, 3)))
+    n, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    (pt, pb), (pl, pr) = ref.conv_pads(padding, (r, s), stride, dilation)
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    assume(h + pt + pb >= dh * (r - 1) + 1 and w + pl + pr >= dw * (s - 1) + 1)
+    kw = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    return (n, c, h, w), (k, cg, r, s), kw, draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31))
+
+
+@given(case=_wide_cases())
+def test_random_geometries_against_reference(case):
+    xs, ws, kw, dtype, seed = case
+    x, w, b, gy, _ = _make(("fuzz", xs, ws, kw), dtype, seed=seed)
+    p = _params(x, w, kw)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    if kw["groups"] == xs[1]:
+        got = {"forward": nhwc.dw_forward(xh, w, b, p), "grad_input": nhwc.dw_grad_input(gyh, w, p),
+               "grad_weight": nhwc.dw_grad_weight(gyh, xh, p)}
+    else:
+        got = {"forward": nhwc.forward(xh, w, b, p), "grad_input": nhwc.grad_input(gyh, w, p),
+               "grad_weight": nhwc.grad_weight(gyh, xh, p)}
+    got["forward"] = got["forward"].transpose(0, 3, 1, 2)
+    got["grad_input"] = got["grad_input"].transpose(0, 3, 1, 2)
+    assert_results(got, _reference(x, w, b, gy, kw), dtype, scale=8.0)
+    # and through the public ops, in the input's layout
+    xc = _cl(x)
+    y = fastconv.conv2d(xc, w, b, **kw)
+    assert _nhwc_memory(y) or not nhwc.is_channels_last(xc)  # a 1x1 or 1-channel input is both layouts
+    assert_results({"forward": y}, {"forward": _reference(x, w, b, gy, kw)["forward"]}, dtype, scale=8.0)
