@@ -9,6 +9,7 @@ taps lie in an NHWC input: runs of cg contiguous channels).
 (numba does not see an edit to the GEMM helpers inlined from ``_gemm_kernels.py``: clear this
 file's ``__pycache__/*.nbi`` after one, or run ``python -m fastconv doctor --clear-cache``.)
 """
+import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
@@ -53,48 +54,60 @@ def transpose_planes(src, dst):
 def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j0, nb, pb, pboff, nr):
     # the GEMM's packed B (pb[pboff + jb*kb + p*nr + jj] = B[p0 + p, j0 + jb + jj], columns past nb
     # zero) with B = the column matrix of grad_weight: row p is output position p0 + p, column j a
-    # tap; each row is gathered as runs of contiguous channels, written panel by panel
+    # tap.  Positions are decoded once, then panel by panel (its taps fixed) the rows are copied
+    # in order -- as NR-vectors where one channel run covers the panel row.  (Decoding taps per
+    # position and panel, two integer divisions each, took as long as the products.)
     plane = oh * ow
+    iy0 = np.empty(kb, np.int64)
+    ix0 = np.empty(kb, np.int64)
+    base = np.empty(kb, np.int64)
     for p in range(kb):
         pos = p0 + p
         img = pos // plane
         rem = pos - img * plane
         oy = rem // ow
-        iy0 = oy * sh - ph
-        ix0 = (rem - oy * ow) * sw - pw
-        base = img * h * w * cin + c0
-        for jb in range(0, nb, nr):
-            nn = min(nr, nb - jb)
-            d = pboff + jb * kb + p * nr
-            j = j0 + jb
-            t = j // cg
-            cc = j - t * cg
-            jj = 0
-            if nn == nr and cc + nr <= cg:  # the whole panel row is one channel run: vectors
-                rr = t // s
-                iy = iy0 + rr * dh
-                ix = ix0 + (t - rr * s) * dw
+        iy0[p] = oy * sh - ph
+        ix0[p] = (rem - oy * ow) * sw - pw
+        base[p] = img * h * w * cin + c0
+    for jb in range(0, nb, nr):
+        nn = min(nr, nb - jb)
+        d0 = pboff + jb * kb
+        t = (j0 + jb) // cg
+        cc = j0 + jb - t * cg
+        if nn == nr and cc + nr <= cg:  # every row of the panel is one channel run: vectors
+            rr = t // s
+            ry = rr * dh
+            rx = (t - rr * s) * dw
+            for p in range(kb):
+                iy = iy0[p] + ry
+                ix = ix0[p] + rx
+                d = d0 + p * nr
                 if 0 <= iy < h and 0 <= ix < w:
-                    _copy_nr(pb, d, x, base + (iy * w + ix) * cin + cc)
+                    _copy_nr(pb, d, x, base[p] + (iy * w + ix) * cin + cc)
                 else:
                     for q in range(nr):
                         pb[d + q] = 0
-                continue
+            continue
+        for p in range(kb):
+            d = d0 + p * nr
+            tt = t
+            c1 = cc
+            jj = 0
             while jj < nn:
-                rr = t // s
-                iy = iy0 + rr * dh
-                ix = ix0 + (t - rr * s) * dw
-                run = min(cg - cc, nn - jj)
+                rr = tt // s
+                iy = iy0[p] + rr * dh
+                ix = ix0[p] + (tt - rr * s) * dw
+                run = min(cg - c1, nn - jj)
                 if 0 <= iy < h and 0 <= ix < w:
-                    src = base + (iy * w + ix) * cin + cc
+                    src = base[p] + (iy * w + ix) * cin + c1
                     for q in range(run):
                         pb[d + jj + q] = x[src + q]
                 else:
                     for q in range(run):
                         pb[d + jj + q] = 0
                 jj += run
-                cc = 0
-                t += 1
+                c1 = 0
+                tt += 1
             for q in range(nn, nr):
                 pb[d + q] = 0
 
