@@ -202,8 +202,8 @@ def preferred(p, pass_):
     (alexnet-c1 11.7 / 9.9).  grad_input wins with enough positions (resnet50-1x1-256 5.3 / 17.9,
     16x256x6x6 1x1 0.67 / 0.81) and loses with few (resnet50-3x3-512, 392 positions, 15.5 / 13.1;
     16x512x3x3 1x1 1.35 / 1.10).  grad_weight wins for 1x1 and strided layers (resnet50-1x1-256
-    8.0 / 12.8, 16x512x3x3 0.60 / 1.03, resnet50-3x3-s2 13.6 / 16.0) and loses for stride-1 3x3
-    ones (resnet50-3x3-64 16.0 / 11.4, 32x256x8x8 19.9 / 17.4)."""
+    8.0 / 12.8, 16x512x3x3 0.60 / 1.03, resnet50-3x3-s2 13.3 / 16.4) and not for stride-1 3x3 ones
+    (resnet50-3x3-64 14.3 / 11.4 -- converted Winograd -- vgg16-3x3-128 24.5 / 25.5)."""
     if min(p.cg, p.kg) < ROWS_MIN_CHANNELS:
         return False
     if pass_ == "grad_weight":
