@@ -1,10 +1,12 @@
 """The numba kernels of the channels_last (NHWC) convolution passes (see
 :mod:`fastconv._algorithms.nhwc` for the method and the notation) and the layout conversions.
 
-Every array is flat and C-contiguous: the input ``x[((n*h + iy)*w + ix)*c + ch]``, the output
-``y[pos*k + kk]`` with ``pos = (n*oh + oy)*ow + ox``, the weights transposed per group to
-``wt[g][t, kk]`` with taps ``t = (rr*s + ss)*cg + cc`` (the order in which one output position's
-taps lie in an NHWC input: runs of cg contiguous channels).
+The GEMM kernels take flat C-contiguous arrays: the input ``x[((n*h + iy)*w + ix)*c + ch]``, the
+output ``y[pos*k + kk]`` with ``pos = (n*oh + oy)*ow + ox``, taps ordered ``t = (rr*s + ss)*cg + cc``
+(the order in which one output position's taps lie in an NHWC input: runs of cg contiguous
+channels) -- the forward's weights packed in NR-column panels over those taps
+(:func:`pack_weights`), col2im's as ``wg[g][kk, t]``.  The depthwise loops take (positions,
+channels) 2-D arrays (see their comment).
 
 (numba does not see an edit to the GEMM helpers inlined from ``_gemm_kernels.py``: clear this
 file's ``__pycache__/*.nbi`` after one, or run ``python -m fastconv doctor --clear-cache``.)
@@ -17,7 +19,7 @@ from numba.extending import intrinsic
 from .._jit import kernel, serial
 from ._gemm_kernels import VBYTES, _vector_tools
 from .common import claim
-from .gemm import _copy_nr, _macro, _pack_a, _pack_b, _tile_of, gemm_serial, ukernel_rowptr
+from .gemm import _copy_nr, _macro, _pack_a, _tile_of, gemm_serial, ukernel_rowptr
 
 # a plane transpose walks tiles of this many elements of its longer axis
 _T = 64
