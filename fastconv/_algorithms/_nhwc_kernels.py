@@ -53,6 +53,16 @@ def transpose_planes(src, dst):
 
 
 @serial
+def _position(pos, plane, ow, sh, sw, ph, pw):
+    # (image, top row, left column) of output position pos's window: its tap (0, 0) in the input,
+    # possibly in the padding
+    img = pos // plane
+    rem = pos - img * plane
+    oy = rem // ow
+    return img, oy * sh - ph, (rem - oy * ow) * sw - pw
+
+
+@serial
 def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j0, nb, pb, pboff, nr):
     # the GEMM's packed B (pb[pboff + jb*kb + p*nr + jj] = B[p0 + p, j0 + jb + jj], columns past nb
     # zero) with B = the column matrix of grad_weight: row p is output position p0 + p, column j a
@@ -64,12 +74,7 @@ def _gather_b(x, h, w, cin, c0, cg, oh, ow, sh, sw, ph, pw, dh, dw, s, p0, kb, j
     ix0 = np.empty(kb, np.int64)
     base = np.empty(kb, np.int64)
     for p in range(kb):
-        pos = p0 + p
-        img = pos // plane
-        rem = pos - img * plane
-        oy = rem // ow
-        iy0[p] = oy * sh - ph
-        ix0[p] = (rem - oy * ow) * sw - pw
+        img, iy0[p], ix0[p] = _position(p0 + p, plane, ow, sh, sw, ph, pw)
         base[p] = img * h * w * cin + c0
     for jb in range(0, nb, nr):
         nn = min(nr, nb - jb)
@@ -200,10 +205,7 @@ def grad_input_col2im(gy, wg, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g
                 gemm_serial(mb, tn, kg, gy, (img * plane + q0) * kt + gi * kg, kt, 1, wg, gi * kg * tn, tn, 1,
                             0, tile, 0, tn, ws, blk)
                 for i in range(mb):
-                    q = q0 + i
-                    oy = q // ow
-                    iy0 = oy * sh - ph
-                    ix0 = (q - oy * ow) * sw - pw
+                    _, iy0, ix0 = _position(q0 + i, plane, ow, sh, sw, ph, pw)
                     for rr in range(r):
                         iy = iy0 + rr * dh
                         if iy < 0 or iy >= h:
@@ -305,13 +307,7 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
             i0 = (it // g) * bm
             mb = min(bm, m - i0)
             for i in range(mb):  # each position's image and top-left tap (may lie in the padding)
-                pos = i0 + i
-                img = pos // plane
-                rem = pos - img * plane
-                oy = rem // ow
-                offs[i] = img
-                offs[bm + i] = oy * sh - ph
-                offs[2 * bm + i] = (rem - oy * ow) * sw - pw
+                offs[i], offs[bm + i], offs[2 * bm + i] = _position(i0 + i, plane, ow, sh, sw, ph, pw)
             for t in range(r * s):
                 rr = t // s
                 ss = t - rr * s
@@ -336,9 +332,9 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
     """:func:`forward_rows` for narrow groups (a stem's 3 channels: one micro-kernel call per tap
     would reload the C tile every 3 steps): per item the positions' taps are first copied into
     rows of ``rowbuf`` (bm x tn, the worker's: per kernel row one run of s*cg elements where the
-    taps are adjacent in memory, zeros in the padding), then each tile's rows are read there by ``ukernel_rowptr`` over whole cache blocks
-    of taps.  (Gathering straight into packed panels wrote one element per MR-strided slot and took
-    as long as the products.)"""
+    taps are adjacent in memory, zeros in the padding), then each tile's rows are read there by
+    ``ukernel_rowptr`` over whole cache blocks of taps.  (Gathering straight into packed panels
+    wrote one element per MR-strided slot and took as long as the products.)"""
     kc = blk[0]
     mr, nr = _tile_of(y)
     tn = r * s * cg
@@ -360,12 +356,7 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
             i0 = (it // g) * bm
             mb = min(bm, m - i0)
             for i in range(mb):
-                pos = i0 + i
-                img = pos // plane
-                rem = pos - img * plane
-                oy = rem // ow
-                iy0 = oy * sh - ph
-                ix0 = (rem - oy * ow) * sw - pw
+                img, iy0, ix0 = _position(i0 + i, plane, ow, sh, sw, ph, pw)
                 d = i * tn
                 offs[i] = d
                 lo = min(s, max(0, (-ix0 + dw - 1) // dw))  # taps left of the input

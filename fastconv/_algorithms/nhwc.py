@@ -40,7 +40,8 @@ from . import gemm as G
 from .common import transposed_weight
 # grad_input as a forward correlation (stride 1, padding within the dilated extent), or None: the
 # same geometry whatever the layout
-from .implicit import _transposed
+from .implicit import _threads, _transposed
+from .implicit import _workers as _nw
 
 
 # ---------------------------------------------------------------------------------------- layouts
@@ -96,10 +97,6 @@ def bias_grad(gyh):
 
 
 # ---------------------------------------------------------------------------------------- planning
-def _nw(items):
-    return max(1, min(numba.get_num_threads(), items))
-
-
 def _blk(p):
     return G.blocking(p.dtype)
 
@@ -113,18 +110,19 @@ def _col_rows(p):
 
 
 def need(p, pass_):
-    """Bytes of scratch a pass takes: the workers' packing buffers (and col2im's tiles)."""
+    """Bytes of scratch a pass takes: the forward's packed weights (and im2row blocks); col2im's
+    GEMM buffers, tiles and reordered weights; grad_weight's GEMM buffers and partial sums."""
     nt = numba.get_num_threads()
     ws = G.workspace_size(p.dtype) * p.itemsize * nt
     weights = p.k * p.cg * p.r * p.s * p.itemsize
-    q = _transposed(p)
-    if pass_ == "grad_input" and q is None:
-        return ws + nt * _col_rows(p) * p.r * p.s * p.cg * p.itemsize + weights
+    if pass_ == "forward":
+        return _rows_bytes(p)
     if pass_ == "grad_input":
-        p = q
-    if pass_ != "grad_weight":
-        return ws + weights + _rows_bytes(p)
-    return ws + weights + _gw_splits(p) * p.k * p.r * p.s * p.cg * p.itemsize
+        q = _transposed(p)
+        if q is not None:
+            return _rows_bytes(q)
+        return ws + nt * _col_rows(p) * p.r * p.s * p.cg * p.itemsize + weights
+    return ws + _gw_splits(p) * weights
 
 
 def supports(p, pass_):
@@ -159,8 +157,8 @@ def _rows_bytes(p):
     weights = p.g * -(-p.kg // nr) * nr * p.r * p.s * p.cg
     rows = 0
     if p.cg < ROWS_MIN_CHANNELS:  # the workers' im2row blocks: at most half of L2 (or MR rows) each
-        tn = p.r * p.s * p.cg
-        rows = numba.get_num_threads() * max(_cpu.cache_sizes()["l2"] // 2 // p.itemsize, G.tile(p.itemsize)[0] * tn)
+        per_worker = max(_cpu.cache_sizes()["l2"] // 2 // p.itemsize, G.tile(p.itemsize)[0] * p.r * p.s * p.cg)
+        rows = numba.get_num_threads() * per_worker
     return (weights + rows) * p.itemsize
 
 
@@ -215,7 +213,6 @@ def preferred(p, pass_):
 
 #: Fewest input positions (batch x plane) on which 'auto' runs grad_input natively (:func:`preferred`).
 NATIVE_MIN_POSITIONS = 512
-
 
 
 # ---------------------------------------------------------------------------------------- passes
@@ -280,7 +277,8 @@ def grad_weight(gyh, xh, p):
     ni = -(-p.kg // bm)
     # split the taps only where splits and groups leave workers idle
     nj = max(1, min(-(-tn // nr), -(-2 * numba.get_num_threads() // (ns * p.g * ni))))
-    bn = -(-(-(-tn // nj)) // nr) * nr
+    bn = -(-tn // nj)
+    bn = -(-bn // nr) * nr  # whole panels
     items = ns * p.g * ni * -(-tn // bn)
     nw = _nw(items)
     wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
@@ -293,22 +291,6 @@ def grad_weight(gyh, xh, p):
         gwt += part[q]
     gw = gwt.reshape(p.g, p.kg, p.r, p.s, p.cg).transpose(0, 1, 4, 2, 3)
     return np.ascontiguousarray(gw).reshape(p.k, p.cg, p.r, p.s)
-
-
-class _threads:
-    """numba's pool narrowed to ``n`` workers for one kernel call (an item count below the pool's
-    size would otherwise leave idle workers spinning on the counter)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.prev = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(self.n, self.prev)))
-
-    def __exit__(self, *exc):
-        numba.set_num_threads(self.prev)
-        return False
 
 
 # ---------------------------------------------------------------------------------------- depthwise
