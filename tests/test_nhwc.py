@@ -12,7 +12,7 @@ import fastconv
 import reference as ref
 from conftest import DTYPES, assert_results, random_array
 from fastconv._algorithms import gemm as G
-from fastconv._algorithms import nhwc
+from fastconv._algorithms import implicit, nhwc
 from fastconv._validation import conv_params
 
 MR, NR = G.tile(4)
@@ -166,6 +166,96 @@ def test_thread_counts_give_the_same_bits():
         np.testing.assert_array_equal(one, two)
 
 
+# --------------------------------------------------------------------------------------- padding taps
+SKIP_CASES = [c for c in CASES if c[2][1] >= ROWS and c[3].get("padding")] + [
+    ("window-all-padding", (2, ROWS, 3, 4), (NR + 1, ROWS, 3, 3), {"padding": (4, 3)}),  # bias-only outputs
+    ("small-planes", (5, ROWS + 8, 4, 4), (2 * NR, ROWS + 8, 3, 3), {"padding": 1}),
+]
+
+
+def _brute_keys(p):
+    keys = []
+    for oy in range(p.oh):
+        for ox in range(p.ow):
+            rows = [rr for rr in range(p.r) if 0 <= oy * p.sh - p.ph0 + rr * p.dh < p.h]
+            cols = [ss for ss in range(p.s) if 0 <= ox * p.sw - p.pw0 + ss * p.dw < p.w]
+            keys.append((rows, cols))
+    return keys
+
+
+@pytest.mark.parametrize("case", SKIP_CASES, ids=[c[0] for c in SKIP_CASES])
+def test_window_keys_and_padded_share(case):
+    x, w, b, gy, kw = _make(case, np.float32)
+    p = _params(x, w, kw)
+    brute = _brute_keys(p)
+    inside = sum(len(rows) * len(cols) for rows, cols in brute)
+    assert nhwc.padded_share(p) == pytest.approx(1 - inside / (p.oh * p.ow * p.r * p.s))
+    for key, (rows, cols) in zip(nhwc._window_keys(p), brute):
+        shi, key = key % (p.s + 1), key // (p.s + 1)
+        slo, key = key % (p.s + 1), key // (p.s + 1)
+        rhi, rlo = key % (p.r + 1), key // (p.r + 1)
+        assert list(range(rlo, rhi)) == (rows if cols else list(range(rlo, rhi)))
+        assert (rlo < rhi and slo < shi) == bool(rows and cols)
+        if rows and cols:
+            assert (list(range(rlo, rhi)), list(range(slo, shi))) == (rows, cols)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SKIP_CASES, ids=[c[0] for c in SKIP_CASES])
+def test_skipping_padding_taps_changes_no_bits(case, dtype, monkeypatch):
+    # the skipping forward (and the stride-1 grad_input, a forward) against the reference and,
+    # bit for bit, against the forward that multiplies the padding's zeros
+    x, w, b, gy, kw = _make(case, dtype)
+    p = _params(x, w, kw)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    plain = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
+    monkeypatch.setattr(nhwc, "SKIP_MIN_MACS", 0)
+    monkeypatch.setattr(nhwc, "SKIP_MIN_SHARE", 0.0)
+    assert nhwc.skips(p)
+    calls = []
+    real = nhwc.K.forward_rows_skip
+    monkeypatch.setattr(nhwc.K, "forward_rows_skip", lambda *a: calls.append(1) or real(*a))
+    got = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
+    assert calls, "the skipping kernel did not run"
+    np.testing.assert_array_equal(got[0], plain[0])
+    np.testing.assert_array_equal(got[1], plain[1])
+    want = _reference(x, w, b, gy, kw)
+    del want["grad_weight"]
+    assert_results({"forward": got[0].transpose(0, 3, 1, 2), "grad_input": got[1].transpose(0, 3, 1, 2)},
+                   want, dtype, scale=4.0)
+
+
+def test_skipping_keeps_the_nan_of_non_finite_weights(monkeypatch):
+    # 0 * inf in the padding is NaN (as in PyTorch): a non-finite weight turns the skipping off
+    monkeypatch.setattr(nhwc, "SKIP_MIN_MACS", 0)
+    x, w, b, gy, kw = _make(SKIP_CASES[-1], np.float64)
+    w[3, 1, 0, 0] = np.inf
+    p = _params(x, w, kw)
+    got = nhwc.forward(nhwc.to_nhwc(x), w, b, p).transpose(0, 3, 1, 2)
+    want = ref.conv2d(x, w, b, **kw)
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_takes_small_nchw_planes_through_the_rows(dtype, monkeypatch):
+    # algorithm='gemm' on NCHW input with small planes: converted, the row kernels, converted back
+    x, w, b, gy, kw = _make(SKIP_CASES[-1], dtype)
+    p = _params(x, w, kw)
+    assert implicit._via_rows(p)
+    calls = []
+    real = nhwc.forward
+    monkeypatch.setattr(nhwc, "forward", lambda *a: calls.append(1) or real(*a))
+    y = fastconv.conv2d(x, w, b, algorithm="gemm", **kw)
+    g = fastconv.conv2d_backward(gy, x, w, algorithm="gemm", **kw)
+    assert len(calls) == 2  # the forward and the stride-1 grad_input
+    assert y.flags.c_contiguous and g.grad_input.flags.c_contiguous
+    assert_results({"forward": y, "grad_input": g.grad_input, "grad_weight": g.grad_weight},
+                   _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
 # --------------------------------------------------------------------------------------- public ops
 @pytest.mark.parametrize("algorithm", ["auto", "gemm", "direct", "im2col"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,7 +323,8 @@ def test_gemm_runs_natively_and_others_convert(monkeypatch):
     fastconv.conv2d(_cl(x), w, b, algorithm="gemm", **kw)
     assert calls == [1]
     fastconv.conv2d(_cl(x), w, b, algorithm="direct", **kw)
-    fastconv.conv2d(x, w, b, algorithm="gemm", **kw)  # NCHW input: the NCHW kernels
+    monkeypatch.setattr(implicit, "ROWS_MAX_PLANE", 0)
+    fastconv.conv2d(x, w, b, algorithm="gemm", **kw)  # NCHW input, planes over ROWS_MAX_PLANE: NCHW kernels
     assert calls == [1]
     # depthwise: refused by the NHWC kernels, so even algorithm='gemm' computes on a converted copy
     xd = _cl(random_array(np.random.default_rng(2), (2, 16, 6, 6), np.float32))
@@ -375,6 +466,10 @@ def test_random_geometries_against_reference(case):
     else:
         got = {"forward": nhwc.forward(xh, w, b, p), "grad_input": nhwc.grad_input(gyh, w, p),
                "grad_weight": nhwc.grad_weight(gyh, xh, p)}
+        with pytest.MonkeyPatch.context() as mp:  # and skipping the padding's taps: the same bits
+            mp.setattr(nhwc, "SKIP_MIN_MACS", 0)
+            mp.setattr(nhwc, "SKIP_MIN_SHARE", 0.0)
+            np.testing.assert_array_equal(nhwc.forward(xh, w, b, p), got["forward"])
     got["forward"] = got["forward"].transpose(0, 3, 1, 2)
     got["grad_input"] = got["grad_input"].transpose(0, 3, 1, 2)
     assert_results(got, _reference(x, w, b, gy, kw), dtype, scale=8.0)

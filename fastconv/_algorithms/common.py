@@ -2,6 +2,9 @@
 gradient, and three kernel helpers -- an atomic work-item counter (``claim``), fixed-size
 arrays on a kernel's stack (``stack_rows``) and a register-blocked multiply-accumulate over a
 table of taps (``mac_taps``)."""
+import dataclasses
+
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -318,3 +321,36 @@ def copy_vector(typingctx, dst, doff, src, soff):
         return context.get_dummy_value()
 
     return types.void(dst, types.intp, src, types.intp), codegen
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _workers(items):
+    """Workers for ``items`` work items: at most numba's thread count."""
+    return max(1, min(numba.get_num_threads(), items))
+
+
+class _threads:
+    """numba's thread count held to ``nw`` for one call (a kernel without per-worker buffers runs
+    ``prange(nw)``; fewer threads than workers would leave items to fewer workers, not drop them)."""
+
+    def __init__(self, nw):
+        self.nw = nw
+
+    def __enter__(self):
+        self.prev = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(self.nw, numba.config.NUMBA_NUM_THREADS)))
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.prev)
+        return False
+
+
+def _transposed(p):
+    """grad_input as a forward convolution (stride 1, padding within the dilated kernel's extent),
+    or None: the correlation of gy, padded by the extent less the forward padding, with the
+    flipped, channel-swapped kernel."""
+    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
+    if p.sh != 1 or p.sw != 1 or max(p.ph0, p.ph1) > eh or max(p.pw0, p.pw1) > ew:
+        return None
+    return dataclasses.replace(p, c=p.k, h=p.oh, w=p.ow, k=p.c, ph0=eh - p.ph0, ph1=eh - p.ph1,
+                               pw0=ew - p.pw0, pw1=ew - p.pw1, oh=p.h, ow=p.w)

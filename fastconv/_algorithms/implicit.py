@@ -36,15 +36,14 @@ the same bits for every thread count.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numba
 import numpy as np
 
 from .. import _cpu
 from . import _implicit_kernels as K
 from . import gemm as G
-from .common import SLACK, _split_planes, _unsplit, transposed_weight
+from . import nhwc as H
+from .common import SLACK, _split_planes, _threads, _transposed, _unsplit, _workers, transposed_weight
 
 # Positions summed per dot-product call in grad_weight: the lane reduction at the end of a call
 # (~200 instructions for 24 sums) is then paid once per image of 56x56 (resnet50-3x3-64: 22.9 ms of
@@ -105,10 +104,6 @@ def _tap_offsets(p):
     return t
 
 
-def _workers(items):
-    return max(1, min(numba.get_num_threads(), items))
-
-
 # ---------------------------------------------------------------------------------------- forward
 def _forward_plan(p, nthreads):
     """(positions per item, rows per item, staged, packed-weight elements per group, workspace
@@ -156,7 +151,23 @@ _MIN_ROWS = 256
 _STAGE_BELOW = 256
 
 
+#: Largest output plane (positions) on which the forward runs on the channels_last row kernels
+#: (:func:`_via_rows`).
+ROWS_MAX_PLANE = 100
+
+
+def _via_rows(p):
+    """Whether the forward runs on the channels_last kernels (``nhwc.forward``: one GEMM over the
+    whole batch's positions, taps in the padding skipped) with x and y converted: small planes of
+    wide groups, where a GEMM per image has too few columns and the padding holds a large share of
+    the taps (32x512x4x4, 2 threads: ... ms here, ... there)."""
+    return (p.oh * p.ow <= ROWS_MAX_PLANE and min(p.cg, p.kg) >= H.ROWS_MIN_CHANNELS
+            and H.supports(p, "forward") is None)
+
+
 def forward(x, w, b, p):
+    if _via_rows(p):
+        return H.to_nchw(H.channels_last_view(H.forward(H.to_nhwc(x), w, b, p)))
     npos, mblk, staged, pasz, wsz, nw, _ = _forward_plan(p, numba.get_num_threads())
     blk = G.blocking(p.dtype)
     src = _source(x, p)
@@ -199,34 +210,7 @@ def grad_weight(gy, x, p):
     return gw.reshape(p.w_shape)
 
 
-class _threads:
-    """numba's thread count held to ``nw`` for one call (a kernel without per-worker buffers runs
-    ``prange(nw)``; fewer threads than workers would leave items to fewer workers, not drop them)."""
-
-    def __init__(self, nw):
-        self.nw = nw
-
-    def __enter__(self):
-        self.prev = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(self.nw, numba.config.NUMBA_NUM_THREADS)))
-
-    def __exit__(self, *exc):
-        numba.set_num_threads(self.prev)
-        return False
-
-
 # ---------------------------------------------------------------------------------------- grad_input
-def _transposed(p):
-    """grad_input as a forward convolution (stride 1, padding within the dilated kernel's extent),
-    or None: the correlation of gy, padded by the extent less the forward padding, with the
-    flipped, channel-swapped kernel."""
-    eh, ew = p.dh * (p.r - 1), p.dw * (p.s - 1)
-    if p.sh != 1 or p.sw != 1 or max(p.ph0, p.ph1) > eh or max(p.pw0, p.pw1) > ew:
-        return None
-    return dataclasses.replace(p, c=p.k, h=p.oh, w=p.ow, k=p.c, ph0=eh - p.ph0, ph1=eh - p.ph1,
-                               pw0=ew - p.pw0, pw1=ew - p.pw1, oh=p.h, ow=p.w)
-
-
 def _col_plan(p, nthreads):
     """grad_input by col2im: (channels per block, output rows per tile, blk, GEMM workspace
     elements, column tile elements, packed rows per block, workers, bytes needed)."""
@@ -330,7 +314,27 @@ _RUN_SECONDS = 1.5e-9
 _TO_NOMINAL = 9.6
 
 
+def _rows_seconds(p):
+    """:func:`_forward_seconds` of the channels_last route (:func:`_via_rows`): the GEMM less the
+    taps it skips, plus moving x and y through the layout conversions and packing the weights."""
+    _, nr = G.tile(p.itemsize)
+    tn = p.cg * p.r * p.s
+    fill = p.kg / (-(-p.kg // nr) * nr) * tn / (tn + 64.0)
+    share = H.padded_share(p) if H.skips(p) else 0.0
+    moved = 2 * (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow + p.k * tn) * p.itemsize
+    # _PEAK is a 512-bit machine's: on narrower vectors the GEMM takes longer than modelled and the
+    # copies do not, so in the model's seconds they weigh less
+    return 2.0 * p.macs * (1.0 - share) / (_PEAK[p.itemsize] * fill) + moved / _MOVE_RATE * G.VBYTES / 64
+
+
+# Bytes per second a core reads plus writes in a layout conversion or the weight packing
+# (32x512x4x4: 9.4 MB of weights packed in 2.7 ms on 2 cores).
+_MOVE_RATE = 3.5e9
+
+
 def _forward_seconds(p, nthreads):
+    if _via_rows(p):
+        return _rows_seconds(p)
     mr, nr = G.tile(p.itemsize)
     npos, mblk, staged, *_ = _forward_plan(p, nthreads)
     tn = p.cg * p.r * p.s
