@@ -56,6 +56,7 @@ def timeit(f, rounds, budget=1.5):
 TRAINING = (
     ConvCase("resnet18-3x3-512@4", 32, 512, 4, 4, 512, 3, 3, padding=(1, 1)),
     ConvCase("resnet18-3x3-256@8", 32, 256, 8, 8, 256, 3, 3, padding=(1, 1)),
+    ConvCase("resnet18-3x3-128@16", 32, 128, 16, 16, 128, 3, 3, padding=(1, 1)),
     ConvCase("resnet18-3x3-64@32", 32, 64, 32, 32, 64, 3, 3, padding=(1, 1)),
     ConvCase("resnet18-3x3-s2@16", 32, 128, 16, 16, 256, 3, 3, stride=(2, 2), padding=(1, 1)),
     ConvCase("mobilenet-1x1-256@6", 16, 256, 6, 6, 256, 1, 1),

@@ -245,15 +245,29 @@ def test_gemm_takes_small_nchw_planes_through_the_rows(dtype, monkeypatch):
     x, w, b, gy, kw = _make(SKIP_CASES[-1], dtype)
     p = _params(x, w, kw)
     assert implicit._via_rows(p)
+    assert implicit._via_rows(p, "grad_weight")
     calls = []
-    real = nhwc.forward
-    monkeypatch.setattr(nhwc, "forward", lambda *a: calls.append(1) or real(*a))
+    for name in ("_forward_rows", "grad_weight"):
+        real = getattr(nhwc, name)
+        monkeypatch.setattr(nhwc, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
     y = fastconv.conv2d(x, w, b, algorithm="gemm", **kw)
     g = fastconv.conv2d_backward(gy, x, w, algorithm="gemm", **kw)
-    assert len(calls) == 2  # the forward and the stride-1 grad_input
+    # the forward, the stride-1 grad_input (a forward) and grad_weight
+    assert sorted(calls) == ["_forward_rows", "_forward_rows", "grad_weight"]
     assert y.flags.c_contiguous and g.grad_input.flags.c_contiguous
     assert_results({"forward": y, "grad_input": g.grad_input, "grad_weight": g.grad_weight},
                    _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
+def test_gemm_small_planes_non_finite_weight_scatters():
+    # the transposed forward would multiply the inf by gy's zero padding: grad_input scatters instead
+    x, w, b, gy, kw = _make(SKIP_CASES[-1], np.float64)
+    w[2, 3, 0, 1] = np.inf
+    got = fastconv.conv2d_backward(gy, x, w, algorithm="gemm", **kw).grad_input
+    want = ref.conv2d_grad_input(gy, x.shape, w, **kw)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------- public ops

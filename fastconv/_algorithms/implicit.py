@@ -156,13 +156,22 @@ _STAGE_BELOW = 256
 ROWS_MAX_PLANE = 100
 
 
-def _via_rows(p):
-    """Whether the forward runs on the channels_last kernels (``nhwc.forward``: one GEMM over the
-    whole batch's positions, taps in the padding skipped) with x and y converted: small planes of
-    wide groups, where a GEMM per image has too few columns and the padding holds a large share of
-    the taps (32x512x4x4, 2 threads: ... ms here, ... there)."""
+def _via_rows(p, pass_="forward"):
+    """Whether the forward (or grad_weight) runs on the channels_last kernels with its operands
+    converted: small planes of wide groups.  There the forward's GEMM per image has too few
+    columns and the padding holds a large share of the taps, which ``nhwc.forward`` skips, in one
+    GEMM over the whole batch's positions; grad_weight's dot tiles run 4 or 8 lanes wide.  Measured
+    (2 threads, AVX2, ms here / on the NCHW kernels): 32x512x4x4 forward 17.6 / 23.7, grad_weight
+    ... / 186.7; 32x256x8x8 16.3 / 20.0, ... / 97.6; 8x512x7x7 forward 16.9 / 20.6; at 14x14 even
+    (16.3 / 16.2), at 16x16 behind (20.7 / 18.6)."""
     return (p.oh * p.ow <= ROWS_MAX_PLANE and min(p.cg, p.kg) >= H.ROWS_MIN_CHANNELS
-            and H.supports(p, "forward") is None)
+            and _rows_need(p, pass_) <= p.workspace_limit)
+
+
+def _rows_need(p, pass_):
+    """Workspace of the channels_last route: the NHWC copies of the operands and what the pass
+    allocates (``nhwc.need``)."""
+    return H.need(p, pass_) + (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize
 
 
 def forward(x, w, b, p):
@@ -199,6 +208,8 @@ def _weight_plan(p, nthreads):
 
 
 def grad_weight(gy, x, p):
+    if _via_rows(p, "grad_weight"):
+        return H.grad_weight(H.to_nhwc(gy), H.to_nhwc(x), p)
     tblk, rows, nw = _weight_plan(p, numba.get_num_threads())
     src = _source(x, p)
     _, wq, _ = _layout(p)
@@ -266,6 +277,9 @@ def _use_transposed(p):
 
 def grad_input(gy, w, p):
     q = _use_transposed(p)
+    if q is not None and _via_rows(q):
+        gx = H.grad_input_transposed(H.to_nhwc(gy), w, p)
+        return _grad_input_col2im(gy, w, p) if gx is None else H.to_nchw(H.channels_last_view(gx))
     # the correlation multiplies every weight by the zero padding of gy: a non-finite weight would
     # make NaNs at border positions that the scatter (and PyTorch) never reach
     if q is not None and np.isfinite(w).all():
@@ -279,6 +293,8 @@ _INT_MAX = 2**31 - 1
 
 def _need(p, pass_, nthreads):
     """Bytes of workspace the pass needs (padded copies, packed weights, per-worker buffers)."""
+    if pass_ != "grad_input" and _via_rows(p, pass_):
+        return _rows_need(p, pass_)
     if pass_ == "forward":
         return _forward_plan(p, nthreads)[-1]
     if pass_ == "grad_weight":
@@ -314,27 +330,38 @@ _RUN_SECONDS = 1.5e-9
 _TO_NOMINAL = 9.6
 
 
-def _rows_seconds(p):
-    """:func:`_forward_seconds` of the channels_last route (:func:`_via_rows`): the GEMM less the
-    taps it skips, plus moving x and y through the layout conversions and packing the weights."""
+def _rows_seconds(p, pass_):
+    """Modelled seconds of the channels_last route (:func:`_via_rows`): the forward's GEMM less the
+    taps it skips, or grad_weight's (_ROWS_DOT times the rate of the dot tiles at full lanes), plus
+    moving the operands through the layout conversions and packing the weights."""
     _, nr = G.tile(p.itemsize)
     tn = p.cg * p.r * p.s
-    fill = p.kg / (-(-p.kg // nr) * nr) * tn / (tn + 64.0)
-    share = H.padded_share(p) if H.skips(p) else 0.0
+    if pass_ == "forward":
+        fill = p.kg / (-(-p.kg // nr) * nr) * tn / (tn + 64.0)
+        share = H.padded_share(p) if H.skips(p) else 0.0
+        gemm = 2.0 * p.macs * (1.0 - share) / (_PEAK[p.itemsize] * fill)
+    else:
+        gemm = 2.0 * p.macs / (_ROWS_DOT * _DOT[p.itemsize])
     moved = 2 * (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow + p.k * tn) * p.itemsize
     # _PEAK is a 512-bit machine's: on narrower vectors the GEMM takes longer than modelled and the
     # copies do not, so in the model's seconds they weigh less
-    return 2.0 * p.macs * (1.0 - share) / (_PEAK[p.itemsize] * fill) + moved / _MOVE_RATE * G.VBYTES / 64
+    return gemm + moved / _MOVE_RATE * G.VBYTES / 64
 
 
 # Bytes per second a core reads plus writes in a layout conversion or the weight packing
 # (32x512x4x4: 9.4 MB of weights packed in 2.7 ms on 2 cores).
 _MOVE_RATE = 3.5e9
+# The channels_last grad_weight's rate over the dot tiles' at full lanes (2 threads, AVX2: 140
+# GFLOP/s on 32x512x4x4 against the dot tiles' 54 on resnet50-3x3-64's 56-wide rows).
+_ROWS_DOT = 2.2
+
+
+def _forward_cost(p, nthreads):
+    """:func:`_forward_seconds`, or the channels_last route's where the forward takes it."""
+    return _rows_seconds(p, "forward") if _via_rows(p) else _forward_seconds(p, nthreads)
 
 
 def _forward_seconds(p, nthreads):
-    if _via_rows(p):
-        return _rows_seconds(p)
     mr, nr = G.tile(p.itemsize)
     npos, mblk, staged, *_ = _forward_plan(p, nthreads)
     tn = p.cg * p.r * p.s
@@ -353,7 +380,9 @@ def cost(p, pass_, threads):
         return float("inf")
     lanes = G.VBYTES // p.itemsize
     if pass_ == "forward":
-        t = _forward_seconds(p, threads)
+        t = _forward_cost(p, threads)
+    elif _via_rows(p, pass_):
+        t = _rows_seconds(p, pass_)
     elif pass_ == "grad_weight":
         mt = K.DOT_TILES[G.ISA][0]
         use = p.ow / (-(-p.ow // lanes) * lanes) * p.kg / (-(-p.kg // mt) * mt)
@@ -361,7 +390,7 @@ def cost(p, pass_, threads):
     else:
         q = _use_transposed(p)
         if q is not None:
-            t = _forward_seconds(q, threads)
+            t = _forward_cost(q, threads)
         else:
             t = 1.4 * _forward_seconds(p, threads)  # GEMM into the tile, then the scatter
     return _TO_NOMINAL * (3e-5 + t / (1.0 + 0.9 * (threads - 1)))

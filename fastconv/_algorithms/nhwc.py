@@ -37,7 +37,7 @@ import numpy as np
 from .. import _cpu
 from . import _nhwc_kernels as K
 from . import gemm as G
-from .common import _threads, _transposed, transposed_weight
+from .common import _threads, _transposed
 from .common import _workers as _nw
 
 
@@ -163,17 +163,22 @@ def _rows_bytes(p):
     return (weights + rows) * p.itemsize
 
 
-def _forward_rows(xh, w, b, p):
+def _forward_rows(xh, w, b, p, flipped=False):
     """The forward on the row-pointer micro-kernel: tiles' rows read in place from the input
-    (>= ROWS_MIN_CHANNELS channels per group) or from the item's im2row block."""
+    (>= ROWS_MIN_CHANNELS channels per group) or from the item's im2row block.  With ``flipped``,
+    ``p`` is a transposed geometry (``_transposed``) whose kernel is packed from the forward
+    weights ``w``; then None where a weight is not finite (the caller scatters instead)."""
     mr, nr = G.tile(p.itemsize)
     m = p.n * p.oh * p.ow
-    y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
     tn = p.r * p.s * p.cg
     npan = -(-p.kg // nr)
     pbw = np.empty(p.g * npan * tn * nr, dtype=p.dtype)
     bad = np.empty(p.g * npan, np.uint8)
-    K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad)
+    pack = K.pack_weights_flipped if flipped else K.pack_weights
+    pack(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad)
+    if flipped and bad.any():
+        return None
+    y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
     in_place = p.cg >= ROWS_MIN_CHANNELS
     skip = skips(p) and not bad.any()
     bm, nw = _rows_plan(p, m, in_place)
@@ -273,13 +278,22 @@ def forward(xh, w, b, p):
     return _forward_rows(xh, w, b, p)
 
 
+def grad_input_transposed(gyh, w, p):
+    """grad_input (n, h, w, c) as the forward on the flipped, channel-swapped kernel where that is
+    one (stride 1, padding within the kernel's extent), else None; None too where a weight is not
+    finite: the correlation multiplies every weight by gy's zero padding and would put NaNs where
+    the scatter (and PyTorch) puts none."""
+    q = _transposed(p)
+    if q is None or p.n * p.h * p.w == 0:
+        return None
+    return _forward_rows(gyh, w, None, q, flipped=True)
+
+
 def grad_input(gyh, w, p):
     """``gx`` (n, h, w, c) C-contiguous from the NHWC output gradient ``gyh`` (n, oh, ow, k)."""
-    q = _transposed(p)
-    if q is not None and np.isfinite(w).all():
-        # the correlation multiplies every weight by gy's zero padding: a non-finite weight would
-        # put NaNs where the scatter (and PyTorch) puts none
-        return forward(gyh, transposed_weight(w, p.g), None, q)
+    gx = grad_input_transposed(gyh, w, p)
+    if gx is not None:
+        return gx
     gx = np.empty((p.n, p.h, p.w, p.c), dtype=p.dtype)
     tn = p.r * p.s * p.cg
     wg = np.ascontiguousarray(w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 1, 3, 4, 2)).reshape(-1)
