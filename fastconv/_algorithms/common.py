@@ -1,7 +1,8 @@
 """Pieces every convolution algorithm shares: padded (and phase-split) plane copies, the bias
-gradient, and three kernel helpers -- an atomic work-item counter (``claim``), fixed-size
-arrays on a kernel's stack (``stack_rows``) and a register-blocked multiply-accumulate over a
-table of taps (``mac_taps``)."""
+gradient, three kernel helpers -- an atomic work-item counter (``claim``), fixed-size arrays on a
+kernel's stack (``stack_rows``) and a register-blocked multiply-accumulate over a table of taps
+(``mac_taps``) -- and the GEMM algorithms' worker count (``_workers``, ``_threads``) and
+transposed geometry (``_transposed``)."""
 import dataclasses
 
 import numba
