@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _validation as V
 from ._algorithms import elementwise as _ew
+from ._algorithms import implicit as _implicit
 from ._algorithms import nhwc as _nhwc
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
@@ -196,10 +197,12 @@ def _native(p, alg, algorithm, pass_):
     """Whether a channels_last call runs this pass on the NHWC kernels (no layout conversion): with
     ``algorithm='gemm'`` whenever they can serve it; under ``'auto'`` when it chose ``gemm`` or
     ``im2col`` (any algorithm for a 1x1 layer, a plain GEMM in NHWC) and the NHWC pass measured
-    faster than converting (:func:`._algorithms.nhwc.preferred`).  Other algorithms compute in NCHW,
-    converted both ways."""
-    if algorithm != "gemm" and not (algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1)
-                                    and _nhwc.preferred(p, pass_)):
+    faster than converting (:func:`._algorithms.nhwc.preferred`), or when it chose ``gemm`` where
+    that runs the pass on the NHWC kernels anyway (small planes: ``implicit.via_channels_last``).
+    Other algorithms compute in NCHW, converted both ways."""
+    gemm_nhwc = algorithm == "auto" and alg.name == "gemm" and _implicit.via_channels_last(p, pass_)
+    if algorithm != "gemm" and not gemm_nhwc and not (
+            algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1) and _nhwc.preferred(p, pass_)):
         return False
     return _nhwc.supports(p, pass_) is None
 

@@ -438,6 +438,22 @@ def test_auto_prefers_native_where_measured_faster():
     assert not any(pref((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3).values())  # 3 channels
 
 
+def test_auto_runs_gemms_small_planes_natively():
+    # where 'gemm' itself runs on the NHWC kernels (small planes), a channels_last input takes every
+    # pass natively, grad_weight of a stride-1 3x3 layer included (nhwc.preferred alone says no)
+    from fastconv import _dispatch, functional
+    reg = _dispatch.registry()
+    p = conv_params("conv2d", (8, 512, 7, 7), (512, 512, 3, 3), np.float32, 1, 1, 1, 1)
+    assert not nhwc.preferred(p, "grad_weight")
+    for pass_ in ("forward", "grad_input", "grad_weight"):
+        assert implicit.via_channels_last(p, pass_)
+        assert functional._native(p, reg["gemm"], "auto", pass_)
+    assert not functional._native(p, reg["winograd"], "auto", "grad_weight")
+    big = conv_params("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), np.float32, 1, 1, 1, 1)
+    assert not implicit.via_channels_last(big, "grad_weight")
+    assert not functional._native(big, reg["gemm"], "auto", "grad_weight")
+
+
 # --------------------------------------------------------------------------------------- random geometries
 _pairs = lambda s: st.one_of(s, st.tuples(s, s))  # noqa: E731
 

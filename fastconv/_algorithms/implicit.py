@@ -168,6 +168,16 @@ def _via_rows(p, pass_="forward"):
             and _rows_need(p, pass_) <= p.workspace_limit)
 
 
+def via_channels_last(p, pass_):
+    """Whether this pass runs on the channels_last kernels (NCHW operands converted): the forward
+    and grad_weight where :func:`_via_rows`, grad_input where its transposed forward does.  A
+    channels_last caller then runs the pass natively instead (``functional._native``)."""
+    if pass_ == "grad_input":
+        q = _use_transposed(p)
+        return q is not None and _via_rows(q)
+    return _via_rows(p, pass_)
+
+
 def _rows_need(p, pass_):
     """Workspace of the channels_last route: the NHWC copies of the operands and what the pass
     allocates (``nhwc.need``)."""
