@@ -313,16 +313,39 @@ def _add_bias(y, bias, i0, mb, kt, c0, kg):
             y[o + j] += bias[c0 + j]
 
 
+@serial
+def _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, c0):
+    # offs[3bm + i]: row i's tap (rr, ss) in the input (channel c0), -1 in the padding
+    for i in range(mb):
+        iy = offs[bm + i] + rr * dh
+        ix = offs[2 * bm + i] + ss * dw
+        if 0 <= iy < h and 0 <= ix < w:
+            offs[3 * bm + i] = ((offs[i] * h + iy) * w + ix) * cin + c0
+        else:
+            offs[3 * bm + i] = -1
+
+
 @kernel
 def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
-                 wbuf, offbuf, zeros, blk, bm, ctr):
+                 wbuf, offbuf, skip, order, keys, cbuf, zeros, blk, bm, ctr):
     """:func:`forward` reading A in place: the NHWC input holds every in-bounds tap of every output
     position, so a tile's rows are the positions' channel runs (``ukernel_rowptr``) and a tap in the
     padding reads ``zeros``: no padded copy (it took 10% of resnet50-3x3-s2's forward) and nothing
     gathered.  Weights come packed (:func:`pack_weights`).  Items (block of bm positions, group);
     per tap the item's rows are listed (``offbuf[wid, 3*bm:4*bm]``, -1 in the padding), then per
     cache block of channels the B micro-panel stays in L1 across the item's tiles, the item's C
-    block (bm x kg) in L2."""
+    block (bm x kg) in L2.
+
+    With ``skip`` (small planes: a 4x4 plane with 3x3 taps and padding 1 has 31% of its
+    position-taps in the padding; 7x7, 18%) the taps in the padding are skipped.  Items are then
+    runs of ``order``, the output positions sorted by their windows' in-bounds tap ranges
+    (``keys[oy*ow + ox]`` = ((rlo*(r+1) + rhi)*(s+1) + slo)*(s+1) + shi, taps [rlo, rhi) x
+    [slo, shi) inside), so the rows of a tile mostly share one; a tile runs only the taps some row
+    of it has inside the input (rows outside read ``zeros`` as before), into the worker's C block
+    ``cbuf`` (bm x kg), copied to ``y`` by position at the end with the bias.  Weights must be
+    finite: a skipped tap adds nothing where the zeros would have given 0 * inf = NaN.
+    ``offbuf[wid]`` holds 4*bm int64 (10*bm with ``skip``: ``_sorted_positions``,
+    ``_tile_ranges``)."""
     kc = blk[0]
     mr, nr = _tile_of(y)
     tn = r * s * cg
@@ -335,6 +358,7 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
     for wid in prange(nw):
         tmp = wbuf[wid]
         offs = offbuf[wid]
+        cb = cbuf[wid]
         for _ in range(items):
             it = claim(ctr)
             if it >= items:
@@ -342,23 +366,34 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
             gi = it % g
             i0 = (it // g) * bm
             mb = min(bm, m - i0)
-            for i in range(mb):  # each position's image and top-left tap (may lie in the padding)
-                offs[i], offs[bm + i], offs[2 * bm + i] = _position(i0 + i, plane, ow, sh, sw, ph, pw)
+            if skip:
+                _sorted_positions(offs, bm, mb, i0, order, keys, plane, ow, sh, sw, ph, pw)
+                _tile_ranges(offs, bm, mb, r, s, mr)
+            else:
+                for i in range(mb):  # each position's image and top-left tap (may lie in the padding)
+                    offs[i], offs[bm + i], offs[2 * bm + i] = _position(i0 + i, plane, ow, sh, sw, ph, pw)
             for t in range(r * s):
                 rr = t // s
                 ss = t - rr * s
-                for i in range(mb):
-                    iy = offs[bm + i] + rr * dh
-                    ix = offs[2 * bm + i] + ss * dw
-                    if 0 <= iy < h and 0 <= ix < w:
-                        offs[3 * bm + i] = ((offs[i] * h + iy) * w + ix) * cin + gi * cg
-                    else:
-                        offs[3 * bm + i] = -1
+                _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, gi * cg)
                 for cc0 in range(0, cg, kc):
-                    _row_tiles(min(kc, cg - cc0), x, offs, 3 * bm, cc0, zeros, pbw,
-                               (gi * npan * tn + t * cg + cc0) * nr, tn, npan, y, i0, mb, kt, gi * kg, kg, tmp,
-                               0 if t == 0 and cc0 == 0 else 1, mr, nr)
-            if has_bias:
+                    boff = (gi * npan * tn + t * cg + cc0) * nr
+                    if skip:
+                        _row_tiles_skip(min(kc, cg - cc0), x, offs, bm, mb, cc0, zeros, pbw, boff, tn, npan, cb,
+                                        kg, tmp, rr, ss, cc0 == 0, mr, nr)
+                    else:
+                        _row_tiles(min(kc, cg - cc0), x, offs, 3 * bm, cc0, zeros, pbw, boff, tn, npan, y, i0,
+                                   mb, kt, gi * kg, kg, tmp, 0 if t == 0 and cc0 == 0 else 1, mr, nr)
+            if skip:
+                for i in range(mb):
+                    o = offs[4 * bm + i] * kt + gi * kg
+                    key = offs[5 * bm + i]
+                    q = key // ((s + 1) * (s + 1))
+                    empty = q // (r + 1) >= q % (r + 1) or (key // (s + 1)) % (s + 1) >= key % (s + 1)
+                    for j in range(kg):
+                        v = 0 if empty else cb[i * kg + j]
+                        y[o + j] = v + bias[gi * kg + j] if has_bias else v
+            elif has_bias:
                 _add_bias(y, bias, i0, mb, kt, gi * kg, kg)
 
 
@@ -377,7 +412,7 @@ def _tap_range(o, n, d, k):
 @serial
 def _sorted_positions(offs, bm, mb, i0, order, keys, plane, ow, sh, sw, ph, pw):
     # the item's positions, order[i0 : i0+mb]: offs[0:bm] image, [bm:2bm] top row, [2bm:3bm] left
-    # column, [4bm:5bm] position, [5bm:6bm] its window's key (see forward_rows_skip)
+    # column, [4bm:5bm] position, [5bm:6bm] its window's key (see forward_rows)
     for i in range(mb):
         pos = order[i0 + i]
         offs[i], offs[bm + i], offs[2 * bm + i] = _position(pos, plane, ow, sh, sw, ph, pw)
@@ -429,64 +464,6 @@ def _row_tiles_skip(kb, a, offs, bm, mb, toff, zeros, pbw, bbase, tn, npan, cb, 
                             cb[co + ii * kg + jj] += tmp[ii * nr + jj]
                         else:
                             cb[co + ii * kg + jj] = tmp[ii * nr + jj]
-
-
-@kernel
-def forward_rows_skip(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
-                      wbuf, offbuf, order, keys, cbuf, zeros, blk, bm, ctr):
-    """:func:`forward_rows` that skips the taps in the padding, for small planes (a 4x4 plane with
-    3x3 taps and padding 1 has 31% of its position-taps there; 7x7, 18%).  Items are runs of
-    ``order``, the output positions sorted by their windows' in-bounds tap ranges (``keys[oy*ow +
-    ox]`` = ((rlo*(r+1) + rhi)*(s+1) + slo)*(s+1) + shi, taps [rlo, rhi) x [slo, shi) inside), so
-    the rows of a tile mostly share one; a tile runs only the taps some row of it has inside the
-    input (rows outside read ``zeros`` as before), into the worker's C block ``cbuf`` (bm x kg),
-    copied to ``y`` by position at the end with the bias.  Weights must be finite: a skipped tap
-    adds nothing where the zeros would have given 0 * inf = NaN.  ``offbuf[wid]`` holds 10*bm
-    int64 (layout in ``_sorted_positions`` and ``_tile_ranges``)."""
-    kc = blk[0]
-    mr, nr = _tile_of(y)
-    tn = r * s * cg
-    kt = g * kg
-    npan = (kg + nr - 1) // nr
-    plane = oh * ow
-    nblk = (m + bm - 1) // bm
-    items = nblk * g
-    nw = wbuf.shape[0]
-    for wid in prange(nw):
-        tmp = wbuf[wid]
-        offs = offbuf[wid]
-        cb = cbuf[wid]
-        for _ in range(items):
-            it = claim(ctr)
-            if it >= items:
-                break
-            gi = it % g
-            i0 = (it // g) * bm
-            mb = min(bm, m - i0)
-            _sorted_positions(offs, bm, mb, i0, order, keys, plane, ow, sh, sw, ph, pw)
-            _tile_ranges(offs, bm, mb, r, s, mr)
-            for t in range(r * s):
-                rr = t // s
-                ss = t - rr * s
-                for i in range(mb):
-                    iy = offs[bm + i] + rr * dh
-                    ix = offs[2 * bm + i] + ss * dw
-                    if 0 <= iy < h and 0 <= ix < w:
-                        offs[3 * bm + i] = ((offs[i] * h + iy) * w + ix) * cin + gi * cg
-                    else:
-                        offs[3 * bm + i] = -1
-                for cc0 in range(0, cg, kc):
-                    _row_tiles_skip(min(kc, cg - cc0), x, offs, bm, mb, cc0, zeros, pbw,
-                                    (gi * npan * tn + t * cg + cc0) * nr, tn, npan, cb, kg, tmp, rr, ss, cc0 == 0,
-                                    mr, nr)
-            for i in range(mb):
-                o = offs[4 * bm + i] * kt + gi * kg
-                key = offs[5 * bm + i]
-                q = key // ((s + 1) * (s + 1))
-                empty = q // (r + 1) >= q % (r + 1) or (key // (s + 1)) % (s + 1) >= key % (s + 1)
-                for j in range(kg):
-                    v = 0 if empty else cb[i * kg + j]
-                    y[o + j] = v + bias[gi * kg + j] if has_bias else v
 
 
 @kernel

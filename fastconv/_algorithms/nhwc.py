@@ -157,7 +157,7 @@ def _rows_bytes(p):
     if p.cg < ROWS_MIN_CHANNELS:  # the workers' im2row blocks: at most half of L2 (or MR rows) each
         per_worker = max(_cpu.cache_sizes()["l2"] // 2 // p.itemsize, G.tile(p.itemsize)[0] * p.r * p.s * p.cg)
         rows = numba.get_num_threads() * per_worker
-    elif skips(p):  # forward_rows_skip's C blocks
+    elif skips(p):  # forward_rows' C blocks when it skips padding taps
         bm, nw = _rows_plan(p, p.n * p.oh * p.ow)
         rows = nw * bm * p.kg
     return (weights + rows) * p.itemsize
@@ -188,13 +188,11 @@ def _forward_rows(xh, w, b, p, flipped=False):
             p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw, bias, b is not None, y.reshape(-1), m,
             np.empty((nw, mr * nr), p.dtype), np.empty((nw, (10 if skip else 4) * bm), np.int64))
     with _threads(nw):
-        if skip:
-            keys = _window_keys(p)
-            order = np.argsort(np.tile(keys, p.n), kind="stable")
-            K.forward_rows_skip(*args, order, keys, np.empty((nw, bm * p.kg), p.dtype),
-                                np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
-        elif in_place:
-            K.forward_rows(*args, np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
+        if in_place:
+            keys = _window_keys(p) if skip else np.zeros(1, np.int64)
+            order = np.argsort(np.tile(keys, p.n), kind="stable") if skip else keys
+            K.forward_rows(*args, skip, order, keys, np.empty((nw, bm * p.kg if skip else 1), p.dtype),
+                           np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
         else:
             K.forward_im2row(*args, np.empty((nw, bm * tn), p.dtype), blk, bm, np.zeros(1, np.int64))
     return y
@@ -202,7 +200,7 @@ def _forward_rows(xh, w, b, p, flipped=False):
 
 def _window_keys(p):
     """Per output position of a plane, its window's in-bounds taps [rlo, rhi) x [slo, shi) as one
-    key ((rlo*(r+1) + rhi)*(s+1) + slo)*(s+1) + shi (``forward_rows_skip``)."""
+    key ((rlo*(r+1) + rhi)*(s+1) + slo)*(s+1) + shi (``forward_rows`` with ``skip``)."""
     def ranges(o, n, lo, st, d, k):
         i = np.arange(o)[:, None] * st - lo + np.arange(k)[None, :] * d
         inside = (i >= 0) & (i < n)
@@ -226,7 +224,7 @@ def padded_share(p):
 
 
 def skips(p):
-    """Whether the forward skips the taps in the padding (``forward_rows_skip``; finite weights
+    """Whether the forward skips the taps in the padding (``forward_rows`` with ``skip``; finite weights
     too): wide groups, a share of at least SKIP_MIN_SHARE and enough work to pay for sorting the
     positions (SKIP_MIN_MACS)."""
     return p.cg >= ROWS_MIN_CHANNELS and p.macs >= SKIP_MIN_MACS and padded_share(p) >= SKIP_MIN_SHARE
@@ -237,7 +235,7 @@ def skips(p):
 SKIP_MIN_MACS = 1 << 24
 
 #: Share of position-taps in the padding from which the forward skips them (:func:`padded_share`,
-#: ``forward_rows_skip``): 32x512x4x4 (31%) forward ... ms, 8x512x7x7 (18%) ...
+#: ``forward_rows`` with ``skip``): 32x512x4x4 (31%) forward ... ms, 8x512x7x7 (18%) ...
 SKIP_MIN_SHARE = 0.05
 
 
