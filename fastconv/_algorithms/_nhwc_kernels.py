@@ -222,59 +222,38 @@ def grad_input_col2im(gy, wg, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g
 
 # ---------------------------------------------------------------------------------------- in place
 @kernel
-def pack_weights(w, g, kg, cg, r, s, pb, nr, bad):
+def pack_weights(w, g, kg, cg, r, s, pb, nr, bad, flipped):
     """The weights (k, cg, r, s) as NR-column panels over taps t = (rr*s + ss)*cg + cc:
     ``pb[((gi*npan + jp)*tn + t)*nr + jj] = w[gi*kg + jp*nr + jj, cc, rr, ss]``, zero past kg;
     ``bad[gi*npan + jp]`` = 1 where that panel holds a non-finite weight (a finiteness check for
-    free: a separate ``np.isfinite(w).all()`` took 2-3 ms of 9.4 MB).
-    Channel by channel: each weight row's r*s taps are read together and each panel row (nr outputs
-    of one tap) written together (jj outermost wrote one element per 64-byte line: 2.8 ms for
-    512x512x3x3)."""
+    free: a separate ``np.isfinite(w).all()`` took 2-3 ms of 9.4 MB).  Channel by channel: each
+    weight row's r*s taps are read together and each panel row (nr outputs of one tap) written
+    together (jj outermost wrote one element per 64-byte line: 2.8 ms for 512x512x3x3).
+
+    With ``flipped``, the transposed convolution's kernel (``common.transposed_weight``: flipped,
+    in/out channels swapped per group) read straight from the forward's weights ``w`` (g*cg, kg,
+    r, s) -- kg and cg being the transposed convolution's: ``pb[...] = w[gi*cg + cc, jp*nr + jj,
+    r-1-rr, s-1-ss]``, one channel cc of a panel reading nr*r*s contiguous weights (flipping and
+    swapping first cost a 9.4 MB copy, 2 ms for 512x512x3x3)."""
     tn = r * s * cg
     rs = r * s
     npan = (kg + nr - 1) // nr
+    sj, st = (rs, -1) if flipped else (tn, 1)  # steps of the source index per output, per tap
     for it in prange(g * npan):
         gi = it // npan
         jp = it - gi * npan
         d0 = it * tn * nr
         nn = min(nr, kg - jp * nr)
-        src0 = (gi * kg + jp * nr) * tn
-        probe = w[src0] * 0  # stays 0 unless a weight is inf or NaN
+        probe = w[0] * 0  # stays 0 unless a weight is inf or NaN
         for cc in range(cg):
+            if flipped:
+                src0 = ((gi * cg + cc) * kg + jp * nr) * rs + rs - 1
+            else:
+                src0 = (gi * kg + jp * nr) * tn + cc * rs
             for t in range(rs):
                 d = d0 + (t * cg + cc) * nr
                 for jj in range(nn):
-                    v = w[src0 + jj * tn + cc * rs + t]
-                    pb[d + jj] = v
-                    probe += v * 0
-                for jj in range(nn, nr):
-                    pb[d + jj] = 0
-        bad[it] = 0 if probe == 0 else 1
-
-
-@kernel
-def pack_weights_flipped(w, g, kg, cg, r, s, pb, nr, bad):
-    """:func:`pack_weights` of the transposed convolution's kernel (``common.transposed_weight``:
-    flipped, in/out channels swapped per group) read straight from the forward's weights ``w``
-    (g*cg, kg, r, s) -- here kg and cg are the transposed convolution's, so
-    ``pb[((gi*npan + jp)*tn + t)*nr + jj] = w[gi*cg + cc, jp*nr + jj, r-1-rr, s-1-ss]``.  One
-    channel cc of a panel reads nr*r*s contiguous weights (flipping and swapping first cost a 9.4 MB
-    copy, 2 ms for 512x512x3x3)."""
-    tn = r * s * cg
-    rs = r * s
-    npan = (kg + nr - 1) // nr
-    for it in prange(g * npan):
-        gi = it // npan
-        jp = it - gi * npan
-        d0 = it * tn * nr
-        nn = min(nr, kg - jp * nr)
-        probe = w[(gi * cg * kg + jp * nr) * rs] * 0  # stays 0 unless a weight is inf or NaN
-        for cc in range(cg):
-            src0 = ((gi * cg + cc) * kg + jp * nr) * rs + rs - 1
-            for t in range(rs):
-                d = d0 + (t * cg + cc) * nr
-                for jj in range(nn):
-                    v = w[src0 + jj * rs - t]
+                    v = w[src0 + jj * sj + t * st]
                     pb[d + jj] = v
                     probe += v * 0
                 for jj in range(nn, nr):

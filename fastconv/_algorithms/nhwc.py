@@ -174,8 +174,7 @@ def _forward_rows(xh, w, b, p, flipped=False):
     npan = -(-p.kg // nr)
     pbw = np.empty(p.g * npan * tn * nr, dtype=p.dtype)
     bad = np.empty(p.g * npan, np.uint8)
-    pack = K.pack_weights_flipped if flipped else K.pack_weights
-    pack(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad)
+    K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad, flipped)
     if flipped and bad.any():
         return None
     y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
