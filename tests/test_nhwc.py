@@ -68,7 +68,8 @@ def _reference(x, w, b, gy, kw):
 
 # --------------------------------------------------------------------------------------- layouts
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 6, 11), (3, 70, 1, 40), (2, 1, 4, 4)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 6, 11), (3, 70, 1, 40), (2, 1, 4, 4), (2, 40, 9, 70),
+                                   (1, 8, 8, 8), (3, 130, 7, 9)])
 def test_layout_round_trip(shape, dtype):
     a = random_array(np.random.default_rng(1), shape, dtype)
     h = nhwc.to_nhwc(a)
@@ -81,6 +82,22 @@ def test_layout_round_trip(shape, dtype):
     assert back.flags.c_contiguous
     np.testing.assert_array_equal(back, a)
     assert nhwc.to_nchw(a) is a  # already NCHW: no copy
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.float16])
+def test_layout_round_trip_other_dtypes(dtype):
+    # pooling's indices (int64) take the register transpose bit for bit; other widths numpy's copy
+    a = (np.random.default_rng(4).standard_normal((2, 19, 9, 13)) * 1000).astype(dtype)
+    h = nhwc.to_nhwc(a)
+    np.testing.assert_array_equal(h, a.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(nhwc.to_nchw(nhwc.channels_last_view(h)), a)
+
+
+def test_layout_round_trip_keeps_nan_payloads():
+    a = np.random.default_rng(5).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    a.view(np.uint32)[0, 3, 2, 5] = 0x7FC00123  # a NaN with a payload
+    h = nhwc.to_nhwc(a)
+    np.testing.assert_array_equal(h.view(np.uint32), a.transpose(0, 2, 3, 1).view(np.uint32))
 
 
 def test_is_channels_last():

@@ -54,6 +54,8 @@ def to_nhwc(a):
     if is_channels_last(a) or (a.shape[1] == 1 and a.flags.c_contiguous):
         return a.transpose(0, 2, 3, 1)
     n, c, h, w = a.shape
+    if a.dtype.itemsize not in (4, 8):  # the kernel's register transpose moves 4- and 8-byte lanes
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
     out = np.empty((n, h, w, c), dtype=a.dtype)
     if a.size:
         K.transpose_planes(np.ascontiguousarray(a).reshape(n, c, h * w), out.reshape(n, h * w, c))
@@ -68,6 +70,8 @@ def to_nchw(a):
     if not is_channels_last(a):
         return np.ascontiguousarray(a)
     n, c, h, w = a.shape
+    if a.dtype.itemsize not in (4, 8):
+        return np.ascontiguousarray(a)
     out = np.empty((n, c, h, w), dtype=a.dtype)
     if a.size:
         K.transpose_planes(a.transpose(0, 2, 3, 1).reshape(n, h * w, c), out.reshape(n, c, h * w))
