@@ -162,8 +162,8 @@ def _via_rows(p, pass_="forward"):
     columns and the padding holds a large share of the taps, which ``nhwc.forward`` skips, in one
     GEMM over the whole batch's positions; grad_weight's dot tiles run 4 or 8 lanes wide.  Measured
     (2 threads, AVX2, ms here / on the NCHW kernels): 32x512x4x4 forward 17.6 / 23.7, grad_weight
-    ... / 186.7; 32x256x8x8 16.3 / 20.0, ... / 97.6; 8x512x7x7 forward 16.9 / 20.6; at 14x14 even
-    (16.3 / 16.2), at 16x16 behind (20.7 / 18.6)."""
+    19.7 / 186.7; 32x256x8x8 forward 16.3 / 20.0, grad_weight 18.1 / 97.6; 8x512x7x7 forward
+    16.9 / 20.6; at 14x14 even (16.3 / 16.2), at 16x16 behind (20.7 / 18.6)."""
     return (p.oh * p.ow <= ROWS_MAX_PLANE and min(p.cg, p.kg) >= H.ROWS_MIN_CHANNELS
             and _rows_need(p, pass_) <= p.workspace_limit)
 

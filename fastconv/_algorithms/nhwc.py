@@ -238,7 +238,9 @@ def skips(p):
 SKIP_MIN_MACS = 1 << 24
 
 #: Share of position-taps in the padding from which the forward skips them (:func:`padded_share`,
-#: ``forward_rows`` with ``skip``): 32x512x4x4 (31%) forward ... ms, 8x512x7x7 (18%) ...
+#: ``forward_rows`` with ``skip``).  2 threads, AVX2, ms skipping / not: 32x512x4x4 (31%) 13.5 / 17.0,
+#: 32x256x8x8 (16%) 12.5 / 14.4, 8x512x7x7 (18%) 12.0 / 13.0; below 5% the sort and the copy-out
+#: would cost about what they save.
 SKIP_MIN_SHARE = 0.05
 
 
