@@ -345,6 +345,21 @@ def pack_weights(w, g, kg, cg, r, s, pb, nr, bad, flipped):
 
 
 @serial
+def _tile(kb, a, offs, ioff, toff, zeros, pbw, boff, c, co, ldc, acc, rows, nn, tmp, nr):
+    # one ukernel_rowptr tile into c (row pitch ldc); a panel of nn < nr real columns through tmp
+    if nn == nr:
+        ukernel_rowptr(kb, a, offs, ioff, toff, zeros, pbw, boff, c, co, ldc, acc, rows)
+        return
+    ukernel_rowptr(kb, a, offs, ioff, toff, zeros, pbw, boff, tmp, 0, nr, 0, rows)
+    for ii in range(rows):
+        for jj in range(nn):
+            if acc:
+                c[co + ii * ldc + jj] += tmp[ii * nr + jj]
+            else:
+                c[co + ii * ldc + jj] = tmp[ii * nr + jj]
+
+
+@serial
 def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, npan, y, i0, mb, kt, ycol, kg, tmp, acc, mr, nr):
     # C[i0 .. i0+mb, ycol .. ycol+kg] (+)= the item's rows (ukernel_rowptr: offs[obase + i] + toff)
     # . the packed weights' kb-row block at bbase of each panel; panels past kg through tmp
@@ -353,18 +368,8 @@ def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, npan, y, i0, mb,
         nn = min(nr, kg - j0)
         boff = bbase + jp * tn * nr
         for i in range(0, mb, mr):
-            rows = min(mr, mb - i)
-            co = (i0 + i) * kt + ycol + j0
-            if nn == nr:
-                ukernel_rowptr(kb, a, offs, obase + i, toff, zeros, pbw, boff, y, co, kt, acc, rows)
-            else:
-                ukernel_rowptr(kb, a, offs, obase + i, toff, zeros, pbw, boff, tmp, 0, nr, 0, rows)
-                for ii in range(rows):
-                    for jj in range(nn):
-                        if acc:
-                            y[co + ii * kt + jj] += tmp[ii * nr + jj]
-                        else:
-                            y[co + ii * kt + jj] = tmp[ii * nr + jj]
+            _tile(kb, a, offs, obase + i, toff, zeros, pbw, boff, y, (i0 + i) * kt + ycol + j0, kt, acc,
+                  min(mr, mb - i), nn, tmp, nr)
 
 
 @serial
@@ -449,26 +454,13 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
             if skip:
                 for i in range(mb):
                     o = offs[4 * bm + i] * kt + gi * kg
-                    key = offs[5 * bm + i]
-                    q = key // ((s + 1) * (s + 1))
-                    empty = q // (r + 1) >= q % (r + 1) or (key // (s + 1)) % (s + 1) >= key % (s + 1)
+                    rlo, rhi, slo, shi = _window(offs[5 * bm + i], r, s)
+                    empty = rlo >= rhi or slo >= shi
                     for j in range(kg):
                         v = 0 if empty else cb[i * kg + j]
                         y[o + j] = v + bias[gi * kg + j] if has_bias else v
             elif has_bias:
                 _add_bias(y, bias, i0, mb, kt, gi * kg, kg)
-
-
-@serial
-def _tap_range(o, n, d, k):
-    # [lo, hi): the taps t < k of a window starting at o (step d) that land inside [0, n)
-    lo = 0
-    while lo < k and o + lo * d < 0:
-        lo += 1
-    hi = k
-    while hi > lo and o + (hi - 1) * d >= n:
-        hi -= 1
-    return lo, hi
 
 
 @serial
@@ -483,18 +475,20 @@ def _sorted_positions(offs, bm, mb, i0, order, keys, plane, ow, sh, sw, ph, pw):
 
 
 @serial
+def _window(key, r, s):
+    # (rlo, rhi, slo, shi) of a window key ((rlo*(r+1) + rhi)*(s+1) + slo)*(s+1) + shi
+    q = key // ((s + 1) * (s + 1))
+    return q // (r + 1), q % (r + 1), (key // (s + 1)) % (s + 1), key % (s + 1)
+
+
+@serial
 def _tile_ranges(offs, bm, mb, r, s, mr):
     # per tile of mr sorted rows, at offs[6bm + 4*ti ...]: the union of its rows' tap ranges
     # (rlo, rhi, slo, shi); empty (r, 0, s, 0) when every row's window lies in the padding
     for ti in range((mb + mr - 1) // mr):
         rlo, rhi, slo, shi = r, 0, s, 0
         for i in range(ti * mr, min(mb, ti * mr + mr)):
-            key = offs[5 * bm + i]
-            b = key % (s + 1)
-            a = (key // (s + 1)) % (s + 1)
-            q = key // ((s + 1) * (s + 1))
-            d = q % (r + 1)
-            c = q // (r + 1)
+            c, d, a, b = _window(offs[5 * bm + i], r, s)
             if c < d and a < b:
                 rlo, rhi, slo, shi = min(rlo, c), max(rhi, d), min(slo, a), max(shi, b)
         o = 6 * bm + 4 * ti
@@ -514,18 +508,8 @@ def _row_tiles_skip(kb, a, offs, bm, mb, toff, zeros, pbw, bbase, tn, npan, cb, 
             if rr < offs[o] or rr >= offs[o + 1] or ss < offs[o + 2] or ss >= offs[o + 3]:
                 continue
             acc = 0 if first and rr == offs[o] and ss == offs[o + 2] else 1
-            rows = min(mr, mb - i)
-            co = i * kg + j0
-            if nn == nr:
-                ukernel_rowptr(kb, a, offs, 3 * bm + i, toff, zeros, pbw, boff, cb, co, kg, acc, rows)
-            else:
-                ukernel_rowptr(kb, a, offs, 3 * bm + i, toff, zeros, pbw, boff, tmp, 0, nr, 0, rows)
-                for ii in range(rows):
-                    for jj in range(nn):
-                        if acc:
-                            cb[co + ii * kg + jj] += tmp[ii * nr + jj]
-                        else:
-                            cb[co + ii * kg + jj] = tmp[ii * nr + jj]
+            _tile(kb, a, offs, 3 * bm + i, toff, zeros, pbw, boff, cb, i * kg + j0, kg, acc, min(mr, mb - i), nn,
+                  tmp, nr)
 
 
 @kernel

@@ -31,6 +31,8 @@ count.
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -201,29 +203,33 @@ def _forward_rows(xh, w, b, p, flipped=False):
     return y
 
 
+def _inside(o, n, lo, st, d, k):
+    """(o, k) booleans along one axis: tap t of output o lands inside [0, n) (o*st - lo + t*d)."""
+    i = np.arange(o)[:, None] * st - lo + np.arange(k)[None, :] * d
+    return (i >= 0) & (i < n)
+
+
 def _window_keys(p):
     """Per output position of a plane, its window's in-bounds taps [rlo, rhi) x [slo, shi) as one
     key ((rlo*(r+1) + rhi)*(s+1) + slo)*(s+1) + shi (``forward_rows`` with ``skip``)."""
-    def ranges(o, n, lo, st, d, k):
-        i = np.arange(o)[:, None] * st - lo + np.arange(k)[None, :] * d
-        inside = (i >= 0) & (i < n)
-        first = np.where(inside.any(axis=1), inside.argmax(axis=1), k)
-        last = np.where(inside.any(axis=1), k - inside[:, ::-1].argmax(axis=1), 0)
-        return first, last
-    rlo, rhi = ranges(p.oh, p.h, p.ph0, p.sh, p.dh, p.r)
-    slo, shi = ranges(p.ow, p.w, p.pw0, p.sw, p.dw, p.s)
+    def ranges(inside, k):
+        some = inside.any(axis=1)
+        return np.where(some, inside.argmax(axis=1), k), np.where(some, k - inside[:, ::-1].argmax(axis=1), 0)
+    rlo, rhi = ranges(_inside(p.oh, p.h, p.ph0, p.sh, p.dh, p.r), p.r)
+    slo, shi = ranges(_inside(p.ow, p.w, p.pw0, p.sw, p.dw, p.s), p.s)
     row = rlo * (p.r + 1) + rhi
     col = slo * (p.s + 1) + shi
     return (row[:, None] * (p.s + 1) * (p.s + 1) + col[None, :]).reshape(-1).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=256)
 def padded_share(p):
     """The share of (output position, tap) pairs whose tap lies in the padding: per axis, the taps
-    of each output row (column) outside the input, over all of them (the two axes multiply)."""
-    def inside(o, n, lo, st, d, k):
-        i = np.arange(o)[:, None] * st - lo + np.arange(k)[None, :] * d
-        return np.count_nonzero((i >= 0) & (i < n)) / max(1, o * k)
-    return 1.0 - inside(p.oh, p.h, p.ph0, p.sh, p.dh, p.r) * inside(p.ow, p.w, p.pw0, p.sw, p.dw, p.s)
+    of each output row (column) outside the input, over all of them (the two axes multiply).
+    Cached per geometry: the workspace check, the cost model and the pass each ask."""
+    def share(o, k, *axis):
+        return np.count_nonzero(_inside(o, *axis, k)) / max(1, o * k)
+    return 1.0 - (share(p.oh, p.r, p.h, p.ph0, p.sh, p.dh) * share(p.ow, p.s, p.w, p.pw0, p.sw, p.dw))
 
 
 def skips(p):
