@@ -13,6 +13,7 @@ from ._algorithms import elementwise as _ew
 from ._algorithms import implicit as _implicit
 from ._algorithms import nhwc as _nhwc
 from ._algorithms import pooling
+from ._algorithms import winograd as _winograd
 from ._algorithms.common import bias_grad
 from ._config import reports_memory
 from ._select import select
@@ -116,6 +117,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
             y = _nhwc.dw_forward(_nhwc.to_nhwc(x), weight, bias, p)
         elif _native(p, alg, algorithm, "forward"):
             y = _nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p)
+        elif alg.name == "winograd" and (yh := _winograd.forward_nhwc(_nhwc.to_nhwc(x), weight, bias, p)) is not None:
+            y = yh  # its batch-wide plan computes in NHWC
         else:
             y = _nhwc.to_nhwc(alg.forward(_nhwc.to_nchw(x), weight, bias, p))
         y = _nhwc.channels_last_view(y)
@@ -230,6 +233,8 @@ def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
         gxh = _nhwc.dw_grad_input(gyh, w, p)
     elif _native(p, alg_i, algorithm, "grad_input"):
         gxh = _nhwc.grad_input(gyh, w, p)
+    elif alg_i.name == "winograd" and (gh := _winograd.grad_input_nhwc(gyh, w, p)) is not None:
+        gxh = gh
     else:
         gxh = _nhwc.to_nhwc(alg_i.grad_input(as_nchw("gy", gy), w, p))
     if _depthwise(p, alg_w, algorithm, w):

@@ -58,10 +58,14 @@ def _exact(case, x, w, bias, gy):
             "grad_weight": ref.conv2d_grad_weight(gy, xp, w.shape, groups=g)}
 
 
-def _winograd(p, x, w, bias, gy, m):
-    return {"forward": W._run_forward(x, w, bias, p, m),
-            "grad_input": W.grad_input(gy, w, p, m=m),
+def _winograd(p, x, w, bias, gy, m, batch=None):
+    return {"forward": W._run_forward(x, w, bias, p, m, batch),
+            "grad_input": W.grad_input(gy, w, p, m=m, batch=batch),
             "grad_weight": W.grad_weight(gy, x, p, m=m)}
+
+
+# the forward's two kernels: the packed one (tile rows of one group) and the batch-wide one
+KERNELS = pytest.mark.parametrize("batch", [False, True], ids=["packed", "batch"])
 
 
 def _im2col(case, p, x, w, bias, gy):
@@ -74,26 +78,29 @@ def _err(got, want):
     return float(np.abs(got.astype(np.float64) - want).max())
 
 
+@KERNELS
 @pytest.mark.parametrize("m", W.TILES)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_float64_matches_reference(case, m):
+def test_float64_matches_reference(case, m, batch):
     x, w, bias, gy = _make(case, np.float64)
     p = _params(case, np.float64)
+    assert W._cached_plan(p, "forward", m, batch=batch).batch is batch
     want = _exact(case, x, w, bias, gy)
-    got = _winograd(p, x, w, bias, gy, m)
+    got = _winograd(p, x, w, bias, gy, m, batch)
     for name in want:
         assert got[name].shape == want[name].shape and got[name].dtype == np.float64, name
         scale = max(1.0, float(np.abs(want[name]).max()))
         assert _err(got[name], want[name]) <= 1e-10 * scale, name
 
 
+@KERNELS
 @pytest.mark.parametrize("m", W.TILES)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_float32_error_within_factor_of_im2col(case, m):
+def test_float32_error_within_factor_of_im2col(case, m, batch):
     x, w, bias, gy = _make(case, np.float32, seed=1)
     p = _params(case, np.float32)
     want = _exact(case, x, w, bias, gy)
-    got = _winograd(p, x, w, bias, gy, m)
+    got = _winograd(p, x, w, bias, gy, m, batch)
     base = _im2col(case, p, x, w, bias, gy)
     for name in want:
         assert got[name].dtype == np.float32, name
@@ -271,14 +278,15 @@ def test_public_api_matches_torch(torch):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-10)
 
 
+@KERNELS
 @pytest.mark.parametrize("m", W.TILES)
-def test_nan_spreads_over_tiles_only(m):
+def test_nan_spreads_over_tiles_only(m, batch):
     # the documented spread: the output tiles whose a x a input patch holds the NaN, every channel
     case = CASES[5]
     x, w, bias, gy = _make(case, np.float64, seed=6)
     x[1, 2, 5, 6] = np.nan
     p = _params(case, np.float64)
-    y = W._run_forward(x, w, bias, p, m)
+    y = W._run_forward(x, w, bias, p, m, batch)
     torch_like = np.isnan(_exact(case, x, w, bias, gy)["forward"])
     nan = np.isnan(y)
     assert (nan >= torch_like).all() and not nan[0].any()

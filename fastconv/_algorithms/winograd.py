@@ -102,6 +102,8 @@ from . import _dilation_phases as phases
 from . import _winograd_gw_kernels as KG
 from . import _winograd_kernels as K
 from . import gemm as _gemm
+from . import nhwc as _nhwc
+from . import winograd_nhwc as WN
 from ._blas import _BLAS, serial_blas
 
 # --------------------------------------------------------------------------- transform matrices
@@ -191,6 +193,7 @@ class _Plan:
     words: int   # buffer elements per worker
     fixed: int   # bytes shared by all workers (U, or grad_weight's accumulators)
     rowwise: bool = False  # grad_weight on the packed forward's row transforms (else the gathers)
+    batch: bool = False    # the forward over the whole batch's tiles (winograd_nhwc; rb: tiles per chunk)
 
 
 def _plan(p, m, nthreads):
@@ -237,11 +240,12 @@ def _plan(p, m, nthreads):
 _PLANS: dict = {}
 
 
-def _cached_plan(p, pass_, m=None, rowwise=None):
+def _cached_plan(p, pass_, m=None, rowwise=None, batch=None):
     """The cheaper fitting plan of ``pass_`` (``m`` forces a tile size; ``rowwise`` True/False forces
-    grad_weight's kernel: the tests reach both on small cases), or the first refusal."""
+    grad_weight's kernel, ``batch`` the forward's: the tests reach each on small cases), or the
+    first refusal."""
     nthreads = numba.get_num_threads()
-    key = (p, pass_, m, rowwise, nthreads)
+    key = (p, pass_, m, rowwise, batch, nthreads)
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
@@ -249,9 +253,11 @@ def _cached_plan(p, pass_, m=None, rowwise=None):
             plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
                     ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else [])
         else:
-            plans = [_packed_plan(p, mm, nthreads) for mm in tiles]
+            plans = ([_packed_plan(p, mm, nthreads) for mm in tiles] if batch is not True else []) + \
+                    ([_batch_plan(p, mm, nthreads) for mm in tiles] if batch is not False else [])
         fit = [c for c in plans if not isinstance(c, str)]
-        pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads)) if fit else plans[0]
+        pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads) * (_BATCH_MARGIN if c.batch else 1.0)) \
+            if fit else plans[0]
         if len(_PLANS) > 1024:
             _PLANS.clear()
         _PLANS[key] = pl
@@ -321,6 +327,21 @@ def _packed_plan(p, m, nthreads):
     return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), words(rows), fixed)
 
 
+# The batch-wide forward must be modelled this much cheaper than the packed one to be chosen: the
+# packed model reads 10-50% low on wide planes (8x64x56x56 F(4x4): 5.7 ms modelled, 7.2-11.1
+# measured), where vgg16-3x3-128 measured 14.8 ms packed, 16.6 batch-wide, 17.0 / 16.2 modelled.
+_BATCH_MARGIN = 1.15
+
+
+def _batch_plan(p, m, nthreads):
+    """The forward over the whole batch's tiles (:mod:`.winograd_nhwc`), or why it cannot fit."""
+    got = WN.plan(p, m, nthreads)
+    if isinstance(got, str):
+        return got
+    tc, words, fixed = got
+    return _Plan(m, 1, tc, p.cg, nthreads, tc, words, fixed, batch=True)
+
+
 # Transformed tiles per grad_weight step: the products reduce over the step's slots, and each adds
 # into the a*a x kg x cg sums; measured (AVX2 EPYC, 1 thread, float32) 0.5 / 1.5 / 4 / 16 MiB:
 # resnet50-3x3-64 26 / 21 / 23 / 34 ms, vgg16-3x3-128 45 / 40 / 36 / 51, resnet50-3x3-512
@@ -356,11 +377,17 @@ def _rows_plan(p, m, nthreads):
     return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), _packed_words(p, m, rows, nr), (nw + 1) * sums, True)
 
 
-def _run_forward(x, w, b, p, m=None):
-    """The forward pass; ``m`` forces a tile size (tests), else the cheaper one."""
-    pl = _cached_plan(p, "forward", m)
+def _run_forward(x, w, b, p, m=None, batch=None, flip=False):
+    """The forward pass; ``m`` forces a tile size and ``batch`` the kernel (tests), else the cheaper.
+    With ``flip`` the pass is grad_input's (``p`` its transposed problem) and ``w`` the layer's weight."""
+    pl = _cached_plan(p, "forward", m, batch=batch)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
+    if pl.batch:
+        yh = WN.forward(_nhwc.to_nhwc(x), w, b, p, pl.m, pl.rb, flip)
+        return _nhwc.to_nchw(_nhwc.channels_last_view(yh))
+    if flip:
+        w = _flipped(w, p)
     m = pl.m
     th, tw = _tiles(p, m)
     mr, _ = _gemm.tile(p.itemsize)
@@ -381,11 +408,37 @@ def _dilated(p):
     return (p.dh, p.dw) != (1, 1)
 
 
-def forward(x, w, b, p):
+def forward(x, w, b, p, m=None, batch=None):
     if _dilated(p):  # the phase sub-images stacked into the batch, undilated (see _dilation_phases)
         q = phases.stacked(p)
-        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q), p, q)
-    return _run_forward(x, w, b, p)
+        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q, m, batch), p, q)
+    return _run_forward(x, w, b, p, m, batch)
+
+
+def _flipped(w, q):
+    """grad_input's kernel (q.k, q.cg, 3, 3) for its transposed problem ``q``: the layer's weight
+    flipped, its channels swapped within each group."""
+    wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(q.g, q.cg, q.kg, 3, 3).transpose(0, 2, 1, 3, 4)
+    return wf.reshape(q.k, q.cg, 3, 3)
+
+
+def _native_plan(p):
+    pl = None if _dilated(p) else _cached_plan(p, "forward")
+    return pl if pl is not None and not isinstance(pl, str) and pl.batch else None
+
+
+def forward_nhwc(xh, w, b, p):
+    """The forward of an NHWC input (N, H, W, C), in NHWC, where the chosen plan is the batch-wide
+    one (native: no layout conversion); None where it is not."""
+    pl = _native_plan(p)
+    return None if pl is None else WN.forward(xh, w, b, p, pl.m, pl.rb)
+
+
+def grad_input_nhwc(gyh, w, p):
+    """grad_input of an NHWC ``gyh`` (N, OH, OW, K), in NHWC, as :func:`forward_nhwc`."""
+    q = _transposed(p)
+    pl = _native_plan(q)
+    return None if pl is None else WN.forward(gyh, w, None, q, pl.m, pl.rb, flip=True)
 
 
 def _transposed(p):
@@ -394,12 +447,11 @@ def _transposed(p):
                                pw0=2 - p.pw0, pw1=2 - p.pw1, oh=p.h, ow=p.w)
 
 
-def grad_input(gy, w, p, m=None):
+def grad_input(gy, w, p, m=None, batch=None):
     if _dilated(p):
         q = phases.stacked(p)
-        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m), p, q)
-    wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(p.g, p.kg, p.cg, 3, 3).transpose(0, 2, 1, 3, 4)
-    return _run_forward(gy, wf.reshape(p.c, p.kg, 3, 3), None, _transposed(p), m)
+        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m, batch), p, q)
+    return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True)
 
 
 def grad_weight(gy, x, p, m=None, rowwise=None):
@@ -491,6 +543,8 @@ def _cost_of(p, pass_, pl, nthreads):
     a2 = (pl.m + 2) ** 2
     tiles = max(1, p.n) * th * tw
     workers = 1.0 + 0.9 * (min(nthreads, pl.nw) - 1)
+    if pl.batch:
+        return WN.cost(p, pl.m, pl.rb, nthreads)
     if pass_ == "grad_weight" and pl.rowwise:
         trows = max(1, p.n) * th
         slots = trows * (tw + 1)

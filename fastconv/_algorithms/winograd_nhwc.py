@@ -1,0 +1,156 @@
+"""Winograd F(m x m, 3 x 3) over the tiles of the whole batch, on channels_last (NHWC) arrays.
+
+The packed Winograd forward (:mod:`.winograd`) transforms one group's tiles a few tile rows at a
+time and multiplies every such item by all of ``U``: right for wide planes, wasteful on the small
+planes of deep layers (a 4x4 or 8x8 plane has 1-4 tiles per row, and a 512-channel ``U`` of 16.8 MB
+streams from memory once per item).  Here the three steps each run over everything at once:
+
+1. the input transform of every tile of the batch (t = (img*th + ti)*tw + tj, T of them):
+   ``V[e][t][c] = (B^T d_tc B)[e]``, vectorised along the channels of the NHWC input;
+2. a*a GEMMs per group, ``M[e] (T x kg) = V[e] (T x cg) . U[e]^T (cg x kg)`` on fastconv's packed
+   GEMM (``U[g][e] = G g G^T`` computed per call in float64 and rounded once, as :mod:`.winograd`
+   does), each reading its block of ``U`` once;
+3. the output transform ``Y = A^T M A`` of every tile, along the channels, into the NHWC output.
+
+Notation as in :mod:`.winograd`: m the output tile (4 or 2), a = m + 2, e an element of the a x a
+transformed tile, th x tw tiles per image.  With T large the tiles go in chunks so that V and M stay
+under the workspace budget.  Accuracy and NaN spreading are those of :mod:`.winograd` (the same
+transforms, the same float64 weight transform).
+
+Threads: numba's one pool, workers claim tiles (transforms) or (group, element, tile block) GEMMs;
+outputs are disjoint, and every sum runs in an order fixed by the problem: results do not depend on
+the thread count.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from . import _winograd_nhwc_kernels as K
+from . import gemm as G
+from . import winograd as W  # the transform matrices and the packed plans' model (a cycle: used at call time)
+
+_TABLES: dict = {}
+
+
+def _table(mat, dtype):
+    """(idx, cf, cnt) of a transform matrix's rows: the nonzero entries (see the kernels' module)."""
+    key = (mat.tobytes(), mat.shape, np.dtype(dtype))
+    if key not in _TABLES:
+        rows = [[(j, v) for j, v in enumerate(row) if v != 0] for row in mat]
+        idx = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
+        cf = np.zeros(idx.shape, dtype)
+        for r, terms in enumerate(rows):
+            for t, (j, v) in enumerate(terms):
+                idx[r, t], cf[r, t] = j, v
+        _TABLES[key] = (idx, cf, np.array([len(r) for r in rows], np.int64))
+    return _TABLES[key]
+
+
+CHUNK_BYTES = 24 << 20  # V and M of one chunk of tiles (a chunk's three steps then run from L3)
+
+
+def tiles(p, m):
+    """(th, tw, T): tiles per image column and row, and of the whole batch."""
+    th, tw = -(-p.oh // m), -(-p.ow // m)
+    return th, tw, max(1, p.n) * th * tw
+
+
+def _worker_words(p, m):
+    """Elements each worker owns: the two transforms' tile scratch and the GEMM's workspace."""
+    a = m + 2
+    return a * a * p.c + m * a * p.k + G.workspace_size(p.dtype)
+
+
+def plan(p, m, nthreads):
+    """``(tc, words, fixed)``: tiles per chunk, elements per worker, bytes shared (U, the chunk's V and
+    M, and the NHWC copies of an NCHW caller's input and output) within ``p.workspace_limit``; or
+    the reason it does not fit."""
+    a2 = (m + 2) ** 2
+    isz = p.itemsize
+    total = tiles(p, m)[2]
+    per_tile = a2 * (p.c + p.k) * isz
+    words = _worker_words(p, m)
+    copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
+    fixed = a2 * p.k * p.cg * isz + copies
+    spare = p.workspace_limit - fixed - nthreads * words * isz
+    tc = min(total, CHUNK_BYTES // per_tile, spare // per_tile)
+    if tc < 1:
+        need = fixed + nthreads * words * isz + per_tile
+        return (f"needs at least {need} bytes of workspace (transformed weights, layout copies and one "
+                f"tile), workspace_limit is {p.workspace_limit}")
+    return tc, words, fixed + tc * per_tile
+
+
+# Model, seconds on one thread, fitted to 24 timed forwards (2-core AMD EPYC, AVX2, 2026-12-03,
+# float32, 2 threads, F(2x2) and F(4x4) on 4x4 to 128x128 planes with 16-512 channels; within 15%
+# on 20 of them): per element of V and of the output transform's writes 1.9 ns (it carries V's and
+# M's trips through memory and the GEMM's packing of V, which grow with the same count), per run of
+# channels a transform loops over 33 ns, per element of U 2.8 ns (written once, read by the GEMMs),
+# and the GEMMs' multiply-adds at 224 GFLOP/s per 256-bit thread beyond that.  An NCHW caller's
+# two layout conversions move their bytes at _CONVERT_RATE (4x16x128x128 float32, 4.2 MB each way,
+# in 0.17-0.23 ms on 2 threads).
+_ELEM, _RUN, _U_ELEM = 1.9e-9, 33e-9, 2.8e-9
+_GEMM_RATE = 224e9 * G.VBYTES / 32
+_CONVERT_RATE = 12e9
+
+
+def cost(p, m, tc, nthreads, nchw=True):
+    """Modelled seconds of the forward with F(m x m, 3 x 3) in chunks of ``tc`` tiles; ``nchw`` adds
+    the layout conversions of an NCHW caller."""
+    a = m + 2
+    a2 = a * a
+    _, _, total = tiles(p, m)
+    mr, _ = G.tile(p.itemsize)
+    scale = p.itemsize / 4
+    workers = 1.0 + 0.9 * (nthreads - 1)
+    runs = total * (2 * a2 + m * a + m * m)
+    elems = total * (a2 * p.c + (m * a + m * m) * p.k)
+    trans = scale * (_ELEM * elems + _RUN * runs + _U_ELEM * a2 * p.k * p.cg)
+    rows = -(-total // tc) * -(-tc // mr) * mr
+    gemm = 2.0 * a2 * p.g * rows * p.kg * (p.cg + 8) / (_GEMM_RATE * 4 / p.itemsize)
+    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize if nchw else 0
+    return 3e-5 + (trans + gemm) / workers + moved / _CONVERT_RATE
+
+
+def forward(xh, w, b, p, m, tc, flip=False):
+    """The forward pass of an NHWC input ``xh`` (N, H, W, C), C-contiguous, with F(m x m, 3 x 3) in
+    chunks of ``tc`` tiles: the output, (N, OH, OW, K) C-contiguous.  With ``flip``, ``w`` is the
+    layer's weight and the pass grad_input's (``p`` its transposed problem): the kernel flipped and
+    its channels swapped."""
+    dt = p.dtype
+    a = m + 2
+    a2 = a * a
+    nw = numba.get_num_threads()
+    th, tw, total = tiles(p, m)
+    u = np.empty(p.g * a2 * p.kg * p.cg, dt)
+    gi, gc, gn = _table(W._G[m], np.float64)
+    K.transform_u(np.ascontiguousarray(w).reshape(-1), flip, u, p.k, p.cg, p.kg, a, gi, gc, gn,
+                  np.empty((nw, (9 + 3 * a) * p.cg)), np.zeros((nw, 8), np.int64), np.zeros((nw, 8)))
+    bi, bc, bn = _table(W._BT[m], dt)
+    ai, ac, an = _table(W._AT[m], dt)
+    y = np.empty((p.n, p.oh, p.ow, p.k), dt)
+    bb = np.ascontiguousarray(b) if b is not None else np.zeros(1, dt)
+    tc = min(tc, total)
+    v = np.empty(a2 * tc * p.c, dt)
+    mm = np.empty(a2 * tc * p.k, dt)
+    tin = np.empty((nw, a2 * p.c), dt)
+    tout = np.empty((nw, m * a * p.k), dt)
+    ot = np.zeros((nw, 8), np.int64)
+    ct = np.zeros((nw, 8), dt)
+    blk = G.blocking(dt)
+    ws = np.empty((nw, G.workspace_size(dt, blk)), dt)
+    mr = G.tile(p.itemsize)[0]
+    xf = xh.reshape(-1)
+    yf = y.reshape(-1)
+    # GEMM items: (group, element, block of tiles), at least 4 per worker
+    blocks = max(1, -(-4 * nw // (p.g * a2)))
+    for t0 in range(0, total, tc):
+        tn = min(tc, total - t0)
+        K.transform_in(xf, v, p.h, p.w, p.c, t0, tn, th, tw, m, a, p.ph0, p.pw0, bi, bc, bn, tin, ot, ct,
+                       np.zeros(1, np.int64))
+        tb = -(-(-(-tn // blocks)) // mr) * mr
+        K.products(v, u, mm, tn, p.c, p.k, p.cg, p.kg, p.g, a2, tb, ws, blk, np.zeros(1, np.int64))
+        K.transform_out(mm, yf, bb, b is not None, p.oh, p.ow, p.k, t0, tn, th, tw, m, a, ai, ac, an, tout, ot, ct,
+                        np.zeros(1, np.int64))
+    return y

@@ -1,0 +1,115 @@
+"""The batch-wide Winograd forward (fastconv._algorithms.winograd_nhwc): chunks of tiles and thread
+counts change no bit, grad_input's kernel read flipped in place equals the flipped copy, channels_last
+calls run it natively and return channels_last results equal to the reference, the plan's budget
+and choice.  (Its accuracy against the float64 reference and im2col, on every padding and group
+geometry, is tests/test_winograd.py's, parametrised over both forward kernels.)"""
+import dataclasses
+
+import numba
+import numpy as np
+import pytest
+
+import fastconv
+import reference as ref
+from fastconv._algorithms import nhwc
+from fastconv._algorithms import winograd as W
+from fastconv._algorithms import winograd_nhwc as WN
+from fastconv._validation import conv_params
+
+
+def _problem(shape, k, groups=1, padding=1, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((k, shape[1] // groups, 3, 3)) / np.sqrt(9 * shape[1] // groups)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    p = conv_params("conv2d", shape, w.shape, np.dtype(dtype), 1, padding, 1, groups)
+    return x, w, b, p
+
+
+@pytest.mark.parametrize("m", W.TILES)
+def test_chunks_of_tiles_change_no_bit(m):
+    x, w, b, p = _problem((3, 6, 9, 11), 10, groups=2)
+    xh = nhwc.to_nhwc(x)
+    whole = WN.forward(xh, w, b, p, m, 10**6)
+    for tc in (1, 5, 7):  # chunks that split images and tile rows, and a last partial chunk
+        np.testing.assert_array_equal(WN.forward(xh, w, b, p, m, tc), whole)
+    want = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1, groups=2)
+    np.testing.assert_allclose(whole.transpose(0, 3, 1, 2), want, rtol=1e-4, atol=1e-4)
+
+
+def test_thread_counts_change_no_bit():
+    x, w, b, p = _problem((4, 16, 8, 8), 24)
+    xh = nhwc.to_nhwc(x)
+    before = numba.get_num_threads()
+    try:
+        got = []
+        for t in sorted({1, 2, before}):
+            numba.set_num_threads(t)
+            got.append(WN.forward(xh, w, b, p, 4, 50))
+    finally:
+        numba.set_num_threads(before)
+    for g in got[1:]:
+        np.testing.assert_array_equal(g, got[0])
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grad_input_reads_the_flipped_kernel_in_place(groups):
+    # flip=True transforms the layer's weight as grad_input's kernel (flipped, channels swapped
+    # within each group): the same bits as the forward on an explicitly flipped copy
+    x, w, b, p = _problem((2, 6, 7, 5), 9, groups=groups, dtype=np.float64)
+    q = W._transposed(p)
+    gy = np.random.default_rng(1).standard_normal((2, 9, p.oh, p.ow))
+    gyh = nhwc.to_nhwc(gy)
+    flipped = np.ascontiguousarray(W._flipped(w, q))
+    got = WN.forward(gyh, w, None, q, 2, 100, flip=True)
+    np.testing.assert_array_equal(got, WN.forward(gyh, flipped, None, q, 2, 100))
+    want = ref.conv2d_grad_input(gy, x.shape, w, padding=1, groups=groups)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=1e-10, atol=1e-10)
+
+
+def _cl(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
+    # a deep small-plane layer, where the plan is the batch-wide one: the kernel reads the caller's
+    # channels_last memory itself (no NCHW copy), and the results come back channels_last
+    x, w, b, p = _problem((4, 128, 8, 8), 128)
+    assert W._cached_plan(p, "forward").batch and W._cached_plan(W._transposed(p), "forward").batch
+    gy = np.random.default_rng(2).standard_normal((4, 128, 8, 8)).astype(np.float32)
+    want_y = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1)
+    want_gx = ref.conv2d_grad_input(gy.astype(np.float64), x.shape, w.astype(np.float64), padding=1)
+    xc, gyc = _cl(x), _cl(gy)
+    read = []
+    real = WN.forward
+
+    def spy(xh, *args, **kw):
+        read.append(xh)
+        return real(xh, *args, **kw)
+
+    monkeypatch.setattr(WN, "forward", spy)
+    y = fastconv.conv2d(xc, w, b, padding=1, algorithm="winograd")
+    gx = fastconv.conv2d_backward(gyc, xc, w, padding=1, algorithm="winograd").grad_input
+    assert len(read) == 2 and np.shares_memory(read[0], xc) and np.shares_memory(read[1], gyc)
+    for got, want in ((y, want_y), (gx, want_gx)):
+        assert nhwc.is_channels_last(got)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(xc, _cl(x))  # the input is not touched
+
+
+def test_a_budget_below_one_tile_is_refused_with_the_need():
+    x, w, b, p = _problem((2, 8, 8, 8), 8)
+    small = dataclasses.replace(p, workspace_limit=1000)
+    reason = WN.plan(small, 2, 2)
+    assert isinstance(reason, str) and "workspace_limit is 1000" in reason
+    tc = WN.plan(p, 2, 2)[0]
+    assert 1 <= tc <= WN.tiles(p, 2)[2]
+
+
+def test_the_plan_takes_it_for_deep_small_planes_only():
+    # modelled: ResNet's 256-channel 8x8 layer at batch 32 goes batch-wide, a 56x56 64-channel
+    # layer stays on the packed kernel (its tile rows fill the micro-kernel's panels)
+    deep = conv_params("conv2d", (32, 256, 8, 8), (256, 256, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
+    wide = conv_params("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
+    assert W._cached_plan(deep, "forward").batch
+    assert not W._cached_plan(wide, "forward").batch
