@@ -38,7 +38,10 @@ output rows with vector shuffles); ``U`` is transformed once per call straight i
 panels of fastconv's GEMM micro-kernel and the a*a products run on that micro-kernel reading the
 transformed rows in place (:func:`.gemm.ukernel_ldb`).  R is the row count, within ~1.5 MiB of
 transformed tiles per item (L2) and at least 4 items per worker, that wastes the fewest columns of
-the micro-kernel's NR-wide panels.  grad_weight has two kernels, chosen by cost.  On the row
+the micro-kernel's NR-wide panels.  On small planes (1-4 tiles per row) those items waste most
+columns and each streams all of U; there the forward (and grad_input) runs batch-wide instead, in
+NHWC, every step over all tiles of the batch at once (:mod:`.winograd_nhwc`), chosen by cost per
+call (:data:`_BATCH_MARGIN`).  grad_weight has two kernels, chosen by cost.  On the row
 transforms (:mod:`._winograd_gw_kernels`): each worker takes a fixed share of the tile rows of
 every group, transforms the input with the forward's code and gy with the output transform's
 transpose into the same slot layout, and adds the a*a products ``w[e] . v[e]^T`` (single-threaded
