@@ -113,3 +113,15 @@ def test_the_plan_takes_it_for_deep_small_planes_only():
     wide = conv_params("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
     assert W._cached_plan(deep, "forward").batch
     assert not W._cached_plan(wide, "forward").batch
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_results_do_not_share_the_kept_scratch(k):
+    # U, V, M and the NHWC copies are kept between calls; a result handed back must not be one of
+    # them (with one output channel the NHWC output is already NCHW)
+    x, w, b, p = _problem((2, 3, 6, 6), k)
+    first = W.forward(x, w, b, p, 2, True)
+    keep = first.copy()
+    W.forward(x * 2, w, b, p, 2, True)
+    W.grad_input(first * 3, w, p, 2, True)
+    np.testing.assert_array_equal(first, keep)

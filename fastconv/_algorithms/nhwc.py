@@ -50,15 +50,15 @@ def is_channels_last(a):
     return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
-def to_nhwc(a):
+def to_nhwc(a, out=None):
     """A C-contiguous (N, H, W, C) array of the (N, C, H, W) array ``a`` (a view when ``a`` is
-    channels_last already)."""
+    channels_last already; else written into ``out`` when given)."""
     if is_channels_last(a) or (a.shape[1] == 1 and a.flags.c_contiguous):
         return a.transpose(0, 2, 3, 1)
     n, c, h, w = a.shape
     if a.dtype.itemsize not in (4, 8):  # the kernel's register transpose moves 4- and 8-byte lanes
         return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-    out = np.empty((n, h, w, c), dtype=a.dtype)
+    out = np.empty((n, h, w, c), dtype=a.dtype) if out is None else out
     if a.size:
         K.transpose_planes(np.ascontiguousarray(a).reshape(n, c, h * w), out.reshape(n, h * w, c))
     return out

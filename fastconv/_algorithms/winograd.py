@@ -101,6 +101,7 @@ import numba
 import numpy as np
 
 from .. import _cpu
+from .._config import scratch
 from . import _dilation_phases as phases
 from . import _winograd_gw_kernels as KG
 from . import _winograd_kernels as K
@@ -386,8 +387,11 @@ def _run_forward(x, w, b, p, m=None, batch=None, flip=False):
     pl = _cached_plan(p, "forward", m, batch=batch)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
-    if pl.batch:
-        yh = WN.forward(_nhwc.to_nhwc(x), w, b, p, pl.m, pl.rb, flip)
+    if pl.batch:  # the NHWC copies in and out are scratch too: only the NCHW result is fresh
+        xh = _nhwc.to_nhwc(x, scratch("winograd.x", (p.n, p.h, p.w, p.c), p.dtype))
+        # (one output channel: NHWC is NCHW, and the result is that array itself)
+        yh = WN.forward(xh, w, b, p, pl.m, pl.rb, flip,
+                        scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype) if p.k > 1 else None)
         return _nhwc.to_nchw(_nhwc.channels_last_view(yh))
     if flip:
         w = _flipped(w, p)

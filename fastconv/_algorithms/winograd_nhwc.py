@@ -26,6 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._config import scratch
 from . import _winograd_nhwc_kernels as K
 from . import gemm as G
 from . import winograd as W  # the transform matrices and the packed plans' model (a cycle: used at call time)
@@ -113,33 +114,37 @@ def cost(p, m, tc, nthreads, nchw=True):
     return 3e-5 + (trans + gemm) / workers + moved / _CONVERT_RATE
 
 
-def forward(xh, w, b, p, m, tc, flip=False):
+def forward(xh, w, b, p, m, tc, flip=False, out=None):
     """The forward pass of an NHWC input ``xh`` (N, H, W, C), C-contiguous, with F(m x m, 3 x 3) in
     chunks of ``tc`` tiles: the output, (N, OH, OW, K) C-contiguous.  With ``flip``, ``w`` is the
     layer's weight and the pass grad_input's (``p`` its transposed problem): the kernel flipped and
-    its channels swapped."""
+    its channels swapped.  ``out``: an (N, OH, OW, K) C-contiguous array to write into.
+
+    U, V and M and the workers' scratch are kept between calls (:func:`fastconv._config.scratch`):
+    fresh pages cost ~2.6 us each here, and 32x256x8x8 with F(4x4) took 19 ms instead of 7.4 with
+    its 30 MB allocated afresh on every call."""
     dt = p.dtype
     a = m + 2
     a2 = a * a
     nw = numba.get_num_threads()
     th, tw, total = tiles(p, m)
-    u = np.empty(p.g * a2 * p.kg * p.cg, dt)
+    u = scratch("winograd.u", (p.g * a2 * p.kg * p.cg,), dt)
     gi, gc, gn = _table(W._G[m], np.float64)
     K.transform_u(np.ascontiguousarray(w).reshape(-1), flip, u, p.k, p.cg, p.kg, a, gi, gc, gn,
                   np.empty((nw, (9 + 3 * a) * p.cg)), np.zeros((nw, 8), np.int64), np.zeros((nw, 8)))
     bi, bc, bn = _table(W._BT[m], dt)
     ai, ac, an = _table(W._AT[m], dt)
-    y = np.empty((p.n, p.oh, p.ow, p.k), dt)
+    y = np.empty((p.n, p.oh, p.ow, p.k), dt) if out is None else out
     bb = np.ascontiguousarray(b) if b is not None else np.zeros(1, dt)
     tc = min(tc, total)
-    v = np.empty(a2 * tc * p.c, dt)
-    mm = np.empty(a2 * tc * p.k, dt)
-    tin = np.empty((nw, a2 * p.c), dt)
-    tout = np.empty((nw, m * a * p.k), dt)
+    v = scratch("winograd.v", (a2 * tc * p.c,), dt)
+    mm = scratch("winograd.m", (a2 * tc * p.k,), dt)
+    tin = scratch("winograd.tin", (nw, a2 * p.c), dt)
+    tout = scratch("winograd.tout", (nw, m * a * p.k), dt)
     ot = np.zeros((nw, 8), np.int64)
     ct = np.zeros((nw, 8), dt)
     blk = G.blocking(dt)
-    ws = np.empty((nw, G.workspace_size(dt, blk)), dt)
+    ws = G._workspace(dt, nw, G.workspace_size(dt, blk))
     mr = G.tile(p.itemsize)[0]
     xf = xh.reshape(-1)
     yf = y.reshape(-1)
