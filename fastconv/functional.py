@@ -241,6 +241,8 @@ def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
         gw = _nhwc.dw_grad_weight(gyh, _nhwc.to_nhwc(x), p)
     elif _native(p, alg_w, algorithm, "grad_weight"):
         gw = _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p)
+    elif alg_w.name == "winograd" and (g := _winograd.grad_weight_nhwc(gyh, _nhwc.to_nhwc(x), p)) is not None:
+        gw = g
     else:
         gw = alg_w.grad_weight(as_nchw("gy", gy), as_nchw("x", x), p)
     return _nhwc.channels_last_view(gxh), gw, _nhwc.bias_grad(gyh)

@@ -61,10 +61,10 @@ def _exact(case, x, w, bias, gy):
 def _winograd(p, x, w, bias, gy, m, batch=None):
     return {"forward": W._run_forward(x, w, bias, p, m, batch),
             "grad_input": W.grad_input(gy, w, p, m=m, batch=batch),
-            "grad_weight": W.grad_weight(gy, x, p, m=m)}
+            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=batch)}
 
 
-# the forward's two kernels: the packed one (tile rows of one group) and the batch-wide one
+# the packed kernels (tile rows of one group; grad_weight's two, chosen by cost) and the batch-wide one
 KERNELS = pytest.mark.parametrize("batch", [False, True], ids=["packed", "batch"])
 
 

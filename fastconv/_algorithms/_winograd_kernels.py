@@ -192,26 +192,3 @@ def grad_weight_tiles(x, gy, mw, buf, bt, am, fn, ints, ctr, m, g, ph0, pw0, hv,
                     for e in range(ee):
                         _gemm_block(fn, iv, tr, _T, kg, nc, nt, one, one, wg[e * kg * nt:], nt,
                                     v[e * nc * nt:], nt, mw[(e * k + gi * kg) * cg + c0:], cg)
-
-
-@kernel
-def taps_transform(mw, gm, gw):
-    # gw[kk, cc, r*3 + s] = (G^T Mw[:, kk, cc] G)[r, s] in float64: grad_weight's last step
-    ee, k, cg = mw.shape
-    a = gm.shape[0]
-    for kk in prange(k):
-        t = np.empty((3, a))
-        for cc in range(cg):
-            for r in range(3):
-                for j in range(a):
-                    acc = 0.0
-                    for i in range(a):
-                        acc += gm[i, r] * mw[i * a + j, kk, cc]
-                    t[r, j] = acc
-            for r in range(3):
-                for s in range(3):
-                    acc = 0.0
-                    for j in range(a):
-                        acc += t[r, j] * gm[j, s]
-                    gw[kk, cc, r * 3 + s] = acc
-

@@ -202,3 +202,79 @@ def transform_out(mm, y, b, hasb, oh, ow, k, t0, tn, th, tw, m, a, ai, ac, an, t
                         du = _u(d)
                         for kk in range(_u(k)):
                             y[du + kk] += b[kk]
+
+
+@kernel
+def transform_gy(gy, wg, oh, ow, k, t0, tn, th, tw, m, a, gi_, gc, gn, tmp, ot, ct, ctr):
+    """grad_weight's transform of the output gradient: ``Wg[e][t - t0][:] = (A gy_t A^T)[e]`` for the
+    tiles t0 <= t < t0 + tn, gy_t the m x m block of the NHWC ``gy`` (flat) under tile t (zero beyond
+    the output), at ``wg[(e*tn + t - t0)*k + ch]``; the rows of ``A`` (a x m) as the term table
+    ``(gi_, gc, gn)``.  Workers claim tiles; ``tmp`` (workers x m*a*k) holds a tile's rows."""
+    nw = tmp.shape[0]
+    for wid in prange(nw):
+        tb = tmp[wid]
+        ow_, cw = ot[wid], ct[wid]
+        for _ in range(tn):
+            q = claim(ctr)
+            if q >= tn:
+                break
+            t = t0 + q
+            tj = t % tw
+            ti = (t // tw) % th
+            img = t // (tw * th)
+            oy0 = ti * m
+            ox0 = tj * m
+            mi = min(m, oh - oy0)
+            mj = min(m, ow - ox0)
+            for ii in range(mi):  # along each gy row: tmp[ii][j] = sum_jj A[j, jj] gy[ii][jj]
+                base = ((img * oh + oy0 + ii) * ow + ox0) * k
+                for j in range(a):
+                    nt = _terms(gi_, gc, gn, j, 0, mj, base, k, ow_, cw)
+                    _comb(tb, (ii * a + j) * k, gy, ow_, cw, nt, k)
+            for i in range(a):  # down the columns: Wg[i][j] = sum_ii A[i, ii] tmp[ii][j]
+                for j in range(a):
+                    nt = _terms(gi_, gc, gn, i, 0, mi, j * k, a * k, ow_, cw)
+                    _comb(wg, ((i * a + j) * tn + q) * k, tb, ow_, cw, nt, k)
+
+
+@kernel
+def products_gw(wg, v, mw, tn, c, k, cg, kg, g, a2, beta, ws, blk, ctr):
+    """``Mw[e][g*kg + kk][c] (+)= sum_t Wg[e][t][g*kg + kk] V[e][t][g*cg + c]`` (beta 0: =, 1: +=): one
+    GEMM per (group, element) reducing over the chunk's tn tiles, on fastconv's packed GEMM; Mw at
+    ``mw[(e*k + g*kg + kk)*cg + c]``.  Items write disjoint blocks of Mw; chunks add in order."""
+    nw = ws.shape[0]
+    items = g * a2
+    for wid in prange(nw):
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            gg = it // a2
+            e = it % a2
+            gemm_serial(kg, cg, tn, wg, e * tn * k + gg * kg, 1, k, v, e * tn * c + gg * cg, c, 1,
+                        beta, mw, (e * k + gg * kg) * cg, cg, ws[wid], blk)
+
+
+@kernel
+def transform_taps(mw, gw, k, cg, a, gi, gc, gn, s64, ot, ct):
+    """grad_weight's last step, ``gw[kk, c, r*3 + s] = (G^T Mw[:, kk, c] G)[r, s]`` for
+    ``Mw[e][kk][c]`` at ``mw[(e*k + kk)*cg + c]``, in float64 along the channels; ``(gi, gc, gn)``
+    the rows of ``G^T`` (3 x a).  Workers take output channels; ``s64`` (workers x (3a + 9)*cg)."""
+    nw = s64.shape[0]
+    t9 = 3 * a * cg
+    for wid in prange(nw):
+        sb = s64[wid]
+        ow_, cw = ot[wid], ct[wid]
+        for kk in range(wid, k, nw):
+            for r in range(3):  # t[r][j] = sum_i G[i, r] Mw[i][j]
+                for j in range(a):
+                    nt = _terms(gi, gc, gn, r, 0, a, j * k * cg + kk * cg, a * k * cg, ow_, cw)
+                    _comb(sb, (r * a + j) * cg, mw, ow_, cw, nt, cg)
+            for r in range(3):  # tap (r, s) = sum_j t[r][j] G[j, s]
+                for s in range(3):
+                    nt = _terms(gi, gc, gn, s, 0, a, r * a * cg, cg, ow_, cw)
+                    _comb(sb, t9 + (r * 3 + s) * cg, sb, ow_, cw, nt, cg)
+            o = kk * cg * 9
+            for c in range(cg):
+                for tap in range(9):
+                    gw[o + c * 9 + tap] = sb[t9 + tap * cg + c]

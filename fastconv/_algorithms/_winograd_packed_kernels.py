@@ -3,7 +3,7 @@
 transforms, the lane shuffles emitted as LLVM IR, and the kernels that call or inline them, on
 the GEMM's micro-kernel (:func:`fastconv._algorithms.gemm.ukernel_ldb`).
 
-Apart from ``_winograd_kernels.py`` (grad_weight, the taps transform), which re-exports both
+Apart from ``_winograd_kernels.py`` (grad_weight), which re-exports both
 kernels, so that a file holds one pass's kernels with every helper they inline (numba's cache is
 kept per source file).
 """

@@ -253,9 +253,12 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None):
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
-        if pass_ == "grad_weight":
+        if pass_ == "grad_weight" and batch:
+            plans = [_batch_plan(p, mm, nthreads) for mm in tiles]
+        elif pass_ == "grad_weight":
             plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
-                    ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else [])
+                    ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else []) + \
+                    ([_batch_plan(p, mm, nthreads) for mm in tiles] if rowwise is None and batch is None else [])
         else:
             plans = ([_packed_plan(p, mm, nthreads) for mm in tiles] if batch is not True else []) + \
                     ([_batch_plan(p, mm, nthreads) for mm in tiles] if batch is not False else [])
@@ -441,6 +444,15 @@ def forward_nhwc(xh, w, b, p):
     return None if pl is None else WN.forward(xh, w, b, p, pl.m, pl.rb)
 
 
+def grad_weight_nhwc(gyh, xh, p):
+    """grad_weight from NHWC ``gyh`` and ``xh`` where the chosen plan is the batch-wide one (native);
+    None where it is not."""
+    pl = None if _dilated(p) else _cached_plan(p, "grad_weight")
+    if pl is None or isinstance(pl, str) or not pl.batch:
+        return None
+    return WN.grad_weight(gyh, xh, p, pl.m, pl.rb)
+
+
 def grad_input_nhwc(gyh, w, p):
     """grad_input of an NHWC ``gyh`` (N, OH, OW, K), in NHWC, as :func:`forward_nhwc`."""
     q = _transposed(p)
@@ -461,13 +473,16 @@ def grad_input(gy, w, p, m=None, batch=None):
     return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True)
 
 
-def grad_weight(gy, x, p, m=None, rowwise=None):
+def grad_weight(gy, x, p, m=None, rowwise=None, batch=None):
     if _dilated(p):  # the sum over the stacked batch is the sum over images and phases
         q = phases.stacked(p)
-        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise)
-    pl = _cached_plan(p, "grad_weight", m, rowwise)
+        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise, batch)
+    pl = _cached_plan(p, "grad_weight", m, rowwise, batch)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
+    if pl.batch:
+        return WN.grad_weight(_nhwc.to_nhwc(gy, scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype)),
+                              _nhwc.to_nhwc(x, scratch("winograd.x", (p.n, p.h, p.w, p.c), p.dtype)), p, pl.m, pl.rb)
     m = pl.m
     th, tw = _tiles(p, m)
     a = m + 2
@@ -483,7 +498,7 @@ def grad_weight(gy, x, p, m=None, rowwise=None):
                                 np.zeros((pl.nw, pl.words), p.dtype), kc, *_BLAS.args(p.dtype, pl.nw), p.n, p.c, p.h,
                                 p.w, p.k, p.oh, p.ow, m, p.g, p.ph0, p.pw0, hv, wv, th, tw, pl.rb, pl.tmax)
         KG.sum_workers(acc, mw)
-        K.taps_transform(mw.reshape(a * a, p.k, p.cg), _G[m], gw.reshape(p.k, p.cg, 9))
+        WN.taps(mw, p, m, gw)
         return gw
     bt, _, am = _matrices(m, p.dtype)
     mw = np.zeros(a * a * p.k * p.cg, dtype=p.dtype)
@@ -491,7 +506,7 @@ def grad_weight(gy, x, p, m=None, rowwise=None):
         K.grad_weight_tiles(_contiguous(x), _contiguous(gy), mw, np.empty((pl.nw, pl.words), p.dtype), bt, am,
                             *_BLAS.args(p.dtype, pl.nw), np.zeros(1, np.int64), m, p.g, p.ph0, p.pw0, hv, wv,
                             th, tw, pl.nb, pl.rb, pl.cb, pl.tmax)
-    K.taps_transform(mw.reshape(a * a, p.k, p.cg), _G[m], gw.reshape(p.k, p.cg, 9))
+    WN.taps(mw, p, m, gw)
     return gw
 
 
@@ -551,7 +566,7 @@ def _cost_of(p, pass_, pl, nthreads):
     tiles = max(1, p.n) * th * tw
     workers = 1.0 + 0.9 * (min(nthreads, pl.nw) - 1)
     if pl.batch:
-        return WN.cost(p, pl.m, pl.rb, nthreads)
+        return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
     if pass_ == "grad_weight" and pl.rowwise:
         trows = max(1, p.n) * th
         slots = trows * (tw + 1)

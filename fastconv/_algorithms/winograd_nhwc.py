@@ -96,9 +96,9 @@ _GEMM_RATE = 224e9 * G.VBYTES / 32
 _CONVERT_RATE = 12e9
 
 
-def cost(p, m, tc, nthreads, nchw=True):
-    """Modelled seconds of the forward with F(m x m, 3 x 3) in chunks of ``tc`` tiles; ``nchw`` adds
-    the layout conversions of an NCHW caller."""
+def cost(p, m, tc, nthreads, nchw=True, pass_="forward"):
+    """Modelled seconds of the forward (or ``pass_='grad_weight'``) with F(m x m, 3 x 3) in chunks
+    of ``tc`` tiles; ``nchw`` adds the layout conversions of an NCHW caller."""
     a = m + 2
     a2 = a * a
     _, _, total = tiles(p, m)
@@ -106,7 +106,7 @@ def cost(p, m, tc, nthreads, nchw=True):
     scale = p.itemsize / 4
     workers = 1.0 + 0.9 * (nthreads - 1)
     runs = total * (2 * a2 + m * a + m * m)
-    elems = total * (a2 * p.c + (m * a + m * m) * p.k)
+    elems = total * (a2 * p.c + (m * a + (a2 if pass_ == "grad_weight" else m * m)) * p.k)
     trans = scale * (_ELEM * elems + _RUN * runs + _U_ELEM * a2 * p.k * p.cg)
     rows = -(-total // tc) * -(-tc // mr) * mr
     gemm = 2.0 * a2 * p.g * rows * p.kg * (p.cg + 8) / (_GEMM_RATE * 4 / p.itemsize)
@@ -159,3 +159,50 @@ def forward(xh, w, b, p, m, tc, flip=False, out=None):
         K.transform_out(mm, yf, bb, b is not None, p.oh, p.ow, p.k, t0, tn, th, tw, m, a, ai, ac, an, tout, ot, ct,
                         np.zeros(1, np.int64))
     return y
+
+
+def grad_weight(gyh, xh, p, m, tc):
+    """grad_weight from NHWC ``gyh`` (N, OH, OW, K) and ``xh`` (N, H, W, C), both C-contiguous, with
+    F(m x m, 3 x 3) in chunks of ``tc`` tiles: the transposed bilinear algorithm of :mod:`.winograd`
+    over the whole batch's tiles, ``Mw[e] (kg x cg) = sum_t Wg[e][t]^T V[e][t]`` (``Wg = A gy A^T``
+    per tile) as one GEMM per group and element reducing over the tiles (chunk after chunk, in
+    order), then ``G^T Mw G`` to the 3 x 3 taps in float64."""
+    dt = p.dtype
+    a = m + 2
+    a2 = a * a
+    gw = np.zeros(p.w_shape, dt)
+    if p.n == 0:
+        return gw
+    nw = numba.get_num_threads()
+    th, tw, total = tiles(p, m)
+    tc = min(tc, total)
+    bi, bc, bn = _table(W._BT[m], dt)
+    ai, ac, an = _table(np.ascontiguousarray(W._AT[m].T), dt)  # the rows of A (a x m)
+    mw = scratch("winograd.u", (a2 * p.k * p.cg,), dt)  # U's place: a pass holds one or the other
+    v = scratch("winograd.v", (a2 * tc * p.c,), dt)
+    wg = scratch("winograd.m", (a2 * tc * p.k,), dt)
+    tin = scratch("winograd.tin", (nw, a2 * p.c), dt)
+    tgy = scratch("winograd.tout", (nw, m * a * p.k), dt)
+    ot = np.zeros((nw, 8), np.int64)
+    ct = np.zeros((nw, 8), dt)
+    blk = G.blocking(dt)
+    ws = G._workspace(dt, nw, G.workspace_size(dt, blk))
+    for t0 in range(0, total, tc):
+        tn = min(tc, total - t0)
+        K.transform_in(xh.reshape(-1), v, p.h, p.w, p.c, t0, tn, th, tw, m, a, p.ph0, p.pw0, bi, bc, bn, tin, ot,
+                       ct, np.zeros(1, np.int64))
+        K.transform_gy(gyh.reshape(-1), wg, p.oh, p.ow, p.k, t0, tn, th, tw, m, a, ai, ac, an, tgy, ot, ct,
+                       np.zeros(1, np.int64))
+        K.products_gw(wg, v, mw, tn, p.c, p.k, p.cg, p.kg, p.g, a2, 1 if t0 else 0, ws, blk, np.zeros(1, np.int64))
+    taps(mw, p, m, gw)
+    return gw
+
+
+def taps(mw, p, m, gw):
+    """``gw`` (the weight's shape) ``= G^T Mw G`` per output and input channel, in float64, from
+    grad_weight's sums ``Mw`` (a*a x k x cg, flat)."""
+    a = m + 2
+    nw = numba.get_num_threads()
+    gi, gc, gn = _table(np.ascontiguousarray(W._G[m].T), np.float64)
+    K.transform_taps(mw.reshape(-1), gw.reshape(-1), p.k, p.cg, a, gi, gc, gn, np.empty((nw, (3 * a + 9) * p.cg)),
+                     np.zeros((nw, 8), np.int64), np.zeros((nw, 8)))
