@@ -13,7 +13,7 @@ from ._algorithms import elementwise as _ew
 from ._algorithms import implicit as _implicit
 from ._algorithms import nhwc as _nhwc
 from ._algorithms import pooling
-from ._algorithms import winograd as _winograd
+from ._algorithms import winograd_nhwc as _winograd_nhwc
 from ._algorithms.common import bias_grad
 from ._config import reports_memory
 from ._select import select
@@ -117,8 +117,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
             y = _nhwc.dw_forward(_nhwc.to_nhwc(x), weight, bias, p)
         elif _native(p, alg, algorithm, "forward"):
             y = _nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p)
-        elif alg.name == "winograd" and (yh := _winograd.forward_nhwc(_nhwc.to_nhwc(x), weight, bias, p)) is not None:
-            y = yh  # its batch-wide plan computes in NHWC
+        elif (yh := _batch_wide(alg, "forward", _nhwc.to_nhwc(x), weight, bias, p)) is not None:
+            y = yh
         else:
             y = _nhwc.to_nhwc(alg.forward(_nhwc.to_nchw(x), weight, bias, p))
         y = _nhwc.channels_last_view(y)
@@ -210,6 +210,14 @@ def _native(p, alg, algorithm, pass_):
     return _nhwc.supports(p, pass_) is None
 
 
+def _batch_wide(alg, pass_, *args):
+    """A channels_last pass on Winograd's batch-wide kernels, which compute in NHWC (no conversion),
+    where ``alg`` is Winograd and its plan for the pass is the batch-wide one; else None."""
+    if alg.name != "winograd":
+        return None
+    return getattr(_winograd_nhwc, "native_" + pass_)(*args)
+
+
 def _depthwise(p, alg, algorithm, w):
     """Whether a channels_last depthwise pass runs on the NHWC depthwise loops (direct loop nests):
     with ``algorithm='direct'`` or ``'auto'`` wherever they serve -- converting to NCHW and back
@@ -233,7 +241,7 @@ def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
         gxh = _nhwc.dw_grad_input(gyh, w, p)
     elif _native(p, alg_i, algorithm, "grad_input"):
         gxh = _nhwc.grad_input(gyh, w, p)
-    elif alg_i.name == "winograd" and (gh := _winograd.grad_input_nhwc(gyh, w, p)) is not None:
+    elif (gh := _batch_wide(alg_i, "grad_input", gyh, w, p)) is not None:
         gxh = gh
     else:
         gxh = _nhwc.to_nhwc(alg_i.grad_input(as_nchw("gy", gy), w, p))
@@ -241,7 +249,7 @@ def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
         gw = _nhwc.dw_grad_weight(gyh, _nhwc.to_nhwc(x), p)
     elif _native(p, alg_w, algorithm, "grad_weight"):
         gw = _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p)
-    elif alg_w.name == "winograd" and (g := _winograd.grad_weight_nhwc(gyh, _nhwc.to_nhwc(x), p)) is not None:
+    elif (g := _batch_wide(alg_w, "grad_weight", gyh, _nhwc.to_nhwc(x), p)) is not None:
         gw = g
     else:
         gw = alg_w.grad_weight(as_nchw("gy", gy), as_nchw("x", x), p)

@@ -72,28 +72,29 @@ def _cl(a):
 
 
 def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
-    # a deep small-plane layer, where the plan is the batch-wide one: the kernel reads the caller's
-    # channels_last memory itself (no NCHW copy), and the results come back channels_last
-    x, w, b, p = _problem((4, 128, 8, 8), 128)
-    assert W._cached_plan(p, "forward").batch and W._cached_plan(W._transposed(p), "forward").batch
-    gy = np.random.default_rng(2).standard_normal((4, 128, 8, 8)).astype(np.float32)
-    want_y = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1)
-    want_gx = ref.conv2d_grad_input(gy.astype(np.float64), x.shape, w.astype(np.float64), padding=1)
+    # a deep small-plane layer, where every pass's plan is the batch-wide one: the kernels read the
+    # caller's channels_last memory themselves (no NCHW copy), results come back channels_last
+    x, w, b, p = _problem((8, 256, 8, 8), 256)
+    assert all(W._cached_plan(q, pass_).batch
+               for q, pass_ in ((p, "forward"), (W._transposed(p), "forward"), (p, "grad_weight")))
+    gy = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    x64, w64, gy64 = x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64)
+    want_y = ref.conv2d(x64, w64, b.astype(np.float64), padding=1)
+    want_gx = ref.conv2d_grad_input(gy64, x.shape, w64, padding=1)
+    want_gw = ref.conv2d_grad_weight(gy64, x64, w.shape, padding=1)
     xc, gyc = _cl(x), _cl(gy)
     read = []
-    real = WN.forward
-
-    def spy(xh, *args, **kw):
-        read.append(xh)
-        return real(xh, *args, **kw)
-
-    monkeypatch.setattr(WN, "forward", spy)
+    for name in ("forward", "grad_weight"):
+        def spy(a, *args, _real=getattr(WN, name), **kw):
+            read.append(a)
+            return _real(a, *args, **kw)
+        monkeypatch.setattr(WN, name, spy)
     y = fastconv.conv2d(xc, w, b, padding=1, algorithm="winograd")
-    gx = fastconv.conv2d_backward(gyc, xc, w, padding=1, algorithm="winograd").grad_input
-    assert len(read) == 2 and np.shares_memory(read[0], xc) and np.shares_memory(read[1], gyc)
-    for got, want in ((y, want_y), (gx, want_gx)):
-        assert nhwc.is_channels_last(got)
-        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    g = fastconv.conv2d_backward(gyc, xc, w, padding=1, algorithm="winograd")
+    assert len(read) == 3 and all(np.shares_memory(a, src) for a, src in zip(read, (xc, gyc, gyc)))
+    for got, want in ((y, want_y), (g.grad_input, want_gx), (g.grad_weight, want_gw)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    assert nhwc.is_channels_last(y) and nhwc.is_channels_last(g.grad_input)
     np.testing.assert_array_equal(xc, _cl(x))  # the input is not touched
 
 

@@ -39,9 +39,9 @@ panels of fastconv's GEMM micro-kernel and the a*a products run on that micro-ke
 transformed rows in place (:func:`.gemm.ukernel_ldb`).  R is the row count, within ~1.5 MiB of
 transformed tiles per item (L2) and at least 4 items per worker, that wastes the fewest columns of
 the micro-kernel's NR-wide panels.  On small planes (1-4 tiles per row) those items waste most
-columns and each streams all of U; there the forward (and grad_input) runs batch-wide instead, in
-NHWC, every step over all tiles of the batch at once (:mod:`.winograd_nhwc`), chosen by cost per
-call (:data:`_BATCH_MARGIN`).  grad_weight has two kernels, chosen by cost.  On the row
+columns and each streams all of U; there every pass may run batch-wide instead, in NHWC, each step
+over all tiles of the batch at once (:mod:`.winograd_nhwc`; grad_weight's GEMMs reduce over the
+tiles), chosen by cost per call (:data:`_BATCH_MARGIN`).  grad_weight has two kernels, chosen by cost.  On the row
 transforms (:mod:`._winograd_gw_kernels`): each worker takes a fixed share of the tile rows of
 every group, transforms the input with the forward's code and gy with the output transform's
 transpose into the same slot layout, and adds the a*a products ``w[e] . v[e]^T`` (single-threaded
@@ -59,8 +59,9 @@ on an element of 1.92, 3.5e-6 of the largest).
 
 Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles (T the slots of an item,
 rounded up to whole panels) plus rows of scratch; shared: ``U`` packed (``a*a * k * cg`` rounded up
-to MR rows per group, 4x the weight for m = 4) or grad_weight's accumulator.  T is chosen so that all of it stays under ``p.workspace_limit``; below one tile row
-on one worker :func:`supports` refuses.
+to MR rows per group, 4x the weight for m = 4) or grad_weight's accumulator.  T is chosen so that
+all of it stays under ``p.workspace_limit``; below one tile row on one worker :func:`supports`
+refuses.
 
 Races and determinism.  Forward items write disjoint output tiles; the gathering grad_weight's
 items own disjoint channel blocks of ``Mw`` and reduce over the batch and tiles in a fixed order;
@@ -430,34 +431,6 @@ def _flipped(w, q):
     flipped, its channels swapped within each group."""
     wf = np.asarray(w)[:, :, ::-1, ::-1].reshape(q.g, q.cg, q.kg, 3, 3).transpose(0, 2, 1, 3, 4)
     return wf.reshape(q.k, q.cg, 3, 3)
-
-
-def _native_plan(p):
-    pl = None if _dilated(p) else _cached_plan(p, "forward")
-    return pl if pl is not None and not isinstance(pl, str) and pl.batch else None
-
-
-def forward_nhwc(xh, w, b, p):
-    """The forward of an NHWC input (N, H, W, C), in NHWC, where the chosen plan is the batch-wide
-    one (native: no layout conversion); None where it is not."""
-    pl = _native_plan(p)
-    return None if pl is None else WN.forward(xh, w, b, p, pl.m, pl.rb)
-
-
-def grad_weight_nhwc(gyh, xh, p):
-    """grad_weight from NHWC ``gyh`` and ``xh`` where the chosen plan is the batch-wide one (native);
-    None where it is not."""
-    pl = None if _dilated(p) else _cached_plan(p, "grad_weight")
-    if pl is None or isinstance(pl, str) or not pl.batch:
-        return None
-    return WN.grad_weight(gyh, xh, p, pl.m, pl.rb)
-
-
-def grad_input_nhwc(gyh, w, p):
-    """grad_input of an NHWC ``gyh`` (N, OH, OW, K), in NHWC, as :func:`forward_nhwc`."""
-    q = _transposed(p)
-    pl = _native_plan(q)
-    return None if pl is None else WN.forward(gyh, w, None, q, pl.m, pl.rb, flip=True)
 
 
 def _transposed(p):

@@ -206,3 +206,30 @@ def taps(mw, p, m, gw):
     gi, gc, gn = _table(np.ascontiguousarray(W._G[m].T), np.float64)
     K.transform_taps(mw.reshape(-1), gw.reshape(-1), p.k, p.cg, a, gi, gc, gn, np.empty((nw, (3 * a + 9) * p.cg)),
                      np.zeros((nw, 8), np.int64), np.zeros((nw, 8)))
+
+
+# ------------------------------------------------------------------- channels_last callers' passes
+def _native_plan(p, pass_):
+    """The batch-wide plan of the pass where :mod:`.winograd` chooses it for ``p``, else None."""
+    pl = None if W._dilated(p) else W._cached_plan(p, pass_)
+    return pl if pl is not None and not isinstance(pl, str) and pl.batch else None
+
+
+def native_forward(xh, w, b, p):
+    """The forward of an NHWC input (N, H, W, C), in NHWC, where Winograd's plan is the batch-wide one
+    (then no layout conversion); None where it is not."""
+    pl = _native_plan(p, "forward")
+    return None if pl is None else forward(xh, w, b, p, pl.m, pl.rb)
+
+
+def native_grad_input(gyh, w, p):
+    """grad_input of an NHWC ``gyh`` (N, OH, OW, K), in NHWC, as :func:`native_forward`."""
+    q = W._transposed(p)
+    pl = _native_plan(q, "forward")
+    return None if pl is None else forward(gyh, w, None, q, pl.m, pl.rb, flip=True)
+
+
+def native_grad_weight(gyh, xh, p):
+    """grad_weight from NHWC ``gyh`` and ``xh``, as :func:`native_forward`."""
+    pl = _native_plan(p, "grad_weight")
+    return None if pl is None else grad_weight(gyh, xh, p, pl.m, pl.rb)
