@@ -126,3 +126,23 @@ def test_results_do_not_share_the_kept_scratch(k):
     W.forward(x * 2, w, b, p, 2, True)
     W.grad_input(first * 3, w, p, 2, True)
     np.testing.assert_array_equal(first, keep)
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("m", W.TILES)
+def test_every_pass_with_forced_chunks_against_the_reference(m):
+    # odd planes, groups, asymmetric padding beyond the kernel (grad_input's transposed problem then
+    # crops), chunks that end mid-image: CI also runs this with NUMBA_BOUNDSCHECK=1 (every index checked)
+    x, w, b, p = _problem((3, 4, 7, 6), 6, groups=2, dtype=np.float64)
+    p = dataclasses.replace(p, ph0=0, ph1=3, pw0=2, pw1=1, oh=7 + 3 - 2, ow=6 + 3 - 2)
+    gy = np.random.default_rng(3).standard_normal((3, 6, p.oh, p.ow))
+    xp = np.pad(x, ((0, 0), (0, 0), (0, 3), (2, 1)))
+    for tc in (5, 10**6):
+        y = WN.forward(nhwc.to_nhwc(x), w, b, p, m, tc).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(y, ref.conv2d(xp, w, b, groups=2), rtol=1e-10, atol=1e-10)
+        q = W._transposed(p)
+        gx = WN.forward(nhwc.to_nhwc(gy), w, None, q, m, tc, flip=True).transpose(0, 3, 1, 2)
+        want = ref.conv2d_grad_input(gy, xp.shape, w, groups=2)[:, :, 0:7, 2:8]
+        np.testing.assert_allclose(gx, want, rtol=1e-10, atol=1e-10)
+        gw = WN.grad_weight(nhwc.to_nhwc(gy), nhwc.to_nhwc(x), p, m, tc)
+        np.testing.assert_allclose(gw, ref.conv2d_grad_weight(gy, xp, w.shape, groups=2), rtol=1e-10, atol=1e-10)
