@@ -59,6 +59,17 @@ def _comb(dst, doff, src, ot, ct, nt, n):
 
 
 @micro
+def _tile(t, th, tw, m, oh, ow):
+    # tile t = (img*th + ti)*tw + tj: its image, the top-left output of its m x m block, and how many
+    # of the block's rows and columns lie inside the oh x ow output
+    tj = t % tw
+    ti = (t // tw) % th
+    oy0 = ti * m
+    ox0 = tj * m
+    return t // (tw * th), oy0, ox0, min(m, oh - oy0), min(m, ow - ox0)
+
+
+@micro
 def _terms(idx, cf, cnt, r, lo, hi, base, step, ot, ct):
     # the terms of row r whose input index lies in [lo, hi), at offsets base + index*step; their count
     nt = 0
@@ -127,12 +138,9 @@ def transform_in(x, v, h, w, c, t0, tn, th, tw, m, a, ph, pw, bi, bc, bn, tmp, o
             q = claim(ctr)
             if q >= tn:
                 break
-            t = t0 + q
-            tj = t % tw
-            ti = (t // tw) % th
-            img = t // (tw * th)
-            y0 = ti * m - ph
-            x0 = tj * m - pw
+            img, y0, x0, _, _ = _tile(t0 + q, th, tw, m, 0, 0)
+            y0 -= ph
+            x0 -= pw
             ilo = max(0, -y0)
             ihi = min(a, h - y0)
             jlo = max(0, -x0)
@@ -181,14 +189,7 @@ def transform_out(mm, y, b, hasb, oh, ow, k, t0, tn, th, tw, m, a, ai, ac, an, t
             q = claim(ctr)
             if q >= tn:
                 break
-            t = t0 + q
-            tj = t % tw
-            ti = (t // tw) % th
-            img = t // (tw * th)
-            oy0 = ti * m
-            ox0 = tj * m
-            mi = min(m, oh - oy0)
-            mj = min(m, ow - ox0)
+            img, oy0, ox0, mi, mj = _tile(t0 + q, th, tw, m, oh, ow)
             for ii in range(mi):  # down the columns: tmp[ii][j] = sum_i A^T[ii, i] M[i][j]
                 for j in range(a):
                     nt = _terms(ai, ac, an, ii, 0, a, (j * tn + q) * k, a * tn * k, ow_, cw)
@@ -218,14 +219,7 @@ def transform_gy(gy, wg, oh, ow, k, t0, tn, th, tw, m, a, gi_, gc, gn, tmp, ot, 
             q = claim(ctr)
             if q >= tn:
                 break
-            t = t0 + q
-            tj = t % tw
-            ti = (t // tw) % th
-            img = t // (tw * th)
-            oy0 = ti * m
-            ox0 = tj * m
-            mi = min(m, oh - oy0)
-            mj = min(m, ow - ox0)
+            img, oy0, ox0, mi, mj = _tile(t0 + q, th, tw, m, oh, ow)
             for ii in range(mi):  # along each gy row: tmp[ii][j] = sum_jj A[j, jj] gy[ii][jj]
                 base = ((img * oh + oy0 + ii) * ow + ox0) * k
                 for j in range(a):

@@ -114,6 +114,17 @@ def cost(p, m, tc, nthreads, nchw=True, pass_="forward"):
     return 3e-5 + (trans + gemm) / workers + moved / _CONVERT_RATE
 
 
+def _buffers(p, m, tc, nw):
+    """A chunk's V and M (grad_weight: Wg), the workers' transform scratch (input side, output side)
+    and term slots, the GEMM's blocking and workspace; all but the slots kept between calls."""
+    dt = p.dtype
+    a = m + 2
+    return (scratch("winograd.v", (a * a * tc * p.c,), dt), scratch("winograd.m", (a * a * tc * p.k,), dt),
+            scratch("winograd.tin", (nw, a * a * p.c), dt), scratch("winograd.tout", (nw, m * a * p.k), dt),
+            np.zeros((nw, 8), np.int64), np.zeros((nw, 8), dt), G.blocking(dt),
+            G._workspace(dt, nw, G.workspace_size(dt)))
+
+
 def forward(xh, w, b, p, m, tc, flip=False, out=None):
     """The forward pass of an NHWC input ``xh`` (N, H, W, C), C-contiguous, with F(m x m, 3 x 3) in
     chunks of ``tc`` tiles: the output, (N, OH, OW, K) C-contiguous.  With ``flip``, ``w`` is the
@@ -137,14 +148,7 @@ def forward(xh, w, b, p, m, tc, flip=False, out=None):
     y = np.empty((p.n, p.oh, p.ow, p.k), dt) if out is None else out
     bb = np.ascontiguousarray(b) if b is not None else np.zeros(1, dt)
     tc = min(tc, total)
-    v = scratch("winograd.v", (a2 * tc * p.c,), dt)
-    mm = scratch("winograd.m", (a2 * tc * p.k,), dt)
-    tin = scratch("winograd.tin", (nw, a2 * p.c), dt)
-    tout = scratch("winograd.tout", (nw, m * a * p.k), dt)
-    ot = np.zeros((nw, 8), np.int64)
-    ct = np.zeros((nw, 8), dt)
-    blk = G.blocking(dt)
-    ws = G._workspace(dt, nw, G.workspace_size(dt, blk))
+    v, mm, tin, tout, ot, ct, blk, ws = _buffers(p, m, tc, nw)
     mr = G.tile(p.itemsize)[0]
     xf = xh.reshape(-1)
     yf = y.reshape(-1)
@@ -179,14 +183,7 @@ def grad_weight(gyh, xh, p, m, tc):
     bi, bc, bn = _table(W._BT[m], dt)
     ai, ac, an = _table(np.ascontiguousarray(W._AT[m].T), dt)  # the rows of A (a x m)
     mw = scratch("winograd.u", (a2 * p.k * p.cg,), dt)  # U's place: a pass holds one or the other
-    v = scratch("winograd.v", (a2 * tc * p.c,), dt)
-    wg = scratch("winograd.m", (a2 * tc * p.k,), dt)
-    tin = scratch("winograd.tin", (nw, a2 * p.c), dt)
-    tgy = scratch("winograd.tout", (nw, m * a * p.k), dt)
-    ot = np.zeros((nw, 8), np.int64)
-    ct = np.zeros((nw, 8), dt)
-    blk = G.blocking(dt)
-    ws = G._workspace(dt, nw, G.workspace_size(dt, blk))
+    v, wg, tin, tgy, ot, ct, blk, ws = _buffers(p, m, tc, nw)
     for t0 in range(0, total, tc):
         tn = min(tc, total - t0)
         K.transform_in(xh.reshape(-1), v, p.h, p.w, p.c, t0, tn, th, tw, m, a, p.ph0, p.pw0, bi, bc, bn, tin, ot,
