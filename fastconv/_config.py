@@ -5,7 +5,8 @@ the scratch memory of one call stays under this budget.  The budget can be set l
 :func:`set_workspace_limit` or per call with ``workspace_limit=`` on :func:`fastconv.conv2d` and
 :func:`fastconv.conv2d_backward`.
 
-Large scratch buffers (the FFT path's tiles and spectra) are kept per thread between calls
+Large scratch buffers (the FFT path's tiles and spectra, the batch-wide Winograd passes' transformed
+weights, tiles and NHWC copies) are kept per thread between calls
 (:func:`scratch`) and released with :func:`free_workspace`.  Fresh memory is expensive here: glibc
 hands blocks of several MiB back to the kernel when they are freed, and the next call faults every
 page in again -- measured on the 2-core development VM, ~2.6 us per 4 KiB page (about 35 ms of
@@ -101,8 +102,9 @@ def scratch(role, shape, dtype):
 def free_workspace():
     """Release the scratch buffers that convolution calls in this thread keep for reuse.
 
-    The FFT algorithm keeps its tile and spectrum buffers (under the workspace limit of the
-    largest call) between calls, because faulting fresh memory in costs more than some of its
+    The FFT algorithm keeps its tile and spectrum buffers, and Winograd's batch-wide passes their
+    transformed weights, tiles and layout copies (each under the workspace limit of the largest
+    call) between calls, because faulting fresh memory in costs more than some of their
     transforms; call this to hand that memory back, e.g. after the last large convolution.
 
     Returns

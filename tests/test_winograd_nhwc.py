@@ -146,3 +146,11 @@ def test_every_pass_with_forced_chunks_against_the_reference(m):
         np.testing.assert_allclose(gx, want, rtol=1e-10, atol=1e-10)
         gw = WN.grad_weight(nhwc.to_nhwc(gy), nhwc.to_nhwc(x), p, m, tc)
         np.testing.assert_allclose(gw, ref.conv2d_grad_weight(gy, xp, w.shape, groups=2), rtol=1e-10, atol=1e-10)
+
+
+def test_free_workspace_releases_the_kept_buffers():
+    fastconv.free_workspace()
+    x, w, b, p = _problem((2, 16, 8, 8), 16)
+    W.forward(x, w, b, p, 2, True)
+    assert fastconv.free_workspace() >= 16 * 16 * 16 * 4  # U's 16 elements per channel pair, at least
+    assert fastconv.free_workspace() == 0
