@@ -12,6 +12,10 @@ streams from memory once per item).  Here the three steps each run over everythi
    does), each reading its block of ``U`` once;
 3. the output transform ``Y = A^T M A`` of every tile, along the channels, into the NHWC output.
 
+grad_input is the forward on the flipped, channel-swapped kernel (read in place from the layer's
+weight); grad_weight transforms the input the same way and gy by ``A gy A^T``, and its GEMMs reduce
+over the tiles (:func:`grad_weight`); :func:`taps` (``G^T Mw G``) serves every Winograd grad_weight.
+
 Notation as in :mod:`.winograd`: m the output tile (4 or 2), a = m + 2, e an element of the a x a
 transformed tile, th x tw tiles per image.  With T large the tiles go in chunks so that V and M stay
 under the workspace budget.  Accuracy and NaN spreading are those of :mod:`.winograd` (the same
