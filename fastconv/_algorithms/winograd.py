@@ -41,10 +41,10 @@ transformed tiles per item (L2) and at least 4 items per worker, that wastes the
 the micro-kernel's NR-wide panels.  On small planes (1-4 tiles per row) those items waste most
 columns and each streams all of U; there every pass may run batch-wide instead, in NHWC, each step
 over all tiles of the batch at once (:mod:`.winograd_nhwc`; grad_weight's GEMMs reduce over the
-tiles), chosen by cost per call (:data:`_BATCH_MARGIN`).  grad_weight has two kernels, chosen by cost.  On the row
-transforms (:mod:`._winograd_gw_kernels`): each worker takes a fixed share of the tile rows of
-every group, transforms the input with the forward's code and gy with the output transform's
-transpose into the same slot layout, and adds the a*a products ``w[e] . v[e]^T`` (single-threaded
+tiles), chosen by cost per call (:data:`_BATCH_MARGIN`).  Besides it grad_weight has two kernels
+of its own, chosen by cost.  On the row transforms (:mod:`._winograd_gw_kernels`): each worker
+takes a fixed share of the tile rows of every group, transforms the input with the forward's code
+and gy with the output transform's transpose into the same slot layout, and adds the a*a products ``w[e] . v[e]^T`` (single-threaded
 BLAS, im2col's ?gemm pointer) into sums of its own, added in worker order at the end (memory
 (workers + 1) * a*a*k*cg; wins on wide planes: resnet50-3x3-64 21-28 ms against the gathers' 30-44
 and im2col's 39-44, 1 thread, AVX2 EPYC).  On the gathers: items are blocks of cb input channels
@@ -198,7 +198,7 @@ class _Plan:
     words: int   # buffer elements per worker
     fixed: int   # bytes shared by all workers (U, or grad_weight's accumulators)
     rowwise: bool = False  # grad_weight on the packed forward's row transforms (else the gathers)
-    batch: bool = False    # the forward over the whole batch's tiles (winograd_nhwc; rb: tiles per chunk)
+    batch: bool = False    # over the whole batch's tiles (winograd_nhwc; rb: tiles per chunk)
 
 
 def _plan(p, m, nthreads):
@@ -342,7 +342,7 @@ _BATCH_MARGIN = 1.15
 
 
 def _batch_plan(p, m, nthreads):
-    """The forward over the whole batch's tiles (:mod:`.winograd_nhwc`), or why it cannot fit."""
+    """A pass over the whole batch's tiles (:mod:`.winograd_nhwc`), or why it cannot fit."""
     got = WN.plan(p, m, nthreads)
     if isinstance(got, str):
         return got
@@ -534,12 +534,12 @@ _GEMM_RATE = {4: 80e9, 8: 40e9}
 
 
 def _cost_of(p, pass_, pl, nthreads):
+    if pl.batch:
+        return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
     th, tw = _tiles(p, pl.m)
     a2 = (pl.m + 2) ** 2
     tiles = max(1, p.n) * th * tw
     workers = 1.0 + 0.9 * (min(nthreads, pl.nw) - 1)
-    if pl.batch:
-        return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
     if pass_ == "grad_weight" and pl.rowwise:
         trows = max(1, p.n) * th
         slots = trows * (tw + 1)

@@ -100,9 +100,9 @@ _GEMM_RATE = 224e9 * G.VBYTES / 32
 _CONVERT_RATE = 12e9
 
 
-def cost(p, m, tc, nthreads, nchw=True, pass_="forward"):
+def cost(p, m, tc, nthreads, pass_="forward"):
     """Modelled seconds of the forward (or ``pass_='grad_weight'``) with F(m x m, 3 x 3) in chunks
-    of ``tc`` tiles; ``nchw`` adds the layout conversions of an NCHW caller."""
+    of ``tc`` tiles, with an NCHW caller's layout conversions."""
     a = m + 2
     a2 = a * a
     _, _, total = tiles(p, m)
@@ -114,7 +114,7 @@ def cost(p, m, tc, nthreads, nchw=True, pass_="forward"):
     trans = scale * (_ELEM * elems + _RUN * runs + _U_ELEM * a2 * p.k * p.cg)
     rows = -(-total // tc) * -(-tc // mr) * mr
     gemm = 2.0 * a2 * p.g * rows * p.kg * (p.cg + 8) / (_GEMM_RATE * 4 / p.itemsize)
-    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize if nchw else 0
+    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
     return 3e-5 + (trans + gemm) / workers + moved / _CONVERT_RATE
 
 
@@ -162,7 +162,7 @@ def forward(xh, w, b, p, m, tc, flip=False, out=None):
         tn = min(tc, total - t0)
         K.transform_in(xf, v, p.h, p.w, p.c, t0, tn, th, tw, m, a, p.ph0, p.pw0, bi, bc, bn, tin, ot, ct,
                        np.zeros(1, np.int64))
-        tb = -(-(-(-tn // blocks)) // mr) * mr
+        tb = -(-tn // (blocks * mr)) * mr  # tiles per GEMM item: whole MR-row panels
         K.products(v, u, mm, tn, p.c, p.k, p.cg, p.kg, p.g, a2, tb, ws, blk, np.zeros(1, np.int64))
         K.transform_out(mm, yf, bb, b is not None, p.oh, p.ow, p.k, t0, tn, th, tw, m, a, ai, ac, an, tout, ot, ct,
                         np.zeros(1, np.int64))
