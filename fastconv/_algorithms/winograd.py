@@ -47,8 +47,8 @@ takes a fixed share of the tile rows of every group, transforms the input with t
 and gy with the output transform's transpose into the same slot layout, and adds the a*a products
 ``w[e] . v[e]^T`` (single-threaded BLAS, im2col's ?gemm pointer) into sums of its own, added in
 worker order at the end (memory (workers + 1) * a*a*k*cg; wins on wide planes: resnet50-3x3-64
-21-28 ms against the gathers' 30-44 and im2col's 39-44, 1 thread, AVX2 EPYC).  On the gathers: items are blocks of cb input channels
-of one group with the whole batch; tiles are gathered, transformed by rows of 1-D multiply-adds,
+21-28 ms against the gathers' 30-44 and im2col's 39-44, 1 thread, AVX2 EPYC).  On the gathers:
+items are blocks of cb input channels of one group with the whole batch; tiles are gathered, transformed by rows of 1-D multiply-adds,
 and multiplied by BLAS the same way; it keeps one shared accumulator, so it is what fits when the
 workers' sums do not, and it is cheaper where kg*cg is large and planes small (resnet50-3x3-512:
 its short reductions re-add 16 MB of sums).  m is chosen per call by
