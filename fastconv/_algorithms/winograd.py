@@ -32,8 +32,8 @@ of 36 for m = 2).
 Kernels (:mod:`._winograd_kernels`).  One parallel kernel per pass; numba's workers claim work
 items.  Forward (and grad_input): an item is R consecutive tile rows of one group (across images),
 its tiles in slots with one spare per tile row so that each transform is a few long vector loops
-over contiguous rows (input rows copied zero-padded side by side, column transform, split into the
-m column phases, row transform; the output transform backwards, interleaving the phases into the
+over contiguous rows (input rows copied zero-padded side by side, column transform, split into the m
+column phases, row transform; the output transform backwards, interleaving the phases into the
 output rows with vector shuffles); ``U`` is transformed once per call straight into the MR-row
 panels of fastconv's GEMM micro-kernel and the a*a products run on that micro-kernel reading the
 transformed rows in place (:func:`.gemm.ukernel_ldb`).  R is the row count, within ~1.5 MiB of
@@ -41,21 +41,21 @@ transformed tiles per item (L2) and at least 4 items per worker, that wastes the
 the micro-kernel's NR-wide panels.  On small planes (1-4 tiles per row) those items waste most
 columns and each streams all of U; there every pass may run batch-wide instead, in NHWC, each step
 over all tiles of the batch at once (:mod:`.winograd_nhwc`; grad_weight's GEMMs reduce over the
-tiles), chosen by cost per call (:data:`_BATCH_MARGIN`).  Besides it grad_weight has two kernels
-of its own, chosen by cost.  On the row transforms (:mod:`._winograd_gw_kernels`): each worker
-takes a fixed share of the tile rows of every group, transforms the input with the forward's code
-and gy with the output transform's transpose into the same slot layout, and adds the a*a products
+tiles), chosen by cost per call (:data:`_BATCH_MARGIN`).  Besides it grad_weight has two kernels of
+its own, chosen by cost.  On the row transforms (:mod:`._winograd_gw_kernels`): each worker takes a
+fixed share of the tile rows of every group, transforms the input with the forward's code and gy
+with the output transform's transpose into the same slot layout, and adds the a*a products
 ``w[e] . v[e]^T`` (single-threaded BLAS, im2col's ?gemm pointer) into sums of its own, added in
-worker order at the end (memory (workers + 1) * a*a*k*cg; wins on wide planes: resnet50-3x3-64
-21-28 ms against the gathers' 30-44 and im2col's 39-44, 1 thread, AVX2 EPYC).  On the gathers:
-items are blocks of cb input channels of one group with the whole batch; tiles are gathered, transformed by rows of 1-D multiply-adds,
-and multiplied by BLAS the same way; it keeps one shared accumulator, so it is what fits when the
-workers' sums do not, and it is cheaper where kg*cg is large and planes small (resnet50-3x3-512:
-its short reductions re-add 16 MB of sums).  m is chosen per call by
-:func:`cost` (F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except
-that float32 grad_weight always uses F(2x2): with F(4x4) its sums over the batch and every tile
-missed the element-wise tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case (error 2.9e-4
-on an element of 1.92, 3.5e-6 of the largest).
+worker order at the end (memory (workers + 1) * a*a*k*cg; wins on wide planes: resnet50-3x3-64 21-28 ms against
+the gathers' 30-44 and im2col's 39-44, 1 thread, AVX2 EPYC).  On the gathers: items are blocks of cb
+input channels of one group with the whole batch; tiles are gathered, transformed by rows of 1-D
+multiply-adds, and multiplied by BLAS the same way; it keeps one shared accumulator, so it is what
+fits when the workers' sums do not, and it is cheaper where kg*cg is large and planes small
+(resnet50-3x3-512: its short reductions re-add 16 MB of sums).  m is chosen per call by :func:`cost`
+(F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except that float32 grad_weight
+always uses F(2x2): with F(4x4) its sums over the batch and every tile missed the element-wise
+tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case (error 2.9e-4 on an element of 1.92,
+3.5e-6 of the largest).
 
 Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles (T the slots of an item,
 rounded up to whole panels) plus rows of scratch; shared: ``U`` packed (``a*a * k * cg`` rounded up
