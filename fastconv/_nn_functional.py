@@ -25,7 +25,7 @@ def _transpose_prepare(fn, x, weight, stride, padding, output_padding, groups, d
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
-                     algorithm="auto", workspace_limit=None):
+                     algorithm="auto", workspace_limit=None, out=None):
     """2-D transposed convolution (the gradient of :func:`conv2d` with respect to its input), as
     ``torch.nn.functional.conv_transpose2d``.
 
@@ -43,10 +43,12 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     algorithm : str
         ``'auto'`` or a name from :func:`fastconv.algorithms` (its ``grad_input`` pass).
     workspace_limit : int, optional
+    out : ndarray, optional
+        As :func:`conv2d`'s ``out`` (a copy into it, with the bias added on the way).
 
     Returns
     -------
-    y : ndarray, shape (N, C_out, OH, OW)
+    y : ndarray, shape (N, C_out, OH, OW), or (C_out, OH, OW) for an unbatched input
         ``OH = (H - 1)*sh - 2*ph + dh*(R - 1) + oph + 1`` and likewise ``OW``.
 
     Examples
@@ -65,12 +67,18 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         bias = V.as_float_array(fn, "bias", bias, 1, x.dtype)
         if bias.shape[0] != p.c:
             raise ValueError(f"{fn}: bias must have shape ({p.c},) (out channels), got {bias.shape}")
+    out = V.result_out(fn, out, p.x_shape, squeeze, p.dtype,
+                       (("input", x), ("weight", weight), ("bias", bias)))
     threads = apply_threads(p.macs)
     alg = select(fn, algorithm, p, "grad_input", threads)
     y = np.zeros(p.x_shape, p.dtype) if p.n == 0 else alg.grad_input(xp, weight, p)
-    if bias is not None:
+    if bias is None:
+        return V.into_out(y, out, squeeze)
+    if out is None:
         y += bias[:, None, None]
-    return V.squeezed(y, squeeze)
+        return V.squeezed(y, squeeze)
+    np.add(y, bias[:, None, None], out=out.reshape(y.shape))
+    return out
 
 
 def conv_transpose2d_backward(grad_output, x, weight, stride=1, padding=0, output_padding=0, groups=1,
@@ -126,7 +134,7 @@ def _conv1d_args(fn, x, weight, stride, padding, dilation):
 
 
 def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
-           workspace_limit=None):
+           workspace_limit=None, out=None):
     """1-D convolution of a batch of sequences, as ``torch.nn.functional.conv1d`` (a :func:`conv2d`
     with ``H = R = 1``, so every algorithm serves it).
 
@@ -138,12 +146,12 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     stride, dilation : int or (int,), positive
     padding : int, (int,), 'same' or 'valid'
     groups : int
-    algorithm, workspace_limit
+    algorithm, workspace_limit, out
         As :func:`conv2d`.
 
     Returns
     -------
-    y : ndarray, shape (N, K, OL), ``OL = floor((L + 2*p - d*(S-1) - 1) / s) + 1``
+    y : ndarray, shape (N, K, OL), or (K, OL) unbatched; ``OL = floor((L + 2*p - d*(S-1) - 1) / s) + 1``
 
     Examples
     --------
@@ -154,10 +162,12 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     fn = "conv1d"
     x4, w4, squeeze, st, pd, dl = _conv1d_args(fn, x, weight, stride, padding, dilation)
     x4, w4, bias, p = V.check_conv2d(fn, x4, w4, bias, st, pd, dl, groups, workspace_limit)
+    out = V.result_out(fn, out, (p.n, p.k, p.ow), squeeze, p.dtype,
+                       (("input", x4), ("weight", w4), ("bias", bias)))
     threads = apply_threads(p.macs)
     alg = select(fn, algorithm, p, "forward", threads)
     y = np.zeros(p.y_shape, dtype=p.dtype) if p.n == 0 else alg.forward(x4, w4, bias, p)
-    return V.squeezed(y[:, :, 0, :], squeeze)
+    return V.into_out(y[:, :, 0, :], out, squeeze)
 
 
 def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
@@ -496,7 +506,7 @@ def adaptive_avg_pool2d_backward(grad_output, input_shape):
 
 
 def _elementwise_out(fn, x, out):
-    y = V.check_out(fn, out, x.shape, x.dtype)
+    y = V.check_elementwise_out(fn, out, x)
     return np.empty(x.shape, x.dtype) if y is None else y
 
 

@@ -456,6 +456,36 @@ def check_out(fn, out, shape, dtype):
     return out
 
 
+def result_out(fn, out, shape, squeeze, dtype, inputs):
+    """``out=`` of an op whose batched result has ``shape`` (without its batch axis when ``squeeze``):
+    :func:`check_out` and :func:`check_no_overlap` against ``inputs``; None when not given."""
+    out = check_out(fn, out, shape[1:] if squeeze else shape, dtype)
+    check_no_overlap(fn, out, inputs)
+    return out
+
+
+def into_out(y, out, squeeze):
+    """The op's result ``y`` (batched, any layout): copied into ``out`` and ``out`` returned when one
+    was given (:func:`result_out`), else ``y`` without its batch axis when ``squeeze``."""
+    if out is None:
+        return squeezed(y, squeeze)
+    np.copyto(out.reshape(y.shape), y)
+    return out
+
+
+def check_elementwise_out(fn, out, x):
+    """``out=`` of an element-wise op on ``x``: :func:`check_out`, and either ``x`` itself (in place:
+    element i is read before it is written) or no memory shared with a C-contiguous ``x`` -- a
+    partly overlapping ``out`` would overwrite elements not yet read.  (A non-contiguous ``x`` is
+    copied before the kernel runs, so any ``out`` is safe then.)"""
+    out = check_out(fn, out, x.shape, x.dtype)
+    if (out is not None and x.flags.c_contiguous and np.may_share_memory(out, x)
+            and out.ctypes.data != x.ctypes.data):
+        raise ValueError(f"{fn}: out must be the input itself or not overlap it (the kernel reads the input "
+                         f"while writing out), got an array partly overlapping it")
+    return out
+
+
 def check_no_overlap(fn, out, inputs):
     """``out`` shares no memory with any of the ``(name, array)`` pairs in ``inputs`` (None skipped).
 

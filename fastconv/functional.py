@@ -106,8 +106,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
     x, squeeze = V.unbatched(fn, "input", x, 4)  # (C, H, W) convolves as one image, as PyTorch
     x, weight, bias, p = V.check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups,
                                           workspace_limit)
-    out = V.check_out(fn, out, p.y_shape[1:] if squeeze else p.y_shape, p.dtype)
-    V.check_no_overlap(fn, out, (("input", x), ("weight", weight), ("bias", bias)))
+    out = V.result_out(fn, out, p.y_shape, squeeze, p.dtype, (("input", x), ("weight", weight), ("bias", bias)))
     threads = apply_threads(p.macs)  # first: 'auto' chooses for the thread count the call runs with
     alg = select(fn, algorithm, p, "forward", threads)
     if p.n == 0:
@@ -124,10 +123,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         y = _nhwc.channels_last_view(y)
     else:
         y = alg.forward(x, weight, bias, p)
-    if out is None:
-        return V.squeezed(y, squeeze)
-    np.copyto(out.reshape(p.y_shape), y)
-    return out
+    return V.into_out(y, out, squeeze)
 
 
 @reports_memory
@@ -265,7 +261,8 @@ def _unbatched_pair(fn, grad_output, x):
 
 
 @reports_memory
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *,
+               out=None):
     """2-D max pooling.
 
     Parameters
@@ -281,6 +278,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         Round the output size up (a last window may start in the input or left padding only).
     return_indices : bool
         Also return the flat position ``ih*W + iw`` of each maximum in its ``H x W`` plane (int64).
+    out : ndarray, optional
+        Array to hold the pooled values (as :func:`conv2d`'s ``out``: the result's shape and dtype,
+        C-contiguous, writeable, sharing no memory with ``x``); it is returned in ``y``'s place.  The
+        kernels allocate their own result, so this is a copy into it.
 
     Returns
     -------
@@ -308,9 +309,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     V.check_copy(fn, "the input", x)
     return_indices = V._bool(fn, "return_indices", return_indices)
+    out = V.result_out(fn, out, p.y_shape, squeeze, x.dtype, (("input", x),))
     apply_threads(pooling.max_forward_work(p))
     y, idx = pooling.max_forward(x, p)
-    return (V.squeezed(y, squeeze), V.squeezed(idx, squeeze)) if return_indices else V.squeezed(y, squeeze)
+    y = V.into_out(y, out, squeeze)
+    return (y, V.squeezed(idx, squeeze)) if return_indices else y
 
 
 @reports_memory
@@ -365,7 +368,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
 
 @reports_memory
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None):
+               divisor_override=None, *, out=None):
     """2-D average pooling.
 
     Parameters
@@ -378,6 +381,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
         elements in the window (False).
     divisor_override : int, optional
         Divide every window's sum by this nonzero int instead.
+    out : ndarray, optional
+        As :func:`max_pool2d`'s ``out``.
 
     Returns
     -------
@@ -398,9 +403,11 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     x, squeeze = V.unbatched(fn, "input", x, 4)  # (C, H, W) pools as one image, as PyTorch
     p = V.pool_params(fn, x.shape, kernel_size, stride, padding, 1, ceil_mode)
     V.check_copy(fn, "the input", x)
+    include = V._bool(fn, "count_include_pad", count_include_pad)
+    divisor = V.divisor(fn, divisor_override)
+    out = V.result_out(fn, out, p.y_shape, squeeze, x.dtype, (("input", x),))
     apply_threads(x.size)
-    return V.squeezed(pooling.avg_forward(x, p, V._bool(fn, "count_include_pad", count_include_pad),
-                                         V.divisor(fn, divisor_override)), squeeze)
+    return V.into_out(pooling.avg_forward(x, p, include, divisor), out, squeeze)
 
 
 @reports_memory
@@ -427,18 +434,26 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
 
 
 @reports_memory
-def relu(x):
-    """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch); always a new array.
+def relu(x, *, out=None):
+    """Rectified linear unit ``max(x, 0)`` (NaN stays NaN, as PyTorch).
+
+    ``out`` (optional): a C-contiguous writeable array of ``x``'s shape and dtype to hold the result
+    and be returned -- ``x`` itself (in place, as ``torch.relu_``) or one sharing no memory with it.
+    Without it the result is a new array.
 
     Examples
     --------
     >>> import numpy as np, fastconv
     >>> fastconv.relu(np.array([-1.0, 0.0, 2.0]))
     array([0., 0., 2.])
+    >>> x = np.array([-1.0, 3.0]); fastconv.relu(x, out=x) is x, x
+    (True, array([0., 3.]))
     """
     x = V.as_float_array("relu", "input", x, x.ndim if isinstance(x, np.ndarray) else 0)
-    V.check_memory("relu", f"output of shape {x.shape}", x.nbytes)
-    y = np.empty(x.shape, x.dtype)
+    y = V.check_elementwise_out("relu", out, x)
+    if y is None:
+        V.check_memory("relu", f"output of shape {x.shape}", x.nbytes)
+        y = np.empty(x.shape, x.dtype)
     apply_threads(x.size)
     _ew.relu(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
     return y

@@ -281,6 +281,53 @@ def test_out_arrays_are_written_and_returned():
     np.testing.assert_array_equal(out, np.where(keep, x * F32(2), 0))
 
 
+def test_out_arrays_of_convolutions_pools_and_relu():
+    """conv_transpose2d, conv1d, the pools and relu take ``out=`` too: the same values (bias
+    included), unbatched shapes, channels_last inputs, relu in place on its input."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(F32)
+    w = rng.standard_normal((3, 4, 3, 3)).astype(F32)
+    b = rng.standard_normal(4).astype(F32)
+    want = fastconv.conv_transpose2d(x, w, b, stride=2, output_padding=1)
+    out = np.full(want.shape, np.nan, F32)
+    assert fastconv.conv_transpose2d(x, w, b, stride=2, output_padding=1, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    out = np.full(want.shape[1:], np.nan, F32)
+    assert fastconv.conv_transpose2d(x[1], w, b, stride=2, output_padding=1, out=out) is out
+    np.testing.assert_array_equal(out, want[1])
+    x1 = rng.standard_normal((2, 3, 20)).astype(F32)
+    w1 = rng.standard_normal((5, 3, 3)).astype(F32)
+    want = fastconv.conv1d(x1, w1, b[:1].repeat(5), padding=2, dilation=2)
+    out = np.full(want.shape, np.nan, F32)
+    assert fastconv.conv1d(x1, w1, b[:1].repeat(5), padding=2, dilation=2, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    out = np.full(want.shape[1:], np.nan, F32)
+    assert fastconv.conv1d(x1[0], w1, b[:1].repeat(5), padding=2, dilation=2, out=out) is out
+    np.testing.assert_array_equal(out, want[0])
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # channels_last memory
+    for xin in (x, x_cl):
+        want, idx = fastconv.max_pool2d(xin, 3, 2, 1, return_indices=True)  # each layout's own kernels
+        out = np.full(want.shape, np.nan, F32)
+        y, i = fastconv.max_pool2d(xin, 3, 2, 1, return_indices=True, out=out)
+        assert y is out
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(i, idx)
+        want = fastconv.avg_pool2d(xin, 2, count_include_pad=False)
+        out = np.full(want.shape, np.nan, F32)
+        assert fastconv.avg_pool2d(xin, 2, count_include_pad=False, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    out = np.full((3, 4, 4), np.nan, F32)
+    assert fastconv.max_pool2d(x[0], 2, out=out) is out
+    np.testing.assert_array_equal(out, fastconv.max_pool2d(x, 2)[0])
+    want = fastconv.relu(x)
+    out = np.full(x.shape, np.nan, F32)
+    assert fastconv.relu(x, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    xx = x.copy()
+    assert fastconv.relu(xx, out=xx) is xx  # in place, as torch.relu_
+    np.testing.assert_array_equal(xx, want)
+
+
 def test_dropout_mask_statistics_seed_and_nan():
     x = np.ones((200, 100), F32)
     y1, keep = fastconv.dropout(x, 0.3, rng=5, return_mask=True)
@@ -330,6 +377,7 @@ GT = np.zeros((1, 3, 6, 6), F32)        # its output for X4
 X3 = np.zeros((1, 2, 8), F32)
 W1 = np.zeros((3, 2, 3), F32)
 C2 = np.zeros(2, F32)
+SHARED = np.zeros(108, F32)             # views of it overlap: out= against the input
 
 
 def row(id_, fn, args, kwargs, exc, pattern):
@@ -414,6 +462,20 @@ ERRORS = [
         r"adaptive_avg_pool2d: input must be 3-D \(unbatched\) or 4-D \(batched\), got 2-D"),
     row("adaptiveb-grad", fastconv.adaptive_avg_pool2d_backward, (X4[:, :1], X4.shape), {}, ValueError,
         r"adaptive_avg_pool2d_backward: grad_output must have input_shape's N and C \(1, 2\)"),
+    row("ct-out-shape", fastconv.conv_transpose2d, (X4, WT), {"out": GT[:, :, 1:]}, ValueError,
+        r"conv_transpose2d: out must have the result's shape \(1, 3, 6, 6\), got \(1, 3, 5, 6\)"),
+    row("ct-out-in-input", fastconv.conv_transpose2d, (SHARED[:32].reshape(X4.shape), WT),
+        {"out": SHARED.reshape(GT.shape)}, ValueError, r"conv_transpose2d: out must not overlap the input"),
+    row("c1-out-dtype", fastconv.conv1d, (X3, W1), {"out": np.zeros((1, 3, 6))}, TypeError,
+        r"conv1d: out must have the result's dtype float32, got float64"),
+    row("c1-out-unbatched", fastconv.conv1d, (X3[0], W1), {"out": np.zeros((1, 3, 6), F32)}, ValueError,
+        r"conv1d: out must have the result's shape \(3, 6\), got \(1, 3, 6\)"),
+    row("max-out-overlap", fastconv.max_pool2d, (X4, 1), {"out": X4}, ValueError,
+        r"max_pool2d: out must not overlap the input"),
+    row("avg-out-strided", fastconv.avg_pool2d, (X4, 2), {"out": np.zeros((1, 2, 2, 4), F32)[..., ::2]},
+        ValueError, r"avg_pool2d: out must be C-contiguous and writeable"),
+    row("relu-out-partial", fastconv.relu, (SHARED[:4],), {"out": SHARED[1:5]}, ValueError,
+        r"relu: out must be the input itself or not overlap it .*partly overlapping"),
     row("avg-divisor-zero", fastconv.avg_pool2d, (X4, 2), {"divisor_override": 0}, ValueError,
         r"avg_pool2d: divisor_override must be nonzero, got 0"),
     row("avg-divisor-float", fastconv.avg_pool2d_backward, (X4[:, :, :2, :2], X4.shape, 2),
