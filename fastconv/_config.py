@@ -102,9 +102,9 @@ def scratch(role, shape, dtype):
 def free_workspace():
     """Release the scratch buffers that convolution calls in this thread keep for reuse.
 
-    The FFT algorithm keeps its tile and spectrum buffers, and Winograd's batch-wide passes their
-    transformed weights, tiles and layout copies (each under the workspace limit of the largest
-    call) between calls, because faulting fresh memory in costs more than some of their
+    The FFT algorithm keeps its tile and spectrum buffers, and Winograd its transformed weights,
+    workers' tile buffers and (batch-wide passes) layout copies (each under the workspace limit of
+    the largest call) between calls, because faulting fresh memory in costs more than some of their
     transforms; call this to hand that memory back, e.g. after the last large convolution.
 
     Returns

@@ -361,3 +361,28 @@ def test_dilated_cost_includes_the_phase_copies():
     assert (q.n, q.h, q.w, q.oh, q.ow, q.dh, q.ph0) == (32, 34, 34, 32, 32, 1, 0)
     assert W.supports(p, "forward") is None
     assert W.cost(p, "forward", 2) > W.cost(q, "forward", 2)
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_packed_passes_ignore_what_their_kept_buffers_held(rowwise):
+    # the packed passes keep U and their workers' buffers between calls (_config.scratch); NaN
+    # left in those buffers must reach no result, and repeated calls give the same bits
+    from fastconv._config import scratch
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 13, 11)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    p = conv_params("conv2d", x.shape, w.shape, x.dtype, 1, 1, 1, 1)
+    gy = rng.standard_normal(p.y_shape).astype(np.float32)
+    first = (W.forward(x, w, b, p, 4, False), W.grad_input(gy, w, p, 4, False),
+             W.grad_weight(gy, x, p, 2, rowwise, False))
+    for role in ("winograd.pu", "winograd.words", "winograd.acc"):
+        held = scratch(role, (1 << 21,), np.float32)
+        held.fill(np.nan)
+    again = (W.forward(x, w, b, p, 4, False), W.grad_input(gy, w, p, 4, False),
+             W.grad_weight(gy, x, p, 2, rowwise, False))
+    for a, c in zip(first, again):
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_allclose(first[0], ref.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(first[2], ref.conv2d_grad_weight(gy, x, w.shape, padding=1), rtol=1e-4, atol=1e-4)
+    fastconv.free_workspace()
