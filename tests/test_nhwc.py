@@ -225,6 +225,7 @@ def test_skipping_padding_taps_changes_no_bits(case, dtype, monkeypatch):
     x, w, b, gy, kw = _make(case, dtype)
     p = _params(x, w, kw)
     xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    monkeypatch.setattr(nhwc, "ALL_TAPS_MAX_CHANNELS", 0)  # thin groups sum all taps at once, unskipped
     plain = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
     monkeypatch.setattr(nhwc, "SKIP_MIN_MACS", 0)
     monkeypatch.setattr(nhwc, "SKIP_MIN_SHARE", 0.0)
@@ -236,6 +237,37 @@ def test_skipping_padding_taps_changes_no_bits(case, dtype, monkeypatch):
     assert calls and all(calls), "the kernel did not skip"
     np.testing.assert_array_equal(got[0], plain[0])
     np.testing.assert_array_equal(got[1], plain[1])
+    want = _reference(x, w, b, gy, kw)
+    del want["grad_weight"]
+    assert_results({"forward": got[0].transpose(0, 3, 1, 2), "grad_input": got[1].transpose(0, 3, 1, 2)},
+                   want, dtype, scale=4.0)
+
+
+ALL_TAPS_CASES = [c for c in CASES if ROWS <= c[2][1] <= nhwc.ALL_TAPS_MAX_CHANNELS and c[2][2] * c[2][3] > 1] + [
+    ("all-taps-5x5-edges", (3, 64, 6, 5), (NR + 7, 64, 5, 5), {"padding": 2}),  # 64 channels, kg % NR, MR edges
+    ("all-taps-float-edge", (1, ROWS, 2, 3), (1, ROWS, 3, 3), {"padding": (2, 1)}),  # rows wholly in padding
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ALL_TAPS_CASES, ids=[c[0] for c in ALL_TAPS_CASES])
+def test_all_taps_in_one_call_equals_one_call_per_tap(case, dtype, monkeypatch):
+    # thin groups sum a tile's taps in one ukernel_taps call: the reference's values, and within
+    # rounding of the per-tap calls (the order of the sums differs)
+    x, w, b, gy, kw = _make(case, dtype)
+    p = _params(x, w, kw)
+    assert nhwc.all_taps(p)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    calls = []
+    real = nhwc.K.forward_rows
+    monkeypatch.setattr(nhwc.K, "forward_rows", lambda *a: calls.append(a[25]) or real(*a))  # a[25]: alltaps
+    got = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
+    assert calls and calls[0], "the kernel did not sum all taps at once"
+    monkeypatch.setattr(nhwc, "ALL_TAPS_MAX_CHANNELS", 0)
+    per_tap = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, c in zip(got, per_tap):
+        np.testing.assert_allclose(a, c, rtol=tol, atol=tol * np.abs(c).max())
     want = _reference(x, w, b, gy, kw)
     del want["grad_weight"]
     assert_results({"forward": got[0].transpose(0, 3, 1, 2), "grad_input": got[1].transpose(0, 3, 1, 2)},

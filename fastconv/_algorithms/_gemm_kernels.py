@@ -50,13 +50,18 @@ def _vector_tools(builder, fty, isz, vbytes):
     return lanes, vty, fma, splat
 
 
-def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None, rowptr=None):
+def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None, rowptr=None, taps=None):
     # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride);
     # ldb: index of the argument holding B's row stride (default: packed panels, stride NR);
     # rowptr: (offsets array, tap offset, zeros array) argument indices: A is not packed, its row i
     # starts at pa[offsets[aoff + i] + tap offset] and runs along p (channels_last input rows, read
-    # in place); a negative offset reads the zeros array instead (a tap in the padding)
+    # in place); a negative offset reads the zeros array instead (a tap in the padding);
+    # taps (with rowptr): (tap list, its offset, tap count, offsets' tap pitch) argument indices:
+    # the k loop runs over the listed taps t, each kc long, row i reading offsets[aoff + t*pitch + i]
+    # and B from row t*kc of the panel, the tile kept in registers across all of them
     rows = mr if rows is None else rows
+    if taps is not None:
+        return _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr, taps)
     kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
     pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
     fty = context.get_data_type(sig.args[5].dtype)
@@ -68,18 +73,7 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
     a0 = builder.gep(pa.data, [aoffv])
     b0 = builder.gep(pb.data, [boffv])
     zero = ir.Constant(vty, [0.0] * lanes)
-    # C's rows are prefetched (for writing) before the k loop: the tile is stored once at its end,
-    # and with C out of cache the 2*MR line misses stalled it; 1024^3, 1 thread: 62-68 -> 72-74 GF/s
-    c0 = builder.gep(c.data, [coffv])
-    rowp = [builder.gep(c0, [builder.mul(ldcv, ir.Constant(i64, i))]) for i in range(rows)]
-    i8p = ir.IntType(8).as_pointer()
-    i32 = ir.IntType(32)
-    pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                        "llvm.prefetch.p0")
-    for row in rowp:
-        for e in (0, nr - 1):  # the row's first and last element: the lines it spans
-            builder.call(pf, [builder.bitcast(builder.gep(row, [ir.Constant(i64, e)]), i8p),
-                              ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    rowp = _c_prefetch(context, builder, c, coffv, ldcv, rows, nr)
 
     if rowptr is not None:
         offs = context.make_array(sig.args[rowptr[0]])(context, builder, args[rowptr[0]])
@@ -127,19 +121,122 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
         for v in range(nv):
             total[i][v].add_incoming(zero, entry)
             total[i][v].add_incoming(new[i][v], body_end)
-    ptrs = []
+    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
+    return context.get_dummy_value()
+
+
+def _c_prefetch(context, builder, c, coffv, ldcv, rows, nr):
+    # C's rows prefetched (for writing) before the k loop: the tile is stored once at its end, and
+    # with C out of cache the 2*MR line misses stalled it; 1024^3, 1 thread: 62-68 -> 72-74 GF/s
+    i64 = ir.IntType(64)
+    c0 = builder.gep(c.data, [coffv])
+    rowp = [builder.gep(c0, [builder.mul(ldcv, ir.Constant(i64, i))]) for i in range(rows)]
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
     for row in rowp:
-        ptrs.append([builder.bitcast(builder.gep(row, [ir.Constant(i64, v * lanes)]), vptr) for v in range(nv)])
+        for e in (0, nr - 1):  # the row's first and last element: the lines it spans
+            builder.call(pf, [builder.bitcast(builder.gep(row, [ir.Constant(i64, e)]), i8p),
+                              ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    return rowp
+
+
+def _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv):
+    # C = tile (acc 0: C is never read, it may hold garbage or NaN) or C += tile
+    i64 = ir.IntType(64)
+    ptrs = [[builder.bitcast(builder.gep(row, [ir.Constant(i64, v * lanes)]), vptr) for v in range(nv)]
+            for row in rowp]
     with builder.if_else(builder.icmp_signed("!=", accv, ir.Constant(accv.type, 0))) as (add, plain):
-        with add:  # beta = 1: C += tile
+        with add:
             for i in range(rows):
                 for v in range(nv):
                     old = builder.load(ptrs[i][v], align=isz)
                     builder.store(builder.fadd(old, total[i][v]), ptrs[i][v], align=isz)
-        with plain:  # beta = 0: C is never read (it may hold garbage or NaN)
+        with plain:
             for i in range(rows):
                 for v in range(nv):
                     builder.store(total[i][v], ptrs[i][v], align=isz)
+
+
+def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr, taps):
+    # _emit_ukernel's rowptr kernel with an outer loop over a list of taps (see there)
+    kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
+    pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
+    offs, zeros, tl = (context.make_array(sig.args[i])(context, builder, args[i])
+                       for i in (rowptr[0], rowptr[2], taps[0]))
+    toffv, tloffv, ntv, ldov = args[rowptr[1]], args[taps[1]], args[taps[2]], args[taps[3]]
+    fty = context.get_data_type(sig.args[5].dtype)
+    isz = context.get_abi_sizeof(fty)
+    lanes, vty, fma, splat = _vector_tools(builder, fty, isz, vbytes)
+    nr = nv * lanes
+    i64 = ir.IntType(64)
+    vptr = vty.as_pointer()
+    b0 = builder.gep(pb.data, [boffv])
+    zero = ir.Constant(vty, [0.0] * lanes)
+    rowp = _c_prefetch(context, builder, c, coffv, ldcv, rows, nr)
+    entry = builder.block
+    outer = builder.append_basic_block("ukernel.tap")
+    inner = builder.append_basic_block("ukernel.loop")
+    latch = builder.append_basic_block("ukernel.next_tap")
+    done = builder.append_basic_block("ukernel.done")
+    zero64 = ir.Constant(i64, 0)
+    go = builder.and_(builder.icmp_signed(">", ntv, zero64), builder.icmp_signed(">", kcv, zero64))
+    builder.cbranch(go, outer, done)
+
+    builder.position_at_end(outer)  # per tap: the rows' starts and B's first row
+    j = builder.phi(i64)
+    j.add_incoming(zero64, entry)
+    acc0 = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
+    for row in acc0:
+        for a in row:
+            a.add_incoming(zero, entry)
+    t = builder.load(builder.gep(tl.data, [builder.add(tloffv, j)]))
+    base = builder.add(aoffv, builder.mul(t, ldov))
+    arows = []
+    for i in range(rows):
+        o = builder.load(builder.gep(offs.data, [builder.add(base, ir.Constant(i64, i))]))
+        arows.append(builder.select(builder.icmp_signed("<", o, zero64), zeros.data,
+                                    builder.gep(pa.data, [builder.add(o, toffv)])))
+    bt = builder.gep(b0, [builder.mul(builder.mul(t, kcv), ir.Constant(i64, nr))])
+    builder.branch(inner)
+
+    builder.position_at_end(inner)
+    p = builder.phi(i64)
+    p.add_incoming(zero64, outer)
+    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
+    for i in range(rows):
+        for v in range(nv):
+            acc[i][v].add_incoming(acc0[i][v], outer)
+    bp = builder.gep(bt, [builder.mul(p, ir.Constant(i64, nr))])
+    bs = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
+          for v in range(nv)]
+    new = []
+    for i in range(rows):
+        av = splat(builder.load(builder.gep(arows[i], [p])))
+        new.append([builder.call(fma, [av, bs[v], acc[i][v]]) for v in range(nv)])
+    p1 = builder.add(p, ir.Constant(i64, 1))
+    p.add_incoming(p1, inner)
+    for i in range(rows):
+        for v in range(nv):
+            acc[i][v].add_incoming(new[i][v], inner)
+    builder.cbranch(builder.icmp_signed("<", p1, kcv), inner, latch)
+
+    builder.position_at_end(latch)
+    j1 = builder.add(j, ir.Constant(i64, 1))
+    j.add_incoming(j1, latch)
+    for i in range(rows):
+        for v in range(nv):
+            acc0[i][v].add_incoming(new[i][v], latch)
+    builder.cbranch(builder.icmp_signed("<", j1, ntv), outer, done)
+
+    builder.position_at_end(done)
+    total = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
+    for i in range(rows):
+        for v in range(nv):
+            total[i][v].add_incoming(zero, entry)
+            total[i][v].add_incoming(new[i][v], latch)
+    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
     return context.get_dummy_value()
 
 
@@ -253,6 +350,47 @@ def ukernel_rowptr(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, c, coff,
             switch.add_case(ir.Constant(rowsv.type, r), case)
             builder.position_at_end(case)
             _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10, 11))
+            builder.branch(exit_)
+        builder.position_at_end(exit_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ukernel_taps(typingctx, kc, a, offs, ioff, ldo, tl, tloff, nt, toff, zeros, pb, boff, c, coff, ldc, acc,
+                 rows):
+    """:func:`ukernel_rowptr` summed over ``nt`` taps in one call, the tile kept in registers: for
+    each listed tap ``t = tl[tloff + j]``, row i of the tile reads
+    ``a[offs[ioff + t*ldo + i] + toff + p]`` (``zeros[p]`` where that offset is negative) against B's
+    rows ``t*kc + p`` of the panel,
+    p < kc: ``C[i, j] (+)= sum_t sum_p A_t[i, p] * pb[boff + (t*kc + p)*NR + j]``.  For groups of
+    few channels per tap (kc = cg), where one call per tap reloaded and stored the C tile every
+    cg steps."""
+    if not _ukernel_types(kc, a, ioff, pb, boff, c, coff, ldc, acc):
+        return None
+    for arr, dt in ((offs, types.int64), (tl, types.int64), (zeros, a.dtype)):
+        if not (isinstance(arr, types.Array) and arr.dtype == dt and arr.ndim == 1 and arr.layout == "C"):
+            return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, a, offs, types.intp, types.intp, tl, types.intp, types.intp, types.intp, zeros,
+                     pb, types.intp, c, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        # the emitter reads (kc, pa, aoff, pb, boff, c, coff, ldc, acc) at fixed positions, then
+        # (offs, toff, zeros) and (tl, tloff, nt, ldo)
+        idx = (0, 1, 3, 10, 11, 12, 13, 14, 15, 2, 8, 9, 5, 6, 7, 4)
+        order = [args[i] for i in idx]
+        osig = types.void(*[sig.args[i] for i in idx])
+        rowsv = args[16]
+        exit_ = builder.append_basic_block("ukernel_taps.exit")
+        switch = builder.switch(rowsv, exit_)
+        for r in range(1, mr + 1):
+            case = builder.append_basic_block(f"ukernel_taps.{r}")
+            switch.add_case(ir.Constant(rowsv.type, r), case)
+            builder.position_at_end(case)
+            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10, 11),
+                          taps=(12, 13, 14, 15))
             builder.branch(exit_)
         builder.position_at_end(exit_)
         return context.get_dummy_value()

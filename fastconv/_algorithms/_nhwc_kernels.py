@@ -22,7 +22,7 @@ from numba.np.arrayobj import make_array
 from .._jit import kernel, serial
 from ._gemm_kernels import VBYTES, _vector_tools
 from .common import claim
-from .gemm import _copy_nr, _macro, _pack_a, _tile_of, gemm_serial, ukernel_rowptr
+from .gemm import _copy_nr, _macro, _pack_a, _tile_of, gemm_serial, ukernel_rowptr, ukernel_taps
 
 # a plane transpose walks tiles of this many elements of an axis
 _T = 64
@@ -360,6 +360,39 @@ def _tile(kb, a, offs, ioff, toff, zeros, pbw, boff, c, co, ldc, acc, rows, nn, 
 
 
 @serial
+def _tile_taps(kb, a, offs, ioff, ldo, tlo, nt, zeros, pbw, boff, c, co, ldc, rows, nn, tmp, nr):
+    # one ukernel_taps tile (the listed taps at offs[tlo:tlo + nt]) written into c (row pitch ldc);
+    # a panel of nn < nr real columns through tmp
+    if nn == nr:
+        ukernel_taps(kb, a, offs, ioff, ldo, offs, tlo, nt, 0, zeros, pbw, boff, c, co, ldc, 0, rows)
+        return
+    ukernel_taps(kb, a, offs, ioff, ldo, offs, tlo, nt, 0, zeros, pbw, boff, tmp, 0, nr, 0, rows)
+    for ii in range(rows):
+        for jj in range(nn):
+            c[co + ii * ldc + jj] = tmp[ii * nr + jj]
+
+
+@serial
+def _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, tn, zeros, pbw, y, tmp, mr, nr):
+    # the item's tiles with every tap in one micro-kernel call each (ukernel_taps; cg <= kc, so a
+    # tap is one channel block), written into y: the rows of tap t at offs[4bm + t*bm ...], the
+    # tap list (all of them, padding rows reading zeros) at offs[(4 + r*s)*bm ...]
+    ntap = r * s
+    tr = 4 * bm
+    tl = tr + ntap * bm
+    for t in range(ntap):
+        rr = t // s
+        _tap_rows(offs, bm, mb, rr, t - rr * s, h, w, dh, dw, cin, gi * cg, tr + t * bm)
+        offs[tl + t] = t
+    for jp in range(npan):  # a panel's weights for all taps (r*s*cg x nr) stay in L1/L2 across the tiles
+        j0 = jp * nr
+        boff = (gi * npan * tn + jp * tn) * nr
+        for i in range(0, mb, mr):
+            _tile_taps(cg, x, offs, tr + i, bm, tl, ntap, zeros, pbw, boff, y, (i0 + i) * kt + gi * kg + j0, kt,
+                       min(mr, mb - i), min(nr, kg - j0), tmp, nr)
+
+
+@serial
 def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, npan, y, i0, mb, kt, ycol, kg, tmp, acc, mr, nr):
     # C[i0 .. i0+mb, ycol .. ycol+kg] (+)= the item's rows (ukernel_rowptr: offs[obase + i] + toff)
     # . the packed weights' kb-row block at bbase of each panel; panels past kg through tmp
@@ -381,20 +414,20 @@ def _add_bias(y, bias, i0, mb, kt, c0, kg):
 
 
 @serial
-def _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, c0):
-    # offs[3bm + i]: row i's tap (rr, ss) in the input (channel c0), -1 in the padding
+def _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, c0, dst):
+    # offs[dst + i]: row i's tap (rr, ss) in the input (channel c0), -1 in the padding
     for i in range(mb):
         iy = offs[bm + i] + rr * dh
         ix = offs[2 * bm + i] + ss * dw
         if 0 <= iy < h and 0 <= ix < w:
-            offs[3 * bm + i] = ((offs[i] * h + iy) * w + ix) * cin + c0
+            offs[dst + i] = ((offs[i] * h + iy) * w + ix) * cin + c0
         else:
-            offs[3 * bm + i] = -1
+            offs[dst + i] = -1
 
 
 @kernel
 def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
-                 wbuf, offbuf, skip, order, keys, cbuf, zeros, blk, bm, ctr):
+                 wbuf, offbuf, skip, alltaps, order, keys, cbuf, zeros, blk, bm, ctr):
     """:func:`forward` reading A in place: the NHWC input holds every in-bounds tap of every output
     position, so a tile's rows are the positions' channel runs (``ukernel_rowptr``) and a tap in the
     padding reads ``zeros``: no padded copy (it took 10% of resnet50-3x3-s2's forward) and nothing
@@ -412,7 +445,12 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
     ``cbuf`` (bm x kg), copied to ``y`` by position at the end with the bias.  Weights must be
     finite: a skipped tap adds nothing where the zeros would have given 0 * inf = NaN.
     ``offbuf[wid]`` holds 4*bm int64 (10*bm with ``skip``: ``_sorted_positions``,
-    ``_tile_ranges``)."""
+    ``_tile_ranges``).
+
+    With ``alltaps`` (cg <= kc, one channel block per tap; not with ``skip``) a tile's taps are
+    summed in one ``ukernel_taps`` call instead of one call per tap (:func:`_all_taps`;
+    ``offbuf[wid]`` then holds (4 + r*s)*bm + r*s int64): thin groups' per-tap calls reloaded and
+    stored the C tile every cg steps."""
     kc = blk[0]
     mr, nr = _tile_of(y)
     tn = r * s * cg
@@ -439,10 +477,13 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
             else:
                 for i in range(mb):  # each position's image and top-left tap (may lie in the padding)
                     offs[i], offs[bm + i], offs[2 * bm + i] = _position(i0 + i, plane, ow, sh, sw, ph, pw)
-            for t in range(r * s):
+            if alltaps:
+                _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, tn, zeros, pbw, y, tmp,
+                          mr, nr)
+            for t in range(0 if alltaps else r * s):
                 rr = t // s
                 ss = t - rr * s
-                _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, gi * cg)
+                _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, gi * cg, 3 * bm)
                 for cc0 in range(0, cg, kc):
                     boff = (gi * npan * tn + t * cg + cc0) * nr
                     if skip:

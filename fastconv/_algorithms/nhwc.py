@@ -189,14 +189,16 @@ def _forward_rows(xh, w, b, p, flipped=False):
     bm, nw = _rows_plan(p, m, in_place)
     blk = _blk(p)
     bias = np.zeros(1, p.dtype) if b is None else np.ascontiguousarray(b)
+    alltaps = all_taps(p)
+    noffs = (4 + p.r * p.s) * bm + p.r * p.s if alltaps else (10 if skip else 4) * bm  # see forward_rows
     args = (np.ascontiguousarray(xh).reshape(-1), p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh,
             p.dw, p.r, p.s, p.g, p.cg, p.kg, pbw, bias, b is not None, y.reshape(-1), m,
-            np.empty((nw, mr * nr), p.dtype), np.empty((nw, (10 if skip else 4) * bm), np.int64))
+            np.empty((nw, mr * nr), p.dtype), np.empty((nw, noffs), np.int64))
     with _threads(nw):
         if in_place:
             keys = _window_keys(p) if skip else np.zeros(1, np.int64)
             order = np.argsort(np.tile(keys, p.n), kind="stable") if skip else keys
-            K.forward_rows(*args, skip, order, keys, np.empty((nw, bm * p.kg if skip else 1), p.dtype),
+            K.forward_rows(*args, skip, alltaps, order, keys, np.empty((nw, bm * p.kg if skip else 1), p.dtype),
                            np.zeros(int(blk[0]), p.dtype), blk, bm, np.zeros(1, np.int64))
         else:
             K.forward_im2row(*args, np.empty((nw, bm * tn), p.dtype), blk, bm, np.zeros(1, np.int64))
@@ -236,7 +238,21 @@ def skips(p):
     """Whether the forward skips the taps in the padding (``forward_rows`` with ``skip``; finite weights
     too): wide groups, a share of at least SKIP_MIN_SHARE and enough work to pay for sorting the
     positions (SKIP_MIN_MACS)."""
-    return p.cg >= ROWS_MIN_CHANNELS and p.macs >= SKIP_MIN_MACS and padded_share(p) >= SKIP_MIN_SHARE
+    return (p.cg >= ROWS_MIN_CHANNELS and not all_taps(p) and p.macs >= SKIP_MIN_MACS
+            and padded_share(p) >= SKIP_MIN_SHARE)
+
+
+def all_taps(p):
+    """Whether the forward sums every tap of a tile in one micro-kernel call (``forward_rows`` with
+    ``alltaps``, ``gemm.ukernel_taps``) rather than one call per tap: groups of ROWS_MIN_CHANNELS ..
+    ALL_TAPS_MAX_CHANNELS channels, whose per-tap calls reload and store the C tile every cg steps.
+    It does not skip padding taps (their zeros cost less than sorting the positions)."""
+    return ROWS_MIN_CHANNELS <= p.cg <= min(ALL_TAPS_MAX_CHANNELS, int(_blk(p)[0])) and p.r * p.s > 1
+
+
+#: Most channels per group for :func:`all_taps`.  1 thread, AVX2, ms all taps / per tap:
+#: 32x32x14x14 to 32 2.2 / 2.9, 32x64x7x7 to 64 1.6 / 2.3 (PyTorch channels_last 1.4-1.5, 1.4-1.8).
+ALL_TAPS_MAX_CHANNELS = 64
 
 
 #: Fewest multiply-adds from which the forward skips padding taps: below, sorting the positions
