@@ -250,9 +250,12 @@ def all_taps(p):
     return ROWS_MIN_CHANNELS <= p.cg <= min(ALL_TAPS_MAX_CHANNELS, int(_blk(p)[0])) and p.r * p.s > 1
 
 
-#: Most channels per group for :func:`all_taps`.  1 thread, AVX2, ms all taps / per tap:
-#: 32x32x14x14 to 32 2.2 / 2.9, 32x64x7x7 to 64 1.6 / 2.3 (PyTorch channels_last 1.4-1.5, 1.4-1.8).
-ALL_TAPS_MAX_CHANNELS = 64
+#: Most channels per group for :func:`all_taps`.  AVX2 EPYC, 3x3 to as many channels, ms all taps /
+#: per tap (skipping padding taps where :func:`skips`), 1 thread: 32x32x14x14 1.8 / 2.9, 32x64x7x7
+#: 1.6 / 2.3, 4x16x128x128 7.0 / 10.3; 2 threads: 32x64x32x32 16.0 / 21.3, 32x128x16x16 14.8 / 16.5,
+#: 32x128x8x8 3.8 / 4.1, 32x192x8x8 7.9 / 8.0, 32x256x8x8 17.4 / 16.1 (the B panels of all taps
+#: then stream from L2 while the per-tap calls keep theirs in L1).
+ALL_TAPS_MAX_CHANNELS = 128
 
 
 #: Fewest multiply-adds from which the forward skips padding taps: below, sorting the positions
