@@ -96,17 +96,12 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
         for a in row:
             a.add_incoming(zero, entry)
     bp = builder.gep(b0, [builder.mul(p, ir.Constant(i64, nr) if ldb is None else args[ldb])])
-    bs = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
-          for v in range(nv)]
     if rowptr is None:
         ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr))])
         arow = [builder.gep(ap, [ir.Constant(i64, i)]) for i in range(rows)]
     else:
         arow = [builder.gep(r0, [p]) for r0 in arows]
-    new = []
-    for i in range(rows):
-        av = splat(builder.load(arow[i]))
-        new.append([builder.call(fma, [av, bs[v], acc[i][v]]) for v in range(nv)])
+    new = _fma_step(builder, bp, arow, acc, (lanes, vty, fma, splat), isz, nv)
     p1 = builder.add(p, ir.Constant(i64, 1))
     body_end = builder.block
     p.add_incoming(p1, body_end)
@@ -116,13 +111,30 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
     builder.cbranch(builder.icmp_signed("<", p1, kcv), loop, done)
 
     builder.position_at_end(done)
+    total = _tile_sums(builder, vty, zero, entry, new, body_end, rows, nv)
+    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
+    return context.get_dummy_value()
+
+
+def _fma_step(builder, bp, arow, acc, tools, isz, nv):
+    # one k step of the tile: NV vectors of B from bp, each row's A scalar (pointers arow)
+    # broadcast, rows*NV fused multiply-adds into acc; returns the new sums
+    lanes, vty, fma, splat = tools
+    i64 = ir.IntType(64)
+    bs = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, v * lanes)]), vty.as_pointer()),
+                       align=isz) for v in range(nv)]
+    return [[builder.call(fma, [splat(builder.load(a)), bs[v], row[v]]) for v in range(nv)]
+            for a, row in zip(arow, acc)]
+
+
+def _tile_sums(builder, vty, zero, entry, new, end, rows, nv):
+    # the tile after the loops: zeros when they did not run (entered from ``entry``), else ``new``
     total = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
     for i in range(rows):
         for v in range(nv):
             total[i][v].add_incoming(zero, entry)
-            total[i][v].add_incoming(new[i][v], body_end)
-    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
-    return context.get_dummy_value()
+            total[i][v].add_incoming(new[i][v], end)
+    return total
 
 
 def _c_prefetch(context, builder, c, coffv, ldcv, rows, nr):
@@ -209,12 +221,7 @@ def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr
         for v in range(nv):
             acc[i][v].add_incoming(acc0[i][v], outer)
     bp = builder.gep(bt, [builder.mul(p, ir.Constant(i64, nr))])
-    bs = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, v * lanes)]), vptr), align=isz)
-          for v in range(nv)]
-    new = []
-    for i in range(rows):
-        av = splat(builder.load(builder.gep(arows[i], [p])))
-        new.append([builder.call(fma, [av, bs[v], acc[i][v]]) for v in range(nv)])
+    new = _fma_step(builder, bp, [builder.gep(r0, [p]) for r0 in arows], acc, (lanes, vty, fma, splat), isz, nv)
     p1 = builder.add(p, ir.Constant(i64, 1))
     p.add_incoming(p1, inner)
     for i in range(rows):
@@ -231,11 +238,7 @@ def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr
     builder.cbranch(builder.icmp_signed("<", j1, ntv), outer, done)
 
     builder.position_at_end(done)
-    total = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
-    for i in range(rows):
-        for v in range(nv):
-            total[i][v].add_incoming(zero, entry)
-            total[i][v].add_incoming(new[i][v], latch)
+    total = _tile_sums(builder, vty, zero, entry, new, latch, rows, nv)
     _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
     return context.get_dummy_value()
 
