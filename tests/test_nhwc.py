@@ -243,6 +243,22 @@ def test_skipping_padding_taps_changes_no_bits(case, dtype, monkeypatch):
                    want, dtype, scale=4.0)
 
 
+def test_gemm_takes_thin_groups_on_14x14_planes_to_the_channels_last_kernels(monkeypatch):
+    # NCHW input: groups whose taps the NHWC forward sums at once go there up to 14x14 planes
+    # (implicit.ROWS_MAX_PLANE_THIN), wider groups only up to ROWS_MAX_PLANE; values unchanged
+    rng = np.random.default_rng(5)
+    calls = []
+    real = nhwc.forward
+    monkeypatch.setattr(nhwc, "forward", lambda *a: calls.append(a[3].cg) or real(*a))
+    for c in (32, 200):
+        x = random_array(rng, (3, c, 14, 14), np.float32)
+        w = random_array(rng, (24, c, 3, 3), np.float32)
+        y = fastconv.conv2d(x, w, padding=1, algorithm="gemm")
+        np.testing.assert_allclose(y, ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1),
+                                   rtol=1e-4, atol=1e-4 * np.sqrt(9 * c))
+    assert calls == [32]
+
+
 ALL_TAPS_CASES = [c for c in CASES if ROWS <= c[2][1] <= nhwc.ALL_TAPS_MAX_CHANNELS and c[2][2] * c[2][3] > 1] + [
     ("all-taps-5x5-edges", (3, 64, 6, 5), (NR + 7, 64, 5, 5), {"padding": 2}),  # 64 channels, kg % NR, MR edges
     ("all-taps-float-edge", (1, ROWS, 2, 3), (1, ROWS, 3, 3), {"padding": (2, 1)}),  # rows wholly in padding
@@ -387,6 +403,7 @@ def test_gemm_runs_natively_and_others_convert(monkeypatch):
     assert calls == [1]
     fastconv.conv2d(_cl(x), w, b, algorithm="direct", **kw)
     monkeypatch.setattr(implicit, "ROWS_MAX_PLANE", 0)
+    monkeypatch.setattr(implicit, "ROWS_MAX_PLANE_THIN", 0)
     fastconv.conv2d(x, w, b, algorithm="gemm", **kw)  # NCHW input, planes over ROWS_MAX_PLANE: NCHW kernels
     assert calls == [1]
     # depthwise: refused by the NHWC kernels, so even algorithm='gemm' computes on a converted copy

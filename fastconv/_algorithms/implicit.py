@@ -154,6 +154,8 @@ _STAGE_BELOW = 256
 #: Largest output plane (positions) on which the forward runs on the channels_last row kernels
 #: (:func:`_via_rows`).
 ROWS_MAX_PLANE = 100
+#: ... for the forward of groups whose taps it sums at once (``nhwc.all_taps``): 14x14 planes.
+ROWS_MAX_PLANE_THIN = 196
 
 
 def _via_rows(p, pass_="forward"):
@@ -163,8 +165,12 @@ def _via_rows(p, pass_="forward"):
     GEMM over the whole batch's positions; grad_weight's dot tiles run 4 or 8 lanes wide.  Measured
     (2 threads, AVX2, ms here / on the NCHW kernels): 32x512x4x4 forward 17.6 / 23.7, grad_weight
     19.7 / 186.7; 32x256x8x8 forward 16.3 / 20.0, grad_weight 18.1 / 97.6; 8x512x7x7 forward
-    16.9 / 20.6; at 14x14 even (16.3 / 16.2), at 16x16 behind (20.7 / 18.6)."""
-    return (p.oh * p.ow <= ROWS_MAX_PLANE and min(p.cg, p.kg) >= H.ROWS_MIN_CHANNELS
+    16.9 / 20.6; at 14x14 even (16.3 / 16.2), at 16x16 behind (20.7 / 18.6).  Groups that the forward
+    sums all taps of at once (``nhwc.all_taps``, 16-128 channels) gain up to ROWS_MAX_PLANE_THIN
+    positions: 32x64x14x14 3x3 forward 4.8 / 7.4, 16x64x12x12 1.9 / 2.6, 32x32x14x14 1.6 / 2.4; at
+    16x16 even (32x32x16x16 2.1 / 2.1)."""
+    plane = ROWS_MAX_PLANE_THIN if pass_ == "forward" and H.all_taps(p) else ROWS_MAX_PLANE
+    return (p.oh * p.ow <= plane and min(p.cg, p.kg) >= H.ROWS_MIN_CHANNELS
             and _rows_need(p, pass_) <= p.workspace_limit)
 
 
