@@ -61,13 +61,17 @@ TRAINING = (
     ConvCase("resnet18-3x3-s2@16", 32, 128, 16, 16, 256, 3, 3, stride=(2, 2), padding=(1, 1)),
     ConvCase("mobilenet-1x1-256@6", 16, 256, 6, 6, 256, 1, 1),
     ConvCase("mobilenet-dw-s2@24", 16, 64, 24, 24, 64, 3, 3, stride=(2, 2), padding=(1, 1), groups=64),
+    # thin groups on small planes (``fastconv train --model resnet``'s 14x14 and 7x7 blocks), where the
+    # channels_last forward sums all taps per call (gemm's route there measured 1.3-1.5x the others)
+    ConvCase("resnet-mini-3x3-32@14", 32, 32, 14, 14, 32, 3, 3, padding=(1, 1)),
+    ConvCase("resnet-mini-3x3-64@7", 32, 64, 7, 7, 64, 3, 3, padding=(1, 1)),
 )
 
 
 def cases(only):
     suite = load_suite()
-    conv = suite.conv if not only else [suite.conv_case(n) for n in only if not n.startswith(("resnet18", "mobilenet-1x1",
-                                                                                               "mobilenet-dw-s2"))]
+    training = {c.name for c in TRAINING}
+    conv = suite.conv if not only else [suite.conv_case(n) for n in only if n not in training]
     out = []
     for c in conv:
         out.append((c.name, c))
