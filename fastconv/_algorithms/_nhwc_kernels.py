@@ -362,11 +362,13 @@ def _tile(kb, a, offs, ioff, toff, zeros, pbw, boff, c, co, ldc, acc, rows, nn, 
 @serial
 def _tile_taps(kb, a, offs, ioff, ldo, tlo, nt, zeros, pbw, boff, c, co, ldc, rows, nn, tmp, nr):
     # one ukernel_taps tile (the listed taps at offs[tlo:tlo + nt]) written into c (row pitch ldc);
-    # a panel of nn < nr real columns through tmp
-    if nn == nr:
-        ukernel_taps(kb, a, offs, ioff, ldo, offs, tlo, nt, 0, zeros, pbw, boff, c, co, ldc, 0, rows)
+    # a panel of nn < nr real columns through tmp.  One call site: each inlines MR tile variants
+    # (~3 s of compile per dtype)
+    full = nn == nr
+    ukernel_taps(kb, a, offs, ioff, ldo, offs, tlo, nt, 0, zeros, pbw, boff, c if full else tmp, co if full else 0,
+                 ldc if full else nr, 0, rows)
+    if full:
         return
-    ukernel_taps(kb, a, offs, ioff, ldo, offs, tlo, nt, 0, zeros, pbw, boff, tmp, 0, nr, 0, rows)
     for ii in range(rows):
         for jj in range(nn):
             c[co + ii * ldc + jj] = tmp[ii * nr + jj]
