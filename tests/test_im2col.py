@@ -1,6 +1,7 @@
 """The im2col + GEMM algorithm: every geometry against the reference and PyTorch, every tiling
 (workspace budget) against the default one, its fast paths, its refusal of impossible budgets and
 its handling of the BLAS thread pool."""
+import numba
 import numpy as np
 import pytest
 
@@ -242,21 +243,62 @@ def test_blas_threads_restored():
     assert threadpoolctl.threadpool_info()  # still readable
 
 
+@numba.njit
+def _gemm_call(fn, iv, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc):
+    _blas._gemm(fn, iv, _blas._chars(), ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scipy_blas_fallback(monkeypatch, dtype):
-    # without numpy's bundled OpenBLAS symbols the kernels call scipy's cython_blas (32-bit ints)
+@pytest.mark.parametrize("source", ["numpy", "scipy"])
+def test_gemm_call_every_transpose_and_pitch(monkeypatch, source, dtype):
+    # the call convention the kernels use (row-major operands, own leading dimensions, beta), through
+    # numpy's bundled OpenBLAS (64-bit ints) and without it through scipy's cython_blas (32-bit)
+    lib = _blas._Blas()
+    if source == "scipy":
+        monkeypatch.setattr(lib, "_NUMPY_SYMBOLS", ())
+    fn, iv = lib.args(dtype, 1)
+    if source == "scipy":
+        assert iv.dtype == np.int32
+    rng = np.random.default_rng(3)
+    m, n, kk = 7, 5, 11
+    for ta in (_blas._N, _blas._T):
+        for tb in (_blas._N, _blas._T):
+            for beta in (0.0, 1.0):
+                opa = random_array(rng, (m, kk), dtype)
+                opb = random_array(rng, (kk, n), dtype)
+                # stored with row pitches larger than their rows: the kernels pass sub-matrices
+                a = np.zeros((kk, m + 3) if ta else (m, kk + 3), dtype)
+                b = np.zeros((n, kk + 2) if tb else (kk, n + 2), dtype)
+                if ta:
+                    a[:, :m] = opa.T
+                else:
+                    a[:, :kk] = opa
+                if tb:
+                    b[:, :kk] = opb.T
+                else:
+                    b[:, :n] = opb
+                c = random_array(rng, (m, n + 4), dtype)
+                want = c.copy()
+                want[:, :n] = opa.astype(np.float64) @ opb + beta * c[:, :n]
+                with lib:
+                    _gemm_call(fn, iv[0], ta, tb, m, n, kk, np.ones(1, dtype), a.ravel(), a.shape[1],
+                               b.ravel(), b.shape[1], np.full(1, beta, dtype), c.ravel(), c.shape[1])
+                rtol, atol = TOL[np.dtype(dtype)]["forward"]
+                np.testing.assert_allclose(c, want, rtol=rtol, atol=atol * 10)
+
+
+def test_scipy_blas_fallback(monkeypatch):
+    # without numpy's bundled OpenBLAS symbols the kernels call scipy's cython_blas (32-bit ints);
+    # one pass end to end (each im2col kernel compiles again for the other integer type: ~50 s for
+    # all three passes in both dtypes, so the transposes are checked above on the call itself)
     fallback = _blas._Blas()
     monkeypatch.setattr(fallback, "_NUMPY_SYMBOLS", ())
     assert fallback.found()[1] is np.int32
     monkeypatch.setattr(im2col, "_BLAS", fallback)
     monkeypatch.setattr(im2col, "serial_blas", fallback)
-    case = CASES[CASE_IDS.index("batched-groups-stride")]
-    x, w, b, gy, kw = make(case, dtype)
-    want = {"forward": ref.conv2d(x, w, b, **kw),
-            "grad_input": ref.conv2d_grad_input(gy, x.shape, w, **kw),
-            "grad_weight": ref.conv2d_grad_weight(gy, x, w.shape, **kw)}
-    got = im2col_results(x, w, b, gy, kw)
-    assert_results({k: got[k] for k in want}, want, dtype, scale=4.0)
+    x, w, b, gy, kw = make(CASES[CASE_IDS.index("batched-groups-stride")], np.float32)
+    got = fastconv.conv2d(x, w, b, algorithm="im2col", **kw)
+    assert_results({"forward": got}, {"forward": ref.conv2d(x, w, b, **kw)}, np.float32, scale=4.0)
 
 
 def test_zero_batch():
