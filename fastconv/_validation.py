@@ -19,7 +19,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # --------------------------------------------------------------------------- arrays and scalars
 def as_float_array(fn, name, a, ndim, dtype=None):
-    """Check that ``a`` is a float32/float64 ndarray of ``ndim`` dims (and of ``dtype`` if given)."""
+    """Check that ``a`` is a float32/float64 ndarray of ``ndim`` dims (and of ``dtype`` if given);
+    a read-only one is returned as a writeable copy."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got {type(a).__name__}")
     if isinstance(a, np.ma.MaskedArray):  # the kernels would silently ignore the mask
@@ -31,6 +32,10 @@ def as_float_array(fn, name, a, ndim, dtype=None):
         raise ValueError(f"{fn}: {name} must be {ndim}-D, got {a.ndim}-D array of shape {a.shape}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have the same dtype as the input ({dtype}), got {a.dtype}")
+    if not a.flags.writeable:
+        # numba types a read-only array apart and compiles every kernel again for it (im2col's
+        # three passes: ~60 s per dtype): one copy, in the array's own memory order, is cheaper
+        a = a.copy(order="K")
     return a
 
 
@@ -392,7 +397,7 @@ def check_indices(fn, indices, shape):
         raise TypeError(f"{fn}: indices must have an integer dtype, got {indices.dtype}")
     if indices.shape != tuple(shape):
         raise ValueError(f"{fn}: indices must have grad_output's shape {tuple(shape)}, got {indices.shape}")
-    return indices
+    return indices if indices.flags.writeable else indices.copy(order="K")  # as as_float_array
 
 
 # --------------------------------------------------------------------------- new ops (issue 21)
