@@ -17,6 +17,9 @@ CASES += [("lenet5-c3-like", (20, 6, 14, 14), (16, 6, 5, 5), {}),
 
 def _paths(monkeypatch, per_image):
     monkeypatch.setattr(direct, "_IMG_MIN_ITEMS", 1 if per_image else 10**9)
+    # the per-image grad_input too wherever it fits, not only where it pays (_gi_img_pays)
+    monkeypatch.setattr(direct, "_GI_IMG_MAX_TAPS", 10**9 if per_image else 160)
+    monkeypatch.setattr(direct, "_GI_IMG_MAX_LANES", 10.0 if per_image else 0.85)
 
 
 def _make(case, dtype, seed=0):
@@ -63,6 +66,11 @@ def test_per_image_path_is_taken_for_lenet_sized_layers(monkeypatch):
     run_conv("direct", np.ones((1, 32, 8, 8), np.float32), np.ones((32, 2, 3, 3), np.float32), None,
              np.ones((1, 32, 6, 6), np.float32), groups=16)
     assert calls == ["_forward_img", "_grad_input_img", "_grad_weight"]
+    # 'same' padding saves no lanes: grad_input runs as the correlation (the forward's kernel)
+    calls.clear()
+    run_conv("direct", np.ones((32, 64, 7, 7), np.float32), np.ones((64, 64, 3, 3), np.float32), None,
+             np.ones((32, 64, 7, 7), np.float32), padding=1)
+    assert calls == ["_forward_img", "_forward_img", "_grad_weight"]
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
