@@ -19,8 +19,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # --------------------------------------------------------------------------- arrays and scalars
 def as_float_array(fn, name, a, ndim, dtype=None):
-    """Check that ``a`` is a float32/float64 ndarray of ``ndim`` dims (and of ``dtype`` if given);
-    a read-only one is returned as a writeable copy."""
+    """Check that ``a`` is a float32/float64 ndarray of ``ndim`` dims (and of ``dtype`` if given)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got {type(a).__name__}")
     if isinstance(a, np.ma.MaskedArray):  # the kernels would silently ignore the mask
@@ -32,11 +31,21 @@ def as_float_array(fn, name, a, ndim, dtype=None):
         raise ValueError(f"{fn}: {name} must be {ndim}-D, got {a.ndim}-D array of shape {a.shape}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have the same dtype as the input ({dtype}), got {a.dtype}")
-    if not a.flags.writeable:
-        # numba types a read-only array apart and compiles every kernel again for it (im2col's
-        # three passes: ~60 s per dtype): one copy, in the array's own memory order, is cheaper
-        a = a.copy(order="K")
     return a
+
+
+def as_input(fn, name, a, ndim, dtype=None):
+    """:func:`as_float_array` for an array the call only reads: a read-only one comes back as a
+    writeable copy in its own memory order.  numba types read-only arrays apart and compiles every
+    kernel again for them (im2col's three passes: ~60 s per dtype); one copy is cheaper.  A
+    broadcast one is left to the kernels' contiguous copies, after their memory checks.  Never for
+    an array the call writes into (running statistics, ``out``)."""
+    a = as_float_array(fn, name, a, ndim, dtype)
+    return a.copy(order="K") if not a.flags.writeable and _dense(a) else a
+
+
+def _dense(a):
+    return all(st != 0 or n <= 1 for st, n in zip(a.strides, a.shape))
 
 
 def float_dtype(fn, dtype):
@@ -306,10 +315,10 @@ def _conv_params(fn, x_shape, w_shape, dtype, stride, padding, dilation, groups,
 
 def check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups, workspace_limit=None):
     """Validate a forward call; returns ``(x, weight, bias, params)``."""
-    x = as_float_array(fn, "input", x, 4)
-    weight = as_float_array(fn, "weight", weight, 4, x.dtype)
+    x = as_input(fn, "input", x, 4)
+    weight = as_input(fn, "weight", weight, 4, x.dtype)
     if bias is not None:
-        bias = as_float_array(fn, "bias", bias, 1, x.dtype)
+        bias = as_input(fn, "bias", bias, 1, x.dtype)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (out channels), got {bias.shape}")
     p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups, workspace_limit)
@@ -319,9 +328,9 @@ def check_conv2d(fn, x, weight, bias, stride, padding, dilation, groups, workspa
 def check_conv2d_backward(fn, grad_output, x, weight, stride, padding, dilation, groups,
                           workspace_limit=None):
     """Validate a backward call; returns ``(grad_output, x, weight, params)``."""
-    x = as_float_array(fn, "input", x, 4)
-    weight = as_float_array(fn, "weight", weight, 4, x.dtype)
-    grad_output = as_float_array(fn, "grad_output", grad_output, 4, x.dtype)
+    x = as_input(fn, "input", x, 4)
+    weight = as_input(fn, "weight", weight, 4, x.dtype)
+    grad_output = as_input(fn, "grad_output", grad_output, 4, x.dtype)
     p = conv_params(fn, x.shape, weight.shape, x.dtype, stride, padding, dilation, groups, workspace_limit)
     if grad_output.shape != p.y_shape:
         raise ValueError(f"{fn}: grad_output must have the output's shape {p.y_shape}, got {grad_output.shape}")
@@ -384,7 +393,7 @@ def pool_params(fn, x_shape, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 def check_grad_like(fn, grad_output, shape, dtype=None):
-    grad_output = as_float_array(fn, "grad_output", grad_output, 4, dtype)
+    grad_output = as_input(fn, "grad_output", grad_output, 4, dtype)
     if grad_output.shape != tuple(shape):
         raise ValueError(f"{fn}: grad_output must have the output's shape {tuple(shape)}, got {grad_output.shape}")
     return grad_output
@@ -397,7 +406,7 @@ def check_indices(fn, indices, shape):
         raise TypeError(f"{fn}: indices must have an integer dtype, got {indices.dtype}")
     if indices.shape != tuple(shape):
         raise ValueError(f"{fn}: indices must have grad_output's shape {tuple(shape)}, got {indices.shape}")
-    return indices if indices.flags.writeable else indices.copy(order="K")  # as as_float_array
+    return indices if indices.flags.writeable or not _dense(indices) else indices.copy(order="K")  # as as_input
 
 
 # --------------------------------------------------------------------------- new ops (issue 21)
@@ -405,11 +414,11 @@ def unbatched(fn, name, a, ndim):
     """Accept ``a`` with ``ndim`` dims or one fewer (an unbatched sample, as torch.nn.functional);
     returns ``(a with ndim dims, squeeze)`` where ``squeeze`` says to drop the batch axis again."""
     if isinstance(a, np.ndarray) and a.ndim == ndim - 1:
-        return as_float_array(fn, name, a, ndim - 1)[None], True
+        return as_input(fn, name, a, ndim - 1)[None], True
     if isinstance(a, np.ndarray) and a.ndim != ndim:
         raise ValueError(f"{fn}: {name} must be {ndim - 1}-D (unbatched) or {ndim}-D (batched), got "
                          f"{a.ndim}-D array of shape {a.shape}")
-    return as_float_array(fn, name, a, ndim), False
+    return as_input(fn, name, a, ndim), False
 
 
 def squeezed(a, squeeze):

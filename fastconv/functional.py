@@ -256,7 +256,7 @@ def _unbatched_pair(fn, grad_output, x):
     """An unbatched ``x`` (C, H, W) takes an unbatched ``grad_output`` (K, OH, OW): both get a batch axis."""
     x, squeeze = V.unbatched(fn, "input", x, 4)
     if squeeze:
-        grad_output = V.as_float_array(fn, "grad_output", grad_output, 3, x.dtype)[None]
+        grad_output = V.as_input(fn, "grad_output", grad_output, 3, x.dtype)[None]
     return grad_output, x, squeeze
 
 
@@ -349,7 +349,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     """
     fn = "max_pool2d_backward"
     input_shape = V.shape4(fn, "input_shape", input_shape)
-    grad_output = V.as_float_array(fn, "grad_output", grad_output, 4)
+    grad_output = V.as_input(fn, "grad_output", grad_output, 4)
     if grad_output.shape[:2] != input_shape[:2]:
         raise ValueError(f"{fn}: grad_output must have input_shape's N and C {input_shape[:2]}, "
                          f"got shape {grad_output.shape}")
