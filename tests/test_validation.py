@@ -423,3 +423,26 @@ def test_remembered_geometry_never_hides_an_error():
         conv2d(X, W, dilation=1.0)
     with pytest.raises(TypeError, match="conv2d: groups must be an int"):
         conv2d(X, W, groups=True)
+
+
+def test_read_only_inputs_reach_the_kernels_as_writeable_copies_in_their_layout():
+    # numba compiles every kernel again for read-only arrays (a minute for im2col's passes), so the
+    # boundary hands the kernels a writeable copy -- of inputs only, and not of broadcast arrays
+    from fastconv import _validation as V
+    x = np.arange(2 * 3 * 4 * 5, dtype=F32).reshape(2, 4, 5, 3).transpose(0, 3, 1, 2)  # channels_last
+    x.setflags(write=False)
+    got = V.as_input("f", "input", x, 4)
+    assert got is not x and got.flags.writeable and not np.shares_memory(got, x)
+    assert got.strides == x.strides and np.array_equal(got, x) and not x.flags.writeable
+    w = np.ones((2, 3, 3, 3), F32)
+    assert V.as_input("f", "weight", w, 4) is w  # writeable: no copy
+    b = np.broadcast_to(np.ones((), F32), (2, 3, 40, 40))
+    assert V.as_input("f", "input", b, 4) is b  # broadcast: the kernels copy it after the memory checks
+    i = np.zeros((1, 2, 3, 3), np.int64)
+    i.setflags(write=False)
+    assert V.check_indices("f", i, i.shape).flags.writeable
+    # a running statistic a call writes into is never swapped for a copy: read-only is refused
+    stats = np.zeros(3, F32)
+    stats.setflags(write=False)
+    with pytest.raises(ValueError, match="running_mean must be writeable"):
+        fastconv.batch_norm(np.ones((2, 3, 4, 4), F32), stats, np.ones(3, F32), training=True)
