@@ -528,6 +528,13 @@ _PACKED_IN, _PACKED_OUT = 0.38e-9, 0.16e-9
 _ITEM_IN, _ITEM_OUT = 0.2e-6, 0.36e-6
 _U_SECONDS = 2.8e-9
 _MEMORY_RATE = 10e9
+# ... and a cost per call of the per-channel transform helpers (an item makes cg * (rows + 1 + 2a)
+# input-side and kg * (a + m + rows*m) output-side calls), not amortised on rows under 32 outputs
+# (weighted 1 - ow/32): fitted on the EPYC's 16 packed forward / grad_input cases (2026-12-03,
+# 2 threads), it took the model's rms error from 30% to 23%; without it thin small-plane layers
+# read 2.6-3.3x low (32x32x14x14 at batch 32: 2.04 ms measured, 0.78 modelled) and auto chose
+# Winograd where direct took 1.22 ms
+_CALL_SECONDS = 65e-9
 _U_CACHED = 8 << 20  # U up to this size streams from cache (vgg16-3x3-128's 2.6 MB did)
 
 
@@ -587,9 +594,12 @@ def _cost_of(p, pass_, pl, nthreads):
     # (so did the 4.2 MB of a 256-channel U on the EPYC's 512 KiB L2: 16x256x6x6 11.1 ms, 5.3 modelled)
     stream = p.g * items * pl.fixed / _MEMORY_RATE if pl.fixed > _u_streams() else 0.0
     scale = p.itemsize / 4
+    a = pl.m + 2
     trans = scale * (a2 * trows * sl * (p.c * _PACKED_IN + p.k * _PACKED_OUT)
                      + items * (p.c * _ITEM_IN + p.k * _ITEM_OUT))
-    return 3e-5 + (_U_SECONDS * a2 * p.k * p.cg + gemm + trans) / workers + stream
+    calls = (p.g * items * (p.cg * (pl.rb + 1 + 2 * a) + p.kg * (a + pl.m + pl.rb * pl.m))
+             * _CALL_SECONDS * max(0.0, 1.0 - p.ow / 32.0))
+    return 3e-5 + (_U_SECONDS * a2 * p.k * p.cg + gemm + trans + calls) / workers + stream
 
 
 def cost(p, pass_, threads):
