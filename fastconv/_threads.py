@@ -47,11 +47,14 @@ def _check(fn, n):
     return int(n)
 
 
-def _numpy_blas(n):
-    """Limit numpy's BLAS pool to ``n`` threads (scipy's, used inside kernels, is left alone)."""
+def _numpy_blas(n, force=False):
+    """Limit numpy's BLAS pool to ``n`` threads (scipy's, used inside kernels, is left alone).  The
+    last value set is remembered and not set again unless ``force`` (an explicit
+    :func:`set_num_threads`: another library, e.g. a ``threadpool_limits`` block of a Dask worker, may
+    have changed the pool since, and the remembered value left it at 2 after ``set_num_threads(1)``)."""
     global _blas_threads
     with _blas_lock:
-        if _blas_threads == n:
+        if _blas_threads == n and not force:
             return
         try:
             from threadpoolctl import ThreadpoolController
@@ -128,7 +131,7 @@ def set_num_threads(n):
     old = current()
     _global = n
     numba.set_num_threads(n)
-    _numpy_blas(n)
+    _numpy_blas(n, force=True)
     return old
 
 

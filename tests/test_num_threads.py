@@ -29,6 +29,16 @@ def test_set_num_threads_sets_numba_and_numpy_blas(restore):
     assert numba.get_num_threads() == top
 
 
+def test_set_num_threads_applies_even_after_another_library_changed_the_pool(restore):
+    from threadpoolctl import ThreadpoolController
+    fastconv.set_num_threads(1)
+    for ctl in ThreadpoolController().select(user_api="blas").lib_controllers:
+        if "numpy" in ctl.filepath:
+            ctl.set_num_threads(2)  # e.g. a Dask worker's threadpool_limits, behind fastconv's back
+    fastconv.set_num_threads(1)
+    assert set(numpy_blas_threads()) == {1}
+
+
 def test_setting_holds_in_other_python_threads(restore):
     """numba's own setting is per thread; fastconv re-applies its own at every call."""
     fastconv.set_num_threads(1)
