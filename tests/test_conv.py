@@ -32,6 +32,8 @@ CASES = [
     # planes and channel counts big enough that kernels split them into several (partial) blocks
     ("row-blocks", (1, 2, 40, 37), (10, 2, 3, 3), {"padding": 1}),
     ("channel-blocks-groups", (2, 18, 6, 5), (20, 9, 3, 2), {"groups": 2, "padding": (0, 1)}),
+    # computed as the stride-1 layer on the positions it reads (functional._pointwise)
+    ("1x1-strided", (2, 4, 9, 7), (6, 2, 1, 1), {"stride": (2, 3), "groups": 2}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -282,3 +284,26 @@ def test_concurrent_calls_from_python_threads(algorithm):
     for i, got in enumerate(threaded):
         for name, value in serial[i % len(inputs)].items():
             np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_1x1_runs_as_the_stride_1_layer_on_the_positions_it_reads(channels_last, monkeypatch):
+    from fastconv import functional
+    seen = []
+    original = functional.select
+    monkeypatch.setattr(functional, "select", lambda fn, a, p, *r: seen.append(p) or original(fn, a, p, *r))
+    rng = np.random.default_rng(4)
+    x, w, b = (random_array(rng, s, np.float64) for s in ((3, 4, 10, 9), (5, 4, 1, 1), (5,)))
+    gy = random_array(rng, (3, 5, 4, 3), np.float64)
+    xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if channels_last else x
+    y = fastconv.conv2d(xin, w, b, stride=(3, 4))
+    g = fastconv.conv2d_backward(gy, xin, w, stride=(3, 4))
+    # NCHW runs the reduced layer; channels_last keeps the NHWC kernels' strided GEMM
+    assert [(p.h, p.w, p.sh, p.sw) for p in seen] == [(10, 9, 3, 4) if channels_last else (4, 3, 1, 1)] * 3
+    np.testing.assert_allclose(y, ref.conv2d(x, w, b, stride=(3, 4)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g.grad_input, ref.conv2d_grad_input(gy, x.shape, w, stride=(3, 4)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g.grad_weight, ref.conv2d_grad_weight(gy, x, w.shape, stride=(3, 4)), rtol=1e-12, atol=1e-12)
+    assert g.grad_input.shape == x.shape and (g.grad_input[:, :, 1::3] == 0).all()
+    if channels_last:  # results keep the input's layout
+        assert not y.flags.c_contiguous and y.transpose(0, 2, 3, 1).flags.c_contiguous
+        assert g.grad_input.transpose(0, 2, 3, 1).flags.c_contiguous
