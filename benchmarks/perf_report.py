@@ -3,7 +3,7 @@
 
     python benchmarks/perf_report.py .benchmarks/perf.json [--factor 2.0]
 
-Reads the output of ``python -m pytest tests/perf -m perf --benchmark-json=FILE``: one group per
+Reads the output of ``python -m pytest tests/perf -m perf -n 0 --benchmark-json=FILE``: one group per
 shape and pass, with every algorithm, ``auto`` and ``torch`` (NCHW) and ``torch-cl`` (channels_last) in
 it.  Prints, for each group, each contestant's median, GFLOP/s and speed relative to PyTorch's faster
 layout in that group (above 1: faster than PyTorch at its best; a group with one of them uses it).

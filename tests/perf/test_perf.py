@@ -5,7 +5,7 @@ tensors in ``torch.channels_last`` memory format); ``perf_report.py`` compares a
 
 Deselected from the default run (``perf`` marker).  Run it with::
 
-    python -m pytest tests/perf -m perf --benchmark-json=.benchmarks/perf.json
+    python -m pytest tests/perf -m perf -n 0 --benchmark-json=.benchmarks/perf.json
     python benchmarks/perf_report.py .benchmarks/perf.json
 
 and in CI's short mode with ``-k "lenet5 or mobilenet" --benchmark-min-rounds=5
