@@ -124,6 +124,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         else:
             y = _nhwc.to_nhwc(alg.forward(_nhwc.to_nchw(x), weight, bias, p))
         y = _nhwc.channels_last_view(y)
+    elif _via_nhwc(p, algorithm, "forward"):
+        y = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p)))
     else:
         y = alg.forward(x, weight, bias, p)
     return V.into_out(y, out, squeeze)
@@ -185,7 +187,13 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
         gx, gw, gb = _backward_channels_last(grad_output, x, weight, p, alg_i, alg_w, algorithm)
     else:
         grad_output = _nhwc.to_nchw(grad_output)  # a channels_last gradient of an NCHW input
-        if alg_i is alg_w and alg_i.backward is not None:  # one call shares work between the passes
+        via_i, via_w = _via_nhwc(p, algorithm, "grad_input"), _via_nhwc(p, algorithm, "grad_weight")
+        gyh = _nhwc.to_nhwc(grad_output) if via_i or via_w else None
+        if via_i or via_w:
+            gx = (_nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.grad_input(gyh, weight, p))) if via_i
+                  else alg_i.grad_input(grad_output, weight, p))
+            gw = _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p) if via_w else alg_w.grad_weight(grad_output, x, p)
+        elif alg_i is alg_w and alg_i.backward is not None:  # one call shares work between the passes
             gx, gw = alg_i.backward(grad_output, x, weight, p)
         else:
             gx = alg_i.grad_input(grad_output, weight, p)
@@ -226,13 +234,23 @@ def _native(p, alg, algorithm, pass_):
     ``algorithm='gemm'`` whenever they can serve it; under ``'auto'`` when it chose ``gemm`` or
     ``im2col`` (any algorithm for a 1x1 layer, a plain GEMM in NHWC) and the NHWC pass measured
     faster than converting (:func:`._algorithms.nhwc.preferred`), or when it chose ``gemm`` where
-    that runs the pass on the NHWC kernels anyway (small planes: ``implicit.via_channels_last``).
-    Other algorithms compute in NCHW, converted both ways."""
-    gemm_nhwc = algorithm == "auto" and alg.name == "gemm" and _implicit.via_channels_last(p, pass_)
+    that runs the pass on the NHWC kernels anyway (small planes: ``implicit.via_channels_last``),
+    or, under ``'auto'``, where the NHWC pass measured faster than converting for any algorithm
+    (:func:`._algorithms.nhwc.native_beats_converting`).  Other algorithms compute in NCHW,
+    converted both ways."""
+    gemm_nhwc = algorithm == "auto" and (
+        (alg.name == "gemm" and _implicit.via_channels_last(p, pass_)) or _nhwc.native_beats_converting(p, pass_))
     if algorithm != "gemm" and not gemm_nhwc and not (
             algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1) and _nhwc.preferred(p, pass_)):
         return False
     return _nhwc.supports(p, pass_) is None
+
+
+def _via_nhwc(p, algorithm, pass_):
+    """Whether an NCHW call under ``'auto'`` runs this pass on the NHWC kernels, its operands
+    converted (:func:`._algorithms.nhwc.native_beats_converting` with ``nchw``)."""
+    return (algorithm == "auto" and _nhwc.native_beats_converting(p, pass_, nchw=True)
+            and _nhwc.supports(p, pass_) is None)
 
 
 def _batch_wide(alg, pass_, *args):
@@ -547,4 +565,6 @@ def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, 
             return _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p), _nhwc.bias_grad(gyh)
         return alg.grad_weight(_nhwc.to_nchw(grad_output), _nhwc.to_nchw(x), p), _nhwc.bias_grad(gyh)
     grad_output = _nhwc.to_nchw(grad_output)
+    if _via_nhwc(p, algorithm, "grad_weight"):
+        return _nhwc.grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), bias_grad(grad_output)
     return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)

@@ -517,7 +517,61 @@ def test_auto_runs_gemms_small_planes_natively():
     assert not functional._native(p, reg["winograd"], "auto", "grad_weight")
     big = conv_params("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), np.float32, 1, 1, 1, 1)
     assert not implicit.via_channels_last(big, "grad_weight")
-    assert not functional._native(big, reg["gemm"], "auto", "grad_weight")
+    # native there only where this CPU's measurements say so (AVX-512: yes)
+    assert functional._native(big, reg["gemm"], "auto", "grad_weight") == nhwc.native_beats_converting(
+        big, "grad_weight")
+
+
+def _p(xs, ws, stride=1, padding=1, dilation=1, groups=1):
+    return conv_params("conv2d", xs, ws, np.float32, stride, padding, dilation, groups)
+
+
+def test_native_beats_converting_where_measured():
+    """AVX-512: 32-128 channel layers run natively (channels_last) or via NHWC (NCHW, small planes);
+    never on AVX2 or the portable ISA, never for 16 or 256 channels or groups."""
+    def passes(p, **kw):
+        return tuple(nhwc.native_beats_converting(p, ps, **kw) for ps in ("forward", "grad_input", "grad_weight"))
+    small = _p((32, 32, 28, 28), (32, 32, 3, 3))
+    assert passes(small, isa="avx512") == (True, True, True)
+    assert passes(small, isa="avx512", nchw=True) == (True, True, True)
+    for isa in ("avx2", "portable"):
+        assert passes(small, isa=isa) == (False, False, False)
+        assert passes(small, isa=isa, nchw=True) == (False, False, False)
+    big = _p((8, 64, 56, 56), (64, 64, 3, 3))  # Winograd catches up in the forward; NCHW keeps its planes
+    assert passes(big, isa="avx512") == (False, False, True)
+    assert passes(big, isa="avx512", nchw=True) == (False, False, False)
+    dil = _p((8, 64, 64, 64), (64, 64, 3, 3), padding=2, dilation=2)
+    assert passes(dil, isa="avx512") == (True, True, True)
+    assert passes(dil, isa="avx512", nchw=True) == (False, False, True)
+    for other in (_p((4, 16, 128, 128), (16, 16, 3, 3)), _p((32, 256, 8, 8), (256, 256, 3, 3)),
+                  _p((8, 64, 14, 14), (64, 32, 3, 3), groups=2), _p((8, 64, 14, 14), (64, 64, 1, 1), padding=0)):
+        assert passes(other, isa="avx512", nchw=True) == (False, False, False)
+    assert passes(_p((32, 32, 28, 28), (64, 32, 3, 3), stride=2), isa="avx512") == (False, False, True)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_auto_via_nhwc_matches_reference(cl, monkeypatch):
+    """Where native_beats_converting says so, 'auto' runs every pass on the NHWC kernels (a spy
+    counts them) and the results match the float64 reference, in either input layout."""
+    monkeypatch.setattr(nhwc, "native_beats_converting", lambda p, pass_, isa=None, nchw=False: True)
+    calls = []
+    for name in ("forward", "grad_input", "grad_weight"):
+        real = getattr(nhwc, name)
+        monkeypatch.setattr(nhwc, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    x, w, b, gy, kw = _make(("t", (3, 32, 9, 8), (40, 32, 3, 3), {"padding": 1}), np.float64)
+    if cl:
+        x, gy = _cl(x), _cl(gy)
+    y = fastconv.conv2d(x, w, b, **kw)
+    gx, gw, gb = fastconv.conv2d_backward(gy, x, w, **kw)
+    gw2, _ = fastconv.conv2d_grad_weight(gy, x, w, **kw)
+    assert calls == ["forward", "grad_input", "grad_weight", "grad_weight"]
+    xr, gyr = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    np.testing.assert_allclose(y, ref.conv2d(xr, w, b, **kw), rtol=1e-10, atol=1e-10)
+    rgx = ref.conv2d_grad_input(gyr, x.shape, w, **kw)
+    rgw = ref.conv2d_grad_weight(gyr, xr, w.shape, **kw)
+    for got, want in ((gx, rgx), (gw, rgw), (gw2, rgw), (gb, gyr.sum(axis=(0, 2, 3)))):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert nhwc.is_channels_last(y) == cl and nhwc.is_channels_last(gx) == cl
 
 
 # --------------------------------------------------------------------------------------- random geometries

@@ -298,6 +298,49 @@ def preferred(p, pass_):
 NATIVE_MIN_POSITIONS = 512
 
 
+def native_beats_converting(p, pass_, isa=None, nchw=False):
+    """Whether 'auto' runs this pass of a channels_last call natively whatever it chose for NCHW
+    (Winograd or im2col on converted copies): ungrouped layers of 32-128 channels on AVX-512, whose
+    16-lane vectors the in-place rows and grad_weight's 4x6 dot tiles fill.  Measured on the 2-core
+    Xeon (2 threads, float32, steady state; ms native / 'auto's converted pick): forward and
+    grad_input of 32-64 channels up to MIXED_MAX_MACS -- 32x32x28x28 1.9 / 3.5 and 2.0 / 3.6,
+    32x64x14x14 2.4 / 3.5 and 2.3 / 3.3, 4x64x32x32 1.1 / 1.7 and 1.2 / 1.6, 4x32x64x64 1.4 / 1.8
+    and 1.3 / 1.6 (above it Winograd catches up: 32x64x32x32 7.5 / 7.4, 8x64x56x56 6.3 / 5.2);
+    grad_weight of 32-128 input channels up to GW_MAX_MACS -- 32x64x32x32 9.1 / 13.3,
+    32x128x16x16 8.3 / 10.1, 8x64x56x56 7.4 / 9.1, 4x128x16x16 1.4 / 1.9 (16 channels: 4x16x128x128
+    6.4 / 3.4; 256 and 512: 8.2 / 7.8, 10.1 / 7.7; vgg16-3x3-128 13.4 / 12.9); dilated layers,
+    which Winograd runs as phases, every pass (dilated-3x3-d2 7.3 / 9.5, 8.9 / 17.0, 7.1 / 7.6).
+    On AVX2 (8 lanes, 2x5 dot tiles) the converted Winograd won these (resnet50-3x3-64 grad_weight
+    14.3 native / 11.4): there :func:`preferred` alone decides.
+
+    With ``nchw`` (an NCHW call, which would convert to NHWC and back to run natively): small planes
+    only (NCHW_MAX_PLANE) and no 1x1 layers; ms NHWC / 'auto' in NCHW, forward, grad_weight,
+    backward: 32x32x28x28 2.3 / 3.2, 3.1 / 4.7, 5.3 / 7.8; 32x64x14x14 2.0 / 2.8, 2.3 / 3.5,
+    4.2 / 6.3; 4x64x32x32 1.6 / 1.6, 1.9 / 2.5, 3.3 / 4.1; dilated-3x3-d2 grad_weight 10.4 / 14.4
+    (its forward 9.0 / 7.8: not taken); 4x32x64x64 forward 2.1 / 1.7 and 8x64x56x56 6.7 / 4.4 lose."""
+    isa = _cpu.isa() if isa is None else isa
+    if isa != "avx512" or p.g != 1 or min(p.cg, p.kg) < 32 or max(p.cg, p.kg) > 128:
+        return False
+    if nchw and (p.r * p.s == 1 or p.oh * p.ow > NCHW_MAX_PLANE and p.dh == p.dw == 1):
+        return False
+    if p.dh > 1 or p.dw > 1:
+        return pass_ == "grad_weight" or not nchw
+    if pass_ == "grad_weight":
+        return p.macs <= GW_MAX_MACS
+    if p.sh > 1 or p.sw > 1:  # strided layers: preferred() decides
+        return False
+    return max(p.cg, p.kg) <= 64 and p.macs <= MIXED_MAX_MACS
+
+
+#: Multiply-adds up to which :func:`native_beats_converting` takes a stride-1 forward / grad_input
+#: (32x32x28x28 3x3: 2.3e8, 32x64x32x32: 1.2e9).
+MIXED_MAX_MACS = 4 * 10**8
+#: ... and a grad_weight (32x128x16x16 3x3: 1.2e9, vgg16-3x3-128: 1.85e9).
+GW_MAX_MACS = 15 * 10**8
+#: Largest output plane (oh * ow) on which an NCHW call converts to run natively (32x32).
+NCHW_MAX_PLANE = 1024
+
+
 # ---------------------------------------------------------------------------------------- passes
 def forward(xh, w, b, p):
     """``y`` (n, oh, ow, k) C-contiguous from the NHWC input ``xh`` (n, h, w, c) (module docstring)."""
