@@ -534,6 +534,8 @@ def test_native_beats_converting_where_measured():
     small = _p((32, 32, 28, 28), (32, 32, 3, 3))
     assert passes(small, isa="avx512") == (True, True, True)
     assert passes(small, isa="avx512", nchw=True) == (True, True, True)
+    assert passes(conv_params("conv2d", (32, 32, 28, 28), (32, 32, 3, 3), np.float64, 1, 1, 1, 1),
+                  isa="avx512") == (False, False, False)
     for isa in ("avx2", "portable"):
         assert passes(small, isa=isa) == (False, False, False)
         assert passes(small, isa=isa, nchw=True) == (False, False, False)

@@ -322,8 +322,8 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
     # a channels_last gradient pass takes 16 output channels too where the input has 32 or more
     # (4x32x128x128 -> 16: grad_input 3.0 / 3.5, grad_weight 4.3 / 5.6); the forward needs 32
     narrow = 16 if pass_ != "forward" and not nchw and p.cg >= 32 else 32
-    if isa != "avx512" or p.g != 1 or min(p.cg, p.kg) < narrow or max(p.cg, p.kg) > 128:
-        return False
+    if isa != "avx512" or p.itemsize != 4 or p.g != 1 or min(p.cg, p.kg) < narrow or max(p.cg, p.kg) > 128:
+        return False  # (float64 not measured)
     if nchw and (p.r * p.s == 1 or p.oh * p.ow > NCHW_MAX_PLANE and p.dh == p.dw == 1):
         return False
     if p.dh > 1 or p.dw > 1:
