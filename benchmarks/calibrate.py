@@ -65,6 +65,11 @@ TRAINING = (
     # channels_last forward sums all taps per call (gemm's route there measured 1.3-1.5x the others)
     ConvCase("resnet-mini-3x3-32@14", 32, 32, 14, 14, 32, 3, 3, padding=(1, 1)),
     ConvCase("resnet-mini-3x3-64@7", 32, 64, 7, 7, 64, 3, 3, padding=(1, 1)),
+    # its stride-2 blocks (auto took direct's phases for the 28x28 one's grad_input: 2.6 ms, gemm 1.1)
+    ConvCase("resnet-mini-3x3-s2@28", 32, 16, 28, 28, 32, 3, 3, stride=(2, 2), padding=(1, 1)),
+    ConvCase("resnet-mini-3x3-s2@14", 32, 32, 14, 14, 64, 3, 3, stride=(2, 2), padding=(1, 1)),
+    # a U-Net's thin full-resolution layer (benchmarks/torch_train_step.py's unet at batch 4)
+    ConvCase("unet-3x3-16@128", 4, 16, 128, 128, 16, 3, 3, padding=(1, 1)),
 )
 
 
