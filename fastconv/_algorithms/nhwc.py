@@ -317,7 +317,8 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
     only (NCHW_MAX_PLANE) and no 1x1 layers; ms NHWC / 'auto' in NCHW, forward, grad_weight,
     backward: 32x32x28x28 2.3 / 3.2, 3.1 / 4.7, 5.3 / 7.8; 32x64x14x14 2.0 / 2.8, 2.3 / 3.5,
     4.2 / 6.3; 4x64x32x32 1.6 / 1.6, 1.9 / 2.5, 3.3 / 4.1; dilated-3x3-d2 grad_weight 10.4 / 14.4
-    (its forward 9.0 / 7.8: not taken); 4x32x64x64 forward 2.1 / 1.7 and 8x64x56x56 6.7 / 4.4 lose."""
+    (its forward 9.0 / 7.8: not taken); stride 2, 32x32x14x14 -> 64: 0.56 / 0.77, 0.68 / 0.81,
+    1.43 / 1.75; 4x32x64x64 forward 2.1 / 1.7 and 8x64x56x56 6.7 / 4.4 lose."""
     isa = _cpu.isa() if isa is None else isa
     # a channels_last gradient pass takes 16 output channels too where the input has 32 or more
     # (4x32x128x128 -> 16: grad_input 3.0 / 3.5, grad_weight 4.3 / 5.6); the forward needs 32
@@ -330,7 +331,7 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
         return pass_ == "grad_weight" or not nchw
     if pass_ == "grad_weight":
         return p.macs <= GW_MAX_MACS
-    if p.sh > 1 or p.sw > 1:  # strided layers: preferred() decides
+    if (p.sh > 1 or p.sw > 1) and not nchw:  # strided channels_last layers: preferred() decides
         return False
     return max(p.cg, p.kg) <= 64 and p.macs <= MIXED_MAX_MACS
 
