@@ -249,8 +249,11 @@ def _native(p, alg, algorithm, pass_):
 def _via_nhwc(p, algorithm, pass_):
     """Whether an NCHW call under ``'auto'`` runs this pass on the NHWC kernels, its operands
     converted (:func:`._algorithms.nhwc.native_beats_converting` with ``nchw``)."""
-    return (algorithm == "auto" and _nhwc.native_beats_converting(p, pass_, nchw=True)
-            and _nhwc.supports(p, pass_) is None)
+    if not (algorithm == "auto" and _nhwc.native_beats_converting(p, pass_, nchw=True)
+            and _nhwc.supports(p, pass_) is None):
+        return False
+    copies = (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize  # the NHWC operands
+    return _nhwc.need(p, pass_) + copies <= p.workspace_limit
 
 
 def _batch_wide(alg, pass_, *args):
