@@ -54,8 +54,9 @@ During a call, one setting governs both pools: fastconv's operators run on
 ``min(torch.get_num_threads(), fastconv.max_threads())`` threads, so ``torch.set_num_threads`` (or
 :func:`set_num_threads` here, which sets both libraries) is the one knob.  PyTorch's OpenMP pool and
 numba's never run at the same time (an operator is called from the thread that runs the graph);
-numba's idle workers sleep (``fastconv._jit``), PyTorch's spin briefly after each of its parallel
-regions unless ``OMP_WAIT_POLICY=passive`` is set before torch is imported
+numba's idle workers spin ~0.1 ms, then sleep (``fastconv._jit.SPIN_COUNT``), PyTorch's spin for
+several ms after each of its parallel regions unless ``OMP_WAIT_POLICY=passive`` is set before torch
+is imported
 (``benchmarks/torch_train_step.py --oversubscription`` measures the difference).
 """
 from __future__ import annotations

@@ -115,6 +115,29 @@ def test_fastconv_selects_a_thread_safe_layer():
     assert numba.threading_layer() != "workqueue"
 
 
+def _env_after_import(env):
+    import os
+    import subprocess
+    import sys
+    code = ("import os, fastconv; "
+            "print(os.environ.get('GOMP_SPINCOUNT', '-'), os.environ.get('OMP_WAIT_POLICY', '-'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True, capture_output=True,
+                          text=True, timeout=300).stdout.split()
+
+
+def test_pool_wait_policy_is_set_for_numba_only_and_user_settings_win():
+    """fastconv sets GOMP_SPINCOUNT (its short spin) only while numba's pool starts: the variable is
+    gone after the import, so a PyTorch imported later keeps its own default; a user's settings,
+    an empty one included, stay as they were."""
+    from fastconv import _jit
+    assert 0 < _jit.SPIN_COUNT < 300_000  # shorter than GNU OpenMP's default spin
+    assert _env_after_import({}) == ["-", "-"]
+    assert _env_after_import({"GOMP_SPINCOUNT": "0"}) == ["0", "-"]
+    assert _env_after_import({"OMP_WAIT_POLICY": "passive"}) == ["-", "passive"]
+    assert _env_after_import({"OMP_WAIT_POLICY": ""}) == ["-"]  # empty: set, left alone (prints '')
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS + ("auto",))
 def test_eight_threads_match_serial_results(algorithm):
     jobs = [_job(i, algorithm) for i in range(N_THREADS)]
