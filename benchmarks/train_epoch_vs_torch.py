@@ -13,9 +13,10 @@ both in NCHW and in channels_last (model and each batch converted) and the faste
 One process; the rounds interleave fastconv, PyTorch NCHW and PyTorch channels_last epochs
 (A, B, C, A, B, C, ...) after one warm-up epoch each (JIT compilation, allocator), and the
 medians are reported: on a shared machine only ratios inside one run mean anything.
-``OMP_WAIT_POLICY=passive`` is set (unless already set) before PyTorch is imported, so that
-PyTorch's OpenMP workers sleep between operators instead of spinning on the cores fastconv's next
-call needs (see the README's training-step benchmark).
+``OMP_WAIT_POLICY=passive`` is set (unless already set) after fastconv's pool has started with its
+own short spin and before PyTorch is imported, so that PyTorch's OpenMP workers sleep between
+operators instead of spinning on the cores fastconv's next call needs (see the README's
+training-step benchmark).
 
 Importing this module does no work (asv imports every module in benchmarks/); asv times
 ``TrainEpoch.time_epoch`` per library, model and thread count.
@@ -210,11 +211,11 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=None, help="train on the first N digits (default all 4,000)")
     ap.add_argument("--batch", type=int, default=BATCH)
     args = ap.parse_args(argv)
+    import fastconv  # first: numba's pool starts with fastconv's own wait policy (fastconv._jit)
+
     if not os.environ.get("OMP_WAIT_POLICY"):  # an empty value counts as set for OpenMP: treat it as unset
         os.environ["OMP_WAIT_POLICY"] = "passive"
     import torch
-
-    import fastconv
 
     x, y = make_data(args.images)
     print(f"one training epoch: {len(x)} MNIST digits 1x28x28, batch {args.batch}, Adam lr {LR}, {args.threads} "
