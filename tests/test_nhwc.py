@@ -551,6 +551,9 @@ def test_native_beats_converting_where_measured():
     strided = _p((32, 32, 28, 28), (64, 32, 3, 3), stride=2)  # channels_last: preferred() decides
     assert passes(strided, isa="avx512") == (False, False, True)
     assert passes(strided, isa="avx512", nchw=True) == (True, True, True)
+    narrow_in = _p((32, 16, 28, 28), (32, 16, 3, 3), stride=2)  # 16 inputs: NCHW strided fwd / grad_input
+    assert passes(narrow_in, isa="avx512", nchw=True) == (True, True, False)
+    assert passes(_p((32, 16, 28, 28), (32, 16, 3, 3)), isa="avx512", nchw=True) == (False, False, False)
     narrow_out = _p((4, 32, 64, 64), (16, 32, 3, 3))  # 16 outputs: channels_last gradients only
     assert passes(narrow_out, isa="avx512") == (False, True, True)
     assert passes(narrow_out, isa="avx512", nchw=True) == (False, False, False)
