@@ -124,6 +124,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         else:
             y = _nhwc.to_nhwc(alg.forward(_nhwc.to_nchw(x), weight, bias, p))
         y = _nhwc.channels_last_view(y)
+    elif _dw_via_nhwc(p, algorithm, weight):
+        y = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.dw_forward(_nhwc.to_nhwc(x), weight, bias, p)))
     elif _via_nhwc(p, algorithm, "forward"):
         y = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p)))
     else:
@@ -187,9 +189,13 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
         gx, gw, gb = _backward_channels_last(grad_output, x, weight, p, alg_i, alg_w, algorithm)
     else:
         grad_output = _nhwc.to_nchw(grad_output)  # a channels_last gradient of an NCHW input
+        dw = _dw_via_nhwc(p, algorithm, weight)
         via_i, via_w = _via_nhwc(p, algorithm, "grad_input"), _via_nhwc(p, algorithm, "grad_weight")
-        gyh = _nhwc.to_nhwc(grad_output) if via_i or via_w else None
-        if via_i or via_w:
+        gyh = _nhwc.to_nhwc(grad_output) if dw or via_i or via_w else None
+        if dw:
+            gx = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.dw_grad_input(gyh, weight, p)))
+            gw = _nhwc.dw_grad_weight(gyh, _nhwc.to_nhwc(x), p)
+        elif via_i or via_w:
             gx = (_nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.grad_input(gyh, weight, p))) if via_i
                   else alg_i.grad_input(grad_output, weight, p))
             gw = _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p) if via_w else alg_w.grad_weight(grad_output, x, p)
@@ -254,6 +260,14 @@ def _via_nhwc(p, algorithm, pass_):
         return False
     copies = (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize  # the NHWC operands
     return _nhwc.need(p, pass_) + copies <= p.workspace_limit
+
+
+def _dw_via_nhwc(p, algorithm, w):
+    """Whether an NCHW depthwise call under ``'auto'`` runs on the NHWC depthwise loops, converted
+    both ways (:func:`._algorithms.nhwc.dw_beats_nchw`: small or strided planes)."""
+    copies = (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize  # the NHWC operands
+    return (algorithm == "auto" and _nhwc.dw_beats_nchw(p) and copies <= p.workspace_limit
+            and _nhwc.depthwise_serves(p, w))
 
 
 def _batch_wide(alg, pass_, *args):
@@ -568,6 +582,8 @@ def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, 
             return _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p), _nhwc.bias_grad(gyh)
         return alg.grad_weight(_nhwc.to_nchw(grad_output), _nhwc.to_nchw(x), p), _nhwc.bias_grad(gyh)
     grad_output = _nhwc.to_nchw(grad_output)
+    if _dw_via_nhwc(p, algorithm, weight):
+        return _nhwc.dw_grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), bias_grad(grad_output)
     if _via_nhwc(p, algorithm, "grad_weight"):
         return _nhwc.grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), bias_grad(grad_output)
     return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)

@@ -642,3 +642,39 @@ def test_random_geometries_against_reference(case):
     y = fastconv.conv2d(xc, w, b, **kw)
     assert _nhwc_memory(y) or not nhwc.is_channels_last(xc)  # a 1x1 or 1-channel input is both layouts
     assert_results({"forward": y}, {"forward": _reference(x, w, b, gy, kw)["forward"]}, dtype, scale=8.0)
+
+
+def test_dw_beats_nchw_where_measured():
+    """AVX-512, float32: small stride-1 planes (<= 14x14) and strided ones up to 48x48."""
+    def dw(xs, stride=1, dtype=np.float32, isa="avx512"):
+        p = conv_params("conv2d", xs, (xs[1], 1, 3, 3), dtype, stride, 1, 1, xs[1])
+        return nhwc.dw_beats_nchw(p, isa=isa)
+    assert dw((32, 128, 7, 7)) and dw((32, 128, 14, 14)) and dw((16, 32, 48, 48), stride=2)
+    assert not dw((32, 64, 28, 28)) and not dw((8, 128, 56, 56)) and not dw((16, 32, 96, 96), stride=2)
+    assert not dw((32, 128, 7, 7), dtype=np.float64) and not dw((32, 128, 7, 7), isa="avx2")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_auto_depthwise_nchw_via_nhwc_matches_reference(stride, monkeypatch):
+    """Where dw_beats_nchw says so, an NCHW depthwise call under 'auto' runs the NHWC loops (a spy
+    counts them) and matches the float64 reference; an explicit algorithm keeps the NCHW kernels."""
+    monkeypatch.setattr(nhwc, "dw_beats_nchw", lambda p, isa=None: True)
+    calls = []
+    for name in ("dw_forward", "dw_grad_input", "dw_grad_weight"):
+        real = getattr(nhwc, name)
+        monkeypatch.setattr(nhwc, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    kw = {"stride": stride, "padding": 1, "groups": 24}
+    x, w, b, gy, _ = _make(("t", (3, 24, 9, 8), (24, 1, 3, 3), kw), np.float64)
+    y = fastconv.conv2d(x, w, b, **kw)
+    gx, gw, gb = fastconv.conv2d_backward(gy, x, w, **kw)
+    gw2, _ = fastconv.conv2d_grad_weight(gy, x, w, **kw)
+    flipped = ["dw_forward"] if stride == 1 else []  # stride 1: grad_input is the flipped forward
+    assert calls == ["dw_forward", "dw_grad_input", *flipped, "dw_grad_weight", "dw_grad_weight"]
+    np.testing.assert_allclose(y, ref.conv2d(x, w, b, **kw), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gx, ref.conv2d_grad_input(gy, x.shape, w, **kw), rtol=1e-10, atol=1e-10)
+    for got in (gw, gw2):
+        np.testing.assert_allclose(got, ref.conv2d_grad_weight(gy, x, w.shape, **kw), rtol=1e-10, atol=1e-10)
+    assert y.flags.c_contiguous and gx.flags.c_contiguous  # NCHW in, NCHW out
+    calls.clear()
+    fastconv.conv2d(x, w, b, **kw, algorithm="direct")
+    assert calls == []

@@ -454,6 +454,27 @@ def depthwise_serves(p, w):
     return p.g == p.c == p.k and p.c >= DW_MIN_CHANNELS and bool(np.isfinite(w).all())
 
 
+def dw_beats_nchw(p, isa=None):
+    """Whether 'auto' runs an NCHW depthwise layer's passes on these loops, converting to NHWC and
+    back: small planes, where the NCHW kernels' rows are a few vector lanes long, and strided ones.
+    Measured on the 2-core Xeon (AVX-512, 2 threads, float32), ms via NHWC / NCHW, forward and
+    forward + backward: 32x128x7x7 0.12 / 0.66, 0.38 / 1.70; 16x256x6x6 0.09 / 0.23; 32x128x14x14
+    0.50 / 0.87, 1.65 / 2.36; stride 2: 32x64x14x14 0.12 / 0.31, 32x32x28x28 0.28 / 0.55,
+    16x32x48x48 0.41 / 0.80, 1.6 / 2.8.  Stride 1 on larger planes loses (32x64x28x28 1.04 / 0.77,
+    8x128x56x56 2.77 / 0.83).  Not measured on AVX2 yet: there the NCHW kernels keep every layer."""
+    isa = _cpu.isa() if isa is None else isa
+    if isa != "avx512" or p.itemsize != 4:
+        return False
+    plane = p.h * p.w
+    return plane <= (DW_NCHW_MAX_PLANE_STRIDED if p.sh > 1 or p.sw > 1 else DW_NCHW_MAX_PLANE)
+
+
+#: Largest input plane of a stride-1 NCHW depthwise layer that :func:`dw_beats_nchw` converts (14x14)
+DW_NCHW_MAX_PLANE = 196
+#: ... and of a strided one (48x48)
+DW_NCHW_MAX_PLANE_STRIDED = 2304
+
+
 def _dw_taps(w, p):
     """The weights (c, 1, r, s) as (r*s, c): taps outer, channels inner."""
     return np.ascontiguousarray(w.reshape(p.c, p.r * p.s).T)
