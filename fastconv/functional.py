@@ -258,16 +258,20 @@ def _via_nhwc(p, algorithm, pass_):
     if not (algorithm == "auto" and _nhwc.native_beats_converting(p, pass_, nchw=True)
             and _nhwc.supports(p, pass_) is None):
         return False
-    copies = (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize  # the NHWC operands
-    return _nhwc.need(p, pass_) + copies <= p.workspace_limit
+    return _nhwc.need(p, pass_) + _nhwc_copies(p) <= p.workspace_limit
 
 
 def _dw_via_nhwc(p, algorithm, w):
     """Whether an NCHW depthwise call under ``'auto'`` runs on the NHWC depthwise loops, converted
     both ways (:func:`._algorithms.nhwc.dw_beats_nchw`: small or strided planes)."""
-    copies = (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize  # the NHWC operands
-    return (algorithm == "auto" and _nhwc.dw_beats_nchw(p) and copies <= p.workspace_limit
+    return (algorithm == "auto" and _nhwc.dw_beats_nchw(p) and _nhwc_copies(p) <= p.workspace_limit
             and _nhwc.depthwise_serves(p, w))
+
+
+def _nhwc_copies(p):
+    """Bytes of the NHWC copies of an NCHW call's input and output (or gradients) that
+    :func:`_via_nhwc` and :func:`_dw_via_nhwc` count against the workspace budget."""
+    return (p.n * p.c * p.h * p.w + p.n * p.k * p.oh * p.ow) * p.itemsize
 
 
 def _batch_wide(alg, pass_, *args):
