@@ -678,3 +678,40 @@ def test_auto_depthwise_nchw_via_nhwc_matches_reference(stride, monkeypatch):
     calls.clear()
     fastconv.conv2d(x, w, b, **kw, algorithm="direct")
     assert calls == []
+
+
+def _packed_reference(w, g, kg, cg, r, s, nr, flipped):
+    """pack_weights' layout written out with NumPy: panels of nr outputs over taps (rr, ss, cc)."""
+    if flipped:  # the transposed convolution's kernel from the forward's (g*cg, kg, r, s) weights
+        wt = w.reshape(g, cg, kg, r, s)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
+    else:
+        wt = w.reshape(g, kg, cg, r, s)
+    npan = -(-kg // nr)
+    out = np.zeros((g, npan, r, s, cg, nr), w.dtype)
+    for jp in range(npan):
+        blk = wt[:, jp * nr:(jp + 1) * nr]  # (g, nn, cg, r, s)
+        out[:, jp, :, :, :, :blk.shape[1]] = blk.transpose(0, 3, 4, 2, 1)
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("g,kg,cg,r,s", [(1, 40, 20, 3, 3), (2, 33, 7, 5, 5), (1, 64, 300, 1, 1),
+                                         (3, 8, 37, 3, 2), (1, 70, 150, 3, 3)])
+def test_pack_weights_layout_and_finiteness(g, kg, cg, r, s, flipped):
+    """Every panel element against the NumPy layout, channel blocks of every size (the kernel copies
+    a block of channels at a time), both orientations; a NaN marks its panel, and only it, bad."""
+    from fastconv._algorithms import _nhwc_kernels as K
+    rng = np.random.default_rng(g * 1000 + kg + cg)
+    shape = (g * cg, kg, r, s) if flipped else (g * kg, cg, r, s)
+    w = rng.standard_normal(shape).astype(np.float32)
+    npan = -(-kg // NR)
+    pb = np.full(g * npan * r * s * cg * NR, np.nan, np.float32)
+    bad = np.full(g * npan, 7, np.uint8)
+    K.pack_weights(w.reshape(-1), g, kg, cg, r, s, pb, NR, bad, flipped)
+    np.testing.assert_array_equal(pb, _packed_reference(w, g, kg, cg, r, s, NR, flipped))
+    assert not bad.any()
+    w.reshape(-1)[w.size - 1] = np.nan  # the last weight: last group's last panel
+    K.pack_weights(w.reshape(-1), g, kg, cg, r, s, pb, NR, bad, flipped)
+    want = np.zeros(g * npan, np.uint8)
+    want[(g - 1) * npan + (kg - 1) // NR] = 1  # either way the last weight feeds output kg-1 of group g-1
+    np.testing.assert_array_equal(bad, want)
