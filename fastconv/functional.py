@@ -125,9 +125,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
             y = _nhwc.to_nhwc(alg.forward(_nhwc.to_nchw(x), weight, bias, p))
         y = _nhwc.channels_last_view(y)
     elif _dw_via_nhwc(p, algorithm, weight):
-        y = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.dw_forward(_nhwc.to_nhwc(x), weight, bias, p)))
+        y = _as_nchw(_nhwc.dw_forward(_nhwc.to_nhwc(x), weight, bias, p))
     elif _via_nhwc(p, algorithm, "forward"):
-        y = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p)))
+        y = _as_nchw(_nhwc.forward(_nhwc.to_nhwc(x), weight, bias, p))
     else:
         y = alg.forward(x, weight, bias, p)
     return V.into_out(y, out, squeeze)
@@ -193,11 +193,10 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
         via_i, via_w = _via_nhwc(p, algorithm, "grad_input"), _via_nhwc(p, algorithm, "grad_weight")
         gyh = _nhwc.to_nhwc(grad_output) if dw or via_i or via_w else None
         if dw:
-            gx = _nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.dw_grad_input(gyh, weight, p)))
+            gx = _as_nchw(_nhwc.dw_grad_input(gyh, weight, p))
             gw = _nhwc.dw_grad_weight(gyh, _nhwc.to_nhwc(x), p)
         elif via_i or via_w:
-            gx = (_nhwc.to_nchw(_nhwc.channels_last_view(_nhwc.grad_input(gyh, weight, p))) if via_i
-                  else alg_i.grad_input(grad_output, weight, p))
+            gx = _as_nchw(_nhwc.grad_input(gyh, weight, p)) if via_i else alg_i.grad_input(grad_output, weight, p)
             gw = _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p) if via_w else alg_w.grad_weight(grad_output, x, p)
         elif alg_i is alg_w and alg_i.backward is not None:  # one call shares work between the passes
             gx, gw = alg_i.backward(grad_output, x, weight, p)
@@ -244,9 +243,9 @@ def _native(p, alg, algorithm, pass_):
     or, under ``'auto'``, where the NHWC pass measured faster than converting for any algorithm
     (:func:`._algorithms.nhwc.native_beats_converting`).  Other algorithms compute in NCHW,
     converted both ways."""
-    gemm_nhwc = algorithm == "auto" and (
+    auto_native = algorithm == "auto" and (
         (alg.name == "gemm" and _implicit.via_channels_last(p, pass_)) or _nhwc.native_beats_converting(p, pass_))
-    if algorithm != "gemm" and not gemm_nhwc and not (
+    if algorithm != "gemm" and not auto_native and not (
             algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1) and _nhwc.preferred(p, pass_)):
         return False
     return _nhwc.supports(p, pass_) is None
@@ -266,6 +265,11 @@ def _dw_via_nhwc(p, algorithm, w):
     both ways (:func:`._algorithms.nhwc.dw_beats_nchw`: small or strided planes)."""
     return (algorithm == "auto" and _nhwc.dw_beats_nchw(p) and _nhwc_copies(p) <= p.workspace_limit
             and _nhwc.depthwise_serves(p, w))
+
+
+def _as_nchw(ah):
+    """The C-contiguous NCHW copy of a C-contiguous (N, H, W, C) result."""
+    return _nhwc.to_nchw(_nhwc.channels_last_view(ah))
 
 
 def _nhwc_copies(p):
