@@ -58,14 +58,31 @@ def _exact(case, x, w, bias, gy):
             "grad_weight": ref.conv2d_grad_weight(gy, xp, w.shape, groups=g)}
 
 
+def _kind(batch):
+    """(batch, fused) arguments of a KERNELS value: False packed, True batch-wide, "fused"."""
+    return (None, True) if batch == "fused" else (batch, None)
+
+
+def _forward(x, w, bias, p, m, batch=None):
+    b, f = _kind(batch)
+    return W._run_forward(x, w, bias, p, m, b, fused=f)
+
+
 def _winograd(p, x, w, bias, gy, m, batch=None):
-    return {"forward": W._run_forward(x, w, bias, p, m, batch),
-            "grad_input": W.grad_input(gy, w, p, m=m, batch=batch),
-            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=batch)}
+    b, f = _kind(batch)
+    return {"forward": W._run_forward(x, w, bias, p, m, b, fused=f),
+            "grad_input": W.grad_input(gy, w, p, m=m, batch=b, fused=f),
+            # grad_weight has no fused kernel: with "fused" it takes its cheaper one
+            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=b)}
 
 
-# the packed kernels (tile rows of one group; grad_weight's two, chosen by cost) and the batch-wide one
-KERNELS = pytest.mark.parametrize("batch", [False, True], ids=["packed", "batch"])
+def _is(pl, batch):
+    return pl.fused if batch == "fused" else (pl.batch is batch and not pl.fused)
+
+
+# the forward's packed kernel (tile rows of one group; grad_weight's two, chosen by cost), the
+# batch-wide one and the fused one (forward and grad_input)
+KERNELS = pytest.mark.parametrize("batch", [False, True, "fused"], ids=["packed", "batch", "fused"])
 
 
 def _im2col(case, p, x, w, bias, gy):
@@ -84,7 +101,8 @@ def _err(got, want):
 def test_float64_matches_reference(case, m, batch):
     x, w, bias, gy = _make(case, np.float64)
     p = _params(case, np.float64)
-    assert W._cached_plan(p, "forward", m, batch=batch).batch is batch
+    b, f = _kind(batch)
+    assert _is(W._cached_plan(p, "forward", m, batch=b, fused=f), batch)
     want = _exact(case, x, w, bias, gy)
     got = _winograd(p, x, w, bias, gy, m, batch)
     for name in want:
@@ -286,7 +304,7 @@ def test_nan_spreads_over_tiles_only(m, batch):
     x, w, bias, gy = _make(case, np.float64, seed=6)
     x[1, 2, 5, 6] = np.nan
     p = _params(case, np.float64)
-    y = W._run_forward(x, w, bias, p, m, batch)
+    y = _forward(x, w, bias, p, m, batch)
     torch_like = np.isnan(_exact(case, x, w, bias, gy)["forward"])
     nan = np.isnan(y)
     assert (nan >= torch_like).all() and not nan[0].any()

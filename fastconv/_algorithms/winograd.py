@@ -108,6 +108,7 @@ from . import _winograd_gw_kernels as KG
 from . import _winograd_kernels as K
 from . import gemm as _gemm
 from . import nhwc as _nhwc
+from . import winograd_fused as WF
 from . import winograd_nhwc as WN
 from ._blas import _BLAS, serial_blas
 
@@ -199,6 +200,7 @@ class _Plan:
     fixed: int   # bytes shared by all workers (U, or grad_weight's accumulators)
     rowwise: bool = False  # grad_weight on the packed forward's row transforms (else the gathers)
     batch: bool = False    # over the whole batch's tiles (winograd_nhwc; rb: tiles per chunk)
+    fused: bool = False    # fused per block of tiles in NHWC (winograd_fused; rb: tiles per block)
 
 
 def _plan(p, m, nthreads):
@@ -245,12 +247,12 @@ def _plan(p, m, nthreads):
 _PLANS: dict = {}
 
 
-def _cached_plan(p, pass_, m=None, rowwise=None, batch=None):
+def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None):
     """The cheaper fitting plan of ``pass_`` (``m`` forces a tile size; ``rowwise`` True/False forces
-    grad_weight's kernel, ``batch`` the forward's: the tests reach each on small cases), or the
-    first refusal."""
+    grad_weight's kernel; ``batch`` True the forward's batch-wide kernel, False its packed one,
+    ``fused`` True the fused one: the tests reach each on small cases), or the first refusal."""
     nthreads = numba.get_num_threads()
-    key = (p, pass_, m, rowwise, batch, nthreads)
+    key = (p, pass_, m, rowwise, batch, fused, nthreads)
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
@@ -260,9 +262,12 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None):
             plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
                     ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else []) + \
                     ([_batch_plan(p, mm, nthreads) for mm in tiles] if rowwise is None and batch is None else [])
+        elif fused:
+            plans = [_fused_plan(p, mm, nthreads) for mm in tiles]
         else:
             plans = ([_packed_plan(p, mm, nthreads) for mm in tiles] if batch is not True else []) + \
-                    ([_batch_plan(p, mm, nthreads) for mm in tiles] if batch is not False else [])
+                    ([_batch_plan(p, mm, nthreads) for mm in tiles] if batch is not False else []) + \
+                    ([_fused_plan(p, mm, nthreads) for mm in tiles] if batch is None and fused is None else [])
         fit = [c for c in plans if not isinstance(c, str)]
         pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads) * (_BATCH_MARGIN if c.batch else 1.0)) \
             if fit else plans[0]
@@ -350,6 +355,15 @@ def _batch_plan(p, m, nthreads):
     return _Plan(m, 1, tc, p.cg, nthreads, tc, words, fixed, batch=True)
 
 
+def _fused_plan(p, m, nthreads):
+    """The forward fused per block of tiles (:mod:`.winograd_fused`), or why it cannot fit."""
+    got = WF.plan(p, m, nthreads)
+    if isinstance(got, str):
+        return got
+    tb, words, fixed = got
+    return _Plan(m, 1, tb, p.cg, nthreads, tb, words, fixed, fused=True)
+
+
 # Transformed tiles per grad_weight step: the products reduce over the step's slots, and each adds
 # into the a*a x kg x cg sums; measured (AVX2 EPYC, 1 thread, float32) 0.5 / 1.5 / 4 / 16 MiB:
 # resnet50-3x3-64 26 / 21 / 23 / 34 ms, vgg16-3x3-128 45 / 40 / 36 / 51, resnet50-3x3-512
@@ -385,17 +399,19 @@ def _rows_plan(p, m, nthreads):
     return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), _packed_words(p, m, rows, nr), (nw + 1) * sums, True)
 
 
-def _run_forward(x, w, b, p, m=None, batch=None, flip=False):
-    """The forward pass; ``m`` forces a tile size and ``batch`` the kernel (tests), else the cheaper.
-    With ``flip`` the pass is grad_input's (``p`` its transposed problem) and ``w`` the layer's weight."""
-    pl = _cached_plan(p, "forward", m, batch=batch)
+def _run_forward(x, w, b, p, m=None, batch=None, flip=False, fused=None):
+    """The forward pass; ``m`` forces a tile size and ``batch`` / ``fused`` the kernel (tests), else
+    the cheaper.  With ``flip`` the pass is grad_input's (``p`` its transposed problem) and ``w`` the
+    layer's weight."""
+    pl = _cached_plan(p, "forward", m, batch=batch, fused=fused)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
-    if pl.batch:  # the NHWC copies in and out are scratch too: only the NCHW result is fresh
+    if pl.batch or pl.fused:  # the NHWC copies in and out are scratch too: only the NCHW result is fresh
         xh = _nhwc.to_nhwc(x, scratch("winograd.x", (p.n, p.h, p.w, p.c), p.dtype))
         # (one output channel: NHWC is NCHW, and the result is that array itself)
-        yh = WN.forward(xh, w, b, p, pl.m, pl.rb, flip,
-                        scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype) if p.k > 1 else None)
+        yh = (WF if pl.fused else WN).forward(xh, w, b, p, pl.m, pl.rb, flip,
+                                              scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype)
+                                              if p.k > 1 else None)
         return _nhwc.to_nchw(_nhwc.channels_last_view(yh))
     if flip:
         w = _flipped(w, p)
@@ -428,11 +444,11 @@ def _dilated(p):
     return (p.dh, p.dw) != (1, 1)
 
 
-def forward(x, w, b, p, m=None, batch=None):
+def forward(x, w, b, p, m=None, batch=None, fused=None):
     if _dilated(p):  # the phase sub-images stacked into the batch, undilated (see _dilation_phases)
         q = phases.stacked(p)
-        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q, m, batch), p, q)
-    return _run_forward(x, w, b, p, m, batch)
+        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q, m, batch, fused=fused), p, q)
+    return _run_forward(x, w, b, p, m, batch, fused=fused)
 
 
 def _flipped(w, q):
@@ -448,11 +464,11 @@ def _transposed(p):
                                pw0=2 - p.pw0, pw1=2 - p.pw1, oh=p.h, ow=p.w)
 
 
-def grad_input(gy, w, p, m=None, batch=None):
+def grad_input(gy, w, p, m=None, batch=None, fused=None):
     if _dilated(p):
         q = phases.stacked(p)
-        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m, batch), p, q)
-    return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True)
+        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m, batch, fused), p, q)
+    return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True, fused=fused)
 
 
 def grad_weight(gy, x, p, m=None, rowwise=None, batch=None):
@@ -553,6 +569,8 @@ _GEMM_RATE = {4: 80e9, 8: 40e9}
 def _cost_of(p, pass_, pl, nthreads):
     if pl.batch:
         return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
+    if pl.fused:
+        return WF.cost(p, pl.m, pl.rb, nthreads)
     th, tw = _tiles(p, pl.m)
     a2 = (pl.m + 2) ** 2
     tiles = max(1, p.n) * th * tw

@@ -1,0 +1,380 @@
+"""The numba kernel of the fused Winograd forward (:mod:`fastconv._algorithms.winograd_fused`, which
+has the method and the notation): the tile transforms emitted as LLVM IR on whole vectors of
+channels, and the parallel kernel that runs transform, products and inverse transform for one
+block of tiles after the other while they stay in the worker's L2.
+
+Kept in a file of its own: numba's cache is per source file and does not see an edit to a helper
+inlined from another one (shared/NUMBA_NOTES.md).
+"""
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._jit import kernel, serial
+from ._gemm_kernels import VBYTES
+from .common import claim
+from .gemm import _tile_of, ukernel_rowptr
+
+# F(m, 3) matrices, as in winograd.py (kept here too: the emitted code hard-codes them; a test
+# checks that both copies agree)
+BT = {
+    4: ((4, 0, -5, 0, 1, 0),
+        (0, -4, -4, 1, 1, 0),
+        (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0),
+        (0, 2, -1, -2, 1, 0),
+        (0, 4, 0, -5, 0, 1)),
+    2: ((1, 0, -1, 0),
+        (0, 1, 1, 0),
+        (0, -1, 1, 0),
+        (0, 1, 0, -1)),
+}
+AT = {
+    4: ((1, 1, 1, 1, 1, 0),
+        (0, 1, -1, 2, -2, 0),
+        (0, 1, 1, 4, 4, 0),
+        (0, 1, -1, 8, -8, 1)),
+    2: ((1, 1, 1, 0),
+        (0, 1, -1, -1)),
+}
+
+
+def _lincomb(builder, fma, coeffs, values, ty):
+    # sum of c * v over the nonzero coefficients: +-1 as adds and subtracts, others as multiply-adds
+    acc = None
+    for cf, v in zip(coeffs, values):
+        if cf == 0:
+            continue
+        if acc is None:
+            acc = v if cf == 1 else builder.fneg(v) if cf == -1 else builder.fmul(_const(ty, cf), v)
+        elif cf == 1:
+            acc = builder.fadd(acc, v)
+        elif cf == -1:
+            acc = builder.fsub(acc, v)
+        else:
+            acc = builder.call(fma, [_const(ty, cf), v, acc])
+    return acc if acc is not None else _const(ty, 0)
+
+
+def _const(ty, v):
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [float(v)] * ty.count)
+    return ir.Constant(ty, float(v))
+
+
+def _emit_2d(builder, fma, ty, left, right, load, store):
+    # out[i'][j'] = sum_{i,j} left[i'][i] in[i][j] right[j'][j]: column by column of the output,
+    # the a values of one column of (in . right^T) live in registers, then left applies down it
+    ni = len(left[0])
+    nj = len(right[0])
+    for jo, rrow in enumerate(right):
+        t = [_lincomb(builder, fma, rrow, [load(i, j) if rrow[j] else None for j in range(nj)], ty)
+             for i in range(ni)]
+        for io, lrow in enumerate(left):
+            store(io, jo, _lincomb(builder, fma, lrow, t, ty))
+
+
+def _channel_loop(builder, nch, lanes, body):
+    # body(ch, width) for ch = 0, lanes, ... while a whole vector fits, then width 1 for the rest
+    i64 = ir.IntType(64)
+    start = ir.Constant(i64, 0)
+    for width in (lanes, 1):
+        entry = builder.block
+        loop = builder.append_basic_block(f"ch{width}.loop")
+        more = builder.append_basic_block(f"ch{width}.body")
+        done = builder.append_basic_block(f"ch{width}.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        ch = builder.phi(i64)
+        ch.add_incoming(start, entry)
+        builder.cbranch(builder.icmp_signed("<=", builder.add(ch, ir.Constant(i64, width)), nch), more, done)
+        builder.position_at_end(more)
+        body(ch, width)
+        ch.add_incoming(builder.add(ch, ir.Constant(i64, width)), builder.block)
+        builder.branch(loop)
+        builder.position_at_end(done)
+        start = ch  # where the vector loop stopped, the single-channel loop starts
+
+
+def _access(builder, base, off, width, fty):
+    # pointer to `width` elements at base[off] (a vector pointer when width > 1)
+    p = builder.gep(base, [off])
+    return builder.bitcast(p, ir.VectorType(fty, width).as_pointer()) if width > 1 else p
+
+
+def _tools(context, builder, sig, nbits):
+    fty = context.get_data_type(sig)
+    isz = context.get_abi_sizeof(fty)
+    lanes = VBYTES // isz
+    return fty, isz, lanes
+
+
+def _fma_for(builder, ty):
+    bits = 64 if (ty.element if isinstance(ty, ir.VectorType) else ty) == ir.DoubleType() else 32
+    name = f"llvm.fmuladd.v{ty.count}f{bits}" if isinstance(ty, ir.VectorType) else f"llvm.fmuladd.f{bits}"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
+
+
+@intrinsic
+def transform_in(typingctx, src, soff, rs, cs, dst, doff, es, nch, m):
+    """``dst[doff + (i'*a + j')*es + ch] = (B^T d B)[i', j']`` for ch < nch, where
+    ``d[i, j] = src[soff + i*rs + j*cs + ch]`` is the a x a input patch of F(m, 3) (``m`` a
+    constant, 4 or 2): whole vectors of channels, then single ones."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
+            and src.dtype in (types.float32, types.float64) and isinstance(m, types.IntegerLiteral)):
+        return None
+    mm = m.literal_value
+    bt = BT[mm]
+    a = mm + 2
+    sig = types.void(src, types.intp, types.intp, types.intp, dst, types.intp, types.intp, types.intp, m)
+
+    def codegen(context, builder, sig_, args):
+        s_, soffv, rsv, csv, d_, doffv, esv, nchv, _ = args
+        sa = context.make_array(sig_.args[0])(context, builder, s_)
+        da = context.make_array(sig_.args[4])(context, builder, d_)
+        fty, isz, lanes = _tools(context, builder, sig_.args[0].dtype, 0)
+        i64 = ir.IntType(64)
+
+        def body(ch, width):
+            ty = ir.VectorType(fty, width) if width > 1 else fty
+            fma = _fma_for(builder, ty)
+            s0 = builder.add(soffv, ch)
+            d0 = builder.add(doffv, ch)
+            cache = {}
+
+            def load(i, j):
+                if (i, j) not in cache:
+                    off = builder.add(s0, builder.add(builder.mul(rsv, ir.Constant(i64, i)),
+                                                      builder.mul(csv, ir.Constant(i64, j))))
+                    cache[i, j] = builder.load(_access(builder, sa.data, off, width, fty), align=isz)
+                return cache[i, j]
+
+            def store(io, jo, v):
+                off = builder.add(d0, builder.mul(esv, ir.Constant(i64, io * a + jo)))
+                builder.store(v, _access(builder, da.data, off, width, fty), align=isz)
+
+            _emit_2d(builder, fma, ty, bt, bt, load, store)
+
+        _channel_loop(builder, nchv, lanes, body)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def transform_out(typingctx, src, soff, es, dst, doff, rs, cs, nch, mi, mj, bias, boff, m):
+    """``dst[doff + i'*rs + j'*cs + ch] = (A^T M A)[i', j'] + bias[boff + ch]`` for i' < mi,
+    j' < mj (the part of the m x m output tile inside the output), ch < nch, where
+    ``M[i, j] = src[soff + (i*a + j)*es + ch]``; ``m`` a constant, 4 or 2."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and isinstance(bias, types.Array)
+            and src.dtype == dst.dtype == bias.dtype and src.dtype in (types.float32, types.float64)
+            and isinstance(m, types.IntegerLiteral)):
+        return None
+    mm = m.literal_value
+    at = AT[mm]
+    a = mm + 2
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp, types.intp, types.intp, types.intp,
+                     types.intp, bias, types.intp, m)
+
+    def codegen(context, builder, sig_, args):
+        s_, soffv, esv, d_, doffv, rsv, csv, nchv, miv, mjv, b_, boffv, _ = args
+        sa = context.make_array(sig_.args[0])(context, builder, s_)
+        da = context.make_array(sig_.args[3])(context, builder, d_)
+        ba = context.make_array(sig_.args[10])(context, builder, b_)
+        fty, isz, lanes = _tools(context, builder, sig_.args[0].dtype, 0)
+        i64 = ir.IntType(64)
+        full = builder.and_(builder.icmp_signed("==", miv, ir.Constant(i64, mm)),
+                            builder.icmp_signed("==", mjv, ir.Constant(i64, mm)))
+
+        def body(ch, width):
+            ty = ir.VectorType(fty, width) if width > 1 else fty
+            fma = _fma_for(builder, ty)
+            s0 = builder.add(soffv, ch)
+            d0 = builder.add(doffv, ch)
+            bv = builder.load(_access(builder, ba.data, builder.add(boffv, ch), width, fty), align=isz)
+            cache = {}
+
+            def load(i, j):
+                if (i, j) not in cache:
+                    off = builder.add(s0, builder.mul(esv, ir.Constant(i64, i * a + j)))
+                    cache[i, j] = builder.load(_access(builder, sa.data, off, width, fty), align=isz)
+                return cache[i, j]
+
+            def store(io, jo, v):
+                off = builder.add(d0, builder.add(builder.mul(rsv, ir.Constant(i64, io)),
+                                                  builder.mul(csv, ir.Constant(i64, jo))))
+                inside = builder.or_(full, builder.and_(builder.icmp_signed(">", miv, ir.Constant(i64, io)),
+                                                        builder.icmp_signed(">", mjv, ir.Constant(i64, jo))))
+                with builder.if_then(inside, likely=True):
+                    builder.store(builder.fadd(v, bv), _access(builder, da.data, off, width, fty), align=isz)
+
+            _emit_2d(builder, fma, ty, at, at, load, store)
+
+        _channel_loop(builder, nchv, lanes, body)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@serial
+def _patch(x, img, y0, x0, h, w, c, a, pt):
+    # pt[(i*a + j)*c + ch] = x[img, y0 + i, x0 + j, ch] inside the input, else 0 (a border tile)
+    for i in range(a):
+        yy = y0 + i
+        for j in range(a):
+            xx = x0 + j
+            d = (i * a + j) * c
+            if 0 <= yy < h and 0 <= xx < w:
+                s = ((img * h + yy) * w + xx) * c
+                for ch in range(c):
+                    pt[d + ch] = x[s + ch]
+            else:
+                for ch in range(c):
+                    pt[d + ch] = 0
+
+
+@serial
+def _transform_tile(x, img, y0, x0, h, w, c, m, v, q, tb, pt):
+    # V[e][q][:] of tile q (patch at input row y0, column x0; any part may lie in the padding)
+    a = m + 2
+    if 0 <= y0 and y0 + a <= h and 0 <= x0 and x0 + a <= w:
+        src, soff, rs = x, ((img * h + y0) * w + x0) * c, w * c
+    else:
+        _patch(x, img, y0, x0, h, w, c, a, pt)
+        src, soff, rs = pt, 0, a * c
+    if m == 4:
+        transform_in(src, soff, rs, c, v, q * c, tb * c, c, 4)
+    else:
+        transform_in(src, soff, rs, c, v, q * c, tb * c, c, 2)
+
+
+@serial
+def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp):
+    # M[e][q][gi*kg + j] = sum_c V[e][q][gi*cg + c] U[gi][e][c][j] for the block's tn tiles: per
+    # element and panel of NR output channels, the MR-tile row tiles read V's rows in place
+    mr, nr = _tile_of(mm)
+    for gi in range(g):
+        for e in range(a2):
+            for jp in range(npan):
+                j0 = jp * nr
+                nn = min(nr, kg - j0)
+                boff = ((gi * a2 + e) * npan + jp) * cg * nr
+                for i0 in range(0, tn, mr):
+                    rows = min(mr, tn - i0)
+                    for i in range(rows):
+                        offs[i] = (e * tb + i0 + i) * c + gi * cg
+                    co = (e * tb + i0) * k + gi * kg + j0
+                    if nn == nr:
+                        ukernel_rowptr(cg, v, offs, 0, 0, zeros, pu, boff, mm, co, k, 0, rows)
+                    else:
+                        ukernel_rowptr(cg, v, offs, 0, 0, zeros, pu, boff, tmp, 0, nr, 0, rows)
+                        for i in range(rows):
+                            for j in range(nn):
+                                mm[co + i * k + j] = tmp[i * nr + j]
+
+
+@kernel
+def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, vbuf, mbuf, pbuf, offbuf, zeros,
+                  tbuf, ctr):
+    """The forward of the NHWC input ``x`` (flat, n x h x w x c) into the NHWC output ``y`` (flat,
+    n x oh x ow x k) with F(m x m, 3 x 3): items are blocks of ``tb`` tiles (t = (img*th + ti)*tw
+    + tj), claimed by the workers; per item the input transform into the worker's V (a*a x tb x c),
+    the a*a products on the micro-kernel against the packed U (``pu``, see winograd_fused.pack_u)
+    into its M (a*a x tb x k), then the output transform plus ``bias`` into y.  Items write
+    disjoint output tiles."""
+    a = m + 2
+    a2 = a * a
+    cg = c // g
+    kg = k // g
+    th = (oh + m - 1) // m
+    tw = (ow + m - 1) // m
+    total = n * th * tw
+    items = (total + tb - 1) // tb
+    nw = vbuf.shape[0]
+    for wid in prange(nw):
+        v = vbuf[wid]
+        mm = mbuf[wid]
+        pt = pbuf[wid]
+        offs = offbuf[wid]
+        tmp = tbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            t0 = it * tb
+            tn = min(tb, total - t0)
+            for q in range(tn):
+                t = t0 + q
+                tj = t % tw
+                ti = (t // tw) % th
+                _transform_tile(x, t // (tw * th), ti * m - ph, tj * m - pw, h, w, c, m, v, q, tb, pt)
+            _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp)
+            for q in range(tn):
+                t = t0 + q
+                tj = t % tw
+                ti = (t // tw) % th
+                img = t // (tw * th)
+                oy0 = ti * m
+                ox0 = tj * m
+                d = ((img * oh + oy0) * ow + ox0) * k
+                if m == 4:
+                    transform_out(mm, q * k, tb * k, y, d, ow * k, k, k, min(4, oh - oy0), min(4, ow - ox0), bias, 0, 4)
+                else:
+                    transform_out(mm, q * k, tb * k, y, d, ow * k, k, k, min(2, oh - oy0), min(2, ow - ox0), bias, 0, 2)
+
+
+@serial
+def _u_column(w, gm, flip, gi, j0, nn, c, kg, cg, a, a2, npan, jp, nr, pu, ws, ts):
+    # pack_u for input channel c of one group's panel of output channels j0 .. j0 + nn
+    for t in range(9):
+        for jj in range(nn):
+            if flip:
+                ws[t * nr + jj] = w[((gi * cg + c) * kg + j0 + jj) * 9 + 8 - t]
+            else:
+                ws[t * nr + jj] = w[((gi * kg + j0 + jj) * cg + c) * 9 + t]
+        for jj in range(nn, nr):
+            ws[t * nr + jj] = 0
+    for r in range(3):  # along the kernel row: t[r][j] = sum_s G[j, s] g[r][s]
+        for j in range(a):
+            g0, g1, g2 = gm[j, 0], gm[j, 1], gm[j, 2]
+            d = (r * a + j) * nr
+            s0 = 3 * r * nr
+            for jj in range(nr):
+                ts[d + jj] = g0 * ws[s0 + jj] + g1 * ws[s0 + nr + jj] + g2 * ws[s0 + 2 * nr + jj]
+    for i in range(a):  # down the kernel column: U[i][j] = sum_r G[i, r] t[r][j]
+        g0, g1, g2 = gm[i, 0], gm[i, 1], gm[i, 2]
+        for j in range(a):
+            base = ((((gi * a2 + i * a + j) * npan + jp) * cg) + c) * nr
+            for jj in range(nr):
+                pu[base + jj] = g0 * ts[j * nr + jj] + g1 * ts[(a + j) * nr + jj] + g2 * ts[(2 * a + j) * nr + jj]
+
+
+@kernel
+def pack_u(w, gm, flip, g, kg, cg, npan, pu, wt, tt):
+    """U of F(m, 3) (``gm`` its a x 3 matrix G, float64) for every group, element, output channel j
+    and input channel c of the problem, computed in float64 and rounded once, straight into the
+    products' panels: ``pu[(((gi*a2 + e)*npan + jp)*cg + c)*NR + jj] = (G g G^T)[e]`` of output
+    channel ``jp*NR + jj`` (zero past kg).  The taps g: ``w[((gi*kg + j)*cg + c)*9 + t]``, or with
+    ``flip`` (grad_input's kernel, read from the layer's weight of shape (g*cg, kg, 3, 3)) the flipped
+    ``w[((gi*cg + c)*kg + j)*9 + 8 - t]``.  Items (group, panel, input channel) write disjoint runs;
+    the loops over a panel's NR channels are contiguous and vectorise.  ``wt`` (workers x 9*NR) and
+    ``tt`` (workers x 3*a*NR) float64 scratch."""
+    a = gm.shape[0]
+    a2 = a * a
+    nr = wt.shape[1] // 9
+    cb = 16  # input channels per item: a worker reads each weight's taps as one run
+    ncb = (cg + cb - 1) // cb
+    items = g * npan * ncb
+    nw = wt.shape[0]
+    for wid in prange(nw):
+        ws = wt[wid]
+        ts = tt[wid]
+        for it in range(wid, items, nw):
+            jp = (it // ncb) % npan
+            gi = it // (ncb * npan)
+            j0 = jp * nr
+            nn = min(nr, kg - j0)
+            for c in range((it % ncb) * cb, min(cg, (it % ncb + 1) * cb)):
+                _u_column(w, gm, flip, gi, j0, nn, c, kg, cg, a, a2, npan, jp, nr, pu, ws, ts)

@@ -1,0 +1,141 @@
+"""Winograd F(m x m, 3 x 3) fused per block of tiles, on channels_last (NHWC) arrays.
+
+The batch-wide plan (:mod:`.winograd_nhwc`) runs its three steps each over a chunk of up to 24 MB
+of transformed tiles, which travel through L3 or memory between the steps, and its transforms loop
+over channel runs one 1-D row of a tile at a time (~33 ns a run: most of the time below 64
+channels).  Here a work item is a block of ``tb`` tiles (a multiple of the micro-kernel's MR rows,
+its V and M within half of L2) and one worker runs all three steps on it:
+
+1. ``V[e][q][:] = (B^T d_q B)[e]``: the whole a x a transform of tile q on vectors of channels, in
+   registers (:func:`._winograd_fused_kernels.transform_in`, emitted LLVM IR), read from the NHWC
+   input in place (tiles touching the padding from a zero-filled copy of their patch);
+2. ``M[e] (tb x kg) = V[e] (tb x cg) . U[e] (cg x kg)`` per group and element on the GEMM
+   micro-kernel, V's rows read in place (``ukernel_rowptr``), U packed once per call in NR-column
+   panels (:func:`pack_u`);
+3. ``y = A^T M A + b`` per tile on vectors of output channels, into the NHWC output (the part of the
+   tile inside it).
+
+Notation, accuracy and NaN spreading as in :mod:`.winograd` (the same matrices; U computed in
+float64 and rounded once by the batch-wide plan's :func:`.winograd_nhwc_kernels.transform_u`).
+grad_input is this forward on the flipped, channel-swapped kernel (``flip``).  Results do not depend
+on the thread count: every output is computed by one worker in a fixed order.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .. import _cpu
+from .._config import scratch
+from . import _winograd_fused_kernels as K
+from . import gemm as G
+from . import winograd as W  # the transform matrices (a cycle: used at call time)
+from . import winograd_nhwc as WN
+
+
+def _tb(p, m, nthreads):
+    """Tiles per item: V and M (a*a x tb x (c + k)) within half of L2, whole MR-row panels, and at
+    least 4 items per worker where the batch has the tiles."""
+    mr, _ = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    total = WN.tiles(p, m)[2]
+    fit = _cpu.cache_sizes()["l2"] // 2 // (a2 * (p.c + p.k) * p.itemsize)
+    spread = -(-total // (4 * nthreads))
+    return max(mr, min(fit, spread) // mr * mr)
+
+
+def _worker_words(p, m, tb):
+    """Elements per worker: V, M, a border tile's patch, and the micro-kernel's edge tile."""
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    return a2 * tb * (p.c + p.k) + a2 * p.c + mr * nr
+
+
+def plan(p, m, nthreads):
+    """``(tb, words, fixed)`` (tiles per item, elements per worker, bytes shared: U packed,
+    and an NCHW caller's NHWC copies) within ``p.workspace_limit``, or why it does not fit."""
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    isz = p.itemsize
+    npan = -(-p.kg // nr)
+    copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
+    fixed = p.g * a2 * npan * nr * p.cg * isz + copies
+    tb = _tb(p, m, nthreads)
+    while True:
+        words = _worker_words(p, m, tb)
+        if fixed + nthreads * words * isz <= p.workspace_limit:
+            return tb, words, fixed
+        if tb <= mr:
+            return (f"needs at least {fixed + nthreads * words * isz} bytes of workspace (transformed "
+                    f"weights, layout copies and {mr} tiles per worker), workspace_limit is {p.workspace_limit}")
+        tb = max(mr, tb // 2 // mr * mr)
+
+
+def pack_u(w, p, m, flip=False):
+    """U of the forward (or with ``flip`` of grad_input, from the layer's weight ``w``) in the
+    products' panels: ``pu[(((gi*a2 + e)*npan + jp)*cg + c)*NR + j] = U[gi][e][jp*NR + j][c]``,
+    zero past kg; returns (pu, npan)."""
+    a = m + 2
+    nw = numba.get_num_threads()
+    _, nr = G.tile(p.itemsize)
+    npan = -(-p.kg // nr)
+    pu = scratch("winograd.pu", (p.g * a * a * npan * p.cg * nr,), p.dtype)
+    K.pack_u(np.ascontiguousarray(w).reshape(-1), W._G[m], flip, p.g, p.kg, p.cg, npan, pu,
+             np.empty((nw, 9 * nr)), np.empty((nw, 3 * a * nr)))
+    return pu, npan
+
+
+def forward(xh, w, b, p, m, tb, flip=False, out=None):
+    """The forward of the NHWC input ``xh`` (N, H, W, C), C-contiguous, with F(m x m, 3 x 3) fused
+    per ``tb`` tiles: the (N, OH, OW, K) C-contiguous output (``out`` when given).  With ``flip``,
+    ``w`` is the layer's weight and the pass grad_input's (``p`` its transposed problem)."""
+    dt = p.dtype
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    y = np.empty((p.n, p.oh, p.ow, p.k), dt) if out is None else out
+    if p.n == 0:
+        return y
+    pu, npan = pack_u(w, p, m, flip)
+    nw = numba.get_num_threads()
+    vbuf = scratch("winograd.fv", (nw, a2 * tb * p.c), dt)
+    mbuf = scratch("winograd.fm", (nw, a2 * tb * p.k), dt)
+    pbuf = scratch("winograd.fp", (nw, a2 * p.c), dt)
+    bias = np.ascontiguousarray(b, dtype=dt) if b is not None else np.zeros(p.k, dt)
+    K.forward_fused(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan, bias,
+                    y.reshape(-1), tb, vbuf, mbuf, pbuf, np.zeros((nw, mr), np.int64), np.zeros(1, dt),
+                    np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64))
+    return y
+
+
+# Model, seconds, fitted to 44 timed forwards (2-core Xeon, AVX-512, 2026-12-04, float32, 2 threads,
+# F(4x4) and F(2x2), NHWC, 1x1 to 128x128 planes with 3-512 channels; rms error 8%, worst 0.83x /
+# 1.18x): the products at 152 GFLOP/s per thread over the rows and columns they compute (whole MR-row
+# panels of each item's tiles, whole NR-column panels of output channels), the transforms per
+# transformed element of a channel vector (F(4x4) 0.27 ns, F(2x2) 0.045 ns: it has fewer terms and
+# half the elements per output), 0.18 us per tile, U's packing 1.6 ns per element (one pass over
+# it, scattered panel writes), 69 us per call.  Per-thread terms scale by the vector width on
+# other CPUs.  An NCHW caller's two layout conversions move their bytes at _CONVERT_RATE (8x64x56x56
+# float32, 12.8 MB each way: 0.8 ms on 2 threads).
+_GEMM_RATE = 152e9 * G.VBYTES / 64
+_TRANSFORM = {4: 2.67e-10, 2: 0.45e-10}
+_TILE, _U_ELEM, _CALL = 1.83e-7, 1.6e-9, 6.9e-5
+_CONVERT_RATE = 30e9
+
+
+def cost(p, m, tb, nthreads):
+    """Modelled seconds of the fused forward with F(m x m, 3 x 3) in blocks of ``tb`` tiles, with an
+    NCHW caller's layout conversions."""
+    mr, nr = G.tile(p.itemsize)
+    lanes = G.VBYTES // p.itemsize
+    a2 = (m + 2) ** 2
+    total = WN.tiles(p, m)[2]
+    scale = p.itemsize / 4
+    workers = 1.0 + 0.9 * (nthreads - 1)
+    rows = total // tb * -(-tb // mr) * mr + -(-(total % tb) // mr) * mr
+    kgp = -(-p.kg // nr) * nr
+    gemm = 2.0 * a2 * p.g * rows * kgp * p.cg / (_GEMM_RATE * 4 / p.itemsize)
+    vectors = -(-p.c // lanes) + -(-p.k // lanes)
+    trans = scale * total * (_TRANSFORM[m] * a2 * vectors * lanes + _TILE)
+    upack = scale * _U_ELEM * a2 * p.g * kgp * p.cg
+    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
+    return _CALL + (gemm + trans) / workers + upack + moved / _CONVERT_RATE
