@@ -1,0 +1,109 @@
+"""The fused Winograd forward (fastconv._algorithms.winograd_fused): its matrices are winograd's,
+block boundaries and partial tiles against the float64 reference for every block size, U's panels
+against a NumPy transform, grad_input's flipped kernel read in place, results independent of the
+thread count, refusals of small budgets.  (Its accuracy and NaN spread on the shared geometry cases
+are in test_winograd.py, which runs every kernel.)"""
+import numba
+import numpy as np
+import pytest
+
+import reference as ref
+from fastconv._algorithms import _winograd_fused_kernels as K
+from fastconv._algorithms import gemm as G
+from fastconv._algorithms import nhwc
+from fastconv._algorithms import winograd as W
+from fastconv._algorithms import winograd_fused as WF
+from fastconv._validation import conv_params
+
+
+def _problem(xs, k, groups=1, padding=1, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal((k, xs[1] // groups, 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    p = conv_params("conv2d", xs, w.shape, np.dtype(dtype), 1, padding, 1, groups)
+    return x, w, b, p
+
+
+def test_the_emitted_matrices_are_winograds():
+    for m in W.TILES:
+        np.testing.assert_array_equal(np.array(K.BT[m], float), W._BT[m])
+        np.testing.assert_array_equal(np.array(K.AT[m], float), W._AT[m])
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("xs, k, groups, padding", [
+    ((3, 5, 11, 13), 7, 1, 1),      # partial tiles at the bottom and right, channels below a vector
+    ((2, 20, 9, 6), 34, 2, 0),      # groups; output channels past one NR panel
+    ((1, 3, 5, 5), 2, 1, 2),        # every tile touches the padding
+    ((2, 33, 8, 9), 17, 1, 1),      # a whole vector of channels plus a remainder
+])
+def test_every_block_size_matches_the_reference(xs, k, groups, padding, m):
+    x, w, b, p = _problem(xs, k, groups, padding)
+    want = ref.conv2d(x, w, b, padding=padding, groups=groups)
+    xh = nhwc.to_nhwc(x)
+    mr, _ = G.tile(8)
+    total = WF.WN.tiles(p, m)[2]
+    for tb in sorted({mr, 2 * mr, -(-total // mr) * mr}):
+        got = WF.forward(xh, w, b, p, m, tb).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("m", W.TILES)
+def test_u_panels_are_g_w_gt_in_float64(m):
+    x, w, b, p = _problem((1, 5, 6, 6), 37, dtype=np.float32)
+    _, nr = G.tile(4)
+    pu, npan = WF.pack_u(w, p, m)
+    gm = W._G[m]
+    u = np.einsum("ir,kcrs,js->kcij", gm, w.astype(np.float64), gm)  # (k, c, a, a)
+    a = m + 2
+    want = np.zeros((1, a * a, npan * nr, p.cg))
+    want[0, :, :p.k, :] = u.reshape(p.k, p.cg, a * a).transpose(2, 0, 1)
+    want = want.reshape(1, a * a, npan, nr, p.cg).transpose(0, 1, 2, 4, 3)
+    np.testing.assert_allclose(pu.reshape(want.shape), want.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_grad_input_reads_the_layers_kernel_flipped():
+    x, w, b, p = _problem((2, 6, 10, 7), 10, groups=2)
+    gy = np.random.default_rng(1).standard_normal((2, 10, p.oh, p.ow))
+    q = W._transposed(p)
+    flipped = np.ascontiguousarray(W._flipped(w, q))
+    gyh = nhwc.to_nhwc(gy)
+    for m in W.TILES:
+        tb = WF.plan(q, m, numba.get_num_threads())[0]
+        got = WF.forward(gyh, w, None, q, m, tb, flip=True)
+        np.testing.assert_array_equal(got, WF.forward(gyh, flipped, None, q, m, tb))
+        want = ref.conv2d_grad_input(gy, x.shape, w, padding=1, groups=2)
+        np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=1e-10, atol=1e-10)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, w, b, p = _problem((4, 24, 20, 20), 40, dtype=np.float32)
+    xh = nhwc.to_nhwc(x)
+    prev = numba.get_num_threads()
+    try:
+        outs = []
+        for t in sorted({1, prev}):
+            numba.set_num_threads(t)
+            outs.append(WF.forward(xh, w, b, p, 4, 28))
+    finally:
+        numba.set_num_threads(prev)
+    np.testing.assert_array_equal(outs[0], outs[-1])
+
+
+def test_a_budget_below_one_block_is_refused_with_the_need():
+    _, _, _, p = _problem((2, 8, 8, 8), 8)
+    import dataclasses
+    reason = WF.plan(dataclasses.replace(p, workspace_limit=1000), 4, 2)
+    assert isinstance(reason, str) and "workspace_limit is 1000" in reason and "bytes of workspace" in reason
+    tb, words, fixed = WF.plan(p, 4, 2)
+    mr, _ = G.tile(8)
+    assert tb % mr == 0 and fixed + 2 * words * 8 <= p.workspace_limit
+
+
+def test_the_model_prefers_it_where_it_measured_faster():
+    # measured (Xeon, 2 threads, float32, NCHW caller, conversions included): 4x64x32x32 fused
+    # 0.70 ms, packed 1.31; 32x32x14x14 fused 0.51, packed 1.13
+    for xs, k in (((4, 64, 32, 32), 64), ((32, 32, 14, 14), 32)):
+        p = conv_params("conv2d", xs, (k, xs[1], 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
+        assert W._cached_plan(p, "forward").fused
