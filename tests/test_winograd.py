@@ -72,8 +72,7 @@ def _winograd(p, x, w, bias, gy, m, batch=None):
     b, f = _kind(batch)
     return {"forward": W._run_forward(x, w, bias, p, m, b, fused=f),
             "grad_input": W.grad_input(gy, w, p, m=m, batch=b, fused=f),
-            # grad_weight has no fused kernel: with "fused" it takes its cheaper one
-            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=b)}
+            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=b, fused=f)}
 
 
 def _is(pl, batch):
@@ -81,7 +80,7 @@ def _is(pl, batch):
 
 
 # the forward's packed kernel (tile rows of one group; grad_weight's two, chosen by cost), the
-# batch-wide one and the fused one (forward and grad_input)
+# batch-wide ones and the fused ones
 KERNELS = pytest.mark.parametrize("batch", [False, True, "fused"], ids=["packed", "batch", "fused"])
 
 
@@ -148,19 +147,22 @@ def test_both_grad_weight_kernels_match_the_reference(case, m, rowwise):
 
 
 def test_row_transform_grad_weight_is_reproducible_and_chosen_for_wide_planes():
-    """Fixed shares per worker: the same bits on every call; the cost model takes the row
-    transforms for a 32-channel layer on 40x40 planes (the gathers cost ~2x there)."""
+    """Fixed shares per worker: the same bits on every call, for the row transforms and the fused
+    kernel; between the two NCHW kernels the cost model takes the row transforms for a 32-channel
+    layer on 40x40 planes (the gathers cost ~2x there), and over all it takes the fused one."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 32, 40, 40)).astype(np.float32)
     p = conv_params("conv2d", x.shape, (32, 32, 3, 3), np.float32, 1, 1, 1, 1)
     gy = rng.standard_normal(p.y_shape).astype(np.float32)
-    assert W._cached_plan(p, "grad_weight").rowwise
-    first = W.grad_weight(gy, x, p)
-    for _ in range(3):
-        assert np.array_equal(W.grad_weight(gy, x, p), first)
-    gy[:, :, -1, :] = np.nan  # the last output row: only its own taps' sums, as in a direct sum
-    got = W.grad_weight(gy, x, p)
-    assert np.isnan(got).all()  # every (k, c) pair meets the NaN row through some tap
+    assert W._cached_plan(p, "grad_weight", fused=False).rowwise
+    assert W._cached_plan(p, "grad_weight").fused
+    for kw in ({"rowwise": True}, {}):
+        first = W.grad_weight(gy, x, p, **kw)
+        for _ in range(3):
+            assert np.array_equal(W.grad_weight(gy, x, p, **kw), first)
+        bad = gy.copy()
+        bad[:, :, -1, :] = np.nan  # the last output row: only its own taps' sums, as in a direct sum
+        assert np.isnan(W.grad_weight(bad, x, p, **kw)).all()  # every (k, c) pair meets it through some tap
 
 
 def _tile_bound(p, x, w, bias, m):

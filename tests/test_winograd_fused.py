@@ -1,8 +1,9 @@
-"""The fused Winograd forward (fastconv._algorithms.winograd_fused): its matrices are winograd's,
-block boundaries and partial tiles against the float64 reference for every block size, U's panels
-against a NumPy transform, grad_input's flipped kernel read in place, results independent of the
-thread count, refusals of small budgets.  (Its accuracy and NaN spread on the shared geometry cases
-are in test_winograd.py, which runs every kernel.)"""
+"""The fused Winograd passes (fastconv._algorithms.winograd_fused): the emitted matrices are
+winograd's; forward and grad_weight against the float64 reference for every block size (block
+boundaries, partial tiles, groups, channel remainders); U's panels against a NumPy transform;
+grad_input's flipped kernel read in place; the forward independent of the thread count, grad_weight
+reproducible per thread count; refusals of small budgets.  (Accuracy against im2col's error and
+the NaN spread on the shared geometry cases are in test_winograd.py, which runs every kernel.)"""
 import numba
 import numpy as np
 import pytest
@@ -107,3 +108,48 @@ def test_the_model_prefers_it_where_it_measured_faster():
     for xs, k in (((4, 64, 32, 32), 64), ((32, 32, 14, 14), 32)):
         p = conv_params("conv2d", xs, (k, xs[1], 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
         assert W._cached_plan(p, "forward").fused
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("xs, k, groups, padding", [
+    ((3, 5, 11, 13), 7, 1, 1),
+    ((2, 20, 9, 6), 34, 2, 0),
+    ((1, 3, 5, 5), 2, 1, 2),
+    ((2, 33, 8, 9), 40, 1, 1),      # sums wider than one NR panel of input channels plus a remainder
+])
+def test_grad_weight_matches_the_reference_for_every_block_size(xs, k, groups, padding, m):
+    x, w, b, p = _problem(xs, k, groups, padding)
+    gy = np.random.default_rng(2).standard_normal((xs[0], k, p.oh, p.ow))
+    want = ref.conv2d_grad_weight(gy, x, w.shape, padding=padding, groups=groups)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    mr, _ = G.tile(8)
+    total = WF.WN.tiles(p, m)[2]
+    for tb in sorted({mr, 2 * mr, -(-total // mr) * mr}):
+        got = WF.grad_weight(gyh, xh, p, m, tb)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+def test_grad_weight_is_reproducible_per_thread_count_and_close_across():
+    # fixed shares of the tile blocks per worker, sums added in worker order: the same bits on every
+    # call with a thread count; another count adds in another order (float32 rounding only)
+    x, w, b, p = _problem((4, 24, 20, 20), 40, dtype=np.float32)
+    gy = np.random.default_rng(3).standard_normal((4, 40, 20, 20)).astype(np.float32)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    prev = numba.get_num_threads()
+    try:
+        outs = []
+        for t in sorted({1, prev}):
+            numba.set_num_threads(t)
+            first = WF.grad_weight(gyh, xh, p, 2, 28)
+            assert np.array_equal(WF.grad_weight(gyh, xh, p, 2, 28), first)
+            outs.append(first)
+    finally:
+        numba.set_num_threads(prev)
+    np.testing.assert_allclose(outs[0], outs[-1], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
+
+
+def test_grad_weight_budget_refusal_names_the_need():
+    _, _, _, p = _problem((2, 8, 8, 8), 8)
+    import dataclasses
+    reason = WF.gw_plan(dataclasses.replace(p, workspace_limit=1000), 2, 2)
+    assert isinstance(reason, str) and "workspace_limit is 1000" in reason and "sums per worker" in reason

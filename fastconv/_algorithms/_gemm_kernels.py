@@ -50,9 +50,11 @@ def _vector_tools(builder, fty, isz, vbytes):
     return lanes, vty, fma, splat
 
 
-def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None, rowptr=None, taps=None):
+def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=None, rowptr=None, taps=None,
+                  lda=None):
     # rows < mr: only the first rows of the tile (packed A panels keep their mr-row stride);
     # ldb: index of the argument holding B's row stride (default: packed panels, stride NR);
+    # lda: index of the argument holding A's stride along p (default: packed panels, stride MR);
     # rowptr: (offsets array, tap offset, zeros array) argument indices: A is not packed, its row i
     # starts at pa[offsets[aoff + i] + tap offset] and runs along p (channels_last input rows, read
     # in place); a negative offset reads the zeros array instead (a tap in the padding);
@@ -97,7 +99,7 @@ def _emit_ukernel(context, builder, sig, args, mr, nv, vbytes, rows=None, ldb=No
             a.add_incoming(zero, entry)
     bp = builder.gep(b0, [builder.mul(p, ir.Constant(i64, nr) if ldb is None else args[ldb])])
     if rowptr is None:
-        ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr))])
+        ap = builder.gep(a0, [builder.mul(p, ir.Constant(i64, mr) if lda is None else args[lda])])
         arow = [builder.gep(ap, [ir.Constant(i64, i)]) for i in range(rows)]
     else:
         arow = [builder.gep(r0, [p]) for r0 in arows]
@@ -316,6 +318,38 @@ def ukernel_ldb(typingctx, kc, pa, aoff, pb, boff, ldb, c, coff, ldc, acc, rows)
             switch.add_case(ir.Constant(rowsv.type, r), case)
             builder.position_at_end(case)
             _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, ldb=9)
+            builder.branch(exit_)
+        builder.position_at_end(exit_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ukernel_strided(typingctx, kc, pa, aoff, lda, pb, boff, ldb, c, coff, ldc, acc, rows):
+    """:func:`ukernel_ldb` whose A is not a packed panel either: the tile's ``rows`` (1 .. MR) rows
+    of A for one p are contiguous and the next p starts ``lda`` further on,
+    ``C[i, j] (+)= sum_p pa[aoff + p*lda + i] * pb[boff + p*ldb + j]``.  For products that reduce
+    over rows both operands hold row by row (Winograd's grad_weight: tiles x channels)."""
+    if not _ukernel_types(kc, pa, aoff, pb, boff, c, coff, ldc, acc):
+        return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, pa, types.intp, types.intp, pb, types.intp, types.intp, c, types.intp,
+                     types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        # the emitter reads (kc, pa, aoff, pb, boff, c, coff, ldc, acc) at fixed positions
+        idx = (0, 1, 2, 4, 5, 7, 8, 9, 10, 3, 6)
+        order = [args[i] for i in idx]
+        osig = types.void(*[sig.args[i] for i in idx])
+        rowsv = args[11]
+        exit_ = builder.append_basic_block("ukernel_strided.exit")
+        switch = builder.switch(rowsv, exit_)
+        for r in range(1, mr + 1):
+            case = builder.append_basic_block(f"ukernel_strided.{r}")
+            switch.add_case(ir.Constant(rowsv.type, r), case)
+            builder.position_at_end(case)
+            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, ldb=10, lda=9)
             builder.branch(exit_)
         builder.position_at_end(exit_)
         return context.get_dummy_value()

@@ -15,7 +15,7 @@ from numba.extending import intrinsic
 from .._jit import kernel, serial
 from ._gemm_kernels import VBYTES
 from .common import claim
-from .gemm import _tile_of, ukernel_rowptr
+from .gemm import _tile_of, ukernel_rowptr, ukernel_strided
 
 # F(m, 3) matrices, as in winograd.py (kept here too: the emitted code hard-codes them; a test
 # checks that both copies agree)
@@ -117,50 +117,67 @@ def _fma_for(builder, ty):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
 
 
-@intrinsic
-def transform_in(typingctx, src, soff, rs, cs, dst, doff, es, nch, m):
-    """``dst[doff + (i'*a + j')*es + ch] = (B^T d B)[i', j']`` for ch < nch, where
+def _a_rows(m):
+    # A (a x m), the transpose of A^T: grad_weight's transform of gy is A gy A^T
+    return tuple(tuple(AT[m][j][i] for j in range(m)) for i in range(m + 2))
+
+
+def _patch_transform(mat_of, name, doc):
+    # an intrinsic (src, soff, rs, cs, dst, doff, es, nch, m): dst[doff + e*es + ch] = (L d L^T)[e]
+    # for ch < nch, d[i, j] = src[soff + i*rs + j*cs + ch] the square input patch, L = mat_of(m)
+    def typer(typingctx, src, soff, rs, cs, dst, doff, es, nch, m):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
+                and src.dtype in (types.float32, types.float64) and isinstance(m, types.IntegerLiteral)):
+            return None
+        mat = mat_of(m.literal_value)
+        na = len(mat)
+        sig = types.void(src, types.intp, types.intp, types.intp, dst, types.intp, types.intp, types.intp, m)
+
+        def codegen(context, builder, sig_, args):
+            s_, soffv, rsv, csv, d_, doffv, esv, nchv, _ = args
+            sa = context.make_array(sig_.args[0])(context, builder, s_)
+            da = context.make_array(sig_.args[4])(context, builder, d_)
+            fty, isz, lanes = _tools(context, builder, sig_.args[0].dtype, 0)
+            i64 = ir.IntType(64)
+
+            def body(ch, width):
+                ty = ir.VectorType(fty, width) if width > 1 else fty
+                fma = _fma_for(builder, ty)
+                s0 = builder.add(soffv, ch)
+                d0 = builder.add(doffv, ch)
+                cache = {}
+
+                def load(i, j):
+                    if (i, j) not in cache:
+                        off = builder.add(s0, builder.add(builder.mul(rsv, ir.Constant(i64, i)),
+                                                          builder.mul(csv, ir.Constant(i64, j))))
+                        cache[i, j] = builder.load(_access(builder, sa.data, off, width, fty), align=isz)
+                    return cache[i, j]
+
+                def store(io, jo, v):
+                    off = builder.add(d0, builder.mul(esv, ir.Constant(i64, io * na + jo)))
+                    builder.store(v, _access(builder, da.data, off, width, fty), align=isz)
+
+                _emit_2d(builder, fma, ty, mat, mat, load, store)
+
+            _channel_loop(builder, nchv, lanes, body)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+transform_in = _patch_transform(lambda m: BT[m], "transform_in", """\
+    ``dst[doff + (i'*a + j')*es + ch] = (B^T d B)[i', j']`` for ch < nch, where
     ``d[i, j] = src[soff + i*rs + j*cs + ch]`` is the a x a input patch of F(m, 3) (``m`` a
-    constant, 4 or 2): whole vectors of channels, then single ones."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
-            and src.dtype in (types.float32, types.float64) and isinstance(m, types.IntegerLiteral)):
-        return None
-    mm = m.literal_value
-    bt = BT[mm]
-    a = mm + 2
-    sig = types.void(src, types.intp, types.intp, types.intp, dst, types.intp, types.intp, types.intp, m)
+    constant, 4 or 2): whole vectors of channels, then single ones.""")
 
-    def codegen(context, builder, sig_, args):
-        s_, soffv, rsv, csv, d_, doffv, esv, nchv, _ = args
-        sa = context.make_array(sig_.args[0])(context, builder, s_)
-        da = context.make_array(sig_.args[4])(context, builder, d_)
-        fty, isz, lanes = _tools(context, builder, sig_.args[0].dtype, 0)
-        i64 = ir.IntType(64)
-
-        def body(ch, width):
-            ty = ir.VectorType(fty, width) if width > 1 else fty
-            fma = _fma_for(builder, ty)
-            s0 = builder.add(soffv, ch)
-            d0 = builder.add(doffv, ch)
-            cache = {}
-
-            def load(i, j):
-                if (i, j) not in cache:
-                    off = builder.add(s0, builder.add(builder.mul(rsv, ir.Constant(i64, i)),
-                                                      builder.mul(csv, ir.Constant(i64, j))))
-                    cache[i, j] = builder.load(_access(builder, sa.data, off, width, fty), align=isz)
-                return cache[i, j]
-
-            def store(io, jo, v):
-                off = builder.add(d0, builder.mul(esv, ir.Constant(i64, io * a + jo)))
-                builder.store(v, _access(builder, da.data, off, width, fty), align=isz)
-
-            _emit_2d(builder, fma, ty, bt, bt, load, store)
-
-        _channel_loop(builder, nchv, lanes, body)
-        return context.get_dummy_value()
-
-    return sig, codegen
+transform_gy = _patch_transform(_a_rows, "transform_gy", """\
+    grad_weight's ``dst[doff + (i'*a + j')*es + ch] = (A g A^T)[i', j']`` for ch < nch, where
+    ``g[i, j] = src[soff + i*rs + j*cs + ch]`` is an m x m tile of the output gradient.""")
 
 
 @intrinsic
@@ -378,3 +395,86 @@ def pack_u(w, gm, flip, g, kg, cg, npan, pu, wt, tt):
             nn = min(nr, kg - j0)
             for c in range((it % ncb) * cb, min(cg, (it % ncb + 1) * cb)):
                 _u_column(w, gm, flip, gi, j0, nn, c, kg, cg, a, a2, npan, jp, nr, pu, ws, ts)
+
+
+@serial
+def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, tb, gp):
+    # Wg[e][q][:] = (A g A^T)[e] of output tile q (outputs from oy0, ox0; zero beyond the output)
+    if oy0 + m <= oh and ox0 + m <= ow:
+        src, soff, rs = gy, ((img * oh + oy0) * ow + ox0) * k, ow * k
+    else:
+        for i in range(m):
+            for j in range(m):
+                d = (i * m + j) * k
+                if oy0 + i < oh and ox0 + j < ow:
+                    s = ((img * oh + oy0 + i) * ow + ox0 + j) * k
+                    for ch in range(k):
+                        gp[d + ch] = gy[s + ch]
+                else:
+                    for ch in range(k):
+                        gp[d + ch] = 0
+        src, soff, rs = gp, 0, m * k
+    if m == 4:
+        transform_gy(src, soff, rs, k, wg, q * k, tb * k, k, 4)
+    else:
+        transform_gy(src, soff, rs, k, wg, q * k, tb * k, k, 2)
+
+
+@serial
+def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp):
+    # Mw[e][gi*kg + i][j] += sum_q Wg[e][q][gi*kg + i] V[e][q][gi*cg + j] over the block's tn tiles:
+    # MR output channels by NR input channels per micro-kernel call, both operands read in place
+    mr, nr = _tile_of(sm)
+    for gi in range(g):
+        for e in range(a2):
+            for j0 in range(0, cg, nr):
+                nn = min(nr, cg - j0)
+                for i0 in range(0, kg, mr):
+                    rows = min(mr, kg - i0)
+                    ao = e * tb * k + gi * kg + i0
+                    bo = e * tb * c + gi * cg + j0
+                    co = (e * k + gi * kg + i0) * cg + j0
+                    if nn == nr:
+                        ukernel_strided(tn, wg, ao, k, v, bo, c, sm, co, cg, 1, rows)
+                    else:  # the last columns: the tile into tmp, its nn real columns added
+                        ukernel_strided(tn, wg, ao, k, v, bo, c, tmp, 0, nr, 0, rows)
+                        for i in range(rows):
+                            for j in range(nn):
+                                sm[co + i * cg + j] += tmp[i * nr + j]
+
+
+@kernel
+def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf, pbuf, gbuf, sums, tbuf):
+    """grad_weight's sums ``Mw[e] (k x cg per group) = sum_tiles Wg[e]^T V[e]`` with F(m x m, 3 x 3)
+    from the NHWC input ``x`` and output gradient ``gy`` (flat): items are blocks of ``tb`` tiles,
+    worker ``wid`` takes items wid, wid + workers, ... (fixed shares: each worker's sums, in
+    ``sums[wid]`` (a*a*k*cg, zeroed by the caller), add the same tiles in the same order on every
+    call); per item the input transform into V (a*a x tb x c, as the forward), the transform of gy's
+    tiles into Wg (a*a x tb x k) and the a*a products added into the worker's sums."""
+    a = m + 2
+    a2 = a * a
+    cg = c // g
+    kg = k // g
+    th = (oh + m - 1) // m
+    tw = (ow + m - 1) // m
+    total = n * th * tw
+    items = (total + tb - 1) // tb
+    nw = vbuf.shape[0]
+    for wid in prange(nw):
+        v = vbuf[wid]
+        wg = wbuf[wid]
+        pt = pbuf[wid]
+        gp = gbuf[wid]
+        sm = sums[wid]
+        tmp = tbuf[wid]
+        for it in range(wid, items, nw):
+            t0 = it * tb
+            tn = min(tb, total - t0)
+            for q in range(tn):
+                t = t0 + q
+                tj = t % tw
+                ti = (t // tw) % th
+                img = t // (tw * th)
+                _transform_tile(x, img, ti * m - ph, tj * m - pw, h, w, c, m, v, q, tb, pt)
+                _gy_tile(gy, img, ti * m, tj * m, oh, ow, k, m, wg, q, tb, gp)
+            _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp)

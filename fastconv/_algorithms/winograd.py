@@ -256,12 +256,16 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None):
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
-        if pass_ == "grad_weight" and batch:
+        if pass_ == "grad_weight" and fused:
+            plans = [_fused_gw_plan(p, mm, nthreads) for mm in tiles]
+        elif pass_ == "grad_weight" and batch:
             plans = [_batch_plan(p, mm, nthreads) for mm in tiles]
         elif pass_ == "grad_weight":
+            unforced = rowwise is None and batch is None and fused is None
             plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
                     ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else []) + \
-                    ([_batch_plan(p, mm, nthreads) for mm in tiles] if rowwise is None and batch is None else [])
+                    ([_batch_plan(p, mm, nthreads) for mm in tiles] if unforced else []) + \
+                    ([_fused_gw_plan(p, mm, nthreads) for mm in tiles] if unforced else [])
         elif fused:
             plans = [_fused_plan(p, mm, nthreads) for mm in tiles]
         else:
@@ -358,6 +362,15 @@ def _batch_plan(p, m, nthreads):
 def _fused_plan(p, m, nthreads):
     """The forward fused per block of tiles (:mod:`.winograd_fused`), or why it cannot fit."""
     got = WF.plan(p, m, nthreads)
+    if isinstance(got, str):
+        return got
+    tb, words, fixed = got
+    return _Plan(m, 1, tb, p.cg, nthreads, tb, words, fixed, fused=True)
+
+
+def _fused_gw_plan(p, m, nthreads):
+    """grad_weight fused per block of tiles (:mod:`.winograd_fused`), or why it cannot fit."""
+    got = WF.gw_plan(p, m, nthreads)
     if isinstance(got, str):
         return got
     tb, words, fixed = got
@@ -471,15 +484,15 @@ def grad_input(gy, w, p, m=None, batch=None, fused=None):
     return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True, fused=fused)
 
 
-def grad_weight(gy, x, p, m=None, rowwise=None, batch=None):
+def grad_weight(gy, x, p, m=None, rowwise=None, batch=None, fused=None):
     if _dilated(p):  # the sum over the stacked batch is the sum over images and phases
         q = phases.stacked(p)
-        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise, batch)
-    pl = _cached_plan(p, "grad_weight", m, rowwise, batch)
+        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise, batch, fused)
+    pl = _cached_plan(p, "grad_weight", m, rowwise, batch, fused)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
-    if pl.batch:
-        return WN.grad_weight(_nhwc.to_nhwc(gy, scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype)),
+    if pl.fused or pl.batch:
+        return (WF if pl.fused else WN).grad_weight(_nhwc.to_nhwc(gy, scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype)),
                               _nhwc.to_nhwc(x, scratch("winograd.x", (p.n, p.h, p.w, p.c), p.dtype)), p, pl.m, pl.rb)
     m = pl.m
     th, tw = _tiles(p, m)
@@ -570,7 +583,7 @@ def _cost_of(p, pass_, pl, nthreads):
     if pl.batch:
         return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
     if pl.fused:
-        return WF.cost(p, pl.m, pl.rb, nthreads)
+        return (WF.gw_cost if pass_ == "grad_weight" else WF.cost)(p, pl.m, pl.rb, nthreads)
     th, tw = _tiles(p, pl.m)
     a2 = (pl.m + 2) ** 2
     tiles = max(1, p.n) * th * tw

@@ -115,11 +115,11 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None):
 # half the elements per output), 0.18 us per tile, U's packing 1.6 ns per element (one pass over
 # it, scattered panel writes), 69 us per call.  Per-thread terms scale by the vector width on
 # other CPUs.  An NCHW caller's two layout conversions move their bytes at _CONVERT_RATE (8x64x56x56
-# float32, 12.8 MB each way: 0.8 ms on 2 threads).
+# float32, 6.4 MB each way: 0.61 ms on 2 threads, 2 x 12.8 MB moved; 32x64x32x32 1.0 ms for 33.5 MB).
 _GEMM_RATE = 152e9 * G.VBYTES / 64
 _TRANSFORM = {4: 2.67e-10, 2: 0.45e-10}
 _TILE, _U_ELEM, _CALL = 1.83e-7, 1.6e-9, 6.9e-5
-_CONVERT_RATE = 30e9
+_CONVERT_RATE = 40e9
 
 
 def cost(p, m, tb, nthreads):
@@ -139,3 +139,77 @@ def cost(p, m, tb, nthreads):
     upack = scale * _U_ELEM * a2 * p.g * kgp * p.cg
     moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
     return _CALL + (gemm + trans) / workers + upack + moved / _CONVERT_RATE
+
+
+# ---------------------------------------------------------------------------------- grad_weight
+def gw_plan(p, m, nthreads):
+    """``(tb, words, fixed)`` of grad_weight: tiles per item, elements per worker (V, Wg, the
+    patches, the edge tile, the sums), bytes shared (the summed sums and an NCHW caller's NHWC
+    copies of x and gy), within ``p.workspace_limit``; or why it does not fit."""
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    isz = p.itemsize
+    sums = a2 * p.k * p.cg
+    copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
+    fixed = sums * isz + copies
+    tb = _tb(p, m, nthreads)  # V and Wg as the forward's V and M
+    while True:
+        words = a2 * tb * (p.c + p.k) + nr + a2 * p.c + m * m * p.k + mr * nr + sums
+        if fixed + nthreads * words * isz <= p.workspace_limit:
+            return tb, words, fixed
+        if tb <= mr:
+            return (f"needs at least {fixed + nthreads * words * isz} bytes of workspace (a*a x k x c/groups "
+                    f"sums per worker, layout copies and {mr} tiles), workspace_limit is {p.workspace_limit}")
+        tb = max(mr, tb // 2 // mr * mr)
+
+
+def grad_weight(gyh, xh, p, m, tb):
+    """grad_weight from NHWC ``gyh`` (N, OH, OW, K) and ``xh`` (N, H, W, C), both C-contiguous, with
+    F(m x m, 3 x 3) fused per ``tb`` tiles: each worker adds ``Wg[e]^T V[e]`` of its fixed share of
+    the tile blocks into sums of its own, the sums are added in worker order and ``G^T Mw G`` gives
+    the 3 x 3 taps in float64 (:func:`.winograd_nhwc.taps`)."""
+    dt = p.dtype
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    gw = np.zeros(p.w_shape, dt)
+    if p.n == 0:
+        return gw
+    nw = numba.get_num_threads()
+    sums = scratch("winograd.gsums", (nw, a2 * p.k * p.cg), dt)
+    sums.fill(0)
+    K.grad_weight_fused(xh.reshape(-1), gyh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0,
+                        m, tb, scratch("winograd.fv", (nw, a2 * tb * p.c + nr), dt),
+                        scratch("winograd.fw", (nw, a2 * tb * p.k), dt), scratch("winograd.fp", (nw, a2 * p.c), dt),
+                        scratch("winograd.fg", (nw, m * m * p.k), dt), sums, np.zeros((nw, mr * nr), dt))
+    mw = sums[0].copy()
+    for i in range(1, nw):
+        mw += sums[i]
+    WN.taps(mw, p, m, gw)
+    return gw
+
+
+# Model of grad_weight, seconds, fitted like the forward's to 23 timed runs (same machine and day,
+# F(2x2), 1x1 to 128x128 planes, 3-512 channels; rms error 13%, worst 0.70x / 1.15x): the products
+# at 214 GFLOP/s per thread over whole MR x NR tiles of the k x cg sums, each item's read-modify-
+# write of the worker's sums 0.22 ns per element, the two transforms 0.22 ns per transformed element
+# of a channel vector, zeroing / adding / transforming the sums 0.67 ns per element of one copy,
+# 54 us per call.
+_GW_RATE = 214e9 * G.VBYTES / 64
+_GW_SUMS, _GW_TRANSFORM, _GW_FIXED, _GW_CALL = 2.16e-10, 2.19e-10, 6.7e-10, 5.4e-5
+
+
+def gw_cost(p, m, tb, nthreads):
+    """Modelled seconds of the fused grad_weight with F(m x m, 3 x 3) in blocks of ``tb`` tiles, with
+    an NCHW caller's layout conversions (x and gy)."""
+    mr, nr = G.tile(p.itemsize)
+    lanes = G.VBYTES // p.itemsize
+    a2 = (m + 2) ** 2
+    total = WN.tiles(p, m)[2]
+    scale = p.itemsize / 4
+    workers = 1.0 + 0.9 * (nthreads - 1)
+    gemm = 2.0 * a2 * p.g * -(-p.kg // mr) * mr * -(-p.cg // nr) * nr * total / (_GW_RATE * 4 / p.itemsize)
+    sums = scale * _GW_SUMS * -(-total // tb) * a2 * p.k * p.cg
+    trans = scale * _GW_TRANSFORM * total * a2 * (-(-p.c // lanes) + -(-p.k // lanes)) * lanes
+    fixed = scale * _GW_FIXED * 3 * a2 * p.k * p.cg
+    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
+    return _GW_CALL + (gemm + sums + trans) / workers + fixed + moved / _CONVERT_RATE

@@ -212,9 +212,9 @@ def taps(mw, p, m, gw):
 # ------------------------------------------------------------------- channels_last callers' passes
 def _native_plan(p, pass_):
     """The NHWC plan of the pass for a channels_last caller: :mod:`.winograd`'s choice for ``p`` where
-    that is the batch-wide or the fused one; the fused one where it chose the packed forward (which
-    would convert the caller's arrays to NCHW and back: 8x64x56x56 took 4.1 ms that way, 2.8 fused
-    in place); else None."""
+    that is the batch-wide or the fused one; else the fused one where it fits (the others would
+    convert the caller's arrays to NCHW and back: 8x64x56x56's forward took 4.1 ms that way, 2.8
+    fused in place); else None."""
     if W._dilated(p):
         return None
     pl = W._cached_plan(p, pass_)
@@ -222,10 +222,8 @@ def _native_plan(p, pass_):
         return None
     if pl.batch or pl.fused:
         return pl
-    if pass_ == "forward":
-        pl = W._cached_plan(p, pass_, fused=True)
-        return None if isinstance(pl, str) else pl
-    return None
+    pl = W._cached_plan(p, pass_, fused=True)
+    return None if isinstance(pl, str) else pl
 
 
 def _nhwc_forward(pl):
@@ -251,4 +249,7 @@ def native_grad_input(gyh, w, p):
 def native_grad_weight(gyh, xh, p):
     """grad_weight from NHWC ``gyh`` and ``xh``, as :func:`native_forward`."""
     pl = _native_plan(p, "grad_weight")
-    return None if pl is None else grad_weight(gyh, xh, p, pl.m, pl.rb)
+    if pl is None:
+        return None
+    from . import winograd_fused
+    return (winograd_fused.grad_weight if pl.fused else grad_weight)(gyh, xh, p, pl.m, pl.rb)
