@@ -153,3 +153,23 @@ def test_grad_weight_budget_refusal_names_the_need():
     import dataclasses
     reason = WF.gw_plan(dataclasses.replace(p, workspace_limit=1000), 2, 2)
     assert isinstance(reason, str) and "workspace_limit is 1000" in reason and "sums per worker" in reason
+
+
+@pytest.mark.parametrize("k", [16, 5])
+def test_the_thin_tile_serves_narrow_float32_products(k):
+    # up to 16 output channels (forward) / input channels (grad_weight): on AVX-512 the products run
+    # on the 16 x 16 tile; every block size and edge still matches the reference within float32
+    x, w, b, p = _problem((3, k, 13, 18), k, dtype=np.float32)
+    assert WF.thin(p) == WF.thin(p, "grad_weight") == (G.ISA == "avx512")
+    gy = np.random.default_rng(4).standard_normal((3, k, p.oh, p.ow)).astype(np.float32)
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
+    want_y = ref.conv2d(x64, w64, b.astype(np.float64), padding=1)
+    want_gw = ref.conv2d_grad_weight(gy64, x64, w.shape, padding=1)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    for m in W.TILES:
+        total = WF.WN.tiles(p, m)[2]
+        for tb in sorted({16, 32, -(-total // 16) * 16}):
+            y = WF.forward(xh, w, b, p, m, tb).transpose(0, 3, 1, 2)
+            np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4 * np.abs(want_y).max())
+            gw = WF.grad_weight(gyh, xh, p, m, tb)
+            np.testing.assert_allclose(gw, want_gw, rtol=1e-4, atol=1e-4 * np.abs(want_gw).max())

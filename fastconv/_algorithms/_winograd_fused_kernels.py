@@ -13,9 +13,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._jit import kernel, serial
-from ._gemm_kernels import VBYTES
+from ._gemm_kernels import VBYTES, _emit_ukernel, _ukernel_types
 from .common import claim
-from .gemm import _tile_of, ukernel_rowptr, ukernel_strided
+from .gemm import _lanes, _tile_of, ukernel_rowptr, ukernel_strided
 
 # F(m, 3) matrices, as in winograd.py (kept here too: the emitted code hard-codes them; a test
 # checks that both copies agree)
@@ -41,6 +41,69 @@ AT = {
 }
 
 
+# ------------------------------------------------------------------------------ the thin tile
+#: (MR, NV) of the micro-kernel for products with at most 16 float32 columns on AVX-512 (a 16-channel
+#: U-Net layer's kg, its grad_weight's cg): the 14 x 32 tile computed half of its columns in vain
+#: there; 16 rows of one vector keep 16 sums in flight with one load of B per step.
+THIN_MR, THIN_NV = 16, 1
+
+
+def _switch_rows(builder, rowsv, mr, emit, name):
+    # one copy of the loop per row count 1 .. mr, chosen at run time
+    exit_ = builder.append_basic_block(f"{name}.exit")
+    switch = builder.switch(rowsv, exit_)
+    for r in range(1, mr + 1):
+        case = builder.append_basic_block(f"{name}.{r}")
+        switch.add_case(ir.Constant(rowsv.type, r), case)
+        builder.position_at_end(case)
+        emit(r)
+        builder.branch(exit_)
+    builder.position_at_end(exit_)
+
+
+@intrinsic
+def ukernel_rowptr_thin(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, c, coff, ldc, acc, rows):
+    """:func:`fastconv._algorithms.gemm.ukernel_rowptr` on the THIN_MR x THIN_NV tile (B in panels of
+    THIN_NV vectors)."""
+    if not _ukernel_types(kc, a, ioff, pb, boff, c, coff, ldc, acc):
+        return None
+    if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1
+            and isinstance(zeros, types.Array) and zeros.dtype == a.dtype and zeros.layout == "C"):
+        return None
+    sig = types.void(types.intp, a, offs, types.intp, types.intp, zeros, pb, types.intp, c, types.intp,
+                     types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig_, args):
+        idx = (0, 1, 3, 6, 7, 8, 9, 10, 11, 2, 4, 5)
+        order = [args[i] for i in idx]
+        osig = types.void(*[sig_.args[i] for i in idx])
+        _switch_rows(builder, args[12], THIN_MR, lambda r: _emit_ukernel(
+            context, builder, osig, order, THIN_MR, THIN_NV, VBYTES, rows=r, rowptr=(9, 10, 11)), "rowptr_thin")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ukernel_strided_thin(typingctx, kc, pa, aoff, lda, pb, boff, ldb, c, coff, ldc, acc, rows):
+    """:func:`fastconv._algorithms.gemm.ukernel_strided` on the THIN_MR x THIN_NV tile."""
+    if not _ukernel_types(kc, pa, aoff, pb, boff, c, coff, ldc, acc):
+        return None
+    sig = types.void(types.intp, pa, types.intp, types.intp, pb, types.intp, types.intp, c, types.intp,
+                     types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig_, args):
+        idx = (0, 1, 2, 4, 5, 7, 8, 9, 10, 3, 6)
+        order = [args[i] for i in idx]
+        osig = types.void(*[sig_.args[i] for i in idx])
+        _switch_rows(builder, args[11], THIN_MR, lambda r: _emit_ukernel(
+            context, builder, osig, order, THIN_MR, THIN_NV, VBYTES, rows=r, ldb=10, lda=9), "strided_thin")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ------------------------------------------------------------------------------ tile transforms
 def _lincomb(builder, fma, coeffs, values, ty):
     # sum of c * v over the nonzero coefficients: +-1 as adds and subtracts, others as multiply-adds
     acc = None
@@ -268,10 +331,13 @@ def _transform_tile(x, img, y0, x0, h, w, c, m, v, q, tb, pt):
 
 
 @serial
-def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp):
+def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin):
     # M[e][q][gi*kg + j] = sum_c V[e][q][gi*cg + c] U[gi][e][c][j] for the block's tn tiles: per
-    # element and panel of NR output channels, the MR-tile row tiles read V's rows in place
+    # element and panel of NR output channels, the MR-row tiles read V's rows in place (the thin
+    # tile's 16 x 16 where kg <= 16)
     mr, nr = _tile_of(mm)
+    if thin:
+        mr, nr = THIN_MR, THIN_NV * _lanes(mm)
     for gi in range(g):
         for e in range(a2):
             for jp in range(npan):
@@ -283,10 +349,17 @@ def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp):
                     for i in range(rows):
                         offs[i] = (e * tb + i0 + i) * c + gi * cg
                     co = (e * tb + i0) * k + gi * kg + j0
-                    if nn == nr:
+                    full = nn == nr
+                    if thin:
+                        if full:
+                            ukernel_rowptr_thin(cg, v, offs, 0, 0, zeros, pu, boff, mm, co, k, 0, rows)
+                        else:
+                            ukernel_rowptr_thin(cg, v, offs, 0, 0, zeros, pu, boff, tmp, 0, nr, 0, rows)
+                    elif full:
                         ukernel_rowptr(cg, v, offs, 0, 0, zeros, pu, boff, mm, co, k, 0, rows)
                     else:
                         ukernel_rowptr(cg, v, offs, 0, 0, zeros, pu, boff, tmp, 0, nr, 0, rows)
+                    if not full:
                         for i in range(rows):
                             for j in range(nn):
                                 mm[co + i * k + j] = tmp[i * nr + j]
@@ -294,13 +367,13 @@ def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp):
 
 @kernel
 def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, vbuf, mbuf, pbuf, offbuf, zeros,
-                  tbuf, ctr):
+                  tbuf, ctr, thin):
     """The forward of the NHWC input ``x`` (flat, n x h x w x c) into the NHWC output ``y`` (flat,
     n x oh x ow x k) with F(m x m, 3 x 3): items are blocks of ``tb`` tiles (t = (img*th + ti)*tw
     + tj), claimed by the workers; per item the input transform into the worker's V (a*a x tb x c),
     the a*a products on the micro-kernel against the packed U (``pu``, see winograd_fused.pack_u)
-    into its M (a*a x tb x k), then the output transform plus ``bias`` into y.  Items write
-    disjoint output tiles."""
+    into its M (a*a x tb x k), then the output transform plus ``bias`` into y (``thin``: the
+    products on the THIN tile, U packed in its panels).  Items write disjoint output tiles."""
     a = m + 2
     a2 = a * a
     cg = c // g
@@ -327,7 +400,7 @@ def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb,
                 tj = t % tw
                 ti = (t // tw) % th
                 _transform_tile(x, t // (tw * th), ti * m - ph, tj * m - pw, h, w, c, m, v, q, tb, pt)
-            _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp)
+            _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
             for q in range(tn):
                 t = t0 + q
                 tj = t % tw
@@ -421,10 +494,13 @@ def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, tb, gp):
 
 
 @serial
-def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp):
+def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp, thin):
     # Mw[e][gi*kg + i][j] += sum_q Wg[e][q][gi*kg + i] V[e][q][gi*cg + j] over the block's tn tiles:
     # MR output channels by NR input channels per micro-kernel call, both operands read in place
+    # (the thin tile's 16 x 16 where cg <= 16)
     mr, nr = _tile_of(sm)
+    if thin:
+        mr, nr = THIN_MR, THIN_NV * _lanes(sm)
     for gi in range(g):
         for e in range(a2):
             for j0 in range(0, cg, nr):
@@ -435,22 +511,29 @@ def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp):
                     bo = e * tb * c + gi * cg + j0
                     co = (e * k + gi * kg + i0) * cg + j0
                     if nn == nr:
-                        ukernel_strided(tn, wg, ao, k, v, bo, c, sm, co, cg, 1, rows)
+                        if thin:
+                            ukernel_strided_thin(tn, wg, ao, k, v, bo, c, sm, co, cg, 1, rows)
+                        else:
+                            ukernel_strided(tn, wg, ao, k, v, bo, c, sm, co, cg, 1, rows)
                     else:  # the last columns: the tile into tmp, its nn real columns added
-                        ukernel_strided(tn, wg, ao, k, v, bo, c, tmp, 0, nr, 0, rows)
+                        if thin:
+                            ukernel_strided_thin(tn, wg, ao, k, v, bo, c, tmp, 0, nr, 0, rows)
+                        else:
+                            ukernel_strided(tn, wg, ao, k, v, bo, c, tmp, 0, nr, 0, rows)
                         for i in range(rows):
                             for j in range(nn):
                                 sm[co + i * cg + j] += tmp[i * nr + j]
 
 
 @kernel
-def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf, pbuf, gbuf, sums, tbuf):
+def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf, pbuf, gbuf, sums, tbuf, thin):
     """grad_weight's sums ``Mw[e] (k x cg per group) = sum_tiles Wg[e]^T V[e]`` with F(m x m, 3 x 3)
     from the NHWC input ``x`` and output gradient ``gy`` (flat): items are blocks of ``tb`` tiles,
     worker ``wid`` takes items wid, wid + workers, ... (fixed shares: each worker's sums, in
     ``sums[wid]`` (a*a*k*cg, zeroed by the caller), add the same tiles in the same order on every
     call); per item the input transform into V (a*a x tb x c, as the forward), the transform of gy's
-    tiles into Wg (a*a x tb x k) and the a*a products added into the worker's sums."""
+    tiles into Wg (a*a x tb x k) and the a*a products added into the worker's sums (``thin``: on
+    the THIN tile)."""
     a = m + 2
     a2 = a * a
     cg = c // g
@@ -477,4 +560,4 @@ def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf
                 img = t // (tw * th)
                 _transform_tile(x, img, ti * m - ph, tj * m - pw, h, w, c, m, v, q, tb, pt)
                 _gy_tile(gy, img, ti * m, tj * m, oh, ow, k, m, wg, q, tb, gp)
-            _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp)
+            _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp, thin)
