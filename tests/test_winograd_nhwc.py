@@ -73,12 +73,13 @@ def _cl(a):
 
 
 def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
-    # a deep small-plane layer, where every pass's plan is an NHWC one (the forward's and
-    # grad_input's fused, grad_weight's batch-wide): the kernels read the caller's channels_last
-    # memory themselves (no NCHW copy), results come back channels_last
+    # a deep small-plane layer, where every pass's plan is an NHWC one (batch-wide or fused): the
+    # kernels read the caller's channels_last memory themselves (no NCHW copy), results come back
+    # channels_last
     x, w, b, p = _problem((8, 256, 8, 8), 256)
-    assert all(W._cached_plan(q, "forward").fused for q in (p, W._transposed(p)))
-    assert W._cached_plan(p, "grad_weight").batch
+    plans = [W._cached_plan(q, pass_) for q, pass_ in ((p, "forward"), (W._transposed(p), "forward"),
+                                                        (p, "grad_weight"))]
+    assert all(pl.batch or pl.fused for pl in plans)
     gy = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
     x64, w64, gy64 = x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64)
     want_y = ref.conv2d(x64, w64, b.astype(np.float64), padding=1)
@@ -86,7 +87,7 @@ def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
     want_gw = ref.conv2d_grad_weight(gy64, x64, w.shape, padding=1)
     xc, gyc = _cl(x), _cl(gy)
     read = []
-    for mod, name in ((WF, "forward"), (WN, "forward"), (WN, "grad_weight")):
+    for mod, name in ((WF, "forward"), (WN, "forward"), (WF, "grad_weight"), (WN, "grad_weight")):
         def spy(a, *args, _real=getattr(mod, name), **kw):
             read.append(a)
             return _real(a, *args, **kw)
