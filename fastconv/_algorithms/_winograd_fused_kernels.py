@@ -365,6 +365,15 @@ def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, th
                                 mm[co + i * k + j] = tmp[i * nr + j]
 
 
+@serial
+def _tiling(n, c, k, g, oh, ow, m, tb):
+    # (a*a, c/g, k/g, tiles per column, per row, in the batch, blocks of tb tiles)
+    th = (oh + m - 1) // m
+    tw = (ow + m - 1) // m
+    total = n * th * tw
+    return (m + 2) * (m + 2), c // g, k // g, th, tw, total, (total + tb - 1) // tb
+
+
 @kernel
 def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, vbuf, mbuf, pbuf, offbuf, zeros,
                   tbuf, ctr, thin):
@@ -374,14 +383,7 @@ def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb,
     the a*a products on the micro-kernel against the packed U (``pu``, see winograd_fused.pack_u)
     into its M (a*a x tb x k), then the output transform plus ``bias`` into y (``thin``: the
     products on the THIN tile, U packed in its panels).  Items write disjoint output tiles."""
-    a = m + 2
-    a2 = a * a
-    cg = c // g
-    kg = k // g
-    th = (oh + m - 1) // m
-    tw = (ow + m - 1) // m
-    total = n * th * tw
-    items = (total + tb - 1) // tb
+    a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     nw = vbuf.shape[0]
     for wid in prange(nw):
         v = vbuf[wid]
@@ -534,14 +536,7 @@ def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf
     call); per item the input transform into V (a*a x tb x c, as the forward), the transform of gy's
     tiles into Wg (a*a x tb x k) and the a*a products added into the worker's sums (``thin``: on
     the THIN tile)."""
-    a = m + 2
-    a2 = a * a
-    cg = c // g
-    kg = k // g
-    th = (oh + m - 1) // m
-    tw = (ow + m - 1) // m
-    total = n * th * tw
-    items = (total + tb - 1) // tb
+    a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     nw = vbuf.shape[0]
     for wid in prange(nw):
         v = vbuf[wid]
