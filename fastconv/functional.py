@@ -243,7 +243,7 @@ def _native(p, alg, algorithm, pass_):
     or, under ``'auto'``, where the NHWC pass measured faster than converting for any algorithm
     (:func:`._algorithms.nhwc.native_beats_converting`).  Other algorithms compute in NCHW,
     converted both ways."""
-    auto_native = algorithm == "auto" and not _winograd_in_place(alg) and (
+    auto_native = algorithm == "auto" and not _winograd_in_place(alg, p) and (
         (alg.name == "gemm" and _implicit.via_channels_last(p, pass_)) or _nhwc.native_beats_converting(p, pass_))
     if algorithm != "gemm" and not auto_native and not (
             algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1) and _nhwc.preferred(p, pass_)):
@@ -251,18 +251,19 @@ def _native(p, alg, algorithm, pass_):
     return _nhwc.supports(p, pass_) is None
 
 
-def _winograd_in_place(alg):
-    """Whether ``alg`` is Winograd, whose NHWC kernels (fused or batch-wide) beat the NHWC GEMM passes
-    that the rules below prefer to the other algorithms (4x64x32x32 forward 0.78 ms fused, 1.09 on
-    the NHWC GEMM; 4x32x64x64 grad_weight 0.8-1.0 fused, 1.6 on the GEMM)."""
-    return alg.name == "winograd"
+def _winograd_in_place(alg, p):
+    """Whether ``alg`` is Winograd on an undilated layer, where its NHWC kernels (fused or batch-wide)
+    beat the NHWC GEMM passes that the rules below prefer to the other algorithms (4x64x32x32
+    forward 0.78 ms fused, 1.09 on the NHWC GEMM; 4x32x64x64 grad_weight 0.8-1.0 fused, 1.6 on the
+    GEMM).  Dilated layers have no NHWC Winograd: the rules keep them."""
+    return alg.name == "winograd" and (p.dh, p.dw) == (1, 1)
 
 
 def _via_nhwc(p, alg, algorithm, pass_):
     """Whether an NCHW call under ``'auto'`` runs this pass on the NHWC kernels, its operands
     converted (:func:`._algorithms.nhwc.native_beats_converting` with ``nchw``), where ``alg`` (the
     pass's choice) is not Winograd (:func:`_winograd_in_place`)."""
-    if not (algorithm == "auto" and not _winograd_in_place(alg)
+    if not (algorithm == "auto" and not _winograd_in_place(alg, p)
             and _nhwc.native_beats_converting(p, pass_, nchw=True)
             and _nhwc.supports(p, pass_) is None):
         return False

@@ -173,3 +173,22 @@ def test_the_thin_tile_serves_narrow_float32_products(k):
             np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4 * np.abs(want_y).max())
             gw = WF.grad_weight(gyh, xh, p, m, tb)
             np.testing.assert_allclose(gw, want_gw, rtol=1e-4, atol=1e-4 * np.abs(want_gw).max())
+
+
+def test_dilated_channels_last_layers_keep_the_nhwc_gemm_rule(monkeypatch):
+    # Winograd has no NHWC kernel for dilated layers: where 'auto' picks it for one and the AVX-512
+    # rule prefers the NHWC GEMM to converting, a channels_last call still runs the NHWC GEMM
+    import fastconv
+    from fastconv import _select
+    x, w, b, p = _problem((4, 64, 32, 32), 64, padding=2, dtype=np.float32)
+    p = conv_params("conv2d", x.shape, w.shape, np.dtype(np.float32), 1, 2, 2, 1)
+    if not (nhwc.native_beats_converting(p, "forward") and _select.select("t", "auto", p, "forward",
+                                                                           numba.get_num_threads()).name == "winograd"):
+        pytest.skip("the rule or the pick differs on this CPU")
+    calls = []
+    monkeypatch.setattr(nhwc, "forward", lambda *a, _f=nhwc.forward: calls.append(1) or _f(*a))
+    xc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    y = fastconv.conv2d(xc, w, b, padding=2, dilation=2)
+    assert calls and nhwc.is_channels_last(y)
+    want = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=2, dilation=2)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
