@@ -350,31 +350,28 @@ def _packed_plan(p, m, nthreads):
 _BATCH_MARGIN = 1.15
 
 
-def _batch_plan(p, m, nthreads):
-    """A pass over the whole batch's tiles (:mod:`.winograd_nhwc`), or why it cannot fit."""
-    got = WN.plan(p, m, nthreads)
+def _nhwc_plan(got, p, m, nthreads, **kind):
+    """A ``_Plan`` of an NHWC kernel from its module's ``(tiles per step, words, fixed)``, or the
+    module's refusal."""
     if isinstance(got, str):
         return got
-    tc, words, fixed = got
-    return _Plan(m, 1, tc, p.cg, nthreads, tc, words, fixed, batch=True)
+    tiles, words, fixed = got
+    return _Plan(m, 1, tiles, p.cg, nthreads, tiles, words, fixed, **kind)
+
+
+def _batch_plan(p, m, nthreads):
+    """A pass over the whole batch's tiles (:mod:`.winograd_nhwc`), or why it cannot fit."""
+    return _nhwc_plan(WN.plan(p, m, nthreads), p, m, nthreads, batch=True)
 
 
 def _fused_plan(p, m, nthreads):
     """The forward fused per block of tiles (:mod:`.winograd_fused`), or why it cannot fit."""
-    got = WF.plan(p, m, nthreads)
-    if isinstance(got, str):
-        return got
-    tb, words, fixed = got
-    return _Plan(m, 1, tb, p.cg, nthreads, tb, words, fixed, fused=True)
+    return _nhwc_plan(WF.plan(p, m, nthreads), p, m, nthreads, fused=True)
 
 
 def _fused_gw_plan(p, m, nthreads):
     """grad_weight fused per block of tiles (:mod:`.winograd_fused`), or why it cannot fit."""
-    got = WF.gw_plan(p, m, nthreads)
-    if isinstance(got, str):
-        return got
-    tb, words, fixed = got
-    return _Plan(m, 1, tb, p.cg, nthreads, tb, words, fixed, fused=True)
+    return _nhwc_plan(WF.gw_plan(p, m, nthreads), p, m, nthreads, fused=True)
 
 
 # Transformed tiles per grad_weight step: the products reduce over the step's slots, and each adds

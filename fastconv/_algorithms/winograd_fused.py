@@ -76,14 +76,21 @@ def plan(p, m, nthreads):
     npan = -(-p.kg // nr)
     copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
     fixed = p.g * a2 * npan * nr * p.cg * isz + copies
-    tb = _tb(p, m, nthreads)
+    return _fit(p, _tb(p, m, nthreads), mr, nthreads, fixed, lambda tb: _worker_words(p, m, tb),
+                f"transformed weights, layout copies and {mr} tiles per worker")
+
+
+def _fit(p, tb, mr, nthreads, fixed, words_of, what):
+    """``(tb, words, fixed)`` with ``tb`` halved (in whole MR panels) until the workers' ``words_of(tb)``
+    elements and the ``fixed`` bytes fit ``p.workspace_limit``; below MR tiles the refusal, naming
+    ``what`` the bytes are."""
     while True:
-        words = _worker_words(p, m, tb)
-        if fixed + nthreads * words * isz <= p.workspace_limit:
+        words = words_of(tb)
+        if fixed + nthreads * words * p.itemsize <= p.workspace_limit:
             return tb, words, fixed
         if tb <= mr:
-            return (f"needs at least {fixed + nthreads * words * isz} bytes of workspace (transformed "
-                    f"weights, layout copies and {mr} tiles per worker), workspace_limit is {p.workspace_limit}")
+            return (f"needs at least {fixed + nthreads * words * p.itemsize} bytes of workspace ({what}), "
+                    f"workspace_limit is {p.workspace_limit}")
         tb = max(mr, tb // 2 // mr * mr)
 
 
@@ -168,15 +175,10 @@ def gw_plan(p, m, nthreads):
     sums = a2 * p.k * p.cg
     copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
     fixed = sums * isz + copies
-    tb = _tb(p, m, nthreads, "grad_weight")  # V and Wg as the forward's V and M
-    while True:
-        words = a2 * tb * (p.c + p.k) + nr + a2 * p.c + m * m * p.k + mr * nr + sums
-        if fixed + nthreads * words * isz <= p.workspace_limit:
-            return tb, words, fixed
-        if tb <= mr:
-            return (f"needs at least {fixed + nthreads * words * isz} bytes of workspace (a*a x k x c/groups "
-                    f"sums per worker, layout copies and {mr} tiles), workspace_limit is {p.workspace_limit}")
-        tb = max(mr, tb // 2 // mr * mr)
+    # V and Wg sized as the forward's V and M
+    return _fit(p, _tb(p, m, nthreads, "grad_weight"), mr, nthreads, fixed,
+                lambda tb: a2 * tb * (p.c + p.k) + nr + a2 * p.c + m * m * p.k + mr * nr + sums,
+                f"a*a x k x c/groups sums per worker, layout copies and {mr} tiles")
 
 
 def grad_weight(gyh, xh, p, m, tb):
