@@ -102,6 +102,17 @@ def test_a_budget_below_one_block_is_refused_with_the_need():
     assert tb % mr == 0 and fixed + 2 * words * 8 <= p.workspace_limit
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 3584, 7168, 4096 * 3])
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_element_strides_hold_the_rows_and_avoid_4k_multiples(n, itemsize):
+    # successive elements' rows an odd number of cache lines apart: never a multiple of 4 KiB
+    # (the same L1 sets), never shorter than the rows they hold
+    s = WF.stride(n, itemsize)
+    assert s >= n and s * itemsize % 64 == 0 and (s * itemsize // 64) % 2 == 1
+    assert all(e * s * itemsize % 4096 for e in range(1, 36) if e % 64)
+    assert s * itemsize - n * itemsize < 128
+
+
 def test_the_model_prefers_it_where_it_measured_faster():
     # measured (Xeon, 2 threads, float32, NCHW caller, conversions included): 4x64x32x32 fused
     # 0.70 ms, packed 1.31; 32x32x14x14 fused 0.51, packed 1.13

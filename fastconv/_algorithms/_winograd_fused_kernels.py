@@ -316,8 +316,9 @@ def _patch(x, img, y0, x0, h, w, c, a, pt):
 
 
 @serial
-def _transform_tile(x, img, y0, x0, h, w, c, m, v, q, tb, pt):
-    # V[e][q][:] of tile q (patch at input row y0, column x0; any part may lie in the padding)
+def _transform_tile(x, img, y0, x0, h, w, c, m, v, q, ev, pt):
+    # V[e][q][:] (at v[e*ev + q*c]) of tile q (patch at input row y0, column x0; any part may lie
+    # in the padding)
     a = m + 2
     if 0 <= y0 and y0 + a <= h and 0 <= x0 and x0 + a <= w:
         src, soff, rs = x, ((img * h + y0) * w + x0) * c, w * c
@@ -325,14 +326,15 @@ def _transform_tile(x, img, y0, x0, h, w, c, m, v, q, tb, pt):
         _patch(x, img, y0, x0, h, w, c, a, pt)
         src, soff, rs = pt, 0, a * c
     if m == 4:
-        transform_in(src, soff, rs, c, v, q * c, tb * c, c, 4)
+        transform_in(src, soff, rs, c, v, q * c, ev, c, 4)
     else:
-        transform_in(src, soff, rs, c, v, q * c, tb * c, c, 2)
+        transform_in(src, soff, rs, c, v, q * c, ev, c, 2)
 
 
 @serial
-def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin):
-    # M[e][q][gi*kg + j] = sum_c V[e][q][gi*cg + c] U[gi][e][c][j] for the block's tn tiles: per
+def _products(v, mm, pu, tn, ev, em, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin):
+    # M[e][q][gi*kg + j] = sum_c V[e][q][gi*cg + c] U[gi][e][c][j] for the block's tn tiles (V[e][q]
+    # at v[e*ev + q*c], M[e][q] at mm[e*em + q*k]): per
     # element and panel of NR output channels, the MR-row tiles read V's rows in place (the thin
     # tile's 16 x 16 where kg <= 16)
     mr, nr = _tile_of(mm)
@@ -347,8 +349,8 @@ def _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, th
                 for i0 in range(0, tn, mr):
                     rows = min(mr, tn - i0)
                     for i in range(rows):
-                        offs[i] = (e * tb + i0 + i) * c + gi * cg
-                    co = (e * tb + i0) * k + gi * kg + j0
+                        offs[i] = e * ev + (i0 + i) * c + gi * cg
+                    co = e * em + i0 * k + gi * kg + j0
                     full = nn == nr
                     if thin:
                         if full:
@@ -375,14 +377,16 @@ def _tiling(n, c, k, g, oh, ow, m, tb):
 
 
 @kernel
-def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, vbuf, mbuf, pbuf, offbuf, zeros,
-                  tbuf, ctr, thin):
+def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, vbuf, mbuf, pbuf, offbuf,
+                  zeros, tbuf, ctr, thin):
     """The forward of the NHWC input ``x`` (flat, n x h x w x c) into the NHWC output ``y`` (flat,
     n x oh x ow x k) with F(m x m, 3 x 3): items are blocks of ``tb`` tiles (t = (img*th + ti)*tw
     + tj), claimed by the workers; per item the input transform into the worker's V (a*a x tb x c),
     the a*a products on the micro-kernel against the packed U (``pu``, see winograd_fused.pack_u)
     into its M (a*a x tb x k), then the output transform plus ``bias`` into y (``thin``: the
-    products on the THIN tile, U packed in its panels).  Items write disjoint output tiles."""
+    products on the THIN tile, U packed in its panels).  Element e's rows of V start at
+    ``e*ev``, of M at ``e*em`` (strides chosen by the caller, :func:`.winograd_fused.stride`).
+    Items write disjoint output tiles."""
     a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     nw = vbuf.shape[0]
     for wid in prange(nw):
@@ -401,8 +405,8 @@ def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb,
                 t = t0 + q
                 tj = t % tw
                 ti = (t // tw) % th
-                _transform_tile(x, t // (tw * th), ti * m - ph, tj * m - pw, h, w, c, m, v, q, tb, pt)
-            _products(v, mm, pu, tn, tb, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
+                _transform_tile(x, t // (tw * th), ti * m - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
+            _products(v, mm, pu, tn, ev, em, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
             for q in range(tn):
                 t = t0 + q
                 tj = t % tw
@@ -412,9 +416,9 @@ def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb,
                 ox0 = tj * m
                 d = ((img * oh + oy0) * ow + ox0) * k
                 if m == 4:
-                    transform_out(mm, q * k, tb * k, y, d, ow * k, k, k, min(4, oh - oy0), min(4, ow - ox0), bias, 0, 4)
+                    transform_out(mm, q * k, em, y, d, ow * k, k, k, min(4, oh - oy0), min(4, ow - ox0), bias, 0, 4)
                 else:
-                    transform_out(mm, q * k, tb * k, y, d, ow * k, k, k, min(2, oh - oy0), min(2, ow - ox0), bias, 0, 2)
+                    transform_out(mm, q * k, em, y, d, ow * k, k, k, min(2, oh - oy0), min(2, ow - ox0), bias, 0, 2)
 
 
 @serial
@@ -473,8 +477,9 @@ def pack_u(w, gm, flip, g, kg, cg, npan, pu, wt, tt):
 
 
 @serial
-def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, tb, gp):
-    # Wg[e][q][:] = (A g A^T)[e] of output tile q (outputs from oy0, ox0; zero beyond the output)
+def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, ew, gp):
+    # Wg[e][q][:] (at wg[e*ew + q*k]) = (A g A^T)[e] of output tile q (outputs from oy0, ox0; zero
+    # beyond the output)
     if oy0 + m <= oh and ox0 + m <= ow:
         src, soff, rs = gy, ((img * oh + oy0) * ow + ox0) * k, ow * k
     else:
@@ -490,13 +495,13 @@ def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, tb, gp):
                         gp[d + ch] = 0
         src, soff, rs = gp, 0, m * k
     if m == 4:
-        transform_gy(src, soff, rs, k, wg, q * k, tb * k, k, 4)
+        transform_gy(src, soff, rs, k, wg, q * k, ew, k, 4)
     else:
-        transform_gy(src, soff, rs, k, wg, q * k, tb * k, k, 2)
+        transform_gy(src, soff, rs, k, wg, q * k, ew, k, 2)
 
 
 @serial
-def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp, thin):
+def _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin):
     # Mw[e][gi*kg + i][j] += sum_q Wg[e][q][gi*kg + i] V[e][q][gi*cg + j] over the block's tn tiles:
     # MR output channels by NR input channels per micro-kernel call, both operands read in place
     # (the thin tile's 16 x 16 where cg <= 16)
@@ -509,8 +514,8 @@ def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp, thin):
                 nn = min(nr, cg - j0)
                 for i0 in range(0, kg, mr):
                     rows = min(mr, kg - i0)
-                    ao = e * tb * k + gi * kg + i0
-                    bo = e * tb * c + gi * cg + j0
+                    ao = e * ew + gi * kg + i0
+                    bo = e * ev + gi * cg + j0
                     co = (e * k + gi * kg + i0) * cg + j0
                     if nn == nr:
                         if thin:
@@ -528,14 +533,15 @@ def _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp, thin):
 
 
 @kernel
-def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf, pbuf, gbuf, sums, tbuf, thin):
+def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vbuf, wbuf, pbuf, gbuf, sums, tbuf,
+                      thin):
     """grad_weight's sums ``Mw[e] (k x cg per group) = sum_tiles Wg[e]^T V[e]`` with F(m x m, 3 x 3)
     from the NHWC input ``x`` and output gradient ``gy`` (flat): items are blocks of ``tb`` tiles,
     worker ``wid`` takes items wid, wid + workers, ... (fixed shares: each worker's sums, in
     ``sums[wid]`` (a*a*k*cg, zeroed by the caller), add the same tiles in the same order on every
-    call); per item the input transform into V (a*a x tb x c, as the forward), the transform of gy's
-    tiles into Wg (a*a x tb x k) and the a*a products added into the worker's sums (``thin``: on
-    the THIN tile)."""
+    call); per item the input transform into V (a*a x tb x c, as the forward, element e at
+    ``e*ev``), the transform of gy's tiles into Wg (a*a x tb x k, element e at ``e*ew``) and the
+    a*a products added into the worker's sums (``thin``: on the THIN tile)."""
     a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     nw = vbuf.shape[0]
     for wid in prange(nw):
@@ -553,6 +559,6 @@ def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, vbuf, wbuf
                 tj = t % tw
                 ti = (t // tw) % th
                 img = t // (tw * th)
-                _transform_tile(x, img, ti * m - ph, tj * m - pw, h, w, c, m, v, q, tb, pt)
-                _gy_tile(gy, img, ti * m, tj * m, oh, ow, k, m, wg, q, tb, gp)
-            _sums(wg, v, sm, tn, tb, c, k, g, cg, kg, a2, tmp, thin)
+                _transform_tile(x, img, ti * m - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
+                _gy_tile(gy, img, ti * m, tj * m, oh, ow, k, m, wg, q, ew, gp)
+            _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)

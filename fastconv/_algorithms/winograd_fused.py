@@ -60,11 +60,21 @@ def _tb(p, m, nthreads, pass_="forward"):
     return max(mr, min(fit, spread) // mr * mr)
 
 
+def stride(n, itemsize):
+    """Elements from one transformed element's rows to the next in V, M and Wg: at least ``n``
+    (tiles x channels), an odd number of 64-byte lines.  With tb * c elements, 3584 in all three
+    of 8x64x56x56 (tb 56), 4x128x56x56 (28) and 4x32x128x128 (112), the 36 rows of a tile's
+    transform lay 14336 bytes apart, on two 4 KiB offsets (L1 sets) only: its input transform
+    took 0.65 ms of 8x64x56x56's 2.5 ms forward, 0.35 with 37 lines between them."""
+    lines = -(-n * itemsize // 64) | 1
+    return lines * 64 // itemsize
+
+
 def _worker_words(p, m, tb):
     """Elements per worker: V, M, a border tile's patch, and the micro-kernel's edge tile."""
     mr, nr = G.tile(p.itemsize)  # the thin tile has fewer elements
     a2 = (m + 2) ** 2
-    return a2 * tb * (p.c + p.k) + a2 * p.c + mr * nr
+    return a2 * (stride(tb * p.c, p.itemsize) + stride(tb * p.k, p.itemsize)) + a2 * p.c + mr * nr
 
 
 def plan(p, m, nthreads):
@@ -120,28 +130,29 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None):
         return y
     pu, npan = pack_u(w, p, m, flip)
     nw = numba.get_num_threads()
-    vbuf = scratch("winograd.fv", (nw, a2 * tb * p.c), dt)
-    mbuf = scratch("winograd.fm", (nw, a2 * tb * p.k), dt)
+    ev, em = stride(tb * p.c, p.itemsize), stride(tb * p.k, p.itemsize)
+    vbuf = scratch("winograd.fv", (nw, a2 * ev), dt)
+    mbuf = scratch("winograd.fm", (nw, a2 * em), dt)
     pbuf = scratch("winograd.fp", (nw, a2 * p.c), dt)
     bias = np.ascontiguousarray(b, dtype=dt) if b is not None else np.zeros(p.k, dt)
     K.forward_fused(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan, bias,
-                    y.reshape(-1), tb, vbuf, mbuf, pbuf, np.zeros((nw, max(mr, K.THIN_MR)), np.int64),
+                    y.reshape(-1), tb, ev, em, vbuf, mbuf, pbuf, np.zeros((nw, max(mr, K.THIN_MR)), np.int64),
                     np.zeros(1, dt), np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p))
     return y
 
 
 # Model, seconds, fitted to 44 timed forwards (2-core Xeon, AVX-512, 2026-12-04, float32, 2 threads,
-# F(4x4) and F(2x2), NHWC, 1x1 to 128x128 planes with 3-512 channels; rms error 8%, worst 0.83x /
-# 1.18x): the products at 152 GFLOP/s per thread over the rows and columns they compute (whole MR-row
-# panels of each item's tiles, whole NR-column panels of output channels), the transforms per
-# transformed element of a channel vector (F(4x4) 0.27 ns, F(2x2) 0.045 ns: it has fewer terms and
-# half the elements per output), 0.18 us per tile, U's packing 1.6 ns per element (one pass over
-# it, scattered panel writes), 69 us per call.  Per-thread terms scale by the vector width on
+# F(4x4) and F(2x2), NHWC, 1x1 to 128x128 planes with 3-512 channels, V/M rows at odd-line
+# strides; rms error 12%, worst 0.86x / 1.30x): the products at 153 GFLOP/s per thread over the
+# rows and columns they compute (whole MR-row panels of each item's tiles, whole NR-column panels
+# of output channels), the transforms per transformed element of a channel vector (F(4x4) 0.18 ns,
+# F(2x2) 0.12 ns; a per-tile term fitted to zero), U's packing 1.4 ns per element (one pass over
+# it, scattered panel writes), 83 us per call.  Per-thread terms scale by the vector width on
 # other CPUs.  An NCHW caller's two layout conversions move their bytes at _CONVERT_RATE (8x64x56x56
 # float32, 6.4 MB each way: 0.61 ms on 2 threads, 2 x 12.8 MB moved; 32x64x32x32 1.0 ms for 33.5 MB).
-_GEMM_RATE = 152e9 * G.VBYTES / 64
-_TRANSFORM = {4: 2.67e-10, 2: 0.45e-10}
-_TILE, _U_ELEM, _CALL = 1.83e-7, 1.6e-9, 6.9e-5
+_GEMM_RATE = 153e9 * G.VBYTES / 64
+_TRANSFORM = {4: 1.79e-10, 2: 1.23e-10}
+_U_ELEM, _CALL = 1.39e-9, 8.3e-5
 _CONVERT_RATE = 40e9
 
 
@@ -158,7 +169,7 @@ def cost(p, m, tb, nthreads):
     kgp = -(-p.kg // nr) * nr
     gemm = 2.0 * a2 * p.g * rows * kgp * p.cg / (_GEMM_RATE * 4 / p.itemsize)
     vectors = -(-p.c // lanes) + -(-p.k // lanes)
-    trans = scale * total * (_TRANSFORM[m] * a2 * vectors * lanes + _TILE)
+    trans = scale * total * _TRANSFORM[m] * a2 * vectors * lanes
     upack = scale * _U_ELEM * a2 * p.g * kgp * p.cg
     moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
     return _CALL + (gemm + trans) / workers + upack + moved / _CONVERT_RATE
@@ -177,7 +188,8 @@ def gw_plan(p, m, nthreads):
     fixed = sums * isz + copies
     # V and Wg sized as the forward's V and M
     return _fit(p, _tb(p, m, nthreads, "grad_weight"), mr, nthreads, fixed,
-                lambda tb: a2 * tb * (p.c + p.k) + nr + a2 * p.c + m * m * p.k + mr * nr + sums,
+                lambda tb: (a2 * (stride(tb * p.c, isz) + stride(tb * p.k, isz)) + nr + a2 * p.c + m * m * p.k
+                            + mr * nr + sums),
                 f"a*a x k x c/groups sums per worker, layout copies and {mr} tiles")
 
 
@@ -195,9 +207,10 @@ def grad_weight(gyh, xh, p, m, tb):
     nw = numba.get_num_threads()
     sums = scratch("winograd.gsums", (nw, a2 * p.k * p.cg), dt)
     sums.fill(0)
+    ev, ew = stride(tb * p.c, p.itemsize), stride(tb * p.k, p.itemsize)
     K.grad_weight_fused(xh.reshape(-1), gyh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0,
-                        m, tb, scratch("winograd.fv", (nw, a2 * tb * p.c + nr), dt),
-                        scratch("winograd.fw", (nw, a2 * tb * p.k), dt), scratch("winograd.fp", (nw, a2 * p.c), dt),
+                        m, tb, ev, ew, scratch("winograd.fv", (nw, a2 * ev + nr), dt),
+                        scratch("winograd.fw", (nw, a2 * ew), dt), scratch("winograd.fp", (nw, a2 * p.c), dt),
                         scratch("winograd.fg", (nw, m * m * p.k), dt), sums, np.zeros((nw, mr * nr), dt),
                         thin(p, "grad_weight"))
     mw = sums[0].copy()
@@ -208,13 +221,14 @@ def grad_weight(gyh, xh, p, m, tb):
 
 
 # Model of grad_weight, seconds, fitted like the forward's to 23 timed runs (same machine and day,
-# F(2x2), 1x1 to 128x128 planes, 3-512 channels; rms error 13%, worst 0.70x / 1.15x): the products
-# at 214 GFLOP/s per thread over whole MR x NR tiles of the k x cg sums, each item's read-modify-
-# write of the worker's sums 0.22 ns per element, the two transforms 0.22 ns per transformed element
-# of a channel vector, zeroing / adding / transforming the sums 0.67 ns per element of one copy,
-# 54 us per call.
+# F(2x2), 1x1 to 128x128 planes, 3-512 channels, odd-line strides; rms error 8%, worst 0.85x /
+# 1.15x): the products at 214 GFLOP/s per thread (held at the first fit's rate: a free fit traded
+# it against the transforms) over whole MR x NR tiles of the k x cg sums, each item's read-modify-
+# write of the worker's sums 0.20 ns per element, the two transforms 0.17 ns per transformed
+# element of a channel vector, zeroing / adding / transforming the sums 0.69 ns per element of
+# one copy, 50 us per call.
 _GW_RATE = 214e9 * G.VBYTES / 64
-_GW_SUMS, _GW_TRANSFORM, _GW_FIXED, _GW_CALL = 2.16e-10, 2.19e-10, 6.7e-10, 5.4e-5
+_GW_SUMS, _GW_TRANSFORM, _GW_FIXED, _GW_CALL = 1.97e-10, 1.72e-10, 6.9e-10, 5.0e-5
 
 
 def gw_cost(p, m, tb, nthreads):
