@@ -95,8 +95,24 @@ def scratch(role, shape, dtype):
     buf = pool.get(role)
     if buf is None or buf.nbytes < n:
         pool.pop(role, None)  # drop the old one first: peak memory stays at the new size
-        buf = pool[role] = np.empty(max(n, 1), np.uint8)
+        buf = pool[role] = empty_aligned(max(n, 1), np.uint8)
     return buf[:n].view(dtype).reshape(shape)
+
+
+#: bytes of alignment of :func:`empty_aligned`: one cache line
+ALIGN = 64
+
+
+def empty_aligned(shape, dtype):
+    """``np.empty(shape, dtype)`` starting on a cache-line boundary.  NumPy aligns to 16 bytes only:
+    large arrays came back 16 or 48 bytes past a 64-byte line, and every second 32-byte vector
+    store of the kernels that write whole vectors then split across two lines (4x128x56x56's NCHW
+    Winograd forward 9.5 ms with such an output, 6.5 with an aligned one)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + ALIGN, np.uint8)
+    off = -buf.ctypes.data % ALIGN
+    return buf[off:off + n].view(dtype).reshape(shape)
 
 
 def free_workspace():

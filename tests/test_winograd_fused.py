@@ -50,6 +50,56 @@ def test_every_block_size_matches_the_reference(xs, k, groups, padding, m):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
 
 
+_NCHW_CASES = [
+    ((3, 5, 11, 13), 7, 1, 1, np.float64),    # partial tiles, channels below a 32-byte vector
+    ((2, 20, 9, 6), 34, 2, 0, np.float32),    # groups; rows shorter than a vector
+    ((1, 3, 5, 5), 2, 1, 2, np.float32),      # every tile touches the padding
+    ((2, 17, 19, 24), 9, 1, (0, 3), np.float32),  # whole 8 x 8 blocks plus remainders, uneven padding
+    ((2, 16, 16, 16), 16, 1, 1, np.float64),  # whole 4 x 4 float64 blocks only
+    ((1, 9, 10, 12), 8, 1, (3, 2), np.float32),  # grad_input's padding negative on both axes
+]
+
+
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("xs, k, groups, padding, dtype", _NCHW_CASES)
+def test_nchw_staging_gives_the_nhwc_kernels_results_bit_for_bit(xs, k, groups, padding, dtype, m):
+    # the same transforms and products on rows staged from NCHW: forward, grad_input's flipped
+    # kernel and grad_weight equal the NHWC kernels' exactly, for several block sizes
+    x, w, b, p = _problem(xs, k, groups, padding, dtype)
+    mr, _ = G.tile(p.itemsize)
+    total = WF.WN.tiles(p, m)[2]
+    gy = np.random.default_rng(1).standard_normal((p.n, p.k, p.oh, p.ow)).astype(dtype)
+    q = W._transposed(p)
+    for tb in sorted({mr, 3 * mr, -(-total // mr) * mr}):
+        want = WF.forward(nhwc.to_nhwc(x), w, b, p, m, tb).transpose(0, 3, 1, 2)
+        got = WF.forward(x, w, b, p, m, tb, nchw=True)
+        assert got.shape == (p.n, p.k, p.oh, p.ow) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+        want = WF.forward(nhwc.to_nhwc(gy), w, None, q, m, tb, flip=True).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(WF.forward(gy, w, None, q, m, tb, flip=True, nchw=True), want)
+        want = WF.grad_weight(nhwc.to_nhwc(gy), nhwc.to_nhwc(x), p, m, tb)
+        np.testing.assert_array_equal(WF.grad_weight(gy, x, p, m, tb, nchw=True), want)
+    want = ref.conv2d(x, w, b, padding=padding, groups=groups)  # and it is the convolution
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_nchw_callers_run_the_staged_kernels_without_layout_copies(monkeypatch):
+    # an NCHW caller's fused passes never convert whole arrays (to_nhwc / to_nchw)
+    x, w, b, p = _problem((2, 16, 12, 12), 16, dtype=np.float32)
+    gy = np.random.default_rng(1).standard_normal((2, 16, 12, 12)).astype(np.float32)
+    calls = []
+    monkeypatch.setattr(W._nhwc, "to_nhwc", lambda *a, **k: calls.append("to_nhwc"))
+    monkeypatch.setattr(W._nhwc, "to_nchw", lambda *a, **k: calls.append("to_nchw"))
+    y = W.forward(x, w, b, p, 4, fused=True)
+    gx = W.grad_input(gy, w, p, 4, fused=True)
+    gw = W.grad_weight(gy, x, p, 2, fused=True)
+    assert calls == []
+    np.testing.assert_allclose(y, ref.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx, ref.conv2d_grad_input(gy, x.shape, w, padding=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw, ref.conv2d_grad_weight(gy, x, w.shape, padding=1), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("m", W.TILES)
 def test_u_panels_are_g_w_gt_in_float64(m):
     x, w, b, p = _problem((1, 5, 6, 6), 37, dtype=np.float32)

@@ -14,6 +14,7 @@ from numba.extending import intrinsic
 
 from .._jit import kernel, serial
 from ._gemm_kernels import VBYTES, _emit_ukernel, _ukernel_types
+from ._nhwc_kernels import _transpose_block
 from .common import claim
 from .gemm import _lanes, _tile_of, ukernel_rowptr, ukernel_strided
 
@@ -421,6 +422,135 @@ def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb,
                     transform_out(mm, q * k, em, y, d, ow * k, k, k, min(2, oh - oy0), min(2, ow - ox0), bias, 0, 2)
 
 
+# ------------------------------------------------------------------- NCHW arrays, staged per tile row
+@serial
+def _stage_rows(x, img, y0, h, w, c, rows, wp, pw, st):
+    # st[(i*wp + pw + xx)*c + ch] = x[img, ch, y0 + i, xx] of the NCHW array x for i < rows, zero
+    # in the padding (rows outside [0, h), columns outside [0, w) of the wp staged): one tile row's
+    # patches, read by the transforms as an NHWC image.  L channels at a time, each plane's rows
+    # read in order: L streams of contiguous rows (row by row over all channels, 384 short
+    # streams per tile row, left 8x64x56x56's reads to memory latency)
+    lanes = 32 // x.itemsize
+    r0 = max(0, -y0)
+    r1 = min(rows, h - y0)
+    x0 = max(0, -pw)  # the input columns staged: [x0, x1) (grad_input's padding may be negative)
+    x1 = min(w, wp - pw)
+    for i in range(rows):
+        d0 = i * wp * c
+        if r0 <= i < r1:
+            for d in range(d0, d0 + (pw + x0) * c):
+                st[d] = 0
+            for d in range(d0 + (pw + x1) * c, d0 + wp * c):
+                st[d] = 0
+        else:
+            for d in range(d0, d0 + wp * c):
+                st[d] = 0
+    ch = 0
+    while ch < c:
+        nb = min(lanes, c - ch)
+        for i in range(r0, r1):
+            s0 = ((img * c + ch) * h + y0 + i) * w
+            d0 = (i * wp + pw) * c + ch
+            xx = x0
+            if nb == lanes:
+                while xx + lanes <= x1:
+                    _transpose_block(x, s0 + xx, h * w, st, d0 + xx * c, c)
+                    xx += lanes
+            for j in range(xx, x1):
+                for cc in range(nb):
+                    st[d0 + j * c + cc] = x[s0 + cc * h * w + j]
+        ch += nb
+
+
+@serial
+def _unstage_rows(so, y, row, th, tj0, tj1, m, k, oh, ow, owp):
+    # the outputs of tiles tj0 .. tj1 of tile row `row` (image row // th), staged NHWC in so
+    # ((i*owp + ox)*k + ch), into the NCHW output y: L channels at a time, each plane's rows
+    # written in order
+    lanes = 32 // so.itemsize
+    img = row // th
+    oy0 = (row % th) * m
+    ox0 = tj0 * m
+    nx = min(ow, (tj1 + 1) * m) - ox0
+    ch = 0
+    while ch < k:
+        nb = min(lanes, k - ch)
+        for i in range(min(m, oh - oy0)):
+            s0 = (i * owp + ox0) * k + ch
+            d0 = ((img * k + ch) * oh + oy0 + i) * ow + ox0
+            xx = 0
+            if nb == lanes:
+                while xx + lanes <= nx:
+                    _transpose_block(so, s0 + xx * k, k, y, d0 + xx, oh * ow)
+                    xx += lanes
+            for j in range(xx, nx):
+                for cc in range(nb):
+                    y[d0 + cc * oh * ow + j] = so[s0 + j * k + cc]
+        ch += nb
+
+
+@kernel
+def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, vbuf, mbuf, sbuf,
+                       obuf, offbuf, zeros, tbuf, ctr, thin):
+    """:func:`forward_fused` from the NCHW input ``x`` into the NCHW output ``y`` (flat, C-contiguous)
+    without NHWC copies of them: the a input rows of each tile row an item reaches are transposed
+    into the worker's ``sbuf`` (a x (tw*m + 2) x c, zero in the padding) when its first tile needs
+    them, the tiles transformed from there; outputs are transformed into the worker's ``obuf`` (m x
+    tw*m x k) and each run of an item's tiles in one tile row transposed into y.  Both transposes
+    stay in L2 (8x64x56x56: the two whole-array copies took 1.0 of a 3.5 ms forward)."""
+    a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
+    a = m + 2
+    wp = tw * m + 2
+    owp = tw * m
+    nw = vbuf.shape[0]
+    for wid in prange(nw):
+        v = vbuf[wid]
+        mm = mbuf[wid]
+        st = sbuf[wid]
+        so = obuf[wid]
+        offs = offbuf[wid]
+        tmp = tbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            t0 = it * tb
+            tn = min(tb, total - t0)
+            staged = -1
+            for q in range(tn):
+                t = t0 + q
+                row = t // tw
+                if row != staged:
+                    _stage_rows(x, row // th, (row % th) * m - ph, h, w, c, a, wp, pw, st)
+                    staged = row
+                if m == 4:
+                    transform_in(st, (t % tw) * m * c, wp * c, c, v, q * c, ev, c, 4)
+                else:
+                    transform_in(st, (t % tw) * m * c, wp * c, c, v, q * c, ev, c, 2)
+            _products(v, mm, pu, tn, ev, em, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
+            cur = -1
+            tj0 = 0
+            tj1 = 0
+            for q in range(tn):
+                t = t0 + q
+                row = t // tw
+                tj = t % tw
+                if row != cur:
+                    if cur >= 0:
+                        _unstage_rows(so, y, cur, th, tj0, tj1, m, k, oh, ow, owp)
+                    cur = row
+                    tj0 = tj
+                tj1 = tj
+                oy0 = (row % th) * m
+                if m == 4:
+                    transform_out(mm, q * k, em, so, tj * m * k, owp * k, k, k, min(4, oh - oy0), min(4, ow - tj * m),
+                                  bias, 0, 4)
+                else:
+                    transform_out(mm, q * k, em, so, tj * m * k, owp * k, k, k, min(2, oh - oy0), min(2, ow - tj * m),
+                                  bias, 0, 2)
+            _unstage_rows(so, y, cur, th, tj0, tj1, m, k, oh, ow, owp)
+
+
 @serial
 def _u_column(w, gm, flip, gi, j0, nn, c, kg, cg, a, a2, npan, jp, nr, pu, ws, ts):
     # pack_u for input channel c of one group's panel of output channels j0 .. j0 + nn
@@ -561,4 +691,46 @@ def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vb
                 img = t // (tw * th)
                 _transform_tile(x, img, ti * m - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
                 _gy_tile(gy, img, ti * m, tj * m, oh, ow, k, m, wg, q, ew, gp)
+            _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)
+
+
+@kernel
+def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vbuf, wbuf, sbuf, gbuf, sums, tbuf,
+                           thin):
+    """:func:`grad_weight_fused` from the NCHW ``x`` and ``gy`` (flat, C-contiguous) without NHWC
+    copies: per tile row an item reaches, its a input rows into the worker's ``sbuf`` (as
+    :func:`forward_fused_nchw`) and its m rows of gy into ``gbuf`` (m x tw*m x k, zero past the
+    output), transposed in L2; the tiles transformed from there."""
+    a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
+    a = m + 2
+    wp = tw * m + 2
+    owp = tw * m
+    nw = vbuf.shape[0]
+    for wid in prange(nw):
+        v = vbuf[wid]
+        wg = wbuf[wid]
+        st = sbuf[wid]
+        sg = gbuf[wid]
+        sm = sums[wid]
+        tmp = tbuf[wid]
+        for it in range(wid, items, nw):
+            t0 = it * tb
+            tn = min(tb, total - t0)
+            staged = -1
+            for q in range(tn):
+                t = t0 + q
+                row = t // tw
+                if row != staged:
+                    img = row // th
+                    oy0 = (row % th) * m
+                    _stage_rows(x, img, oy0 - ph, h, w, c, a, wp, pw, st)
+                    _stage_rows(gy, img, oy0, oh, ow, k, m, owp, 0, sg)
+                    staged = row
+                tj = t % tw
+                if m == 4:
+                    transform_in(st, tj * m * c, wp * c, c, v, q * c, ev, c, 4)
+                    transform_gy(sg, tj * m * k, owp * k, k, wg, q * k, ew, k, 4)
+                else:
+                    transform_in(st, tj * m * c, wp * c, c, v, q * c, ev, c, 2)
+                    transform_gy(sg, tj * m * k, owp * k, k, wg, q * k, ew, k, 2)
             _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)

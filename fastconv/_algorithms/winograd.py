@@ -416,6 +416,8 @@ def _run_forward(x, w, b, p, m=None, batch=None, flip=False, fused=None):
     pl = _cached_plan(p, "forward", m, batch=batch, fused=fused)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
+    if pl.fused and not _nhwc.is_channels_last(x):  # NCHW in and out, rows staged per worker
+        return WF.forward(_contiguous(x), w, b, p, pl.m, pl.rb, flip, nchw=True)
     if pl.batch or pl.fused:  # the NHWC copies in and out are scratch too: only the NCHW result is fresh
         xh = _nhwc.to_nhwc(x, scratch("winograd.x", (p.n, p.h, p.w, p.c), p.dtype))
         # (one output channel: NHWC is NCHW, and the result is that array itself)
@@ -488,6 +490,8 @@ def grad_weight(gy, x, p, m=None, rowwise=None, batch=None, fused=None):
     pl = _cached_plan(p, "grad_weight", m, rowwise, batch, fused)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
+    if pl.fused and not (_nhwc.is_channels_last(gy) and _nhwc.is_channels_last(x)):
+        return WF.grad_weight(_contiguous(gy), _contiguous(x), p, pl.m, pl.rb, nchw=True)
     if pl.fused or pl.batch:
         return (WF if pl.fused else WN).grad_weight(_nhwc.to_nhwc(gy, scratch("winograd.y", (p.n, p.oh, p.ow, p.k), p.dtype)),
                               _nhwc.to_nhwc(x, scratch("winograd.x", (p.n, p.h, p.w, p.c), p.dtype)), p, pl.m, pl.rb)

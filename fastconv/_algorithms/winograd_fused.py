@@ -1,4 +1,4 @@
-"""Winograd F(m x m, 3 x 3) fused per block of tiles, on channels_last (NHWC) arrays.
+"""Winograd F(m x m, 3 x 3) fused per block of tiles, on channels_last (NHWC) or NCHW arrays.
 
 The batch-wide plan (:mod:`.winograd_nhwc`) runs its three steps each over a chunk of up to 24 MB
 of transformed tiles, which travel through L3 or memory between the steps, and its transforms loop
@@ -15,6 +15,12 @@ its V and M within half of L2) and one worker runs all three steps on it:
 3. ``y = A^T M A + b`` per tile on vectors of output channels, into the NHWC output (the part of the
    tile inside it).
 
+NCHW arrays are read and written without whole-array layout copies: a worker transposes the a input
+rows of each tile row its block reaches into an NHWC strip in L2 and steps 1 to 3 read that; outputs
+go to a strip of m rows, transposed into the NCHW output per run of tiles
+(:func:`._winograd_fused_kernels.forward_fused_nchw`; the copies took ~1 ms of 8x64x56x56's 3.2 ms
+forward, the strips ~0.65).
+
 Notation, accuracy and NaN spreading as in :mod:`.winograd` (the same matrices; U computed in
 float64 and rounded once by the batch-wide plan's :func:`.winograd_nhwc_kernels.transform_u`).
 grad_input is this forward on the flipped, channel-swapped kernel (``flip``).  Results do not depend
@@ -26,7 +32,7 @@ import numba
 import numpy as np
 
 from .. import _cpu
-from .._config import scratch
+from .._config import empty_aligned, scratch
 from . import _winograd_fused_kernels as K
 from . import gemm as G
 from . import winograd as W  # the transform matrices (a cycle: used at call time)
@@ -70,24 +76,31 @@ def stride(n, itemsize):
     return lines * 64 // itemsize
 
 
+def _staged_words(p, m):
+    """Elements of an NCHW caller's staged rows per worker: one tile row's a input rows (tw*m + 2
+    columns, padding included) and its m rows of outputs (forward) or of gy (grad_weight)."""
+    tw = WN.tiles(p, m)[1]
+    return (m + 2) * (tw * m + 2) * p.c + m * tw * m * p.k
+
+
 def _worker_words(p, m, tb):
-    """Elements per worker: V, M, a border tile's patch, and the micro-kernel's edge tile."""
+    """Elements per worker: V, M, a border tile's patch (NHWC) or the staged rows (NCHW), and the
+    micro-kernel's edge tile."""
     mr, nr = G.tile(p.itemsize)  # the thin tile has fewer elements
     a2 = (m + 2) ** 2
-    return a2 * (stride(tb * p.c, p.itemsize) + stride(tb * p.k, p.itemsize)) + a2 * p.c + mr * nr
+    return (a2 * (stride(tb * p.c, p.itemsize) + stride(tb * p.k, p.itemsize))
+            + max(a2 * p.c, _staged_words(p, m)) + mr * nr)
 
 
 def plan(p, m, nthreads):
-    """``(tb, words, fixed)`` (tiles per item, elements per worker, bytes shared: U packed,
-    and an NCHW caller's NHWC copies) within ``p.workspace_limit``, or why it does not fit."""
+    """``(tb, words, fixed)`` (tiles per item, elements per worker, bytes shared: U packed)
+    within ``p.workspace_limit``, or why it does not fit."""
     mr, nr = _tile(p)
     a2 = (m + 2) ** 2
-    isz = p.itemsize
     npan = -(-p.kg // nr)
-    copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
-    fixed = p.g * a2 * npan * nr * p.cg * isz + copies
+    fixed = p.g * a2 * npan * nr * p.cg * p.itemsize
     return _fit(p, _tb(p, m, nthreads), mr, nthreads, fixed, lambda tb: _worker_words(p, m, tb),
-                f"transformed weights, layout copies and {mr} tiles per worker")
+                f"transformed weights and {mr} tiles per worker")
 
 
 def _fit(p, tb, mr, nthreads, fixed, words_of, what):
@@ -118,14 +131,17 @@ def pack_u(w, p, m, flip=False):
     return pu, npan
 
 
-def forward(xh, w, b, p, m, tb, flip=False, out=None):
+def forward(xh, w, b, p, m, tb, flip=False, out=None, nchw=False):
     """The forward of the NHWC input ``xh`` (N, H, W, C), C-contiguous, with F(m x m, 3 x 3) fused
-    per ``tb`` tiles: the (N, OH, OW, K) C-contiguous output (``out`` when given).  With ``flip``,
-    ``w`` is the layer's weight and the pass grad_input's (``p`` its transposed problem)."""
+    per ``tb`` tiles: the (N, OH, OW, K) C-contiguous output (``out`` when given).  With ``nchw``
+    the input is C-contiguous (N, C, H, W) and so is the output (N, K, OH, OW), rows staged per
+    worker (:func:`._winograd_fused_kernels.forward_fused_nchw`).  With ``flip``, ``w`` is the
+    layer's weight and the pass grad_input's (``p`` its transposed problem)."""
     dt = p.dtype
     mr, nr = G.tile(p.itemsize)
     a2 = (m + 2) ** 2
-    y = np.empty((p.n, p.oh, p.ow, p.k), dt) if out is None else out
+    shape = (p.n, p.k, p.oh, p.ow) if nchw else (p.n, p.oh, p.ow, p.k)
+    y = empty_aligned(shape, dt) if out is None else out
     if p.n == 0:
         return y
     pu, npan = pack_u(w, p, m, flip)
@@ -133,8 +149,17 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None):
     ev, em = stride(tb * p.c, p.itemsize), stride(tb * p.k, p.itemsize)
     vbuf = scratch("winograd.fv", (nw, a2 * ev), dt)
     mbuf = scratch("winograd.fm", (nw, a2 * em), dt)
-    pbuf = scratch("winograd.fp", (nw, a2 * p.c), dt)
     bias = np.ascontiguousarray(b, dtype=dt) if b is not None else np.zeros(p.k, dt)
+    if nchw:
+        tw = WN.tiles(p, m)[1]
+        K.forward_fused_nchw(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan,
+                             bias, y.reshape(-1), tb, ev, em, vbuf, mbuf,
+                             scratch("winograd.fs", (nw, (m + 2) * (tw * m + 2) * p.c), dt),
+                             scratch("winograd.fo", (nw, m * tw * m * p.k), dt),
+                             np.zeros((nw, max(mr, K.THIN_MR)), np.int64), np.zeros(1, dt),
+                             np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p))
+        return y
+    pbuf = scratch("winograd.fp", (nw, a2 * p.c), dt)
     K.forward_fused(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan, bias,
                     y.reshape(-1), tb, ev, em, vbuf, mbuf, pbuf, np.zeros((nw, max(mr, K.THIN_MR)), np.int64),
                     np.zeros(1, dt), np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p))
@@ -148,17 +173,19 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None):
 # of output channels), the transforms per transformed element of a channel vector (F(4x4) 0.18 ns,
 # F(2x2) 0.12 ns; a per-tile term fitted to zero), U's packing 1.4 ns per element (one pass over
 # it, scattered panel writes), 83 us per call.  Per-thread terms scale by the vector width on
-# other CPUs.  An NCHW caller's two layout conversions move their bytes at _CONVERT_RATE (8x64x56x56
-# float32, 6.4 MB each way: 0.61 ms on 2 threads, 2 x 12.8 MB moved; 32x64x32x32 1.0 ms for 33.5 MB).
+# other CPUs.  An NCHW caller's rows staged in and out (forward_fused_nchw) cost the bytes of the
+# input and the output at _STAGE_RATE[m] over the NHWC kernel's time (measured with aligned arrays
+# on 9 layers, 2 threads: F(4x4) 15-50 GB/s, 8x64x56x56 0.66 ms for 12.8 MB; F(2x2), whose a rows
+# per tile row are twice its m, 9-18 GB/s; grad_weight's staging of x and gy alike or cheaper).
 _GEMM_RATE = 153e9 * G.VBYTES / 64
 _TRANSFORM = {4: 1.79e-10, 2: 1.23e-10}
 _U_ELEM, _CALL = 1.39e-9, 8.3e-5
-_CONVERT_RATE = 40e9
+_STAGE_RATE = {4: 20e9, 2: 13e9}
 
 
 def cost(p, m, tb, nthreads):
     """Modelled seconds of the fused forward with F(m x m, 3 x 3) in blocks of ``tb`` tiles, with an
-    NCHW caller's layout conversions."""
+    NCHW caller's staged rows."""
     mr, nr = _tile(p)
     lanes = G.VBYTES // p.itemsize
     a2 = (m + 2) ** 2
@@ -171,33 +198,32 @@ def cost(p, m, tb, nthreads):
     vectors = -(-p.c // lanes) + -(-p.k // lanes)
     trans = scale * total * _TRANSFORM[m] * a2 * vectors * lanes
     upack = scale * _U_ELEM * a2 * p.g * kgp * p.cg
-    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
-    return _CALL + (gemm + trans) / workers + upack + moved / _CONVERT_RATE
+    staged = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
+    return _CALL + (gemm + trans) / workers + upack + staged / _STAGE_RATE[m]
 
 
 # ---------------------------------------------------------------------------------- grad_weight
 def gw_plan(p, m, nthreads):
     """``(tb, words, fixed)`` of grad_weight: tiles per item, elements per worker (V, Wg, the
-    patches, the edge tile, the sums), bytes shared (the summed sums and an NCHW caller's NHWC
-    copies of x and gy), within ``p.workspace_limit``; or why it does not fit."""
+    patches or an NCHW caller's staged rows, the edge tile, the sums), bytes shared (the summed
+    sums), within ``p.workspace_limit``; or why it does not fit."""
     mr, nr = G.tile(p.itemsize)
     a2 = (m + 2) ** 2
     isz = p.itemsize
     sums = a2 * p.k * p.cg
-    copies = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * isz
-    fixed = sums * isz + copies
     # V and Wg sized as the forward's V and M
-    return _fit(p, _tb(p, m, nthreads, "grad_weight"), mr, nthreads, fixed,
-                lambda tb: (a2 * (stride(tb * p.c, isz) + stride(tb * p.k, isz)) + nr + a2 * p.c + m * m * p.k
-                            + mr * nr + sums),
-                f"a*a x k x c/groups sums per worker, layout copies and {mr} tiles")
+    return _fit(p, _tb(p, m, nthreads, "grad_weight"), mr, nthreads, sums * isz,
+                lambda tb: (a2 * (stride(tb * p.c, isz) + stride(tb * p.k, isz)) + nr
+                            + max(a2 * p.c + m * m * p.k, _staged_words(p, m)) + mr * nr + sums),
+                f"a*a x k x c/groups sums per worker and {mr} tiles")
 
 
-def grad_weight(gyh, xh, p, m, tb):
-    """grad_weight from NHWC ``gyh`` (N, OH, OW, K) and ``xh`` (N, H, W, C), both C-contiguous, with
-    F(m x m, 3 x 3) fused per ``tb`` tiles: each worker adds ``Wg[e]^T V[e]`` of its fixed share of
-    the tile blocks into sums of its own, the sums are added in worker order and ``G^T Mw G`` gives
-    the 3 x 3 taps in float64 (:func:`.winograd_nhwc.taps`)."""
+def grad_weight(gyh, xh, p, m, tb, nchw=False):
+    """grad_weight from NHWC ``gyh`` (N, OH, OW, K) and ``xh`` (N, H, W, C), both C-contiguous (with
+    ``nchw``: NCHW ones, rows staged per worker), with F(m x m, 3 x 3) fused per ``tb`` tiles: each
+    worker adds ``Wg[e]^T V[e]`` of its fixed share of the tile blocks into sums of its own, the
+    sums are added in worker order and ``G^T Mw G`` gives the 3 x 3 taps in float64
+    (:func:`.winograd_nhwc.taps`)."""
     dt = p.dtype
     mr, nr = G.tile(p.itemsize)
     a2 = (m + 2) ** 2
@@ -208,11 +234,17 @@ def grad_weight(gyh, xh, p, m, tb):
     sums = scratch("winograd.gsums", (nw, a2 * p.k * p.cg), dt)
     sums.fill(0)
     ev, ew = stride(tb * p.c, p.itemsize), stride(tb * p.k, p.itemsize)
-    K.grad_weight_fused(xh.reshape(-1), gyh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0,
-                        m, tb, ev, ew, scratch("winograd.fv", (nw, a2 * ev + nr), dt),
-                        scratch("winograd.fw", (nw, a2 * ew), dt), scratch("winograd.fp", (nw, a2 * p.c), dt),
-                        scratch("winograd.fg", (nw, m * m * p.k), dt), sums, np.zeros((nw, mr * nr), dt),
-                        thin(p, "grad_weight"))
+    args = (xh.reshape(-1), gyh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, tb, ev, ew,
+            scratch("winograd.fv", (nw, a2 * ev + nr), dt), scratch("winograd.fw", (nw, a2 * ew), dt))
+    if nchw:
+        tw = WN.tiles(p, m)[1]
+        K.grad_weight_fused_nchw(*args, scratch("winograd.fs", (nw, (m + 2) * (tw * m + 2) * p.c), dt),
+                                 scratch("winograd.fo", (nw, m * tw * m * p.k), dt), sums,
+                                 np.zeros((nw, mr * nr), dt), thin(p, "grad_weight"))
+    else:
+        K.grad_weight_fused(*args, scratch("winograd.fp", (nw, a2 * p.c), dt),
+                            scratch("winograd.fg", (nw, m * m * p.k), dt), sums, np.zeros((nw, mr * nr), dt),
+                            thin(p, "grad_weight"))
     mw = sums[0].copy()
     for i in range(1, nw):
         mw += sums[i]
@@ -233,7 +265,7 @@ _GW_SUMS, _GW_TRANSFORM, _GW_FIXED, _GW_CALL = 1.97e-10, 1.72e-10, 6.9e-10, 5.0e
 
 def gw_cost(p, m, tb, nthreads):
     """Modelled seconds of the fused grad_weight with F(m x m, 3 x 3) in blocks of ``tb`` tiles, with
-    an NCHW caller's layout conversions (x and gy)."""
+    an NCHW caller's staged rows (x and gy)."""
     mr, nr = _tile(p, "grad_weight")
     lanes = G.VBYTES // p.itemsize
     a2 = (m + 2) ** 2
@@ -244,5 +276,5 @@ def gw_cost(p, m, tb, nthreads):
     sums = scale * _GW_SUMS * -(-total // tb) * a2 * p.k * p.cg
     trans = scale * _GW_TRANSFORM * total * a2 * (-(-p.c // lanes) + -(-p.k // lanes)) * lanes
     fixed = scale * _GW_FIXED * 3 * a2 * p.k * p.cg
-    moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
-    return _GW_CALL + (gemm + sums + trans) / workers + fixed + moved / _CONVERT_RATE
+    staged = max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
+    return _GW_CALL + (gemm + sums + trans) / workers + fixed + staged / _STAGE_RATE[m]
