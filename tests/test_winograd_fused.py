@@ -241,7 +241,7 @@ def test_dilated_channels_last_layers_keep_the_nhwc_gemm_rule(monkeypatch):
     # rule prefers the NHWC GEMM to converting, a channels_last call still runs the NHWC GEMM
     import fastconv
     from fastconv import _select
-    x, w, b, p = _problem((4, 64, 32, 32), 64, padding=2, dtype=np.float32)
+    x, w, b, p = _problem((2, 64, 64, 64), 64, padding=2, dtype=np.float32)
     p = conv_params("conv2d", x.shape, w.shape, np.dtype(np.float32), 1, 2, 2, 1)
     if not (nhwc.native_beats_converting(p, "forward") and _select.select("t", "auto", p, "forward",
                                                                            numba.get_num_threads()).name == "winograd"):

@@ -463,6 +463,12 @@ def _stage_rows(x, img, y0, h, w, c, rows, wp, pw, st):
 
 
 @serial
+def _band_end(row, tlast, tw, th, band):
+    # the last tile row staged with `row`: the item's last, the image's last, or band - 1 further
+    return min(tlast // tw, (row // th + 1) * th - 1, row + band - 1)
+
+
+@serial
 def _unstage_rows(so, y, row, th, tj0, tj1, m, k, oh, ow, owp):
     # the outputs of tiles tj0 .. tj1 of tile row `row` (image row // th), staged NHWC in so
     # ((i*owp + ox)*k + ch), into the NCHW output y: L channels at a time, each plane's rows
@@ -490,14 +496,15 @@ def _unstage_rows(so, y, row, th, tj0, tj1, m, k, oh, ow, owp):
 
 
 @kernel
-def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, vbuf, mbuf, sbuf,
+def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, band, vbuf, mbuf, sbuf,
                        obuf, offbuf, zeros, tbuf, ctr, thin):
     """:func:`forward_fused` from the NCHW input ``x`` into the NCHW output ``y`` (flat, C-contiguous)
-    without NHWC copies of them: the a input rows of each tile row an item reaches are transposed
-    into the worker's ``sbuf`` (a x (tw*m + 2) x c, zero in the padding) when its first tile needs
-    them, the tiles transformed from there; outputs are transformed into the worker's ``obuf`` (m x
-    tw*m x k) and each run of an item's tiles in one tile row transposed into y.  Both transposes
-    stay in L2 (8x64x56x56: the two whole-array copies took 1.0 of a 3.5 ms forward)."""
+    without NHWC copies of them: the input rows of up to ``band`` tile rows of one image that an
+    item reaches (band*m + 2 rows) are transposed into the worker's ``sbuf`` ((band*m + 2) x
+    (tw*m + 2) x c, zero in the padding) when its first tile needs them, the tiles transformed from
+    there; outputs are transformed into the worker's ``obuf`` (m x tw*m x k) and each run of an
+    item's tiles in one tile row transposed into y.  Both transposes stay in L2 (8x64x56x56: the
+    two whole-array copies took 1.0 of a 3.5 ms forward)."""
     a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     a = m + 2
     wp = tw * m + 2
@@ -516,17 +523,20 @@ def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y
                 break
             t0 = it * tb
             tn = min(tb, total - t0)
-            staged = -1
+            first = 0
+            last = -1
             for q in range(tn):
                 t = t0 + q
                 row = t // tw
-                if row != staged:
-                    _stage_rows(x, row // th, (row % th) * m - ph, h, w, c, a, wp, pw, st)
-                    staged = row
+                if row > last:
+                    first = row
+                    last = _band_end(row, t0 + tn - 1, tw, th, band)
+                    _stage_rows(x, row // th, (row % th) * m - ph, h, w, c, (last - row) * m + a, wp, pw, st)
+                src = ((row - first) * m * wp + (t % tw) * m) * c
                 if m == 4:
-                    transform_in(st, (t % tw) * m * c, wp * c, c, v, q * c, ev, c, 4)
+                    transform_in(st, src, wp * c, c, v, q * c, ev, c, 4)
                 else:
-                    transform_in(st, (t % tw) * m * c, wp * c, c, v, q * c, ev, c, 2)
+                    transform_in(st, src, wp * c, c, v, q * c, ev, c, 2)
             _products(v, mm, pu, tn, ev, em, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
             cur = -1
             tj0 = 0
@@ -695,12 +705,12 @@ def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vb
 
 
 @kernel
-def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vbuf, wbuf, sbuf, gbuf, sums, tbuf,
-                           thin):
+def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, band, vbuf, wbuf, sbuf, gbuf, sums,
+                           tbuf, thin):
     """:func:`grad_weight_fused` from the NCHW ``x`` and ``gy`` (flat, C-contiguous) without NHWC
-    copies: per tile row an item reaches, its a input rows into the worker's ``sbuf`` (as
-    :func:`forward_fused_nchw`) and its m rows of gy into ``gbuf`` (m x tw*m x k, zero past the
-    output), transposed in L2; the tiles transformed from there."""
+    copies: per band of up to ``band`` tile rows an item reaches, their input rows into the
+    worker's ``sbuf`` (as :func:`forward_fused_nchw`) and their rows of gy into ``gbuf`` (band*m x
+    tw*m x k, zero past the output), transposed in L2; the tiles transformed from there."""
     a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     a = m + 2
     wp = tw * m + 2
@@ -716,21 +726,24 @@ def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, e
         for it in range(wid, items, nw):
             t0 = it * tb
             tn = min(tb, total - t0)
-            staged = -1
+            first = 0
+            last = -1
             for q in range(tn):
                 t = t0 + q
                 row = t // tw
-                if row != staged:
+                if row > last:
+                    first = row
+                    last = _band_end(row, t0 + tn - 1, tw, th, band)
                     img = row // th
                     oy0 = (row % th) * m
-                    _stage_rows(x, img, oy0 - ph, h, w, c, a, wp, pw, st)
-                    _stage_rows(gy, img, oy0, oh, ow, k, m, owp, 0, sg)
-                    staged = row
-                tj = t % tw
+                    _stage_rows(x, img, oy0 - ph, h, w, c, (last - row) * m + a, wp, pw, st)
+                    _stage_rows(gy, img, oy0, oh, ow, k, (last - row + 1) * m, owp, 0, sg)
+                xo = ((row - first) * m * wp + (t % tw) * m) * c
+                go = ((row - first) * m * owp + (t % tw) * m) * k
                 if m == 4:
-                    transform_in(st, tj * m * c, wp * c, c, v, q * c, ev, c, 4)
-                    transform_gy(sg, tj * m * k, owp * k, k, wg, q * k, ew, k, 4)
+                    transform_in(st, xo, wp * c, c, v, q * c, ev, c, 4)
+                    transform_gy(sg, go, owp * k, k, wg, q * k, ew, k, 4)
                 else:
-                    transform_in(st, tj * m * c, wp * c, c, v, q * c, ev, c, 2)
-                    transform_gy(sg, tj * m * k, owp * k, k, wg, q * k, ew, k, 2)
+                    transform_in(st, xo, wp * c, c, v, q * c, ev, c, 2)
+                    transform_gy(sg, go, owp * k, k, wg, q * k, ew, k, 2)
             _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)

@@ -76,11 +76,23 @@ def stride(n, itemsize):
     return lines * 64 // itemsize
 
 
-def _staged_words(p, m):
-    """Elements of an NCHW caller's staged rows per worker: one tile row's a input rows (tw*m + 2
-    columns, padding included) and its m rows of outputs (forward) or of gy (grad_weight)."""
+def band(p, m, tb):
+    """Tile rows an NCHW caller's worker stages at once: those a block of ``tb`` tiles can reach
+    (the input rows of r tile rows are r*m + 2: one at a time F(2x2) transposed each input row
+    twice, F(4x4) 1.5 times), at most a quarter of L2 of input rows."""
+    th, tw, _ = WN.tiles(p, m)
+    row = (tw * m + 2) * p.c * p.itemsize
+    fit = max(1, (_cpu.cache_sizes()["l2"] // 4 // row - 2) // m)
+    return max(1, min(th, -(-tb // tw) + 1, fit))
+
+
+def _staged_words(p, m, tb):
+    """Elements of an NCHW caller's staged rows per worker: a band's input rows (tw*m + 2 columns,
+    padding included) and its rows of outputs (forward: one tile row's m) or of gy (grad_weight:
+    the band's)."""
     tw = WN.tiles(p, m)[1]
-    return (m + 2) * (tw * m + 2) * p.c + m * tw * m * p.k
+    r = band(p, m, tb)
+    return (r * m + 2) * (tw * m + 2) * p.c + r * m * tw * m * p.k
 
 
 def _worker_words(p, m, tb):
@@ -89,7 +101,7 @@ def _worker_words(p, m, tb):
     mr, nr = G.tile(p.itemsize)  # the thin tile has fewer elements
     a2 = (m + 2) ** 2
     return (a2 * (stride(tb * p.c, p.itemsize) + stride(tb * p.k, p.itemsize))
-            + max(a2 * p.c, _staged_words(p, m)) + mr * nr)
+            + max(a2 * p.c, _staged_words(p, m, tb)) + mr * nr)
 
 
 def plan(p, m, nthreads):
@@ -152,9 +164,10 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None, nchw=False):
     bias = np.ascontiguousarray(b, dtype=dt) if b is not None else np.zeros(p.k, dt)
     if nchw:
         tw = WN.tiles(p, m)[1]
+        r = band(p, m, tb)
         K.forward_fused_nchw(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan,
-                             bias, y.reshape(-1), tb, ev, em, vbuf, mbuf,
-                             scratch("winograd.fs", (nw, (m + 2) * (tw * m + 2) * p.c), dt),
+                             bias, y.reshape(-1), tb, ev, em, r, vbuf, mbuf,
+                             scratch("winograd.fs", (nw, (r * m + 2) * (tw * m + 2) * p.c), dt),
                              scratch("winograd.fo", (nw, m * tw * m * p.k), dt),
                              np.zeros((nw, max(mr, K.THIN_MR)), np.int64), np.zeros(1, dt),
                              np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p))
@@ -214,7 +227,7 @@ def gw_plan(p, m, nthreads):
     # V and Wg sized as the forward's V and M
     return _fit(p, _tb(p, m, nthreads, "grad_weight"), mr, nthreads, sums * isz,
                 lambda tb: (a2 * (stride(tb * p.c, isz) + stride(tb * p.k, isz)) + nr
-                            + max(a2 * p.c + m * m * p.k, _staged_words(p, m)) + mr * nr + sums),
+                            + max(a2 * p.c + m * m * p.k, _staged_words(p, m, tb)) + mr * nr + sums),
                 f"a*a x k x c/groups sums per worker and {mr} tiles")
 
 
@@ -238,8 +251,10 @@ def grad_weight(gyh, xh, p, m, tb, nchw=False):
             scratch("winograd.fv", (nw, a2 * ev + nr), dt), scratch("winograd.fw", (nw, a2 * ew), dt))
     if nchw:
         tw = WN.tiles(p, m)[1]
-        K.grad_weight_fused_nchw(*args, scratch("winograd.fs", (nw, (m + 2) * (tw * m + 2) * p.c), dt),
-                                 scratch("winograd.fo", (nw, m * tw * m * p.k), dt), sums,
+        r = band(p, m, tb)
+        K.grad_weight_fused_nchw(*args[:16], r, *args[16:],
+                                 scratch("winograd.fs", (nw, (r * m + 2) * (tw * m + 2) * p.c), dt),
+                                 scratch("winograd.fo", (nw, r * m * tw * m * p.k), dt), sums,
                                  np.zeros((nw, mr * nr), dt), thin(p, "grad_weight"))
     else:
         K.grad_weight_fused(*args, scratch("winograd.fp", (nw, a2 * p.c), dt),
