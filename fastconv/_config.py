@@ -10,11 +10,14 @@ weights, tiles and NHWC copies) are kept per thread between calls
 (:func:`scratch`) and released with :func:`free_workspace`.  Fresh memory is expensive here: glibc
 hands blocks of several MiB back to the kernel when they are freed, and the next call faults every
 page in again -- measured on the 2-core development VM, ~2.6 us per 4 KiB page (about 35 ms of
-convnet-L2-9x9's ~105 ms FFT forward went to page faults).
+convnet-L2-9x9's ~105 ms FFT forward went to page faults).  Results of 1 MiB or more (outputs,
+gradients, padded copies) come from kept memory too, reused once nothing references them
+(:func:`result`).
 """
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import numpy as np
@@ -103,6 +106,11 @@ def scratch(role, shape, dtype):
 ALIGN = 64
 
 
+def _aligned_view(raw, shape, dtype, n):
+    off = -raw.ctypes.data % ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
 def empty_aligned(shape, dtype):
     """``np.empty(shape, dtype)`` starting on a cache-line boundary.  NumPy aligns to 16 bytes only:
     large arrays came back 16 or 48 bytes past a 64-byte line, and every second 32-byte vector
@@ -110,18 +118,80 @@ def empty_aligned(shape, dtype):
     Winograd forward 9.5 ms with such an output, 6.5 with an aligned one)."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(n + ALIGN, np.uint8)
-    off = -buf.ctypes.data % ALIGN
-    return buf[off:off + n].view(dtype).reshape(shape)
+    return _aligned_view(np.empty(n + ALIGN, np.uint8), shape, dtype, n)
+
+
+#: Results of at least this many bytes come from :func:`result`'s kept memory.
+RESULT_MIN_BYTES = 1 << 20
+#: Most bytes :func:`result` keeps (in use by live results or free for the next one).
+RESULT_POOL_BYTES = 256 << 20
+_results: list = []  # the raw buffers (each the base of the results made from it), oldest first
+_results_lock = threading.Lock()
+
+
+def result(shape, dtype):
+    """An uninitialised, cache-line-aligned C-contiguous array for a result handed to the caller,
+    on memory that an earlier result no longer referenced has used where there is one.
+
+    Every page of fresh memory is faulted in on first touch, and glibc gives blocks of several MiB
+    back to the kernel when they are freed: under a PyTorch training step (other tensors come and
+    go between the calls) a 4x32x128x128 1x1 layer's backward faulted its 8 MB input gradient in
+    afresh on each step -- ~1030 faults, 9-13 ms against 2.8 ms with warm memory (KVM guest, ~6 us
+    a fault).  Results of RESULT_MIN_BYTES or more are made from kept raw buffers instead: a buffer
+    is free again when nothing but this pool references it (every array made from it, and every
+    view of those, holds a reference to it as its base), and one between the size and 1.5x of it
+    is reused, most recently freed first.  At most RESULT_POOL_BYTES are kept;
+    :func:`free_workspace` hands free ones back."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if n < RESULT_MIN_BYTES:
+        return empty_aligned(shape, dtype)
+    with _results_lock:
+        for i in range(len(_results) - 1, -1, -1):
+            # 2: the list's reference and getrefcount's argument -- no result alive
+            if n + ALIGN <= _results[i].nbytes <= n + n // 2 + ALIGN and sys.getrefcount(_results[i]) == 2:
+                raw = _results.pop(i)
+                _results.append(raw)
+                return _aligned_view(raw, shape, dtype, n)
+        kept = sum(b.nbytes for b in _results)
+        i = 0
+        while kept + n > RESULT_POOL_BYTES and i < len(_results):
+            if sys.getrefcount(_results[i]) == 2:
+                kept -= _results.pop(i).nbytes
+            else:
+                i += 1
+        raw = np.empty(n + ALIGN, np.uint8)
+        if kept + raw.nbytes <= RESULT_POOL_BYTES:
+            _results.append(raw)
+        return _aligned_view(raw, shape, dtype, n)
+
+
+def result_zeros(shape, dtype):
+    """:func:`result` filled with zeros."""
+    out = result(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def _free_results():
+    with _results_lock:
+        free = [i for i in range(len(_results)) if sys.getrefcount(_results[i]) == 2]
+        freed = sum(_results[i].nbytes for i in free)
+        for i in reversed(free):
+            del _results[i]
+    return freed
 
 
 def free_workspace():
-    """Release the scratch buffers that convolution calls in this thread keep for reuse.
+    """Release the scratch buffers that convolution calls in this thread keep for reuse, and the
+    kept memory of results no longer referenced.
 
     The FFT algorithm keeps its tile and spectrum buffers, and Winograd its transformed weights,
     workers' tile buffers and (batch-wide passes) layout copies (each under the workspace limit of
     the largest call) between calls, because faulting fresh memory in costs more than some of their
-    transforms; call this to hand that memory back, e.g. after the last large convolution.
+    transforms; results of 1 MiB or more (outputs, gradients, padded copies) are made on memory
+    kept for the next ones once nothing references them (at most 256 MiB, see ``result``).  Call
+    this to hand that memory back, e.g. after the last large convolution.
 
     Returns
     -------
@@ -137,7 +207,7 @@ def free_workspace():
     pool = getattr(_scratch_local, "pool", None) or {}
     freed = sum(b.nbytes for b in pool.values())
     pool.clear()
-    return freed
+    return freed + _free_results()
 
 
 class OutOfMemoryError(MemoryError):

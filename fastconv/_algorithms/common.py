@@ -13,6 +13,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
+from .._config import result
 from .._jit import SLACK, kernel  # SLACK: zero elements after every flat plane (see _jit)
 
 
@@ -123,7 +124,7 @@ def pad_planes(a, top, bottom, left, right, sw=1, check_finite=False):
     n, c, h, w = a.shape
     hp, wp = h + top + bottom, w + left + right
     wq = -(-wp // sw)
-    out = np.empty((n * c, sw * hp * wq + SLACK), dtype=a.dtype)
+    out = result((n * c, sw * hp * wq + SLACK), a.dtype)
     bad = np.zeros(n * c, dtype=np.uint8)
     if n * c:
         _pad_planes(np.ascontiguousarray(a).reshape(n * c, h, w), out, sw, hp, wq, top, left,

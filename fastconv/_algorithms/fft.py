@@ -81,7 +81,7 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
-from .._config import scratch
+from .._config import result, scratch
 from ._fft_kernels import _kernel_rows, _pack, _spectral_conv, _spectral_wgrad, _unpack, _wgrad_rows
 from ._fft_plan import _cost_of, _plan, _whole
 
@@ -191,7 +191,7 @@ def forward(x, w, b, p):
     w = np.ascontiguousarray(w)
     bias = np.zeros(p.k, dt) if b is None else np.ascontiguousarray(b)
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
-    y = np.empty(p.y_shape, dt)
+    y = result(p.y_shape, dt)
     kchunks = _chunks(p.k, pl.kb)
     tabs = [_kernel_row_dfts(w, k0, k1, nw, wf, p.dw, dt) for k0, k1 in kchunks] if len(kchunks) == 1 else None
     for i0, i1 in _chunks(p.oh, pl.th):
@@ -238,7 +238,7 @@ def _grad_input(gy, w, p, keep_spectrum):
     gy = np.ascontiguousarray(gy)
     w = np.ascontiguousarray(w)
     eh_tab = _twiddles(nh, p.r, p.dh, nh, dt)
-    gx = np.empty(p.x_shape, dt)
+    gx = result(p.x_shape, dt)
     kept = None
     zero_bias = np.zeros(p.c, dt)
     kchunks = _chunks(p.k, pl.kb)

@@ -56,6 +56,7 @@ import dataclasses
 import numba
 import numpy as np
 
+from .._config import result, result_zeros
 from ._blas import _BLAS, serial_blas
 from ._im2col_kernels import _forward, _grad_input, _grad_weight
 from .common import SLACK, _split_planes, _unsplit, transposed_weight
@@ -168,7 +169,7 @@ def _source(x, p, padded):
     if not padded:
         return x.reshape(p.n, p.c, p.h * p.w)
     wq = -(-p.wp // p.sw)
-    out = np.empty((p.n, p.c, p.sw * p.hp * wq + SLACK), dtype=x.dtype)
+    out = result((p.n, p.c, p.sw * p.hp * wq + SLACK), x.dtype)
     _split_planes(x.reshape(p.n * p.c, p.h, p.w), out.reshape(p.n * p.c, -1), p.sw, p.hp, wq, p.ph0, p.pw0)
     return out
 
@@ -180,7 +181,7 @@ def forward(x, w, b, p):
     plan = _plan(p, tn, p.kg, p.g, p.n, _copy_bytes(x, p), direct)
     src = _source(x, p, plan.padded)
     wq = -(-p.wp // p.sw)
-    y = np.empty(p.y_shape, dtype=p.dtype)
+    y = result(p.y_shape, p.dtype)
     has_bias = b is not None
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
     with serial_blas:
@@ -234,7 +235,7 @@ def grad_input(gy, w, p):
     wq = -(-p.wp // p.sw)
     plan = _plan(p, cb * p.r * p.s, p.kg, p.g * ncb, p.n, _planes_bytes(p, p.n, p.c), direct)
     if plan.padded:
-        gq = np.zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), dtype=p.dtype)
+        gq = result_zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), p.dtype)
     else:
         gq = (np.empty if direct else np.zeros)((p.n, p.c, p.h * p.w), dtype=p.dtype)
     with serial_blas:
@@ -245,7 +246,7 @@ def grad_input(gy, w, p):
                     plan.nb, plan.rb, cb, plan.mmax)
     if not plan.padded:
         return gq.reshape(p.x_shape)
-    gx = np.empty(p.x_shape, dtype=p.dtype)
+    gx = result(p.x_shape, p.dtype)
     _unsplit(gq.reshape(p.n * p.c, -1), gx.reshape(p.n * p.c, p.h, p.w), p.sw, p.hp, wq, p.ph0, p.pw0)
     return gx
 

@@ -40,6 +40,7 @@ import numba
 import numpy as np
 
 from .. import _cpu
+from .._config import result, result_zeros
 from . import _implicit_kernels as K
 from . import gemm as G
 from . import nhwc as H
@@ -80,7 +81,7 @@ def _source(x, p):
     if _in_place(p):
         return x.reshape(p.n, p.c, p.h * p.w)
     hp, wq, ll = _layout(p)
-    out = np.empty((p.n, p.c, ll), dtype=x.dtype)
+    out = result((p.n, p.c, ll), x.dtype)
     _split_planes(x.reshape(p.n * p.c, p.h, p.w), out.reshape(p.n * p.c, -1), p.sw, hp, wq, p.ph0, p.pw0)
     return out
 
@@ -200,7 +201,7 @@ def forward(x, w, b, p):
     pa = np.empty((p.g, pasz), dtype=p.dtype)
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), pa, np.arange(p.g, dtype=np.int64) * (p.kg * tn),
                    np.full(p.g, p.kg, np.int64), tn, tn, 1, blk)
-    y = np.empty(p.y_shape, dtype=p.dtype)
+    y = result(p.y_shape, p.dtype)
     has_bias = b is not None
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
     _, wq, _ = _layout(p)
@@ -275,11 +276,11 @@ def _grad_input_col2im(gy, w, p):
     pa = np.empty((p.g * ncb, pasz), dtype=p.dtype)
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), pa, aoffs, rows, p.kg, 1, tn, blk)
     wq = -(-p.wp // p.sw)
-    gq = np.zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), dtype=p.dtype)
+    gq = result_zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), p.dtype)
     K.col_tiles(np.ascontiguousarray(gy).reshape(-1), pa, gq, np.empty((nw, wsz), p.dtype), np.zeros(1, np.int64),
                 p.g, p.k, p.r, p.s, p.sh, p.sw, p.dh, p.dw, p.hp, wq, p.oh, p.ow, cb, rb, blk,
                 np.empty((nw, csz), p.dtype))
-    gx = np.empty(p.x_shape, dtype=p.dtype)
+    gx = result(p.x_shape, p.dtype)
     _unsplit(gq.reshape(p.n * p.c, -1), gx.reshape(p.n * p.c, p.h, p.w), p.sw, p.hp, wq, p.ph0, p.pw0)
     return gx
 

@@ -36,6 +36,7 @@ import functools
 import numba
 import numpy as np
 
+from .._config import result, result_zeros
 from .. import _cpu
 from . import _nhwc_kernels as K
 from . import gemm as G
@@ -58,7 +59,7 @@ def to_nhwc(a, out=None):
     n, c, h, w = a.shape
     if a.dtype.itemsize not in (4, 8):  # the kernel's register transpose moves 4- and 8-byte lanes
         return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-    out = np.empty((n, h, w, c), dtype=a.dtype) if out is None else out
+    out = result((n, h, w, c), a.dtype) if out is None else out
     if a.size:
         K.transpose_planes(np.ascontiguousarray(a).reshape(n, c, h * w), out.reshape(n, h * w, c))
     return out
@@ -74,7 +75,7 @@ def to_nchw(a):
     n, c, h, w = a.shape
     if a.dtype.itemsize not in (4, 8):
         return np.ascontiguousarray(a)
-    out = np.empty((n, c, h, w), dtype=a.dtype)
+    out = result((n, c, h, w), a.dtype)
     if a.size:
         K.transpose_planes(a.transpose(0, 2, 3, 1).reshape(n, h * w, c), out.reshape(n, c, h * w))
     return out
@@ -183,7 +184,7 @@ def _forward_rows(xh, w, b, p, flipped=False):
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad, flipped)
     if flipped and bad.any():
         return None
-    y = np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
+    y = result((p.n, p.oh, p.ow, p.k), p.dtype)
     in_place = p.cg >= ROWS_MIN_CHANNELS
     skip = skips(p) and not bad.any()
     bm, nw = _rows_plan(p, m, in_place)
@@ -354,7 +355,7 @@ NCHW_MAX_PLANE = 1024
 def forward(xh, w, b, p):
     """``y`` (n, oh, ow, k) C-contiguous from the NHWC input ``xh`` (n, h, w, c) (module docstring)."""
     if p.n * p.oh * p.ow == 0:
-        return np.empty((p.n, p.oh, p.ow, p.k), dtype=p.dtype)
+        return result((p.n, p.oh, p.ow, p.k), p.dtype)
     return _forward_rows(xh, w, b, p)
 
 
@@ -374,7 +375,7 @@ def grad_input(gyh, w, p):
     gx = grad_input_transposed(gyh, w, p)
     if gx is not None:
         return gx
-    gx = np.empty((p.n, p.h, p.w, p.c), dtype=p.dtype)
+    gx = result((p.n, p.h, p.w, p.c), p.dtype)
     tn = p.r * p.s * p.cg
     wg = np.ascontiguousarray(w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 1, 3, 4, 2)).reshape(-1)
     bm = _col_rows(p)
@@ -487,7 +488,7 @@ def _rows(a, c):
 
 def dw_forward(xh, w, b, p):
     """Depthwise ``y`` (n, oh, ow, c) from NHWC ``xh``: per output row, tap by tap, along channels."""
-    y = np.empty((p.n, p.oh, p.ow, p.c), dtype=p.dtype)
+    y = result((p.n, p.oh, p.ow, p.c), p.dtype)
     if y.size:
         bias = np.zeros(p.c, p.dtype) if b is None else np.ascontiguousarray(b)  # read in vectors
         K.dw_forward(_rows(xh, p.c), p.n, p.h, p.w, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.r, p.s,
@@ -501,7 +502,7 @@ def dw_grad_input(gyh, w, p):
     q = _transposed(p)
     if q is not None:
         return dw_forward(gyh, np.ascontiguousarray(w[:, :, ::-1, ::-1]), None, q)
-    gx = np.zeros((p.n, p.h, p.w, p.c), dtype=p.dtype)
+    gx = result_zeros((p.n, p.h, p.w, p.c), p.dtype)
     if gx.size and gyh.size:
         K.dw_grad_input(_rows(gyh, p.c), p.n, p.h, p.w, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.r,
                         p.s, _dw_taps(w, p), gx.reshape(-1, p.c))

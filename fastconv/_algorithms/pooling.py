@@ -6,6 +6,7 @@ import numpy as np
 
 # the layout helpers shared with the convolutions: is_channels_last, and NHWC <-> NCHW by a tiled
 # parallel transpose (a view where the array already has the layout)
+from .._config import result
 from .nhwc import channels_last_view as _nchw_view
 from .nhwc import is_channels_last, to_nchw
 from .nhwc import to_nhwc as _nhwc
@@ -59,8 +60,8 @@ def max_forward(x, p):
         return _to_cl(y), _to_cl(idx)
     if is_channels_last(x) and p.h * p.w < 2**31:
         return _max_forward_cl(x, p)
-    y = np.empty(p.y_shape, dtype=x.dtype)
-    idx = np.empty(p.y_shape, dtype=np.int64)
+    y = result(p.y_shape, x.dtype)
+    idx = result(p.y_shape, np.int64)
     if y.size and _is_2x2(p):
         _max_forward_2x2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow))
     elif y.size and _is_separable(p):
@@ -98,7 +99,7 @@ def avg_forward(x, p, count_include_pad, divisor_override=0):
             _avg_forward_nhwc(_nhwc(x), y, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
                               int(divisor_override))
         return _nchw_view(y)
-    y = np.empty(p.y_shape, dtype=x.dtype)
+    y = result(p.y_shape, x.dtype)
     if y.size:
         kernel = _avg_forward_sep if p.sw <= 2 else _avg_forward
         kernel(_planes(x), y.reshape(-1, p.oh, p.ow), p.kh, p.kw, p.sh, p.sw, p.ph, p.pw,
@@ -108,7 +109,7 @@ def avg_forward(x, p, count_include_pad, divisor_override=0):
 
 def avg_backward(gy, p, count_include_pad, divisor_override=0):
     if is_channels_last(gy):
-        gx = np.empty((p.n, p.h, p.w, p.c), dtype=gy.dtype)
+        gx = result((p.n, p.h, p.w, p.c), gy.dtype)
         if gx.size:
             _avg_backward_nhwc(_nhwc(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
                                int(divisor_override))
@@ -138,7 +139,7 @@ def adaptive_avg_forward(x, out_hw, out=None):
 def adaptive_avg_backward(gy, input_shape):
     n, c, h, w = input_shape
     if is_channels_last(gy):
-        gx = np.empty((n, h, w, c), dtype=gy.dtype)
+        gx = result((n, h, w, c), gy.dtype)
         if gx.size:
             _adaptive_avg_backward_nhwc(_nhwc(gy), gx)
         return _nchw_view(gx)

@@ -102,7 +102,7 @@ import numba
 import numpy as np
 
 from .. import _cpu
-from .._config import scratch
+from .._config import result, scratch
 from . import _dilation_phases as phases
 from . import _winograd_gw_kernels as KG
 from . import _winograd_kernels as K
@@ -432,7 +432,7 @@ def _run_forward(x, w, b, p, m=None, batch=None, flip=False, fused=None):
     mr, _ = _gemm.tile(p.itemsize)
     pu = scratch("winograd.pu", (pl.fixed // p.itemsize,), p.dtype)
     K.pack_u(_contiguous(w).reshape(p.k, p.cg, 9), _G[m], pu, p.g, mr)
-    y = np.empty(p.y_shape, dtype=p.dtype)
+    y = result(p.y_shape, p.dtype)
     bb = _contiguous(b) if b is not None else np.zeros(p.k, p.dtype)
     hv = min(p.h, p.oh + 2 - p.ph0)
     wv = min(p.w, p.ow + 2 - p.pw0)

@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from .. import _cpu
-from .._config import empty_aligned, scratch
+from .._config import result, scratch
 from . import _winograd_fused_kernels as K
 from . import gemm as G
 from . import winograd as W  # the transform matrices (a cycle: used at call time)
@@ -153,7 +153,7 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None, nchw=False):
     mr, nr = G.tile(p.itemsize)
     a2 = (m + 2) ** 2
     shape = (p.n, p.k, p.oh, p.ow) if nchw else (p.n, p.oh, p.ow, p.k)
-    y = empty_aligned(shape, dt) if out is None else out
+    y = result(shape, dt) if out is None else out
     if p.n == 0:
         return y
     pu, npan = pack_u(w, p, m, flip)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._config import scratch
+from .._config import result, scratch
 from . import _winograd_nhwc_kernels as K
 from . import gemm as G
 from . import winograd as W  # the transform matrices and the packed plans' model (a cycle: used at call time)
@@ -149,7 +149,7 @@ def forward(xh, w, b, p, m, tc, flip=False, out=None):
                   np.empty((nw, (9 + 3 * a) * p.cg)), np.zeros((nw, 8), np.int64), np.zeros((nw, 8)))
     bi, bc, bn = _table(W._BT[m], dt)
     ai, ac, an = _table(W._AT[m], dt)
-    y = np.empty((p.n, p.oh, p.ow, p.k), dt) if out is None else out
+    y = result((p.n, p.oh, p.ow, p.k), dt) if out is None else out
     bb = np.ascontiguousarray(b) if b is not None else np.zeros(1, dt)
     tc = min(tc, total)
     v, mm, tin, tout, ot, ct, blk, ws = _buffers(p, m, tc, nw)

@@ -42,6 +42,7 @@ import numpy as np
 import numba
 
 from ... import _cpu
+from ..._config import result
 from ..._jit import RUN_PAIR
 from ..common import SLACK, pad_planes, transposed_weight
 from .blocks import _FWD_KB, _FWD_TILE
@@ -101,7 +102,7 @@ def _cv_forward(x, w, b, p):
     bb = np.zeros(cpad, dtype=p.dtype)
     if b is not None:
         bb[:p.c] = b
-    y = np.empty(p.y_shape, dtype=p.dtype)
+    y = result(p.y_shape, p.dtype)
     if y.size:
         dwc_forward(np.ascontiguousarray(x), _cv_taps(w, p, cpad), bb, y, p.ph0, p.pw0, p.hp, -(-p.wp // p.sw), p.sh, p.sw,
                     p.dh, p.dw, p.s, cb, *_workers(p.n * (cpad // cb)))
@@ -110,7 +111,7 @@ def _cv_forward(x, w, b, p):
 
 def _cv_grad_input(gy, w, p):
     cb, cpad = _cv_block(p)
-    gx = np.empty(p.x_shape, dtype=p.dtype)
+    gx = result(p.x_shape, p.dtype)
     if gx.size:
         dwc_grad_input(np.ascontiguousarray(gy), _cv_taps(w, p, cpad), gx, p.ph0, p.pw0, p.hp, -(-p.wp // p.sw), p.sh, p.sw,
                        p.dh, p.dw, p.s, cb, *_workers(p.n * (cpad // cb)))
@@ -200,7 +201,7 @@ def _conv(x, top, bottom, left, right, w, b, sh, sw, dh, dw, g, oh, ow):
     k, cg, r, s = w.shape
     hp, wq = h + top + bottom, -(-(wd + left + right) // sw)
     tc, tb = _taps(cg, r, s, dh, dw, sw, hp, wq)
-    y = np.empty((n, k, oh, ow), dtype=x.dtype)
+    y = result((n, k, oh, ow), x.dtype)
     kb, rb = _blocks(k, g, sh, ow, wq, oh)
     b = np.zeros(k, dtype=x.dtype) if b is None else np.ascontiguousarray(b)
     wt = np.ascontiguousarray(w).reshape(k, cg * r * s)
@@ -244,7 +245,7 @@ def grad_input(gy, w, p):
                 and (tn + p.kg) * ln * p.itemsize <= _IMG_MAX_BYTES):
             _, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, 1, p.hp, p.wp)
             wt = np.ascontiguousarray(np.asarray(w).reshape(p.g, p.kg, tn).transpose(0, 2, 1))
-            gx = np.empty(p.x_shape, dtype=p.dtype)
+            gx = result(p.x_shape, p.dtype)
             _grad_input_img(np.ascontiguousarray(gy), wt, tb, gx, p.hp, p.wp, p.ph0, p.pw0,
                             *_workers(p.n * p.g), p.dtype.type(0))
             return gx
