@@ -217,6 +217,36 @@ def test_window_keys_and_padded_share(case):
             assert (list(range(rlo, rhi)), list(range(slo, shi))) == (rows, cols)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("case", [
+    ("deep", (3, 40, 5, 6), (70, 40, 3, 3), {"padding": 1}),               # panels of 32 + a partial one
+    ("groups", (2, 24, 6, 5), (72, 12, 3, 3), {"padding": 1, "groups": 2}),  # 36 per group
+    ("bias-1x1", (2, 32, 7, 7), (96, 32, 1, 1), {}),
+], ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_items_splitting_the_output_channels_change_no_bits(case, skip, monkeypatch):
+    # large weights: items take blocks of output-channel panels of all the positions (one pass over
+    # the weights) instead of blocks of positions; forward and grad_input the same bits as the
+    # positions-only split, and the reference
+    x, w, b, gy, kw = _make(case, np.float32)
+    p = _params(x, w, kw)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    if skip:
+        monkeypatch.setattr(nhwc, "SKIP_MIN_MACS", 0)
+        monkeypatch.setattr(nhwc, "SKIP_MIN_SHARE", 0.0)
+    plain = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
+    assert nhwc._rows_plan(p, p.n * p.oh * p.ow)[2] == -(-p.kg // G.tile(4)[1])  # all panels per item
+    caches = dict(nhwc._cpu.cache_sizes(), l2=4096)  # every weight array "outgrows" this L2
+    monkeypatch.setattr(nhwc._cpu, "cache_sizes", lambda: caches)
+    pb = nhwc._rows_plan(p, p.n * p.oh * p.ow)[2]
+    assert pb < -(-p.kg // G.tile(4)[1])
+    got = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
+    np.testing.assert_array_equal(got[0], plain[0])
+    np.testing.assert_array_equal(got[1], plain[1])
+    want = _reference(x, w, b, gy, kw)
+    np.testing.assert_allclose(got[0].transpose(0, 3, 1, 2), want["forward"], rtol=1e-4,
+                               atol=1e-4 * np.abs(want["forward"]).max())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", SKIP_CASES, ids=[c[0] for c in SKIP_CASES])
 def test_skipping_padding_taps_changes_no_bits(case, dtype, monkeypatch):

@@ -375,7 +375,8 @@ def _tile_taps(kb, a, offs, ioff, ldo, tlo, nt, zeros, pbw, boff, c, co, ldc, ro
 
 
 @serial
-def _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, tn, zeros, pbw, y, tmp, mr, nr):
+def _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, jp0, jp1, tn, zeros, pbw, y, tmp, mr,
+              nr):
     # the item's tiles with every tap in one micro-kernel call each (ukernel_taps; cg <= kc, so a
     # tap is one channel block), written into y: the rows of tap t at offs[4bm + t*bm ...], the
     # tap list (all of them, padding rows reading zeros) at offs[(4 + r*s)*bm ...]
@@ -386,7 +387,7 @@ def _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan
         rr = t // s
         _tap_rows(offs, bm, mb, rr, t - rr * s, h, w, dh, dw, cin, gi * cg, tr + t * bm)
         offs[tl + t] = t
-    for jp in range(npan):  # a panel's weights for all taps (r*s*cg x nr) stay in L1/L2 across the tiles
+    for jp in range(jp0, jp1):  # a panel's weights for all taps (r*s*cg x nr) stay in L1/L2 across the tiles
         j0 = jp * nr
         boff = (gi * npan * tn + jp * tn) * nr
         for i in range(0, mb, mr):
@@ -395,10 +396,11 @@ def _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan
 
 
 @serial
-def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, npan, y, i0, mb, kt, ycol, kg, tmp, acc, mr, nr):
-    # C[i0 .. i0+mb, ycol .. ycol+kg] (+)= the item's rows (ukernel_rowptr: offs[obase + i] + toff)
-    # . the packed weights' kb-row block at bbase of each panel; panels past kg through tmp
-    for jp in range(npan):
+def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, jp0, jp1, y, i0, mb, kt, ycol, kg, tmp, acc, mr, nr):
+    # C[i0 .. i0+mb, ycol + jp0*nr .. ycol + min(kg, jp1*nr)] (+)= the item's rows (ukernel_rowptr:
+    # offs[obase + i] + toff) . the packed weights' kb-row block at bbase of panels jp0 .. jp1 - 1;
+    # panels past kg through tmp
+    for jp in range(jp0, jp1):
         j0 = jp * nr
         nn = min(nr, kg - j0)
         boff = bbase + jp * tn * nr
@@ -408,10 +410,11 @@ def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, npan, y, i0, mb,
 
 
 @serial
-def _add_bias(y, bias, i0, mb, kt, c0, kg):
+def _add_bias(y, bias, i0, mb, kt, c0, j0, j1):
+    # columns c0 + j0 .. c0 + j1 of the item's rows
     for i in range(mb):
         o = (i0 + i) * kt + c0
-        for j in range(kg):
+        for j in range(j0, j1):
             y[o + j] += bias[c0 + j]
 
 
@@ -429,14 +432,17 @@ def _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, c0, dst):
 
 @kernel
 def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, pbw, bias, has_bias, y, m,
-                 wbuf, offbuf, skip, alltaps, order, keys, cbuf, zeros, blk, bm, ctr):
+                 wbuf, offbuf, skip, alltaps, order, keys, cbuf, zeros, blk, bm, pb, ctr):
     """:func:`forward` reading A in place: the NHWC input holds every in-bounds tap of every output
     position, so a tile's rows are the positions' channel runs (``ukernel_rowptr``) and a tap in the
     padding reads ``zeros``: no padded copy (it took 10% of resnet50-3x3-s2's forward) and nothing
-    gathered.  Weights come packed (:func:`pack_weights`).  Items (block of bm positions, group);
-    per tap the item's rows are listed (``offbuf[wid, 3*bm:4*bm]``, -1 in the padding), then per
-    cache block of channels the B micro-panel stays in L1 across the item's tiles, the item's C
-    block (bm x kg) in L2.
+    gathered.  Weights come packed (:func:`pack_weights`).  Items (block of bm positions, group,
+    block of ``pb`` NR-column panels of output channels); per tap the item's rows are listed
+    (``offbuf[wid, 3*bm:4*bm]``, -1 in the padding), then per cache block of channels the B
+    micro-panel stays in L1 across the item's tiles, the item's C block (bm x pb*NR) in L2.  Every
+    item streams its panels' packed weights once: splitting the output channels rather than the
+    positions keeps that to one pass over the weights where they are large and the positions few
+    (see nhwc._rows_plan).
 
     With ``skip`` (small planes: a 4x4 plane with 3x3 taps and padding 1 has 31% of its
     position-taps in the padding; 7x7, 18%) the taps in the padding are skipped.  Items are then
@@ -460,7 +466,8 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
     npan = (kg + nr - 1) // nr
     plane = oh * ow
     nblk = (m + bm - 1) // bm
-    items = nblk * g
+    npb = (npan + pb - 1) // pb
+    items = nblk * g * npb
     nw = wbuf.shape[0]
     for wid in prange(nw):
         tmp = wbuf[wid]
@@ -470,9 +477,13 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
             it = claim(ctr)
             if it >= items:
                 break
-            gi = it % g
-            i0 = (it // g) * bm
+            jp0 = (it % npb) * pb
+            jp1 = min(npan, jp0 + pb)
+            gi = (it // npb) % g
+            i0 = (it // (npb * g)) * bm
             mb = min(bm, m - i0)
+            j0 = jp0 * nr  # the item's output channels in the group: j0 .. j1
+            j1 = min(kg, jp1 * nr)
             if skip:
                 _sorted_positions(offs, bm, mb, i0, order, keys, plane, ow, sh, sw, ph, pw)
                 _tile_ranges(offs, bm, mb, r, s, mr)
@@ -480,8 +491,8 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
                 for i in range(mb):  # each position's image and top-left tap (may lie in the padding)
                     offs[i], offs[bm + i], offs[2 * bm + i] = _position(i0 + i, plane, ow, sh, sw, ph, pw)
             if alltaps:
-                _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, tn, zeros, pbw, y, tmp,
-                          mr, nr)
+                _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, jp0, jp1, tn, zeros, pbw,
+                          y, tmp, mr, nr)
             for t in range(0 if alltaps else r * s):
                 rr = t // s
                 ss = t - rr * s
@@ -489,21 +500,21 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
                 for cc0 in range(0, cg, kc):
                     boff = (gi * npan * tn + t * cg + cc0) * nr
                     if skip:
-                        _row_tiles_skip(min(kc, cg - cc0), x, offs, bm, mb, cc0, zeros, pbw, boff, tn, npan, cb,
-                                        kg, tmp, rr, ss, cc0 == 0, mr, nr)
+                        _row_tiles_skip(min(kc, cg - cc0), x, offs, bm, mb, cc0, zeros, pbw, boff, tn, jp0, jp1,
+                                        cb, kg, tmp, rr, ss, cc0 == 0, mr, nr)
                     else:
-                        _row_tiles(min(kc, cg - cc0), x, offs, 3 * bm, cc0, zeros, pbw, boff, tn, npan, y, i0,
-                                   mb, kt, gi * kg, kg, tmp, 0 if t == 0 and cc0 == 0 else 1, mr, nr)
+                        _row_tiles(min(kc, cg - cc0), x, offs, 3 * bm, cc0, zeros, pbw, boff, tn, jp0, jp1, y,
+                                   i0, mb, kt, gi * kg, kg, tmp, 0 if t == 0 and cc0 == 0 else 1, mr, nr)
             if skip:
                 for i in range(mb):
                     o = offs[4 * bm + i] * kt + gi * kg
                     rlo, rhi, slo, shi = _window(offs[5 * bm + i], r, s)
                     empty = rlo >= rhi or slo >= shi
-                    for j in range(kg):
+                    for j in range(j0, j1):
                         v = 0 if empty else cb[i * kg + j]
                         y[o + j] = v + bias[gi * kg + j] if has_bias else v
             elif has_bias:
-                _add_bias(y, bias, i0, mb, kt, gi * kg, kg)
+                _add_bias(y, bias, i0, mb, kt, gi * kg, j0, j1)
 
 
 @serial
@@ -539,10 +550,11 @@ def _tile_ranges(offs, bm, mb, r, s, mr):
 
 
 @serial
-def _row_tiles_skip(kb, a, offs, bm, mb, toff, zeros, pbw, bbase, tn, npan, cb, kg, tmp, rr, ss, first, mr, nr):
-    # _row_tiles into the item's C block cb (mb x kg, sorted rows) for tap (rr, ss), skipping the
-    # tiles whose rows all have that tap in the padding; a tile's first tap computed assigns
-    for jp in range(npan):
+def _row_tiles_skip(kb, a, offs, bm, mb, toff, zeros, pbw, bbase, tn, jp0, jp1, cb, kg, tmp, rr, ss, first, mr, nr):
+    # _row_tiles into the item's C block cb (mb x kg, sorted rows; panels jp0 .. jp1 - 1) for tap
+    # (rr, ss), skipping the tiles whose rows all have that tap in the padding; a tile's first tap
+    # computed assigns
+    for jp in range(jp0, jp1):
         j0 = jp * nr
         nn = min(nr, kg - j0)
         boff = bbase + jp * tn * nr
@@ -612,10 +624,10 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
                         rb[d + q] = 0
                     d += s * cg
             for pc in range(0, tn, kc):
-                _row_tiles(min(kc, tn - pc), rb, offs, 0, pc, rb, pbw, (gi * npan * tn + pc) * nr, tn, npan, y, i0,
-                           mb, kt, gi * kg, kg, tmp, 0 if pc == 0 else 1, mr, nr)
+                _row_tiles(min(kc, tn - pc), rb, offs, 0, pc, rb, pbw, (gi * npan * tn + pc) * nr, tn, 0, npan, y,
+                           i0, mb, kt, gi * kg, kg, tmp, 0 if pc == 0 else 1, mr, nr)
             if has_bias:
-                _add_bias(y, bias, i0, mb, kt, gi * kg, kg)
+                _add_bias(y, bias, i0, mb, kt, gi * kg, 0, kg)
 
 
 # ---------------------------------------------------------------------------------------- depthwise
