@@ -238,7 +238,8 @@ def test_items_splitting_the_output_channels_change_no_bits(case, skip, monkeypa
     caches = dict(nhwc._cpu.cache_sizes(), l2=4096)  # every weight array "outgrows" this L2
     monkeypatch.setattr(nhwc._cpu, "cache_sizes", lambda: caches)
     pb = nhwc._rows_plan(p, p.n * p.oh * p.ow)[2]
-    assert pb < -(-p.kg // G.tile(4)[1])
+    if p.g == 1 or numba.get_num_threads() > 1:  # (one thread: the two groups are the two items)
+        assert pb < -(-p.kg // G.tile(4)[1])
     got = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
     np.testing.assert_array_equal(got[0], plain[0])
     np.testing.assert_array_equal(got[1], plain[1])
