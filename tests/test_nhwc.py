@@ -248,6 +248,21 @@ def test_items_splitting_the_output_channels_change_no_bits(case, skip, monkeypa
                                atol=1e-4 * np.abs(want["forward"]).max())
 
 
+def test_few_positions_or_large_weights_split_the_output_channels():
+    # MobileNet's 512 -> 512 1x1 layer on 3x3 planes (144 positions: three blocks of 56 for two
+    # workers) and resnet50-3x3-512's 9.4 MB of weights: items of output-channel panels, every
+    # position in one block; a wide plane with small weights keeps blocks of positions
+    nr = G.tile(4)[1]
+    for xs, ws in (((16, 512, 3, 3), (512, 512, 1, 1)), ((8, 512, 7, 7), (512, 512, 3, 3))):
+        p = conv_params("conv2d", xs, ws, np.dtype(np.float32), 1, ws[2] // 2, 1, 1)
+        bm, nw, pb = nhwc._rows_plan(p, p.n * p.oh * p.ow)
+        assert bm >= p.n * p.oh * p.ow
+        if numba.get_num_threads() > 1:
+            assert pb < -(-p.kg // nr) and nw == numba.get_num_threads()
+    p = conv_params("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
+    assert nhwc._rows_plan(p, p.n * p.oh * p.ow)[2] == -(-p.kg // nr)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", SKIP_CASES, ids=[c[0] for c in SKIP_CASES])
 def test_skipping_padding_taps_changes_no_bits(case, dtype, monkeypatch):

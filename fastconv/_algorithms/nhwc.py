@@ -150,22 +150,25 @@ def _rows_plan(p, m, in_place=True):
     only) the items split the output channels instead of the positions: positions in blocks as
     large as half of L2 holds (their C block, and the rows of one channel block), the panels
     shared out for two items per worker (resnet50-3x3-512, 9.4 MB of weights for 8x7x7 positions:
-    6.8 ms with six blocks of 70 positions, each streaming all of them, 5.9 with two of 196)."""
+    6.8 ms with six blocks of 70 positions, each streaming all of them, 5.8 with four items of all
+    392 positions and 128 output channels); so do they where the positions give the workers fewer
+    than two items each."""
     mr, nr = G.tile(p.itemsize)
     half = _cpu.cache_sizes()["l2"] // 2
     nthreads = numba.get_num_threads()
     npan = -(-p.kg // nr)
     tn = p.r * p.s * p.cg
-    if in_place and npan > 1 and p.g * npan * nr * tn * p.itemsize > 4 * half:
-        pb = max(1, npan // max(1, -(-2 * nthreads // p.g)))
-        rows = half // (max(pb * nr, min(tn, int(_blk(p)[0]))) * p.itemsize)
-        bm = max(mr, min(-(-m // mr) * mr, rows // mr * mr))
-        return bm, _nw(-(-m // bm) * p.g * -(-npan // pb)), pb
     row = p.kg + (0 if in_place else tn)
     bm = max(mr, min(int(_blk(p)[1]), half // (row * p.itemsize)) // mr * mr)
     want = 3 * nthreads
     per = -(-m // max(1, -(-want // p.g)))
     bm = min(bm, max(4 * mr, -(-per // mr) * mr))
+    few = -(-m // bm) * p.g < 2 * nthreads  # (16x512x3x3 1x1: three blocks of 56 positions for two workers)
+    if in_place and npan > 1 and (few or p.g * npan * nr * tn * p.itemsize > 4 * half):
+        pb = max(1, npan // max(1, -(-2 * nthreads // p.g)))
+        rows = half // (max(pb * nr, min(tn, int(_blk(p)[0]))) * p.itemsize)
+        bm = max(mr, min(-(-m // mr) * mr, rows // mr * mr))
+        return bm, _nw(-(-m // bm) * p.g * -(-npan // pb)), pb
     return bm, _nw(-(-m // bm) * p.g), npan
 
 
