@@ -233,8 +233,11 @@ def test_items_splitting_the_output_channels_change_no_bits(case, skip, monkeypa
     if skip:
         monkeypatch.setattr(nhwc, "SKIP_MIN_MACS", 0)
         monkeypatch.setattr(nhwc, "SKIP_MIN_SHARE", 0.0)
-    plain = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))
-    assert nhwc._rows_plan(p, p.n * p.oh * p.ow)[2] == -(-p.kg // G.tile(4)[1])  # all panels per item
+    mr, nr = G.tile(4)
+    real = nhwc._rows_plan
+    monkeypatch.setattr(nhwc, "_rows_plan", lambda q, m, in_place=True: (2 * mr, 2, -(-q.kg // nr)))
+    plain = (nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p))  # blocks of positions, all panels
+    monkeypatch.setattr(nhwc, "_rows_plan", real)
     caches = dict(nhwc._cpu.cache_sizes(), l2=4096)  # every weight array "outgrows" this L2
     monkeypatch.setattr(nhwc._cpu, "cache_sizes", lambda: caches)
     pb = nhwc._rows_plan(p, p.n * p.oh * p.ow)[2]
@@ -256,7 +259,8 @@ def test_few_positions_or_large_weights_split_the_output_channels():
     for xs, ws in (((16, 512, 3, 3), (512, 512, 1, 1)), ((8, 512, 7, 7), (512, 512, 3, 3))):
         p = conv_params("conv2d", xs, ws, np.dtype(np.float32), 1, ws[2] // 2, 1, 1)
         bm, nw, pb = nhwc._rows_plan(p, p.n * p.oh * p.ow)
-        assert bm >= p.n * p.oh * p.ow
+        if numba.get_num_threads() > 1 or ws[2] == 3:  # (one thread: three blocks are enough items)
+            assert bm >= p.n * p.oh * p.ow
         if numba.get_num_threads() > 1:
             assert pb < -(-p.kg // nr) and nw == numba.get_num_threads()
     p = conv_params("conv2d", (8, 64, 56, 56), (64, 64, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)

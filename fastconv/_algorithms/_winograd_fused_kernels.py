@@ -322,14 +322,28 @@ def _transform_tile(x, img, y0, x0, h, w, c, m, v, q, ev, pt):
     # in the padding)
     a = m + 2
     if 0 <= y0 and y0 + a <= h and 0 <= x0 and x0 + a <= w:
-        src, soff, rs = x, ((img * h + y0) * w + x0) * c, w * c
+        _tile_in(x, ((img * h + y0) * w + x0) * c, w * c, c, m, v, q, ev)
     else:
         _patch(x, img, y0, x0, h, w, c, a, pt)
-        src, soff, rs = pt, 0, a * c
+        _tile_in(pt, 0, a * c, c, m, v, q, ev)
+
+
+@serial
+def _tile_in(src, soff, rs, c, m, v, q, ev):
+    # V[e][q][:] of the NHWC patch at src[soff] (rows rs apart): transform_in with m a constant
     if m == 4:
         transform_in(src, soff, rs, c, v, q * c, ev, c, 4)
     else:
         transform_in(src, soff, rs, c, v, q * c, ev, c, 2)
+
+
+@serial
+def _tile_out(mm, q, k, em, dst, doff, rs, mi, mj, bias, m):
+    # the m x m output tile q (its mi x mj inside the output) plus bias into the NHWC dst[doff]
+    if m == 4:
+        transform_out(mm, q * k, em, dst, doff, rs, k, k, mi, mj, bias, 0, 4)
+    else:
+        transform_out(mm, q * k, em, dst, doff, rs, k, k, mi, mj, bias, 0, 2)
 
 
 @serial
@@ -375,51 +389,6 @@ def _tiling(n, c, k, g, oh, ow, m, tb):
     tw = (ow + m - 1) // m
     total = n * th * tw
     return (m + 2) * (m + 2), c // g, k // g, th, tw, total, (total + tb - 1) // tb
-
-
-@kernel
-def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, vbuf, mbuf, pbuf, offbuf,
-                  zeros, tbuf, ctr, thin):
-    """The forward of the NHWC input ``x`` (flat, n x h x w x c) into the NHWC output ``y`` (flat,
-    n x oh x ow x k) with F(m x m, 3 x 3): items are blocks of ``tb`` tiles (t = (img*th + ti)*tw
-    + tj), claimed by the workers; per item the input transform into the worker's V (a*a x tb x c),
-    the a*a products on the micro-kernel against the packed U (``pu``, see winograd_fused.pack_u)
-    into its M (a*a x tb x k), then the output transform plus ``bias`` into y (``thin``: the
-    products on the THIN tile, U packed in its panels).  Element e's rows of V start at
-    ``e*ev``, of M at ``e*em`` (strides chosen by the caller, :func:`.winograd_fused.stride`).
-    Items write disjoint output tiles."""
-    a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
-    nw = vbuf.shape[0]
-    for wid in prange(nw):
-        v = vbuf[wid]
-        mm = mbuf[wid]
-        pt = pbuf[wid]
-        offs = offbuf[wid]
-        tmp = tbuf[wid]
-        for _ in range(items):
-            it = claim(ctr)
-            if it >= items:
-                break
-            t0 = it * tb
-            tn = min(tb, total - t0)
-            for q in range(tn):
-                t = t0 + q
-                tj = t % tw
-                ti = (t // tw) % th
-                _transform_tile(x, t // (tw * th), ti * m - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
-            _products(v, mm, pu, tn, ev, em, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
-            for q in range(tn):
-                t = t0 + q
-                tj = t % tw
-                ti = (t // tw) % th
-                img = t // (tw * th)
-                oy0 = ti * m
-                ox0 = tj * m
-                d = ((img * oh + oy0) * ow + ox0) * k
-                if m == 4:
-                    transform_out(mm, q * k, em, y, d, ow * k, k, k, min(4, oh - oy0), min(4, ow - ox0), bias, 0, 4)
-                else:
-                    transform_out(mm, q * k, em, y, d, ow * k, k, k, min(2, oh - oy0), min(2, ow - ox0), bias, 0, 2)
 
 
 # ------------------------------------------------------------------- NCHW arrays, staged per tile row
@@ -496,15 +465,24 @@ def _unstage_rows(so, y, row, th, tj0, tj1, m, k, oh, ow, owp):
 
 
 @kernel
-def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, band, vbuf, mbuf, sbuf,
-                       obuf, offbuf, zeros, tbuf, ctr, thin):
-    """:func:`forward_fused` from the NCHW input ``x`` into the NCHW output ``y`` (flat, C-contiguous)
-    without NHWC copies of them: the input rows of up to ``band`` tile rows of one image that an
-    item reaches (band*m + 2 rows) are transposed into the worker's ``sbuf`` ((band*m + 2) x
-    (tw*m + 2) x c, zero in the padding) when its first tile needs them, the tiles transformed from
-    there; outputs are transformed into the worker's ``obuf`` (m x tw*m x k) and each run of an
-    item's tiles in one tile row transposed into y.  Both transposes stay in L2 (8x64x56x56: the
-    two whole-array copies took 1.0 of a 3.5 ms forward)."""
+def forward_fused(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y, tb, ev, em, vbuf, mbuf, pbuf, offbuf,
+                  zeros, tbuf, ctr, thin, nchw, band, sbuf, obuf):
+    """The forward of ``x`` into ``y`` (flat, C-contiguous; NHWC n x h x w x c into n x oh x ow x k,
+    or with ``nchw`` NCHW into NCHW) with F(m x m, 3 x 3): items are blocks of ``tb`` tiles (t =
+    (img*th + ti)*tw + tj), claimed by the workers; per item the input transform into the worker's
+    V (a*a x tb x c), the a*a products on the micro-kernel against the packed U (``pu``, see
+    winograd_fused.pack_u) into its M (a*a x tb x k), then the output transform plus ``bias``
+    (``thin``: the products on the THIN tile, U packed in its panels).  Element e's rows of V
+    start at ``e*ev``, of M at ``e*em`` (strides chosen by the caller,
+    :func:`.winograd_fused.stride`).  Items write disjoint output tiles.
+
+    NHWC: tiles read from x in place (border tiles from a zero-filled patch in ``pbuf``), outputs
+    written into y.  NCHW, without whole-array copies: the input rows of up to ``band`` tile rows of
+    one image that an item reaches (band*m + 2 rows) are transposed into the worker's ``sbuf``
+    ((band*m + 2) x (tw*m + 2) x c, zero in the padding) when its first tile needs them and the
+    tiles transformed from there; outputs go into the worker's ``obuf`` (m x tw*m x k) and each run
+    of an item's tiles in one tile row is transposed into y.  Both transposes stay in L2
+    (8x64x56x56: the two whole-array copies took 1.0 of a 3.5 ms forward)."""
     a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     a = m + 2
     wp = tw * m + 2
@@ -513,6 +491,7 @@ def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y
     for wid in prange(nw):
         v = vbuf[wid]
         mm = mbuf[wid]
+        pt = pbuf[wid]
         st = sbuf[wid]
         so = obuf[wid]
         offs = offbuf[wid]
@@ -528,15 +507,15 @@ def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y
             for q in range(tn):
                 t = t0 + q
                 row = t // tw
+                tj = t % tw
+                if not nchw:
+                    _transform_tile(x, row // th, (row % th) * m - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
+                    continue
                 if row > last:
                     first = row
                     last = _band_end(row, t0 + tn - 1, tw, th, band)
                     _stage_rows(x, row // th, (row % th) * m - ph, h, w, c, (last - row) * m + a, wp, pw, st)
-                src = ((row - first) * m * wp + (t % tw) * m) * c
-                if m == 4:
-                    transform_in(st, src, wp * c, c, v, q * c, ev, c, 4)
-                else:
-                    transform_in(st, src, wp * c, c, v, q * c, ev, c, 2)
+                _tile_in(st, ((row - first) * m * wp + tj * m) * c, wp * c, c, m, v, q, ev)
             _products(v, mm, pu, tn, ev, em, c, k, g, cg, kg, a2, npan, offs, zeros, tmp, thin)
             cur = -1
             tj0 = 0
@@ -545,20 +524,20 @@ def forward_fused_nchw(x, n, h, w, c, k, g, oh, ow, ph, pw, m, pu, npan, bias, y
                 t = t0 + q
                 row = t // tw
                 tj = t % tw
+                oy0 = (row % th) * m
+                mi, mj = min(m, oh - oy0), min(m, ow - tj * m)
+                if not nchw:
+                    _tile_out(mm, q, k, em, y, (((row // th) * oh + oy0) * ow + tj * m) * k, ow * k, mi, mj, bias, m)
+                    continue
                 if row != cur:
                     if cur >= 0:
                         _unstage_rows(so, y, cur, th, tj0, tj1, m, k, oh, ow, owp)
                     cur = row
                     tj0 = tj
                 tj1 = tj
-                oy0 = (row % th) * m
-                if m == 4:
-                    transform_out(mm, q * k, em, so, tj * m * k, owp * k, k, k, min(4, oh - oy0), min(4, ow - tj * m),
-                                  bias, 0, 4)
-                else:
-                    transform_out(mm, q * k, em, so, tj * m * k, owp * k, k, k, min(2, oh - oy0), min(2, ow - tj * m),
-                                  bias, 0, 2)
-            _unstage_rows(so, y, cur, th, tj0, tj1, m, k, oh, ow, owp)
+                _tile_out(mm, q, k, em, so, tj * m * k, owp * k, mi, mj, bias, m)
+            if nchw:
+                _unstage_rows(so, y, cur, th, tj0, tj1, m, k, oh, ow, owp)
 
 
 @serial
@@ -674,43 +653,18 @@ def _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin):
 
 @kernel
 def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vbuf, wbuf, pbuf, gbuf, sums, tbuf,
-                      thin):
+                      thin, nchw, band, sbuf):
     """grad_weight's sums ``Mw[e] (k x cg per group) = sum_tiles Wg[e]^T V[e]`` with F(m x m, 3 x 3)
-    from the NHWC input ``x`` and output gradient ``gy`` (flat): items are blocks of ``tb`` tiles,
-    worker ``wid`` takes items wid, wid + workers, ... (fixed shares: each worker's sums, in
-    ``sums[wid]`` (a*a*k*cg, zeroed by the caller), add the same tiles in the same order on every
-    call); per item the input transform into V (a*a x tb x c, as the forward, element e at
-    ``e*ev``), the transform of gy's tiles into Wg (a*a x tb x k, element e at ``e*ew``) and the
-    a*a products added into the worker's sums (``thin``: on the THIN tile)."""
-    a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
-    nw = vbuf.shape[0]
-    for wid in prange(nw):
-        v = vbuf[wid]
-        wg = wbuf[wid]
-        pt = pbuf[wid]
-        gp = gbuf[wid]
-        sm = sums[wid]
-        tmp = tbuf[wid]
-        for it in range(wid, items, nw):
-            t0 = it * tb
-            tn = min(tb, total - t0)
-            for q in range(tn):
-                t = t0 + q
-                tj = t % tw
-                ti = (t // tw) % th
-                img = t // (tw * th)
-                _transform_tile(x, img, ti * m - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
-                _gy_tile(gy, img, ti * m, tj * m, oh, ow, k, m, wg, q, ew, gp)
-            _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)
-
-
-@kernel
-def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, band, vbuf, wbuf, sbuf, gbuf, sums,
-                           tbuf, thin):
-    """:func:`grad_weight_fused` from the NCHW ``x`` and ``gy`` (flat, C-contiguous) without NHWC
-    copies: per band of up to ``band`` tile rows an item reaches, their input rows into the
-    worker's ``sbuf`` (as :func:`forward_fused_nchw`) and their rows of gy into ``gbuf`` (band*m x
-    tw*m x k, zero past the output), transposed in L2; the tiles transformed from there."""
+    from the input ``x`` and output gradient ``gy`` (flat, C-contiguous, both NHWC or with ``nchw``
+    both NCHW): items are blocks of ``tb`` tiles, worker ``wid`` takes items wid, wid + workers,
+    ... (fixed shares: each worker's sums, in ``sums[wid]`` (a*a*k*cg, zeroed by the caller), add
+    the same tiles in the same order on every call); per item the input transform into V (a*a x
+    tb x c, as the forward, element e at ``e*ev``), the transform of gy's tiles into Wg (a*a x tb
+    x k, element e at ``e*ew``) and the a*a products added into the worker's sums (``thin``: on
+    the THIN tile).  NHWC: tiles read in place (border tiles through the patches ``pbuf`` and
+    ``gbuf``).  NCHW: per band of up to ``band`` tile rows an item reaches, their input rows into
+    the worker's ``sbuf`` (as :func:`forward_fused`) and their rows of gy into ``gbuf`` (band*m x
+    tw*m x k, zero past the output), transposed in L2, the tiles transformed from there."""
     a2, cg, kg, th, tw, total, items = _tiling(n, c, k, g, oh, ow, m, tb)
     a = m + 2
     wp = tw * m + 2
@@ -719,8 +673,9 @@ def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, e
     for wid in prange(nw):
         v = vbuf[wid]
         wg = wbuf[wid]
+        pt = pbuf[wid]
         st = sbuf[wid]
-        sg = gbuf[wid]
+        gp = gbuf[wid]
         sm = sums[wid]
         tmp = tbuf[wid]
         for it in range(wid, items, nw):
@@ -731,19 +686,22 @@ def grad_weight_fused_nchw(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, e
             for q in range(tn):
                 t = t0 + q
                 row = t // tw
+                tj = t % tw
+                img = row // th
+                oy0 = (row % th) * m
+                if not nchw:
+                    _transform_tile(x, img, oy0 - ph, tj * m - pw, h, w, c, m, v, q, ev, pt)
+                    _gy_tile(gy, img, oy0, tj * m, oh, ow, k, m, wg, q, ew, gp)
+                    continue
                 if row > last:
                     first = row
                     last = _band_end(row, t0 + tn - 1, tw, th, band)
-                    img = row // th
-                    oy0 = (row % th) * m
                     _stage_rows(x, img, oy0 - ph, h, w, c, (last - row) * m + a, wp, pw, st)
-                    _stage_rows(gy, img, oy0, oh, ow, k, (last - row + 1) * m, owp, 0, sg)
-                xo = ((row - first) * m * wp + (t % tw) * m) * c
-                go = ((row - first) * m * owp + (t % tw) * m) * k
+                    _stage_rows(gy, img, oy0, oh, ow, k, (last - row + 1) * m, owp, 0, gp)
+                _tile_in(st, ((row - first) * m * wp + tj * m) * c, wp * c, c, m, v, q, ev)
+                go = ((row - first) * m * owp + tj * m) * k
                 if m == 4:
-                    transform_in(st, xo, wp * c, c, v, q * c, ev, c, 4)
-                    transform_gy(sg, go, owp * k, k, wg, q * k, ew, k, 4)
+                    transform_gy(gp, go, owp * k, k, wg, q * k, ew, k, 4)
                 else:
-                    transform_in(st, xo, wp * c, c, v, q * c, ev, c, 2)
-                    transform_gy(sg, go, owp * k, k, wg, q * k, ew, k, 2)
+                    transform_gy(gp, go, owp * k, k, wg, q * k, ew, k, 2)
             _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)

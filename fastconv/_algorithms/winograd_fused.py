@@ -18,7 +18,7 @@ its V and M within half of L2) and one worker runs all three steps on it:
 NCHW arrays are read and written without whole-array layout copies: a worker transposes the a input
 rows of each tile row its block reaches into an NHWC strip in L2 and steps 1 to 3 read that; outputs
 go to a strip of m rows, transposed into the NCHW output per run of tiles
-(:func:`._winograd_fused_kernels.forward_fused_nchw`; the copies took ~1 ms of 8x64x56x56's 3.2 ms
+(:func:`._winograd_fused_kernels.forward_fused`; the copies took ~1 ms of 8x64x56x56's 3.2 ms
 forward, the strips ~0.65).
 
 Notation, accuracy and NaN spreading as in :mod:`.winograd` (the same matrices; U computed in
@@ -147,7 +147,7 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None, nchw=False):
     """The forward of the NHWC input ``xh`` (N, H, W, C), C-contiguous, with F(m x m, 3 x 3) fused
     per ``tb`` tiles: the (N, OH, OW, K) C-contiguous output (``out`` when given).  With ``nchw``
     the input is C-contiguous (N, C, H, W) and so is the output (N, K, OH, OW), rows staged per
-    worker (:func:`._winograd_fused_kernels.forward_fused_nchw`).  With ``flip``, ``w`` is the
+    worker (:func:`._winograd_fused_kernels.forward_fused`).  With ``flip``, ``w`` is the
     layer's weight and the pass grad_input's (``p`` its transposed problem)."""
     dt = p.dtype
     mr, nr = G.tile(p.itemsize)
@@ -162,20 +162,19 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None, nchw=False):
     vbuf = scratch("winograd.fv", (nw, a2 * ev), dt)
     mbuf = scratch("winograd.fm", (nw, a2 * em), dt)
     bias = np.ascontiguousarray(b, dtype=dt) if b is not None else np.zeros(p.k, dt)
+    one = np.zeros((nw, 1), dt)  # the other layout's buffers
     if nchw:
         tw = WN.tiles(p, m)[1]
         r = band(p, m, tb)
-        K.forward_fused_nchw(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan,
-                             bias, y.reshape(-1), tb, ev, em, r, vbuf, mbuf,
-                             scratch("winograd.fs", (nw, (r * m + 2) * (tw * m + 2) * p.c), dt),
-                             scratch("winograd.fo", (nw, m * tw * m * p.k), dt),
-                             np.zeros((nw, max(mr, K.THIN_MR)), np.int64), np.zeros(1, dt),
-                             np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p))
-        return y
-    pbuf = scratch("winograd.fp", (nw, a2 * p.c), dt)
+        pbuf = one
+        sbuf = scratch("winograd.fs", (nw, (r * m + 2) * (tw * m + 2) * p.c), dt)
+        obuf = scratch("winograd.fo", (nw, m * tw * m * p.k), dt)
+    else:
+        r, pbuf, sbuf, obuf = 1, scratch("winograd.fp", (nw, a2 * p.c), dt), one, one
     K.forward_fused(xh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, pu, npan, bias,
                     y.reshape(-1), tb, ev, em, vbuf, mbuf, pbuf, np.zeros((nw, max(mr, K.THIN_MR)), np.int64),
-                    np.zeros(1, dt), np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p))
+                    np.zeros(1, dt), np.zeros((nw, mr * nr), dt), np.zeros(1, np.int64), thin(p), nchw, r, sbuf,
+                    obuf)
     return y
 
 
@@ -186,7 +185,7 @@ def forward(xh, w, b, p, m, tb, flip=False, out=None, nchw=False):
 # of output channels), the transforms per transformed element of a channel vector (F(4x4) 0.18 ns,
 # F(2x2) 0.12 ns; a per-tile term fitted to zero), U's packing 1.4 ns per element (one pass over
 # it, scattered panel writes), 83 us per call.  Per-thread terms scale by the vector width on
-# other CPUs.  An NCHW caller's rows staged in and out (forward_fused_nchw) cost the bytes of the
+# other CPUs.  An NCHW caller's rows staged in and out (forward_fused) cost the bytes of the
 # input and the output at _STAGE_RATE[m] over the NHWC kernel's time (measured with aligned arrays
 # on 9 layers, 2 threads: F(4x4) 15-50 GB/s, 8x64x56x56 0.66 ms for 12.8 MB; F(2x2), whose a rows
 # per tile row are twice its m, 9-18 GB/s; grad_weight's staging of x and gy alike or cheaper).
@@ -249,17 +248,17 @@ def grad_weight(gyh, xh, p, m, tb, nchw=False):
     ev, ew = stride(tb * p.c, p.itemsize), stride(tb * p.k, p.itemsize)
     args = (xh.reshape(-1), gyh.reshape(-1), p.n, p.h, p.w, p.c, p.k, p.g, p.oh, p.ow, p.ph0, p.pw0, m, tb, ev, ew,
             scratch("winograd.fv", (nw, a2 * ev + nr), dt), scratch("winograd.fw", (nw, a2 * ew), dt))
-    if nchw:
+    if nchw:  # the staged rows of x in sbuf, of gy in gbuf
         tw = WN.tiles(p, m)[1]
         r = band(p, m, tb)
-        K.grad_weight_fused_nchw(*args[:16], r, *args[16:],
-                                 scratch("winograd.fs", (nw, (r * m + 2) * (tw * m + 2) * p.c), dt),
-                                 scratch("winograd.fo", (nw, r * m * tw * m * p.k), dt), sums,
-                                 np.zeros((nw, mr * nr), dt), thin(p, "grad_weight"))
-    else:
-        K.grad_weight_fused(*args, scratch("winograd.fp", (nw, a2 * p.c), dt),
-                            scratch("winograd.fg", (nw, m * m * p.k), dt), sums, np.zeros((nw, mr * nr), dt),
-                            thin(p, "grad_weight"))
+        pbuf = np.zeros((nw, 1), dt)
+        sbuf = scratch("winograd.fs", (nw, (r * m + 2) * (tw * m + 2) * p.c), dt)
+        gbuf = scratch("winograd.fo", (nw, r * m * tw * m * p.k), dt)
+    else:  # a border tile's patches of x and gy
+        r, sbuf = 1, np.zeros((nw, 1), dt)
+        pbuf = scratch("winograd.fp", (nw, a2 * p.c), dt)
+        gbuf = scratch("winograd.fg", (nw, m * m * p.k), dt)
+    K.grad_weight_fused(*args, pbuf, gbuf, sums, np.zeros((nw, mr * nr), dt), thin(p, "grad_weight"), nchw, r, sbuf)
     mw = sums[0].copy()
     for i in range(1, nw):
         mw += sums[i]
