@@ -136,15 +136,20 @@ def pad_planes(a, top, bottom, left, right, sw=1, check_finite=False):
 # padded planes back into (n*c, h, w).
 @kernel
 def _unsplit(gq, gx, sw, hp, wq, top, left):
-    # gx[p, ih, iw] = the padded, phase-split plane element of (ih + top, iw + left)
+    # gx[p, ih, iw] = the padded, phase-split plane element of (ih + top, iw + left): per phase f the
+    # columns iw with (iw + left) % sw == f read one contiguous run of its row (a division and a
+    # remainder per element took 0.5 of a 1.3 ms stride-2 grad_input, 32x16x28x28)
     pp, h, w = gx.shape
     for p in prange(pp):
         src = gq[p]
         for ih in range(h):
             d = gx[p, ih]
-            for iw in range(w):
-                cc = iw + left
-                d[iw] = src[(cc % sw) * hp * wq + (ih + top) * wq + cc // sw]
+            row = (ih + top) * wq
+            for f in range(sw):
+                iw0 = (f - left) % sw  # the first column of phase f
+                base = f * hp * wq + row + (iw0 + left) // sw
+                for j in range((w - iw0 + sw - 1) // sw):
+                    d[iw0 + j * sw] = src[base + j]
 
 
 @kernel
