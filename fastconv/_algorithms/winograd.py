@@ -53,9 +53,13 @@ multiply-adds, and multiplied by BLAS the same way; it keeps one shared accumula
 fits when the workers' sums do not, and it is cheaper where kg*cg is large and planes small
 (resnet50-3x3-512: its short reductions re-add 16 MB of sums).  m is chosen per call by :func:`cost`
 (F(2x2) wins on small planes, where F(4x4) wastes a partial tile), except that float32 grad_weight
-always uses F(2x2): with F(4x4) its sums over the batch and every tile missed the element-wise
-tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case (error 2.9e-4 on an element of 1.92,
-3.5e-6 of the largest).
+uses F(2x2) on the packed, row and batch-wide kernels: with F(4x4) their sums over the batch and
+every tile missed the element-wise tolerance of tests/test_conv.py (1e-4) on a 1x2x40x37 case
+(error 2.9e-4 on an element of 1.92, 3.5e-6 of the largest), before the tests' tolerances took
+the registry's float32_error factor.  The fused grad_weight chooses between F(2x2) and F(4x4) by
+cost: F(4x4) took 2.9 ms where F(2x2) took 3.7 on resnet50-3x3-64 (vgg16-3x3-128 5.7 / 6.7; the
+32-channel 128x128 U-Net layer 2.5 / 3.3), its error 3.4-3.7e-6 of the largest gradient against
+im2col's 4.6e-7 (8x, within the factor 16 the forward has; tested like it).
 
 Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles (T the slots of an item,
 rounded up to whole panels) plus rows of scratch; shared: ``U`` packed (``a*a * k * cg`` rounded up
@@ -257,7 +261,7 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None):
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
         if pass_ == "grad_weight" and fused:
-            plans = [_fused_gw_plan(p, mm, nthreads) for mm in tiles]
+            plans = [_fused_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)]
         elif pass_ == "grad_weight" and batch:
             plans = [_batch_plan(p, mm, nthreads) for mm in tiles]
         elif pass_ == "grad_weight":
@@ -265,7 +269,7 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None):
             plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
                     ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else []) + \
                     ([_batch_plan(p, mm, nthreads) for mm in tiles] if unforced else []) + \
-                    ([_fused_gw_plan(p, mm, nthreads) for mm in tiles] if unforced else [])
+                    ([_fused_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)] if unforced else [])
         elif fused:
             plans = [_fused_plan(p, mm, nthreads) for mm in tiles]
         else:
