@@ -135,12 +135,12 @@ def result(shape, dtype):
 
     Every page of fresh memory is faulted in on first touch, and glibc gives blocks of several MiB
     back to the kernel when they are freed: under a PyTorch training step (other tensors come and
-    go between the calls) a 4x32x128x128 1x1 layer's backward faulted its 8 MB input gradient in
-    afresh on each step -- ~1030 faults, 9-13 ms against 2.8 ms with warm memory (KVM guest, ~6 us
-    a fault).  Results of RESULT_MIN_BYTES or more are made from kept raw buffers instead: a buffer
+    go between the calls) a 4x32x128x128 1x1 layer's backward faulted the 4 MB padded copy of its
+    output gradient in afresh on each step -- ~1030 faults, 9-13 ms against 2.2-2.8 ms with kept
+    memory (KVM guest, ~6 us a fault).  Results of RESULT_MIN_BYTES or more are made from kept raw buffers instead: a buffer
     is free again when nothing but this pool references it (every array made from it, and every
     view of those, holds a reference to it as its base), and one between the size and 1.5x of it
-    is reused, most recently freed first.  At most RESULT_POOL_BYTES are kept;
+    is reused, the most recently used first.  At most RESULT_POOL_BYTES are kept;
     :func:`free_workspace` hands free ones back."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

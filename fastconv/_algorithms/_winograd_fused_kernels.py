@@ -613,6 +613,13 @@ def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, ew, gp):
                     for ch in range(k):
                         gp[d + ch] = 0
         src, soff, rs = gp, 0, m * k
+    _tile_gy(src, soff, rs, k, m, wg, q, ew)
+
+
+@serial
+def _tile_gy(src, soff, rs, k, m, wg, q, ew):
+    # Wg[e][q][:] of the NHWC m x m gy tile at src[soff] (rows rs apart): transform_gy with m a
+    # constant
     if m == 4:
         transform_gy(src, soff, rs, k, wg, q * k, ew, k, 4)
     else:
@@ -699,9 +706,5 @@ def grad_weight_fused(x, gy, n, h, w, c, k, g, oh, ow, ph, pw, m, tb, ev, ew, vb
                     _stage_rows(x, img, oy0 - ph, h, w, c, (last - row) * m + a, wp, pw, st)
                     _stage_rows(gy, img, oy0, oh, ow, k, (last - row + 1) * m, owp, 0, gp)
                 _tile_in(st, ((row - first) * m * wp + tj * m) * c, wp * c, c, m, v, q, ev)
-                go = ((row - first) * m * owp + tj * m) * k
-                if m == 4:
-                    transform_gy(gp, go, owp * k, k, wg, q * k, ew, k, 4)
-                else:
-                    transform_gy(gp, go, owp * k, k, wg, q * k, ew, k, 2)
+                _tile_gy(gp, ((row - first) * m * owp + tj * m) * k, owp * k, k, m, wg, q, ew)
             _sums(wg, v, sm, tn, ev, ew, c, k, g, cg, kg, a2, tmp, thin)

@@ -146,8 +146,8 @@ def _rows_plan(p, m, in_place=True):
     item's C block (bm x kg) -- and without ``in_place`` its im2row block (bm x tn) -- in half of
     L2, at least three items per worker where the batch allows.
 
-    Every item streams the packed weights of its panels once.  Where they outgrow L2 (in place
-    only) the items split the output channels instead of the positions: positions in blocks as
+    Every item streams the packed weights of its panels once.  Where they outgrow twice the L2
+    (in place only) the items split the output channels instead of the positions: positions in blocks as
     large as half of L2 holds (their C block, and the rows of one channel block), the panels
     shared out for two items per worker (resnet50-3x3-512, 9.4 MB of weights for 8x7x7 positions:
     6.8 ms with six blocks of 70 positions, each streaming all of them, 5.8 with four items of all

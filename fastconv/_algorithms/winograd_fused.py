@@ -15,11 +15,11 @@ its V and M within half of L2) and one worker runs all three steps on it:
 3. ``y = A^T M A + b`` per tile on vectors of output channels, into the NHWC output (the part of the
    tile inside it).
 
-NCHW arrays are read and written without whole-array layout copies: a worker transposes the a input
-rows of each tile row its block reaches into an NHWC strip in L2 and steps 1 to 3 read that; outputs
-go to a strip of m rows, transposed into the NCHW output per run of tiles
-(:func:`._winograd_fused_kernels.forward_fused`; the copies took ~1 ms of 8x64x56x56's 3.2 ms
-forward, the strips ~0.65).
+NCHW arrays are read and written without whole-array layout copies: a worker transposes the input
+rows of the band of tile rows its block reaches (:func:`band`) into an NHWC strip in L2 and steps
+1 to 3 read that; outputs go to a strip of m rows, transposed into the NCHW output per run of
+tiles (:func:`._winograd_fused_kernels.forward_fused`; the copies took ~1 ms of 8x64x56x56's
+3.2 ms forward, the strips ~0.65).
 
 Notation, accuracy and NaN spreading as in :mod:`.winograd` (the same matrices; U computed in
 float64 and rounded once by the batch-wide plan's :func:`.winograd_nhwc_kernels.transform_u`).
