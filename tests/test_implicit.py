@@ -134,3 +134,45 @@ def test_cost_is_finite_and_grows_with_work():
     for pass_ in ("forward", "grad_input", "grad_weight"):
         assert 0 < implicit.cost(small, pass_, 2) < implicit.cost(big, pass_, 2) < float("inf")
         assert implicit.cost(big, pass_, 2) < implicit.cost(big, pass_, 1)
+
+
+def _packed_reference(a, mr, kc):
+    """pack_a_all's layout of A (m x k), built in NumPy: per kc block, MR-row panels, each panel
+    column by column (``pa[pc*mp + i0*kb + p*mr + ii] = A[i0 + ii, pc + p]``), rows past m zero."""
+    m, k = a.shape
+    mp = -(-m // mr) * mr
+    out = np.zeros(mp * k, a.dtype)
+    ap = np.zeros((mp, k), a.dtype)
+    ap[:m] = a
+    for pc in range(0, k, kc):
+        kb = min(kc, k - pc)
+        for i0 in range(0, mp, mr):
+            out[pc * mp + i0 * kb: pc * mp + (i0 + mr) * kb] = ap[i0:i0 + mr, pc:pc + kb].T.reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_pack_weights_matches_the_packed_layout(dtype, transposed):
+    # several matrices of different row counts (col2im's channel blocks), k over two kc blocks with a
+    # partial one, row counts off the MR grid: every (matrix, kc block, panel) item of the kernel
+    from fastconv._algorithms import _implicit_kernels as K
+    mr = G.tile(np.dtype(dtype).itemsize)[0]
+    kc = 8
+    blk = np.array([kc, 64, 64], np.int64)
+    rng = np.random.default_rng(3)
+    kdim, full = 19, 2 * mr + 5
+    w = rng.standard_normal(3 * full * kdim).astype(dtype)
+    rows = np.array([full, mr - 1, 1], np.int64)
+    aoffs = np.array([0, full * kdim, 2 * full * kdim], np.int64)
+    pasz = G.packed_a_size(dtype, full, kdim)
+    pa = np.full((3, pasz), np.nan, dtype)
+    if transposed:  # A[t, q] = w[aoff + t + q*full]: rows of a transposed (kdim x full) block
+        K.pack_weights(w, pa, aoffs, rows, kdim, 1, full, blk)
+    else:
+        K.pack_weights(w, pa, aoffs, rows, kdim, kdim, 1, blk)
+    for i in range(3):
+        block = w[aoffs[i]:aoffs[i] + full * kdim]
+        a = block.reshape(kdim, full).T[:rows[i]] if transposed else block.reshape(full, kdim)[:rows[i]]
+        want = _packed_reference(a, mr, kc)
+        np.testing.assert_array_equal(pa[i, :want.size], want)

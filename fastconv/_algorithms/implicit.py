@@ -198,7 +198,7 @@ def forward(x, w, b, p):
     blk = G.blocking(p.dtype)
     src = _source(x, p)
     tn = p.cg * p.r * p.s
-    pa = np.empty((p.g, pasz), dtype=p.dtype)
+    pa = result((p.g, pasz), p.dtype)  # kept memory: 9.4 MB of fresh pages for 512x512x3x3
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), pa, np.arange(p.g, dtype=np.int64) * (p.kg * tn),
                    np.full(p.g, p.kg, np.int64), tn, tn, 1, blk)
     y = result(p.y_shape, p.dtype)
@@ -273,7 +273,7 @@ def _grad_input_col2im(gy, w, p):
     gi, ci = np.divmod(np.arange(p.g * ncb, dtype=np.int64), ncb)
     aoffs = gi * (p.kg * tn) + ci * cb * rs
     rows = np.minimum(cb, p.cg - ci * cb) * rs
-    pa = np.empty((p.g * ncb, pasz), dtype=p.dtype)
+    pa = result((p.g * ncb, pasz), p.dtype)
     K.pack_weights(np.ascontiguousarray(w).reshape(-1), pa, aoffs, rows, p.kg, 1, tn, blk)
     wq = -(-p.wp // p.sw)
     gq = result_zeros((p.n, p.c, p.sw * p.hp * wq + SLACK), p.dtype)
