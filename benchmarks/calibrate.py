@@ -70,6 +70,16 @@ TRAINING = (
     ConvCase("resnet-mini-3x3-s2@14", 32, 32, 14, 14, 64, 3, 3, stride=(2, 2), padding=(1, 1)),
     # a U-Net's thin full-resolution layer (benchmarks/torch_train_step.py's unet at batch 4)
     ConvCase("unet-3x3-16@128", 4, 16, 128, 128, 16, 3, 3, padding=(1, 1)),
+    # where auto's picks cost those networks most (2026-12-04, AVX-512): im2col's thousands of tiny
+    # depthwise products (grad_input 0.85 ms, direct 0.19), the 3-channel stride-2 stem's
+    # grad_input (direct 1.3, im2col 0.6), 1x1 layers on 12x12 and 3x3 planes, the U-Net's
+    # one-output head (direct 0.30 ms, im2col 0.10) and ResNet-18's stride-2 1x1 shortcut
+    ConvCase("mobilenet-dw-s2@12", 16, 128, 12, 12, 128, 3, 3, stride=(2, 2), padding=(1, 1), groups=128),
+    ConvCase("mobilenet-stem@96", 16, 3, 96, 96, 16, 3, 3, stride=(2, 2), padding=(1, 1)),
+    ConvCase("mobilenet-1x1-128@12", 16, 128, 12, 12, 128, 1, 1),
+    ConvCase("mobilenet-1x1-512@3", 16, 512, 3, 3, 512, 1, 1),
+    ConvCase("unet-1x1-head@128", 4, 16, 128, 128, 1, 1, 1),
+    ConvCase("resnet18-1x1-s2@16", 32, 128, 16, 16, 256, 1, 1, stride=(2, 2)),
 )
 
 

@@ -345,12 +345,21 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, r
                     _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
                     _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
             if staged:
+                # by runs within one image: a division per element (u // plane) cost more than the
+                # products on 12x12 planes (16x128x12x12 1x1 forward 0.75 ms, 0.33 by runs)
                 for q in range(mb):
                     bq = b[gi * kg + q0 + q]  # zeros without a bias
-                    for jj in range(m):
+                    jj = 0
+                    while jj < m:
                         u = u0 + jj
                         n = u // plane
-                        y[(n * k + gi * kg + q0 + q) * plane + u - n * plane] = ws[stoff + q * npos + jj] + bq
+                        off = u - n * plane
+                        run = min(plane - off, m - jj)
+                        yo = (n * k + gi * kg + q0 + q) * plane + off
+                        so = stoff + q * npos + jj
+                        for t in range(run):
+                            y[yo + t] = ws[so + t] + bq
+                        jj += run
 
 
 @kernel

@@ -335,9 +335,16 @@ def cost(p, pass_, threads):
     with kg = 1); float64 at half that; the col2im scatter of grad_input adds ~10%; gathers are
     included in the fit.  Workers scale it by the thread count at ~90% efficiency.
     """
-    rate = (80e9 if p.itemsize == 4 else 40e9) * p.kg / (p.kg + 12.0)
-    rate *= 1.0 + 0.9 * (threads - 1)
+    scale = 1.0 + 0.9 * (threads - 1)
+    rate = (80e9 if p.itemsize == 4 else 40e9) * p.kg / (p.kg + 12.0) * scale
     t = 2.0 * p.macs / rate
     if pass_ == "grad_input":
         t *= 1.1
-    return 2e-5 + t
+    # one BLAS call, gather (and scatter) per image and group: depthwise layers are thousands of
+    # tiny products (16x128x12x12 stride-2 grad_input: 2048 of them, 0.85 ms where the flops say 0.11)
+    return 2e-5 + t + _PER_PRODUCT * p.n * p.g / scale
+
+
+# Seconds per (image, group) product on one worker beyond its flops (AVX-512 Xeon, 2 threads:
+# 0.3-0.7 us over the depthwise layers of benchmarks/torch_train_step.py's MobileNet).
+_PER_PRODUCT = 0.5e-6

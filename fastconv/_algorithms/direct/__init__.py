@@ -386,6 +386,11 @@ def supports(p, pass_):
     return None
 
 
+def _filled(n, block):
+    """Share of ``ceil(n / block)`` blocks of ``block`` that ``n`` fills."""
+    return n / (-(-n // block) * block)
+
+
 def cost(p, pass_, threads):
     """Work model in nominal seconds: a per-call floor plus multiply-accumulates at 8 GMAC/s per
     thread, slowed where the inner loop is short (rows under 64 lanes waste vector lanes) or the grad_input scatter
@@ -408,6 +413,16 @@ def cost(p, pass_, threads):
         eff = min(1.0, p.ow / 64.0)
     else:
         eff = min(1.0, min(p.oh * p.wp, 512) / 64.0)
+    if not _depthwise(p):
+        # register blocks: the forward's sums are 4 output channels wide (stride-1 grad_input's
+        # are 4 input channels), grad_weight's 4 output channels x 2 taps; a partial block wastes
+        # its lanes (a U-Net's one-output 1x1 head: 0.30 ms forward where 4 outputs cost the same)
+        if pass_ == "forward":
+            eff *= _filled(p.kg, 4)
+        elif pass_ == "grad_input" and not strided:
+            eff *= _filled(p.cg, 4)
+        elif pass_ == "grad_weight":
+            eff *= _filled(p.kg, 4) * _filled(p.cg * p.r * p.s, 2)
     # workers share the work as the other algorithms' models assume (0.9 per added thread): without
     # it direct's cost stood still while theirs halved, so a table fitted at 2 threads over-picked
     # direct for calls that run on 1
