@@ -765,3 +765,72 @@ def test_pack_weights_layout_and_finiteness(g, kg, cg, r, s, flipped):
     want = np.zeros(g * npan, np.uint8)
     want[(g - 1) * npan + (kg - 1) // NR] = 1  # either way the last weight feeds output kg-1 of group g-1
     np.testing.assert_array_equal(bad, want)
+
+
+# --------------------------------------------------------------------------------------- 1x1 layers
+POINTWISE_CASES = [
+    # (with the test's 64-row blocks and 100-position parts) 12 row blocks, the last partial, and
+    # 7 parts of grad_weight's sum; one row block, so 3 column blocks of the output (and of gw's)
+    ("row-blocks", (5, 37, 13, 11), (150, 37, 1, 1)),
+    ("column-blocks", (2, 130, 3, 3), (200, 130, 1, 1)),
+    ("thin", (3, 3, 17, 19), (2, 3, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=[c[0] for c in POINTWISE_CASES])
+def test_pointwise_layers_against_reference(case, dtype, monkeypatch):
+    # small blocks and parts so that every cut of the products runs: rows, columns, summed parts
+    monkeypatch.setattr(nhwc, "POINTWISE_ROWS", 64)
+    monkeypatch.setattr(nhwc, "GW_SPLIT_POSITIONS", 100)
+    _, xs, ws = case
+    x, w, b, gy, kw = _make((case[0], xs, ws, {}), dtype)
+    p = _params(x, w, kw)
+    assert nhwc.pointwise(p)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    got = {"forward": nhwc.forward(xh, w, b, p).transpose(0, 3, 1, 2),
+           "grad_input": nhwc.grad_input(gyh, w, p).transpose(0, 3, 1, 2),
+           "grad_weight": nhwc.grad_weight(gyh, xh, p)}
+    assert_results(got, _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
+def test_pointwise_only_for_one_product():
+    def p_of(xs, ws, **kw):
+        return conv_params("t", xs, ws, np.float32, kw.get("stride", 1), kw.get("padding", 0), 1,
+                           kw.get("groups", 1))
+    assert nhwc.pointwise(p_of((1, 4, 5, 5), (3, 4, 1, 1)))
+    assert not nhwc.pointwise(p_of((1, 4, 5, 5), (3, 4, 1, 1), stride=2))
+    assert not nhwc.pointwise(p_of((1, 4, 5, 5), (3, 4, 1, 1), padding=1))
+    assert not nhwc.pointwise(p_of((1, 4, 5, 5), (4, 2, 1, 1), groups=2))
+    assert not nhwc.pointwise(p_of((1, 4, 5, 5), (3, 4, 3, 3)))
+
+
+def test_pointwise_bits_do_not_depend_on_the_threads(monkeypatch):
+    monkeypatch.setattr(nhwc, "POINTWISE_ROWS", 64)
+    monkeypatch.setattr(nhwc, "GW_SPLIT_POSITIONS", 100)
+    x, w, b, gy, kw = _make(("t", (4, 40, 9, 10), (130, 40, 1, 1), {}), np.float32)
+    p = _params(x, w, kw)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    prev = numba.get_num_threads()
+    out = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            out.append((nhwc.forward(xh, w, b, p), nhwc.grad_input(gyh, w, p), nhwc.grad_weight(gyh, xh, p)))
+    finally:
+        numba.set_num_threads(prev)
+    for one, two in zip(*out):
+        np.testing.assert_array_equal(one, two)
+
+
+def test_auto_runs_channels_last_1x1_layers_as_one_product(monkeypatch):
+    calls = []
+    real = nhwc._pointwise_rows
+    monkeypatch.setattr(nhwc, "_pointwise_rows", lambda *a: calls.append(a[-1]) or real(*a))
+    x, w, b, gy, kw = _make(("t", (2, 24, 7, 6), (40, 24, 1, 1), {}), np.float32)
+    y = fastconv.conv2d(_cl(x), w, b)
+    g = fastconv.conv2d_backward(_cl(gy), _cl(x), w)
+    assert calls == [True, False]  # the forward, then grad_input
+    assert nhwc.is_channels_last(y) and nhwc.is_channels_last(g.grad_input)
+    assert_results({"forward": y, "grad_input": g.grad_input, "grad_weight": g.grad_weight},
+                   _reference(x, w, b, gy, kw), np.float32, scale=4.0)

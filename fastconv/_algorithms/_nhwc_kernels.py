@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
 from .._jit import kernel, serial
+from ._blas import _N, _T as _TR, _chars, _gemm
 from ._gemm_kernels import VBYTES, _vector_tools
 from .common import claim
 from .gemm import _copy_nr, _macro, _pack_a, _tile_of, gemm_serial, ukernel_rowptr, ukernel_taps
@@ -821,3 +822,70 @@ def sum_rows(g, part, per):
         for i in range(b * per, min(rows, (b + 1) * per)):
             for ch in range(c):
                 part[b, ch] += g[i, ch]
+
+
+# ---------------------------------------------------------------------------------------- 1x1 GEMMs
+# A 1x1, stride-1, unpadded, ungrouped layer in NHWC is one matrix product over the batch's P
+# positions (nhwc.pointwise_*): y (P x k) = x (P x c) . w.T, gx (P x c) = gy (P x k) . w,
+# gw (k x c) = gy.T . x.  Each worker calls the BLAS ?gemm on one thread (_blas.serial_blas) for
+# the blocks it claims: blocks of rows of y or gx; for gw (fixed parts of the positions) x (fixed
+# blocks of its columns), each part summed by the caller in order.  The cut comes from the
+# problem alone, so the bits do not depend on the thread count.
+@kernel
+def pointwise_rows(a, lda, w, transw, bias, has_bias, c, ldc, m, kk, rows, cols, fn, ints, ctr):
+    # c[i, :] (ldc wide) = a[i, :kk] . op(w) (+ bias) for i < m, by blocks of `rows` rows x `cols`
+    # columns of c; op(w) is w.T for an (ldc x kk) w (transw = 1, the forward) or w for a
+    # (kk x ldc) w (grad_input)
+    nw = ints.shape[0]
+    ncb = (ldc + cols - 1) // cols
+    items = (m + rows - 1) // rows * ncb
+    for wid in prange(nw):
+        iv = ints[wid]
+        tr = _chars()
+        one = np.ones(1, dtype=c.dtype)
+        beta = np.ones(1, dtype=c.dtype) if has_bias else np.zeros(1, dtype=c.dtype)
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            rb = it // ncb
+            c0 = (it - rb * ncb) * cols
+            r0 = rb * rows
+            mb = min(rows, m - r0)
+            nb = min(cols, ldc - c0)
+            if has_bias:
+                for i in range(r0, r0 + mb):
+                    for j in range(c0, c0 + nb):
+                        c[i * ldc + j] = bias[j]
+            if transw:
+                _gemm(fn, iv, tr, _N, _TR, mb, nb, kk, one, a[r0 * lda:], lda, w[c0 * kk:], kk, beta,
+                      c[r0 * ldc + c0:], ldc)
+            else:
+                _gemm(fn, iv, tr, _N, _N, mb, nb, kk, one, a[r0 * lda:], lda, w[c0:], ldc, beta,
+                      c[r0 * ldc + c0:], ldc)
+
+
+@kernel
+def pointwise_gw(gy, x, part, k, c, m, per, cols, fn, ints, ctr):
+    # part[q] (k x c, flat) = gy[rows q].T . x[rows q] over parts of `per` positions, by blocks of `cols`
+    # columns: item (q, column block) writes part[q][:, c0:c0 + cb]
+    nw = ints.shape[0]
+    nq = part.shape[0]
+    ncb = (c + cols - 1) // cols
+    items = nq * ncb
+    for wid in prange(nw):
+        iv = ints[wid]
+        tr = _chars()
+        one = np.ones(1, dtype=part.dtype)
+        zero = np.zeros(1, dtype=part.dtype)
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            q = it // ncb
+            c0 = (it - q * ncb) * cols
+            r0 = q * per
+            mq = min(per, m - r0)
+            dst = part[q]
+            _gemm(fn, iv, tr, _TR, _N, k, min(cols, c - c0), mq, one, gy[r0 * k:], k, x[r0 * c + c0:], c, zero,
+                  dst[c0:], c)
