@@ -61,10 +61,24 @@ def _numpy_blas(n, force=False):
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             return
         _blas_threads = None  # unknown until every library is set (an interrupt may stop the loop)
-        for ctl in ThreadpoolController().select(user_api="blas").lib_controllers:
-            if "numpy" in ctl.filepath:
-                ctl.set_num_threads(n)
+        for ctl in _numpy_controllers(ThreadpoolController):
+            ctl.set_num_threads(n)
         _blas_threads = n
+
+
+_numpy_ctls = None
+
+
+def _numpy_controllers(controller):
+    """threadpoolctl's controllers of numpy's BLAS, found once: building a ThreadpoolController
+    scans every loaded library (~0.5 ms with PyTorch loaded), and the bridge switches the count
+    on every operator call where PyTorch's differs from fastconv's (a converted MobileNet's step
+    took 154 ms at torch.set_num_threads(1), 56 at 2)."""
+    global _numpy_ctls
+    if _numpy_ctls is None:
+        _numpy_ctls = [ctl for ctl in controller().select(user_api="blas").lib_controllers
+                       if "numpy" in ctl.filepath]
+    return _numpy_ctls
 
 
 def current() -> int:

@@ -39,6 +39,34 @@ def test_set_num_threads_applies_even_after_another_library_changed_the_pool(res
     assert set(numpy_blas_threads()) == {1}
 
 
+def test_switching_the_count_scans_the_libraries_once(restore, monkeypatch):
+    # fastconv.torch switches the count on every operator call where PyTorch's differs: building a
+    # ThreadpoolController (a scan of every loaded library) each time made that call 3x slower
+    import threadpoolctl
+    from fastconv import _threads
+    built = []
+
+    class Counting(threadpoolctl.ThreadpoolController):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(threadpoolctl, "ThreadpoolController", Counting)
+    monkeypatch.setattr(_threads, "_numpy_ctls", None)
+    top = fastconv.max_threads()
+    fastconv.set_num_threads(top)
+    assert len(built) == 1
+    seen = []
+    for _ in range(3):
+        with fastconv.threads(1):
+            seen.append(len(built))
+        seen.append(len(built))
+    assert seen == [1] * 6  # no scan while switching (threadpool_info below scans on its own)
+    with fastconv.threads(1):
+        assert set(numpy_blas_threads()) == {1}
+    assert set(numpy_blas_threads()) == {top}
+
+
 def test_setting_holds_in_other_python_threads(restore):
     """numba's own setting is per thread; fastconv re-applies its own at every call."""
     fastconv.set_num_threads(1)
