@@ -263,13 +263,26 @@ def _winograd_in_place(alg, p):
 
 def _via_nhwc(p, alg, algorithm, pass_):
     """Whether an NCHW call under ``'auto'`` runs this pass on the NHWC kernels, its operands
-    converted (:func:`._algorithms.nhwc.native_beats_converting` with ``nchw``), where ``alg`` (the
-    pass's choice) is not Winograd (:func:`_winograd_in_place`)."""
+    converted (:func:`._algorithms.nhwc.native_beats_converting` with ``nchw``, or the gradients
+    of a 1x1 layer on small planes: :data:`POINTWISE_NCHW_PLANE`), where ``alg`` (the pass's choice) is not Winograd
+    (:func:`_winograd_in_place`)."""
     if not (algorithm == "auto" and not _winograd_in_place(alg, p)
-            and _nhwc.native_beats_converting(p, pass_, nchw=True)
+            and (_nhwc.native_beats_converting(p, pass_, nchw=True) or _small_pointwise(p, pass_))
             and _nhwc.supports(p, pass_) is None):
         return False
     return _nhwc.need(p, pass_) + _nhwc_copies(p) <= p.workspace_limit
+
+
+#: Output positions per image up to which the gradients of an NCHW 1x1 layer convert to run as one
+#: product in NHWC (``nhwc.pointwise``): 2 threads, ms backward, NCHW 'auto' -> converted, two runs:
+#: 16x512x3x3 -> 512 2.33, 1.63 -> 1.00, 0.91; 16x256x3x3 -> 512 1.22, 0.85 -> 0.68, 0.62; at 6x6
+#: even (16x256x6x6 -> 256 1.19, 0.78 -> 1.06, 0.97) and the forward even or behind (16x128x6x6 ->
+#: 256 0.21, 0.19 -> 0.29, 0.29), so it keeps its NCHW pick.
+POINTWISE_NCHW_PLANE = 16
+
+
+def _small_pointwise(p, pass_):
+    return pass_ != "forward" and _nhwc.pointwise(p) and p.oh * p.ow <= POINTWISE_NCHW_PLANE
 
 
 def _dw_via_nhwc(p, algorithm, w):

@@ -834,3 +834,21 @@ def test_auto_runs_channels_last_1x1_layers_as_one_product(monkeypatch):
     assert nhwc.is_channels_last(y) and nhwc.is_channels_last(g.grad_input)
     assert_results({"forward": y, "grad_input": g.grad_input, "grad_weight": g.grad_weight},
                    _reference(x, w, b, gy, kw), np.float32, scale=4.0)
+
+
+def test_auto_converts_small_nchw_1x1_gradients_to_one_product(monkeypatch):
+    from fastconv import functional
+    calls = []
+    real_rows, real_gw = nhwc._pointwise_rows, nhwc._pointwise_gw
+    monkeypatch.setattr(nhwc, "_pointwise_rows", lambda *a: calls.append("gi") or real_rows(*a))
+    monkeypatch.setattr(nhwc, "_pointwise_gw", lambda *a: calls.append("gw") or real_gw(*a))
+    side = int(np.sqrt(functional.POINTWISE_NCHW_PLANE))
+    x, w, b, gy, kw = _make(("t", (3, 24, side, side), (40, 24, 1, 1), {}), np.float32)
+    g = fastconv.conv2d_backward(gy, x, w)
+    assert calls == ["gi", "gw"] and not nhwc.is_channels_last(g.grad_input)
+    assert_results({"grad_input": g.grad_input, "grad_weight": g.grad_weight},
+                   {k: v for k, v in _reference(x, w, b, gy, kw).items() if k != "forward"}, np.float32, scale=4.0)
+    calls.clear()
+    x2, w2, _, gy2, _ = _make(("t", (3, 24, side + 1, side + 1), (40, 24, 1, 1), {}), np.float32)
+    fastconv.conv2d_backward(gy2, x2, w2)  # larger planes keep their NCHW picks
+    assert calls == []
