@@ -392,10 +392,11 @@ POINTWISE_ITEMS = 8
 def pointwise(p):
     """Whether the layer is one matrix product over the batch's positions in NHWC (1x1 kernel,
     stride 1, no padding, one group), which its passes run as on the BLAS ?gemm (one thread per
-    worker, blocks of rows; :func:`._nhwc_kernels.pointwise_rows`).  Measured (2 threads, AVX-512
-    Xeon, ms forward / backward against the GEMM kernels' route): 16x256x6x6 -> 256 0.22 / 0.48
-    against 0.31 / 0.86, 16x16x48x48 -> 32 0.28 / 0.78 against 0.41 / 2.32, 4x32x128x128 -> 16
-    0.56 / 2.05 against 1.30 / 2.20; PyTorch's channels_last 0.23 / 0.59, 0.18 / 0.53, 0.39 / 0.70."""
+    worker, blocks of rows and columns; :func:`._nhwc_kernels.pointwise_rows`).  Measured (2 threads,
+    AVX-512 Xeon, channels_last calls, ms forward / backward, before on the GEMM kernels' route):
+    16x512x3x3 -> 512 0.36 / 0.78 (0.39 / 1.20), 16x16x48x48 -> 32 0.38 / 0.75 (0.41 / 2.32),
+    4x32x128x128 -> 16 0.56 / 1.05 (1.30 / 2.20); PyTorch's channels_last 0.34 / 0.80, 0.18 / 0.54,
+    0.37 / 0.73.  numpy's own 2-thread sgemm of the same products is as fast or a little faster."""
     return (p.r == 1 and p.s == 1 and p.sh == 1 and p.sw == 1 and not p.padded and p.g == 1
             and p.oh == p.h and p.ow == p.w)
 
