@@ -255,8 +255,8 @@ def pack_weights(w, pa, aoffs, rows, kdim, ars, acs, blk):
     # pa[i] = pack_a_all of the (rows[i] x kdim) matrix A[t, q] = w[aoffs[i] + t*ars + q*acs]:
     # a group's weights (kg x tn) for the forward pass, a channel block's rows of the transposed
     # weights (taps x kg) for grad_input's col2im.  Items are (matrix, kc block, MR-row panel), so
-    # that one matrix is packed by every worker: resnet50-3x3-512's 9.4 MB of weights took 1.9 ms
-    # packed by one worker (prange over its one group), 0.9 ms by two.
+    # that one matrix is packed by every worker: 512x512x3x3 weights (9.4 MB) took 1.9 ms packed
+    # by one worker (a prange over the one group), 0.9 ms by two.
     kc = blk[0]
     mr = _tile_of(pa)[0]
     nmat = pa.shape[0]

@@ -368,8 +368,7 @@ def _rows_seconds(p, pass_):
 # Bytes per second a core reads plus writes in a layout conversion or the weight packing
 # (32x512x4x4: 9.4 MB of weights packed in 2.7 ms on 2 cores, AVX2 EPYC).  The AVX-512 Xeon moves
 # them twice as fast (7 GB/s a core over the route's forwards of 1x1 to 3x3 layers with 64-512
-# channels on 2x2 to 7x7 planes; at 3.5 the route read 17-80% high, and auto left 3x3-512 layers
-# to Winograd at 6.4 ms where this route takes 5.7).
+# channels on 2x2 to 7x7 planes; at 3.5 the route's model read 17-80% high).
 _MOVE_RATE = 7e9 if G.ISA == "avx512" else 3.5e9
 # The channels_last grad_weight's rate over the dot tiles' at full lanes (2 threads, AVX2: 140
 # GFLOP/s on 32x512x4x4 against the dot tiles' 54 on resnet50-3x3-64's 56-wide rows).
