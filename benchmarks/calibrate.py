@@ -18,6 +18,7 @@ Timing: one untimed warm-up call (JIT compilation), then the median of ``--round
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -36,17 +37,24 @@ from fastconv.cases import ConvCase, load_suite
 CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(fastconv.__file__)), "_calibration.json")
 
 
-def timeit(f, rounds, budget=1.5):
-    f()
-    ts = []
-    t_end = time.perf_counter() + budget
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-        if time.perf_counter() > t_end and len(ts) >= 2:
+def interleaved(calls, rounds, budget=1.5):
+    """Median seconds of each of ``calls`` ({name: f}), timed in interleaved rounds (one call of
+    each per round, the order rotated), so that the VM's drift over a case -- 5-20% within minutes
+    here -- moves every contestant alike instead of whichever ran in the slow minute; at least 2
+    rounds, more while the case's budget (``budget`` seconds per contestant) lasts."""
+    names = list(calls)
+    for f in calls.values():
+        f()  # warm: compilation, kept buffers
+    ts = {n: [] for n in names}
+    t_end = time.perf_counter() + budget * len(names)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            calls[n]()
+            ts[n].append(time.perf_counter() - t0)
+        if time.perf_counter() > t_end and r >= 1:
             break
-    return float(np.median(ts))
+    return {n: float(np.median(v)) for n, v in ts.items()}
 
 
 # Layers of the small networks people train on CPU (benchmarks/torch_train_step.py's ResNet-18 on
@@ -106,12 +114,11 @@ def measure(cases_, rounds, dtype=np.float32):
                           kw["groups"])
         for pass_ in _dispatch.PASSES:
             args = {"forward": (x, w, b), "grad_input": (gy, w), "grad_weight": (gy, x)}[pass_]
-            times, raw = {}, {}
             threads = _threads.apply(p.macs if pass_ == "forward" else 2 * p.macs)  # as the public ops
-            for alg in _dispatch.eligible(p, pass_):
-                f = getattr(alg, pass_)
-                times[alg.name] = timeit(lambda: f(*args, p), rounds)
-                raw[alg.name] = alg.cost(p, pass_, threads)
+            algs = _dispatch.eligible(p, pass_)
+            calls = {alg.name: functools.partial(getattr(alg, pass_), *args, p) for alg in algs}
+            times = interleaved(calls, rounds)
+            raw = {alg.name: alg.cost(p, pass_, threads) for alg in algs}
             rows.append({"case": label, "pass": pass_, "times": times, "raw": raw})
             print(f"  {label:24s} {pass_:12s} " + "  ".join(f"{k} {v * 1e3:8.3f} ms" for k, v in times.items()),
                   file=sys.stderr, flush=True)
