@@ -26,3 +26,17 @@ def test_fit_keeps_factors_at_one_when_the_models_already_rank_right():
             _row("forward", {"direct": 3.0, "im2col": 1.0}, {"direct": 3.0, "im2col": 1.0})]
     coef = calibrate.fit(rows)
     assert coef["im2col/forward"] == [1.0, 0.0]
+
+
+def test_fit_weights_the_public_suite_over_the_other_cases():
+    # one suite shape and one training layer that no single factor can serve both: the suite's
+    # pick needs im2col's factor below 0.75, the other's above 1; each lost pick costs 1.5x
+    training = calibrate.TRAINING[0].name
+    suite = {"case": "resnet50-3x3-64", "pass": "forward", "times": {"direct": 1.5, "im2col": 1.0},
+             "raw": {"direct": 1.5, "im2col": 2.0}}
+    other = {"case": training, "pass": "forward", "times": {"direct": 1.0, "im2col": 1.5},
+             "raw": {"direct": 1.0, "im2col": 1.0}}
+    coef = calibrate.fit([suite, other])
+    assert calibrate.pick(suite, coef) == "im2col"
+    assert calibrate._weight(suite) == calibrate.SUITE_WEIGHT > calibrate._weight(other) == 1.0
+    assert calibrate._weight({"case": "resnet50-3x3-64@n1"}) == 1.0
