@@ -30,6 +30,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import _cpu
 from .._config import result, scratch
 from . import _winograd_nhwc_kernels as K
 from . import gemm as G
@@ -124,7 +125,15 @@ def cost(p, m, tc, nthreads, pass_="forward"):
     rows = -(-total // tc) * -(-tc // mr) * mr
     gemm = 2.0 * a2 * p.g * rows * p.kg * (p.cg + 8) / (_GEMM_RATE * 4 / p.itemsize)
     moved = 2 * max(1, p.n) * (p.c * p.h * p.w + p.k * p.oh * p.ow) * p.itemsize
-    return 3e-5 + (trans + gemm) / workers + moved / _CONVERT_RATE
+    # U beyond twice the L2 is read from memory by every chunk's GEMMs (a bandwidth the workers
+    # share): 8x512x7x7 and 32x512x4x4 at F(2x2), 16.8 MB of U, read 11-15% low without it and ran
+    # 8.5 ms interleaved with gemm's 7.0 on the loaded VM (6.2-6.3 alone)
+    ubytes = a2 * p.k * p.cg * p.itemsize
+    stream = -(-total // tc) * ubytes / _U_STREAM_RATE if ubytes > 2 * _cpu.cache_sizes()["l2"] else 0.0
+    return 3e-5 + (trans + gemm) / workers + moved / _CONVERT_RATE + stream
+
+
+_U_STREAM_RATE = 20e9  # bytes per second of U streamed by the GEMMs (see cost)
 
 
 def _buffers(p, m, tc, nw):
