@@ -13,7 +13,8 @@ picks cost the least time (see :func:`fit`).  ``'auto'`` applies the stored corr
 shape and pass, the measured best algorithm, the calibrated model's pick and its time over the best;
 the summary line is the fraction of cases where the pick is within 10% of the best.
 
-Timing: one untimed warm-up call (JIT compilation), then the median of ``--rounds`` calls.
+Timing: one untimed warm-up call of each contestant (JIT compilation), then the median of up to
+``--rounds`` interleaved rounds per case (:func:`interleaved`).
 """
 from __future__ import annotations
 
