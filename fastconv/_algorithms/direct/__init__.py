@@ -187,6 +187,18 @@ def _blocks(k, g, sh, ow, wq, oh):
     return kb, rb
 
 
+def _gw_per_image(p):
+    """Whether grad_weight runs per image (``_grad_weight_img``): parallel over images only (groups
+    are summed inside an item), so it needs many images, not items, and each item's planes and
+    partial sums within their budgets."""
+    hp, wq = p.hp, -(-p.wp // p.sw)
+    plane, gplane = p.sw * hp * wq + SLACK, p.oh * wq + SLACK
+    nch = min(p.n, _IMG_PARTS)
+    return (p.n >= _IMG_MIN_ITEMS and _per_image(p.n, p.g, p.cg, plane, p.itemsize)
+            and p.kg * gplane * p.itemsize <= _IMG_MAX_BYTES
+            and nch * p.k * p.cg * p.r * p.s * p.itemsize <= _IMG_MAX_PART)
+
+
 def _per_image(n, g, cg, plane, itemsize):
     """Pad each image's planes inside the kernel (``_forward_img``) instead of a padded copy of the
     whole tensor: when there are many (image, group) items and each one's planes fit in L2.  The
@@ -352,10 +364,7 @@ def grad_weight(gy, x, p):
     tc, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, p.sw, hp, wq)
     tn = p.cg * p.r * p.s
     nch = min(p.n, _IMG_PARTS)
-    plane, gplane = p.sw * hp * wq + SLACK, p.oh * wq + SLACK
-    # parallel over images only (groups are summed inside an item): needs many images, not items
-    if (p.n >= _IMG_MIN_ITEMS and _per_image(p.n, p.g, p.cg, plane, p.itemsize)
-            and p.kg * gplane * p.itemsize <= _IMG_MAX_BYTES and nch * p.k * tn * p.itemsize <= _IMG_MAX_PART):
+    if _gw_per_image(p):
         part = np.zeros((nch, p.k, tn), dtype=p.dtype)
         _grad_weight_img(np.ascontiguousarray(gy), np.ascontiguousarray(x), tc, tb, part, p.sw, hp, wq,
                          p.ph0, p.pw0, p.sh, p.g, p.dtype.type(0), *_workers(nch))
@@ -421,7 +430,7 @@ def cost(p, pass_, threads):
             eff *= _filled(p.kg, 4)
         elif pass_ == "grad_input" and not strided:
             eff *= _filled(p.cg, 4)
-        elif pass_ == "grad_weight":
+        elif pass_ == "grad_weight" and not _gw_per_image(p):  # the per-image kernel blocks otherwise
             eff *= _filled(p.kg, 4) * _filled(p.cg * p.r * p.s, 2)
     # workers share the work as the other algorithms' models assume (0.9 per added thread): without
     # it direct's cost stood still while theirs halved, so a table fitted at 2 threads over-picked
