@@ -187,6 +187,16 @@ def _blocks(k, g, sh, ow, wq, oh):
     return kb, rb
 
 
+def _gi_per_image(p):
+    """Whether a stride-1 grad_input (finite weights) runs as ``W.T @ g`` plus col2im per image
+    (``_grad_input_img``) rather than the correlation (see :func:`_gi_img_pays`)."""
+    tn = p.cg * p.r * p.s
+    ln = (p.oh - 1) * p.wp + p.ow + 8
+    return (not _depthwise(p) and _gi_img_pays(p, tn)
+            and _per_image(p.n, p.g, p.cg, p.hp * p.wp + SLACK, p.itemsize)
+            and (tn + p.kg) * ln * p.itemsize <= _IMG_MAX_BYTES)
+
+
 def _gw_per_image(p):
     """Whether grad_weight runs per image (``_grad_weight_img``): parallel over images only (groups
     are summed inside an item), so it needs many images, not items, and each item's planes and
@@ -251,10 +261,7 @@ def grad_input(gy, w, p):
     # make NaN where PyTorch, which sums only real terms, has a number; the scatter sums only those
     if p.sh == 1 and p.sw == 1 and np.isfinite(w).all():
         tn = p.cg * p.r * p.s
-        ln = (p.oh - 1) * p.wp + p.ow + 8
-        if (not _depthwise(p) and _gi_img_pays(p, tn)
-                and _per_image(p.n, p.g, p.cg, p.hp * p.wp + SLACK, p.itemsize)
-                and (tn + p.kg) * ln * p.itemsize <= _IMG_MAX_BYTES):
+        if _gi_per_image(p):
             _, tb = _taps(p.cg, p.r, p.s, p.dh, p.dw, 1, p.hp, p.wp)
             wt = np.ascontiguousarray(np.asarray(w).reshape(p.g, p.kg, tn).transpose(0, 2, 1))
             gx = result(p.x_shape, p.dtype)
@@ -428,7 +435,7 @@ def cost(p, pass_, threads):
         # its lanes (a U-Net's one-output 1x1 head: 0.30 ms forward where 4 outputs cost the same)
         if pass_ == "forward":
             eff *= _filled(p.kg, 4)
-        elif pass_ == "grad_input" and not strided:
+        elif pass_ == "grad_input" and not strided and not _gi_per_image(p):
             eff *= _filled(p.cg, 4)
         elif pass_ == "grad_weight" and not _gw_per_image(p):  # the per-image kernel blocks otherwise
             eff *= _filled(p.kg, 4) * _filled(p.cg * p.r * p.s, 2)
