@@ -397,8 +397,7 @@ def pointwise(p):
     16x512x3x3 -> 512 0.36 / 0.78 (0.39 / 1.20), 16x16x48x48 -> 32 0.38 / 0.75 (0.41 / 2.32),
     4x32x128x128 -> 16 0.56 / 1.05 (1.30 / 2.20); PyTorch's channels_last 0.34 / 0.80, 0.18 / 0.54,
     0.37 / 0.73.  numpy's own 2-thread sgemm of the same products is as fast or a little faster."""
-    return (p.r == 1 and p.s == 1 and p.sh == 1 and p.sw == 1 and not p.padded and p.g == 1
-            and p.oh == p.h and p.ow == p.w)
+    return p.r == 1 and p.s == 1 and p.sh == 1 and p.sw == 1 and not p.padded and p.g == 1
 
 
 def _blocks(m, width):
@@ -431,19 +430,14 @@ def _pointwise_gw(gyh, xh, p):
     """grad_weight (k, c, 1, 1) of a :func:`pointwise` layer: parts of the positions as
     :func:`_gw_splits` cuts them, each part's product by blocks of columns, the parts added in order."""
     m = p.n * p.h * p.w
-    ns = _gw_splits(p)
-    per = -(-m // ns)
-    ns = -(-m // per)
+    ns, per = _parts(p, m)
     cols = max(64, -(-p.c // 4))  # up to 4 blocks of columns: work for every worker of a single part
     part = np.empty((ns, p.k * p.c), dtype=p.dtype)
     nw = _nw(ns * -(-p.c // cols))
     with serial_blas, _threads(nw):
         K.pointwise_gw(np.ascontiguousarray(gyh).reshape(-1), np.ascontiguousarray(xh).reshape(-1), part, p.k, p.c,
                        m, per, cols, *_BLAS.args(p.dtype, nw), np.zeros(1, np.int64))
-    gw = part[0]
-    for q in range(1, ns):
-        gw += part[q]
-    return gw.reshape(p.k, p.c, 1, 1)
+    return _summed(part).reshape(p.k, p.c, 1, 1)
 
 
 def grad_input_transposed(gyh, w, p):
@@ -494,6 +488,21 @@ def _gw_splits(p):
     return max(1, min(GW_SPLITS, m // GW_SPLIT_POSITIONS, p.workspace_limit // 2 // one))
 
 
+def _parts(p, m):
+    """(parts, positions per part) of grad_weight's sum over ``m`` positions (:func:`_gw_splits`,
+    no empty part)."""
+    per = -(-m // _gw_splits(p))
+    return -(-m // per), per
+
+
+def _summed(part):
+    """The parts' partial weight gradients added in order (the bits depend on the shape only)."""
+    total = part[0]
+    for q in range(1, part.shape[0]):
+        total += part[q]
+    return total
+
+
 def grad_weight(gyh, xh, p):
     """``gw`` (k, cg, r, s) C-contiguous from NHWC ``gyh`` (n, oh, ow, k) and ``xh`` (n, h, w, c)."""
     mr, nr = G.tile(p.itemsize)
@@ -503,9 +512,7 @@ def grad_weight(gyh, xh, p):
         return np.zeros((p.k, p.cg, p.r, p.s), dtype=p.dtype)
     if pointwise(p):
         return _pointwise_gw(gyh, xh, p)
-    ns = _gw_splits(p)
-    per = -(-m // ns)
-    ns = -(-m // per)
+    ns, per = _parts(p, m)
     part = np.empty((ns, p.g, p.kg, tn), dtype=p.dtype)
     blk = _blk(p)
     mc = int(blk[1])
@@ -522,10 +529,7 @@ def grad_weight(gyh, xh, p):
         K.grad_weight(np.ascontiguousarray(gyh).reshape(-1), np.ascontiguousarray(xh).reshape(-1), p.h, p.w,
                       p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.s, p.g, p.cg, p.kg, m, part, per,
                       wbuf, blk, bm, bn, np.zeros(1, np.int64))
-    gwt = part[0]
-    for q in range(1, ns):
-        gwt += part[q]
-    gw = gwt.reshape(p.g, p.kg, p.r, p.s, p.cg).transpose(0, 1, 4, 2, 3)
+    gw = _summed(part).reshape(p.g, p.kg, p.r, p.s, p.cg).transpose(0, 1, 4, 2, 3)
     return np.ascontiguousarray(gw).reshape(p.k, p.cg, p.r, p.s)
 
 
