@@ -607,11 +607,15 @@ def test_native_beats_converting_where_measured():
     for other in (_p((4, 16, 128, 128), (16, 16, 3, 3)), _p((32, 256, 8, 8), (256, 256, 3, 3)),
                   _p((8, 64, 14, 14), (64, 32, 3, 3), groups=2), _p((8, 64, 14, 14), (64, 64, 1, 1), padding=0)):
         assert passes(other, isa="avx512", nchw=True) == (False, False, False)
-    strided = _p((32, 32, 28, 28), (64, 32, 3, 3), stride=2)  # channels_last: preferred() decides
-    assert passes(strided, isa="avx512") == (False, False, True)
+    # what pays with both conversions (an NCHW call) pays without them (a channels_last one)
+    strided = _p((32, 32, 28, 28), (64, 32, 3, 3), stride=2)
+    assert passes(strided, isa="avx512") == (True, True, True)
     assert passes(strided, isa="avx512", nchw=True) == (True, True, True)
-    narrow_in = _p((32, 16, 28, 28), (32, 16, 3, 3), stride=2)  # 16 inputs: NCHW strided fwd / grad_input
-    assert passes(narrow_in, isa="avx512", nchw=True) == (True, True, False)
+    narrow_in = _p((32, 16, 28, 28), (32, 16, 3, 3), stride=2)  # 16 inputs: NCHW strided passes
+    assert passes(narrow_in, isa="avx512", nchw=True) == (True, True, True)
+    assert passes(narrow_in, isa="avx512") == (True, True, True)
+    wide_strided = _p((16, 256, 14, 14), (256, 256, 3, 3), stride=2)  # channels_last: preferred() decides
+    assert passes(wide_strided, isa="avx512") == (False, False, False)
     assert passes(_p((32, 16, 28, 28), (32, 16, 3, 3)), isa="avx512", nchw=True) == (False, False, False)
     narrow_out = _p((4, 32, 64, 64), (16, 32, 3, 3))  # 16 outputs: channels_last gradients only
     assert passes(narrow_out, isa="avx512") == (False, True, True)

@@ -339,13 +339,17 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
     (its forward 9.0 / 7.8: not taken); stride 2, 32x32x14x14 -> 64: 0.56 / 0.77, 0.68 / 0.81,
     1.43 / 1.75; 4x32x64x64 forward 2.1 / 1.7 and 8x64x56x56 6.7 / 4.4 lose."""
     isa = _cpu.isa() if isa is None else isa
+    if not nchw and native_beats_converting(p, pass_, isa, nchw=True):
+        # what pays off with both conversions does without them (a channels_last 32x16x28x28 -> 32
+        # stride-2 forward took 0.85 ms converted to NCHW's direct, 0.36 natively)
+        return True
     # 16 channels on one side are enough for a channels_last gradient pass with 32 or more inputs
     # (4x32x128x128 -> 16: grad_input 3.0 / 3.5, grad_weight 4.3 / 5.6) and for an NCHW strided
     # forward / grad_input with 32 or more outputs (32x16x28x28 -> 32 at stride 2: forward
     # 0.48 / 0.79, backward 2.06 / 2.64 with grad_weight equal; its grad_weight and the stride-1
     # layers of 16 channels lose: 32x16x28x28 -> 16 grad_weight 3.1 / 1.5)
     cl_grad = pass_ != "forward" and not nchw and p.cg >= 32
-    nchw_strided = nchw and pass_ != "grad_weight" and (p.sh > 1 or p.sw > 1) and p.kg >= 32
+    nchw_strided = nchw and (p.sh > 1 or p.sw > 1) and p.kg >= 32
     narrow = 16 if cl_grad or nchw_strided else 32
     if isa != "avx512" or p.itemsize != 4 or p.g != 1 or min(p.cg, p.kg) < narrow or max(p.cg, p.kg) > 128:
         return False  # (float64 not measured)
