@@ -112,6 +112,37 @@ def reshape(x, shape):
     return _recorded("ReshapeBackward", y, (x,), lambda g, n: (g.reshape(old),))
 
 
+MEMORY_FORMATS = ("channels_last", "contiguous_format")
+
+
+def contiguous(x, memory_format="contiguous_format"):
+    """``x`` (N, C, H, W) with its memory in ``memory_format`` -- ``'channels_last'`` (N, H, W, C)
+    or ``'contiguous_format'`` (N, C, H, W), as PyTorch's ``Tensor.contiguous(memory_format=)`` --
+    recorded: the gradient goes back in ``x``'s layout.  ``x`` itself where it is in that layout
+    already (a 1-channel or 1x1 array is in both).
+
+    >>> y = contiguous(Tensor(np.zeros((1, 3, 2, 2))), "channels_last")
+    >>> y.shape, y.numpy().strides
+    ((1, 3, 2, 2), (96, 8, 48, 24))
+    """
+    from ._algorithms import nhwc
+
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"contiguous: memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    xd = _data(x)
+    if xd.ndim != 4:
+        raise ValueError(f"contiguous: input must be 4-D (N, C, H, W), got shape {xd.shape}")
+    last = memory_format == "channels_last"
+    if xd.transpose(0, 2, 3, 1).flags.c_contiguous if last else xd.flags.c_contiguous:
+        return x if isinstance(x, Tensor) else Tensor(xd)
+    y = nhwc.channels_last_view(nhwc.to_nhwc(xd)) if last else nhwc.to_nchw(xd)
+    if not is_recording(x):
+        return Tensor(y)
+    back = (lambda g: np.ascontiguousarray(nhwc.to_nchw(g))) if last else (
+        lambda g: nhwc.channels_last_view(nhwc.to_nhwc(g)))
+    return _recorded("ContiguousBackward", y, (x,), lambda g, n: (back(g),))
+
+
 def flatten(x, start_dim=1):
     """Merge the axes from ``start_dim`` on (PyTorch's ``torch.flatten``), recorded.
 

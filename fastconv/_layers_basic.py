@@ -76,8 +76,12 @@ class Conv2d(Module):
         if dt is not None and dt != self.dtype and dt in V.FLOAT_DTYPES:
             raise TypeError(f"Conv2d: input must have the layer's dtype {self.dtype}, got {dt} "
                             f"(build the layer with dtype={dt.name} or convert the input)")
-        return A.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                        algorithm=self.algorithm)
+        last = getattr(self, "memory_format", None) == "channels_last"  # (Module.to)
+        if last and getattr(x, "ndim", 0) == 4:
+            x = A.contiguous(x, "channels_last")
+        y = A.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                     algorithm=self.algorithm)
+        return A.contiguous(y, "channels_last") if last and y.ndim == 4 else y
 
     def params(self, input_shape):
         """:class:`~fastconv._validation.ConvParams` of one image of shape ``(C, H, W)``."""

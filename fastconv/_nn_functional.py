@@ -294,11 +294,14 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     """:func:`batch_norm` of validated arguments, followed by the activation ``act`` (None, 'relu' or
     'relu6') in the same pass; returns ``(y, mean, invstd)``, the statistics used (float64, None for
     an empty ``x``), for :func:`_batch_norm_backward`."""
-    y = np.empty(x.shape, x.dtype) if y is None else y
+    y = _norm.empty_like(x) if y is None else y
     if x.size == 0:
         return y, None, None
     c = x.shape[1]
-    x3 = _norm.planes(x)
+    # channels_last in and out (rows of channels) where both are; otherwise NCHW planes
+    rows = _norm.is_rows(x) and _norm.is_rows(y)
+    x3 = _norm.view(x, rows)
+    y3 = y.transpose(0, 2, 3, 1).reshape(x3.shape) if rows else y.reshape(x3.shape)
     apply_threads(x.size)
     mean, invstd, var = _bn_stats(x3, running_mean, running_var, training, eps)
     a = invstd if weight is None else invstd * weight
@@ -312,9 +315,9 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             running_var *= 1 - momentum
             running_var += momentum * var * (cnt / (cnt - 1))
     if act is None:
-        _norm.affine(x3, a, d, y.reshape(x3.shape))
+        _norm.affine(x3, a, d, y3)
     else:
-        _norm.affine_act(x3, a, d, act, y.reshape(x3.shape))
+        _norm.affine_act(x3, a, d, act, y3)
     return y, mean, invstd
 
 
@@ -346,7 +349,7 @@ def batch_norm_backward(grad_output, x, running_mean, running_var, weight=None, 
     if x.size == 0:
         return _batch_norm_backward(grad_output, x, None, None, weight, training)
     apply_threads(2 * x.size)
-    mean, invstd, _ = _bn_stats(_norm.planes(x), running_mean, running_var, training, eps)
+    mean, invstd, _ = _bn_stats(_norm.view(x), running_mean, running_var, training, eps)
     return _batch_norm_backward(grad_output, x, mean, invstd, weight, training)
 
 
@@ -356,12 +359,13 @@ def _batch_norm_backward(grad_output, x, mean, invstd, weight, training, act=Non
     c = x.shape[1]
     if x.size == 0:
         return BatchNormGrads(np.zeros_like(x), np.zeros(c, x.dtype), np.zeros(c, x.dtype))
-    x3, g3 = _norm.planes(x), _norm.planes(grad_output)
+    rows = _norm.is_rows(x)  # the gradients in x's layout (grad_output and y brought to it)
+    x3, g3 = _norm.view(x, rows), _norm.view(grad_output, rows)
     apply_threads(2 * x.size)
     if act is None:
         s1, s2 = _norm.grad_sums(g3, x3, mean)
     else:
-        y3 = y.reshape(x3.shape)
+        y3 = _norm.view(y, rows)
         s1, s2 = _norm.grad_sums_act(g3, y3, x3, mean, act)
     w = np.ones(c) if weight is None else weight.astype(np.float64)
     a = w * invstd
@@ -371,11 +375,12 @@ def _batch_norm_backward(grad_output, x, mean, invstd, weight, training, act=Non
         d = -a * s1 / m - b * mean
     else:
         b = d = np.zeros(c)
-    gx = np.empty(x.shape, x.dtype)
+    gx = _norm.empty_like(x)
+    gx3 = gx.transpose(0, 2, 3, 1).reshape(x3.shape) if rows else gx.reshape(x3.shape)
     if act is None:
-        _norm.affine2(g3, x3, a, b, d, gx.reshape(x3.shape))
+        _norm.affine2(g3, x3, a, b, d, gx3)
     else:
-        _norm.affine2_act(g3, y3, x3, a, b, d, act, gx.reshape(x3.shape))
+        _norm.affine2_act(g3, y3, x3, a, b, d, act, gx3)
     return BatchNormGrads(gx, (s2 * invstd).astype(x.dtype), s1.astype(x.dtype))
 
 
@@ -507,14 +512,15 @@ def adaptive_avg_pool2d_backward(grad_output, input_shape):
 
 def _elementwise_out(fn, x, out):
     y = V.check_elementwise_out(fn, out, x)
-    return np.empty(x.shape, x.dtype) if y is None else y
+    return _norm.empty_like(x) if y is None else y
 
 
 def _elementwise_grad(kern, grad_output, x, *args):
     """A new array ``kern`` fills from ``grad_output`` and ``x`` (same shape and dtype, checked)."""
-    gx = np.empty(x.shape, x.dtype)
+    gx = _norm.empty_like(x)
     apply_threads(x.size)
-    kern(np.ascontiguousarray(grad_output).reshape(-1), np.ascontiguousarray(x).reshape(-1), *args, gx.reshape(-1))
+    g1, x1, gx1 = _norm.flats(gx, grad_output, x)
+    kern(g1, x1, *args, gx1)
     return gx
 
 
@@ -530,7 +536,7 @@ def relu6(x, *, out=None):
     x = V.any_float_array("relu6", "input", x)
     y = _elementwise_out("relu6", x, out)
     apply_threads(x.size)
-    _ew.relu6(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
+    _ew.relu6(*_norm.flats(y, x))
     return y
 
 
@@ -564,7 +570,8 @@ def leaky_relu(x, negative_slope=0.01, *, out=None):
     slope = x.dtype.type(V.real(fn, "negative_slope", negative_slope))
     y = _elementwise_out(fn, x, out)
     apply_threads(x.size)
-    _ew.leaky_relu(np.ascontiguousarray(x).reshape(-1), slope, y.reshape(-1))
+    x1, y1 = _norm.flats(y, x)
+    _ew.leaky_relu(x1, slope, y1)
     return y
 
 

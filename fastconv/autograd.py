@@ -523,4 +523,4 @@ def run_backward(root, grad, inputs=(), stop_at_inputs=False):
 # comes last.  Tensor's operators and NumPy dispatch call them through these names.
 from ._autograd_ops import (  # noqa: E402,F401
     _FUNCTION_OPS, _NONDIFFERENTIABLE_UFUNCS, _UFUNC_OPS, _div, _getitem, _sum, add,
-    avg_pool2d, cat, conv2d, cross_entropy, flatten, linear, max_pool2d, mse_loss, mul, relu, reshape)
+    avg_pool2d, cat, contiguous, conv2d, cross_entropy, flatten, linear, max_pool2d, mse_loss, mul, relu, reshape)

@@ -14,6 +14,7 @@ from . import _validation as V
 from ._algorithms import elementwise as _ew
 from ._algorithms import implicit as _implicit
 from ._algorithms import nhwc as _nhwc
+from ._algorithms import norm as _norm
 from ._algorithms import pooling
 from ._algorithms import winograd_nhwc as _winograd_nhwc
 from ._algorithms.common import bias_grad
@@ -550,9 +551,9 @@ def relu(x, *, out=None):
     y = V.check_elementwise_out("relu", out, x)
     if y is None:
         V.check_memory("relu", f"output of shape {x.shape}", x.nbytes)
-        y = np.empty(x.shape, x.dtype)
+        y = _norm.empty_like(x)  # a channels_last input gives a channels_last result
     apply_threads(x.size)
-    _ew.relu(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
+    _ew.relu(*_norm.flats(y, x))
     return y
 
 
@@ -573,10 +574,9 @@ def relu_backward(grad_output, x):
     V.check_memory(fn, f"output of shape {x.shape}", x.nbytes)
     if grad_output.shape != x.shape:
         raise ValueError(f"{fn}: grad_output must have the input's shape {x.shape}, got {grad_output.shape}")
-    gx = np.empty(x.shape, x.dtype)
+    gx = _norm.empty_like(x)
     apply_threads(x.size)
-    _ew.relu_backward(np.ascontiguousarray(grad_output).reshape(-1), np.ascontiguousarray(x).reshape(-1),
-                      gx.reshape(-1))
+    _ew.relu_backward(*_norm.flats(gx, grad_output, x))
     return gx
 
 

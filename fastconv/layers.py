@@ -307,6 +307,32 @@ class Module:
         """Evaluation mode: ``train(False)``."""
         return self.train(False)
 
+    def to(self, *, memory_format):
+        """The memory layout of the activations, as PyTorch's ``model.to(memory_format=...)``; returns self.
+
+        With ``'channels_last'`` every :class:`Conv2d` in the module computes in (N, H, W, C) memory:
+        a channels-first input is converted first (recorded: its gradient goes back in its layout)
+        and the output is channels_last; batch norm, the activations, pooling and additions keep
+        that layout, so the network's activations stay channels_last from the first convolution
+        on and its 1x1 layers are plain matrix products.  ``'contiguous_format'`` (NCHW, the
+        default) undoes it.  Values are the same up to rounding in either layout.
+
+        >>> from fastconv.models import resnet
+        >>> net = resnet(rng=0).to(memory_format="channels_last")
+        >>> net(np.zeros((2, 1, 28, 28), np.float32)).shape
+        (2, 10)
+        """
+        from ._autograd_ops import MEMORY_FORMATS
+        from ._layers_basic import Conv2d
+
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"{type(self).__name__}.to: memory_format must be one of {MEMORY_FORMATS}, got "
+                             f"{memory_format!r}")
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.memory_format = memory_format
+        return self
+
     # ------------------------------------------------------------ state
     def state_dict(self):
         """Copies of all parameter and buffer arrays by name."""

@@ -4,6 +4,7 @@ kernel's stack (``stack_rows``) and a register-blocked multiply-accumulate over 
 (``mac_taps``) -- and the GEMM algorithms' worker count (``_workers``, ``_threads``) and
 transposed geometry (``_transposed``)."""
 import dataclasses
+import functools
 
 import numba
 import numpy as np
@@ -352,6 +353,7 @@ class _threads:
         return False
 
 
+@functools.lru_cache(maxsize=512)
 def _transposed(p):
     """grad_input as a forward convolution (stride 1, padding within the dilated kernel's extent),
     or None: the correlation of gy, padded by the extent less the forward padding, with the

@@ -61,11 +61,18 @@ def blocking(dtype, caches=None, isa=None):
     capped at 4096 columns.  kc lies in [64, 512], mc is a multiple of MR, nc of NR."""
     isz = np.dtype(dtype).itemsize
     caches = _cpu.cache_sizes() if caches is None else caches
-    mr, nr = tile(isz, isa)
-    kc = int(min(512, max(64, caches["l1d"] // 2 // (nr * isz))))
-    mc = int(min(1024 // mr * mr, max(mr, caches["l2"] // 2 // (kc * isz) // mr * mr)))
-    nc = int(min(4096 // nr * nr, max(nr, caches["l3"] // 2 // (kc * isz) // nr * nr)))
-    return np.array([kc, mc, nc], dtype=np.int64)
+    key = (isz, isa, caches["l1d"], caches["l2"], caches["l3"])
+    blk = _BLOCKING.get(key)
+    if blk is None:  # asked several times per convolution call: 4 us each
+        mr, nr = tile(isz, isa)
+        kc = int(min(512, max(64, caches["l1d"] // 2 // (nr * isz))))
+        mc = int(min(1024 // mr * mr, max(mr, caches["l2"] // 2 // (kc * isz) // mr * mr)))
+        nc = int(min(4096 // nr * nr, max(nr, caches["l3"] // 2 // (kc * isz) // nr * nr)))
+        blk = _BLOCKING[key] = (kc, mc, nc)
+    return np.array(blk, dtype=np.int64)
+
+
+_BLOCKING: dict = {}
 
 
 def packed_a_size(dtype, m, k):

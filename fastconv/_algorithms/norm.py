@@ -140,6 +140,104 @@ def _masked_scale(x, keep, scale, zero, out):
             out[e] = x[e] * (scale if keep[e] else zero)
 
 
+# --------------------------------------------------------------------------- channels_last (rows)
+# A channels_last (N, C, H, W) array is an (R, C) matrix of rows (R = N*H*W positions) in memory:
+# the same passes run along the channels of each row (vectors of channels, no transposing copy).
+# Reductions split the rows into a fixed number of blocks (ROW_BLOCKS, from R alone) with float64
+# partial sums per block and channel, added in block order: the bits do not depend on the threads.
+ROW_BLOCKS = 64
+
+
+def row_blocks(rows):
+    """(blocks, rows per block) of the reductions over ``rows`` rows."""
+    nb = max(1, min(rows, ROW_BLOCKS))
+    per = -(-rows // nb)
+    return -(-rows // per), per
+
+
+@kernel
+def _moments_rows(x, mean, var, parts, per):
+    r, c = x.shape
+    nb = parts.shape[0]
+    for b in prange(nb):
+        for k in range(c):
+            parts[b, k] = 0.0
+        for i in range(b * per, min(r, (b + 1) * per)):
+            for k in range(c):
+                parts[b, k] += x[i, k]
+    for k in range(c):
+        s = 0.0
+        for b in range(nb):
+            s += parts[b, k]
+        mean[k] = s / r
+    for b in prange(nb):
+        for k in range(c):
+            parts[b, k] = 0.0
+        for i in range(b * per, min(r, (b + 1) * per)):
+            for k in range(c):
+                d = x[i, k] - mean[k]
+                parts[b, k] += d * d
+    for k in range(c):
+        q = 0.0
+        for b in range(nb):
+            q += parts[b, k]
+        var[k] = q / r
+
+
+@kernel
+def _grad_sums_rows(gy, y, x, mean, hi, relu, masked, zero, s1, s2, p1, p2, per):
+    """``_grad_sums`` (``_grad_sums_act`` with ``masked``) of (R, C) rows."""
+    r, c = x.shape
+    nb = p1.shape[0]
+    for b in prange(nb):
+        for k in range(c):
+            p1[b, k] = 0.0
+            p2[b, k] = 0.0
+        for i in range(b * per, min(r, (b + 1) * per)):
+            for k in range(c):
+                g = gy[i, k]
+                if masked:
+                    v = y[i, k]
+                    g = g if (not v <= 0) and (relu or v < hi) else zero
+                p1[b, k] += g
+                p2[b, k] += g * (x[i, k] - mean[k])
+    for k in range(c):
+        a = 0.0
+        q = 0.0
+        for b in range(nb):
+            a += p1[b, k]
+            q += p2[b, k]
+        s1[k] = a
+        s2[k] = q
+
+
+@kernel
+def _affine_rows(x, a, d, act, zero, hi, out, per):
+    """``_affine`` (``_affine_act`` with ``act``) of (R, C) rows."""
+    r, c = x.shape
+    for b in prange((r + per - 1) // per):
+        for i in range(b * per, min(r, (b + 1) * per)):
+            for k in range(c):
+                v = a[k] * x[i, k] + d[k]
+                if act:
+                    v = zero if v <= 0 else (hi if v >= hi else v)
+                out[i, k] = v
+
+
+@kernel
+def _affine2_rows(gy, y, x, a, b, d, hi, relu, masked, zero, out, per):
+    """``_affine2`` (``_affine2_act`` with ``masked``) of (R, C) rows."""
+    r, c = x.shape
+    for blk in prange((r + per - 1) // per):
+        for i in range(blk * per, min(r, (blk + 1) * per)):
+            for k in range(c):
+                g = gy[i, k]
+                if masked:
+                    v = y[i, k]
+                    g = g if (not v <= 0) and (relu or v < hi) else zero
+                out[i, k] = a[k] * g + b[k] * x[i, k] + d[k]
+
+
 # --------------------------------------------------------------------------- Python drivers
 def planes(a):
     """``a`` (N, C, *spatial) as a contiguous ``(n, c, m)`` view or copy."""
@@ -147,20 +245,78 @@ def planes(a):
     return np.ascontiguousarray(a).reshape(n, c, -1)
 
 
+def is_rows(a):
+    """Whether ``a`` is a channels_last (N, C, H, W) array (its memory (N, H, W, C), not also NCHW)."""
+    return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def view(a, rows=None):
+    """The kernels' view of ``a``: (R, C) rows of a channels_last array (``rows`` True, or None and
+    ``a`` is one; a copy when ``a`` is in the other layout), else contiguous (n, c, m) planes."""
+    if rows is None:
+        rows = is_rows(a)
+    if rows:
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).reshape(-1, a.shape[1])
+    return planes(a)
+
+
+def empty_like(x):
+    """A new array of ``x``'s shape and dtype in its layout (channels_last stays channels_last)."""
+    if is_rows(x):
+        n, c, h, w = x.shape
+        return np.empty((n, h, w, c), x.dtype).transpose(0, 3, 1, 2)
+    return np.empty(x.shape, x.dtype)
+
+
+def flats(out, *arrays):
+    """1-D views (copies where the layout differs) of ``arrays`` in the memory order of ``out``
+    (channels_last or C-contiguous), then ``out``'s own: element-wise kernels then read and write
+    matching elements whatever the layout."""
+    if is_rows(out):
+        return [np.ascontiguousarray(a.transpose(0, 2, 3, 1)).reshape(-1) for a in (*arrays, out)]
+    return [np.ascontiguousarray(a).reshape(-1) for a in arrays] + [out.reshape(-1)]
+
+
 def moments(x3):
-    """Per-channel batch mean and biased variance of ``x3`` (n, c, m), float64."""
+    """Per-channel batch mean and biased variance of ``x3`` ((n, c, m) planes or (R, C) rows), float64."""
     c = x3.shape[1]
     mean = np.empty(c, np.float64)
     var = np.empty(c, np.float64)
-    _moments(x3, mean, var)
+    if x3.ndim == 2:
+        nb, per = row_blocks(x3.shape[0])
+        _moments_rows(x3, mean, var, np.empty((nb, c), np.float64), per)
+    else:
+        _moments(x3, mean, var)
     return mean, var
 
 
+#: The activations batch norm fuses: name -> (upper clamp, whether a NaN output passes the gradient).
+ACTIVATIONS = {"relu": (np.inf, True), "relu6": (6.0, False)}
+
+
+def _rows_sums(gy3, y3, x3, mean, act):
+    c = x3.shape[1]
+    s1 = np.empty(c, np.float64)
+    s2 = np.empty(c, np.float64)
+    dt = x3.dtype
+    nb, per = row_blocks(x3.shape[0])
+    hi, relu = ACTIVATIONS[act] if act is not None else (np.inf, True)
+    _grad_sums_rows(gy3, x3 if y3 is None else y3, x3, mean.astype(dt), dt.type(hi), relu, act is not None,
+                    dt.type(0), s1, s2, np.empty((nb, c), np.float64), np.empty((nb, c), np.float64), per)
+    return s1, s2
+
+
 def affine(x3, a, d, out3):
+    if x3.ndim == 2:
+        dt = x3.dtype
+        _affine_rows(x3, a.astype(dt), d.astype(dt), False, dt.type(0), dt.type(0), out3, row_blocks(x3.shape[0])[1])
+        return
     _affine(x3, a.astype(x3.dtype), d.astype(x3.dtype), out3)
 
 
 def grad_sums(gy3, x3, mean):
+    if x3.ndim == 2:
+        return _rows_sums(gy3, None, x3, mean, None)
     c = x3.shape[1]
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
@@ -170,19 +326,25 @@ def grad_sums(gy3, x3, mean):
 
 def affine2(gy3, x3, a, b, d, out3):
     dt = x3.dtype
+    if x3.ndim == 2:
+        _affine2_rows(gy3, x3, x3, a.astype(dt), b.astype(dt), d.astype(dt), dt.type(0), True, False, dt.type(0),
+                      out3, row_blocks(x3.shape[0])[1])
+        return
     _affine2(gy3, x3, a.astype(dt), b.astype(dt), d.astype(dt), out3)
-
-
-#: The activations batch norm fuses: name -> (upper clamp, whether a NaN output passes the gradient).
-ACTIVATIONS = {"relu": (np.inf, True), "relu6": (6.0, False)}
 
 
 def affine_act(x3, a, d, act, out3):
     dt = x3.dtype
+    if x3.ndim == 2:
+        _affine_rows(x3, a.astype(dt), d.astype(dt), True, dt.type(0), dt.type(ACTIVATIONS[act][0]), out3,
+                     row_blocks(x3.shape[0])[1])
+        return
     _affine_act(x3, a.astype(dt), d.astype(dt), dt.type(0), dt.type(ACTIVATIONS[act][0]), out3)
 
 
 def grad_sums_act(gy3, y3, x3, mean, act):
+    if x3.ndim == 2:
+        return _rows_sums(gy3, y3, x3, mean, act)
     c = x3.shape[1]
     s1 = np.empty(c, np.float64)
     s2 = np.empty(c, np.float64)
@@ -195,6 +357,10 @@ def grad_sums_act(gy3, y3, x3, mean, act):
 def affine2_act(gy3, y3, x3, a, b, d, act, out3):
     dt = x3.dtype
     hi, relu = ACTIVATIONS[act]
+    if x3.ndim == 2:
+        _affine2_rows(gy3, y3, x3, a.astype(dt), b.astype(dt), d.astype(dt), dt.type(hi), relu, True, dt.type(0),
+                      out3, row_blocks(x3.shape[0])[1])
+        return
     _affine2_act(gy3, y3, x3, a.astype(dt), b.astype(dt), d.astype(dt), dt.type(hi), relu, dt.type(0), out3)
 
 
