@@ -5,13 +5,15 @@ Same for both libraries: architecture and parameter names (fastconv's initial we
 into the PyTorch twin), data (the 4,000 training digits of ``--data mnist5k``, 1x28x28,
 standardised once here -- the models get no standardisation layer of their own), batch size and
 shuffled order, Adam with the same learning rate, loss ``cross_entropy``, thread count.  PyTorch runs
-both in NCHW and in channels_last (model and each batch converted) and the faster counts.
+both in NCHW and in channels_last (model and each batch converted) and the faster counts; fastconv
+too (``model.to(memory_format="channels_last")``), and the table gives the ratio to fastconv NCHW
+and to its faster layout.
 
     python benchmarks/train_epoch_vs_torch.py [--models lenet5 resnet mobilenet] [--threads 1]
                                               [--rounds 5] [--images 4000] [--batch 32]
 
-One process; the rounds interleave fastconv, PyTorch NCHW and PyTorch channels_last epochs
-(A, B, C, A, B, C, ...) after one warm-up epoch each (JIT compilation, allocator), and the
+One process; the rounds interleave fastconv NCHW and channels_last, PyTorch NCHW and PyTorch
+channels_last epochs (A, B, C, D, A, B, ...) after one warm-up epoch each (JIT compilation, allocator), and the
 medians are reported: on a shared machine only ratios inside one run mean anything.
 ``OMP_WAIT_POLICY=passive`` is set (unless already set) after fastconv's pool has started with its
 own short spin and before PyTorch is imported, so that PyTorch's OpenMP workers sleep between
@@ -108,11 +110,13 @@ def torch_model(torch, name):
 
 
 # --------------------------------------------------------------------------- one epoch each
-def fastconv_setup(name, seed=0):
+def fastconv_setup(name, seed=0, channels_last=False):
     import fastconv
     from fastconv.models import MODELS
 
     model = MODELS[name](rng=seed)
+    if channels_last:  # activations in (N, H, W, C) memory from the first convolution on
+        model.to(memory_format="channels_last")
     return model, fastconv.CrossEntropyLoss(), fastconv.Adam(model.parameters(), lr=LR)
 
 
@@ -147,7 +151,8 @@ def torch_epoch(torch, net, loss_fn, opt, xt, yt, order_t, channels_last, batch=
 
 
 def runners(name, threads, x, y, order, batch=BATCH):
-    """``{'fastconv': run, 'torch': run, 'torch-cl': run}``: each call trains one epoch."""
+    """``{'fastconv': run, 'fastconv-cl': run, 'torch': run, 'torch-cl': run}``: each call trains one
+    epoch (``-cl``: the model in channels_last memory)."""
     import torch
 
     import fastconv
@@ -155,10 +160,12 @@ def runners(name, threads, x, y, order, batch=BATCH):
     fastconv.set_num_threads(threads)
     torch.set_num_threads(threads)
     fc = fastconv_setup(name)
+    fcl = fastconv_setup(name, channels_last=True)
     xt, yt, ot = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(order)
     tc = torch_setup(torch, fc[0], name, False)
     tcl = torch_setup(torch, fc[0], name, True)
     return {"fastconv": lambda: fastconv_epoch(*fc, x, y, order, batch),
+            "fastconv-cl": lambda: fastconv_epoch(*fcl, x, y, order, batch),
             "torch": lambda: torch_epoch(torch, *tc, xt, yt, ot, False, batch),
             "torch-cl": lambda: torch_epoch(torch, *tcl, xt, yt, ot, True, batch)}
 
@@ -180,7 +187,7 @@ def measure(name, threads, rounds, x, y, batch=BATCH, seed=1):
 class TrainEpoch:
     """Seconds per training epoch (1,000 digits) of each model, per library, at 1 and 2 threads."""
 
-    params = (list(MODEL_NAMES), ["fastconv", "torch", "torch-cl"], [1, 2])
+    params = (list(MODEL_NAMES), ["fastconv", "fastconv-cl", "torch", "torch-cl"], [1, 2])
     param_names = ["model", "library", "threads"]
     timeout = 600
     number = 1
@@ -221,13 +228,15 @@ def main(argv=None):
     print(f"one training epoch: {len(x)} MNIST digits 1x28x28, batch {args.batch}, Adam lr {LR}, {args.threads} "
           f"thread(s); median of {args.rounds} interleaved rounds; fastconv {fastconv.__version__}, torch "
           f"{torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    print("| model | fastconv ms | PyTorch NCHW ms | PyTorch channels_last ms | best PyTorch / fastconv |")
-    print("|---|---|---|---|---|")
+    print("| model | fastconv NCHW ms | fastconv channels_last ms | PyTorch NCHW ms | PyTorch channels_last ms "
+          "| best PyTorch / fastconv NCHW | best PyTorch / best fastconv |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         m = measure(name, args.threads, args.rounds, x, y, args.batch)
         best = min(m["torch"], m["torch-cl"])
-        print(f"| {name} | {1e3 * m['fastconv']:.0f} | {1e3 * m['torch']:.0f} | {1e3 * m['torch-cl']:.0f} | "
-              f"{best / m['fastconv']:.2f}x |", flush=True)
+        print(f"| {name} | {1e3 * m['fastconv']:.0f} | {1e3 * m['fastconv-cl']:.0f} | {1e3 * m['torch']:.0f} | "
+              f"{1e3 * m['torch-cl']:.0f} | {best / m['fastconv']:.2f}x | "
+              f"{best / min(m['fastconv'], m['fastconv-cl']):.2f}x |", flush=True)
     return 0
 
 

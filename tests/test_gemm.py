@@ -181,3 +181,33 @@ def test_cpu_report(tmp_path):
     assert got == {"l1d": 48 << 10, "l2": 2 << 20, "l3": 8 << 20}
     kc, mc, nc = G.blocking(np.float32, caches=got, isa="avx512")
     assert (int(kc), int(mc) % 14, int(nc) % 32) == (192, 0, 0)
+
+
+@numba.njit
+def _run_segments(nseg, segs, soff, pa, lda, pb, ldb, c, coff, ldc, acc, rows):
+    G.ukernel_segments(nseg, segs, soff, pa, lda, pb, ldb, c, coff, ldc, acc, rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("acc", [0, 1])
+def test_ukernel_segments_against_numpy(dtype, acc):
+    """Every row count, segments of one and many k steps at any strides, and no segment at all
+    (the tile is then zero, or C unchanged with acc)."""
+    mr, nr = G.tile(np.dtype(dtype).itemsize)
+    rng = np.random.default_rng(0)
+    pa, pb = rng.standard_normal(4000).astype(dtype), rng.standard_normal(6000).astype(dtype)
+    lda, ldb, ldc, coff = 37, 45, nr + 3, 5
+    segs = np.array([9, 9, 9, 0, 0, 1, 5, 7, 3, 100, 200, 17, 700, 900, 2], np.int64)  # the first: skipped
+    for rows in range(1, mr + 1):
+        for nseg in (0, 4):
+            c = rng.standard_normal(coff + mr * ldc).astype(dtype)
+            want = c.copy()
+            tile = np.zeros((rows, nr))
+            for ao, bo, n in segs.reshape(-1, 3)[1:1 + nseg]:
+                for p in range(n):
+                    tile += np.outer(pa[ao + p * lda:ao + p * lda + rows], pb[bo + p * ldb:bo + p * ldb + nr])
+            for i in range(rows):
+                row = slice(coff + i * ldc, coff + i * ldc + nr)
+                want[row] = (want[row] if acc else 0) + tile[i]
+            _run_segments(nseg, segs, 3, pa, lda, pb, ldb, c, coff, ldc, acc, rows)
+            np.testing.assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)

@@ -846,3 +846,52 @@ def test_auto_converts_small_nchw_1x1_gradients_to_one_product(monkeypatch):
     x2, w2, _, gy2, _ = _make(("t", (3, 24, side + 1, side + 1), (40, 24, 1, 1), {}), np.float32)
     fastconv.conv2d_backward(gy2, x2, w2)  # larger planes keep their NCHW picks
     assert calls == []
+
+
+# --------------------------------------------------------------------------------------- grad_weight by taps
+NR64 = G.tile(8)[1]
+TAPS_CASES = [
+    ("taps-3x3-s2", (3, 16, 11, 9), (NR, 16, 3, 3), {"stride": 2, "padding": 1}),
+    ("taps-1x1-s2", (2, 24, 9, 10), (2 * NR, 24, 1, 1), {"stride": 2}),
+    ("taps-dilated-pad", (2, 7, 12, 13), (NR, 7, 3, 2), {"padding": (2, 3), "dilation": (2, 3), "stride": (1, 2)}),
+    ("taps-groups", (2, 20, 8, 8), (2 * NR, 10, 3, 3), {"groups": 2, "padding": 1}),
+    ("taps-all-padding-rows", (1, 5, 2, 3), (NR, 5, 3, 3), {"padding": 3}),  # taps with no segment at all
+    ("taps-stride-gt-kernel", (2, 15, 13, 11), (NR, 15, 2, 2), {"stride": 3, "padding": 1}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TAPS_CASES, ids=[c[0] for c in TAPS_CASES])
+def test_grad_weight_by_taps_against_reference(case, dtype, monkeypatch):
+    """The tap-by-tap grad_weight (both operands in place) against the reference, and against the
+    gathered panels it replaces; the same bits at every thread count."""
+    x, w, b, gy, kw = _make(case, dtype)
+    p = _params(x, w, kw)
+    assert nhwc.gw_taps(p)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    got = nhwc.grad_weight(gyh, xh, p)
+    assert_results({"grad_weight": got}, {"grad_weight": _reference(x, w, b, gy, kw)["grad_weight"]}, dtype,
+                   scale=8.0)
+    monkeypatch.setattr(nhwc, "GW_TAPS", False)
+    assert not nhwc.gw_taps(p)
+    assert_results({"grad_weight": got}, {"grad_weight": nhwc.grad_weight(gyh, xh, p)}, dtype, scale=8.0)
+    monkeypatch.setattr(nhwc, "GW_TAPS", True)
+    prev = numba.get_num_threads()
+    try:
+        bits = []
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            bits.append(nhwc.grad_weight(gyh, xh, p))
+    finally:
+        numba.set_num_threads(prev)
+    np.testing.assert_array_equal(bits[0], bits[1])
+
+
+def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels():
+    def p(c, k, r, stride=1):
+        return _p((2, c, 8, 8), (k, c, r, r), padding=r // 2, stride=stride)
+    assert nhwc.gw_taps(p(16, 32, 3)) and nhwc.gw_taps(p(64, 32, 3)) and nhwc.gw_taps(p(16, 128, 3))
+    assert not nhwc.gw_taps(p(64, 64, 3)) and not nhwc.gw_taps(p(16, NR + 8, 3))  # too wide / partial panel
+    assert nhwc.gw_taps(p(128, 64, 1, 2)) and not nhwc.gw_taps(p(128, 128, 1, 2))
+    q = conv_params("conv2d", (2, 16, 8, 8), (NR64, 16, 3, 3), np.float64, 1, 1, 1, 1)
+    assert nhwc.gw_taps(q)  # float64: panels of NR64 columns

@@ -435,6 +435,106 @@ def ukernel_taps(typingctx, kc, a, offs, ioff, ldo, tl, tloff, nt, toff, zeros, 
     return sig, codegen
 
 
+def _emit_ukernel_segments(context, builder, sig, args, mr, nv, vbytes, rows):
+    # ukernel_segments: (nseg, segs, soff, pa, lda, pb, ldb, c, coff, ldc, acc, rows)
+    nsegv, _, soffv, _, ldav, _, ldbv, _, coffv, ldcv, accv = args[:11]
+    segs, pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5, 7))
+    fty = context.get_data_type(sig.args[7].dtype)
+    isz = context.get_abi_sizeof(fty)
+    lanes, vty, fma, splat = _vector_tools(builder, fty, isz, vbytes)
+    nr = nv * lanes
+    i64 = ir.IntType(64)
+    vptr = vty.as_pointer()
+    zero = ir.Constant(vty, [0.0] * lanes)
+    zero64 = ir.Constant(i64, 0)
+    rowp = _c_prefetch(context, builder, c, coffv, ldcv, rows, nr)
+    entry = builder.block
+    outer = builder.append_basic_block("ukernel_seg.seg")
+    inner = builder.append_basic_block("ukernel_seg.loop")
+    latch = builder.append_basic_block("ukernel_seg.next")
+    done = builder.append_basic_block("ukernel_seg.done")
+    builder.cbranch(builder.icmp_signed(">", nsegv, zero64), outer, done)
+
+    builder.position_at_end(outer)  # per segment: A's and B's starts and its length (>= 1)
+    j = builder.phi(i64)
+    j.add_incoming(zero64, entry)
+    acc0 = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
+    for row in acc0:
+        for a in row:
+            a.add_incoming(zero, entry)
+    so = builder.add(soffv, builder.mul(j, ir.Constant(i64, 3)))
+    aoff = builder.load(builder.gep(segs.data, [so]))
+    boff = builder.load(builder.gep(segs.data, [builder.add(so, ir.Constant(i64, 1))]))
+    ln = builder.load(builder.gep(segs.data, [builder.add(so, ir.Constant(i64, 2))]))
+    a0 = builder.gep(pa.data, [aoff])
+    b0 = builder.gep(pb.data, [boff])
+    builder.branch(inner)
+
+    builder.position_at_end(inner)
+    p = builder.phi(i64)
+    p.add_incoming(zero64, outer)
+    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
+    for i in range(rows):
+        for v in range(nv):
+            acc[i][v].add_incoming(acc0[i][v], outer)
+    ap = builder.gep(a0, [builder.mul(p, ldav)])
+    bp = builder.gep(b0, [builder.mul(p, ldbv)])
+    new = _fma_step(builder, bp, [builder.gep(ap, [ir.Constant(i64, i)]) for i in range(rows)], acc,
+                    (lanes, vty, fma, splat), isz, nv)
+    p1 = builder.add(p, ir.Constant(i64, 1))
+    p.add_incoming(p1, inner)
+    for i in range(rows):
+        for v in range(nv):
+            acc[i][v].add_incoming(new[i][v], inner)
+    builder.cbranch(builder.icmp_signed("<", p1, ln), inner, latch)
+
+    builder.position_at_end(latch)
+    j1 = builder.add(j, ir.Constant(i64, 1))
+    j.add_incoming(j1, latch)
+    for i in range(rows):
+        for v in range(nv):
+            acc0[i][v].add_incoming(new[i][v], latch)
+    builder.cbranch(builder.icmp_signed("<", j1, nsegv), outer, done)
+
+    builder.position_at_end(done)
+    total = _tile_sums(builder, vty, zero, entry, new, latch, rows, nv)
+    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def ukernel_segments(typingctx, nseg, segs, soff, pa, lda, pb, ldb, c, coff, ldc, acc, rows):
+    """One tile summed over a list of runs of k in one call, kept in registers: for segment
+    ``s < nseg`` with ``(ao, bo, n) = segs[soff + 3*s : soff + 3*s + 3]`` (n >= 1),
+    ``C[i, j] (+)= sum_s sum_{p < n} pa[ao + p*lda + i] * pb[bo + p*ldb + j]`` for the tile's ``rows``
+    (1 .. MR) rows.  Neither operand is packed: for a channels_last grad_weight, A's rows are a tap's
+    input channels at consecutive output positions of one output row (``lda`` = stride x channels)
+    and B's the output gradient's channels at those positions, each segment the positions of one
+    output row whose tap lies inside the input."""
+    if not _ukernel_types(nseg, pa, soff, pb, lda, c, coff, ldc, acc):
+        return None
+    if not (isinstance(segs, types.Array) and segs.dtype == types.int64 and segs.ndim == 1 and segs.layout == "C"):
+        return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, segs, types.intp, pa, types.intp, pb, types.intp, c, types.intp, types.intp,
+                     types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        rowsv = args[11]
+        exit_ = builder.append_basic_block("ukernel_segments.exit")
+        switch = builder.switch(rowsv, exit_)
+        for r in range(1, mr + 1):
+            case = builder.append_basic_block(f"ukernel_segments.{r}")
+            switch.add_case(ir.Constant(rowsv.type, r), case)
+            builder.position_at_end(case)
+            _emit_ukernel_segments(context, builder, sig, args, mr, nv, VBYTES, r)
+            builder.branch(exit_)
+        builder.position_at_end(exit_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @intrinsic
 def ukernel_spec(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc, mr, nv, vbytes):
     """:func:`ukernel` with an explicit tile: ``mr`` rows of ``nv`` vectors of ``vbytes`` bytes

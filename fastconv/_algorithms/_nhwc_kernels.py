@@ -23,7 +23,7 @@ from .._jit import kernel, serial
 from ._blas import _N, _T as _TR, _chars, _gemm
 from ._gemm_kernels import VBYTES, _vector_tools
 from .common import claim
-from .gemm import _copy_nr, _macro, _pack_a, _tile_of, gemm_serial, ukernel_rowptr, ukernel_taps
+from .gemm import _copy_nr, _macro, _pack_a, _tile_of, gemm_serial, ukernel_rowptr, ukernel_segments, ukernel_taps
 
 _u = np.uint64
 
@@ -268,6 +268,77 @@ def grad_weight(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, s, g, cg, kg, 
                         _pack_a(gy, gi * kg, 1, kt, ic, mb, pc, kb, ws, 0, mr)
                         _macro(kb, mb, nb, ws, 0, ws, pboff, tmpoff, flat, base + ic * tn + jc, tn,
                                1 if pc > p0 else 0)
+
+
+@kernel
+def grad_weight_taps(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, m, part, per, segbuf,
+                     ctr):
+    """``part[q][g][t][cc, j] = sum_pos x_g[pos + tap t, cc] * gy[pos, g*kg + j]`` over the
+    positions of split q (``q*per ..``; part (S, g, r*s, cg, kg)): per tap, a product of the input's
+    channels at the shifted positions and the output gradient's, both read in place
+    (``ukernel_segments``: one tile of MR input channels x NR output channels in registers over all
+    the split's positions, one segment per output row whose tap lies inside the input).  No packing
+    and no gathered column matrix; kg must be a multiple of NR.  Items (split, group, channel tile,
+    panel, tap) own disjoint tiles of part; the caller adds the S splits in order."""
+    mr, nr = _tile_of(part)
+    ns = part.shape[0]
+    taps = r * s
+    kt = g * kg
+    plane = oh * ow
+    nct = (cg + mr - 1) // mr
+    npan = kg // nr
+    items = ns * g * nct * npan * taps
+    nw = segbuf.shape[0]
+    flat = part.reshape(part.size)
+    for wid in prange(nw):
+        segs = segbuf[wid]
+        for _ in range(items):
+            it = claim(ctr)
+            if it >= items:
+                break
+            t = it % taps
+            rest = it // taps
+            jp = rest % npan
+            rest //= npan
+            ct = rest % nct
+            rest //= nct
+            gi = rest % g
+            q = rest // g
+            rr = t // s
+            ss = t - rr * s
+            cc0 = ct * mr
+            j0 = jp * nr
+            nseg = _tap_segments(segs, q * per, min(m, q * per + per), plane, ow, sh, sw, ph, pw, h, w,
+                                 rr * dh, ss * dw, cin, gi * cg + cc0, kt, gi * kg + j0)
+            coff = (((q * g + gi) * taps + t) * cg + cc0) * kg + j0
+            ukernel_segments(nseg, segs, 0, x, sw * cin, gy, kt, flat, coff, kg, 0, min(mr, cg - cc0))
+
+
+@serial
+def _tap_segments(segs, p0, p1, plane, ow, sh, sw, ph, pw, h, w, ry, rx, cin, c0, kt, j0):
+    # grad_weight_taps' segments for positions p0 .. p1-1 and the tap at offset (ry, rx): per output
+    # row, its positions whose tap lies inside the input, as (x offset, gy offset, count)
+    nseg = 0
+    pos = p0
+    lo_x = 0 if pw - rx <= 0 else (pw - rx + sw - 1) // sw  # first output column reading ix >= 0
+    hi_x = (w - 1 + pw - rx) // sw + 1  # one past the last reading ix <= w - 1
+    while pos < p1:
+        img = pos // plane
+        rem = pos - img * plane
+        oy = rem // ow
+        ox0 = rem - oy * ow
+        ox1 = min(ow, ox0 + (p1 - pos))
+        iy = oy * sh - ph + ry
+        if 0 <= iy < h:
+            lo = max(ox0, lo_x)
+            hi = min(ox1, hi_x)
+            if hi > lo:
+                segs[3 * nseg] = ((img * h + iy) * w + lo * sw - pw + rx) * cin + c0
+                segs[3 * nseg + 1] = (img * plane + oy * ow + lo) * kt + j0
+                segs[3 * nseg + 2] = hi - lo
+                nseg += 1
+        pos += ox1 - ox0
+    return nseg
 
 
 @kernel

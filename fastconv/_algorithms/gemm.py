@@ -49,7 +49,8 @@ from .. import _cpu
 from ._gemm_kernels import (  # noqa: F401
     ISA, TILES, VBYTES, _blocks, _copy_nr, _fma_loop, _gemm_parallel, _lanes, _macro, _pack_a, _pack_b,
     _pack_bt_block, _peak, _round_up, _tile_of, _zero_block, gemm_serial, gemm_serial_packed, pack_a_all,
-    tile, ukernel, ukernel_ldb, ukernel_rowptr, ukernel_rows, ukernel_spec, ukernel_strided, ukernel_taps)
+    tile, ukernel, ukernel_ldb, ukernel_rowptr, ukernel_rows, ukernel_segments, ukernel_spec, ukernel_strided,
+    ukernel_taps)
 
 
 # ---------------------------------------------------------------------------------------- Python
