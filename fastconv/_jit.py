@@ -95,3 +95,12 @@ def round_run(n, unit):
     """``n`` rounded up to a multiple of ``unit`` (``RUN_VECTOR`` or ``RUN_PAIR``, both within
     ``SLACK``): the length a kernel processes for a run of ``n`` elements."""
     return n + (-n) % unit
+
+
+@kernel
+def zero_fill(a):
+    """``a[:] = 0`` for a 1-D array, in 64 chunks over numba's pool (``_config.result_zeros``)."""
+    n = a.size
+    for ch in numba.prange(64):
+        for i in range(ch * n // 64, (ch + 1) * n // 64):
+            a[i] = 0

@@ -843,13 +843,17 @@ def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx):
     taps and output positions with ``oy*sh - ph + rr*dh == iy`` and ``ox*sw - pw + ss*dw == ix``:
     gathered per input row (disjoint items), so nothing is scattered."""
     c = gy.shape[1]
+    # flat arrays, unsigned offsets: 2-D indexing with signed offsets kept the channel loops from
+    # vectorising (32x32x28x28 stride 2: 0.43 -> 0.17 ms)
+    gxf = gx.reshape(gx.size)
+    gyf = gy.reshape(gy.size)
+    wtf = wt.reshape(wt.size)
     for it in prange(n * h):
         img = it // h
         iy = it - img * h
-        go = it * w
-        for ix in range(w):
-            for ch in range(c):
-                gx[go + ix, ch] = 0
+        go = it * w * c
+        for e in range(_u(w * c)):
+            gxf[go + e] = 0
         for rr in range(r):
             num = iy + ph - rr * dh
             if num < 0 or num % sh != 0 or num // sh >= oh:
@@ -857,15 +861,14 @@ def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx):
             grow = (img * oh + num // sh) * ow
             for ss in range(s):
                 off = ss * dw - pw  # ix = ox*sw + off
-                t = rr * s + ss
-                for ox in range(max(0, (-off + sw - 1) // sw), ow):
-                    ix = ox * sw + off
-                    if ix >= w:
-                        break
-                    gi = go + ix
-                    src = grow + ox
-                    for ch in range(c):
-                        gx[gi, ch] += gy[src, ch] * wt[t, ch]
+                t = _u((rr * s + ss) * c)
+                ox0 = max(0, (-off + sw - 1) // sw)
+                ox1 = min(ow, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
+                for ox in range(ox0, ox1):
+                    gi = _u(go + (ox * sw + off) * c)
+                    src = _u((grow + ox) * c)
+                    for ch in range(_u(c)):
+                        gxf[gi + ch] += gyf[src + ch] * wtf[t + ch]
 
 
 @kernel

@@ -643,7 +643,8 @@ def dw_grad_input(gyh, w, p):
     q = _transposed(p)
     if q is not None:
         return dw_forward(gyh, np.ascontiguousarray(w[:, :, ::-1, ::-1]), None, q)
-    gx = result_zeros((p.n, p.h, p.w, p.c), p.dtype)
+    # zeroed row by row in the kernel (a fill here first cost as much again: 32x32x28x28 0.2 ms)
+    gx = (result if gyh.size else result_zeros)((p.n, p.h, p.w, p.c), p.dtype)
     if gx.size and gyh.size:
         K.dw_grad_input(_rows(gyh, p.c), p.n, p.h, p.w, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.r,
                         p.s, _dw_taps(w, p), gx.reshape(-1, p.c))
