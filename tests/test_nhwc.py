@@ -796,7 +796,18 @@ def test_pointwise_layers_against_reference(case, dtype, monkeypatch):
     # small blocks and parts so that every cut of the products runs: rows, columns, summed parts
     monkeypatch.setattr(nhwc, "POINTWISE_ROWS", 64)
     monkeypatch.setattr(nhwc, "GW_SPLIT_POSITIONS", 100)
-    _assert_passes_match_reference(case + ({},), dtype, nhwc.pointwise)
+    for own in (False, True):  # the BLAS blocks (every layer), then the own kernel where it pays
+        monkeypatch.setattr(nhwc, "OWN_PRODUCT_FORWARD", 4096 if own else 1 << 60)
+        monkeypatch.setattr(nhwc, "OWN_PRODUCT_GRAD_INPUT", 8192 if own else 1 << 60)
+        _assert_passes_match_reference(case + ({},), dtype, nhwc.pointwise)
+
+
+def test_own_product_for_wide_pointwise_layers():
+    def p_of(c, k):
+        return conv_params("t", (2, c, 5, 5), (k, c, 1, 1), np.float32, 1, 0, 1, 1)
+    assert [nhwc.own_product(p_of(32, 64), ps) for ps in ("forward", "grad_input")] == [False, False]
+    assert [nhwc.own_product(p_of(64, 64), ps) for ps in ("forward", "grad_input")] == [True, False]
+    assert [nhwc.own_product(p_of(128, 64), ps) for ps in ("forward", "grad_input")] == [True, True]
 
 
 def test_pointwise_only_for_one_product():
@@ -811,6 +822,8 @@ def test_pointwise_only_for_one_product():
 
 
 def test_pointwise_bits_do_not_depend_on_the_threads(monkeypatch):
+    monkeypatch.setattr(nhwc, "OWN_PRODUCT_FORWARD", 1 << 60)  # the BLAS blocks (the own kernel: above)
+    monkeypatch.setattr(nhwc, "OWN_PRODUCT_GRAD_INPUT", 1 << 60)
     monkeypatch.setattr(nhwc, "POINTWISE_ROWS", 64)
     monkeypatch.setattr(nhwc, "GW_SPLIT_POSITIONS", 100)
     assert nhwc.pointwise(_params(np.zeros((4, 40, 9, 10)), np.zeros((130, 40, 1, 1)), {}))

@@ -378,7 +378,7 @@ def forward(xh, w, b, p):
     """``y`` (n, oh, ow, k) C-contiguous from the NHWC input ``xh`` (n, h, w, c) (module docstring)."""
     if p.n * p.oh * p.ow == 0:
         return result((p.n, p.oh, p.ow, p.k), p.dtype)
-    if pointwise(p):
+    if pointwise(p) and not own_product(p, "forward"):
         return _pointwise_rows(xh, w, b, p, p.k, p.c, True)
     return _forward_rows(xh, w, b, p)
 
@@ -402,6 +402,22 @@ def pointwise(p):
     4x32x128x128 -> 16 0.56 / 1.05 (1.30 / 2.20); PyTorch's channels_last 0.34 / 0.80, 0.18 / 0.54,
     0.37 / 0.73.  numpy's own 2-thread sgemm of the same products is as fast or a little faster."""
     return p.r == 1 and p.s == 1 and p.sh == 1 and p.sw == 1 and not p.padded and p.g == 1
+
+
+def own_product(p, pass_):
+    """Whether a :func:`pointwise` layer's forward / grad_input runs on the in-place rows kernel
+    (:func:`_forward_rows`, own micro-kernel) rather than the BLAS blocks: from c*k of
+    OWN_PRODUCT_FORWARD / OWN_PRODUCT_GRAD_INPUT on.  2 threads, AVX-512 Xeon, float32, ms BLAS
+    blocks / own, forward: 32x64x7x7 -> 128 0.18 / 0.14, 32x128x7x7 -> 128 0.30 / 0.21,
+    8x256x56x56 -> 64 3.9 / 3.2, 32x512x7x7 -> 512 3.5 / 3.0; 32x32x14x14 -> 64 0.30 / 0.33 (the
+    BLAS blocks win below ~4096); grad_input from ~8192 (32x128x7x7 -> 128 0.28 / 0.21,
+    32x64x14x14 -> 32 0.11 / 0.17)."""
+    return p.c * p.k >= (OWN_PRODUCT_FORWARD if pass_ == "forward" else OWN_PRODUCT_GRAD_INPUT)
+
+
+#: Smallest c*k of a 1x1 layer whose forward / grad_input :func:`own_product` runs on the own kernel
+OWN_PRODUCT_FORWARD = 4096
+OWN_PRODUCT_GRAD_INPUT = 8192
 
 
 def _blocks(m, width):
@@ -457,7 +473,7 @@ def grad_input_transposed(gyh, w, p):
 
 def grad_input(gyh, w, p):
     """``gx`` (n, h, w, c) C-contiguous from the NHWC output gradient ``gyh`` (n, oh, ow, k)."""
-    if pointwise(p) and p.n * p.h * p.w:
+    if pointwise(p) and p.n * p.h * p.w and not own_product(p, "grad_input"):
         return _pointwise_rows(gyh, w, None, p, p.c, p.k, False)
     gx = grad_input_transposed(gyh, w, p)
     if gx is not None:
