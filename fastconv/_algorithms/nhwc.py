@@ -344,10 +344,10 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
         # stride-2 forward took 0.85 ms converted to NCHW's direct, 0.36 natively)
         return True
     # 16 channels on one side are enough for a channels_last gradient pass with 32 or more inputs
-    # (4x32x128x128 -> 16: grad_input 3.0 / 3.5, grad_weight 4.3 / 5.6) and for an NCHW strided
-    # forward / grad_input with 32 or more outputs (32x16x28x28 -> 32 at stride 2: forward
-    # 0.48 / 0.79, backward 2.06 / 2.64 with grad_weight equal; its grad_weight and the stride-1
-    # layers of 16 channels lose: 32x16x28x28 -> 16 grad_weight 3.1 / 1.5)
+    # (4x32x128x128 -> 16: grad_input 3.0 / 3.5, grad_weight 4.3 / 5.6) and for every pass of an
+    # NCHW strided layer with 32 or more outputs (32x16x28x28 -> 32 at stride 2: forward
+    # 0.48 / 0.79, grad_weight 0.58 / 0.90 since the col2im and gather fixes; the stride-1 layers
+    # of 16 channels lose: 32x16x28x28 -> 16 grad_weight 3.1 / 1.5)
     cl_grad = pass_ != "forward" and not nchw and p.cg >= 32
     nchw_strided = nchw and (p.sh > 1 or p.sw > 1) and p.kg >= 32
     narrow = 16 if cl_grad or nchw_strided else 32
