@@ -243,11 +243,12 @@ def _native(p, alg, algorithm, pass_):
     that runs the pass on the NHWC kernels anyway (small planes: ``implicit.via_channels_last``),
     or, under ``'auto'``, where the NHWC pass measured faster than converting for any algorithm
     (:func:`._algorithms.nhwc.native_beats_converting`) or the layer is one matrix product there
-    (``nhwc.pointwise``: 1x1, stride 1, unpadded, one group).  Other algorithms compute in NCHW,
-    converted both ways."""
-    auto_native = algorithm == "auto" and not _winograd_in_place(alg, p) and (
+    (``nhwc.pointwise``: 1x1, stride 1, unpadded, one group), and a grad_weight of few channels on
+    small planes even where it chose Winograd (``nhwc.taps_beat_winograd``).  Other algorithms
+    compute in NCHW, converted both ways."""
+    auto_native = algorithm == "auto" and ((not _winograd_in_place(alg, p) and (
         (alg.name == "gemm" and _implicit.via_channels_last(p, pass_)) or _nhwc.native_beats_converting(p, pass_)
-        or _nhwc.pointwise(p))
+        or _nhwc.pointwise(p))) or (pass_ == "grad_weight" and _nhwc.taps_beat_winograd(p)))
     if algorithm != "gemm" and not auto_native and not (
             algorithm == "auto" and (alg.name in _GEMM_FAMILY or p.r * p.s == 1) and _nhwc.preferred(p, pass_)):
         return False

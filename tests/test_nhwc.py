@@ -908,3 +908,18 @@ def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels():
     assert nhwc.gw_taps(p(128, 64, 1, 2)) and not nhwc.gw_taps(p(128, 128, 1, 2))
     q = conv_params("conv2d", (2, 16, 8, 8), (NR64, 16, 3, 3), np.float64, 1, 1, 1, 1)
     assert nhwc.gw_taps(q)  # float64: panels of NR64 columns
+
+
+def test_auto_takes_taps_over_winograd_for_small_channels_last_gradients(monkeypatch):
+    small = _p((4, 32, 14, 14), (NR, 32, 3, 3))
+    assert nhwc.taps_beat_winograd(small)
+    assert nhwc.taps_beat_winograd(_p((2, 16, 40, 40), (NR, 16, 3, 3)))  # 16 input channels: any plane
+    assert not nhwc.taps_beat_winograd(_p((2, 32, 28, 28), (NR, 32, 3, 3)))
+    calls = []
+    real = nhwc.grad_weight
+    monkeypatch.setattr(nhwc, "grad_weight", lambda *a: calls.append(1) or real(*a))
+    x, w, b, gy, kw = _make(("t", (4, 32, 14, 14), (NR, 32, 3, 3), {"padding": 1}), np.float32)
+    gw, gb = fastconv.conv2d_grad_weight(_cl(gy), _cl(x), w, padding=1)
+    assert calls
+    assert_results({"grad_weight": gw}, {"grad_weight": _reference(x, w, b, gy, kw)["grad_weight"]}, np.float32,
+                   scale=8.0)

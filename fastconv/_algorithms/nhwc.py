@@ -575,6 +575,18 @@ def gw_taps(p):
     return p.cg * p.kg <= (GW_TAPS_MAX_1X1 if p.r * p.s == 1 else GW_TAPS_MAX)
 
 
+def taps_beat_winograd(p):
+    """Whether a channels_last grad_weight that 'auto' gave to Winograd runs natively by taps
+    instead (:func:`gw_taps`, on planes of at most TAPS_OVER_WINOGRAD_PLANE outputs or 16 input
+    channels).  2 threads, AVX-512 Xeon, ms Winograd / taps: 32x32x14x14 -> 32 0.74 / 0.64,
+    32x64x7x7 -> 32 0.49 / 0.33, 32x16x28x28 -> 32 1.30 / 1.14, 4x16x128x128 -> 32 3.26 / 2.58;
+    larger planes of 32 channels lose (32x32x28x28 -> 32 1.63 / 1.99, 8x32x56x56 -> 32 1.67 / 1.88)."""
+    return gw_taps(p) and (p.oh * p.ow <= TAPS_OVER_WINOGRAD_PLANE or p.cg <= 16)
+
+
+#: Largest output plane on which :func:`taps_beat_winograd` (14x14)
+TAPS_OVER_WINOGRAD_PLANE = 196
+
 #: Largest cg*kg of a 3x3 (any kernel but 1x1) layer whose grad_weight :func:`gw_taps` runs by taps
 GW_TAPS_MAX = 2048
 #: ... and of a strided 1x1 layer (stride 1 is one product: :func:`pointwise`)
