@@ -342,20 +342,25 @@ def _tap_segments(segs, p0, p1, plane, ow, sh, sw, ph, pw, h, w, ry, rx, cin, c0
 
 
 @kernel
-def grad_input_col2im(gy, wg, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, n, gx, wbuf,
-                      tbuf, blk, bm, ctr):
+def grad_input_col2im(gy, pbw, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, n, gx, offbuf,
+                      tbuf, zeros, bm, ldt, ctr):
     """``gx = col2im(gy . w)`` per (image, group): a block of bm positions' column rows
-    ``col[pos, t] = sum_j gy[pos, g*kg + j] * wg[g][j, t]`` into the worker's tile, then added tap run
-    by tap run into the input positions it came from.  Items own whole (image, group) slices of gx
-    (zeroed here), so the scatter's sums never race and run in one order."""
+    ``col[pos, t] = sum_j gy[pos, g*kg + j] * wg[g][j, t]`` into the worker's tile (row pitch
+    ``ldt``, whole NR panels), then added tap run by tap run into the input positions it came from.
+    The product reads gy's rows in place (``ukernel_rowptr``) against the weights packed once per
+    call into NR-column panels over the taps (``pbw``, :func:`.nhwc.grad_input`), where a packed
+    GEMM per block repacked both.  Items own whole (image, group) slices of gx (zeroed here), so the
+    scatter's sums never race and run in one order."""
+    mr, nr = _tile_of(gx)
     tn = r * s * cg
     kt = g * kg
     plane = oh * ow
+    npan = ldt // nr
     items = n * g
-    nw = wbuf.shape[0]
+    nw = tbuf.shape[0]
     for wid in prange(nw):
-        ws = wbuf[wid]
         tile = tbuf[wid]
+        offs = offbuf[wid]
         for _ in range(items):
             it = claim(ctr)
             if it >= items:
@@ -373,8 +378,13 @@ def grad_input_col2im(gy, wg, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g
                             gx[o + cc] = 0
             for q0 in range(0, plane, bm):
                 mb = min(bm, plane - q0)
-                gemm_serial(mb, tn, kg, gy, (img * plane + q0) * kt + gi * kg, kt, 1, wg, gi * kg * tn, tn, 1,
-                            0, tile, 0, tn, ws, blk)
+                for i in range(mb):
+                    offs[i] = (img * plane + q0 + i) * kt + gi * kg
+                for jp in range(npan):
+                    boff = (gi * npan + jp) * kg * nr
+                    for i in range(0, mb, mr):
+                        ukernel_rowptr(kg, gy, offs, i, 0, zeros, pbw, boff, tile, i * ldt + jp * nr, ldt, 0,
+                                       min(mr, mb - i))
                 for i in range(mb):
                     # the taps inside the input as ranges, offsets unsigned: a bounds test per tap
                     # and signed indices left the cg-lane adds scalar (32x16x28x28 -> 32 at stride
@@ -386,7 +396,7 @@ def grad_input_col2im(gy, wg, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g
                     s1 = min(s, (w - ix0 + dw - 1) // dw)
                     for rr in range(r0, r1):
                         orow = ((img * h + iy0 + rr * dh) * w + ix0) * cin + c0
-                        srow = i * tn + rr * s * cg
+                        srow = i * ldt + rr * s * cg
                         for ss in range(s0, s1):
                             o = _u(orow + ss * dw * cin)
                             src = _u(srow + ss * cg)

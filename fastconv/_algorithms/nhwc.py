@@ -116,7 +116,7 @@ def _col_rows(p):
 
 def need(p, pass_):
     """Bytes of scratch a pass takes: the forward's packed weights (and im2row blocks); col2im's
-    GEMM buffers, tiles and reordered weights; grad_weight's GEMM buffers and partial sums."""
+    tiles, row offsets and packed weights; grad_weight's GEMM buffers and partial sums."""
     nt = numba.get_num_threads()
     ws = G.workspace_size(p.dtype) * p.itemsize * nt
     weights = p.k * p.cg * p.r * p.s * p.itemsize
@@ -126,7 +126,9 @@ def need(p, pass_):
         q = _transposed(p)
         if q is not None:
             return _rows_bytes(q)
-        return ws + nt * _col_rows(p) * p.r * p.s * p.cg * p.itemsize + weights
+        tn = p.r * p.s * p.cg
+        panels = -(-tn // G.tile(p.itemsize)[1]) * G.tile(p.itemsize)[1]
+        return nt * _col_rows(p) * (panels * p.itemsize + 8) + p.k * panels * p.itemsize
     return ws + _gw_splits(p) * weights
 
 
@@ -479,17 +481,20 @@ def grad_input(gyh, w, p):
     if gx is not None:
         return gx
     gx = result((p.n, p.h, p.w, p.c), p.dtype)
+    mr, nr = G.tile(p.itemsize)
     tn = p.r * p.s * p.cg
-    wg = np.ascontiguousarray(w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 1, 3, 4, 2)).reshape(-1)
+    npan = -(-tn // nr)
+    # the weights as B (kg x tn, taps t = (rr*s + ss)*cg + cc) per group, in NR-column panels
+    wg = np.zeros((p.g, p.kg, npan * nr), dtype=p.dtype)
+    wg[:, :, :tn] = w.reshape(p.g, p.kg, p.cg, p.r, p.s).transpose(0, 1, 3, 4, 2).reshape(p.g, p.kg, tn)
+    pbw = np.ascontiguousarray(wg.reshape(p.g, p.kg, npan, nr).transpose(0, 2, 1, 3)).reshape(-1)
     bm = _col_rows(p)
     nw = _nw(p.n * p.g)
-    blk = _blk(p)
-    wbuf = G._workspace(p.dtype, nw, G.workspace_size(p.dtype, blk))
-    tbuf = np.empty((nw, bm * tn), dtype=p.dtype)
     with _threads(nw):
-        K.grad_input_col2im(np.ascontiguousarray(gyh).reshape(-1), wg, p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw,
-                            p.ph0, p.pw0, p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, p.n, gx.reshape(-1), wbuf, tbuf,
-                            blk, bm, np.zeros(1, np.int64))
+        K.grad_input_col2im(np.ascontiguousarray(gyh).reshape(-1), pbw, p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw,
+                            p.ph0, p.pw0, p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg, p.n, gx.reshape(-1),
+                            np.empty((nw, bm), np.int64), np.empty((nw, bm * npan * nr), dtype=p.dtype),
+                            np.zeros(max(1, p.kg), p.dtype), bm, npan * nr, np.zeros(1, np.int64))
     return gx
 
 
