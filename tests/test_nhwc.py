@@ -614,8 +614,11 @@ def test_native_beats_converting_where_measured():
     narrow_in = _p((32, 16, 28, 28), (32, 16, 3, 3), stride=2)  # 16 inputs: NCHW strided passes
     assert passes(narrow_in, isa="avx512", nchw=True) == (True, True, True)
     assert passes(narrow_in, isa="avx512") == (True, True, True)
-    wide_strided = _p((16, 256, 14, 14), (256, 256, 3, 3), stride=2)  # channels_last: preferred() decides
-    assert passes(wide_strided, isa="avx512") == (False, False, False)
+    wide_strided = _p((16, 256, 14, 14), (256, 256, 3, 3), stride=2)  # 256 channels: not grad_weight
+    assert passes(wide_strided, isa="avx512", nchw=True) == (True, True, False)
+    assert passes(wide_strided, isa="avx512") == (True, True, False)
+    widest = _p((16, 512, 14, 14), (512, 512, 3, 3), stride=2)
+    assert passes(widest, isa="avx512", nchw=True) == (False, False, False)
     assert passes(_p((32, 16, 28, 28), (32, 16, 3, 3)), isa="avx512", nchw=True) == (False, False, False)
     narrow_out = _p((4, 32, 64, 64), (16, 32, 3, 3))  # 16 outputs: channels_last gradients only
     assert passes(narrow_out, isa="avx512") == (False, True, True)

@@ -353,7 +353,8 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
     cl_grad = pass_ != "forward" and not nchw and p.cg >= 32
     nchw_strided = nchw and (p.sh > 1 or p.sw > 1) and p.kg >= 32
     narrow = 16 if cl_grad or nchw_strided else 32
-    if isa != "avx512" or p.itemsize != 4 or p.g != 1 or min(p.cg, p.kg) < narrow or max(p.cg, p.kg) > 128:
+    widest = NCHW_STRIDED_MAX_CHANNELS if nchw_strided and pass_ != "grad_weight" else 128
+    if isa != "avx512" or p.itemsize != 4 or p.g != 1 or min(p.cg, p.kg) < narrow or max(p.cg, p.kg) > widest:
         return False  # (float64 not measured)
     if nchw and (p.r * p.s == 1 or p.oh * p.ow > NCHW_MAX_PLANE and p.dh == p.dw == 1):
         return False
@@ -361,10 +362,21 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
         return pass_ == "grad_weight" or not nchw
     if pass_ == "grad_weight":
         return p.macs <= GW_MAX_MACS
+    if nchw_strided:
+        # every strided NCHW forward / grad_input up to NCHW_STRIDED_MAX_CHANNELS since the col2im
+        # product reads gy in place: ms 'auto' in NCHW / converted, 8x128x56x56 -> 128 forward
+        # 9.7 / 8.4, grad_input 12.3 / 10.1; 32x128x14x14 -> 128 2.2 / 2.0, 5.1 / 2.8;
+        # 16x128x28x28 -> 256 8.0 / 7.6, 11.7 / 9.8; 8x64x56x56 -> 128 5.3 / 4.6, 6.0 / 6.0
+        return True
     if (p.sh > 1 or p.sw > 1) and not nchw:  # strided channels_last layers: preferred() decides
         return False
     return max(p.cg, p.kg) <= 64 and p.macs <= MIXED_MAX_MACS
 
+
+#: Most channels (in or out) of an NCHW strided layer whose forward and grad_input
+#: :func:`native_beats_converting` converts (16x256x14x14 -> 256 grad_input 8.0 / 5.8 ms; its
+#: grad_weight keeps the 128 of the others: 8x256x28x28 -> 256 8.3 / 9.7)
+NCHW_STRIDED_MAX_CHANNELS = 256
 
 #: Multiply-adds up to which :func:`native_beats_converting` takes a stride-1 forward / grad_input
 #: (32x32x28x28 3x3: 2.3e8, 32x64x32x32: 1.2e9).
