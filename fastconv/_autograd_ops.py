@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _validation as V
 from . import functional as F
+from ._threads import blas_for as _blas_for
 from .autograd import Parameter, Tensor, _data, _recorded, _unwrap, is_recording  # noqa: F401 (Parameter: examples)
 
 
@@ -252,15 +253,18 @@ def linear(x, weight, bias=None):
            [4., 4., 4.]])
     """
     xd, wd, bd = _data(x), _data(weight), _data(bias)
-    y = xd @ wd.T
+    work = xd.size * wd.shape[0] if xd.ndim == 2 and wd.ndim == 2 else 1 << 62
+    with _blas_for(work):  # small products on one BLAS thread
+        y = xd @ wd.T
     if bd is not None:
         y += bd
     if not is_recording(x, weight, bias):
         return Tensor(y)
 
     def backward(g, needs):
-        return (g @ wd if needs[0] else None, g.T @ xd if needs[1] else None,
-                g.sum(axis=0) if needs[2] else None)
+        with _blas_for(work):
+            return (g @ wd if needs[0] else None, g.T @ xd if needs[1] else None,
+                    g.sum(axis=0) if needs[2] else None)
     return _recorded("LinearBackward", y, (x, weight, bias), backward)
 
 

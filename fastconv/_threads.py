@@ -184,3 +184,24 @@ def threads(n):
         _local.n = prev
         numba.set_num_threads(prev_numba)
         _numpy_blas(current())
+
+
+#: numpy products (the Linear layers') of fewer multiply-adds than this run on one BLAS thread
+#: (:func:`blas_for`): LeNet-5's 32x400 . 400x120 forward took 0.43 ms on OpenBLAS's two threads,
+#: 0.09 on one (its second thread woken for microseconds of work, 2-core Xeon VM).
+SERIAL_BLAS_WORK = 1 << 23
+
+
+@contextlib.contextmanager
+def blas_for(work):
+    """Run the enclosed numpy products of ``work`` multiply-adds on one BLAS thread where that is
+    below SERIAL_BLAS_WORK, restoring the setting after; otherwise leave it (fastconv's)."""
+    if work >= SERIAL_BLAS_WORK or current() == 1:
+        yield
+        return
+    prev = _blas_threads
+    _numpy_blas(1)
+    try:
+        yield
+    finally:
+        _numpy_blas(current() if prev is None else prev)

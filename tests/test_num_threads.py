@@ -103,3 +103,34 @@ def test_tiny_calls_run_on_one_thread_and_large_ones_on_the_setting(restore):
     fastconv.conv2d(x, w)
     assert numba.get_num_threads() == fastconv.max_threads()
     assert fastconv.get_num_threads() == fastconv.max_threads()
+
+
+def test_small_linear_products_run_on_one_blas_thread(restore, monkeypatch):
+    """Linear's numpy products below SERIAL_BLAS_WORK run on one BLAS thread, the setting restored
+    after; larger ones run on fastconv's setting."""
+    from fastconv import _threads
+    from fastconv.autograd import Parameter, Tensor
+    from fastconv._autograd_ops import linear
+
+    top = fastconv.max_threads()
+    if top < 2:
+        pytest.skip("one core: nothing to switch")
+    fastconv.set_num_threads(top)
+    seen = []
+    real = np.ndarray.__matmul__
+
+    class Probe(np.ndarray):
+        def __matmul__(self, other):
+            seen.append(set(numpy_blas_threads()))
+            return real(np.asarray(self), np.asarray(other))
+
+    x = np.ones((4, 8)).view(Probe)
+    w = Parameter(np.ones((3, 8)))
+    y = linear(Tensor(x, True), w)
+    assert seen == [{1}] and set(numpy_blas_threads()) == {top}
+    y.sum().backward()
+    assert set(numpy_blas_threads()) == {top}
+    monkeypatch.setattr(_threads, "SERIAL_BLAS_WORK", 0)  # every product "large": the setting stays
+    seen.clear()
+    linear(Tensor(x, True), w)
+    assert seen == [{top}]
