@@ -808,9 +808,10 @@ def test_pointwise_layers_against_reference(case, dtype, monkeypatch):
 def test_own_product_for_wide_pointwise_layers():
     def p_of(c, k):
         return conv_params("t", (2, c, 5, 5), (k, c, 1, 1), np.float32, 1, 0, 1, 1)
-    assert [nhwc.own_product(p_of(32, 64), ps) for ps in ("forward", "grad_input")] == [False, False]
-    assert [nhwc.own_product(p_of(64, 64), ps) for ps in ("forward", "grad_input")] == [True, False]
-    assert [nhwc.own_product(p_of(128, 64), ps) for ps in ("forward", "grad_input")] == [True, True]
+    def own(c, k, isa="avx512"):
+        return [nhwc.own_product(p_of(c, k), ps, isa) for ps in ("forward", "grad_input")]
+    assert own(32, 64) == [False, False] and own(64, 64) == [True, False] and own(128, 64) == [True, True]
+    assert own(128, 64, "avx2") == [False, False]  # measured on AVX-512 only
 
 
 def test_pointwise_only_for_one_product():
@@ -880,7 +881,8 @@ TAPS_CASES = [
 @pytest.mark.parametrize("case", TAPS_CASES, ids=[c[0] for c in TAPS_CASES])
 def test_grad_weight_by_taps_against_reference(case, dtype, monkeypatch):
     """The tap-by-tap grad_weight (both operands in place) against the reference, and against the
-    gathered panels it replaces; the same bits at every thread count."""
+    gathered panels it replaces; the same bits at every thread count.  On any ISA."""
+    monkeypatch.setattr(nhwc, "GW_TAPS", True)
     x, w, b, gy, kw = _make(case, dtype)
     p = _params(x, w, kw)
     assert nhwc.gw_taps(p)
@@ -903,7 +905,9 @@ def test_grad_weight_by_taps_against_reference(case, dtype, monkeypatch):
     np.testing.assert_array_equal(bits[0], bits[1])
 
 
-def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels():
+def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels(monkeypatch):
+    monkeypatch.setattr(nhwc, "GW_TAPS", True)
+
     def p(c, k, r, stride=1):
         return _p((2, c, 8, 8), (k, c, r, r), padding=r // 2, stride=stride)
     assert nhwc.gw_taps(p(16, 32, 3)) and nhwc.gw_taps(p(64, 32, 3)) and nhwc.gw_taps(p(16, 128, 3))
@@ -914,6 +918,7 @@ def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels():
 
 
 def test_auto_takes_taps_over_winograd_for_small_channels_last_gradients(monkeypatch):
+    monkeypatch.setattr(nhwc, "GW_TAPS", True)
     small = _p((4, 32, 14, 14), (NR, 32, 3, 3))
     assert nhwc.taps_beat_winograd(small)
     assert nhwc.taps_beat_winograd(_p((2, 16, 40, 40), (NR, 16, 3, 3)))  # 16 input channels: any plane

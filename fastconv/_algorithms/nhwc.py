@@ -418,7 +418,7 @@ def pointwise(p):
     return p.r == 1 and p.s == 1 and p.sh == 1 and p.sw == 1 and not p.padded and p.g == 1
 
 
-def own_product(p, pass_):
+def own_product(p, pass_, isa=None):
     """Whether a :func:`pointwise` layer's forward / grad_input runs on the in-place rows kernel
     (:func:`_forward_rows`, own micro-kernel) rather than the BLAS blocks: from c*k of
     OWN_PRODUCT_FORWARD / OWN_PRODUCT_GRAD_INPUT on.  2 threads, AVX-512 Xeon, float32, ms BLAS
@@ -426,6 +426,8 @@ def own_product(p, pass_):
     8x256x56x56 -> 64 3.9 / 3.2, 32x512x7x7 -> 512 3.5 / 3.0; 32x32x14x14 -> 64 0.30 / 0.33 (the
     BLAS blocks win below ~4096); grad_input from ~8192 (32x128x7x7 -> 128 0.28 / 0.21,
     32x64x14x14 -> 32 0.11 / 0.17)."""
+    if (_cpu.isa() if isa is None else isa) != "avx512":
+        return False  # measured on AVX-512 only
     return p.c * p.k >= (OWN_PRODUCT_FORWARD if pass_ == "forward" else OWN_PRODUCT_GRAD_INPUT)
 
 
@@ -572,8 +574,9 @@ def grad_weight(gyh, xh, p):
     return np.ascontiguousarray(gw).reshape(p.k, p.cg, p.r, p.s)
 
 
-#: grad_weight by taps, both operands in place (:func:`gw_taps`; False: the gathered panels always)
-GW_TAPS = True
+#: grad_weight by taps, both operands in place (:func:`gw_taps`): None where it was measured (AVX-512),
+#: True on any ISA (tests), False never
+GW_TAPS = None
 
 
 def gw_taps(p):
@@ -587,8 +590,8 @@ def gw_taps(p):
     32x64x14x14 -> 64 2.04 / 2.25, 32x128x14x14 -> 128 7.1 / 8.6; stride 2, 32x16x28x28 -> 32
     0.51 / 0.35, 32x32x28x28 -> 64 0.66 / 0.72; 1x1 stride 2, 32x16x28x28 -> 32 0.23 / 0.06,
     32x128x14x14 -> 64 0.25 / 0.20, 16x128x28x28 -> 128 0.64 / 0.79."""
-    if not GW_TAPS or p.kg % G.tile(p.itemsize)[1]:
-        return False
+    if GW_TAPS is False or (GW_TAPS is None and _cpu.isa() != "avx512") or p.kg % G.tile(p.itemsize)[1]:
+        return False  # (not measured on AVX2, whose 6 x 16 tile the panels may still beat)
     return p.cg * p.kg <= (GW_TAPS_MAX_1X1 if p.r * p.s == 1 else GW_TAPS_MAX)
 
 
