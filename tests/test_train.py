@@ -131,6 +131,20 @@ def test_train_on_idx_files_and_save(tmp_path, capsys):
     model.load(tmp_path / "model.npz")  # the saved parameters fit the architecture
 
 
+def test_train_channels_last_learns_the_same_model(tmp_path, capsys):
+    """--channels-last computes in (N, H, W, C) memory: the same parameters up to rounding."""
+    d = write_mnist(tmp_path / "m", n_train=48, n_test=16, size=12)
+    saved = []
+    for flag in ([], ["--channels-last"]):
+        path = tmp_path / f"m{len(flag)}.npz"
+        assert train_cmd.main(["--data", str(d), "--model", "resnet", "--epochs", "1", "--batch-size", "16",
+                               "--no-progress", "--save", str(path), *flag]) == 0
+        saved.append(np.load(path))
+    assert "resnet (channels_last)" in capsys.readouterr().out
+    for k in saved[0].files:
+        np.testing.assert_allclose(saved[1][k], saved[0][k], rtol=1e-3, atol=1e-4, err_msg=k)
+
+
 def test_saved_model_is_the_path_reported_and_carries_its_standardisation(tmp_path, capsys):
     """--save FILE writes FILE itself (not FILE.npz), and a model loaded from it scores on raw
     images what training reported: the input standardisation is part of the saved model."""
