@@ -885,13 +885,19 @@ def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx):
 def dw_grad_weight(gy, x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, part, rows_per):
     """``part[b, rr*s + ss, ch]`` = the sum over output rows ``b*rows_per ..`` of
     ``gy[pos, ch] * x[tap's input position, ch]``: fixed row blocks (not one per worker), so the
-    caller's sum over blocks gives the same bits for every thread count."""
+    caller's sum over blocks gives the same bits for every thread count.  Each block first sums
+    per tap and output column (``acc[t, ox, ch]``: a tap's run along a row's positions and
+    channels), then over the columns in order.  Adding every position into ``part[b, t, :]``
+    directly chained each add to the store before it (ms, 2 threads: 16x32x48x48 0.70 -> 0.45,
+    8x128x56x56 2.1 -> 1.5; cutting the rows into L1-sized column blocks, or going tap by tap,
+    measured slower)."""
     c = gy.shape[1]
     nb = part.shape[0]
+    gyf = gy.reshape(gy.size)
+    xf = x.reshape(x.size)
+    rowlen = ow * c
     for b in prange(nb):
-        for t in range(r * s):
-            for ch in range(c):
-                part[b, t, ch] = 0
+        acc = np.zeros(r * s * rowlen, dtype=part.dtype)
         for it in range(b * rows_per, min(n * oh, (b + 1) * rows_per)):
             img = it // oh
             oy = it - img * oh
@@ -905,12 +911,29 @@ def dw_grad_weight(gy, x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, part, r
                     off = ss * dw - pw
                     ox0 = max(0, (-off + sw - 1) // sw)
                     ox1 = min(ow, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
-                    t = rr * s + ss
-                    for ox in range(ox0, ox1):
-                        xi = xrow + ox * sw + off
-                        gi = grow + ox
-                        for ch in range(c):
-                            part[b, t, ch] += gy[gi, ch] * x[xi, ch]
+                    if ox1 <= ox0:
+                        continue
+                    ao = (rr * s + ss) * rowlen
+                    if sw == 1:  # the row's positions and channels are one run in gy, x and acc
+                        a0 = _u(ao + ox0 * c)
+                        g0 = _u((grow + ox0) * c)
+                        x0 = _u((xrow + ox0 + off) * c)
+                        for q in range(_u((ox1 - ox0) * c)):
+                            acc[a0 + q] += gyf[g0 + q] * xf[x0 + q]
+                    else:
+                        for ox in range(ox0, ox1):
+                            a0 = _u(ao + ox * c)
+                            g0 = _u((grow + ox) * c)
+                            x0 = _u((xrow + ox * sw + off) * c)
+                            for ch in range(_u(c)):
+                                acc[a0 + ch] += gyf[g0 + ch] * xf[x0 + ch]
+        for t in range(r * s):
+            for ch in range(c):
+                part[b, t, ch] = 0
+            for ox in range(ow):
+                a0 = _u(t * rowlen + ox * c)
+                for ch in range(_u(c)):
+                    part[b, t, ch] += acc[a0 + ch]
 
 
 @kernel
