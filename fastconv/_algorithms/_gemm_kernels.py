@@ -173,46 +173,29 @@ def _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv):
                     builder.store(total[i][v], ptrs[i][v], align=isz)
 
 
-def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr, taps):
-    # _emit_ukernel's rowptr kernel with an outer loop over a list of taps (see there)
-    kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
-    pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
-    offs, zeros, tl = (context.make_array(sig.args[i])(context, builder, args[i])
-                       for i in (rowptr[0], rowptr[2], taps[0]))
-    toffv, tloffv, ntv, ldov = args[rowptr[1]], args[taps[1]], args[taps[2]], args[taps[3]]
-    fty = context.get_data_type(sig.args[5].dtype)
-    isz = context.get_abi_sizeof(fty)
-    lanes, vty, fma, splat = _vector_tools(builder, fty, isz, vbytes)
-    nr = nv * lanes
+def _emit_outer_inner(builder, tools, isz, rows, nv, go, nouter, setup, label):
+    # for j < nouter (entered if go): pointers, count = setup(j); for p < count (>= 1):
+    # tile += A_p x B_p, with (bp, [row pointers]) = pointers(p); the tile in registers throughout.
+    # Returns the tile after the loops (zeros where they did not run).
+    lanes, vty, _, _ = tools
     i64 = ir.IntType(64)
-    vptr = vty.as_pointer()
-    b0 = builder.gep(pb.data, [boffv])
-    zero = ir.Constant(vty, [0.0] * lanes)
-    rowp = _c_prefetch(context, builder, c, coffv, ldcv, rows, nr)
-    entry = builder.block
-    outer = builder.append_basic_block("ukernel.tap")
-    inner = builder.append_basic_block("ukernel.loop")
-    latch = builder.append_basic_block("ukernel.next_tap")
-    done = builder.append_basic_block("ukernel.done")
     zero64 = ir.Constant(i64, 0)
-    go = builder.and_(builder.icmp_signed(">", ntv, zero64), builder.icmp_signed(">", kcv, zero64))
+    zero = ir.Constant(vty, [0.0] * lanes)
+    entry = builder.block
+    outer = builder.append_basic_block(f"{label}.outer")
+    inner = builder.append_basic_block(f"{label}.loop")
+    latch = builder.append_basic_block(f"{label}.next")
+    done = builder.append_basic_block(f"{label}.done")
     builder.cbranch(go, outer, done)
 
-    builder.position_at_end(outer)  # per tap: the rows' starts and B's first row
+    builder.position_at_end(outer)
     j = builder.phi(i64)
     j.add_incoming(zero64, entry)
     acc0 = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
     for row in acc0:
         for a in row:
             a.add_incoming(zero, entry)
-    t = builder.load(builder.gep(tl.data, [builder.add(tloffv, j)]))
-    base = builder.add(aoffv, builder.mul(t, ldov))
-    arows = []
-    for i in range(rows):
-        o = builder.load(builder.gep(offs.data, [builder.add(base, ir.Constant(i64, i))]))
-        arows.append(builder.select(builder.icmp_signed("<", o, zero64), zeros.data,
-                                    builder.gep(pa.data, [builder.add(o, toffv)])))
-    bt = builder.gep(b0, [builder.mul(builder.mul(t, kcv), ir.Constant(i64, nr))])
+    pointers, count = setup(j)
     builder.branch(inner)
 
     builder.position_at_end(inner)
@@ -222,14 +205,14 @@ def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr
     for i in range(rows):
         for v in range(nv):
             acc[i][v].add_incoming(acc0[i][v], outer)
-    bp = builder.gep(bt, [builder.mul(p, ir.Constant(i64, nr))])
-    new = _fma_step(builder, bp, [builder.gep(r0, [p]) for r0 in arows], acc, (lanes, vty, fma, splat), isz, nv)
+    bp, arow = pointers(p)
+    new = _fma_step(builder, bp, arow, acc, tools, isz, nv)
     p1 = builder.add(p, ir.Constant(i64, 1))
     p.add_incoming(p1, inner)
     for i in range(rows):
         for v in range(nv):
             acc[i][v].add_incoming(new[i][v], inner)
-    builder.cbranch(builder.icmp_signed("<", p1, kcv), inner, latch)
+    builder.cbranch(builder.icmp_signed("<", p1, count), inner, latch)
 
     builder.position_at_end(latch)
     j1 = builder.add(j, ir.Constant(i64, 1))
@@ -237,12 +220,57 @@ def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr
     for i in range(rows):
         for v in range(nv):
             acc0[i][v].add_incoming(new[i][v], latch)
-    builder.cbranch(builder.icmp_signed("<", j1, ntv), outer, done)
+    builder.cbranch(builder.icmp_signed("<", j1, nouter), outer, done)
 
     builder.position_at_end(done)
-    total = _tile_sums(builder, vty, zero, entry, new, latch, rows, nv)
-    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
+    return _tile_sums(builder, vty, zero, entry, new, latch, rows, nv)
+
+
+def _emit_ukernel_taps(context, builder, sig, args, mr, nv, vbytes, rows, rowptr, taps):
+    # _emit_ukernel's rowptr kernel with an outer loop over a list of taps (see there)
+    kcv, _, aoffv, _, boffv, _, coffv, ldcv, accv = args[:9]
+    pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5))
+    offs, zeros, tl = (context.make_array(sig.args[i])(context, builder, args[i])
+                       for i in (rowptr[0], rowptr[2], taps[0]))
+    toffv, tloffv, ntv, ldov = args[rowptr[1]], args[taps[1]], args[taps[2]], args[taps[3]]
+    fty = context.get_data_type(sig.args[5].dtype)
+    isz = context.get_abi_sizeof(fty)
+    tools = _vector_tools(builder, fty, isz, vbytes)
+    nr = nv * tools[0]
+    i64 = ir.IntType(64)
+    zero64 = ir.Constant(i64, 0)
+    b0 = builder.gep(pb.data, [boffv])
+    rowp = _c_prefetch(context, builder, c, coffv, ldcv, rows, nr)
+
+    def setup(j):  # per tap: the rows' starts and B's first row
+        t = builder.load(builder.gep(tl.data, [builder.add(tloffv, j)]))
+        base = builder.add(aoffv, builder.mul(t, ldov))
+        arows = []
+        for i in range(rows):
+            o = builder.load(builder.gep(offs.data, [builder.add(base, ir.Constant(i64, i))]))
+            arows.append(builder.select(builder.icmp_signed("<", o, zero64), zeros.data,
+                                        builder.gep(pa.data, [builder.add(o, toffv)])))
+        bt = builder.gep(b0, [builder.mul(builder.mul(t, kcv), ir.Constant(i64, nr))])
+        return (lambda p: (builder.gep(bt, [builder.mul(p, ir.Constant(i64, nr))]),
+                           [builder.gep(r0, [p]) for r0 in arows])), kcv
+
+    go = builder.and_(builder.icmp_signed(">", ntv, zero64), builder.icmp_signed(">", kcv, zero64))
+    total = _emit_outer_inner(builder, tools, isz, rows, nv, go, ntv, setup, "ukernel_taps")
+    _store_tile(builder, rowp, total, accv, tools[1].as_pointer(), tools[0], isz, rows, nv)
     return context.get_dummy_value()
+
+
+def _switch_rows(builder, rowsv, counts, label, emit):
+    # one block per row count in ``counts`` (``emit(rows)`` fills it), chosen by a switch on ``rowsv``
+    exit_ = builder.append_basic_block(f"{label}.exit")
+    switch = builder.switch(rowsv, exit_)
+    for r in counts:
+        case = builder.append_basic_block(f"{label}.{r}")
+        switch.add_case(ir.Constant(rowsv.type, r), case)
+        builder.position_at_end(case)
+        emit(r)
+        builder.branch(exit_)
+    builder.position_at_end(exit_)
 
 
 def _ukernel_types(kc, pa, aoff, pb, boff, c, coff, ldc, acc):
@@ -279,15 +307,8 @@ def ukernel_rows(typingctx, kc, pa, aoff, pb, boff, c, coff, ldc, acc, rows):
 
     def codegen(context, builder, sig, args):
         rowsv = args[9]
-        exit_ = builder.append_basic_block("ukernel_rows.exit")
-        switch = builder.switch(rowsv, exit_)
-        for r in range(1, mr):
-            case = builder.append_basic_block(f"ukernel_rows.{r}")
-            switch.add_case(ir.Constant(rowsv.type, r), case)
-            builder.position_at_end(case)
-            _emit_ukernel(context, builder, sig, args, mr, nv, VBYTES, rows=r)
-            builder.branch(exit_)
-        builder.position_at_end(exit_)
+        _switch_rows(builder, rowsv, range(1, mr), "ukernel_rows",
+                     lambda rr: _emit_ukernel(context, builder, sig, args, mr, nv, VBYTES, rows=rr))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -311,15 +332,8 @@ def ukernel_ldb(typingctx, kc, pa, aoff, pb, boff, ldb, c, coff, ldc, acc, rows)
         order = [args[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9)] + [args[5]]
         osig = types.void(*[sig.args[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 5)])
         rowsv = args[10]
-        exit_ = builder.append_basic_block("ukernel_ldb.exit")
-        switch = builder.switch(rowsv, exit_)
-        for r in range(1, mr + 1):
-            case = builder.append_basic_block(f"ukernel_ldb.{r}")
-            switch.add_case(ir.Constant(rowsv.type, r), case)
-            builder.position_at_end(case)
-            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, ldb=9)
-            builder.branch(exit_)
-        builder.position_at_end(exit_)
+        _switch_rows(builder, rowsv, range(1, mr + 1), "ukernel_ldb",
+                     lambda rr: _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=rr, ldb=9))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -343,15 +357,9 @@ def ukernel_strided(typingctx, kc, pa, aoff, lda, pb, boff, ldb, c, coff, ldc, a
         order = [args[i] for i in idx]
         osig = types.void(*[sig.args[i] for i in idx])
         rowsv = args[11]
-        exit_ = builder.append_basic_block("ukernel_strided.exit")
-        switch = builder.switch(rowsv, exit_)
-        for r in range(1, mr + 1):
-            case = builder.append_basic_block(f"ukernel_strided.{r}")
-            switch.add_case(ir.Constant(rowsv.type, r), case)
-            builder.position_at_end(case)
-            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, ldb=10, lda=9)
-            builder.branch(exit_)
-        builder.position_at_end(exit_)
+        _switch_rows(builder, rowsv, range(1, mr + 1), "ukernel_strided",
+                     lambda rr: _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=rr, ldb=10,
+                                              lda=9))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -380,15 +388,9 @@ def ukernel_rowptr(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, c, coff,
         order = [args[i] for i in idx]
         osig = types.void(*[sig.args[i] for i in idx])
         rowsv = args[12]
-        exit_ = builder.append_basic_block("ukernel_rowptr.exit")
-        switch = builder.switch(rowsv, exit_)
-        for r in range(1, mr + 1):
-            case = builder.append_basic_block(f"ukernel_rowptr.{r}")
-            switch.add_case(ir.Constant(rowsv.type, r), case)
-            builder.position_at_end(case)
-            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10, 11))
-            builder.branch(exit_)
-        builder.position_at_end(exit_)
+        _switch_rows(builder, rowsv, range(1, mr + 1), "ukernel_rowptr",
+                     lambda rr: _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=rr,
+                                              rowptr=(9, 10, 11)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -420,16 +422,9 @@ def ukernel_taps(typingctx, kc, a, offs, ioff, ldo, tl, tloff, nt, toff, zeros, 
         order = [args[i] for i in idx]
         osig = types.void(*[sig.args[i] for i in idx])
         rowsv = args[16]
-        exit_ = builder.append_basic_block("ukernel_taps.exit")
-        switch = builder.switch(rowsv, exit_)
-        for r in range(1, mr + 1):
-            case = builder.append_basic_block(f"ukernel_taps.{r}")
-            switch.add_case(ir.Constant(rowsv.type, r), case)
-            builder.position_at_end(case)
-            _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10, 11),
-                          taps=(12, 13, 14, 15))
-            builder.branch(exit_)
-        builder.position_at_end(exit_)
+        _switch_rows(builder, rowsv, range(1, mr + 1), "ukernel_taps",
+                     lambda rr: _emit_ukernel(context, builder, osig, order, mr, nv, VBYTES, rows=rr,
+                                              rowptr=(9, 10, 11), taps=(12, 13, 14, 15)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -441,64 +436,27 @@ def _emit_ukernel_segments(context, builder, sig, args, mr, nv, vbytes, rows):
     segs, pa, pb, c = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 3, 5, 7))
     fty = context.get_data_type(sig.args[7].dtype)
     isz = context.get_abi_sizeof(fty)
-    lanes, vty, fma, splat = _vector_tools(builder, fty, isz, vbytes)
-    nr = nv * lanes
+    tools = _vector_tools(builder, fty, isz, vbytes)
+    nr = nv * tools[0]
     i64 = ir.IntType(64)
-    vptr = vty.as_pointer()
-    zero = ir.Constant(vty, [0.0] * lanes)
-    zero64 = ir.Constant(i64, 0)
     rowp = _c_prefetch(context, builder, c, coffv, ldcv, rows, nr)
-    entry = builder.block
-    outer = builder.append_basic_block("ukernel_seg.seg")
-    inner = builder.append_basic_block("ukernel_seg.loop")
-    latch = builder.append_basic_block("ukernel_seg.next")
-    done = builder.append_basic_block("ukernel_seg.done")
-    builder.cbranch(builder.icmp_signed(">", nsegv, zero64), outer, done)
 
-    builder.position_at_end(outer)  # per segment: A's and B's starts and its length (>= 1)
-    j = builder.phi(i64)
-    j.add_incoming(zero64, entry)
-    acc0 = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
-    for row in acc0:
-        for a in row:
-            a.add_incoming(zero, entry)
-    so = builder.add(soffv, builder.mul(j, ir.Constant(i64, 3)))
-    aoff = builder.load(builder.gep(segs.data, [so]))
-    boff = builder.load(builder.gep(segs.data, [builder.add(so, ir.Constant(i64, 1))]))
-    ln = builder.load(builder.gep(segs.data, [builder.add(so, ir.Constant(i64, 2))]))
-    a0 = builder.gep(pa.data, [aoff])
-    b0 = builder.gep(pb.data, [boff])
-    builder.branch(inner)
+    def setup(j):  # per segment: A's and B's starts and its length (>= 1)
+        so = builder.add(soffv, builder.mul(j, ir.Constant(i64, 3)))
+        aoff, boff, ln = (builder.load(builder.gep(segs.data, [builder.add(so, ir.Constant(i64, e))]))
+                          for e in range(3))
+        a0 = builder.gep(pa.data, [aoff])
+        b0 = builder.gep(pb.data, [boff])
 
-    builder.position_at_end(inner)
-    p = builder.phi(i64)
-    p.add_incoming(zero64, outer)
-    acc = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
-    for i in range(rows):
-        for v in range(nv):
-            acc[i][v].add_incoming(acc0[i][v], outer)
-    ap = builder.gep(a0, [builder.mul(p, ldav)])
-    bp = builder.gep(b0, [builder.mul(p, ldbv)])
-    new = _fma_step(builder, bp, [builder.gep(ap, [ir.Constant(i64, i)]) for i in range(rows)], acc,
-                    (lanes, vty, fma, splat), isz, nv)
-    p1 = builder.add(p, ir.Constant(i64, 1))
-    p.add_incoming(p1, inner)
-    for i in range(rows):
-        for v in range(nv):
-            acc[i][v].add_incoming(new[i][v], inner)
-    builder.cbranch(builder.icmp_signed("<", p1, ln), inner, latch)
+        def pointers(p):
+            ap = builder.gep(a0, [builder.mul(p, ldav)])
+            return builder.gep(b0, [builder.mul(p, ldbv)]), [builder.gep(ap, [ir.Constant(i64, i)])
+                                                             for i in range(rows)]
+        return pointers, ln
 
-    builder.position_at_end(latch)
-    j1 = builder.add(j, ir.Constant(i64, 1))
-    j.add_incoming(j1, latch)
-    for i in range(rows):
-        for v in range(nv):
-            acc0[i][v].add_incoming(new[i][v], latch)
-    builder.cbranch(builder.icmp_signed("<", j1, nsegv), outer, done)
-
-    builder.position_at_end(done)
-    total = _tile_sums(builder, vty, zero, entry, new, latch, rows, nv)
-    _store_tile(builder, rowp, total, accv, vptr, lanes, isz, rows, nv)
+    go = builder.icmp_signed(">", nsegv, ir.Constant(i64, 0))
+    total = _emit_outer_inner(builder, tools, isz, rows, nv, go, nsegv, setup, "ukernel_seg")
+    _store_tile(builder, rowp, total, accv, tools[1].as_pointer(), tools[0], isz, rows, nv)
     return context.get_dummy_value()
 
 
@@ -521,15 +479,8 @@ def ukernel_segments(typingctx, nseg, segs, soff, pa, lda, pb, ldb, c, coff, ldc
 
     def codegen(context, builder, sig, args):
         rowsv = args[11]
-        exit_ = builder.append_basic_block("ukernel_segments.exit")
-        switch = builder.switch(rowsv, exit_)
-        for r in range(1, mr + 1):
-            case = builder.append_basic_block(f"ukernel_segments.{r}")
-            switch.add_case(ir.Constant(rowsv.type, r), case)
-            builder.position_at_end(case)
-            _emit_ukernel_segments(context, builder, sig, args, mr, nv, VBYTES, r)
-            builder.branch(exit_)
-        builder.position_at_end(exit_)
+        _switch_rows(builder, rowsv, range(1, mr + 1), "ukernel_segments",
+                     lambda rr: _emit_ukernel_segments(context, builder, sig, args, mr, nv, VBYTES, rr))
         return context.get_dummy_value()
 
     return sig, codegen
