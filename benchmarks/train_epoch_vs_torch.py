@@ -15,10 +15,14 @@ and to its faster layout.
 One process; the rounds interleave fastconv NCHW and channels_last, PyTorch NCHW and PyTorch
 channels_last epochs (A, B, C, D, A, B, ...) after one warm-up epoch each (JIT compilation, allocator), and the
 medians are reported: on a shared machine only ratios inside one run mean anything.
-``OMP_WAIT_POLICY=passive`` is set (unless already set) after fastconv's pool has started with its
-own short spin and before PyTorch is imported, so that PyTorch's OpenMP workers sleep between
-operators instead of spinning on the cores fastconv's next call needs (see the README's
-training-step benchmark).
+Both libraries run their parallel loops on the one GNU OpenMP runtime of the process (PyTorch's CPU
+wheel and numba's 'omp' layer load the same libgomp), whose spin count is read once when it
+starts.  fastconv shortens it to ``fastconv._jit.SPIN_COUNT`` (~0.1 ms) when it starts the pool
+unless ``GOMP_SPINCOUNT``/``OMP_WAIT_POLICY`` are set -- which would impose it on PyTorch's epochs
+too (they ran 20-28% slower that way on the 2-core VM, fastconv's 10-15%).  So this script sets
+``GOMP_SPINCOUNT=300000``, GNU OpenMP's own default, before either library starts (unless the
+environment sets a policy): both libraries run as they would alone.  ``--fastconv-spin`` keeps
+fastconv's short spin for both instead.
 
 Importing this module does no work (asv imports every module in benchmarks/); asv times
 ``TrainEpoch.time_epoch`` per library, model and thread count.
@@ -217,17 +221,19 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="timed epochs per configuration, interleaved")
     ap.add_argument("--images", type=int, default=None, help="train on the first N digits (default all 4,000)")
     ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--fastconv-spin", action="store_true",
+                    help="keep fastconv's short OpenMP spin (imposed on PyTorch's loops too: one runtime)")
     args = ap.parse_args(argv)
-    import fastconv  # first: numba's pool starts with fastconv's own wait policy (fastconv._jit)
-
-    if not os.environ.get("OMP_WAIT_POLICY"):  # an empty value counts as set for OpenMP: treat it as unset
-        os.environ["OMP_WAIT_POLICY"] = "passive"
+    if not args.fastconv_spin and not any(os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
+        os.environ["GOMP_SPINCOUNT"] = "300000"  # GNU OpenMP's default, before the runtime starts
+    import fastconv  # numba's pool starts here, with the spin above (or fastconv's own)
     import torch
 
     x, y = make_data(args.images)
     print(f"one training epoch: {len(x)} MNIST digits 1x28x28, batch {args.batch}, Adam lr {LR}, {args.threads} "
           f"thread(s); median of {args.rounds} interleaved rounds; fastconv {fastconv.__version__}, torch "
-          f"{torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+          f"{torch.__version__}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'fastconv')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}")
     print("| model | fastconv NCHW ms | fastconv channels_last ms | PyTorch NCHW ms | PyTorch channels_last ms "
           "| best PyTorch / fastconv NCHW | best PyTorch / best fastconv |")
     print("|---|---|---|---|---|---|---|")
