@@ -57,7 +57,10 @@ numba's never run at the same time (an operator is called from the thread that r
 numba's idle workers spin ~0.1 ms, then sleep (``fastconv._jit.SPIN_COUNT``), PyTorch's spin for
 several ms after each of its parallel regions unless ``OMP_WAIT_POLICY=passive`` is set before torch
 is imported
-(``benchmarks/torch_train_step.py --oversubscription`` measures the difference).
+(``benchmarks/torch_train_step.py --oversubscription`` measures the difference).  Where PyTorch's
+wheel loads the same GNU OpenMP library as numba (the registry's CPU wheel of torch 2.13 does: one
+``libgomp.so.1`` in the process), there is one runtime and one spin count for both, the first to
+start it setting it: importing fastconv first gives PyTorch's loops fastconv's short spin too.
 """
 from __future__ import annotations
 
