@@ -201,7 +201,8 @@ def _forward_rows(xh, w, b, p, flipped=False):
     npan = -(-p.kg // nr)
     pbw = np.empty(p.g * npan * tn * nr, dtype=p.dtype)
     bad = np.empty(p.g * npan, np.uint8)
-    K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad, flipped)
+    with _threads(1 if pbw.size < PACK_SERIAL_ELEMENTS else numba.get_num_threads()):
+        K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad, flipped)
     if flipped and bad.any():
         return None
     y = result((p.n, p.oh, p.ow, p.k), p.dtype)
@@ -224,6 +225,11 @@ def _forward_rows(xh, w, b, p, flipped=False):
         else:
             K.forward_im2row(*args, np.empty((nw, bm * tn), p.dtype), blk, bm, np.zeros(1, np.int64))
     return y
+
+
+#: Packed weights (elements) below which :func:`_forward_rows` packs them on one thread: waking the
+#: pool cost more than the copy (32x16x3x3: ~45 us a call in a training step, ~5 us on one thread)
+PACK_SERIAL_ELEMENTS = 1 << 16
 
 
 def _inside(o, n, lo, st, d, k):
