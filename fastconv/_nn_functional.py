@@ -10,6 +10,7 @@ import numpy as np
 from . import _validation as V
 from ._algorithms import elementwise as _ew
 from ._algorithms import norm as _norm
+from ._algorithms.nhwc import is_channels_last
 from ._algorithms import pooling
 from ._algorithms.common import bias_grad
 from ._results import BatchNormGrads, Conv2dGrads
@@ -299,9 +300,8 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         return y, None, None
     c = x.shape[1]
     # channels_last in and out (rows of channels) where both are; otherwise NCHW planes
-    rows = _norm.is_rows(x) and _norm.is_rows(y)
-    x3 = _norm.view(x, rows)
-    y3 = y.transpose(0, 2, 3, 1).reshape(x3.shape) if rows else y.reshape(x3.shape)
+    rows = is_channels_last(x) and is_channels_last(y)
+    x3, y3 = _norm.view(x, rows), _norm.view(y, rows)  # (y: a view, in its own layout)
     apply_threads(x.size)
     mean, invstd, var = _bn_stats(x3, running_mean, running_var, training, eps)
     a = invstd if weight is None else invstd * weight
@@ -359,7 +359,7 @@ def _batch_norm_backward(grad_output, x, mean, invstd, weight, training, act=Non
     c = x.shape[1]
     if x.size == 0:
         return BatchNormGrads(np.zeros_like(x), np.zeros(c, x.dtype), np.zeros(c, x.dtype))
-    rows = _norm.is_rows(x)  # the gradients in x's layout (grad_output and y brought to it)
+    rows = is_channels_last(x)  # the gradients in x's layout (grad_output and y brought to it)
     x3, g3 = _norm.view(x, rows), _norm.view(grad_output, rows)
     apply_threads(2 * x.size)
     if act is None:
@@ -376,7 +376,7 @@ def _batch_norm_backward(grad_output, x, mean, invstd, weight, training, act=Non
     else:
         b = d = np.zeros(c)
     gx = _norm.empty_like(x)
-    gx3 = gx.transpose(0, 2, 3, 1).reshape(x3.shape) if rows else gx.reshape(x3.shape)
+    gx3 = _norm.view(gx, rows)
     if act is None:
         _norm.affine2(g3, x3, a, b, d, gx3)
     else:

@@ -7,7 +7,7 @@ import pytest
 import fastconv
 from fastconv import autograd as A
 from fastconv import layers_extra as LX
-from fastconv._algorithms import norm
+from fastconv._algorithms import nhwc
 from fastconv.models import MODELS
 
 
@@ -17,7 +17,7 @@ def _cl(a):
 
 
 def _is_cl(a):
-    return norm.is_rows(a)
+    return nhwc.is_channels_last(a)
 
 
 def _tol(dtype):

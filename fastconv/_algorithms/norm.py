@@ -20,6 +20,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import kernel
+from .nhwc import channels_last_view, is_channels_last, to_nhwc
 
 
 @kernel
@@ -245,26 +246,22 @@ def planes(a):
     return np.ascontiguousarray(a).reshape(n, c, -1)
 
 
-def is_rows(a):
-    """Whether ``a`` is a channels_last (N, C, H, W) array (its memory (N, H, W, C), not also NCHW)."""
-    return a.ndim == 4 and not a.flags.c_contiguous and a.transpose(0, 2, 3, 1).flags.c_contiguous
-
-
 def view(a, rows=None):
     """The kernels' view of ``a``: (R, C) rows of a channels_last array (``rows`` True, or None and
-    ``a`` is one; a copy when ``a`` is in the other layout), else contiguous (n, c, m) planes."""
+    ``a`` is one; a transposed copy when ``a`` is in the other layout), else contiguous (n, c, m)
+    planes."""
     if rows is None:
-        rows = is_rows(a)
+        rows = is_channels_last(a)
     if rows:
-        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).reshape(-1, a.shape[1])
+        return to_nhwc(a).reshape(-1, a.shape[1])
     return planes(a)
 
 
 def empty_like(x):
     """A new array of ``x``'s shape and dtype in its layout (channels_last stays channels_last)."""
-    if is_rows(x):
+    if is_channels_last(x):
         n, c, h, w = x.shape
-        return np.empty((n, h, w, c), x.dtype).transpose(0, 3, 1, 2)
+        return channels_last_view(np.empty((n, h, w, c), x.dtype))
     return np.empty(x.shape, x.dtype)
 
 
@@ -272,8 +269,8 @@ def flats(out, *arrays):
     """1-D views (copies where the layout differs) of ``arrays`` in the memory order of ``out``
     (channels_last or C-contiguous), then ``out``'s own: element-wise kernels then read and write
     matching elements whatever the layout."""
-    if is_rows(out):
-        return [np.ascontiguousarray(a.transpose(0, 2, 3, 1)).reshape(-1) for a in (*arrays, out)]
+    if is_channels_last(out):
+        return [to_nhwc(a).reshape(-1) for a in (*arrays, out)]
     return [np.ascontiguousarray(a).reshape(-1) for a in arrays] + [out.reshape(-1)]
 
 
