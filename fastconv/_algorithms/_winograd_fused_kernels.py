@@ -13,7 +13,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._jit import kernel, serial
-from ._gemm_kernels import VBYTES, _emit_ukernel, _ukernel_types
+from ._gemm_kernels import VBYTES, _emit_ukernel, _switch_rows, _ukernel_types
 from ._nhwc_kernels import _transpose_block
 from .common import claim
 from .gemm import _lanes, _tile_of, ukernel_rowptr, ukernel_strided
@@ -49,19 +49,6 @@ AT = {
 THIN_MR, THIN_NV = 16, 1
 
 
-def _switch_rows(builder, rowsv, mr, emit, name):
-    # one copy of the loop per row count 1 .. mr, chosen at run time
-    exit_ = builder.append_basic_block(f"{name}.exit")
-    switch = builder.switch(rowsv, exit_)
-    for r in range(1, mr + 1):
-        case = builder.append_basic_block(f"{name}.{r}")
-        switch.add_case(ir.Constant(rowsv.type, r), case)
-        builder.position_at_end(case)
-        emit(r)
-        builder.branch(exit_)
-    builder.position_at_end(exit_)
-
-
 @intrinsic
 def ukernel_rowptr_thin(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, c, coff, ldc, acc, rows):
     """:func:`fastconv._algorithms.gemm.ukernel_rowptr` on the THIN_MR x THIN_NV tile (B in panels of
@@ -78,8 +65,8 @@ def ukernel_rowptr_thin(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, c, 
         idx = (0, 1, 3, 6, 7, 8, 9, 10, 11, 2, 4, 5)
         order = [args[i] for i in idx]
         osig = types.void(*[sig_.args[i] for i in idx])
-        _switch_rows(builder, args[12], THIN_MR, lambda r: _emit_ukernel(
-            context, builder, osig, order, THIN_MR, THIN_NV, VBYTES, rows=r, rowptr=(9, 10, 11)), "rowptr_thin")
+        _switch_rows(builder, args[12], range(1, THIN_MR + 1), "rowptr_thin", lambda r: _emit_ukernel(
+            context, builder, osig, order, THIN_MR, THIN_NV, VBYTES, rows=r, rowptr=(9, 10, 11)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -97,8 +84,8 @@ def ukernel_strided_thin(typingctx, kc, pa, aoff, lda, pb, boff, ldb, c, coff, l
         idx = (0, 1, 2, 4, 5, 7, 8, 9, 10, 3, 6)
         order = [args[i] for i in idx]
         osig = types.void(*[sig_.args[i] for i in idx])
-        _switch_rows(builder, args[11], THIN_MR, lambda r: _emit_ukernel(
-            context, builder, osig, order, THIN_MR, THIN_NV, VBYTES, rows=r, ldb=10, lda=9), "strided_thin")
+        _switch_rows(builder, args[11], range(1, THIN_MR + 1), "strided_thin", lambda r: _emit_ukernel(
+            context, builder, osig, order, THIN_MR, THIN_NV, VBYTES, rows=r, ldb=10, lda=9))
         return context.get_dummy_value()
 
     return sig, codegen
