@@ -139,8 +139,7 @@ def contiguous(x, memory_format="contiguous_format"):
     y = nhwc.channels_last_view(nhwc.to_nhwc(xd)) if last else nhwc.to_nchw(xd)
     if not is_recording(x):
         return Tensor(y)
-    back = (lambda g: np.ascontiguousarray(nhwc.to_nchw(g))) if last else (
-        lambda g: nhwc.channels_last_view(nhwc.to_nhwc(g)))
+    back = nhwc.to_nchw if last else (lambda g: nhwc.channels_last_view(nhwc.to_nhwc(g)))
     return _recorded("ContiguousBackward", y, (x,), lambda g, n: (back(g),))
 
 
