@@ -894,15 +894,7 @@ def test_grad_weight_by_taps_against_reference(case, dtype, monkeypatch):
     assert not nhwc.gw_taps(p)
     assert_results({"grad_weight": got}, {"grad_weight": nhwc.grad_weight(gyh, xh, p)}, dtype, scale=8.0)
     monkeypatch.setattr(nhwc, "GW_TAPS", True)
-    prev = numba.get_num_threads()
-    try:
-        bits = []
-        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(n)
-            bits.append(nhwc.grad_weight(gyh, xh, p))
-    finally:
-        numba.set_num_threads(prev)
-    np.testing.assert_array_equal(bits[0], bits[1])
+    _assert_same_bits_for_thread_counts(case)
 
 
 def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels(monkeypatch):
