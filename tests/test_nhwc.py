@@ -171,8 +171,8 @@ def test_grad_weight_splits_fit_the_budget():
     assert_results({"grad_weight": got}, {"grad_weight": want}, np.float32, scale=8.0)
 
 
-def _assert_same_bits_for_thread_counts(case):
-    x, w, b, gy, kw = _make(case, np.float32)
+def _assert_same_bits_for_thread_counts(case, dtype=np.float32):
+    x, w, b, gy, kw = _make(case, dtype)
     p = _params(x, w, kw)
     xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
     prev = numba.get_num_threads()
@@ -894,7 +894,7 @@ def test_grad_weight_by_taps_against_reference(case, dtype, monkeypatch):
     assert not nhwc.gw_taps(p)
     assert_results({"grad_weight": got}, {"grad_weight": nhwc.grad_weight(gyh, xh, p)}, dtype, scale=8.0)
     monkeypatch.setattr(nhwc, "GW_TAPS", True)
-    _assert_same_bits_for_thread_counts(case)
+    _assert_same_bits_for_thread_counts(case, dtype)
 
 
 def test_grad_weight_by_taps_only_for_few_channels_in_whole_panels(monkeypatch):
