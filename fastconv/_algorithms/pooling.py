@@ -6,7 +6,7 @@ import numpy as np
 
 # the layout helpers shared with the convolutions: is_channels_last, and NHWC <-> NCHW by a tiled
 # parallel transpose (a view where the array already has the layout)
-from .._config import result
+from .._config import result, result_zeros
 from .nhwc import channels_last_view as _nchw_view
 from .nhwc import is_channels_last, to_nchw
 from .nhwc import to_nhwc as _nhwc
@@ -81,7 +81,7 @@ def max_backward(gy, idx, input_shape):
     if is_channels_last(gy):
         return _max_backward_cl(gy, idx, input_shape)
     n, c, h, w = input_shape
-    gx = np.empty((n * c, h * w), dtype=gy.dtype)
+    gx = result((n * c, h * w), gy.dtype)
     bad = np.zeros(n * c, dtype=np.uint8)
     if gy.size == 0:
         gx[:] = 0
@@ -94,7 +94,7 @@ def max_backward(gy, idx, input_shape):
 def avg_forward(x, p, count_include_pad, divisor_override=0):
     """``divisor_override`` 0 means none (PyTorch refuses 0 itself)."""
     if is_channels_last(x):
-        y = np.empty((p.n, p.oh, p.ow, p.c), dtype=x.dtype)
+        y = result((p.n, p.oh, p.ow, p.c), x.dtype)
         if y.size:
             _avg_forward_nhwc(_nhwc(x), y, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
                               int(divisor_override))
@@ -115,7 +115,7 @@ def avg_backward(gy, p, count_include_pad, divisor_override=0):
                                int(divisor_override))
         return _nchw_view(gx)
     sep = p.sw <= 2 and gy.size > 0  # _avg_backward_sep writes every element of gx
-    gx = (np.empty if sep else np.zeros)((p.n * p.c, p.h, p.w), dtype=gy.dtype)
+    gx = (result if sep else result_zeros)((p.n * p.c, p.h, p.w), gy.dtype)
     if gx.size:
         (_avg_backward_sep if sep else _avg_backward)(
             _planes(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad), int(divisor_override))
@@ -126,11 +126,11 @@ def avg_backward(gy, p, count_include_pad, divisor_override=0):
 def adaptive_avg_forward(x, out_hw, out=None):
     n, c = x.shape[:2]
     if is_channels_last(x) and out is None:
-        y = np.empty((n,) + tuple(out_hw) + (c,), dtype=x.dtype)
+        y = result((n,) + tuple(out_hw) + (c,), x.dtype)
         if y.size:
             _adaptive_avg_forward_nhwc(_nhwc(x), y, x.dtype.type(0))
         return _nchw_view(y)
-    y = np.empty((n, c) + tuple(out_hw), dtype=x.dtype) if out is None else out
+    y = result((n, c) + tuple(out_hw), x.dtype) if out is None else out
     if y.size:
         _adaptive_avg_forward(_planes(x), y.reshape(n * c, *out_hw), x.dtype.type(0))
     return y
@@ -143,7 +143,7 @@ def adaptive_avg_backward(gy, input_shape):
         if gx.size:
             _adaptive_avg_backward_nhwc(_nhwc(gy), gx)
         return _nchw_view(gx)
-    gx = np.empty((n * c, h, w), dtype=gy.dtype)
+    gx = result((n * c, h, w), gy.dtype)
     if gy.size == 0:
         gx[:] = 0
     elif gx.size:
@@ -156,8 +156,8 @@ def adaptive_avg_backward(gy, input_shape):
 # --------------------------------------------------------------------------- channels_last (NHWC)
 # (the kernels and why they exist: _pooling_kernels.py)
 def _max_forward_cl(x, p):
-    y = np.empty((p.n, p.oh, p.ow, p.c), dtype=x.dtype)
-    idx = np.empty((p.n, p.oh, p.ow, p.c), dtype=np.int64)
+    y = result((p.n, p.oh, p.ow, p.c), x.dtype)
+    idx = result((p.n, p.oh, p.ow, p.c), np.int64)
     if y.size:
         _max_forward_nhwc(_nhwc(x), y, idx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw,
                           x.dtype.type(-np.inf))
@@ -166,7 +166,7 @@ def _max_forward_cl(x, p):
 
 def _max_backward_cl(gy, idx, input_shape):
     n, c, h, w = input_shape
-    gx = np.empty((n, h * w, c), dtype=gy.dtype)
+    gx = result((n, h * w, c), gy.dtype)
     bad = np.zeros(n, dtype=np.uint8)
     if gy.size == 0:
         gx[:] = 0
