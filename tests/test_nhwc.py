@@ -923,3 +923,21 @@ def test_auto_takes_taps_over_winograd_for_small_channels_last_gradients(monkeyp
     assert calls
     assert_results({"grad_weight": gw}, {"grad_weight": _reference(x, w, b, gy, kw)["grad_weight"]}, np.float32,
                    scale=8.0)
+
+
+@pytest.mark.parametrize("oh, ow, sh, sw, ph, pw", [(3, 5, 1, 1, 0, 0), (4, 7, 2, 2, 1, 1), (1, 1, 1, 2, 3, 0),
+                                                    (5, 2, 3, 1, 0, 2)])
+def test_positions_step_as_position_decodes(oh, ow, sh, sw, ph, pw):
+    # forward_rows' positions are stepped along the output rows (no divisions): the same image,
+    # top row and left column as _position's decoding, across rows and images
+    from fastconv._algorithms import _nhwc_kernels as NK
+
+    plane = oh * ow
+    bm = 3 * plane + 2
+    for pos0 in (0, 1, ow - 1, plane - 1, plane + 1):
+        mb = bm - pos0 % 3
+        offs = np.full(3 * bm, -7, np.int64)
+        NK._positions(offs, bm, mb, pos0, plane, ow, sh, sw, ph, pw)
+        want = np.array([NK._position(pos0 + i, plane, ow, sh, sw, ph, pw) for i in range(mb)]).T
+        np.testing.assert_array_equal(offs.reshape(3, bm)[:, :mb], want)
+        assert (offs.reshape(3, bm)[:, mb:] == -7).all()

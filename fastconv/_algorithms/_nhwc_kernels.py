@@ -271,23 +271,28 @@ def grad_weight(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, s, g, cg, kg, 
 
 
 @kernel
-def grad_weight_taps(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, m, part, per, segbuf,
-                     ctr):
+def grad_weight_taps(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, m, part, per, nsub,
+                     segbuf, ctr):
     """``part[q][g][t][cc, j] = sum_pos x_g[pos + tap t, cc] * gy[pos, g*kg + j]`` over the
     positions of split q (``q*per ..``; part (S, g, r*s, cg, kg)): per tap, a product of the input's
     channels at the shifted positions and the output gradient's, both read in place
     (``ukernel_segments``: one tile of MR input channels x NR output channels in registers over all
     the split's positions, one segment per output row whose tap lies inside the input).  No packing
-    and no gathered column matrix; kg must be a multiple of NR.  Items (split, group, channel tile,
-    panel, tap) own disjoint tiles of part; the caller adds the S splits in order."""
+    and no gathered column matrix; kg must be a multiple of NR.  Items (split, group, tap, one of
+    ``nsub`` runs of its (channel tile, panel) pairs) own disjoint blocks of part: the tap's segments
+    are listed once per item (then moved by each tile's channel and panel offsets), and the split's
+    rows of x and gy are still in L1/L2 from the previous tile (items of single tiles listed the
+    segments anew each).  Every tile is one call over the same segments whatever the items: the bits
+    do not depend on ``nsub`` or the threads.  The caller adds the S splits in order."""
     mr, nr = _tile_of(part)
     ns = part.shape[0]
     taps = r * s
     kt = g * kg
     plane = oh * ow
-    nct = (cg + mr - 1) // mr
     npan = kg // nr
-    items = ns * g * nct * npan * taps
+    pairs = (cg + mr - 1) // mr * npan
+    per_sub = (pairs + nsub - 1) // nsub
+    items = ns * g * taps * nsub
     nw = segbuf.shape[0]
     flat = part.reshape(part.size)
     for wid in prange(nw):
@@ -296,22 +301,28 @@ def grad_weight_taps(gy, x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, 
             it = claim(ctr)
             if it >= items:
                 break
-            t = it % taps
-            rest = it // taps
-            jp = rest % npan
-            rest //= npan
-            ct = rest % nct
-            rest //= nct
+            sub = it % nsub
+            rest = it // nsub
+            t = rest % taps
+            rest //= taps
             gi = rest % g
             q = rest // g
             rr = t // s
             ss = t - rr * s
-            cc0 = ct * mr
-            j0 = jp * nr
             nseg = _tap_segments(segs, q * per, min(m, q * per + per), plane, ow, sh, sw, ph, pw, h, w,
-                                 rr * dh, ss * dw, cin, gi * cg + cc0, kt, gi * kg + j0)
-            coff = (((q * g + gi) * taps + t) * cg + cc0) * kg + j0
-            ukernel_segments(nseg, segs, 0, x, sw * cin, gy, kt, flat, coff, kg, 0, min(mr, cg - cc0))
+                                 rr * dh, ss * dw, cin, gi * cg, kt, gi * kg)
+            da = 0  # the segments' current channel and panel offsets
+            db = 0
+            for u in range(sub * per_sub, min(pairs, (sub + 1) * per_sub)):
+                cc0 = (u // npan) * mr
+                j0 = (u % npan) * nr
+                for e in range(nseg):
+                    segs[3 * e] += cc0 - da
+                    segs[3 * e + 1] += j0 - db
+                da = cc0
+                db = j0
+                coff = (((q * g + gi) * taps + t) * cg + cc0) * kg + j0
+                ukernel_segments(nseg, segs, 0, x, sw * cin, gy, kt, flat, coff, kg, 0, min(mr, cg - cc0))
 
 
 @serial
@@ -520,14 +531,42 @@ def _add_bias(y, bias, i0, mb, kt, c0, j0, j1):
 
 @serial
 def _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, c0, dst):
-    # offs[dst + i]: row i's tap (rr, ss) in the input (channel c0), -1 in the padding
+    # offs[dst + i]: row i's tap (rr, ss) in the input (channel c0), -1 in the padding.  No branch
+    # (a select; LLVM vectorises the loop): with a branch per row and tap, the offsets of 3x3 taps
+    # cost about as much as the products of 16-channel layers
+    dy = rr * dh
+    dx = ss * dw
     for i in range(mb):
-        iy = offs[bm + i] + rr * dh
-        ix = offs[2 * bm + i] + ss * dw
-        if 0 <= iy < h and 0 <= ix < w:
-            offs[dst + i] = ((offs[i] * h + iy) * w + ix) * cin + c0
-        else:
-            offs[dst + i] = -1
+        iy = offs[bm + i] + dy
+        ix = offs[2 * bm + i] + dx
+        inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+        v = ((offs[i] * h + iy) * w + ix) * cin + c0
+        offs[dst + i] = v if inside else -1
+
+
+@serial
+def _positions(offs, bm, mb, pos0, plane, ow, sh, sw, ph, pw):
+    # offs[i], offs[bm + i], offs[2bm + i] = _position(pos0 + i, ...) for i < mb, stepping along
+    # the output rows (two divisions per position cost as much as a 16-channel tile's products)
+    img, top, left = _position(pos0, plane, ow, sh, sw, ph, pw)
+    rem = pos0 - img * plane
+    oy = rem // ow
+    ox = rem - oy * ow
+    for i in range(mb):
+        offs[i] = img
+        offs[bm + i] = top
+        offs[2 * bm + i] = left
+        ox += 1
+        left += sw
+        if ox == ow:
+            ox = 0
+            left = -pw
+            oy += 1
+            top += sh
+            if oy == plane // ow:
+                oy = 0
+                top = -ph
+                img += 1
 
 
 @kernel
@@ -588,8 +627,8 @@ def forward_rows(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg, 
                 _sorted_positions(offs, bm, mb, i0, order, keys, plane, ow, sh, sw, ph, pw)
                 _tile_ranges(offs, bm, mb, r, s, mr)
             else:
-                for i in range(mb):  # each position's image and top-left tap (may lie in the padding)
-                    offs[i], offs[bm + i], offs[2 * bm + i] = _position(i0 + i, plane, ow, sh, sw, ph, pw)
+                # each position's image and top-left tap (may lie in the padding)
+                _positions(offs, bm, mb, i0, plane, ow, sh, sw, ph, pw)
             if alltaps:
                 _all_taps(x, offs, bm, mb, i0, h, w, cin, dh, dw, r, s, gi, cg, kg, kt, npan, jp0, jp1, tn, zeros, pbw,
                           y, tmp, mr, nr)

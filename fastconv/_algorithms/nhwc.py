@@ -617,18 +617,25 @@ TAPS_OVER_WINOGRAD_PLANE = 196
 GW_TAPS_MAX = 2048
 #: ... and of a strided 1x1 layer (stride 1 is one product: :func:`pointwise`)
 GW_TAPS_MAX_1X1 = 8192
+#: Items per worker that :func:`_grad_weight_taps` aims for (claimed one at a time: a worker that
+#: the machine slows takes fewer)
+GW_TAPS_ITEMS = 4
 
 
 def _grad_weight_taps(gyh, xh, p, ns, per):
     mr, nr = G.tile(p.itemsize)
     part = np.empty((ns, p.g, p.r * p.s, p.cg, p.kg), dtype=p.dtype)
-    items = ns * p.g * -(-p.cg // mr) * (p.kg // nr) * p.r * p.s
-    nw = _nw(items)
+    pairs = -(-p.cg // mr) * (p.kg // nr)  # (channel tile, panel) pairs of a tap
+    base = ns * p.g * p.r * p.s
+    # items of whole taps where they give every worker GW_TAPS_ITEMS; else runs of the pairs
+    nsub = max(1, min(pairs, -(-GW_TAPS_ITEMS * numba.get_num_threads() // base)))
+    nw = _nw(base * nsub)
     rows = -(-per // max(1, p.ow)) + 1  # output rows a split touches: one segment each at most
     with _threads(nw):
         K.grad_weight_taps(np.ascontiguousarray(gyh).reshape(-1), np.ascontiguousarray(xh).reshape(-1), p.h, p.w,
                            p.c, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.r, p.s, p.g, p.cg, p.kg,
-                           p.n * p.oh * p.ow, part, per, np.empty((nw, 3 * rows), np.int64), np.zeros(1, np.int64))
+                           p.n * p.oh * p.ow, part, per, nsub, np.empty((nw, 3 * rows), np.int64),
+                           np.zeros(1, np.int64))
     gw = _summed(part).reshape(p.g, p.r * p.s, p.cg, p.kg).transpose(0, 3, 2, 1)
     return np.ascontiguousarray(gw).reshape(p.k, p.cg, p.r, p.s)
 
