@@ -536,12 +536,12 @@ def _tap_rows(offs, bm, mb, rr, ss, h, w, dh, dw, cin, c0, dst):
     # cost about as much as the products of 16-channel layers
     dy = rr * dh
     dx = ss * dw
-    for i in range(mb):
-        iy = offs[bm + i] + dy
-        ix = offs[2 * bm + i] + dx
+    for i in range(_u(mb)):  # unsigned indices: no wraparound code in the way of vectorising
+        iy = offs[_u(bm) + i] + dy
+        ix = offs[_u(2 * bm) + i] + dx
         inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
         v = ((offs[i] * h + iy) * w + ix) * cin + c0
-        offs[dst + i] = v if inside else -1
+        offs[_u(dst) + i] = v if inside else -1
 
 
 @serial
