@@ -267,8 +267,12 @@ def _via_nhwc(p, alg, algorithm, pass_):
     """Whether an NCHW call under ``'auto'`` runs this pass on the NHWC kernels, its operands
     converted (:func:`._algorithms.nhwc.native_beats_converting` with ``nchw``, or the gradients
     of a 1x1 layer on small planes: :data:`POINTWISE_NCHW_PLANE`), where ``alg`` (the pass's choice) is not Winograd
-    (:func:`_winograd_in_place`)."""
-    if not (algorithm == "auto" and not _winograd_in_place(alg, p)
+    -- dilated layers included, which have no NHWC Winograd: converted to the NHWC GEMM, their
+    grad_weight lost to Winograd on the phase sub-images (2 threads, AVX-512 Xeon, ms converted /
+    kept: 8x64x64x64 -> 64 3x3 dilation 2 14.8 / 9.4, 8x128x32x32 -> 128 14.3 / 8.7, dilation 3
+    15.3 / 11.2).  A channels_last call (:func:`_native`) keeps its NHWC route: there Winograd's
+    two conversions cost more (4x32x128x128 -> 32 5.7 / 9.3)."""
+    if not (algorithm == "auto" and alg.name != "winograd"
             and (_nhwc.native_beats_converting(p, pass_, nchw=True) or _small_pointwise(p, pass_))
             and _nhwc.supports(p, pass_) is None):
         return False
