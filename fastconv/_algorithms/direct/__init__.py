@@ -134,7 +134,7 @@ def _dw_conv(x, w, b, top, left, hp, wp, sh, sw, dh, dw, oh, ow):
     r, s = w.shape[2], w.shape[3]
     wq = -(-wp // sw)
     _, tb = _taps(1, r, s, dh, dw, sw, hp, wq)
-    y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    y = result((n, c, oh, ow), x.dtype)
     rb = 1 if sh != 1 else _DW_RB
     if b is None:
         b = np.zeros(c, dtype=x.dtype)
