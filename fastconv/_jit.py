@@ -72,6 +72,10 @@ micro = numba.njit(fastmath=FASTMATH, nogil=True, inline="always")
 # serial: a helper compiled on its own and called (LLVM may still inline it): for big helpers that
 # numba's own inlining would copy into a parallel kernel many times (its compile time grows with it)
 serial = numba.njit(fastmath=FASTMATH, nogil=True)
+# entry: a serial kernel, cached, called from Python only (never from jitted code: the crash above),
+# for work too small for a parallel region, whose launch alone costs ~10 us (a conv2d call of a
+# small layer in a training step: its weights packed in 17 us by the parallel kernel on one thread)
+entry = cached(numba.njit(fastmath=FASTMATH, nogil=True), enabled=not BOUNDSCHECK)
 
 # --------------------------------------------------------------------------- vectors and runs
 #: Bytes per vector in the IR micro-kernels (``common.mac_taps``, ``copy_vector``): 256 bits, which

@@ -36,7 +36,7 @@ import functools
 import numba
 import numpy as np
 
-from .._config import result, result_zeros
+from .._config import result, result_zeros, scratch
 from .. import _cpu
 from . import _nhwc_kernels as K
 from . import gemm as G
@@ -199,9 +199,13 @@ def _forward_rows(xh, w, b, p, flipped=False):
     m = p.n * p.oh * p.ow
     tn = p.r * p.s * p.cg
     npan = -(-p.kg // nr)
-    pbw = np.empty(p.g * npan * tn * nr, dtype=p.dtype)
+    # kept per thread (a fresh 9.4 MB for 512x512x3x3 weights was faulted in on every call: its
+    # packing took 1.35 ms, 0.57 on kept memory)
+    pbw = scratch("nhwc.packed_weights", p.g * npan * tn * nr, p.dtype)
     bad = np.empty(p.g * npan, np.uint8)
-    with _threads(1 if pbw.size < PACK_SERIAL_ELEMENTS else numba.get_num_threads()):
+    if pbw.size < PACK_SERIAL_ELEMENTS:
+        K.pack_weights_serial(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad, flipped)
+    else:
         K.pack_weights(np.ascontiguousarray(w).reshape(-1), p.g, p.kg, p.cg, p.r, p.s, pbw, nr, bad, flipped)
     if flipped and bad.any():
         return None
@@ -227,8 +231,9 @@ def _forward_rows(xh, w, b, p, flipped=False):
     return y
 
 
-#: Packed weights (elements) below which :func:`_forward_rows` packs them on one thread: waking the
-#: pool cost more than the copy (32x16x3x3: ~45 us a call in a training step, ~5 us on one thread)
+#: Packed weights (elements) below which :func:`_forward_rows` packs them on the calling thread
+#: (``pack_weights_serial``): launching a parallel region cost more than the copy (64x32x3x3: 17 us
+#: by the parallel kernel even on one thread, 3 us serial)
 PACK_SERIAL_ELEMENTS = 1 << 16
 
 
