@@ -7,6 +7,7 @@ inlined helper in another one (shared/NUMBA_NOTES.md).  ``gemm.py`` holds the Py
 (blocking, workspace, the split into blocks, :func:`fastconv._algorithms.gemm.gemm`) and re-exports
 every name here that other modules import from it.
 """
+import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
@@ -24,6 +25,7 @@ TILES = {
     "portable": {4: (6, 2), 8: (6, 2)},
 }
 ISA = _cpu.isa()
+_u = np.uint64
 VBYTES = _cpu.VECTOR_BYTES[ISA]
 
 
@@ -664,21 +666,25 @@ _serial = serial
 @_serial
 def _pack_a(a, aoff, ars, acs, i0, mb, p0, kb, pa, paoff, mr):
     # pa[paoff + ib*kb + p*mr + ii] = A[i0 + ib + ii, p0 + p] for the mr-row panel starting at row
-    # ib; rows past mb are zeros.  The read order follows A's unit stride.
+    # ib; rows past mb are zeros.  The read order follows A's unit stride.  Indices unsigned:
+    # numba's wraparound code for signed ones kept the copies scalar (512 x 4608 weights on one
+    # thread: 2.66 -> 1.26 ms)
+    mru = _u(mr)
     for ib in range(0, mb, mr):
         mm = min(mr, mb - ib)
         d0 = paoff + ib * kb
         if acs == 1:
             for ii in range(mm):
-                s0 = aoff + (i0 + ib + ii) * ars + p0
-                for p in range(kb):
-                    pa[d0 + p * mr + ii] = a[s0 + p]
+                s0 = _u(aoff + (i0 + ib + ii) * ars + p0)
+                d = _u(d0 + ii)
+                for p in range(_u(kb)):
+                    pa[d + p * mru] = a[s0 + p]
         else:
             for p in range(kb):
-                s0 = aoff + (i0 + ib) * ars + (p0 + p) * acs
-                d = d0 + p * mr
-                for ii in range(mm):
-                    pa[d + ii] = a[s0 + ii * ars]
+                s0 = _u(aoff + (i0 + ib) * ars + (p0 + p) * acs)
+                d = _u(d0 + p * mr)
+                for ii in range(_u(mm)):
+                    pa[d + ii] = a[s0 + ii * _u(ars)]
         if mm < mr:
             for p in range(kb):
                 for ii in range(mm, mr):
