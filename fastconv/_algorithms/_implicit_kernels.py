@@ -24,6 +24,8 @@ from ._im2col_kernels import _col2im_planes
 from .common import claim as _claim
 from .gemm import ISA, TILES, VBYTES, _macro, _pack_a, _tile_of, gemm_serial_packed
 
+_u = np.uint64
+
 _micro = micro
 
 #: (rows of gy, taps) of grad_weight's dot-product tile per ISA: rows*taps accumulators, rows
@@ -333,8 +335,9 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, r
                 if has_bias:
                     for q in range(mb):
                         bq = b[gi * kg + q0 + q]
-                        for j in range(m):
-                            y[coff + q * plane + j] = bq
+                        yq = _u(coff + q * plane)  # unsigned: a vector fill, not a scalar loop
+                        for j in range(_u(m)):
+                            y[yq + j] = bq
             sb = gi * cg * ll
             pag = pa[gi]
             for pc in range(0, tn, kc):
@@ -355,9 +358,9 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, r
                         n = u // plane
                         off = u - n * plane
                         run = min(plane - off, m - jj)
-                        yo = (n * k + gi * kg + q0 + q) * plane + off
-                        so = stoff + q * npos + jj
-                        for t in range(run):
+                        yo = _u((n * k + gi * kg + q0 + q) * plane + off)
+                        so = _u(stoff + q * npos + jj)
+                        for t in range(_u(run)):
                             y[yo + t] = ws[so + t] + bq
                         jj += run
 
