@@ -120,6 +120,25 @@ def _aligned_view(raw, shape, dtype, n):
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
+class _AllocationError(MemoryError):
+    """A MemoryError naming the array that was asked for (as NumPy's own does): the aligned and
+    kept buffers allocate a few bytes more, as bytes, and :func:`_out_of_memory` reports the
+    request, not the raw buffer."""
+
+    def __init__(self, shape, dtype):
+        self.shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        super().__init__(f"Unable to allocate an array with shape {self.shape} and data type {self.dtype}")
+
+
+def _raw(n, shape, dtype):
+    """``n + ALIGN`` uninitialised bytes for an array of ``shape`` and ``dtype``."""
+    try:
+        return np.empty(n + ALIGN, np.uint8)
+    except MemoryError:
+        raise _AllocationError(shape, dtype) from None
+
+
 def empty_aligned(shape, dtype):
     """``np.empty(shape, dtype)`` starting on a cache-line boundary.  NumPy aligns to 16 bytes only:
     large arrays came back 16 or 48 bytes past a 64-byte line, and every second 32-byte vector
@@ -127,7 +146,7 @@ def empty_aligned(shape, dtype):
     Winograd forward 9.5 ms with such an output, 6.5 with an aligned one)."""
     dtype = np.dtype(dtype)
     n = _count(shape) * dtype.itemsize
-    return _aligned_view(np.empty(n + ALIGN, np.uint8), shape, dtype, n)
+    return _aligned_view(_raw(n, shape, dtype), shape, dtype, n)
 
 
 #: Results of at least this many bytes come from :func:`result`'s kept memory.
@@ -169,7 +188,7 @@ def result(shape, dtype):
                 kept -= _results.pop(i).nbytes
             else:
                 i += 1
-        raw = np.empty(n + ALIGN, np.uint8)
+        raw = _raw(n, shape, dtype)
         if kept + raw.nbytes <= RESULT_POOL_BYTES:
             _results.append(raw)
         return _aligned_view(raw, shape, dtype, n)
