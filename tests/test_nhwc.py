@@ -870,6 +870,7 @@ NR64 = G.tile(8)[1]
 TAPS_CASES = [
     ("taps-3x3-s2", (3, 16, 11, 9), (NR, 16, 3, 3), {"stride": 2, "padding": 1}),
     ("taps-1x1-s2", (2, 24, 9, 10), (2 * NR, 24, 1, 1), {"stride": 2}),
+    ("taps-1x1-s1", (3, 20, 9, 10), (NR, 20, 1, 1), {}),  # one product (pointwise), by taps
     ("taps-dilated-pad", (2, 7, 12, 13), (NR, 7, 3, 2), {"padding": (2, 3), "dilation": (2, 3), "stride": (1, 2)}),
     ("taps-groups", (2, 20, 8, 8), (2 * NR, 10, 3, 3), {"groups": 2, "padding": 1}),
     ("taps-all-padding-rows", (1, 5, 2, 3), (NR, 5, 3, 3), {"padding": 3}),  # taps with no segment at all

@@ -560,7 +560,7 @@ def grad_weight(gyh, xh, p):
     m = p.n * p.oh * p.ow
     if not (m and tn):
         return np.zeros((p.k, p.cg, p.r, p.s), dtype=p.dtype)
-    if pointwise(p):
+    if pointwise(p) and not gw_taps(p):
         return _pointwise_gw(gyh, xh, p)
     ns, per = _parts(p, m)
     if gw_taps(p):
@@ -594,13 +594,17 @@ def gw_taps(p):
     """Whether grad_weight runs tap by tap with both operands read in place
     (:func:`._nhwc_kernels.grad_weight_taps`): output channels per group a multiple of NR (the
     gradient's rows are B's panels as they lie) and few channels -- cg*kg up to GW_TAPS_MAX (3x3)
-    or GW_TAPS_MAX_1X1 (strided 1x1).  Each tile streams its split's positions from L2 with no
+    or GW_TAPS_MAX_1X1 (1x1).  Each tile streams its split's positions from L2 with no
     reuse in L1, so wide layers lose to the gathered panels.  Measured on the 2-core AVX-512 Xeon,
     2 threads, float32, ms panels / taps: 3x3 stride 1, 32x16x28x28 -> 32 1.16 / 0.57,
     32x32x14x14 -> 32 0.66 / 0.59, 4x64x56x56 -> 32 2.36 / 1.77, 32x32x7x7 -> 64 0.34 / 0.36,
     32x64x14x14 -> 64 2.04 / 2.25, 32x128x14x14 -> 128 7.1 / 8.6; stride 2, 32x16x28x28 -> 32
     0.51 / 0.35, 32x32x28x28 -> 64 0.66 / 0.72; 1x1 stride 2, 32x16x28x28 -> 32 0.23 / 0.06,
-    32x128x14x14 -> 64 0.25 / 0.20, 16x128x28x28 -> 128 0.64 / 0.79."""
+    32x128x14x14 -> 64 0.25 / 0.20, 16x128x28x28 -> 128 0.64 / 0.79.  1x1 stride 1 too, where the
+    positions of a split are one segment (ms one product :func:`_pointwise_gw` / taps; PyTorch's
+    channels_last): 32x32x14x14 -> 64 0.22 / 0.16 (0.21), 8x32x56x56 -> 64 0.85 / 0.58 (0.70),
+    4x32x128x128 -> 32 1.28 / 0.72 (0.83), 16x64x24x24 -> 128 0.91 / 0.80 (0.80); wider ones keep
+    the product (32x128x7x7 -> 128 0.34 / 0.31, 8x256x56x56 -> 64 5.8 / 6.3)."""
     if GW_TAPS is False or (GW_TAPS is None and _cpu.isa() != "avx512") or p.kg % G.tile(p.itemsize)[1]:
         return False  # (not measured on AVX2, whose 6 x 16 tile the panels may still beat)
     return p.cg * p.kg <= (GW_TAPS_MAX_1X1 if p.r * p.s == 1 else GW_TAPS_MAX)
@@ -620,7 +624,7 @@ TAPS_OVER_WINOGRAD_PLANE = 196
 
 #: Largest cg*kg of a 3x3 (any kernel but 1x1) layer whose grad_weight :func:`gw_taps` runs by taps
 GW_TAPS_MAX = 2048
-#: ... and of a strided 1x1 layer (stride 1 is one product: :func:`pointwise`)
+#: ... and of a 1x1 layer
 GW_TAPS_MAX_1X1 = 8192
 #: Items per worker that :func:`_grad_weight_taps` aims for (claimed one at a time: a worker that
 #: the machine slows takes fewer)
