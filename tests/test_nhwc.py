@@ -810,7 +810,8 @@ def test_own_product_for_wide_pointwise_layers():
         return conv_params("t", (2, c, 5, 5), (k, c, 1, 1), np.float32, 1, 0, 1, 1)
     def own(c, k, isa="avx512"):
         return [nhwc.own_product(p_of(c, k), ps, isa) for ps in ("forward", "grad_input")]
-    assert own(32, 64) == [False, False] and own(64, 64) == [True, False] and own(128, 64) == [True, True]
+    assert own(32, 40) == [False, False] and own(64, 64) == [True, False] and own(128, 64) == [True, True]
+    assert own(16, 32) == [True, False] and own(32, 64) == [True, False]  # forwards of whole panels
     assert own(128, 64, "avx2") == [False, False]  # measured on AVX-512 only
 
 

@@ -432,14 +432,19 @@ def pointwise(p):
 def own_product(p, pass_, isa=None):
     """Whether a :func:`pointwise` layer's forward / grad_input runs on the in-place rows kernel
     (:func:`_forward_rows`, own micro-kernel) rather than the BLAS blocks: from c*k of
-    OWN_PRODUCT_FORWARD / OWN_PRODUCT_GRAD_INPUT on.  2 threads, AVX-512 Xeon, float32, ms BLAS
-    blocks / own, forward: 32x64x7x7 -> 128 0.18 / 0.14, 32x128x7x7 -> 128 0.30 / 0.21,
-    8x256x56x56 -> 64 3.9 / 3.2, 32x512x7x7 -> 512 3.5 / 3.0; 32x32x14x14 -> 64 0.30 / 0.33 (the
-    BLAS blocks win below ~4096); grad_input from ~8192 (32x128x7x7 -> 128 0.28 / 0.21,
-    32x64x14x14 -> 32 0.11 / 0.17)."""
+    OWN_PRODUCT_FORWARD / OWN_PRODUCT_GRAD_INPUT on, and a forward of whole NR-column panels of
+    output channels whatever its size.  2 threads, AVX-512 Xeon, float32, ms BLAS blocks / own,
+    forward: 32x64x7x7 -> 128 0.18 / 0.14, 32x128x7x7 -> 128 0.30 / 0.21, 8x256x56x56 -> 64 3.9 /
+    3.2, 32x512x7x7 -> 512 3.5 / 3.0; small ones since the rows kernel's offsets vectorise
+    (interleaved, PyTorch's channels_last in brackets): 32x32x14x14 -> 64 0.29 / 0.24 (0.17),
+    32x16x28x28 -> 32 0.35 / 0.29 (0.19), 16x16x48x48 -> 32 0.44 / 0.37 (0.26), 16x64x12x12 -> 32
+    0.13 / 0.12 (0.09); 16 output channels, half a panel, stay (4x32x128x128 -> 16 0.72 / 1.23);
+    grad_input from ~8192 (32x128x7x7 -> 128 0.28 / 0.21, 32x64x14x14 -> 32 0.11 / 0.17)."""
     if (_cpu.isa() if isa is None else isa) != "avx512":
         return False  # measured on AVX-512 only
-    return p.c * p.k >= (OWN_PRODUCT_FORWARD if pass_ == "forward" else OWN_PRODUCT_GRAD_INPUT)
+    if pass_ == "forward":
+        return p.c * p.k >= OWN_PRODUCT_FORWARD or p.k % G.tile(p.itemsize)[1] == 0
+    return p.c * p.k >= OWN_PRODUCT_GRAD_INPUT
 
 
 #: Smallest c*k of a 1x1 layer whose forward / grad_input :func:`own_product` runs on the own kernel
