@@ -867,11 +867,11 @@ def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_b
         yo = it * ow
         # 3x3 with all three input rows inside: the columns whose nine taps are all inside are
         # one nine-term sum per channel vector (19 loads and stores per 9 FMAs, not 36)
-        ia = -1
-        ib = -1
+        ia = ow  # columns ia .. ib-1 take the nine-term sums; the others (all, by default) the taps
+        ib = ow
         iy0 = oy * sh - ph
         if r == 3 and s == 3 and iy0 >= 0 and iy0 + 2 * dh < h and c % _lanes_of(y) == 0:
-            ia = max(0, (pw + sw - 1) // sw)
+            ia = min(ow, max(0, (pw + sw - 1) // sw))
             ib = max(ia, min(ow, (w - 1 - 2 * dw + pw) // sw + 1))
             x0 = (img * h + iy0) * w - pw
             x1 = x0 + dh * w
@@ -880,9 +880,12 @@ def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_b
                 a = ox * sw
                 _madd9(y, yo + ox, x, (x0 + a, x0 + a + dw, x0 + a + 2 * dw, x1 + a, x1 + a + dw,
                                        x1 + a + 2 * dw, x2 + a, x2 + a + dw, x2 + a + 2 * dw), wt, bias, has_bias)
-        for ox in range(ow):
-            if ia <= ox < ib:
-                continue
+        # the other columns by tap, visiting only them (skipping the nine-term columns one by one
+        # cost more than their sums on 16-channel rows: 16x16x48x48 0.43 ms)
+        for ox in range(ia):
+            for ch in range(c):
+                y[yo + ox, ch] = bias[ch] if has_bias else 0
+        for ox in range(ib, ow):
             for ch in range(c):
                 y[yo + ox, ch] = bias[ch] if has_bias else 0
         for rr in range(r):
@@ -895,9 +898,12 @@ def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_b
                 ox0 = max(0, (-off + sw - 1) // sw)
                 ox1 = min(ow, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
                 t = rr * s + ss
-                for ox in range(ox0, ox1):
-                    if ia <= ox < ib:
-                        continue
+                for ox in range(ox0, min(ox1, ia)):
+                    xi = xrow + ox * sw + off
+                    yi = yo + ox
+                    for ch in range(c):
+                        y[yi, ch] += x[xi, ch] * wt[t, ch]
+                for ox in range(max(ox0, ib), ox1):
                     xi = xrow + ox * sw + off
                     yi = yo + ox
                     for ch in range(c):
