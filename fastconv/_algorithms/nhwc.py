@@ -232,9 +232,10 @@ def _forward_rows(xh, w, b, p, flipped=False):
 
 
 #: Packed weights (elements) below which :func:`_forward_rows` packs them on the calling thread
-#: (``pack_weights_serial``): launching a parallel region cost more than the copy (64x32x3x3: 17 us
-#: by the parallel kernel even on one thread, 3 us serial)
-PACK_SERIAL_ELEMENTS = 1 << 16
+#: (``pack_weights_serial``): there a parallel region costs more than the copy (packed elements, us
+#: serial / parallel on two threads: 32x16x3x3 4608, 2.0 / 3.4; 64x32x3x3 18432, 6.7 / 6.0;
+#: 128x64x3x3 73728, 25.7 / 16.1)
+PACK_SERIAL_ELEMENTS = 1 << 14
 
 
 def _inside(o, n, lo, st, d, k):
