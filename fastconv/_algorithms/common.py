@@ -346,10 +346,14 @@ class _threads:
 
     def __enter__(self):
         self.prev = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(self.nw, numba.config.NUMBA_NUM_THREADS)))
+        n = max(1, min(self.nw, numba.config.NUMBA_NUM_THREADS))
+        self.changed = n != self.prev  # most calls already run on nw threads: ~1 us a setting saved
+        if self.changed:
+            numba.set_num_threads(n)
 
     def __exit__(self, *exc):
-        numba.set_num_threads(self.prev)
+        if self.changed:
+            numba.set_num_threads(self.prev)
         return False
 
 
