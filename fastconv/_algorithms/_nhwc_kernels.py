@@ -1003,14 +1003,20 @@ def dw_grad_weight(gy, x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, part, r
 def sum_rows(g, part, per):
     """``part[b, ch]`` = the float64 sum of ``g[i, ch]`` over the rows of block b (``per`` rows
     each): the bias gradient of an NHWC output gradient, in fixed blocks (thread-invariant bits)."""
-    nb, c = part.shape
-    rows = g.shape[0]
-    for b in prange(nb):
+    for b in prange(part.shape[0]):
+        block_sums(g, part, b, per)
+
+
+@micro
+def block_sums(a, part, b, per):
+    # part[b, ch] = the sum of a[i, ch] over rows b*per .. (b+1)*per - 1 of the (R, C) array a, in
+    # row order (sum_rows; batch norm's channels_last moments)
+    rows, c = a.shape
+    for ch in range(c):
+        part[b, ch] = 0
+    for i in range(b * per, min(rows, (b + 1) * per)):
         for ch in range(c):
-            part[b, ch] = 0
-        for i in range(b * per, min(rows, (b + 1) * per)):
-            for ch in range(c):
-                part[b, ch] += g[i, ch]
+            part[b, ch] += a[i, ch]
 
 
 # ---------------------------------------------------------------------------------------- 1x1 GEMMs

@@ -19,8 +19,16 @@ so the activation's own pass over memory, its output and its gradient array disa
 import numpy as np
 from numba import prange
 
-from .._jit import kernel
+from .._jit import kernel, micro
+from ._nhwc_kernels import block_sums
 from .nhwc import channels_last_view, is_channels_last, to_nhwc
+
+
+@micro
+def _act_grad(g, v, hi, relu, zero):
+    # the gradient g through the fused activation whose output is v: passed where 0 < v < hi, and
+    # where v is NaN for relu (as threshold_backward); zero elsewhere
+    return g if (not v <= 0) and (relu or v < hi) else zero
 
 
 @kernel
@@ -108,8 +116,7 @@ def _grad_sums_act(gy, y, x, mean, hi, relu, zero, s1, s2):
         for i in range(n):
             gr, yr, xr = gy[i, k], y[i, k], x[i, k]
             for j in range(m):
-                v = yr[j]
-                g = gr[j] if (not v <= 0) and (relu or v < hi) else zero
+                g = _act_grad(gr[j], yr[j], hi, relu, zero)
                 a += g
                 b += g * (xr[j] - mu)
         s1[k] = a
@@ -125,8 +132,7 @@ def _affine2_act(gy, y, x, a, b, d, hi, relu, zero, out):
         ak, bk, dk = a[k], b[k], d[k]
         gr, yr, xr, orow = gy[i, k], y[i, k], x[i, k], out[i, k]
         for j in range(m):
-            v = yr[j]
-            g = gr[j] if (not v <= 0) and (relu or v < hi) else zero
+            g = _act_grad(gr[j], yr[j], hi, relu, zero)
             orow[j] = ak * g + bk * xr[j] + dk
 
 
@@ -161,11 +167,7 @@ def _moments_rows(x, mean, var, parts, per):
     r, c = x.shape
     nb = parts.shape[0]
     for b in prange(nb):
-        for k in range(c):
-            parts[b, k] = 0.0
-        for i in range(b * per, min(r, (b + 1) * per)):
-            for k in range(c):
-                parts[b, k] += x[i, k]
+        block_sums(x, parts, b, per)
     for k in range(c):
         s = 0.0
         for b in range(nb):
@@ -196,10 +198,7 @@ def _grad_sums_rows(gy, y, x, mean, hi, relu, masked, zero, s1, s2, p1, p2, per)
             p2[b, k] = 0.0
         for i in range(b * per, min(r, (b + 1) * per)):
             for k in range(c):
-                g = gy[i, k]
-                if masked:
-                    v = y[i, k]
-                    g = g if (not v <= 0) and (relu or v < hi) else zero
+                g = _act_grad(gy[i, k], y[i, k], hi, relu, zero) if masked else gy[i, k]
                 p1[b, k] += g
                 p2[b, k] += g * (x[i, k] - mean[k])
     for k in range(c):
@@ -232,10 +231,7 @@ def _affine2_rows(gy, y, x, a, b, d, hi, relu, masked, zero, out, per):
     for blk in prange((r + per - 1) // per):
         for i in range(blk * per, min(r, (blk + 1) * per)):
             for k in range(c):
-                g = gy[i, k]
-                if masked:
-                    v = y[i, k]
-                    g = g if (not v <= 0) and (relu or v < hi) else zero
+                g = _act_grad(gy[i, k], y[i, k], hi, relu, zero) if masked else gy[i, k]
                 out[i, k] = a[k] * g + b[k] * x[i, k] + d[k]
 
 
