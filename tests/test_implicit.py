@@ -176,3 +176,33 @@ def test_pack_weights_matches_the_packed_layout(dtype, transposed):
         a = block.reshape(kdim, full).T[:rows[i]] if transposed else block.reshape(full, kdim)[:rows[i]]
         want = _packed_reference(a, mr, kc)
         np.testing.assert_array_equal(pa[i, :want.size], want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_weights_flipped_is_the_transposed_kernel_packed(dtype):
+    # grad_input's kernel packed straight from the layer's weights: the same bits as flipping and
+    # channel-swapping with common.transposed_weight and packing that; two groups, taps over two kc
+    # blocks with a partial one, a row count off the MR grid; an inf flags only its own panels
+    from fastconv._algorithms import _implicit_kernels as K
+    from fastconv._algorithms.common import transposed_weight
+    mr = G.tile(np.dtype(dtype).itemsize)[0]
+    kc = 8
+    blk = np.array([kc, 64, 64], np.int64)
+    g, kgo, cgo, r, s = 2, 3, mr + 2, 2, 3  # the layer: (g*kgo, cgo, r, s)
+    w = np.random.default_rng(4).standard_normal((g * kgo, cgo, r, s)).astype(dtype)
+    tn = kgo * r * s  # the transposed convolution's taps per output row
+    pasz = G.packed_a_size(dtype, cgo, tn)
+    items = g * -(-tn // kc) * -(-cgo // mr)
+    pa = np.full((g, pasz), np.nan, dtype)
+    bad = np.full(items, -1, np.int64)
+    K.pack_weights_flipped(w.reshape(-1), pa, kgo, cgo, r * s, blk, bad)
+    wt = transposed_weight(w, g).reshape(g, cgo, tn)
+    for gi in range(g):
+        want = _packed_reference(wt[gi], mr, kc)
+        np.testing.assert_array_equal(pa[gi, :want.size], want)
+    assert not bad.any()
+    w[kgo + 1, mr + 1, 0, 2] = np.inf  # group 1, second row panel, tap (1, 2, 0, 0) of column 1*6 + 3
+    K.pack_weights_flipped(w.reshape(-1), pa, kgo, cgo, r * s, blk, bad)
+    npan = -(-cgo // mr)
+    flagged = np.flatnonzero(bad)
+    assert flagged.tolist() == [(1 * -(-tn // kc) + (1 * r * s + 3) // kc) * npan + 1]

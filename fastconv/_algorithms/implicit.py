@@ -44,7 +44,7 @@ from .._config import result, result_zeros
 from . import _implicit_kernels as K
 from . import gemm as G
 from . import nhwc as H
-from .common import SLACK, _split_planes, _threads, _transposed, _unsplit, _workers, transposed_weight
+from .common import SLACK, _split_planes, _threads, _transposed, _unsplit
 
 # Positions summed per dot-product call in grad_weight: the lane reduction at the end of a call
 # (~200 instructions for 24 sums) is then paid once per image of 56x56 (resnet50-3x3-64: 22.9 ms of
@@ -194,13 +194,27 @@ def _rows_need(p, pass_):
 def forward(x, w, b, p):
     if _via_rows(p):
         return H.to_nchw(H.channels_last_view(H.forward(H.to_nhwc(x), w, b, p)))
+    return _forward(x, w, b, p)
+
+
+def _forward(x, w, b, p, flipped=False):
+    """The forward on the packed kernels; ``flipped``: ``w`` is the layer's weight and ``p`` its
+    grad_input as a forward (:func:`_transposed`), whose kernel is packed from ``w`` flipped and
+    channel-swapped -- None then when ``w`` holds an inf or NaN (see :func:`grad_input`)."""
     npos, mblk, staged, pasz, wsz, nw, _ = _forward_plan(p, numba.get_num_threads())
     blk = G.blocking(p.dtype)
-    src = _source(x, p)
     tn = p.cg * p.r * p.s
     pa = result((p.g, pasz), p.dtype)  # kept memory: 9.4 MB of fresh pages for 512x512x3x3
-    K.pack_weights(np.ascontiguousarray(w).reshape(-1), pa, np.arange(p.g, dtype=np.int64) * (p.kg * tn),
-                   np.full(p.g, p.kg, np.int64), tn, tn, 1, blk)
+    wf = np.ascontiguousarray(w).reshape(-1)
+    if flipped:
+        bad = np.zeros(p.g * -(-tn // int(blk[0])) * -(-p.kg // G.tile(p.itemsize)[0]), np.int64)
+        K.pack_weights_flipped(wf, pa, p.cg, p.kg, p.r * p.s, blk, bad)
+        if bad.any():
+            return None
+    else:
+        K.pack_weights(wf, pa, np.arange(p.g, dtype=np.int64) * (p.kg * tn), np.full(p.g, p.kg, np.int64),
+                       tn, tn, 1, blk)
+    src = _source(x, p)
     y = result(p.y_shape, p.dtype)
     has_bias = b is not None
     bb = np.ascontiguousarray(b) if has_bias else np.zeros(p.k, p.dtype)
@@ -298,10 +312,10 @@ def grad_input(gy, w, p):
         gx = H.grad_input_transposed(H.to_nhwc(gy), w, p)
         return _grad_input_col2im(gy, w, p) if gx is None else H.to_nchw(H.channels_last_view(gx))
     # the correlation multiplies every weight by the zero padding of gy: a non-finite weight would
-    # make NaNs at border positions that the scatter (and PyTorch) never reach
-    if q is not None and np.isfinite(w).all():
-        return forward(gy, transposed_weight(w, p.g), None, q)
-    return _grad_input_col2im(gy, w, p)
+    # make NaNs at border positions that the scatter (and PyTorch) never reach, so the packing
+    # checks and _forward gives up (None) on one
+    gx = _forward(gy, w, None, q, flipped=True) if q is not None else None
+    return _grad_input_col2im(gy, w, p) if gx is None else gx
 
 
 # ---------------------------------------------------------------------------------------- registry
