@@ -242,7 +242,43 @@ def test_max_pool_separable_path_matches_generic_kernel(shape, kh, kw, sh, sw, p
     kw_ = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode)
     p = fastconv._validation.pool_params("t", x.shape, (kh, kw), (sh, sw), (ph, pw), 1, ceil_mode)
     assert pooling._is_separable(p)
+    monkeypatch.setattr(pooling, "_is_3x3", lambda p: False)  # 3x3 windows have a kernel of their own
     y, idx = fastconv.max_pool2d(x, **kw_, return_indices=True)
+    monkeypatch.setattr(pooling, "_is_separable", lambda p: False)
+    y2, idx2 = fastconv.max_pool2d(x, **kw_, return_indices=True)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(idx, idx2)
+    y_ref, idx_ref = ref.max_pool2d(x, **kw_)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,sh,sw,ph,pw", [
+    ((2, 3, 112, 112), 2, 2, 1, 1),   # ResNet's stem pool, shrunk in batch
+    ((1, 2, 9, 11), 2, 2, 1, 0),      # odd sizes, no column padding
+    ((2, 1, 3, 3), 3, 2, 1, 1),       # one window per column and row, clipped on every side
+    ((1, 3, 9, 40), 1, 1, 1, 1),      # 3x3/s1/p1
+    ((1, 2, 17, 70), 3, 3, 0, 1),     # stride 3: a run-time column stride
+    ((1, 1, 2, 2), 1, 1, 1, 1),       # smaller than the window: no interior output
+    ((1, 2, 5, 33), 1, 2, 0, 1),      # column stride only
+], ids=["resnet", "odd", "clipped", "s1", "s3", "tiny", "col-stride"])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_3x3_kernel_matches_generic_kernel(shape, sh, sw, ph, pw, ceil_mode, dtype, monkeypatch):
+    # 3x3 windows (interior rows unrolled, clipped windows scanned) against the generic kernel and
+    # the reference: same values and indices with ties, NaN and +-Inf, and -Inf in a clipped corner
+    from fastconv._algorithms import pooling
+    rng = np.random.default_rng(13)
+    x = rng.integers(-3, 4, shape).astype(dtype)
+    flat = x.reshape(-1)
+    for v in (np.nan, np.inf, -np.inf):
+        flat[rng.integers(0, flat.size, max(1, flat.size // 50))] = v
+    x[0, 0, 0] = -np.inf
+    kw_ = dict(kernel_size=3, stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode)
+    p = fastconv._validation.pool_params("t", x.shape, (3, 3), (sh, sw), (ph, pw), 1, ceil_mode)
+    assert pooling._is_3x3(p)
+    y, idx = fastconv.max_pool2d(x, **kw_, return_indices=True)
+    monkeypatch.setattr(pooling, "_is_3x3", lambda p: False)
     monkeypatch.setattr(pooling, "_is_separable", lambda p: False)
     y2, idx2 = fastconv.max_pool2d(x, **kw_, return_indices=True)
     np.testing.assert_array_equal(y, y2)

@@ -13,7 +13,8 @@ from .nhwc import to_nhwc as _nhwc
 from ._pooling_kernels import (_adaptive_avg_backward, _adaptive_avg_backward_nhwc, _adaptive_avg_forward,
                                _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_backward_sep,
                                _avg_forward, _avg_forward_nhwc, _avg_forward_sep, _max_backward, _max_backward_nhwc,
-                               _max_forward, _max_forward_2x2, _max_forward_nhwc, _max_forward_sep)
+                               _max_forward, _max_forward_2x2, _max_forward_3x3, _max_forward_nhwc,
+                               _max_forward_sep)
 
 
 # --------------------------------------------------------------------------- Python drivers
@@ -25,6 +26,13 @@ def _planes(a):
 def _is_2x2(p):
     return ((p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
             and 2 * p.oh <= p.h and 2 * p.ow <= p.w)
+
+
+def _is_3x3(p):
+    # _max_forward_3x3's cases: 3x3 windows without dilation, each holding an input element (as
+    # _is_separable's)
+    return ((p.kh, p.kw, p.dh, p.dw) == (3, 3, 1, 1) and p.ph < 3 and p.pw < 3
+            and (p.oh - 1) * p.sh - p.ph < p.h and (p.ow - 1) * p.sw - p.pw < p.w and p.h * p.w < 2**31)
 
 
 def _is_separable(p):
@@ -64,6 +72,8 @@ def max_forward(x, p):
     idx = result(p.y_shape, np.int64)
     if y.size and _is_2x2(p):
         _max_forward_2x2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow))
+    elif y.size and _is_3x3(p):
+        _max_forward_3x3(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow), p.sh, p.sw, p.ph, p.pw)
     elif y.size and _is_separable(p):
         _max_forward_sep(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow),
                          p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
