@@ -30,6 +30,8 @@ CASES = [
     ("1x1", (2, 16, 19, 17), (MR + 1, 16, 1, 1), {}),
     ("1x1-stride2", (2, 4, 17, 18), (3, 4, 1, 1), {"stride": 2}),
     ("kernel-eq-input", (2, 2, 4, 5), (3, 2, 4, 5), {}),
+    # two kc blocks of taps (225 for float32, kc 192): the forward runs panel by panel through both
+    ("two-kc-blocks", (2, 25, 9, 10), (MR + 2, 25, 3, 3), {"padding": 1}),
     ("C1-N1", (1, 1, 17, 40), (2, 1, 5, 5), {"padding": "same"}),
 ]
 IDS = [c[0] for c in CASES]

@@ -352,6 +352,13 @@ def pack_weights_flipped(w, pa, kgo, cgo, rs, blk, bad):
         bad[it] = 0 if probe == 0 else 1
 
 
+#: Weights of an item (mblk rows x all taps, bytes) up to which a forward of two kc blocks of taps
+#: runs panel by panel through both (:func:`forward`): half of a 2 MiB L2.  One process, 2 threads:
+#: resnet50-1x1-256 (256 taps) 5.14 -> 4.84 ms, 5.32 -> 5.14; alexnet-c1 (363) even; at three
+#: blocks and more behind (resnet50-3x3-64, 576 taps: 7.62 -> 7.82)
+PANEL_MAJOR_BYTES = 1 << 20
+
+
 @kernel
 def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, rstep, npos, mblk, staged, blk):
     # src (n, c, L) planes; toff (tn,) tap offsets within a group; pa (g, packed A) the weights;
@@ -375,6 +382,7 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, r
     items = g * nrb * npb
     nw = wbuf.shape[0]
     flat = src.reshape(nn * c * ll)
+    panel_major = kc < tn <= 2 * kc and mblk * tn * pa.itemsize <= PANEL_MAJOR_BYTES
     for wid in prange(nw):
         ws = wbuf[wid]
         mr, nr = _tile_of(ws)
@@ -412,13 +420,25 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, r
                             y[yq + j] = bq
             sb = gi * cg * ll
             pag = pa[gi]
-            for pc in range(0, tn, kc):
-                kb = min(kc, tn - pc)
-                acc = 1 if ((has_bias and not staged) or pc > 0) else 0
+            if panel_major:
+                # every kc block of one panel before the next panel: the panel's C tiles stay in L1
+                # between blocks instead of coming back from memory (the item's weights, all
+                # blocks, fit in half of L2 then)
                 for jr in range(0, m, nr):
                     nn_ = min(nr, m - jr)
-                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
-                    _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
+                    for pc in range(0, tn, kc):
+                        kb = min(kc, tn - pc)
+                        acc = 1 if ((has_bias and not staged) or pc > 0) else 0
+                        _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
+                        _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
+            else:
+                for pc in range(0, tn, kc):
+                    kb = min(kc, tn - pc)
+                    acc = 1 if ((has_bias and not staged) or pc > 0) else 0
+                    for jr in range(0, m, nr):
+                        nn_ = min(nr, m - jr)
+                        _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
+                        _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
             if staged:
                 # by runs within one image: a division per element (u // plane) cost more than the
                 # products on 12x12 planes (16x128x12x12 1x1 forward 0.75 ms, 0.33 by runs)
