@@ -23,7 +23,10 @@ import dataclasses
 import numpy as np
 from numba import prange
 
+from .._config import result
 from .._jit import kernel, micro
+
+_u = np.uint64
 
 
 def stacked(p):
@@ -43,48 +46,82 @@ def _valid(size, pad0, d, ph, count):
     return v0, max(v0, v1)
 
 
+# The copies index flat arrays with unsigned offsets (numba's wraparound code for signed ones, and
+# a view per row, kept them scalar), and the strided side of each run has its step as a constant
+# where it is 2 (LLVM vectorises a constant stride, not a run-time one).  8x64x64x64, dilation 2,
+# 2 threads, one process: the input's split 1.65 -> 0.76 ms, the output's merge 0.78 -> 0.61 (and the
+# results on kept memory, not faulted in afresh: the forward 8.1 -> 6.4 ms).
+
+@micro
+def _gather(src, s0, step, dst, d0, n):
+    # dst[d0 + v] = src[s0 + step*v], v < n
+    for v in range(_u(n)):
+        dst[_u(d0) + v] = src[_u(s0) + _u(step) * v]
+
+
+@micro
+def _scatter(src, s0, dst, d0, step, n):
+    # dst[d0 + step*v] = src[s0 + v], v < n
+    for v in range(_u(n)):
+        dst[_u(d0) + _u(step) * v] = src[_u(s0) + v]
+
+
+@micro
+def _zero(dst, d0, n):
+    for v in range(_u(n)):
+        dst[_u(d0) + v] = 0
+
+
 @kernel
 def _split(x, out, dh, dw, ph0, pw0):
     # out[(pi*dw + pj)*n + b, c, u, v] = x[b, c, dh*u + pi - ph0, dw*v + pj - pw0], 0 outside x
     n, c, h, w = x.shape
     hs, ws = out.shape[2], out.shape[3]
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
     for it in prange(n * c):
         b = it // c
         ch = it - b * c
         for pi in range(dh):
             for pj in range(dw):
-                o = out[(pi * dw + pj) * n + b, ch]
+                ob = (((pi * dw + pj) * n + b) * c + ch) * hs * ws
+                v0, v1 = _valid(w, pw0, dw, pj, ws)
                 for u in range(hs):
+                    o0 = ob + u * ws
                     r = dh * u + pi - ph0
                     if r < 0 or r >= h:
-                        for v in range(ws):
-                            o[u, v] = 0
+                        _zero(of, o0, ws)
                         continue
-                    xr = x[b, ch, r]
-                    v0, v1 = _valid(w, pw0, dw, pj, ws)
-                    for v in range(v0):
-                        o[u, v] = 0
-                    for v in range(v0, v1):
-                        o[u, v] = xr[dw * v + pj - pw0]
-                    for v in range(v1, ws):
-                        o[u, v] = 0
+                    _zero(of, o0, v0)
+                    s0 = ((b * c + ch) * h + r) * w + dw * v0 + pj - pw0
+                    if dw == 2:
+                        _gather(xf, s0, 2, of, o0 + v0, v1 - v0)
+                    else:
+                        _gather(xf, s0, dw, of, o0 + v0, v1 - v0)
+                    _zero(of, o0 + v1, ws - v1)
 
 
 @kernel
 def _merge(ys, y, dh, dw):
     # y[b, k, dh*i + pi, dw*j + pj] = ys[(pi*dw + pj)*n + b, k, i, j]
     n, k, oh, ow = y.shape
+    ohs, ows = ys.shape[2], ys.shape[3]
+    yf = y.reshape(-1)
+    sf = ys.reshape(-1)
     for it in prange(n * k):
         b = it // k
         ch = it - b * k
         for r in range(oh):
             pi = r % dh
             i = r // dh
-            yr = y[b, ch, r]
+            d0 = ((b * k + ch) * oh + r) * ow
             for pj in range(dw):
-                src = ys[(pi * dw + pj) * n + b, ch, i]
-                for j in range((ow - pj + dw - 1) // dw):
-                    yr[dw * j + pj] = src[j]
+                s0 = ((((pi * dw + pj) * n + b) * k + ch) * ohs + i) * ows
+                cnt = (ow - pj + dw - 1) // dw
+                if dw == 2:
+                    _scatter(sf, s0, yf, d0 + pj, 2, cnt)
+                else:
+                    _scatter(sf, s0, yf, d0 + pj, dw, cnt)
 
 
 @kernel
@@ -92,17 +129,27 @@ def _split_out(gy, out, dh, dw):
     # out[(pi*dw + pj)*n + b, k, i, j] = gy[b, k, dh*i + pi, dw*j + pj], 0 past the output
     n, k, oh, ow = gy.shape
     ohs, ows = out.shape[2], out.shape[3]
+    gf = gy.reshape(-1)
+    of = out.reshape(-1)
     for it in prange(n * k):
         b = it // k
         ch = it - b * k
         for pi in range(dh):
             for pj in range(dw):
-                o = out[(pi * dw + pj) * n + b, ch]
+                ob = (((pi * dw + pj) * n + b) * k + ch) * ohs * ows
+                cnt = min(ows, (ow - pj + dw - 1) // dw)
                 for i in range(ohs):
+                    o0 = ob + i * ows
                     r = dh * i + pi
-                    for j in range(ows):
-                        col = dw * j + pj
-                        o[i, j] = gy[b, ch, r, col] if r < oh and col < ow else 0
+                    if r >= oh:
+                        _zero(of, o0, ows)
+                        continue
+                    s0 = ((b * k + ch) * oh + r) * ow + pj
+                    if dw == 2:
+                        _gather(gf, s0, 2, of, o0, cnt)
+                    else:
+                        _gather(gf, s0, dw, of, o0, cnt)
+                    _zero(of, o0 + cnt, ows - cnt)
 
 
 @kernel
@@ -111,50 +158,53 @@ def _merge_in(gxs, gx, dh, dw, ph0, pw0):
     # (0 where u, v fall outside the sub-images: positions no output reads)
     n, c, h, w = gx.shape
     hs, ws = gxs.shape[2], gxs.shape[3]
+    gf = gx.reshape(-1)
+    sf = gxs.reshape(-1)
     for it in prange(n * c):
         b = it // c
         ch = it - b * c
         for r in range(h):
             u = (r + ph0) // dh
             pi = r + ph0 - u * dh
-            gr = gx[b, ch, r]
+            d0 = ((b * c + ch) * h + r) * w
             if u >= hs:
-                for col in range(w):
-                    gr[col] = 0
+                _zero(gf, d0, w)
                 continue
             for pj in range(dw):
-                src = gxs[(pi * dw + pj) * n + b, ch, u]
+                s0 = ((((pi * dw + pj) * n + b) * c + ch) * hs + u) * ws
                 v0, v1 = _valid(w, pw0, dw, pj, ws)
-                for v in range(v0, v1):
-                    gr[dw * v + pj - pw0] = src[v]
+                if dw == 2:
+                    _scatter(sf, s0 + v0, gf, d0 + 2 * v0 + pj - pw0, 2, v1 - v0)
+                else:
+                    _scatter(sf, s0 + v0, gf, d0 + dw * v0 + pj - pw0, dw, v1 - v0)
                 # columns of this phase past the sub-image: no output reads them
                 for v in range(v1, (w + pw0 - pj + dw - 1) // dw):
-                    gr[dw * v + pj - pw0] = 0
+                    gf[d0 + dw * v + pj - pw0] = 0
 
 
 def split_input(x, p, q):
     """(n*dh*dw, c, q.h, q.w) stacked phase sub-images of the zero-padded ``x``, phase-major."""
-    out = np.empty((p.dh * p.dw * p.n, p.c, q.h, q.w), dtype=x.dtype)
+    out = result((p.dh * p.dw * p.n, p.c, q.h, q.w), x.dtype)
     _split(np.ascontiguousarray(x), out, p.dh, p.dw, p.ph0, p.pw0)
     return out
 
 
 def split_output(gy, p, q):
     """(n*dh*dw, k, q.oh, q.ow) stacked phases of ``gy``, zero past each phase's outputs."""
-    out = np.empty((p.dh * p.dw * p.n, p.k, q.oh, q.ow), dtype=gy.dtype)
+    out = result((p.dh * p.dw * p.n, p.k, q.oh, q.ow), gy.dtype)
     _split_out(np.ascontiguousarray(gy), out, p.dh, p.dw)
     return out
 
 
 def merge_output(ys, p, q):
     """The (n, k, oh, ow) output from the stacked phases' outputs."""
-    y = np.empty((p.n, p.k, p.oh, p.ow), dtype=ys.dtype)
+    y = result((p.n, p.k, p.oh, p.ow), ys.dtype)
     _merge(np.ascontiguousarray(ys), y, p.dh, p.dw)
     return y
 
 
 def merge_input(gxs, p, q):
     """The (n, c, h, w) input gradient from the stacked phases' input gradients."""
-    gx = np.empty((p.n, p.c, p.h, p.w), dtype=gxs.dtype)
+    gx = result((p.n, p.c, p.h, p.w), gxs.dtype)
     _merge_in(np.ascontiguousarray(gxs), gx, p.dh, p.dw, p.ph0, p.pw0)
     return gx
