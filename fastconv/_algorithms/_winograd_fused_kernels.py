@@ -15,7 +15,7 @@ from numba.extending import intrinsic
 from .._jit import kernel, serial
 from ._gemm_kernels import VBYTES, _emit_ukernel, _switch_rows, _ukernel_types
 from ._nhwc_kernels import _transpose_block
-from .common import claim
+from .common import _gather, _zero, claim
 from .gemm import _lanes, _tile_of, ukernel_rowptr, ukernel_strided
 
 _u = np.uint64
@@ -290,19 +290,17 @@ def transform_out(typingctx, src, soff, es, dst, doff, rs, cs, nch, mi, mj, bias
 
 @serial
 def _patch(x, img, y0, x0, h, w, c, a, pt):
-    # pt[(i*a + j)*c + ch] = x[img, y0 + i, x0 + j, ch] inside the input, else 0 (a border tile)
+    # pt[(i*a + j)*c + ch] = x[img, y0 + i, x0 + j, ch] inside the input, else 0 (a border tile).
+    # Runs copied with unsigned offsets (common._gather): with signed ones they stayed scalar
     for i in range(a):
         yy = y0 + i
         for j in range(a):
             xx = x0 + j
             d = (i * a + j) * c
             if 0 <= yy < h and 0 <= xx < w:
-                s = ((img * h + yy) * w + xx) * c
-                for ch in range(c):
-                    pt[d + ch] = x[s + ch]
+                _gather(x, ((img * h + yy) * w + xx) * c, 1, pt, d, c)
             else:
-                for ch in range(c):
-                    pt[d + ch] = 0
+                _zero(pt, d, c)
 
 
 @serial
@@ -606,12 +604,9 @@ def _gy_tile(gy, img, oy0, ox0, oh, ow, k, m, wg, q, ew, gp):
             for j in range(m):
                 d = (i * m + j) * k
                 if oy0 + i < oh and ox0 + j < ow:
-                    s = ((img * oh + oy0 + i) * ow + ox0 + j) * k
-                    for ch in range(k):
-                        gp[d + ch] = gy[s + ch]
+                    _gather(gy, ((img * oh + oy0 + i) * ow + ox0 + j) * k, 1, gp, d, k)
                 else:
-                    for ch in range(k):
-                        gp[d + ch] = 0
+                    _zero(gp, d, k)
         src, soff, rs = gp, 0, m * k
     _tile_gy(src, soff, rs, k, m, wg, q, ew)
 
