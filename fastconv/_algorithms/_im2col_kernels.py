@@ -13,6 +13,8 @@ from .._jit import BOUNDSCHECK, kernel, micro as _micro
 from ._blas import _N, _T, _chars, _gemm
 from .common import claim as _claim, copy_vector
 
+_u = np.uint64
+
 
 @_micro
 def _cdiv(a, b):
@@ -47,18 +49,21 @@ def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, 
                     t0 = ((cc * r + rr) * s + ss) * ld + coff
                     _copy_runs(col, t0, xp, base + i0 * sh * wq, sh * wq, i1 - i0, ow)
         return
+    ll = xq.shape[1]
+    xf = xq.reshape(xq.size)
+    ou = _u(ow)
     for cc in range(nc):
-        xp = xq[c0 + cc]
+        xb = (c0 + cc) * ll
         for rr in range(r):
             for ss in range(s):
                 cs = ss * dw
-                base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
+                base = xb + (cs % sw) * hp * wq + rr * dh * wq + cs // sw
                 t0 = ((cc * r + rr) * s + ss) * ld + coff
                 for i in range(i0, i1):
-                    d = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
-                    v = xp[base + i * sh * wq:base + i * sh * wq + ow]
-                    for j in range(ow):
-                        d[j] = v[j]
+                    do = _u(t0 + (i - i0) * ow)
+                    so = _u(base + i * sh * wq)
+                    for j in range(ou):
+                        col[do + j] = xf[so + j]
 
 
 @_micro
@@ -101,18 +106,23 @@ def _copy_runs(d, doff, src, soff, pitch, nruns, run):
 
 @_micro
 def _col2im_planes(col, gq, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, wq, ow):
+    # flat, unsigned offsets and no views per row: signed offsets kept the adds scalar
+    # (resnet50-3x3-s2 grad_input: see im2col.grad_input)
+    ll = gq.shape[1]
+    gf = gq.reshape(gq.size)
+    ou = _u(ow)
     for cc in range(nc):
-        gp = gq[c0 + cc]
+        gb = (c0 + cc) * ll
         for rr in range(r):
             for ss in range(s):
                 cs = ss * dw
-                base = (cs % sw) * hp * wq + rr * dh * wq + cs // sw
+                base = gb + (cs % sw) * hp * wq + rr * dh * wq + cs // sw
                 t0 = ((cc * r + rr) * s + ss) * ld + coff
                 for i in range(i0, i1):
-                    v = col[t0 + (i - i0) * ow:t0 + (i - i0 + 1) * ow]
-                    d = gp[base + i * sh * wq:base + i * sh * wq + ow]
-                    for j in range(ow):
-                        d[j] += v[j]
+                    so = _u(t0 + (i - i0) * ow)
+                    do = _u(base + i * sh * wq)
+                    for j in range(ou):
+                        gf[do + j] += col[so + j]
 
 
 @_micro
