@@ -230,27 +230,10 @@ def test_max_pool_2x2_path_matches_generic_kernel(shape, ceil_mode, dtype, monke
 def test_max_pool_separable_path_matches_generic_kernel(shape, kh, kw, sh, sw, ph, pw, ceil_mode, dtype,
                                                         monkeypatch):
     # the separable kernel (stride-1 rows, or 3-wide windows at column stride 2) against the
-    # generic kernel and the reference: same values and indices with ties, NaN and +-Inf, and a
-    # row of -Inf only (its index must be its first in-bounds element, not a padded one)
+    # generic kernel and the reference
     from fastconv._algorithms import pooling
-    rng = np.random.default_rng(12)
-    x = rng.integers(-3, 4, shape).astype(dtype)
-    flat = x.reshape(-1)
-    for v in (np.nan, np.inf, -np.inf):
-        flat[rng.integers(0, flat.size, max(1, flat.size // 50))] = v
-    x[0, 0, 0] = -np.inf
-    kw_ = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode)
-    p = fastconv._validation.pool_params("t", x.shape, (kh, kw), (sh, sw), (ph, pw), 1, ceil_mode)
-    assert pooling._is_separable(p)
     monkeypatch.setattr(pooling, "_is_3x3", lambda p: False)  # 3x3 windows have a kernel of their own
-    y, idx = fastconv.max_pool2d(x, **kw_, return_indices=True)
-    monkeypatch.setattr(pooling, "_is_separable", lambda p: False)
-    y2, idx2 = fastconv.max_pool2d(x, **kw_, return_indices=True)
-    np.testing.assert_array_equal(y, y2)
-    np.testing.assert_array_equal(idx, idx2)
-    y_ref, idx_ref = ref.max_pool2d(x, **kw_)
-    np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_array_equal(idx, idx_ref)
+    _check_fast_max_pool(shape, (kh, kw), (sh, sw), (ph, pw), ceil_mode, dtype, 12, "_is_separable", monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,20 +249,27 @@ def test_max_pool_separable_path_matches_generic_kernel(shape, kh, kw, sh, sw, p
 @pytest.mark.parametrize("ceil_mode", [False, True])
 def test_max_pool_3x3_kernel_matches_generic_kernel(shape, sh, sw, ph, pw, ceil_mode, dtype, monkeypatch):
     # 3x3 windows (interior rows unrolled, clipped windows scanned) against the generic kernel and
-    # the reference: same values and indices with ties, NaN and +-Inf, and -Inf in a clipped corner
+    # the reference
     from fastconv._algorithms import pooling
-    rng = np.random.default_rng(13)
+    monkeypatch.setattr(pooling, "_is_separable", lambda p: False)  # the fallback: the generic kernel
+    _check_fast_max_pool(shape, (3, 3), (sh, sw), (ph, pw), ceil_mode, dtype, 13, "_is_3x3", monkeypatch)
+
+
+def _check_fast_max_pool(shape, k, st, pad, ceil_mode, dtype, seed, rule, monkeypatch):
+    # the kernel that pooling.<rule> selects against the generic kernel (rule patched off) and the
+    # reference: same values and indices with ties, NaN and +-Inf, and a row of -Inf only (its index
+    # must be its first in-bounds element, not a padded one)
+    from fastconv._algorithms import pooling
+    rng = np.random.default_rng(seed)
     x = rng.integers(-3, 4, shape).astype(dtype)
     flat = x.reshape(-1)
     for v in (np.nan, np.inf, -np.inf):
         flat[rng.integers(0, flat.size, max(1, flat.size // 50))] = v
     x[0, 0, 0] = -np.inf
-    kw_ = dict(kernel_size=3, stride=(sh, sw), padding=(ph, pw), ceil_mode=ceil_mode)
-    p = fastconv._validation.pool_params("t", x.shape, (3, 3), (sh, sw), (ph, pw), 1, ceil_mode)
-    assert pooling._is_3x3(p)
+    kw_ = dict(kernel_size=k, stride=st, padding=pad, ceil_mode=ceil_mode)
+    assert getattr(pooling, rule)(fastconv._validation.pool_params("t", x.shape, k, st, pad, 1, ceil_mode))
     y, idx = fastconv.max_pool2d(x, **kw_, return_indices=True)
-    monkeypatch.setattr(pooling, "_is_3x3", lambda p: False)
-    monkeypatch.setattr(pooling, "_is_separable", lambda p: False)
+    monkeypatch.setattr(pooling, rule, lambda p: False)
     y2, idx2 = fastconv.max_pool2d(x, **kw_, return_indices=True)
     np.testing.assert_array_equal(y, y2)
     np.testing.assert_array_equal(idx, idx2)
