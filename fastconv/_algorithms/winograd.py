@@ -580,7 +580,10 @@ _IN_SECONDS = {4: 15.5e-9 / 5.47, 2: 10.8e-9 / 5.47}
 _GY_IN = 0.3e-9       # grad_weight's row transform of gy, per transformed element
 _SUM_SECONDS = 0.5e-9  # adding the workers' sums, per element
 _SUMS_L2, _SUMS_MEM = 0.3e-9, 3e-9  # a product's read-modify-write of its sums, per element
-_COPY_SECONDS = 1e-9  # a dilated layer's phase split or merge, per element (zeroing included)
+_COPY_SECONDS = 0.35e-9  # a dilated layer's phase split or merge, per element (zeroing included):
+# 8x64x64x64 dilation 2, 2 threads, split + merge of 4.46M elements 1.37 ms (0.31 ns; 1 ns when
+# the copies were scalar, which made 'auto' keep the implicit GEMM's grad_input: 9.75 ms against
+# Winograd's 7.79 there, 8.85 / 7.39 on 8x128x32x32)
 _GEMM_RATE = {4: 80e9, 8: 40e9}
 
 
@@ -643,7 +646,7 @@ def cost(p, pass_, threads):
     (``inf`` when unsupported)."""
     if supports(p, pass_) is not None:
         return float("inf")
-    if _dilated(p):  # plus the copies into and out of the phase sub-images (NumPy, one thread)
+    if _dilated(p):  # plus the copies into and out of the phase sub-images
         q = phases.stacked(p)
         copied = q.n * (q.c * q.h * q.w + q.k * q.oh * q.ow)
         return cost(q, pass_, threads) + copied * _COPY_SECONDS * p.itemsize / 4
