@@ -605,10 +605,11 @@ def test_channels_last_pooling_matches_nchw(kind, kw, dtype, channels):
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=1),
-                                dict(kernel_size=3, stride=(1, 2), padding=(1, 0), ceil_mode=True)],
-                         ids=["s2-p1", "s1", "mixed-ceil"])
+                                dict(kernel_size=3, stride=(1, 2), padding=(1, 0), ceil_mode=True),
+                                dict(kernel_size=2), dict(kernel_size=2, stride=1, padding=1, ceil_mode=True)],
+                         ids=["s2-p1", "s1", "mixed-ceil", "2x2", "2x2-s1-p1"])
 def test_channels_last_max_pool_3x3_ties_nan_inf_match_reference(kw, dtype):
-    # 3x3 windows inside the plane take their nine taps in registers: ties keep the first tap in
+    # 3x3 and 2x2 windows inside the plane take their taps in registers: ties keep the first tap in
     # row-major order, NaN wins (the last NaN), a window of -inf keeps its first tap's index
     rng = np.random.default_rng(5)
     x = rng.integers(-2, 3, (2, 18, 9, 8)).astype(dtype)
