@@ -45,11 +45,10 @@ def _valid(size, pad0, d, ph, count):
     return v0, max(v0, v1)
 
 
-# The copies index flat arrays with unsigned offsets (numba's wraparound code for signed ones, and
-# a view per row, kept them scalar; common._gather and friends), and the strided side of each run
-# has its step as a constant where it is 2 (LLVM vectorises a constant stride, not a run-time one).  8x64x64x64, dilation 2,
-# 2 threads, one process: the input's split 1.65 -> 0.76 ms, the output's merge 0.78 -> 0.61 (and the
-# results on kept memory, not faulted in afresh: the forward 8.1 -> 6.4 ms).
+# The copies run over flat arrays through common._gather / _scatter (unsigned offsets, constant
+# steps 1 and 2; per-row views and signed strided indexing kept them scalar).  8x64x64x64,
+# dilation 2, 2 threads, one process: the input's split 1.65 -> 0.76 ms, the output's merge
+# 0.78 -> 0.61 (and the results on kept memory, not faulted in afresh: the forward 8.1 -> 6.4 ms).
 
 @kernel
 def _split(x, out, dh, dw, ph0, pw0):
@@ -73,10 +72,7 @@ def _split(x, out, dh, dw, ph0, pw0):
                         continue
                     _zero(of, o0, v0)
                     s0 = ((b * c + ch) * h + r) * w + dw * v0 + pj - pw0
-                    if dw == 2:
-                        _gather(xf, s0, 2, of, o0 + v0, v1 - v0)
-                    else:
-                        _gather(xf, s0, dw, of, o0 + v0, v1 - v0)
+                    _gather(xf, s0, dw, of, o0 + v0, v1 - v0)
                     _zero(of, o0 + v1, ws - v1)
 
 
@@ -97,10 +93,7 @@ def _merge(ys, y, dh, dw):
             for pj in range(dw):
                 s0 = ((((pi * dw + pj) * n + b) * k + ch) * ohs + i) * ows
                 cnt = (ow - pj + dw - 1) // dw
-                if dw == 2:
-                    _scatter(sf, s0, yf, d0 + pj, 2, cnt)
-                else:
-                    _scatter(sf, s0, yf, d0 + pj, dw, cnt)
+                _scatter(sf, s0, yf, d0 + pj, dw, cnt)
 
 
 @kernel
@@ -124,10 +117,7 @@ def _split_out(gy, out, dh, dw):
                         _zero(of, o0, ows)
                         continue
                     s0 = ((b * k + ch) * oh + r) * ow + pj
-                    if dw == 2:
-                        _gather(gf, s0, 2, of, o0, cnt)
-                    else:
-                        _gather(gf, s0, dw, of, o0, cnt)
+                    _gather(gf, s0, dw, of, o0, cnt)
                     _zero(of, o0 + cnt, ows - cnt)
 
 
@@ -152,10 +142,7 @@ def _merge_in(gxs, gx, dh, dw, ph0, pw0):
             for pj in range(dw):
                 s0 = ((((pi * dw + pj) * n + b) * c + ch) * hs + u) * ws
                 v0, v1 = _valid(w, pw0, dw, pj, ws)
-                if dw == 2:
-                    _scatter(sf, s0 + v0, gf, d0 + 2 * v0 + pj - pw0, 2, v1 - v0)
-                else:
-                    _scatter(sf, s0 + v0, gf, d0 + dw * v0 + pj - pw0, dw, v1 - v0)
+                _scatter(sf, s0 + v0, gf, d0 + dw * v0 + pj - pw0, dw, v1 - v0)
                 # columns of this phase past the sub-image: no output reads them
                 for v in range(v1, (w + pw0 - pj + dw - 1) // dw):
                     gf[d0 + dw * v + pj - pw0] = 0

@@ -420,25 +420,20 @@ def forward(src, toff, pa, b, y, wbuf, ctr, has_bias, g, kg, oh, ow, goh, gow, r
                             y[yq + j] = bq
             sb = gi * cg * ll
             pag = pa[gi]
-            if panel_major:
-                # every kc block of one panel before the next panel: the panel's C tiles stay in L1
-                # between blocks instead of coming back from memory (the item's weights, all
-                # blocks, fit in half of L2 then)
-                for jr in range(0, m, nr):
-                    nn_ = min(nr, m - jr)
-                    for pc in range(0, tn, kc):
-                        kb = min(kc, tn - pc)
-                        acc = 1 if ((has_bias and not staged) or pc > 0) else 0
-                        _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
-                        _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
-            else:
-                for pc in range(0, tn, kc):
+            # kc blocks outer, panels inner; or, panel_major, every kc block of one panel before the
+            # next panel: its C tiles then stay in L1 between blocks instead of coming back from
+            # memory (the item's weights, all blocks, fit in half of L2 then)
+            nkb = (tn + kc - 1) // kc
+            npn = (m + nr - 1) // nr
+            for outer in range(npn if panel_major else nkb):
+                for inner in range(nkb if panel_major else npn):
+                    pc = (inner if panel_major else outer) * kc
+                    jr = (outer if panel_major else inner) * nr
                     kb = min(kc, tn - pc)
+                    nn_ = min(nr, m - jr)
                     acc = 1 if ((has_bias and not staged) or pc > 0) else 0
-                    for jr in range(0, m, nr):
-                        nn_ = min(nr, m - jr)
-                        _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
-                        _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
+                    _pack_panel(flat, sb, toff, pc, kb, u0 + jr, nn_, gow, goh, rstep, c * ll, ws, nr)
+                    _macro(kb, mb, nn_, pag, pc * mp + q0 * kb, ws, 0, tmpoff, cc, coff + jr, ldc, acc)
             if staged:
                 # by runs within one image: a division per element (u // plane) cost more than the
                 # products on 12x12 planes (16x128x12x12 1x1 forward 0.75 ms, 0.33 by runs)

@@ -24,6 +24,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import kernel, micro, round_run, RUN_PAIR
+from .common import _zero
 
 _micro = micro  # compiled into the caller
 _u = np.uint64
@@ -780,8 +781,7 @@ def _max_backward_nhwc(gy, idx, gx, bad):
     hu = _u(hw)
     for b in prange(n):
         gb = _u(b * hw * c)
-        for e in range(_u(hw * c)):  # zeroed by the thread that scatters into it: parallel first touch
-            gxf[gb + e] = 0
+        _zero(gxf, gb, hw * c)  # by the thread that scatters into it: parallel first touch
         for o in range(m):
             ob = _u((b * m + o) * c)
             for k in range(cu):

@@ -136,18 +136,39 @@ def pad_planes(a, top, bottom, left, right, sw=1, check_finite=False):
 
 
 @micro
-def _gather(src, s0, step, dst, d0, n):
-    # dst[d0 + v] = src[s0 + step*v], v < n (unsigned offsets: numba's wraparound code for signed
-    # ones kept such copies scalar; a constant step vectorises, a run-time one not)
+def _gather_run(src, s0, step, dst, d0, n):
     for v in range(_u(n)):
         dst[_u(d0) + v] = src[_u(s0) + _u(step) * v]
 
 
 @micro
-def _scatter(src, s0, dst, d0, step, n):
-    # dst[d0 + step*v] = src[s0 + v], v < n
+def _scatter_run(src, s0, dst, d0, step, n):
     for v in range(_u(n)):
         dst[_u(d0) + _u(step) * v] = src[_u(s0) + v]
+
+
+@micro
+def _gather(src, s0, step, dst, d0, n):
+    # dst[d0 + v] = src[s0 + step*v], v < n.  Unsigned offsets (numba's wraparound code for signed
+    # ones kept such copies scalar), and steps 1 and 2 as constants in copies of their own: LLVM
+    # vectorises a constant step, not a run-time one
+    if step == 1:
+        _gather_run(src, s0, 1, dst, d0, n)
+    elif step == 2:
+        _gather_run(src, s0, 2, dst, d0, n)
+    else:
+        _gather_run(src, s0, step, dst, d0, n)
+
+
+@micro
+def _scatter(src, s0, dst, d0, step, n):
+    # dst[d0 + step*v] = src[s0 + v], v < n (as _gather)
+    if step == 1:
+        _scatter_run(src, s0, dst, d0, 1, n)
+    elif step == 2:
+        _scatter_run(src, s0, dst, d0, 2, n)
+    else:
+        _scatter_run(src, s0, dst, d0, step, n)
 
 
 @micro
@@ -157,7 +178,7 @@ def _zero(dst, d0, n):
 
 
 # im2col and implicit call these two from Python: the input into padded planes, and grad_input's
-# padded planes back into (n*c, h, w).  Flat arrays and unsigned offsets, no views per row (one
+# padded planes back into (n*c, h, w).  Flat arrays, _gather / _scatter, no views per row (one
 # process, 2 threads, ms before / after: 8x64x56x56 padded by 1 0.44 / 0.28, 8x128x56x56 split by
 # column phase for stride 2 1.51 / 0.84, 8x512x7x7 0.49 / 0.25, 8x3x224x224 stride 2 0.40 / 0.27).
 @kernel
@@ -177,12 +198,7 @@ def _unsplit(gq, gx, sw, hp, wq, top, left):
                 iw0 = (f - left) % sw  # the first column of phase f
                 base = f * hp * wq + row + (iw0 + left) // sw
                 cnt = (w - iw0 + sw - 1) // sw
-                if sw == 1:
-                    _scatter(gf, base, xf, d0 + iw0, 1, cnt)
-                elif sw == 2:
-                    _scatter(gf, base, xf, d0 + iw0, 2, cnt)
-                else:
-                    _scatter(gf, base, xf, d0 + iw0, sw, cnt)
+                _scatter(gf, base, xf, d0 + iw0, sw, cnt)
 
 
 @kernel
@@ -206,12 +222,7 @@ def _split_planes(x, out, sw, hp, wq, top, left):
                     continue
                 _zero(of, d0, q_lo)
                 s0 = (p * h + xi) * w + c0
-                if sw == 1:
-                    _gather(xf, s0, 1, of, d0 + q_lo, q_hi - q_lo)
-                elif sw == 2:
-                    _gather(xf, s0, 2, of, d0 + q_lo, q_hi - q_lo)
-                else:
-                    _gather(xf, s0, sw, of, d0 + q_lo, q_hi - q_lo)
+                _gather(xf, s0, sw, of, d0 + q_lo, q_hi - q_lo)
                 _zero(of, d0 + q_hi, wq - q_hi)
         _zero(of, ob + sw * hp * wq, ll - sw * hp * wq)
 
