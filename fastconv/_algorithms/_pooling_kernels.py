@@ -166,17 +166,13 @@ def _max_forward_2x2(x, y, idx):
             k0 = 2 * i * w
             for j in range(_u(ow)):
                 q = s + _u(2) * j
-                a, b, c, d = xf[q], xf[q + _u(1)], xf[q + wu], xf[q + wu + _u(1)]
                 k = k0 + 2 * np.int64(j)
-                u = (b > a) | (b != b)
-                m = b if u else a
-                kk = k + 1 if u else k
-                u = (c > m) | (c != c)
-                m = c if u else m
-                kk = k + w if u else kk
-                u = (d > m) | (d != d)
-                yf[o + j] = d if u else m
-                idf[o + j] = k + w + 1 if u else kk
+                m, t = xf[q], k
+                m, t = _upd(xf[q + _u(1)], m, k + 1, t)
+                m, t = _upd(xf[q + wu], m, k + w, t)
+                m, t = _upd(xf[q + wu + _u(1)], m, k + w + 1, t)
+                yf[o + j] = m
+                idf[o + j] = t
 
 
 @_micro
