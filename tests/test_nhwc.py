@@ -484,6 +484,11 @@ DW_CASES = [
     ("dw-5x3-asym", (1, 9, 6, 7), (9, 1, 5, 3), {"stride": (2, 1), "padding": (2, 1), "dilation": (1, 2)}),
     ("dw-2x2", (2, 8, 4, 4), (8, 1, 2, 2), {}),
     ("dw-tiny-plane", (3, 32, 2, 3), (32, 1, 3, 3), {"padding": 1}),
+    # runs of interior columns four at a time (sharing their input columns at stride 1), the rest
+    # one by one, whole kernel rows in the padding, and dilated runs, in whole channel vectors
+    ("dw-3x3-runs", (2, 32, 6, 13), (32, 1, 3, 3), {"padding": 1}),
+    ("dw-3x3-pad2", (1, 16, 5, 9), (16, 1, 3, 3), {"padding": 2}),
+    ("dw-3x3-d2-runs", (1, 16, 8, 14), (16, 1, 3, 3), {"padding": 2, "dilation": 2}),
 ]
 
 

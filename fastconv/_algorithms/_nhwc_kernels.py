@@ -22,6 +22,7 @@ from numba.np.arrayobj import make_array
 from .._jit import entry, kernel, micro, serial
 from ._blas import _N, _T as _TR, _chars, _gemm
 from ._gemm_kernels import VBYTES, _vector_tools
+from ._implicit_kernels import prefetch
 from .common import claim
 from .gemm import _copy_nr, _macro, _pack_a, _tile_of, ukernel_rowptr, ukernel_segments, ukernel_taps
 
@@ -535,6 +536,12 @@ def _row_tiles(kb, a, offs, obase, toff, zeros, pbw, bbase, tn, jp0, jp1, y, i0,
         nn = min(nr, kg - j0)
         boff = bbase + jp * tn * nr
         for i in range(0, mb, mr):
+            if jp == jp0:  # the next tile's rows, on their first use (8x256x56x56 1x1: 6.1-6.6 -> 5.5 ms)
+                for ii in range(i + mr, min(mb, i + 2 * mr)):
+                    o = offs[obase + ii]
+                    if o >= 0:
+                        for q in range(0, kb, 16):
+                            prefetch(a, o + toff + q)
             _tile(kb, a, offs, obase + i, toff, zeros, pbw, boff, y, (i0 + i) * kt + ycol + j0, kt, acc,
                   min(mr, mb - i), nn, tmp, nr)
 
@@ -797,51 +804,104 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
 # caller sends non-finite weights, whose products with the padding's zeros would be NaN, to the NCHW
 # kernels).
 @intrinsic
-def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias):
-    """``y[yi, :] = (bias if has_bias else 0) + sum_t x[xi[t], :] * wt[t, :]`` over the nine taps
-    ``xi`` (a 9-tuple of rows) in vectors along the channels (a multiple of the vector width).
-    numba's own loop for this stayed scalar: eighteen loads from runtime offsets exceed LLVM's
-    budget of runtime alias checks against the store (2.3 ms for 8x128x56x56 before)."""
-    arrays = (y, x, wt, bias)
+def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros):
+    """``y[yi + q, :] = (bias if has_bias else 0) + sum_t x[xi[t] + q*step, :] * wt[t, :]`` for the
+    ``npos`` positions q of a run (``step`` input rows apart: the stride) over the nine taps ``xi``
+    (a 9-tuple of rows; -1: the tap lies in the padding and reads ``zeros``, c of them), in vectors
+    along the channels (a multiple of the vector width), the nine terms in tap order by fused
+    multiply-adds.  ``dw``: the taps' column dilation (with ``step`` 1 and ``dw`` 1 neighbouring
+    positions share their input columns).  numba's own loop for this stayed scalar: eighteen loads
+    from runtime offsets exceed LLVM's budget of runtime alias checks against the store (2.3 ms for
+    8x128x56x56 before)."""
+    arrays = (y, x, wt, bias, zeros)
     if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
         return None
     if not (isinstance(xi, types.UniTuple) and xi.count == 9):
         return None
-    sig = types.void(y, types.intp, x, xi, wt, bias, types.boolean)
+    sig = types.void(y, types.intp, x, xi, wt, bias, types.boolean, types.intp, types.intp, types.intp, zeros)
 
     def codegen(context, builder, sig, args):
-        yv, yiv, xv, xiv, wv, bv, hb = args
-        ya, xa, wa, ba = (context.make_array(sig.args[i])(context, builder, v)
-                          for i, v in ((0, yv), (2, xv), (4, wv), (5, bv)))
+        yv, yiv, xv, xiv, wv, bv, hb, npv, stv, dwv, zv = args
+        ya, xa, wa, ba, za = (context.make_array(sig.args[i])(context, builder, v)
+                              for i, v in ((0, yv), (2, xv), (4, wv), (5, bv), (10, zv)))
         fty = context.get_data_type(sig.args[0].dtype)
         isz = context.get_abi_sizeof(fty)
         lanes, vty, fma, _ = _vector_tools(builder, fty, isz, VBYTES)
         i64 = ir.IntType(64)
         vptr = vty.as_pointer()
         c = builder.extract_value(ya.shape, 1)
-        yb = builder.gep(ya.data, [builder.mul(yiv, c)])
-        xb = [builder.gep(xa.data, [builder.mul(builder.extract_value(xiv, t), c)]) for t in range(9)]
+        xstep = builder.mul(stv, c)
         wb = [builder.gep(wa.data, [builder.mul(c, ir.Constant(i64, t))]) for t in range(9)]
         zero = ir.Constant(vty, [0.0] * lanes)
-        entry = builder.block
-        loop = builder.append_basic_block("madd9.loop")
-        done = builder.append_basic_block("madd9.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        ch = builder.phi(i64)
-        ch.add_incoming(ir.Constant(i64, 0), entry)
+        nil = ir.Constant(i64, 0)
 
-        def load(base):
-            return builder.load(builder.bitcast(builder.gep(base, [ch]), vptr), align=isz)
+        def tap(row, off):  # the pointer to input row ``row`` + off (row < 0: the zeros)
+            ptr = builder.gep(xa.data, [builder.add(builder.mul(row, c), off)])
+            return builder.select(builder.icmp_signed("<", row, nil), za.data, ptr)
 
-        acc = builder.select(hb, load(ba.data), zero)
-        for t in range(9):
-            acc = builder.call(fma, [load(xb[t]), load(wb[t]), acc])
-        builder.store(acc, builder.bitcast(builder.gep(yb, [ch]), vptr), align=isz)
-        nxt = builder.add(ch, ir.Constant(i64, lanes))
-        ch.add_incoming(nxt, builder.block)
-        builder.cbranch(builder.icmp_signed("<", nxt, c), loop, done)
-        builder.position_at_end(done)
+        def run(q0, q1, u, tag, slide):
+            # positions q0 .. q1-1 (a multiple of u of them), u at a time: u independent chains of
+            # nine dependent FMAs per channel vector, in tap order (one chain alone waits out the
+            # FMA latency).  With ``slide`` (stride 1, dilation 1) the u positions' taps of a kernel
+            # row are u + 2 neighbouring input columns, each loaded once: loads, not FMAs, bound
+            # this loop (19 a position-vector otherwise; 16x16x48x48 0.40 ms on one thread)
+            entry = builder.block
+            outer = builder.append_basic_block(f"madd9.pos{tag}")
+            loop = builder.append_basic_block(f"madd9.loop{tag}")
+            nextpos = builder.append_basic_block(f"madd9.next{tag}")
+            done = builder.append_basic_block(f"madd9.done{tag}")
+            builder.cbranch(builder.icmp_signed("<", q0, q1), outer, done)
+            builder.position_at_end(outer)
+            q = builder.phi(i64)
+            q.add_incoming(q0, entry)
+            yb = [builder.gep(ya.data, [builder.mul(builder.add(yiv, builder.add(q, ir.Constant(i64, k))), c)])
+                  for k in range(u)]
+            if slide:  # column j of kernel row rr: input row xi[3*rr] + q + j
+                xb = [[tap(builder.extract_value(xiv, 3 * rr), builder.mul(builder.add(q, ir.Constant(i64, j)), c))
+                       for j in range(u + 2)] for rr in range(3)]
+            else:
+                xb = []
+                for k in range(u):
+                    qx = builder.mul(builder.add(q, ir.Constant(i64, k)), xstep)
+                    xb.append([tap(builder.extract_value(xiv, t), qx) for t in range(9)])
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            ch = builder.phi(i64)
+            ch.add_incoming(ir.Constant(i64, 0), outer)
+
+            def load(base):
+                return builder.load(builder.bitcast(builder.gep(base, [ch]), vptr), align=isz)
+
+            init = builder.select(hb, load(ba.data), zero)
+            acc = [init] * u
+            for rr in range(3):
+                cols = [load(xb[rr][j]) for j in range(u + 2)] if slide else None
+                for ss in range(3):
+                    t = 3 * rr + ss
+                    wt_ = load(wb[t])
+                    acc = [builder.call(fma, [cols[k + ss] if slide else load(xb[k][t]), wt_, acc[k]])
+                           for k in range(u)]
+            for k in range(u):
+                builder.store(acc[k], builder.bitcast(builder.gep(yb[k], [ch]), vptr), align=isz)
+            nxt = builder.add(ch, ir.Constant(i64, lanes))
+            ch.add_incoming(nxt, builder.block)
+            builder.cbranch(builder.icmp_signed("<", nxt, c), loop, nextpos)
+            builder.position_at_end(nextpos)
+            qn = builder.add(q, ir.Constant(i64, u))
+            q.add_incoming(qn, nextpos)
+            builder.cbranch(builder.icmp_signed("<", qn, q1), outer, done)
+            builder.position_at_end(done)
+
+        u = 4
+        main = builder.mul(builder.sdiv(npv, ir.Constant(i64, u)), ir.Constant(i64, u))
+        one = ir.Constant(i64, 1)
+        slide = builder.and_(builder.icmp_signed("==", stv, one), builder.icmp_signed("==", dwv, one))
+        with builder.if_else(slide) as (then, otherwise):
+            with then:
+                run(ir.Constant(i64, 0), main, u, "s", True)
+            with otherwise:
+                run(ir.Constant(i64, 0), main, u, "g", False)
+        run(main, npv, 1, "1", False)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -856,36 +916,50 @@ def _lanes_of(typingctx, a):
     return types.intp(a), lambda context, builder, sig, args: ir.Constant(ir.IntType(64), lanes)
 
 
+@micro
+def _tap(row, col, w):
+    # the input row of a tap: ``row`` (the input row's first position, -1 outside the input) + col,
+    # or -1 where the column lies in the padding
+    return row + col if row >= 0 and 0 <= col < w else -1
+
+
 @kernel
-def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_bias, y):
+def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_bias, y, zeros):
     """``y[(n*oh + oy)*ow + ox, ch] = bias[ch] + sum_{rr, ss} x[(n*h + iy)*w + ix, ch] * wt[rr*s + ss, ch]``
-    with ``iy = oy*sh - ph + rr*dh``, ``ix = ox*sw - pw + ss*dw``; items are output rows (disjoint)."""
+    with ``iy = oy*sh - ph + rr*dh``, ``ix = ox*sw - pw + ss*dw``; items are output rows (disjoint).
+    ``zeros``: c zeros, what a 3x3 layer's taps in the padding read."""
     c = x.shape[1]
     for it in prange(n * oh):
         img = it // oh
         oy = it - img * oh
         yo = it * ow
-        # 3x3 with all three input rows inside: the columns whose nine taps are all inside are
-        # one nine-term sum per channel vector (19 loads and stores per 9 FMAs, not 36)
-        ia = ow  # columns ia .. ib-1 take the nine-term sums; the others (all, by default) the taps
-        ib = ow
         iy0 = oy * sh - ph
-        if r == 3 and s == 3 and iy0 >= 0 and iy0 + 2 * dh < h and c % _lanes_of(y) == 0:
+        if r == 3 and s == 3 and c % _lanes_of(y) == 0:
+            # 3x3: nine-term sums per channel vector (19 loads and stores per 9 FMAs, not 36), the
+            # columns whose taps all lie inside the rows in runs, the others one by one
             ia = min(ow, max(0, (pw + sw - 1) // sw))
             ib = max(ia, min(ow, (w - 1 - 2 * dw + pw) // sw + 1))
-            x0 = (img * h + iy0) * w - pw
-            x1 = x0 + dh * w
-            x2 = x1 + dh * w
-            for ox in range(ia, ib):
-                a = ox * sw
-                _madd9(y, yo + ox, x, (x0 + a, x0 + a + dw, x0 + a + 2 * dw, x1 + a, x1 + a + dw,
-                                       x1 + a + 2 * dw, x2 + a, x2 + a + dw, x2 + a + 2 * dw), wt, bias, has_bias)
-        # the other columns by tap, visiting only them (skipping the nine-term columns one by one
-        # cost more than their sums on 16-channel rows: 16x16x48x48 0.43 ms)
-        for ox in range(ia):
-            for ch in range(c):
-                y[yo + ox, ch] = bias[ch] if has_bias else 0
-        for ox in range(ib, ow):
+            base = img * h * w
+            x0 = base + iy0 * w if 0 <= iy0 < h else -1
+            x1 = base + (iy0 + dh) * w if 0 <= iy0 + dh < h else -1
+            x2 = base + (iy0 + 2 * dh) * w if 0 <= iy0 + 2 * dh < h else -1
+            for ox in range(ow):
+                if ox == ia and ib > ia:  # the run
+                    a = ia * sw - pw
+                    _madd9(y, yo + ia, x, (_tap(x0, a, w), _tap(x0, a + dw, w), _tap(x0, a + 2 * dw, w),
+                                           _tap(x1, a, w), _tap(x1, a + dw, w), _tap(x1, a + 2 * dw, w),
+                                           _tap(x2, a, w), _tap(x2, a + dw, w), _tap(x2, a + 2 * dw, w)),
+                           wt, bias, has_bias, ib - ia, sw, dw, zeros)
+                if ia <= ox < ib:
+                    continue
+                a = ox * sw - pw
+                _madd9(y, yo + ox, x, (_tap(x0, a, w), _tap(x0, a + dw, w), _tap(x0, a + 2 * dw, w),
+                                       _tap(x1, a, w), _tap(x1, a + dw, w), _tap(x1, a + 2 * dw, w),
+                                       _tap(x2, a, w), _tap(x2, a + dw, w), _tap(x2, a + 2 * dw, w)),
+                       wt, bias, has_bias, 1, sw, dw, zeros)
+            continue
+        # other kernels (and channel counts off the vector width) by tap
+        for ox in range(ow):
             for ch in range(c):
                 y[yo + ox, ch] = bias[ch] if has_bias else 0
         for rr in range(r):
@@ -898,24 +972,60 @@ def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_b
                 ox0 = max(0, (-off + sw - 1) // sw)
                 ox1 = min(ow, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
                 t = rr * s + ss
-                for ox in range(ox0, min(ox1, ia)):
+                for ox in range(ox0, ox1):
                     xi = xrow + ox * sw + off
                     yi = yo + ox
                     for ch in range(c):
                         y[yi, ch] += x[xi, ch] * wt[t, ch]
-                for ox in range(max(ox0, ib), ox1):
-                    xi = xrow + ox * sw + off
-                    yi = yo + ox
-                    for ch in range(c):
-                        y[yi, ch] += x[xi, ch] * wt[t, ch]
+
+
+@micro
+def _gi_row(num, img, sh, oh, ow):
+    # the first position of the output row whose tap row lands on the input row (num = iy + ph -
+    # rr*dh), -1 where none does
+    return (img * oh + num // sh) * ow if num >= 0 and num % sh == 0 and num // sh < oh else -1
+
+
+@micro
+def _gi_col(num, sw, ow):
+    # the output column whose tap column lands on the input column (num = ix + pw - ss*dw), or -1
+    return num // sw if num >= 0 and num % sw == 0 and num // sw < ow else -1
+
+
+@micro
+def _gi_tap(row, col):
+    # gy's position of a tap from output row position ``row`` and column ``col`` (-1: none)
+    return row + col if row >= 0 and col >= 0 else -1
 
 
 @kernel
-def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx):
+def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx, zeros):
     """``gx[(n*h + iy)*w + ix, ch] = sum gy[(n*oh + oy)*ow + ox, ch] * wt[rr*s + ss, ch]`` over the
     taps and output positions with ``oy*sh - ph + rr*dh == iy`` and ``ox*sw - pw + ss*dw == ix``:
     gathered per input row (disjoint items), so nothing is scattered."""
     c = gy.shape[1]
+    if r == 3 and s == 3 and c % _lanes_of(gx) == 0:
+        # 3x3: each input position's (up to nine) taps summed in registers and stored once, by
+        # _madd9 on gy with the taps that do not land on an output position reading ``zeros``
+        # (tap by tap, nine read-modify-write passes per row: 16x32x48x48 stride 2 0.40 ms).
+        # cols[ix, ss]: the output column of tap column ss landing on input column ix, or -1
+        cols = np.empty((w, 3), np.int64)
+        for ix in range(w):
+            for ss in range(3):
+                cols[ix, ss] = _gi_col(ix + pw - ss * dw, sw, ow)
+        for it in prange(n * h):
+            img = it // h
+            iy = it - img * h
+            g0 = _gi_row(iy + ph, img, sh, oh, ow)
+            g1 = _gi_row(iy + ph - dh, img, sh, oh, ow)
+            g2 = _gi_row(iy + ph - 2 * dh, img, sh, oh, ow)
+            for ix in range(w):
+                c0, c1, c2 = cols[ix, 0], cols[ix, 1], cols[ix, 2]
+                _madd9(gx, it * w + ix, gy, (_gi_tap(g0, c0), _gi_tap(g0, c1), _gi_tap(g0, c2),
+                                             _gi_tap(g1, c0), _gi_tap(g1, c1), _gi_tap(g1, c2),
+                                             _gi_tap(g2, c0), _gi_tap(g2, c1), _gi_tap(g2, c2)),
+                       wt, zeros, False, 1, 1, 0, zeros)
+        return
     # flat arrays, unsigned offsets; each row is zeroed here, so the caller allocates gx without a
     # fill (that fill was the cost: 32x32x28x28 stride 2 0.43 -> 0.21 ms once it went)
     gxf = gx.reshape(gx.size)

@@ -709,7 +709,7 @@ def dw_forward(xh, w, b, p):
     if y.size:
         bias = np.zeros(p.c, p.dtype) if b is None else np.ascontiguousarray(b)  # read in vectors
         K.dw_forward(_rows(xh, p.c), p.n, p.h, p.w, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.r, p.s,
-                     _dw_taps(w, p), bias, b is not None, y.reshape(-1, p.c))
+                     _dw_taps(w, p), bias, b is not None, y.reshape(-1, p.c), np.zeros(p.c, p.dtype))
     return y
 
 
@@ -723,7 +723,7 @@ def dw_grad_input(gyh, w, p):
     gx = (result if gyh.size else result_zeros)((p.n, p.h, p.w, p.c), p.dtype)
     if gx.size and gyh.size:
         K.dw_grad_input(_rows(gyh, p.c), p.n, p.h, p.w, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0, p.dh, p.dw, p.r,
-                        p.s, _dw_taps(w, p), gx.reshape(-1, p.c))
+                        p.s, _dw_taps(w, p), gx.reshape(-1, p.c), np.zeros(p.c, p.dtype))
     return gx
 
 
