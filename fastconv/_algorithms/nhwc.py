@@ -736,10 +736,8 @@ def dw_grad_weight(gyh, xh, p):
     part = np.empty((nb, p.r * p.s, p.c), dtype=p.dtype)
     if rows and part.size:
         K.dw_grad_weight(_rows(gyh, p.c), _rows(xh, p.c), p.n, p.h, p.w, p.oh, p.ow, p.sh, p.sw, p.ph0, p.pw0,
-                         p.dh, p.dw, p.r, p.s, part, per)
-        total = part[0].copy()
-        for i in range(1, nb):
-            total += part[i]
+                         p.dh, p.dw, p.r, p.s, part, per, np.zeros(p.c, p.dtype))
+        total = part.sum(axis=0)  # block after block, in order (a reduction over the outer axis)
     else:
         total = np.zeros((p.r * p.s, p.c), dtype=p.dtype)
     return np.ascontiguousarray(total.T).reshape(p.c, 1, p.r, p.s)
