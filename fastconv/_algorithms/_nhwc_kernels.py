@@ -804,9 +804,9 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
 # caller sends non-finite weights, whose products with the padding's zeros would be NaN, to the NCHW
 # kernels).
 @intrinsic
-def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros):
-    """``y[yi + q, :] = (bias if has_bias else 0) + sum_t x[xi[t] + q*step, :] * wt[t, :]`` for the
-    ``npos`` positions q of a run (``step`` input rows apart: the stride) over the nine taps ``xi``
+def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros, ystep):
+    """``y[yi + q*ystep, :] = (bias if has_bias else 0) + sum_t x[xi[t] + q*step, :] * wt[t, :]`` for
+    the ``npos`` positions q of a run (``step`` input rows apart: the stride) over the nine taps ``xi``
     (a 9-tuple of rows; -1: the tap lies in the padding and reads ``zeros``, c of them), in vectors
     along the channels (a multiple of the vector width), the nine terms in tap order by fused
     multiply-adds.  ``dw``: the taps' column dilation (with ``step`` 1 and ``dw`` 1 neighbouring
@@ -818,10 +818,11 @@ def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros):
         return None
     if not (isinstance(xi, types.UniTuple) and xi.count == 9):
         return None
-    sig = types.void(y, types.intp, x, xi, wt, bias, types.boolean, types.intp, types.intp, types.intp, zeros)
+    sig = types.void(y, types.intp, x, xi, wt, bias, types.boolean, types.intp, types.intp, types.intp, zeros,
+                     types.intp)
 
     def codegen(context, builder, sig, args):
-        yv, yiv, xv, xiv, wv, bv, hb, npv, stv, dwv, zv = args
+        yv, yiv, xv, xiv, wv, bv, hb, npv, stv, dwv, zv, ysv = args
         ya, xa, wa, ba, za = (context.make_array(sig.args[i])(context, builder, v)
                               for i, v in ((0, yv), (2, xv), (4, wv), (5, bv), (10, zv)))
         fty = context.get_data_type(sig.args[0].dtype)
@@ -854,7 +855,8 @@ def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros):
             builder.position_at_end(outer)
             q = builder.phi(i64)
             q.add_incoming(q0, entry)
-            yb = [builder.gep(ya.data, [builder.mul(builder.add(yiv, builder.add(q, ir.Constant(i64, k))), c)])
+            yb = [builder.gep(ya.data, [builder.mul(builder.add(yiv, builder.mul(builder.add(q, ir.Constant(i64, k)), ysv)),
+                                                    c)])
                   for k in range(u)]
             if slide:  # column j of kernel row rr: input row xi[3*rr] + q + j
                 xb = [[tap(builder.extract_value(xiv, 3 * rr), builder.mul(builder.add(q, ir.Constant(i64, j)), c))
@@ -1055,14 +1057,14 @@ def dw_forward(x, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, bias, has_b
                     _madd9(y, yo + ia, x, (_tap(x0, a, w), _tap(x0, a + dw, w), _tap(x0, a + 2 * dw, w),
                                            _tap(x1, a, w), _tap(x1, a + dw, w), _tap(x1, a + 2 * dw, w),
                                            _tap(x2, a, w), _tap(x2, a + dw, w), _tap(x2, a + 2 * dw, w)),
-                           wt, bias, has_bias, ib - ia, sw, dw, zeros)
+                           wt, bias, has_bias, ib - ia, sw, dw, zeros, 1)
                 if ia <= ox < ib:
                     continue
                 a = ox * sw - pw
                 _madd9(y, yo + ox, x, (_tap(x0, a, w), _tap(x0, a + dw, w), _tap(x0, a + 2 * dw, w),
                                        _tap(x1, a, w), _tap(x1, a + dw, w), _tap(x1, a + 2 * dw, w),
                                        _tap(x2, a, w), _tap(x2, a + dw, w), _tap(x2, a + 2 * dw, w)),
-                       wt, bias, has_bias, 1, sw, dw, zeros)
+                       wt, bias, has_bias, 1, sw, dw, zeros, 1)
             continue
         # other kernels (and channel counts off the vector width) by tap
         for ox in range(ow):
@@ -1114,23 +1116,42 @@ def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx, zer
         # 3x3: each input position's (up to nine) taps summed in registers and stored once, by
         # _madd9 on gy with the taps that do not land on an output position reading ``zeros``
         # (tap by tap, nine read-modify-write passes per row: 16x32x48x48 stride 2 0.40 ms).
-        # cols[ix, ss]: the output column of tap column ss landing on input column ix, or -1
-        cols = np.empty((w, 3), np.int64)
+        # cols[ix, ss]: the output column of tap column ss landing on input column ix, or -1;
+        # cols[ix, 3]: 1 where every tap column of ix's stride phase lands inside the output.  The
+        # input columns of one phase (ix = cls + j*sw) with that flag take consecutive output
+        # columns per tap: runs for _madd9 (gy one position apart, gx sw apart)
+        cols = np.empty((w, 4), np.int64)
         for ix in range(w):
+            inner = 1
             for ss in range(3):
-                cols[ix, ss] = _gi_col(ix + pw - ss * dw, sw, ow)
+                num = ix + pw - ss * dw
+                cols[ix, ss] = _gi_col(num, sw, ow)
+                if num % sw == 0 and cols[ix, ss] < 0:
+                    inner = 0
+            cols[ix, 3] = inner
         for it in prange(n * h):
             img = it // h
             iy = it - img * h
             g0 = _gi_row(iy + ph, img, sh, oh, ow)
             g1 = _gi_row(iy + ph - dh, img, sh, oh, ow)
             g2 = _gi_row(iy + ph - 2 * dh, img, sh, oh, ow)
-            for ix in range(w):
-                c0, c1, c2 = cols[ix, 0], cols[ix, 1], cols[ix, 2]
-                _madd9(gx, it * w + ix, gy, (_gi_tap(g0, c0), _gi_tap(g0, c1), _gi_tap(g0, c2),
-                                             _gi_tap(g1, c0), _gi_tap(g1, c1), _gi_tap(g1, c2),
-                                             _gi_tap(g2, c0), _gi_tap(g2, c1), _gi_tap(g2, c2)),
-                       wt, zeros, False, 1, 1, 0, zeros)
+            for cls in range(min(sw, w)):
+                nj = (w - cls + sw - 1) // sw
+                j = 0
+                while j < nj:
+                    ix = cls + j * sw
+                    j1 = j + 1
+                    if cols[ix, 3]:
+                        while j1 < nj and cols[cls + j1 * sw, 3]:
+                            j1 += 1
+                    else:
+                        j1 = j + 1
+                    c0, c1, c2 = cols[ix, 0], cols[ix, 1], cols[ix, 2]
+                    _madd9(gx, it * w + ix, gy, (_gi_tap(g0, c0), _gi_tap(g0, c1), _gi_tap(g0, c2),
+                                                 _gi_tap(g1, c0), _gi_tap(g1, c1), _gi_tap(g1, c2),
+                                                 _gi_tap(g2, c0), _gi_tap(g2, c1), _gi_tap(g2, c2)),
+                           wt, zeros, False, j1 - j, 1, 0, zeros, sw)
+                    j = j1
         return
     # flat arrays, unsigned offsets; each row is zeroed here, so the caller allocates gx without a
     # fill (that fill was the cost: 32x32x28x28 stride 2 0.43 -> 0.21 ms once it went)
