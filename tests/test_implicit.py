@@ -33,6 +33,9 @@ CASES = [
     # two kc blocks of taps (225 for float32, kc 192): the forward runs panel by panel through both
     ("two-kc-blocks", (2, 25, 9, 10), (MR + 2, 25, 3, 3), {"padding": 1}),
     ("C1-N1", (1, 1, 17, 40), (2, 1, 5, 5), {"padding": "same"}),
+    # a little more than one kc block of taps: taken as one block (implicit._forward_blk)
+    ("one-long-block", (2, -(-(int(G.blocking(np.float32)[0]) + 1) // 9), 8, 11), (MR + 1,
+     -(-(int(G.blocking(np.float32)[0]) + 1) // 9), 3, 3), {"padding": 1}),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -63,6 +66,17 @@ def _reference(x, w, b, gy, kw):
 def test_against_reference(case, dtype):
     x, w, b, gy, kw = _make(case, dtype)
     assert_results(_results(x, w, b, gy, kw), _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
+def test_a_block_of_taps_a_little_longer_than_kc_is_not_split():
+    kc = int(G.blocking(np.float32)[0])
+    case = next(c for c in CASES if c[0] == "one-long-block")
+    p = conv_params("t", case[1], case[2], np.float32, 1, 1, 1, 1)
+    tn = p.cg * p.r * p.s
+    assert kc < tn <= kc * 5 // 4
+    assert implicit._forward_blk(p)[0] == tn
+    wide = conv_params("t", (1, 64, 8, 8), (8, 64, 3, 3), np.float32, 1, 1, 1, 1)  # 576 taps: kc blocks
+    assert implicit._forward_blk(wide)[0] == kc
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
