@@ -803,6 +803,32 @@ def forward_im2row(x, h, w, cin, oh, ow, sh, sw, ph, pw, dh, dw, r, s, g, cg, kg
 # check stayed in the loop and it ran scalar, 30x slower.  Taps in the padding are skipped (the
 # caller sends non-finite weights, whose products with the padding's zeros would be NaN, to the NCHW
 # kernels).
+def _vector_args(context, builder, sig, args, which):
+    """IR: the arrays among ``args`` at the positions ``which`` (the first one's dtype and second
+    dimension, c, are the kernel's), its element size, vector lanes, vector type, FMA, c and a zero
+    vector."""
+    arrays = tuple(context.make_array(sig.args[i])(context, builder, args[i]) for i in which)
+    fty = context.get_data_type(sig.args[which[0]].dtype)
+    isz = context.get_abi_sizeof(fty)
+    lanes, vty, fma, _ = _vector_tools(builder, fty, isz, VBYTES)
+    return (arrays, isz, lanes, vty, fma, builder.extract_value(arrays[0].shape, 1),
+            ir.Constant(vty, [0.0] * lanes))
+
+
+def _counted_loop(builder, q0, q1, name):
+    """IR: the head of a loop over q from q0 while q < q1 (skipped when q0 >= q1): (body block, exit
+    block, q's phi), the builder at the top of the body.  The body's end adds q's next value to the
+    phi and branches back or out itself."""
+    before = builder.block
+    body = builder.append_basic_block(name)
+    after = builder.append_basic_block(name + ".end")
+    builder.cbranch(builder.icmp_signed("<", q0, q1), body, after)
+    builder.position_at_end(body)
+    q = builder.phi(ir.IntType(64))
+    q.add_incoming(q0, before)
+    return body, after, q
+
+
 @intrinsic
 def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros, ystep):
     """``y[yi + q*ystep, :] = (bias if has_bias else 0) + sum_t x[xi[t] + q*step, :] * wt[t, :]`` for
@@ -822,18 +848,13 @@ def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros, y
                      types.intp)
 
     def codegen(context, builder, sig, args):
-        yv, yiv, xv, xiv, wv, bv, hb, npv, stv, dwv, zv, ysv = args
-        ya, xa, wa, ba, za = (context.make_array(sig.args[i])(context, builder, v)
-                              for i, v in ((0, yv), (2, xv), (4, wv), (5, bv), (10, zv)))
-        fty = context.get_data_type(sig.args[0].dtype)
-        isz = context.get_abi_sizeof(fty)
-        lanes, vty, fma, _ = _vector_tools(builder, fty, isz, VBYTES)
+        _, yiv, _, xiv, _, _, hb, npv, stv, dwv, _, ysv = args
+        (ya, xa, wa, ba, za), isz, lanes, vty, fma, c, zero = _vector_args(context, builder, sig, args,
+                                                                          (0, 2, 4, 5, 10))
         i64 = ir.IntType(64)
         vptr = vty.as_pointer()
-        c = builder.extract_value(ya.shape, 1)
         xstep = builder.mul(stv, c)
         wb = [builder.gep(wa.data, [builder.mul(c, ir.Constant(i64, t))]) for t in range(9)]
-        zero = ir.Constant(vty, [0.0] * lanes)
         nil = ir.Constant(i64, 0)
 
         def tap(row, off):  # the pointer to input row ``row`` + off (row < 0: the zeros)
@@ -846,15 +867,9 @@ def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros, y
             # FMA latency).  With ``slide`` (stride 1, dilation 1) the u positions' taps of a kernel
             # row are u + 2 neighbouring input columns, each loaded once: loads, not FMAs, bound
             # this loop (19 a position-vector otherwise; 16x16x48x48 0.40 ms on one thread)
-            entry = builder.block
-            outer = builder.append_basic_block(f"madd9.pos{tag}")
+            outer, done, q = _counted_loop(builder, q0, q1, f"madd9.pos{tag}")
             loop = builder.append_basic_block(f"madd9.loop{tag}")
             nextpos = builder.append_basic_block(f"madd9.next{tag}")
-            done = builder.append_basic_block(f"madd9.done{tag}")
-            builder.cbranch(builder.icmp_signed("<", q0, q1), outer, done)
-            builder.position_at_end(outer)
-            q = builder.phi(i64)
-            q.add_incoming(q0, entry)
             yb = [builder.gep(ya.data, [builder.mul(builder.add(yiv, builder.mul(builder.add(q, ir.Constant(i64, k)), ysv)),
                                                     c)])
                   for k in range(u)]
@@ -925,17 +940,11 @@ def _dot9(typingctx, part, poff, gy, g0, x, xi, npos, step, dw, zeros):
     sig = types.void(part, types.intp, gy, types.intp, x, xi, types.intp, types.intp, types.intp, zeros)
 
     def codegen(context, builder, sig, args):
-        pv, poffv, gv, g0v, xv, xiv, npv, stv, dwv, zv = args
-        pa, ga, xa, za = (context.make_array(sig.args[i])(context, builder, v)
-                          for i, v in ((0, pv), (2, gv), (4, xv), (9, zv)))
-        fty = context.get_data_type(sig.args[0].dtype)
-        isz = context.get_abi_sizeof(fty)
-        lanes, vty, fma, _ = _vector_tools(builder, fty, isz, VBYTES)
+        _, poffv, _, g0v, _, xiv, npv, stv, dwv, _ = args
+        (ga, pa, xa, za), isz, lanes, vty, fma, c, zero = _vector_args(context, builder, sig, args, (2, 0, 4, 9))
         i64 = ir.IntType(64)
         vptr = vty.as_pointer()
-        c = builder.extract_value(ga.shape, 1)
         nil = ir.Constant(i64, 0)
-        zero = ir.Constant(vty, [0.0] * lanes)
         u = 4
         main = builder.mul(builder.sdiv(npv, ir.Constant(i64, u)), ir.Constant(i64, u))
         one = ir.Constant(i64, 1)
@@ -964,12 +973,7 @@ def _dot9(typingctx, part, poff, gy, g0, x, xi, npos, step, dw, zeros):
         def qloop(q0, q1, acc_in, width, tag):
             # positions q0 .. q1-1, ``width`` at a time; returns the accumulators after them
             before = builder.block
-            body = builder.append_basic_block(f"dot9.q{tag}")
-            after = builder.append_basic_block(f"dot9.q{tag}.end")
-            builder.cbranch(builder.icmp_signed("<", q0, q1), body, after)
-            builder.position_at_end(body)
-            q = builder.phi(i64)
-            q.add_incoming(q0, before)
+            body, after, q = _counted_loop(builder, q0, q1, f"dot9.q{tag}")
             acc = [builder.phi(vty) for _ in range(9)]
             for t in range(9):
                 acc[t].add_incoming(acc_in[t], before)
