@@ -811,13 +811,14 @@ def test_pointwise_layers_against_reference(case, dtype, monkeypatch):
 
 
 def test_own_product_for_wide_pointwise_layers():
-    def p_of(c, k):
-        return conv_params("t", (2, c, 5, 5), (k, c, 1, 1), np.float32, 1, 0, 1, 1)
-    def own(c, k, isa="avx512"):
-        return [nhwc.own_product(p_of(c, k), ps, isa) for ps in ("forward", "grad_input")]
+    def p_of(c, k, plane=32):
+        return conv_params("t", (2, c, plane, plane), (k, c, 1, 1), np.float32, 1, 0, 1, 1)
+    def own(c, k, isa="avx512", plane=32):
+        return [nhwc.own_product(p_of(c, k, plane), ps, isa) for ps in ("forward", "grad_input")]
     assert own(32, 40) == [False, False] and own(64, 64) == [True, False] and own(128, 64) == [True, True]
     assert own(16, 32) == [True, False] and own(32, 64) == [True, False]  # forwards of whole panels
     assert own(128, 64, "avx2") == [False, False]  # measured on AVX-512 only
+    assert own(512, 512, plane=4) == [False, False]  # 32 positions: the BLAS blocks
 
 
 def test_pointwise_only_for_one_product():

@@ -440,9 +440,12 @@ def own_product(p, pass_, isa=None):
     (interleaved, PyTorch's channels_last in brackets): 32x32x14x14 -> 64 0.29 / 0.24 (0.17),
     32x16x28x28 -> 32 0.35 / 0.29 (0.19), 16x16x48x48 -> 32 0.44 / 0.37 (0.26), 16x64x12x12 -> 32
     0.13 / 0.12 (0.09); 16 output channels, half a panel, stay (4x32x128x128 -> 16 0.72 / 1.23);
-    grad_input from ~8192 (32x128x7x7 -> 128 0.28 / 0.21, 32x64x14x14 -> 32 0.11 / 0.17)."""
+    grad_input from ~8192 (32x128x7x7 -> 128 0.28 / 0.21, 32x64x14x14 -> 32 0.11 / 0.17); neither on
+    fewer than OWN_PRODUCT_MIN_POSITIONS positions."""
     if (_cpu.isa() if isa is None else isa) != "avx512":
         return False  # measured on AVX-512 only
+    if p.n * p.h * p.w < OWN_PRODUCT_MIN_POSITIONS:
+        return False
     if pass_ == "forward":
         return p.c * p.k >= OWN_PRODUCT_FORWARD or p.k % G.tile(p.itemsize)[1] == 0
     return p.c * p.k >= OWN_PRODUCT_GRAD_INPUT
@@ -451,6 +454,11 @@ def own_product(p, pass_, isa=None):
 #: Smallest c*k of a 1x1 layer whose forward / grad_input :func:`own_product` runs on the own kernel
 OWN_PRODUCT_FORWARD = 4096
 OWN_PRODUCT_GRAD_INPUT = 8192
+#: ... and fewest positions (batch x plane): below, the BLAS blocks win both passes (Zen 4, 2
+#: threads, ms BLAS / own, forward and grad_input: 16x512x3x3 -> 512 0.58 / 0.74, 0.54 / 0.62;
+#: 16x256x4x4 -> 256 0.24 / 0.35, 0.22 / 0.33; 32x512x4x4 -> 512 1.9 / 2.2, 1.8 / 2.1; from 2304
+#: positions the own kernel: 16x128x12x12 -> 128 0.48 / 0.40)
+OWN_PRODUCT_MIN_POSITIONS = 1024
 
 
 def _blocks(m, width):
