@@ -91,8 +91,12 @@ def current() -> int:
 
 #: Calls with less work than this (multiply-accumulates, or compared elements for pooling) run on one
 #: thread: waking a second thread costs more than it saves there, and on a busy machine a parallel
-#: region waits for every worker's time slice (milliseconds where the work is microseconds).
-SERIAL_WORK = 1 << 18
+#: region waits for every worker's time slice (milliseconds where the work is microseconds).  It was
+#: 1 << 18, from a VM where waking the second thread cost ~0.1 ms; on the Zen 4 VM LeNet's pools
+#: (75K windows) took 0.154 ms on one thread and 0.079 on two, and a converted LeNet's training step
+#: 5.8-5.9 ms at 1 << 18, 5.0-5.3 at 1 << 14, 4.9-5.1 at 1 << 12 (interleaved, PyTorch's
+#: channels_last 5.4-5.6; a MobileNet step, whose calls are larger, even).
+SERIAL_WORK = 1 << 12
 
 
 def apply(work=None) -> int:
