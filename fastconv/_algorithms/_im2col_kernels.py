@@ -11,7 +11,7 @@ from numba import prange
 
 from .._jit import BOUNDSCHECK, kernel, micro as _micro
 from ._blas import _N, _T, _chars, _gemm
-from .common import claim as _claim, copy_vector
+from .common import _gather as _copy_strided, claim as _claim, copy_vector
 
 _u = np.uint64
 
@@ -51,7 +51,6 @@ def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, 
         return
     ll = xq.shape[1]
     xf = xq.reshape(xq.size)
-    ou = _u(ow)
     for cc in range(nc):
         xb = (c0 + cc) * ll
         for rr in range(r):
@@ -60,10 +59,7 @@ def _im2col_planes(xq, col, coff, ld, c0, nc, i0, i1, r, s, sh, sw, dh, dw, hp, 
                 base = xb + (cs % sw) * hp * wq + rr * dh * wq + cs // sw
                 t0 = ((cc * r + rr) * s + ss) * ld + coff
                 for i in range(i0, i1):
-                    do = _u(t0 + (i - i0) * ow)
-                    so = _u(base + i * sh * wq)
-                    for j in range(ou):
-                        col[do + j] = xf[so + j]
+                    _copy_strided(xf, base + i * sh * wq, 1, col, t0 + (i - i0) * ow, ow)
 
 
 @_micro

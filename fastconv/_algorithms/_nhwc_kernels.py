@@ -815,6 +815,13 @@ def _vector_args(context, builder, sig, args, which):
             ir.Constant(vty, [0.0] * lanes))
 
 
+def _row_ptr(builder, xa, za, row, off, c):
+    """IR: the pointer to element ``off`` of row ``row`` (c elements a row) of array ``xa``, or to
+    the zeros array ``za`` where ``row`` is negative (a tap in the padding)."""
+    ptr = builder.gep(xa.data, [builder.add(builder.mul(row, c), off)])
+    return builder.select(builder.icmp_signed("<", row, ir.Constant(ir.IntType(64), 0)), za.data, ptr)
+
+
 def _counted_loop(builder, q0, q1, name):
     """IR: the head of a loop over q from q0 while q < q1 (skipped when q0 >= q1): (body block, exit
     block, q's phi), the builder at the top of the body.  The body's end adds q's next value to the
@@ -855,11 +862,9 @@ def _madd9(typingctx, y, yi, x, xi, wt, bias, has_bias, npos, step, dw, zeros, y
         vptr = vty.as_pointer()
         xstep = builder.mul(stv, c)
         wb = [builder.gep(wa.data, [builder.mul(c, ir.Constant(i64, t))]) for t in range(9)]
-        nil = ir.Constant(i64, 0)
 
-        def tap(row, off):  # the pointer to input row ``row`` + off (row < 0: the zeros)
-            ptr = builder.gep(xa.data, [builder.add(builder.mul(row, c), off)])
-            return builder.select(builder.icmp_signed("<", row, nil), za.data, ptr)
+        def tap(row, off):
+            return _row_ptr(builder, xa, za, row, off, c)
 
         def run(q0, q1, u, tag, slide):
             # positions q0 .. q1-1 (a multiple of u of them), u at a time: u independent chains of
@@ -955,9 +960,8 @@ def _dot9(typingctx, part, poff, gy, g0, x, xi, npos, step, dw, zeros):
         gbase = builder.gep(ga.data, [builder.mul(g0v, c)])
         xstep = builder.mul(stv, c)
 
-        def tap(row, off):  # the pointer to input row ``row`` + off (row < 0: the zeros)
-            ptr = builder.gep(xa.data, [builder.add(builder.mul(row, c), off)])
-            return builder.select(builder.icmp_signed("<", row, nil), za.data, ptr)
+        def tap(row, off):
+            return _row_ptr(builder, xa, za, row, off, c)
 
         entry = builder.block
         chloop = builder.append_basic_block("dot9.ch")
@@ -1148,8 +1152,6 @@ def dw_grad_input(gy, n, h, w, oh, ow, sh, sw, ph, pw, dh, dw, r, s, wt, gx, zer
                     if cols[ix, 3]:
                         while j1 < nj and cols[cls + j1 * sw, 3]:
                             j1 += 1
-                    else:
-                        j1 = j + 1
                     c0, c1, c2 = cols[ix, 0], cols[ix, 1], cols[ix, 2]
                     _madd9(gx, it * w + ix, gy, (_gi_tap(g0, c0), _gi_tap(g0, c1), _gi_tap(g0, c2),
                                                  _gi_tap(g1, c0), _gi_tap(g1, c1), _gi_tap(g1, c2),
