@@ -59,29 +59,31 @@ def _exact(case, x, w, bias, gy):
 
 
 def _kind(batch):
-    """(batch, fused) arguments of a KERNELS value: False packed, True batch-wide, "fused"."""
-    return (None, True) if batch == "fused" else (batch, None)
+    """(batch, fused, kpanel) arguments of a KERNELS value: False packed, True batch-wide, "fused",
+    "kpanel" (forward and grad_input only: grad_weight then takes its own choice)."""
+    return (None, True, None) if batch == "fused" else (None, None, True) if batch == "kpanel" else (batch, None, None)
 
 
 def _forward(x, w, bias, p, m, batch=None):
-    b, f = _kind(batch)
-    return W._run_forward(x, w, bias, p, m, b, fused=f)
+    b, f, k = _kind(batch)
+    return W._run_forward(x, w, bias, p, m, b, fused=f, kpanel=k)
 
 
 def _winograd(p, x, w, bias, gy, m, batch=None):
-    b, f = _kind(batch)
-    return {"forward": W._run_forward(x, w, bias, p, m, b, fused=f),
-            "grad_input": W.grad_input(gy, w, p, m=m, batch=b, fused=f),
+    b, f, k = _kind(batch)
+    return {"forward": W._run_forward(x, w, bias, p, m, b, fused=f, kpanel=k),
+            "grad_input": W.grad_input(gy, w, p, m=m, batch=b, fused=f, kpanel=k),
             "grad_weight": W.grad_weight(gy, x, p, m=m, batch=b, fused=f)}
 
 
 def _is(pl, batch):
-    return pl.fused if batch == "fused" else (pl.batch is batch and not pl.fused)
+    return pl.fused if batch == "fused" else pl.kpanel if batch == "kpanel" else \
+        (pl.batch is batch and not pl.fused and not pl.kpanel)
 
 
 # the forward's packed kernel (tile rows of one group; grad_weight's two, chosen by cost), the
-# batch-wide ones and the fused ones
-KERNELS = pytest.mark.parametrize("batch", [False, True, "fused"], ids=["packed", "batch", "fused"])
+# batch-wide ones, the fused ones and the forward by output-channel panels
+KERNELS = pytest.mark.parametrize("batch", [False, True, "fused", "kpanel"], ids=["packed", "batch", "fused", "kpanel"])
 
 
 def _im2col(case, p, x, w, bias, gy):
@@ -100,8 +102,8 @@ def _err(got, want):
 def test_float64_matches_reference(case, m, batch):
     x, w, bias, gy = _make(case, np.float64)
     p = _params(case, np.float64)
-    b, f = _kind(batch)
-    assert _is(W._cached_plan(p, "forward", m, batch=b, fused=f), batch)
+    b, f, k = _kind(batch)
+    assert _is(W._cached_plan(p, "forward", m, batch=b, fused=f, kpanel=k), batch)
     want = _exact(case, x, w, bias, gy)
     got = _winograd(p, x, w, bias, gy, m, batch)
     for name in want:

@@ -14,6 +14,7 @@ import reference as ref
 from fastconv._algorithms import nhwc
 from fastconv._algorithms import winograd as W
 from fastconv._algorithms import winograd_fused as WF
+from fastconv._algorithms import winograd_kpanel as WK
 from fastconv._algorithms import winograd_nhwc as WN
 from fastconv._validation import conv_params
 
@@ -73,13 +74,13 @@ def _cl(a):
 
 
 def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
-    # a deep small-plane layer, where every pass's plan is an NHWC one (batch-wide or fused): the
-    # kernels read the caller's channels_last memory themselves (no NCHW copy), results come back
-    # channels_last
+    # a deep small-plane layer, where every pass's plan is an NHWC one (batch-wide, fused or by
+    # output-channel panels): the kernels read the caller's channels_last memory themselves (no
+    # NCHW copy), results come back channels_last
     x, w, b, p = _problem((8, 256, 8, 8), 256)
     plans = [W._cached_plan(q, pass_) for q, pass_ in ((p, "forward"), (W._transposed(p), "forward"),
                                                         (p, "grad_weight"))]
-    assert all(pl.batch or pl.fused for pl in plans)
+    assert all(pl.batch or pl.fused or pl.kpanel for pl in plans)
     gy = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
     x64, w64, gy64 = x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64)
     want_y = ref.conv2d(x64, w64, b.astype(np.float64), padding=1)
@@ -87,7 +88,8 @@ def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
     want_gw = ref.conv2d_grad_weight(gy64, x64, w.shape, padding=1)
     xc, gyc = _cl(x), _cl(gy)
     read = []
-    for mod, name in ((WF, "forward"), (WN, "forward"), (WF, "grad_weight"), (WN, "grad_weight")):
+    for mod, name in ((WF, "forward"), (WN, "forward"), (WK, "forward_nhwc"), (WF, "grad_weight"),
+                      (WN, "grad_weight")):
         def spy(a, *args, _real=getattr(mod, name), **kw):
             read.append(a)
             return _real(a, *args, **kw)
@@ -111,16 +113,17 @@ def test_a_budget_below_one_tile_is_refused_with_the_need():
 
 
 def test_the_plan_takes_an_nhwc_kernel_for_deep_small_planes_only():
-    # modelled: ResNet's 256-channel 8x8 layer at batch 32 goes to an NHWC kernel (measured for an
-    # NCHW caller, conversions included: fused 7.4 ms, batch-wide 7.1, packed 8.8), a small
+    # modelled: ResNet's 256-channel 8x8 layer at batch 32 goes to an NHWC kernel or the one by
+    # output-channel panels (measured for an NCHW caller, conversions included: fused 7.4 ms,
+    # batch-wide 7.1, packed 8.8; Zen 4: by panels 6.1, fused 6.5, batch-wide 10.0), a small
     # 8-channel 40x40 layer at batch 2 stays on the packed kernel (0.10 ms, fused 0.15: its fixed
-    # cost per call)
+    # cost per call; by panels 0.28, packed 0.19 on the Zen 4)
     deep = conv_params("conv2d", (32, 256, 8, 8), (256, 256, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
     thin = conv_params("conv2d", (2, 8, 40, 40), (8, 8, 3, 3), np.dtype(np.float32), 1, 1, 1, 1)
     pl = W._cached_plan(deep, "forward")
-    assert pl.batch or pl.fused
+    assert pl.batch or pl.fused or pl.kpanel
     pl = W._cached_plan(thin, "forward")
-    assert not (pl.batch or pl.fused)
+    assert not (pl.batch or pl.fused or pl.kpanel)
 
 
 @pytest.mark.parametrize("k", [1, 5])

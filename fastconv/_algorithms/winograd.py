@@ -113,6 +113,7 @@ from . import _winograd_kernels as K
 from . import gemm as _gemm
 from . import nhwc as _nhwc
 from . import winograd_fused as WF
+from . import winograd_kpanel as WK
 from . import winograd_nhwc as WN
 from ._blas import _BLAS, serial_blas
 
@@ -205,6 +206,7 @@ class _Plan:
     rowwise: bool = False  # grad_weight on the packed forward's row transforms (else the gathers)
     batch: bool = False    # over the whole batch's tiles (winograd_nhwc; rb: tiles per chunk)
     fused: bool = False    # fused per block of tiles in NHWC (winograd_fused; rb: tiles per block)
+    kpanel: bool = False   # by panels of output channels (winograd_kpanel; rb: tile panels per item)
 
 
 def _plan(p, m, nthreads):
@@ -251,12 +253,13 @@ def _plan(p, m, nthreads):
 _PLANS: dict = {}
 
 
-def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None):
+def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None, kpanel=None):
     """The cheaper fitting plan of ``pass_`` (``m`` forces a tile size; ``rowwise`` True/False forces
     grad_weight's kernel; ``batch`` True the forward's batch-wide kernel, False its packed one,
-    ``fused`` True the fused one: the tests reach each on small cases), or the first refusal."""
+    ``fused`` True the fused one, ``kpanel`` True the one by output-channel panels: the tests reach
+    each on small cases), or the first refusal."""
     nthreads = numba.get_num_threads()
-    key = (p, pass_, m, rowwise, batch, fused, nthreads)
+    key = (p, pass_, m, rowwise, batch, fused, kpanel, nthreads)
     pl = _PLANS.get(key)
     if pl is None:
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
@@ -272,11 +275,21 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None):
                     ([_fused_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)] if unforced else [])
         elif fused:
             plans = [_fused_plan(p, mm, nthreads) for mm in tiles]
+        elif kpanel:
+            plans = [_kpanel_plan(p, mm, nthreads) for mm in tiles]
         else:
+            unforced = batch is None and fused is None and kpanel is None
             plans = ([_packed_plan(p, mm, nthreads) for mm in tiles] if batch is not True else []) + \
                     ([_batch_plan(p, mm, nthreads) for mm in tiles] if batch is not False else []) + \
-                    ([_fused_plan(p, mm, nthreads) for mm in tiles] if batch is None and fused is None else [])
+                    ([_fused_plan(p, mm, nthreads) for mm in tiles] if unforced else []) + \
+                    ([_kpanel_plan(p, mm, nthreads) for mm in tiles] if unforced else [])
         fit = [c for c in plans if not isinstance(c, str)]
+        if pass_ == "forward" and batch is None and any(c.kpanel for c in fit):
+            # the batch-wide forward ran 1.2-2.1x slower than the one by output-channel panels on
+            # every layer both serve that was timed (Zen 4, 2 threads: 8x512x7x7 13.0 / 6.3 ms,
+            # 16x256x6x6 3.8 / 3.1, 8x64x56x56 13.6 / 9.9, 32x64x8x8 1.19 / 0.85), while its model,
+            # fitted on the Xeon, read up to 2.6x low there and took it
+            fit = [c for c in fit if not c.batch]
         pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads) * (_BATCH_MARGIN if c.batch else 1.0)) \
             if fit else plans[0]
         if len(_PLANS) > 1024:
@@ -373,6 +386,11 @@ def _fused_plan(p, m, nthreads):
     return _nhwc_plan(WF.plan(p, m, nthreads), p, m, nthreads, fused=True)
 
 
+def _kpanel_plan(p, m, nthreads):
+    """The forward by panels of output channels (:mod:`.winograd_kpanel`), or why it cannot fit."""
+    return _nhwc_plan(WK.plan(p, m, nthreads), p, m, nthreads, kpanel=True)
+
+
 def _fused_gw_plan(p, m, nthreads):
     """grad_weight fused per block of tiles (:mod:`.winograd_fused`), or why it cannot fit."""
     return _nhwc_plan(WF.gw_plan(p, m, nthreads), p, m, nthreads, fused=True)
@@ -413,13 +431,15 @@ def _rows_plan(p, m, nthreads):
     return _Plan(m, 1, rows, p.cg, nw, _ldt(rows * sl, nr), _packed_words(p, m, rows, nr), (nw + 1) * sums, True)
 
 
-def _run_forward(x, w, b, p, m=None, batch=None, flip=False, fused=None):
-    """The forward pass; ``m`` forces a tile size and ``batch`` / ``fused`` the kernel (tests), else
-    the cheaper.  With ``flip`` the pass is grad_input's (``p`` its transposed problem) and ``w`` the
-    layer's weight."""
-    pl = _cached_plan(p, "forward", m, batch=batch, fused=fused)
+def _run_forward(x, w, b, p, m=None, batch=None, flip=False, fused=None, kpanel=None):
+    """The forward pass; ``m`` forces a tile size and ``batch`` / ``fused`` / ``kpanel`` the kernel
+    (tests), else the cheaper.  With ``flip`` the pass is grad_input's (``p`` its transposed problem)
+    and ``w`` the layer's weight."""
+    pl = _cached_plan(p, "forward", m, batch=batch, fused=fused, kpanel=kpanel)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
+    if pl.kpanel:  # reads NCHW and channels_last inputs in place
+        return WK.forward(x, w, b, p, pl.m, pl.rb, flip)
     if pl.fused and not _nhwc.is_channels_last(x):  # NCHW in and out, rows staged per worker
         return WF.forward(_contiguous(x), w, b, p, pl.m, pl.rb, flip, nchw=True)
     if pl.batch or pl.fused:  # the NHWC copies in and out are scratch too: only the NCHW result is fresh
@@ -460,11 +480,12 @@ def _dilated(p):
     return (p.dh, p.dw) != (1, 1)
 
 
-def forward(x, w, b, p, m=None, batch=None, fused=None):
+def forward(x, w, b, p, m=None, batch=None, fused=None, kpanel=None):
     if _dilated(p):  # the phase sub-images stacked into the batch, undilated (see _dilation_phases)
         q = phases.stacked(p)
-        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q, m, batch, fused=fused), p, q)
-    return _run_forward(x, w, b, p, m, batch, fused=fused)
+        return phases.merge_output(_run_forward(phases.split_input(x, p, q), w, b, q, m, batch, fused=fused,
+                                                kpanel=kpanel), p, q)
+    return _run_forward(x, w, b, p, m, batch, fused=fused, kpanel=kpanel)
 
 
 def _flipped(w, q):
@@ -480,11 +501,11 @@ def _transposed(p):
                                pw0=2 - p.pw0, pw1=2 - p.pw1, oh=p.h, ow=p.w)
 
 
-def grad_input(gy, w, p, m=None, batch=None, fused=None):
+def grad_input(gy, w, p, m=None, batch=None, fused=None, kpanel=None):
     if _dilated(p):
         q = phases.stacked(p)
-        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m, batch, fused), p, q)
-    return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True, fused=fused)
+        return phases.merge_input(grad_input(phases.split_output(gy, p, q), w, q, m, batch, fused, kpanel), p, q)
+    return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True, fused=fused, kpanel=kpanel)
 
 
 def grad_weight(gy, x, p, m=None, rowwise=None, batch=None, fused=None):
@@ -588,6 +609,8 @@ _GEMM_RATE = {4: 80e9, 8: 40e9}
 
 
 def _cost_of(p, pass_, pl, nthreads):
+    if pl.kpanel:
+        return WK.cost(p, pl.m, pl.rb, nthreads)
     if pl.batch:
         return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
     if pl.fused:

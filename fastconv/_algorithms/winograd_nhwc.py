@@ -238,16 +238,17 @@ def _native_plan(p, pass_):
     pl = W._cached_plan(p, pass_)
     if isinstance(pl, str):
         return None
-    if pl.batch or pl.fused:
+    if pl.batch or pl.fused or pl.kpanel:
         return pl
     pl = W._cached_plan(p, pass_, fused=True)
     return None if isinstance(pl, str) else pl
 
 
 def _nhwc_forward(pl):
-    """The NHWC forward function of plan ``pl``: this module's or the fused one."""
-    from . import winograd_fused
-    return winograd_fused.forward if pl.fused else forward
+    """The NHWC forward function of plan ``pl``: this module's, the fused one or the one by
+    output-channel panels."""
+    from . import winograd_fused, winograd_kpanel
+    return winograd_fused.forward if pl.fused else winograd_kpanel.forward_nhwc if pl.kpanel else forward
 
 
 def native_forward(xh, w, b, p):

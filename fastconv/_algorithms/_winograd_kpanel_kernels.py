@@ -1,0 +1,234 @@
+"""The numba kernels of the Winograd forward by output-channel panels
+(:mod:`fastconv._algorithms.winograd_kpanel`, which has the method and the notation).
+
+The tiles' transforms are linear maps along one axis of a tile applied to long contiguous runs at
+once (``_comb`` of the batch-wide kernels: one store stream, at most five load streams, which LLVM
+vectorises), along a panel's NR tiles.  The weights' transform is emitted as LLVM IR
+(:func:`_emit_u`): a vector of channels at a time, its nine taps gathered, the a*a results kept in
+registers until stored (a numba loop writing 36 streams stays scalar).
+
+Kept in a file of its own: numba's cache is per source file (shared/NUMBA_NOTES.md); ``_comb`` and
+``_terms`` are called, not inlined, so an edit to them reaches these kernels.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._jit import kernel
+from ._gemm_kernels import VBYTES, _vector_tools
+from ._winograd_nhwc_kernels import _comb, _terms
+from .common import claim
+from .gemm import _lanes, _tile_of, ukernel_rowptr
+
+_u = np.uint64
+
+# G of F(m, 3), as in winograd.py (the emitted code hard-codes it; a test checks both copies agree)
+G = {
+    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+}
+
+
+def _emit_u(context, builder, sig, args, m):
+    # U[i*a + j] = sum_{r,s} G[i, r] G[j, s] g[r][s] for one vector of channels: the nine taps
+    # gathered (channel l at w[woff + l*wcs + tap], tap mirrored with flip; lanes at or past n read
+    # channel n - 1's), the a*a results stored as whole vectors at u[uoff + e*ue]
+    w, woff, wcs, flip, n, u, uoff, ue = args
+    wa = context.make_array(sig.args[0])(context, builder, w)
+    ua = context.make_array(sig.args[5])(context, builder, u)
+    fty = context.get_data_type(sig.args[0].dtype)
+    isz = context.get_abi_sizeof(fty)
+    lanes, vty, fma, splat = _vector_tools(builder, fty, isz, VBYTES)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    iv = ir.VectorType(i32, lanes)
+    pvty = ir.VectorType(ir.PointerType(fty), lanes)
+    gather = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vty, [pvty, i32, ir.VectorType(ir.IntType(1), lanes), vty]),
+        f"llvm.masked.gather.v{lanes}f{8 * isz}.v{lanes}p0")
+
+    def splat_i(x):
+        v = builder.insert_element(ir.Constant(iv, ir.Undefined), x, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, ir.Constant(iv, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+    # 32-bit lane offsets from a scalar base pointer: one VGATHERDPS per vector (64-bit addresses
+    # took two VGATHERQPS, and the gathers were half of the time)
+    iota = ir.Constant(iv, list(range(lanes)))
+    last = splat_i(builder.trunc(builder.sub(n, ir.Constant(i64, 1)), i32))
+    lane = builder.select(builder.icmp_signed("<", iota, last), iota, last)
+    rowoff = builder.mul(lane, splat_i(builder.trunc(wcs, i32)))
+    flipped = builder.icmp_signed("!=", flip, ir.Constant(i64, 0))
+    ones = ir.Constant(ir.VectorType(ir.IntType(1), lanes), [1] * lanes)
+    undef = ir.Constant(vty, ir.Undefined)
+    w0 = builder.gep(wa.data, [woff])
+    g = []
+    for t in range(9):
+        p0 = builder.gep(w0, [builder.select(flipped, ir.Constant(i64, 8 - t), ir.Constant(i64, t))])
+        # a vector of pointers (llvmlite's gep() types scalar indices only: built by hand)
+        ptrs = ir.instructions.GEPInstr(builder.block, p0, [rowoff], False, "", source_etype=fty)
+        ptrs.type = pvty
+        builder._insert(ptrs)
+        g.append(builder.call(gather, [ptrs, ir.Constant(i32, isz), ones, undef]))
+
+    def mul(v, c):
+        return builder.fmul(v, splat(ir.Constant(fty, c)))
+
+    def g1d(v0, v1, v2):  # (G v) for the a rows of G, common terms shared (see G)
+        s = builder.fadd(v0, v2)
+        if m == 2:
+            return [v0, mul(builder.fadd(s, v1), 0.5), mul(builder.fsub(s, v1), 0.5), v2]
+        p = builder.call(fma, [v0, splat(ir.Constant(fty, 1 / 24)), mul(v2, 1 / 6)])
+        q = mul(v1, 1 / 12)
+        return [mul(v0, 0.25), mul(builder.fadd(s, v1), -1 / 6), mul(builder.fsub(s, v1), -1 / 6),
+                builder.fadd(p, q), builder.fsub(p, q), v2]
+
+    a = m + 2
+    cols = [g1d(g[s], g[3 + s], g[6 + s]) for s in range(3)]  # cols[s][i] = (G g)[i][s]
+    up = builder.gep(ua.data, [uoff])
+    for i in range(a):
+        row = g1d(cols[0][i], cols[1][i], cols[2][i])
+        for j in range(a):
+            dst = builder.gep(up, [builder.mul(ir.Constant(i64, i * a + j), ue)])
+            builder.store(row[j], builder.bitcast(dst, vty.as_pointer()), align=isz)
+    return context.get_dummy_value()
+
+
+def _u_intrinsic(m):
+    def typer(typingctx, w, woff, wcs, flip, n, u, uoff, ue):
+        if not (isinstance(w, types.Array) and isinstance(u, types.Array) and w.dtype == u.dtype
+                and w.dtype in (types.float32, types.float64) and w.ndim == 1 and u.ndim == 1):
+            return None
+        sig = types.void(w, types.int64, types.int64, types.int64, types.int64, u, types.int64, types.int64)
+        return sig, lambda context, builder, sig, args: _emit_u(context, builder, sig, args, m)
+    typer.__name__ = f"_u_vec{m}"
+    typer.__doc__ = (f"U of F({m}x{m}, 3x3) for one vector of channels (see _emit_u): ``u[uoff + e*ue + l] = "
+                     f"(G g G^T)[e]`` of channel l's taps ``w[woff + l*wcs + tap]`` (``8 - tap`` with flip).")
+    return intrinsic(typer)
+
+
+_u_vec4 = _u_intrinsic(4)
+_u_vec2 = _u_intrinsic(2)
+
+
+@kernel
+def transform_in(x, xsc, toffs, v, cg, g, a, ntp, cb, bi, bc, bn, buf, ot, ct, zeros, ctr):
+    """``V[grp][e][tp][c][l] = (B^T d B)[e]`` of tile ``tp*NR + l``'s a x a patch ``d`` of input
+    channel ``grp*cg + c``, at ``v[(((grp*a*a + e)*ntp + tp)*cg + c)*NR + l]``.
+
+    The patch element k = i*a + j of that tile is ``x[(grp*cg + c)*xsc + toffs[(tp*a*a + k)*NR + l]]``
+    (any layout: the offsets hold the image, row and column strides) or zero where the offset is
+    negative (padding, and the tiles past the last that fill the last panel).  Items are (group,
+    panel, block of ``cb`` channels), claimed; ``buf`` (workers x 2*a*a*cb*NR) holds a block's
+    gathered patches and their column transform."""
+    nw = buf.shape[0]
+    _, nr = _tile_of(v)
+    a2 = a * a
+    ncb = -(-cg // cb)
+    items = g * ntp * ncb
+    half = a2 * cb * nr
+    zero = zeros[0]  # (a literal 0 in the select below made the loop float64)
+    for wid in prange(nw):
+        bb = buf[wid]
+        o_, c_ = ot[wid], ct[wid]
+        while True:
+            it = claim(ctr)
+            if it >= items:
+                break
+            grp = it // (ntp * ncb)
+            tp = (it // ncb) % ntp
+            c0 = (it % ncb) * cb
+            cn = min(cb, cg - c0)
+            # gathered patches: d[k][cc][l] at bb[(k*cb + cc)*nr + l]
+            # (unsigned indices, a select and no branch: LLVM makes the row a vector gather)
+            for k in range(a2):
+                trow = _u((tp * a2 + k) * nr)
+                for cc in range(cn):
+                    base = _u((grp * cg + c0 + cc) * xsc)
+                    dst = _u((k * cb + cc) * nr)
+                    for ll in range(_u(nr)):
+                        o = toffs[trow + ll]
+                        val = x[base + _u(max(o, 0))]
+                        bb[dst + ll] = val if o >= 0 else zero
+            # down the columns: t[i][j][cc][l] = sum_k B^T[i, k] d[k][j][cc][l], at bb[half + ...]
+            for i in range(a):
+                nt = _terms(bi, bc, bn, i, 0, a, 0, a * cb * nr, o_, c_)
+                _comb(bb, half + i * a * cb * nr, bb, o_, c_, nt, a * cb * nr)
+            # along the rows, into V: V[i*a + j] = sum_k B^T[j, k] t[i][k]
+            for i in range(a):
+                for j in range(a):
+                    nt = _terms(bi, bc, bn, j, 0, a, half + i * a * cb * nr, cb * nr, o_, c_)
+                    _comb(v, (((grp * a2 + i * a + j) * ntp + tp) * cg + c0) * nr, bb, o_, c_, nt, cn * nr)
+
+
+@kernel
+def products_out(w, wgs, wks, wcs, flip, v, ntp, cg, kg, g, a, m, cb, tpc, ntiles,
+                 y, ybase, vr, vc, ysk, ysh, ysw, bias, has_bias, ai, ac, an,
+                 up, offs, zeros, mbuf, sbuf, ot, ct, ctr):
+    """Items (group, panel of MR output channels, ``tpc`` panels of NR tiles), claimed: the panel's
+    transformed weights ``U[e][i][c]`` for a block of ``cb`` input channels at a time (a multiple
+    of the vector width) into the worker's ``up`` (from the taps ``w[grp*wgs + kk*wks + c*wcs +
+    tap]``, ``tap`` mirrored with ``flip``), the a*a products ``M[e] (MR x tiles) += U[e] . V[e]`` on the micro-kernel (U's
+    rows read in place through ``offs``), then ``Y = A^T M A (+ b)`` of every tile along the
+    tiles, stored to ``y[ybase[t] + kk*ysk + r*ysh + q*ysw]`` for the ``vr[t] x vc[t]`` part of
+    the tile inside the output."""
+    nw = up.shape[0]
+    mr, nr = _tile_of(y)
+    lanes = _lanes(y)
+    a2 = a * a
+    nkp = -(-kg // mr)
+    ntc = -(-ntp // tpc)
+    items = g * nkp * ntc
+    ldm = tpc * nr
+    sl = mr * ldm
+    ys = m * a * sl  # y4 after the row transform's m*a*MR*ldm
+    for wid in prange(nw):
+        ub, mb, ob = up[wid], mbuf[wid], sbuf[wid]
+        o_, c_ = ot[wid], ct[wid]
+        while True:
+            it = claim(ctr)
+            if it >= items:
+                break
+            grp = it // (nkp * ntc)
+            k0 = ((it // ntc) % nkp) * mr
+            tc0 = (it % ntc) * tpc
+            tpn = min(tpc, ntp - tc0)
+            rows = min(mr, kg - k0)
+            for c0 in range(0, cg, cb):
+                cn = min(cb, cg - c0)
+                for i in range(rows):
+                    wo = grp * wgs + (k0 + i) * wks + c0 * wcs
+                    for cc in range(0, cn, lanes):
+                        if m == 4:
+                            _u_vec4(w, wo + cc * wcs, wcs, flip, cn - cc, ub, i * cb + cc, mr * cb)
+                        else:
+                            _u_vec2(w, wo + cc * wcs, wcs, flip, cn - cc, ub, i * cb + cc, mr * cb)
+                for e in range(a2):
+                    vb = ((grp * a2 + e) * ntp + tc0) * cg + c0
+                    for tp in range(tpn):
+                        ukernel_rowptr(cn, ub, offs, 0, e * mr * cb, zeros, v, (vb + tp * cg) * nr,
+                                       mb, e * sl + tp * nr, ldm, 1 if c0 > 0 else 0, rows)
+            # down the columns: s[r][j] = sum_k A^T[r, k] M[k*a + j] (all MR x ldm at once)
+            for r in range(m):
+                nt = _terms(ai, ac, an, r, 0, a, 0, a * sl, o_, c_)
+                _comb(ob, r * a * sl, mb, o_, c_, nt, a * sl)
+            # along the rows: Y[r*m + q] = sum_k A^T[q, k] s[r][k]
+            for r in range(m):
+                for q in range(m):
+                    nt = _terms(ai, ac, an, q, 0, a, r * a * sl, sl, o_, c_)
+                    _comb(ob, ys + (r * m + q) * sl, ob, o_, c_, nt, sl)
+            for i in range(rows):
+                kk = grp * kg + k0 + i
+                bv = bias[kk] if has_bias else 0
+                for tp in range(tpn):
+                    for ll in range(nr):
+                        t = (tc0 + tp) * nr + ll
+                        if t >= ntiles:
+                            break
+                        yb = ybase[t] + kk * ysk
+                        src = ys + i * ldm + tp * nr + ll
+                        for r in range(vr[t]):
+                            for q in range(vc[t]):
+                                val = ob[src + (r * m + q) * sl]
+                                y[yb + r * ysh + q * ysw] = val + bv if has_bias else val
