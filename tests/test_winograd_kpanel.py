@@ -41,6 +41,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(WK, "_IN_BYTES", 1)
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("m", W.TILES)
 @pytest.mark.parametrize("xs, k, groups, padding", [
     ((3, 5, 11, 13), 7, 1, 1),      # partial tiles at the bottom and right, channels below a vector
