@@ -60,7 +60,7 @@ def _exact(case, x, w, bias, gy):
 
 def _kind(batch):
     """(batch, fused, kpanel) arguments of a KERNELS value: False packed, True batch-wide, "fused",
-    "kpanel" (forward and grad_input only: grad_weight then takes its own choice)."""
+    "kpanel"."""
     return (None, True, None) if batch == "fused" else (None, None, True) if batch == "kpanel" else (batch, None, None)
 
 
@@ -73,7 +73,7 @@ def _winograd(p, x, w, bias, gy, m, batch=None):
     b, f, k = _kind(batch)
     return {"forward": W._run_forward(x, w, bias, p, m, b, fused=f, kpanel=k),
             "grad_input": W.grad_input(gy, w, p, m=m, batch=b, fused=f, kpanel=k),
-            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=b, fused=f)}
+            "grad_weight": W.grad_weight(gy, x, p, m=m, batch=b, fused=f, kpanel=k)}
 
 
 def _is(pl, batch):

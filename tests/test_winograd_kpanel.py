@@ -1,9 +1,9 @@
-"""The Winograd forward by output-channel panels (fastconv._algorithms.winograd_kpanel): the emitted
-G is winograd's; the forward against the float64 reference across blocks of U's channels, tile
-panels per item, partial panels of output channels and tiles, groups and paddings; NCHW and
-channels_last inputs read in place and both output layouts; grad_input's flipped kernel read in
-place; U's float32 transform against a float64 one; results independent of the thread count; the
-plan chosen for the small planes it is for.  (Accuracy against im2col's error and the NaN spread
+"""The Winograd passes by output-channel panels (fastconv._algorithms.winograd_kpanel): the emitted
+G is winograd's; the forward and grad_weight against the float64 reference across blocks of
+channels, tile panels per item, partial panels of output channels and tiles, groups and paddings;
+NCHW and channels_last arrays read in place and both output layouts; grad_input's flipped kernel
+read in place; U's float32 transform against a float64 one; results independent of the thread
+count; the plans chosen for the small planes they are for.  (Accuracy against im2col's error and the NaN spread
 on the shared geometry cases are in test_winograd.py, which runs every kernel.)"""
 import numba
 import numpy as np
@@ -62,6 +62,41 @@ def test_forward_matches_the_reference(xs, k, groups, padding, m, blocks, reques
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
     got = WK.forward(x, w, None, p, m, tpc)
     np.testing.assert_allclose(got, want - b[None, :, None, None], rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("xs, k, groups, padding", [
+    ((3, 5, 11, 13), 7, 1, 1),      # partial tiles, channels below a panel
+    ((2, 20, 9, 6), 34, 2, 0),      # groups; output channels past one MR panel
+    ((1, 3, 5, 5), 2, 1, 2),        # every tile touches the padding
+    ((2, 37, 8, 9), 17, 1, (0, 2)),  # input channels past an NR panel; uneven padding
+    ((9, 4, 7, 7), 5, 1, 1),        # several NR tile panels and a partial last one
+])
+@pytest.mark.parametrize("blocks", ["planned", "small"])
+def test_grad_weight_matches_the_reference(xs, k, groups, padding, m, blocks, request):
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    x, w, b, p = _problem(xs, k, groups, padding)
+    gy = np.random.default_rng(1).standard_normal((p.n, p.k, p.oh, p.ow))
+    want = ref.conv2d_grad_weight(gy, x, w.shape, padding=padding, groups=groups)
+    got = WK.grad_weight(gy, x, p, m, WK.gw_plan(p, m, numba.get_num_threads())[0])
+    assert got.shape == want.shape and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_weight_reads_either_layout_in_place(dtype):
+    x, w, b, p = _problem((3, 24, 10, 9), 20, dtype=dtype)
+    gy = np.random.default_rng(1).standard_normal((p.n, p.k, p.oh, p.ow)).astype(dtype)
+    cb = WK.gw_plan(p, 4, numba.get_num_threads())[0]
+    want = WK.grad_weight(gy, x, p, 4, cb)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    np.testing.assert_array_equal(WK.grad_weight(nhwc.channels_last_view(gyh), x, p, 4, cb), want)
+    np.testing.assert_array_equal(WK.grad_weight_nhwc(gyh, xh, p, 4, cb), want)
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    ref_gw = ref.conv2d_grad_weight(gy.astype(np.float64), x.astype(np.float64), w.shape, padding=1)
+    np.testing.assert_allclose(want, ref_gw, rtol=tol, atol=tol * np.abs(ref_gw).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -129,24 +164,26 @@ def test_u_vectors_are_g_w_gt(m):
 
 def test_results_do_not_depend_on_the_thread_count():
     x, w, b, p = _problem((4, 24, 9, 9), 40, dtype=np.float32)
+    gy = np.random.default_rng(1).standard_normal((p.n, p.k, p.oh, p.ow)).astype(np.float32)
     prev = numba.get_num_threads()
     try:
         outs = []
         for t in sorted({1, prev}):
             numba.set_num_threads(t)
-            outs.append(WK.forward(x, w, b, p, 4, 1))
+            outs.append((WK.forward(x, w, b, p, 4, 1), WK.grad_weight(gy, x, p, 4, 32)))
     finally:
         numba.set_num_threads(prev)
-    for o in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0])
+    for y, gw in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0][0])
+        np.testing.assert_array_equal(gw, outs[0][1])
 
 
 def test_small_deep_planes_take_it_and_a_small_budget_refuses():
     # resnet50-3x3-512's 7x7 planes: the weights' transform per panel is what the plan is for
     _, _, _, p = _problem((8, 512, 7, 7), 512, dtype=np.float32)
-    assert W._cached_plan(p, "forward").kpanel
+    assert W._cached_plan(p, "forward").kpanel and W._cached_plan(p, "grad_weight").kpanel
     _, _, _, p = _problem((2, 8, 9, 9), 8, dtype=np.float32)
     import dataclasses
     small = dataclasses.replace(p, workspace_limit=1024)
-    reason = WK.plan(small, 4, 2)
-    assert isinstance(reason, str) and "workspace_limit is 1024" in reason
+    for reason in (WK.plan(small, 4, 2), WK.gw_plan(small, 4, 2)):
+        assert isinstance(reason, str) and "workspace_limit is 1024" in reason

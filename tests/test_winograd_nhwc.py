@@ -89,7 +89,7 @@ def test_channels_last_calls_run_it_natively_and_keep_the_layout(monkeypatch):
     xc, gyc = _cl(x), _cl(gy)
     read = []
     for mod, name in ((WF, "forward"), (WN, "forward"), (WK, "forward_nhwc"), (WF, "grad_weight"),
-                      (WN, "grad_weight")):
+                      (WN, "grad_weight"), (WK, "grad_weight_nhwc")):
         def spy(a, *args, _real=getattr(mod, name), **kw):
             read.append(a)
             return _real(a, *args, **kw)

@@ -17,7 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._jit import kernel
-from ._gemm_kernels import VBYTES, _vector_tools
+from ._gemm_kernels import ISA, TILES, VBYTES, _emit_ukernel, _switch_rows, _ukernel_types, _vector_tools
 from ._winograd_nhwc_kernels import _comb, _terms
 from .common import claim
 from .gemm import _lanes, _tile_of, ukernel_rowptr
@@ -113,21 +113,24 @@ _u_vec2 = _u_intrinsic(2)
 
 
 @kernel
-def transform_in(x, xsc, toffs, v, cg, g, a, ntp, cb, bi, bc, bn, buf, ot, ct, zeros, ctr):
-    """``V[grp][e][tp][c][l] = (B^T d B)[e]`` of tile ``tp*NR + l``'s a x a patch ``d`` of input
-    channel ``grp*cg + c``, at ``v[(((grp*a*a + e)*ntp + tp)*cg + c)*NR + l]``.
+def transform_in(x, xsc, toffs, v, cg, g, ai, a, ntp, cb, bi, bc, bn, buf, ot, ct, zeros, ctr):
+    """``V[grp][e][tp][c][l] = (B d B^T)[e]`` of tile ``tp*NR + l``'s ai x ai patch ``d`` of channel
+    ``grp*cg + c``, at ``v[(((grp*a*a + e)*ntp + tp)*cg + c)*NR + l]``, for the a x ai transform
+    ``B`` given by its rows' terms ``(bi, bc, bn)``: the forward's input transform (ai = a, ``B^T``
+    of the module's notation), or grad_weight's transform of gy (ai = m, ``A``).
 
-    The patch element k = i*a + j of that tile is ``x[(grp*cg + c)*xsc + toffs[(tp*a*a + k)*NR + l]]``
-    (any layout: the offsets hold the image, row and column strides) or zero where the offset is
-    negative (padding, and the tiles past the last that fill the last panel).  Items are (group,
-    panel, block of ``cb`` channels), claimed; ``buf`` (workers x 2*a*a*cb*NR) holds a block's
+    The patch element k = i*ai + j of that tile is ``x[(grp*cg + c)*xsc + toffs[(tp*ai*ai + k)*NR +
+    l]]`` (any layout: the offsets hold the image, row and column strides) or zero where the offset
+    is negative (padding, and the tiles past the last that fill the last panel).  Items are (group,
+    panel, block of ``cb`` channels), claimed; ``buf`` (workers x (ai + a)*ai*cb*NR) holds a block's
     gathered patches and their column transform."""
     nw = buf.shape[0]
     _, nr = _tile_of(v)
     a2 = a * a
+    p2 = ai * ai
     ncb = -(-cg // cb)
     items = g * ntp * ncb
-    half = a2 * cb * nr
+    half = p2 * cb * nr
     zero = zeros[0]  # (a literal 0 in the select below made the loop float64)
     for wid in prange(nw):
         bb = buf[wid]
@@ -142,8 +145,8 @@ def transform_in(x, xsc, toffs, v, cg, g, a, ntp, cb, bi, bc, bn, buf, ot, ct, z
             cn = min(cb, cg - c0)
             # gathered patches: d[k][cc][l] at bb[(k*cb + cc)*nr + l]
             # (unsigned indices, a select and no branch: LLVM makes the row a vector gather)
-            for k in range(a2):
-                trow = _u((tp * a2 + k) * nr)
+            for k in range(p2):
+                trow = _u((tp * p2 + k) * nr)
                 for cc in range(cn):
                     base = _u((grp * cg + c0 + cc) * xsc)
                     dst = _u((k * cb + cc) * nr)
@@ -151,15 +154,138 @@ def transform_in(x, xsc, toffs, v, cg, g, a, ntp, cb, bi, bc, bn, buf, ot, ct, z
                         o = toffs[trow + ll]
                         val = x[base + _u(max(o, 0))]
                         bb[dst + ll] = val if o >= 0 else zero
-            # down the columns: t[i][j][cc][l] = sum_k B^T[i, k] d[k][j][cc][l], at bb[half + ...]
+            # down the columns: t[i][j][cc][l] = sum_k B[i, k] d[k][j][cc][l], at bb[half + ...]
             for i in range(a):
-                nt = _terms(bi, bc, bn, i, 0, a, 0, a * cb * nr, o_, c_)
-                _comb(bb, half + i * a * cb * nr, bb, o_, c_, nt, a * cb * nr)
-            # along the rows, into V: V[i*a + j] = sum_k B^T[j, k] t[i][k]
+                nt = _terms(bi, bc, bn, i, 0, ai, 0, ai * cb * nr, o_, c_)
+                _comb(bb, half + i * ai * cb * nr, bb, o_, c_, nt, ai * cb * nr)
+            # along the rows, into V: V[i*a + j] = sum_k B[j, k] t[i][k]
             for i in range(a):
                 for j in range(a):
-                    nt = _terms(bi, bc, bn, j, 0, a, half + i * a * cb * nr, cb * nr, o_, c_)
+                    nt = _terms(bi, bc, bn, j, 0, ai, half + i * ai * cb * nr, cb * nr, o_, c_)
                     _comb(v, (((grp * a2 + i * a + j) * ntp + tp) * cg + c0) * nr, bb, o_, c_, nt, cn * nr)
+
+
+@kernel
+def transform_in_c(x, xsc, toffs, v, cg, ldv, g, a, tp_all, cb, bi, bc, bn, buf, ot, ct, zeros, ctr):
+    """grad_weight's input transform along the channels: ``V[grp][e][t][c] = (B^T d B)[e]`` of tile
+    t's a x a patch ``d`` of channel ``grp*cg + c``, at ``v[((grp*a*a + e)*tp_all + t)*ldv + c]``
+    for every tile t < tp_all (``toffs`` as :func:`transform_in`'s, NR tiles a panel; the tiles
+    past the last are zeros).  Items are (group, tile, block of ``cb`` channels), claimed; ``buf``
+    (workers x 2*a*a*cb) holds a block's gathered patch and its column transform."""
+    nw = buf.shape[0]
+    _, nr = _tile_of(v)
+    a2 = a * a
+    ncb = -(-cg // cb)
+    items = g * tp_all * ncb
+    half = a2 * cb
+    zero = zeros[0]
+    for wid in prange(nw):
+        bb = buf[wid]
+        o_, c_ = ot[wid], ct[wid]
+        while True:
+            it = claim(ctr)
+            if it >= items:
+                break
+            grp = it // (tp_all * ncb)
+            t = (it // ncb) % tp_all
+            c0 = (it % ncb) * cb
+            cn = min(cb, cg - c0)
+            cbase = (grp * cg + c0) * xsc
+            for k in range(a2):
+                o = toffs[((t // nr) * a2 + k) * nr + t % nr]
+                dst = k * cb
+                if o < 0:
+                    for cc in range(cn):
+                        bb[dst + cc] = zero
+                else:
+                    src = _u(cbase + o)
+                    for cc in range(_u(cn)):
+                        bb[_u(dst) + cc] = x[src + cc * _u(xsc)]
+            for i in range(a):
+                nt = _terms(bi, bc, bn, i, 0, a, 0, a * cb, o_, c_)
+                _comb(bb, half + i * a * cb, bb, o_, c_, nt, a * cb)
+            for i in range(a):
+                for j in range(a):
+                    nt = _terms(bi, bc, bn, j, 0, a, half + i * a * cb, cb, o_, c_)
+                    _comb(v, ((grp * a2 + i * a + j) * tp_all + t) * ldv + c0, bb, o_, c_, nt, cn)
+
+
+@intrinsic
+def ukernel_rowptr_ldb(typingctx, kc, a, offs, ioff, toff, zeros, pb, boff, ldb, c, coff, ldc, acc, rows):
+    """:func:`fastconv._algorithms.gemm.ukernel_rowptr` whose B is not a packed panel but NR columns
+    of a row-major matrix with row stride ``ldb``: ``C[i, j] (+)= sum_p a[offs[ioff + i] + toff + p]
+    * pb[boff + p*ldb + j]``."""
+    if not _ukernel_types(kc, a, ioff, pb, boff, c, coff, ldc, acc):
+        return None
+    if not (isinstance(offs, types.Array) and offs.dtype == types.int64 and offs.ndim == 1
+            and isinstance(zeros, types.Array) and zeros.dtype == a.dtype and zeros.layout == "C"):
+        return None
+    mr, nv = TILES[ISA][c.dtype.bitwidth // 8]
+    sig = types.void(types.intp, a, offs, types.intp, types.intp, zeros, pb, types.intp, types.intp, c,
+                     types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig_, args):
+        # the emitter reads (kc, pa, aoff, pb, boff, c, coff, ldc, acc) at fixed positions, then
+        # the row offsets, the tap offset, the zeros and B's row stride
+        idx = (0, 1, 3, 6, 7, 9, 10, 11, 12, 2, 4, 5, 8)
+        order = [args[i] for i in idx]
+        osig = types.void(*[sig_.args[i] for i in idx])
+        _switch_rows(builder, args[13], range(1, mr + 1), "rowptr_ldb", lambda r: _emit_ukernel(
+            context, builder, osig, order, mr, nv, VBYTES, rows=r, rowptr=(9, 10, 11), ldb=12))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@kernel
+def gw_products(wg, vc, ntp, ldv, cg, kg, g, a, cb, gw, gti, gtc, gtn, mbuf, sbuf, offs, zeros, ot, ct, ctr):
+    """grad_weight by panels of output channels.  Items (group, panel of MR output channels, block
+    of ``cb`` input channels), claimed: ``Mw[e] (MR x cb) = sum_t W[e][k][t] . V[e][t][c]`` on the
+    micro-kernel (W = the transformed gy, ``wg[(((grp*a*a + e)*ntp + tp)*kg + kk)*NR + l]`` for tile
+    ``tp*NR + l``, its rows read in place through ``offs``; V = :func:`transform_in_c`'s, rows of
+    ``ldv``), accumulated over the tile panels, then ``G^T Mw G`` to the 3 x 3 taps (terms of
+    ``G^T``'s rows ``(gti, gtc, gtn)``) stored into ``gw[kk, c, :, :]`` (flat, C-contiguous)."""
+    nw = mbuf.shape[0]
+    mr, nr = _tile_of(wg)
+    a2 = a * a
+    nkp = -(-kg // mr)
+    ncb = -(-cg // cb)
+    items = g * nkp * ncb
+    sl = mr * cb
+    tp_all = ntp * nr
+    for wid in prange(nw):
+        mb, ob = mbuf[wid], sbuf[wid]
+        o_, c_ = ot[wid], ct[wid]
+        while True:
+            it = claim(ctr)
+            if it >= items:
+                break
+            grp = it // (nkp * ncb)
+            k0 = ((it // ncb) % nkp) * mr
+            c0 = (it % ncb) * cb
+            cn = min(cb, cg - c0)
+            rows = min(mr, kg - k0)
+            for e in range(a2):
+                for cp in range(0, cn, nr):
+                    for tp in range(ntp):
+                        ukernel_rowptr_ldb(nr, wg, offs, 0, (((grp * a2 + e) * ntp + tp) * kg + k0) * nr, zeros,
+                                           vc, ((grp * a2 + e) * tp_all + tp * nr) * ldv + c0 + cp, ldv,
+                                           mb, e * sl + cp, cb, 1 if tp > 0 else 0, rows)
+            # along the rows: s[r][v] = sum_j G[j, v] Mw[r*a + j]  (all MR x cb at once)
+            for r in range(a):
+                for vv in range(3):
+                    nt = _terms(gti, gtc, gtn, vv, 0, a, r * a * sl, sl, o_, c_)
+                    _comb(ob, (r * 3 + vv) * sl, mb, o_, c_, nt, sl)
+            # down the columns: tap[u][v] = sum_r G[r, u] s[r][v]
+            for u in range(3):
+                for vv in range(3):
+                    nt = _terms(gti, gtc, gtn, u, 0, a, vv * sl, 3 * sl, o_, c_)
+                    _comb(ob, (3 * a + u * 3 + vv) * sl, ob, o_, c_, nt, sl)
+            for i in range(rows):
+                dst = ((grp * kg + k0 + i) * cg + c0) * 9
+                for cc in range(cn):
+                    for tap in range(9):
+                        gw[dst + cc * 9 + tap] = ob[(3 * a + tap) * sl + i * cb + cc]
 
 
 @kernel

@@ -61,6 +61,15 @@ cost: F(4x4) took 2.9 ms where F(2x2) took 3.7 on resnet50-3x3-64 (vgg16-3x3-128
 32-channel 128x128 U-Net layer 2.5 / 3.3), its error 3.4-3.7e-6 of the largest gradient against
 im2col's 4.6e-7 (8x, within the factor 16 the forward has; tested like it).
 
+By output-channel panels (:mod:`.winograd_kpanel`): forward (and grad_input) and grad_weight
+with the batch's tiles as the micro-kernel's NR columns and MR output channels as its rows; each
+item transforms U for its own rows block by block in L2 (the forward) or turns its Mw block back
+into taps there (grad_weight), so neither U nor Mw (37.7 MB each for resnet50-3x3-512 at F(4x4))
+travels through memory, and both read NCHW or channels_last arrays in place.  It is what small
+planes with many channels take (resnet50-3x3-512 on Zen 4: forward 10 -> 5.5 ms, grad_weight
+9.2 -> 6.2); where it fits, the batch-wide plan is no longer considered (it lost every timed
+layer to it; see :func:`_cached_plan`).
+
 Memory.  Per worker: ``a*a * (cg + kg) * T`` elements of transformed tiles (T the slots of an item,
 rounded up to whole panels) plus rows of scratch; shared: ``U`` packed (``a*a * k * cg`` rounded up
 to MR rows per group, 4x the weight for m = 4) or grad_weight's accumulator.  T is chosen so that
@@ -80,7 +89,8 @@ channel k (forward, and grad_input as a forward pass) is
 
 with ``max|d_c|`` over the tile's a x a input patch, ``max|g_kc|`` over the 9 taps, eps the dtype's
 machine epsilon and ``S_m = max_i sum_{r,j} |A^T[i,e]| |G[e,r]| |B^T[e,j]|`` summed over e too
-(:func:`transform_sum`: S_4 = 48, S_2 = 8): the weight transform rounds once (eps/2), the input
+(:func:`transform_sum`: S_4 = 48, S_2 = 8): the weight transform rounds once (eps/2; a few eps
+where :mod:`.winograd_kpanel` computes it in float32, and likewise its grad_weight's taps), the input
 transform's two passes add up to ~6 eps, the GEMM's channel sum cg eps, the output transform's two
 passes ~8 eps, each relative to the absolute-value transforms that S_m bounds.  The direct sum's
 bound is ``eps * 9*cg * sum |d||g|``: F(4x4)'s worst case is ~28x larger (2304/81), F(2x2)'s
@@ -265,14 +275,17 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None, kpanel=
         tiles = (m,) if m else (2,) if pass_ == "grad_weight" and p.itemsize == 4 else TILES
         if pass_ == "grad_weight" and fused:
             plans = [_fused_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)]
+        elif pass_ == "grad_weight" and kpanel:
+            plans = [_kpanel_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)]
         elif pass_ == "grad_weight" and batch:
             plans = [_batch_plan(p, mm, nthreads) for mm in tiles]
         elif pass_ == "grad_weight":
-            unforced = rowwise is None and batch is None and fused is None
+            unforced = rowwise is None and batch is None and fused is None and kpanel is None
             plans = ([_rows_plan(p, mm, nthreads) for mm in tiles] if rowwise is not False else []) + \
                     ([_plan(p, mm, nthreads) for mm in tiles] if rowwise is not True else []) + \
                     ([_batch_plan(p, mm, nthreads) for mm in tiles] if unforced else []) + \
-                    ([_fused_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)] if unforced else [])
+                    ([_fused_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)] if unforced else []) + \
+                    ([_kpanel_gw_plan(p, mm, nthreads) for mm in ((m,) if m else TILES)] if unforced else [])
         elif fused:
             plans = [_fused_plan(p, mm, nthreads) for mm in tiles]
         elif kpanel:
@@ -284,11 +297,13 @@ def _cached_plan(p, pass_, m=None, rowwise=None, batch=None, fused=None, kpanel=
                     ([_fused_plan(p, mm, nthreads) for mm in tiles] if unforced else []) + \
                     ([_kpanel_plan(p, mm, nthreads) for mm in tiles] if unforced else [])
         fit = [c for c in plans if not isinstance(c, str)]
-        if pass_ == "forward" and batch is None and any(c.kpanel for c in fit):
-            # the batch-wide forward ran 1.2-2.1x slower than the one by output-channel panels on
-            # every layer both serve that was timed (Zen 4, 2 threads: 8x512x7x7 13.0 / 6.3 ms,
-            # 16x256x6x6 3.8 / 3.1, 8x64x56x56 13.6 / 9.9, 32x64x8x8 1.19 / 0.85), while its model,
-            # fitted on the Xeon, read up to 2.6x low there and took it
+        if batch is None and any(c.kpanel for c in fit):
+            # the batch-wide passes ran slower than the ones by output-channel panels on every layer
+            # both serve that was timed (Zen 4, 2 threads; forward 1.2-2.1x: 8x512x7x7 13.0 / 6.3 ms,
+            # 16x256x6x6 3.8 / 3.1, 8x64x56x56 13.6 / 9.9, 32x64x8x8 1.19 / 0.85; float32
+            # grad_weight, F(2x2) batch-wide, 1.05-1.7x: 8x512x7x7 9.2 / 6.2, 32x256x8x8 8.8 / 5.7,
+            # 16x256x6x6 2.8 / 2.7, 8x64x56x56 19.5 / 11.1), while its model, fitted on the Xeon,
+            # read up to 2.6x low there and took it
             fit = [c for c in fit if not c.batch]
         pl = min(fit, key=lambda c: _cost_of(p, pass_, c, nthreads) * (_BATCH_MARGIN if c.batch else 1.0)) \
             if fit else plans[0]
@@ -389,6 +404,11 @@ def _fused_plan(p, m, nthreads):
 def _kpanel_plan(p, m, nthreads):
     """The forward by panels of output channels (:mod:`.winograd_kpanel`), or why it cannot fit."""
     return _nhwc_plan(WK.plan(p, m, nthreads), p, m, nthreads, kpanel=True)
+
+
+def _kpanel_gw_plan(p, m, nthreads):
+    """grad_weight by panels of output channels (:mod:`.winograd_kpanel`), or why it cannot fit."""
+    return _nhwc_plan(WK.gw_plan(p, m, nthreads), p, m, nthreads, kpanel=True)
 
 
 def _fused_gw_plan(p, m, nthreads):
@@ -508,13 +528,16 @@ def grad_input(gy, w, p, m=None, batch=None, fused=None, kpanel=None):
     return _run_forward(gy, w, None, _transposed(p), m, batch, flip=True, fused=fused, kpanel=kpanel)
 
 
-def grad_weight(gy, x, p, m=None, rowwise=None, batch=None, fused=None):
+def grad_weight(gy, x, p, m=None, rowwise=None, batch=None, fused=None, kpanel=None):
     if _dilated(p):  # the sum over the stacked batch is the sum over images and phases
         q = phases.stacked(p)
-        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise, batch, fused)
-    pl = _cached_plan(p, "grad_weight", m, rowwise, batch, fused)
+        return grad_weight(phases.split_output(gy, p, q), phases.split_input(x, p, q), q, m, rowwise, batch, fused,
+                           kpanel)
+    pl = _cached_plan(p, "grad_weight", m, rowwise, batch, fused, kpanel)
     if isinstance(pl, str):  # pragma: no cover - supports() refused it before
         raise ValueError(pl)
+    if pl.kpanel:  # reads NCHW and channels_last arrays in place
+        return WK.grad_weight(gy, x, p, pl.m, pl.rb)
     if pl.fused and not (_nhwc.is_channels_last(gy) and _nhwc.is_channels_last(x)):
         return WF.grad_weight(_contiguous(gy), _contiguous(x), p, pl.m, pl.rb, nchw=True)
     if pl.fused or pl.batch:
@@ -610,7 +633,7 @@ _GEMM_RATE = {4: 80e9, 8: 40e9}
 
 def _cost_of(p, pass_, pl, nthreads):
     if pl.kpanel:
-        return WK.cost(p, pl.m, pl.rb, nthreads)
+        return (WK.gw_cost if pass_ == "grad_weight" else WK.cost)(p, pl.m, pl.rb, nthreads)
     if pl.batch:
         return WN.cost(p, pl.m, pl.rb, nthreads, pass_=pass_)
     if pl.fused:

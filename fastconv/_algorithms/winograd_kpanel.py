@@ -114,28 +114,36 @@ def cost(p, m, tpc, nthreads):
 _TABLES: dict = {}
 
 
-def _tables(p, m, xs, ys):
-    """(toffs, ybase, vr, vc) of the tiles for element strides ``xs`` of the input and ``ys`` of the
-    output, both (n, c, h, w)."""
-    key = (p.n, p.h, p.w, p.oh, p.ow, p.ph0, p.pw0, m, xs, ys, G.tile(p.itemsize))
-    got = _TABLES.get(key)
-    if got is not None:
-        return got
+def _patches(p, m, size, top, left, h, w, xs):
+    """The tiles' patch offsets: element k = i*size + j of the size x size patch of tile t = tp*NR
+    + l (rows from ti*m - top, columns from tj*m - left of an h x w plane with element strides
+    ``xs`` (n, c, h, w)) at ``[(tp*size*size + k)*NR + l]``, -1 outside the plane and past the last
+    tile."""
     _, nr = G.tile(p.itemsize)
-    a = m + 2
     th, tw, total = WN.tiles(p, m)
     ntp = -(-total // nr)
     t = np.arange(ntp * nr)
     img, ti, tj = t // (th * tw), (t // tw) % th, t % tw
-    iy = ti[:, None] * m - p.ph0 + np.arange(a)[None, :]   # (tiles, a) input rows of the patch
-    ix = tj[:, None] * m - p.pw0 + np.arange(a)[None, :]
+    iy = ti[:, None] * m - top + np.arange(size)[None, :]   # (tiles, size) rows of the patch
+    ix = tj[:, None] * m - left + np.arange(size)[None, :]
     off = img[:, None, None] * xs[0] + iy[:, :, None] * xs[2] + ix[:, None, :] * xs[3]
-    ok = ((t < total)[:, None, None] & ((iy >= 0) & (iy < p.h))[:, :, None]
-          & ((ix >= 0) & (ix < p.w))[:, None, :])
-    off = np.where(ok, off, -1).reshape(ntp, nr, a * a)
-    toffs = np.ascontiguousarray(off.transpose(0, 2, 1)).reshape(-1).astype(np.int64)
-    t = t[:total]
-    img, ti, tj = img[:total], ti[:total], tj[:total]
+    ok = ((t < total)[:, None, None] & ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :])
+    off = np.where(ok, off, -1).reshape(ntp, nr, size * size)
+    return np.ascontiguousarray(off.transpose(0, 2, 1)).reshape(-1).astype(np.int64)
+
+
+def _tables(p, m, xs, ys):
+    """(toffs, ybase, vr, vc) of the tiles for element strides ``xs`` of the input and ``ys`` of the
+    output, both (n, c, h, w): the input patches' offsets (:func:`_patches`), each tile's first
+    output and the rows and columns of it inside the output."""
+    key = (p.n, p.h, p.w, p.oh, p.ow, p.ph0, p.pw0, m, xs, ys, G.tile(p.itemsize))
+    got = _TABLES.get(key)
+    if got is not None:
+        return got
+    th, tw, total = WN.tiles(p, m)
+    toffs = _patches(p, m, m + 2, p.ph0, p.pw0, p.h, p.w, xs)
+    t = np.arange(total)
+    img, ti, tj = t // (th * tw), (t // tw) % th, t % tw
     ybase = (img * ys[0] + ti * m * ys[2] + tj * m * ys[3]).astype(np.int64)
     vr = np.minimum(m, p.oh - ti * m).astype(np.int64)
     vc = np.minimum(m, p.ow - tj * m).astype(np.int64)
@@ -176,7 +184,7 @@ def forward(x, w, b, p, m, tpc, flip=False, nhwc_out=False):
     v = scratch("winograd.kv", (p.g * a2 * ntp * p.cg * nr,), dt)
     bi, bc, bn = WN._table(W._BT[m], dt)
     ai, ac, an = WN._table(W._AT[m], dt)
-    K.transform_in(xf, xs[1], toffs, v, p.cg, p.g, a, ntp, cbi, bi, bc, bn,
+    K.transform_in(xf, xs[1], toffs, v, p.cg, p.g, a, a, ntp, cbi, bi, bc, bn,
                    scratch("winograd.kin", (nw, 2 * a2 * cbi * nr), dt), np.zeros((nw, 8), np.int64),
                    np.zeros((nw, 8), dt), np.zeros(1, dt), np.zeros(1, np.int64))
     wf = np.ascontiguousarray(w).reshape(-1)
@@ -197,3 +205,104 @@ def forward(x, w, b, p, m, tpc, flip=False, nhwc_out=False):
 def forward_nhwc(xh, w, b, p, m, tpc, flip=False):
     """:func:`forward` of a C-contiguous NHWC input ``xh`` (N, H, W, C), in NHWC (N, OH, OW, K)."""
     return forward(_nhwc.channels_last_view(xh), w, b, p, m, tpc, flip, nhwc_out=True)
+
+
+# ----------------------------------------------------------------------------------- grad_weight
+def _gw_blocks(p, m):
+    """(cb, cbi, cbc): input channels per item (a multiple of NR), gy's and x's channels per block of
+    their transforms."""
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    nb = -(-p.cg // max(nr, _U_BYTES // (a2 * mr * p.itemsize)))
+    cb = -(-(-(-p.cg // nb)) // nr) * nr
+    cbi = max(1, min(p.kg, _IN_BYTES // ((m + m + 2) * m * nr * p.itemsize)))
+    cbc = max(1, min(p.cg, _IN_BYTES // (2 * a2 * p.itemsize)))
+    return cb, cbi, cbc
+
+
+def gw_plan(p, m, nthreads):
+    """grad_weight's ``(cb, bytes per worker, shared bytes)``, or the reason it does not fit
+    ``p.workspace_limit``."""
+    mr, nr = G.tile(p.itemsize)
+    a = m + 2
+    a2 = a * a
+    _, _, total = WN.tiles(p, m)
+    ntp = -(-total // nr)
+    cb, cbi, cbc = _gw_blocks(p, m)
+    ldv = -(-p.cg // nr) * nr
+    shared = (p.g * a2 * ntp * nr * (p.kg + ldv)) * p.itemsize + ntp * nr * (a2 + m * m) * 8 + p.k * p.cg * 9 * p.itemsize
+    worker = (a2 * mr * cb + (3 * a + 9) * mr * cb + (m + a) * m * cbi * nr + 2 * a2 * cbc) * p.itemsize
+    need = shared + nthreads * worker
+    if need > p.workspace_limit:
+        return (f"needs {need} bytes of workspace (transformed tiles of the batch and per-worker "
+                f"blocks), workspace_limit is {p.workspace_limit}")
+    return cb, worker, shared
+
+
+# Model, seconds on one thread (Zen 4, 2026-12-04, float32, 2 threads; see gw_cost's callers' notes):
+# the products over the MR-row panels of output channels, whole NR columns of input channels and
+# NR-tile panels; the two transforms per transformed element; the taps' transform per element of Mw.
+_GW_V_ELEM = 1.2e-9
+_GW_TAPS = 0.5e-9
+
+
+def gw_cost(p, m, cb, nthreads):
+    """Modelled seconds of grad_weight with F(m x m, 3 x 3)."""
+    mr, nr = G.tile(p.itemsize)
+    a2 = (m + 2) ** 2
+    _, _, total = WN.tiles(p, m)
+    tiles = -(-total // nr) * nr
+    kgp = -(-p.kg // mr) * mr
+    cgp = -(-p.cg // nr) * nr
+    scale = p.itemsize / 4
+    # the k loop of a micro-kernel call is one NR-tile panel long: its tile's load and store
+    # weigh as ~8 more steps
+    gemm = 2.0 * a2 * p.g * kgp * cgp * tiles * (nr + 8) / nr / (_GEMM_RATE * 4 / p.itemsize)
+    trans = scale * (_GW_V_ELEM * a2 * tiles * (p.c + p.k) + _GW_TAPS * a2 * p.g * kgp * cgp)
+    workers = 1.0 + 0.9 * (nthreads - 1)
+    return 3e-5 + (gemm + trans) / workers
+
+
+def grad_weight(gy, x, p, m, cb):
+    """grad_weight (K, C/groups, 3, 3) C-contiguous from ``gy`` (N, K, OH, OW) and ``x`` (N, C, H,
+    W), each NCHW or channels_last, with F(m x m, 3 x 3): ``gw = G^T [sum_tiles (A^T gy A)^T ...]``
+    as :mod:`.winograd` states it, the sums over the batch's tiles on the micro-kernel by panels
+    of output channels (:func:`._winograd_kpanel_kernels.gw_products`)."""
+    dt = p.dtype
+    a = m + 2
+    a2 = a * a
+    mr, nr = G.tile(p.itemsize)
+    gw = np.empty(p.w_shape, dt)
+    if p.n == 0 or gw.size == 0:
+        gw[...] = 0
+        return gw
+    _, _, total = WN.tiles(p, m)
+    ntp = -(-total // nr)
+    cb, cbi, cbc = _gw_blocks(p, m)
+    ldv = -(-p.cg // nr) * nr
+    nw = numba.get_num_threads()
+    gf, gs = _flat(gy)
+    xf, xs = _flat(x)
+    tx = _tables(p, m, xs, (0, 0, 0, 0))[0]
+    tg = _patches(p, m, m, 0, 0, p.oh, p.ow, gs)
+    wg = scratch("winograd.kwg", (p.g * a2 * ntp * p.kg * nr,), dt)
+    ai, ac, an = WN._table(np.ascontiguousarray(W._AT[m].T), dt)
+    K.transform_in(gf, gs[1], tg, wg, p.kg, p.g, m, a, ntp, cbi, ai, ac, an,
+                   scratch("winograd.kin", (nw, (m + a) * m * cbi * nr), dt), np.zeros((nw, 8), np.int64),
+                   np.zeros((nw, 8), dt), np.zeros(1, dt), np.zeros(1, np.int64))
+    vc = scratch("winograd.kvc", (p.g * a2 * ntp * nr * ldv,), dt)
+    bi, bc, bn = WN._table(W._BT[m], dt)
+    K.transform_in_c(xf, xs[1], tx, vc, p.cg, ldv, p.g, a, ntp * nr, cbc, bi, bc, bn,
+                     scratch("winograd.kinc", (nw, 2 * a2 * cbc), dt), np.zeros((nw, 8), np.int64),
+                     np.zeros((nw, 8), dt), np.zeros(1, dt), np.zeros(1, np.int64))
+    gi, gc, gn = WN._table(np.ascontiguousarray(W._G[m].T), dt)
+    K.gw_products(wg, vc, ntp, ldv, p.cg, p.kg, p.g, a, cb, gw.reshape(-1), gi, gc, gn,
+                  scratch("winograd.kgm", (nw, a2 * mr * cb), dt), scratch("winograd.kgs", (nw, (3 * a + 9) * mr * cb), dt),
+                  np.arange(mr, dtype=np.int64) * nr, np.zeros(1, dt), np.zeros((nw, 8), np.int64),
+                  np.zeros((nw, 8), dt), np.zeros(1, np.int64))
+    return gw
+
+
+def grad_weight_nhwc(gyh, xh, p, m, cb):
+    """:func:`grad_weight` of C-contiguous NHWC ``gyh`` (N, OH, OW, K) and ``xh`` (N, H, W, C)."""
+    return grad_weight(_nhwc.channels_last_view(gyh), _nhwc.channels_last_view(xh), p, m, cb)

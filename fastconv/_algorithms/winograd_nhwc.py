@@ -270,5 +270,6 @@ def native_grad_weight(gyh, xh, p):
     pl = _native_plan(p, "grad_weight")
     if pl is None:
         return None
-    from . import winograd_fused
-    return (winograd_fused.grad_weight if pl.fused else grad_weight)(gyh, xh, p, pl.m, pl.rb)
+    from . import winograd_fused, winograd_kpanel
+    return (winograd_fused.grad_weight if pl.fused else winograd_kpanel.grad_weight_nhwc if pl.kpanel
+            else grad_weight)(gyh, xh, p, pl.m, pl.rb)
