@@ -251,8 +251,8 @@ def main(argv=None):
                 "date": time.strftime("%Y-%m-%d"), "numba": numba.__version__, "numpy": np.__version__,
                 "python": platform.python_version(), "cases": len(rows), "accuracy": acc, "accuracy_all": total,
                 "coef": coef}
-        isa = _cpuinfo.isa()
-        try:  # the other ISAs' tables stay as they are
+        isa = _cpuinfo.calibration_key()  # this ISA and maker: the other tables stay as they are
+        try:
             with open(CAL_PATH, encoding="utf-8") as f:
                 stored = json.load(f)
         except (OSError, ValueError):

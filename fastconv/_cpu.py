@@ -71,6 +71,28 @@ def isa() -> str:
     return isa_of(cpu_features())
 
 
+@functools.cache
+def vendor() -> str:
+    """'amd', 'intel' or '' (unknown): the CPU's maker, from /proc/cpuinfo.  Machines of one ISA differ
+    by maker in what runs fast (Zen 4 splits 512-bit operations, its gathers are slow), so the
+    calibration of 'auto' keeps a table per ISA and maker (:func:`fastconv._select.table_for`)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    v = line.split(":", 1)[1].strip()
+                    return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(v, "")
+    except OSError:  # pragma: no cover - no procfs
+        pass
+    return ""  # pragma: no cover
+
+
+def calibration_key() -> str:
+    """The calibration table this machine's fit is stored under: 'avx512-amd', or the ISA alone
+    where the maker is unknown."""
+    return f"{isa()}-{vendor()}" if vendor() else isa()
+
+
 def vector_bytes() -> int:
     """Bytes of one vector register for :func:`isa` (64, 32 or 16)."""
     return VECTOR_BYTES[isa()]

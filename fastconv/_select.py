@@ -44,18 +44,21 @@ _dispatch.on_change(_CHOICES.clear)
 _CAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_calibration.json")
 
 
-# Which fitted table serves a CPU: its own ISA's, else the nearest in vector width.  The same machine
-# kind has been a Zen 3 (AVX2) and a Xeon (AVX-512) in successive sessions, and one table fitted on
-# one of them mis-ranked the other's algorithms (winograd's and gemm's rates follow the vector width).
+# Which fitted table serves a CPU: its own ISA's and maker's ("avx512-amd"), else its ISA's of any
+# maker, else the nearest in vector width.  The same machine kind has been a Zen 3 (AVX2), a Xeon
+# (AVX-512) and a Zen 4 (AVX-512) in successive sessions; one table fitted on one of them mis-ranked
+# the others' algorithms (winograd's and gemm's rates follow the vector width; on the Zen 4 the
+# Xeon's table took gemm for alexnet-c1's forward at 7.9 ms where direct took 7.3).
 _ISA_ORDER = {"avx512": ("avx512", "avx2", "portable"), "avx2": ("avx2", "avx512", "portable"),
               "portable": ("portable", "avx2", "avx512")}
 
 
-def table_for(data: dict, isa: str) -> dict:
-    """The calibration table of ``data`` (the parsed ``_calibration.json``) that serves ``isa``.
+def table_for(data: dict, isa: str, vendor: str = "") -> dict:
+    """The calibration table of ``data`` (the parsed ``_calibration.json``) that serves ``isa`` on a
+    CPU of ``vendor`` ('amd', 'intel' or '').
 
-    The file holds one table per ISA under ``"by_isa"``; a file of the older format (one table at
-    the top level) serves every ISA.
+    The file holds one table per ISA, or per ISA and maker (``"avx512-amd"``), under ``"by_isa"``;
+    a file of the older format (one table at the top level) serves every ISA.
 
     Examples
     --------
@@ -65,10 +68,15 @@ def table_for(data: dict, isa: str) -> dict:
     {'im2col/forward': [2.0, 0.0]}
     >>> _select.table_for({"coef": {}}, "avx2")
     {'coef': {}}
+    >>> d["by_isa"]["avx512-amd"] = {"coef": {}}
+    >>> _select.table_for(d, "avx512", "amd"), _select.table_for(d, "avx512", "intel")["coef"]
+    ({'coef': {}}, {'im2col/forward': [2.0, 0.0]})
     """
     tables = data.get("by_isa")
     if tables is None:
         return data
+    if vendor and f"{isa}-{vendor}" in tables:
+        return tables[f"{isa}-{vendor}"]
     for name in _ISA_ORDER.get(isa, (isa,)):
         if name in tables:
             return tables[name]
@@ -81,7 +89,7 @@ def _load_calibration() -> dict:
 
     try:
         with open(_CAL_PATH, encoding="utf-8") as f:
-            return table_for(json.load(f), cpu.isa())
+            return table_for(json.load(f), cpu.isa(), cpu.vendor())
     except (OSError, ValueError, AttributeError):
         return {}
 

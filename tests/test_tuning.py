@@ -161,5 +161,18 @@ def test_calibration_table_follows_the_cpu_isa():
     assert _select.table_for(tables["avx2"], "avx512") is tables["avx2"]
     with open(_select._CAL_PATH, encoding="utf-8") as f:
         shipped = json.load(f)
-    assert set(shipped["by_isa"]) <= {"avx512", "avx2", "portable"}
+    assert set(shipped["by_isa"]) <= {f"{isa}{maker}" for isa in ("avx512", "avx2", "portable")
+                                      for maker in ("", "-amd", "-intel")}
     assert _select.table_for(shipped, _cpu.isa())["coef"]
+    assert _select.table_for(shipped, _cpu.isa(), _cpu.vendor())["coef"]
+
+
+def test_a_makers_own_table_comes_first():
+    own, isa_wide = {"coef": {"direct/forward": [1.0, 0.0]}}, {"coef": {}}
+    data = {"by_isa": {"avx512-amd": own, "avx512": isa_wide}}
+    assert _select.table_for(data, "avx512", "amd") is own
+    assert _select.table_for(data, "avx512", "intel") is isa_wide
+    assert _select.table_for(data, "avx512") is isa_wide
+    assert _select.table_for({"by_isa": {"avx512-amd": own}}, "avx512", "intel") == {}
+    assert _cpu.vendor() in ("amd", "intel", "")
+    assert _cpu.calibration_key().startswith(_cpu.isa())
