@@ -28,6 +28,10 @@ CASES = [
     ("groups-dilated", (2, 6, 20, 18), (9, 2, 3, 3), {"groups": 3, "dilation": 2, "padding": 2}),
     # 1x1 without padding: the input's planes are read in place and gathered as one run per tap
     ("1x1", (2, 16, 19, 17), (MR + 1, 16, 1, 1), {}),
+    # ... with more channels per group than kc, taken as one block (implicit._forward_blk), partial
+    # row panels, an edge panel of 16 positions
+    ("1x1-in-place-kc-groups", (2, 2 * (int(G.blocking(np.float32)[0]) + 5), 16, 19),
+     (2 * (MR + 2), int(G.blocking(np.float32)[0]) + 5, 1, 1), {"groups": 2}),
     ("1x1-stride2", (2, 4, 17, 18), (3, 4, 1, 1), {"stride": 2}),
     ("kernel-eq-input", (2, 2, 4, 5), (3, 2, 4, 5), {}),
     # two kc blocks of taps (225 for float32, kc 192): the forward runs panel by panel through both
@@ -66,6 +70,16 @@ def _reference(x, w, b, gy, kw):
 def test_against_reference(case, dtype):
     x, w, b, gy, kw = _make(case, dtype)
     assert_results(_results(x, w, b, gy, kw), _reference(x, w, b, gy, kw), dtype, scale=4.0)
+
+
+def test_unpadded_unit_stride_1x1_layers_take_their_channels_in_one_block():
+    by_id = {c[0]: c for c in CASES}
+    for name, want in (("1x1", True), ("1x1-in-place-kc-groups", True), ("1x1-stride2", False), ("edge-tiles", False)):
+        _, xs, ws, kw = case = by_id[name]
+        p = conv_params("t", xs, ws, np.float32, kw.get("stride", 1), kw.get("padding", 0), 1, kw.get("groups", 1))
+        assert implicit._pointwise_in_place(p) is want, case[0]
+        if want:
+            assert implicit._forward_blk(p)[0] == max(int(G.blocking(np.float32)[0]), min(512, p.cg)), case[0]
 
 
 def test_a_block_of_taps_a_little_longer_than_kc_is_not_split():
