@@ -16,15 +16,7 @@ from fastconv._algorithms import nhwc
 from fastconv._algorithms import winograd as W
 from fastconv._algorithms import winograd_kpanel as WK
 from fastconv._validation import conv_params
-
-
-def _problem(xs, k, groups=1, padding=1, dtype=np.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(xs).astype(dtype)
-    w = rng.standard_normal((k, xs[1] // groups, 3, 3)).astype(dtype)
-    b = rng.standard_normal(k).astype(dtype)
-    p = conv_params("conv2d", xs, w.shape, np.dtype(dtype), 1, padding, 1, groups)
-    return x, w, b, p
+from test_winograd_fused import _problem
 
 
 def test_the_emitted_g_is_winograds():

@@ -16,7 +16,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._jit import kernel
+from .._jit import kernel, micro
 from ._gemm_kernels import ISA, TILES, VBYTES, _emit_ukernel, _switch_rows, _ukernel_types, _vector_tools
 from ._winograd_nhwc_kernels import _comb, _terms
 from .common import claim
@@ -112,6 +112,14 @@ _u_vec4 = _u_intrinsic(4)
 _u_vec2 = _u_intrinsic(2)
 
 
+@micro
+def _item(it, nmid, nblk, blk, total):
+    # item it = (group*nmid + mid)*nblk + block: (group, mid, the block's first index (block*blk)
+    # and its length, at most blk of total)
+    b0 = (it % nblk) * blk
+    return it // (nmid * nblk), (it // nblk) % nmid, b0, min(blk, total - b0)
+
+
 @kernel
 def transform_in(x, xsc, toffs, v, cg, g, ai, a, ntp, cb, bi, bc, bn, buf, ot, ct, zeros, ctr):
     """``V[grp][e][tp][c][l] = (B d B^T)[e]`` of tile ``tp*NR + l``'s ai x ai patch ``d`` of channel
@@ -139,12 +147,9 @@ def transform_in(x, xsc, toffs, v, cg, g, ai, a, ntp, cb, bi, bc, bn, buf, ot, c
             it = claim(ctr)
             if it >= items:
                 break
-            grp = it // (ntp * ncb)
-            tp = (it // ncb) % ntp
-            c0 = (it % ncb) * cb
-            cn = min(cb, cg - c0)
-            # gathered patches: d[k][cc][l] at bb[(k*cb + cc)*nr + l]
-            # (unsigned indices, a select and no branch: LLVM makes the row a vector gather)
+            grp, tp, c0, cn = _item(it, ntp, ncb, cb, cg)
+            # gathered patches: d[k][cc][l] at bb[(k*cb + cc)*nr + l] (unsigned indices and a select:
+            # LLVM still keeps the loop scalar on Zen 4, whose gathers its cost model finds dear)
             for k in range(p2):
                 trow = _u((tp * p2 + k) * nr)
                 for cc in range(cn):
@@ -186,10 +191,7 @@ def transform_in_c(x, xsc, toffs, v, cg, ldv, g, a, tp_all, cb, bi, bc, bn, buf,
             it = claim(ctr)
             if it >= items:
                 break
-            grp = it // (tp_all * ncb)
-            t = (it // ncb) % tp_all
-            c0 = (it % ncb) * cb
-            cn = min(cb, cg - c0)
+            grp, t, c0, cn = _item(it, tp_all, ncb, cb, cg)
             cbase = (grp * cg + c0) * xsc
             for k in range(a2):
                 o = toffs[((t // nr) * a2 + k) * nr + t % nr]
@@ -260,10 +262,8 @@ def gw_products(wg, vc, ntp, ldv, cg, kg, g, a, cb, gw, gti, gtc, gtn, mbuf, sbu
             it = claim(ctr)
             if it >= items:
                 break
-            grp = it // (nkp * ncb)
-            k0 = ((it // ncb) % nkp) * mr
-            c0 = (it % ncb) * cb
-            cn = min(cb, cg - c0)
+            grp, kp, c0, cn = _item(it, nkp, ncb, cb, cg)
+            k0 = kp * mr
             rows = min(mr, kg - k0)
             for e in range(a2):
                 for cp in range(0, cn, nr):
@@ -316,10 +316,8 @@ def products_out(w, wgs, wks, wcs, flip, v, ntp, cg, kg, g, a, m, cb, tpc, ntile
             it = claim(ctr)
             if it >= items:
                 break
-            grp = it // (nkp * ntc)
-            k0 = ((it // ntc) % nkp) * mr
-            tc0 = (it % ntc) * tpc
-            tpn = min(tpc, ntp - tc0)
+            grp, kp, tc0, tpn = _item(it, nkp, ntc, tpc, ntp)
+            k0 = kp * mr
             rows = min(mr, kg - k0)
             for c0 in range(0, cg, cb):
                 cn = min(cb, cg - c0)

@@ -86,9 +86,10 @@ def plan(p, m, nthreads):
 # Model, seconds on one thread, fitted on the 2-core Zen 4 (AVX-512, 2026-12-04, float32, 2 threads,
 # 8x512x7x7, 32x512x4x4, 8x256x14x14, 16x256x6x6 and 8x64x56x56 at F(4x4) and F(2x2)): the products
 # at 110 GFLOP/s per thread over the MR-row panels of output channels and NR-column panels of tiles
-# they compute (8x512x7x7's F(4x4) products ran at ~220 on two); U's transform 0.3 ns per element
-# per item (recomputed by each item of a panel); the input transform (a gather from the table of offsets) 1.2 ns per element of V; the
-# output transform and its scattered stores 0.75 ns per element of M and of the output tiles.
+# they compute (8x512x7x7's F(4x4) products ran at ~220 on two); U's transform 0.3 ns per element,
+# recomputed by each item of a panel; the input transform (a gather through the table of offsets)
+# 1.2 ns per element of V; the output transform and its scattered stores 0.75 ns per element of M
+# and of the output tiles.
 _GEMM_RATE = 110e9 * G.VBYTES / 64
 _U_ELEM = 0.3e-9
 _V_ELEM = 1.2e-9
@@ -239,9 +240,11 @@ def gw_plan(p, m, nthreads):
     return cb, worker, shared
 
 
-# Model, seconds on one thread (Zen 4, 2026-12-04, float32, 2 threads; see gw_cost's callers' notes):
-# the products over the MR-row panels of output channels, whole NR columns of input channels and
-# NR-tile panels; the two transforms per transformed element; the taps' transform per element of Mw.
+# Model, seconds on one thread (Zen 4, 2026-12-04, float32, 2 threads; 8x512x7x7, 32x512x4x4,
+# 32x256x8x8, 16x256x6x6, 8x128x28x28, 8x64x56x56: 6.2 / 6.5 / 5.7 / 2.7 / 6.3 / 11.1 ms measured,
+# 6.9 / 6.9 / 5.9 / 3.2 / 5.8 / 7.7 modelled): the products at the forward's rate over the MR-row
+# panels of output channels, whole NR columns of input channels and NR-tile panels; the two
+# transforms per transformed element; the taps' transform per element of Mw.
 _GW_V_ELEM = 1.2e-9
 _GW_TAPS = 0.5e-9
 
