@@ -108,8 +108,15 @@ def cost(p, m, tpc, nthreads):
     gemm = 2.0 * a2 * p.g * kgp * p.cg * ntp * nr / (_GEMM_RATE * 4 / p.itemsize)
     u = scale * _U_ELEM * a2 * p.g * kgp * p.cg * ntc
     v = scale * (_V_ELEM * a2 * ntp * nr * p.c + _Y_ELEM * (a2 + m * m) * ntp * nr * p.k)
-    workers = 1.0 + 0.9 * (nthreads - 1)
-    return 3e-5 + (gemm + u + v) / workers
+    return 3e-5 + (gemm + u) / _workers(p.g * (kgp // mr) * ntc, nthreads) + v / _workers(ntp, nthreads)
+
+
+def _workers(items, nthreads):
+    """Workers' worth of time ``items`` equal items take on ``nthreads`` (the last round runs
+    part-full: 3 output-channel panels of a 32-channel layer kept one of two workers idle a third
+    of the time), each extra worker counted at 0.9."""
+    rounds = -(-items // nthreads)
+    return max(1.0, items / rounds) * (0.9 + 0.1 / max(1, nthreads))
 
 
 _TABLES: dict = {}
@@ -261,9 +268,17 @@ def gw_cost(p, m, cb, nthreads):
     # the k loop of a micro-kernel call is one NR-tile panel long: its tile's load and store
     # weigh as ~8 more steps
     gemm = 2.0 * a2 * p.g * kgp * cgp * tiles * (nr + 8) / nr / (_GEMM_RATE * 4 / p.itemsize)
-    trans = scale * (_GW_V_ELEM * a2 * tiles * (p.c + p.k) + _GW_TAPS * a2 * p.g * kgp * cgp)
-    workers = 1.0 + 0.9 * (nthreads - 1)
-    return 3e-5 + (gemm + trans) / workers
+    taps = scale * _GW_TAPS * a2 * p.g * kgp * cgp
+    cb, cbi, cbc = _gw_blocks(p, m)
+    # the transforms' work plus ~25 ns per call of their 1-D passes (one tile per item along the
+    # channels: 32x32x14x14's 512 tiles made 21,500 calls)
+    trans = scale * _GW_V_ELEM * a2 * tiles * (p.c + p.k) + _CALL * (
+        tiles * p.g * -(-p.cg // cbc) * (m + 2) * (m + 3) + tiles // nr * p.g * -(-p.kg // cbi) * (m + 2) * (m + 3))
+    items = p.g * (kgp // mr) * -(-p.cg // cb)
+    return 3e-5 + (gemm + taps) / _workers(items, nthreads) + trans / _workers(tiles, nthreads)
+
+
+_CALL = 25e-9
 
 
 def grad_weight(gy, x, p, m, cb):
