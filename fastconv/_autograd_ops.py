@@ -207,9 +207,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
         return Tensor(y)
 
     def backward(g, needs):
+        # (no bias: its gradient's pass over g is skipped, None in its place)
         if needs[0]:
-            return F.conv2d_backward(g, xd, wd, stride, padding, dilation, groups, algorithm=algorithm)
-        gw, gb = F.conv2d_grad_weight(g, xd, wd, stride, padding, dilation, groups, algorithm=algorithm)
+            return F.conv2d_backward(g, xd, wd, stride, padding, dilation, groups, algorithm=algorithm,
+                                     bias=bd is not None)
+        gw, gb = F.conv2d_grad_weight(g, xd, wd, stride, padding, dilation, groups, algorithm=algorithm,
+                                      bias=bd is not None)
         return None, gw, gb
     return _recorded("Conv2dBackward", y, (x, weight, bias), backward)
 

@@ -137,18 +137,24 @@ def _conv2d_impl(x, weight, bias, stride, padding, dilation, groups, same):
     return _layout_tensor(y)
 
 
-def _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same):
+def _bias_tensor(gb, weight):
+    """grad_bias as a tensor; zeros where it was not computed (``need_bias`` False: the operators
+    always return one)."""
+    return _tensor(gb) if gb is not None else weight.new_zeros((weight.shape[0],))
+
+
+def _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same, need_bias=True):
     with _pool_threads():
         g = _fc.conv2d_backward(_layout_array(grad), _layout_array(x), _array(weight), tuple(stride),
-                                _conv_padding(padding, same), tuple(dilation), groups)
-    return _layout_tensor(g.grad_input), _tensor(g.grad_weight), _tensor(g.grad_bias)
+                                _conv_padding(padding, same), tuple(dilation), groups, bias=need_bias)
+    return _layout_tensor(g.grad_input), _tensor(g.grad_weight), _bias_tensor(g.grad_bias, weight)
 
 
-def _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same):
+def _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same, need_bias=True):
     with _pool_threads():
         gw, gb = _fc.conv2d_grad_weight(_layout_array(grad), _layout_array(x), _array(weight), tuple(stride),
-                                        _conv_padding(padding, same), tuple(dilation), groups)
-    return _tensor(gw), _tensor(gb)
+                                        _conv_padding(padding, same), tuple(dilation), groups, bias=need_bias)
+    return _tensor(gw), _bias_tensor(gb, weight)
 
 
 @torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
@@ -167,27 +173,30 @@ def _(x, weight, bias, stride, padding, dilation, groups, same):
 
 @torch.library.custom_op("fastconv::conv2d_backward", mutates_args=(), device_types="cpu")
 def _conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
-                        dilation: List[int], groups: int, same: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    # grad_input, grad_weight and grad_bias, each pass with its own algorithm
-    return _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same)
+                        dilation: List[int], groups: int, same: bool,
+                        need_bias: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    # grad_input, grad_weight and grad_bias, each pass with its own algorithm (grad_bias zeros, not
+    # computed, without need_bias: a layer without bias)
+    return _conv2d_backward_impl(grad, x, weight, stride, padding, dilation, groups, same, need_bias)
 
 
 @_conv2d_backward_op.register_fake
-def _(grad, x, weight, stride, padding, dilation, groups, same):
+def _(grad, x, weight, stride, padding, dilation, groups, same, need_bias=True):
     return torch.empty_like(x, memory_format=_format(x)), \
         torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
 
 
 @torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=(), device_types="cpu")
 def _conv2d_grad_weight_op(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
-                           dilation: List[int], groups: int, same: bool) -> Tuple[Tensor, Tensor]:
+                           dilation: List[int], groups: int, same: bool,
+                           need_bias: bool = True) -> Tuple[Tensor, Tensor]:
     # grad_weight and grad_bias only: a first layer's input needs no gradient, and its grad_input
     # pass would be the most expensive of the three (it is as large as the network's input)
-    return _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same)
+    return _conv2d_grad_weight_impl(grad, x, weight, stride, padding, dilation, groups, same, need_bias)
 
 
 @_conv2d_grad_weight_op.register_fake
-def _(grad, x, weight, stride, padding, dilation, groups, same):
+def _(grad, x, weight, stride, padding, dilation, groups, same, need_bias=True):
     return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
 
 
@@ -214,9 +223,9 @@ def _conv2d_gradients(ctx, grad, backward, grad_weight):
         return (next(got) if need_x else None, next(got) if need_w else None,
                 next(got) if need_b else None, None, None, None, None, None)
     if need_x:
-        gx, gw, gb = backward(grad, x, weight, stride, padding, dilation, groups, same)
+        gx, gw, gb = backward(grad, x, weight, stride, padding, dilation, groups, same, need_b)
     elif need_w or need_b:
-        gw, gb = grad_weight(grad, x, weight, stride, padding, dilation, groups, same)
+        gw, gb = grad_weight(grad, x, weight, stride, padding, dilation, groups, same, need_b)
     return gx, gw if need_w else None, gb if need_b else None, None, None, None, None, None
 
 

@@ -136,7 +136,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
 @reports_memory
 def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
-                    workspace_limit=None):
+                    workspace_limit=None, bias=True):
     """Gradients of :func:`conv2d` with respect to input, weight and bias.
 
     ``grad_input`` is the transposed convolution of ``grad_output`` with the weight -- the
@@ -155,6 +155,9 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
         both and raises if it cannot serve either.
     workspace_limit : int, optional
         Scratch-memory budget of this call in bytes (default: :func:`fastconv.get_workspace_limit`).
+    bias : bool
+        Whether to compute ``grad_bias`` (default); ``False`` (a layer without bias) skips its pass
+        over ``grad_output`` and returns None in its place.
 
     Returns
     -------
@@ -176,6 +179,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
            [4., 4.]]), array([4.]))
     """
     fn = "conv2d_backward"
+    bias = V._bool(fn, "bias", bias)
     grad_output, x, squeeze = _unbatched_pair(fn, grad_output, x)
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
@@ -185,9 +189,10 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     alg_i = select(fn, algorithm, p, "grad_input", threads)
     alg_w = select(fn, algorithm, p, "grad_weight", threads)
     if p.n == 0:
-        return Conv2dGrads(np.zeros(full.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype))
+        return Conv2dGrads(np.zeros(full.x_shape, p.dtype), np.zeros(p.w_shape, p.dtype),
+                           np.zeros(p.k, p.dtype) if bias else None)
     if _nhwc.is_channels_last(x):
-        gx, gw, gb = _backward_channels_last(grad_output, x, weight, p, alg_i, alg_w, algorithm)
+        gx, gw, gb = _backward_channels_last(grad_output, x, weight, p, alg_i, alg_w, algorithm, bias)
     else:
         grad_output = _nhwc.to_nchw(grad_output)  # a channels_last gradient of an NCHW input
         dw = _dw_via_nhwc(p, algorithm, weight)
@@ -204,7 +209,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
         else:
             gx = alg_i.grad_input(grad_output, weight, p)
             gw = alg_w.grad_weight(grad_output, x, p)
-        gb = bias_grad(grad_output)
+        gb = bias_grad(grad_output) if bias else None
     if p is not full:  # the reduced 1x1 layer's input gradient lands on every stride-th position
         gx = _spread(gx, full)
     return Conv2dGrads(V.squeezed(gx, squeeze), gw, gb)
@@ -325,7 +330,7 @@ def _depthwise(p, alg, algorithm, w):
     return algorithm in ("auto", "direct") and _nhwc.depthwise_serves(p, w)
 
 
-def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
+def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm, bias=True):
     """conv2d_backward of a channels_last ``x``: grad_input in ``x``'s layout, each pass native or on
     NCHW copies (made once, when a pass needs them)."""
     gyh = _nhwc.to_nhwc(gy)
@@ -352,7 +357,7 @@ def _backward_channels_last(gy, x, w, p, alg_i, alg_w, algorithm):
         gw = g
     else:
         gw = alg_w.grad_weight(as_nchw("gy", gy), as_nchw("x", x), p)
-    return _nhwc.channels_last_view(gxh), gw, _nhwc.bias_grad(gyh)
+    return _nhwc.channels_last_view(gxh), gw, _nhwc.bias_grad(gyh) if bias else None
 
 
 def _unbatched_pair(fn, grad_output, x):
@@ -586,11 +591,12 @@ def relu_backward(grad_output, x):
 
 
 def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto",
-                       workspace_limit=None):
+                       workspace_limit=None, bias=True):
     """Weight and bias gradients of :func:`conv2d` without the input gradient.
 
-    :func:`conv2d_backward` always computes all three; a network's first layer needs no input
-    gradient, which is a third of that layer's backward time.
+    :func:`conv2d_backward` computes the input gradient too; a network's first layer needs none,
+    which is a third of that layer's backward time.  Arguments as :func:`conv2d_backward`'s
+    (``bias=False``: no ``grad_bias``, None in its place).
 
     Returns
     -------
@@ -605,23 +611,26 @@ def conv2d_grad_weight(grad_output, x, weight, stride=1, padding=0, dilation=1, 
            [4., 4.]]), array([4.]))
     """
     fn = "conv2d_grad_weight"
+    bias = V._bool(fn, "bias", bias)
     grad_output, x, _ = _unbatched_pair(fn, grad_output, x)
     grad_output, x, weight, p = V.check_conv2d_backward(fn, grad_output, x, weight, stride, padding,
                                                         dilation, groups, workspace_limit)
     threads = apply_threads(p.macs)
     alg = select(fn, algorithm, p, "grad_weight", threads)
     if p.n == 0:
-        return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype)
+        return np.zeros(p.w_shape, p.dtype), np.zeros(p.k, p.dtype) if bias else None
     if _nhwc.is_channels_last(x):
         gyh = _nhwc.to_nhwc(grad_output)
+        gb = _nhwc.bias_grad(gyh) if bias else None
         if _depthwise(p, alg, algorithm, weight):
-            return _nhwc.dw_grad_weight(gyh, _nhwc.to_nhwc(x), p), _nhwc.bias_grad(gyh)
+            return _nhwc.dw_grad_weight(gyh, _nhwc.to_nhwc(x), p), gb
         if _native(p, alg, algorithm, "grad_weight"):
-            return _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p), _nhwc.bias_grad(gyh)
-        return alg.grad_weight(_nhwc.to_nchw(grad_output), _nhwc.to_nchw(x), p), _nhwc.bias_grad(gyh)
+            return _nhwc.grad_weight(gyh, _nhwc.to_nhwc(x), p), gb
+        return alg.grad_weight(_nhwc.to_nchw(grad_output), _nhwc.to_nchw(x), p), gb
     grad_output = _nhwc.to_nchw(grad_output)
+    gb = bias_grad(grad_output) if bias else None
     if _dw_via_nhwc(p, algorithm, weight):
-        return _nhwc.dw_grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), bias_grad(grad_output)
+        return _nhwc.dw_grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), gb
     if _via_nhwc(p, alg, algorithm, "grad_weight"):
-        return _nhwc.grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), bias_grad(grad_output)
-    return alg.grad_weight(grad_output, x, p), bias_grad(grad_output)
+        return _nhwc.grad_weight(_nhwc.to_nhwc(grad_output), _nhwc.to_nhwc(x), p), gb
+    return alg.grad_weight(grad_output, x, p), gb

@@ -399,3 +399,18 @@ def test_dataloader_batches():
         fastconv.DataLoader(x, y[:6])
     with pytest.raises(ValueError, match=r"DataLoader: batch_size must be positive, got 0"):
         fastconv.DataLoader(x, batch_size=0)
+
+
+def test_a_convolution_without_bias_skips_the_bias_gradient(monkeypatch):
+    from fastconv import functional as Fn
+    seen = []
+    real = Fn.conv2d_backward
+    monkeypatch.setattr(Fn, "conv2d_backward", lambda *a, **k: seen.append(k["bias"]) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    x = A.Parameter(rng.standard_normal((2, 3, 6, 6)))
+    w = A.Parameter(rng.standard_normal((4, 3, 3, 3)))
+    A.conv2d(x, w).sum().backward()
+    want = real(np.ones((2, 4, 4, 4)), np.asarray(x), np.asarray(w))
+    np.testing.assert_allclose(w.grad, want.grad_weight)
+    np.testing.assert_allclose(x.grad, want.grad_input)
+    assert seen == [False]

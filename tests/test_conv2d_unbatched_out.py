@@ -90,3 +90,26 @@ def test_out_with_an_empty_batch_and_a_non_contiguous_input():
     out = np.empty((1, 2, 3, 3))
     fastconv.conv2d(x, w, out=out)
     np.testing.assert_array_equal(out, fastconv.conv2d(x.copy(), w))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ("auto",))
+def test_without_bias_the_bias_gradient_is_skipped_and_the_rest_unchanged(algorithm, layout):
+    x, w, _ = _arrays((2, 4, 9, 8), (6, 4, 3, 3), F32)
+    gy = np.random.default_rng(2).standard_normal((2, 6, 9, 8)).astype(F32)
+    if layout == "channels_last":
+        x, gy = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) for a in (x, gy))
+    kw = {"padding": 1, "algorithm": algorithm}
+    try:
+        full = fastconv.conv2d_backward(gy, x, w, **kw)
+    except ValueError as e:  # an algorithm that cannot serve the case
+        pytest.skip(str(e))
+    lean = fastconv.conv2d_backward(gy, x, w, bias=False, **kw)
+    assert lean.grad_bias is None and full.grad_bias.shape == (6,)
+    np.testing.assert_array_equal(lean.grad_input, full.grad_input)
+    np.testing.assert_array_equal(lean.grad_weight, full.grad_weight)
+    gw, gb = fastconv.conv2d_grad_weight(gy, x, w, bias=False, **kw)
+    assert gb is None
+    np.testing.assert_array_equal(gw, fastconv.conv2d_grad_weight(gy, x, w, **kw)[0])
+    empty = fastconv.conv2d_backward(gy[:0], x[:0], w, bias=False, **kw)
+    assert empty.grad_bias is None and not empty.grad_weight.any()

@@ -137,6 +137,38 @@ def test_opcheck_conv2d_grad_weight(s):
     torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (torch.randn_like(y), x, w, *rest))
 
 
+@pytest.mark.parametrize("s", CONV_SAMPLES[:2], ids=[s[0] for s in CONV_SAMPLES[:2]])
+def test_opcheck_backward_operators_without_the_bias_gradient(s):
+    x, w, _, *rest = _conv_args(s, requires_grad=False)
+    y = F.conv2d(x, w, None, rest[0], "same" if rest[4] else rest[1], rest[2], rest[3])
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastconv.conv2d_backward.default, (gy, x, w, *rest, False))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (gy, x, w, *rest, False))
+
+
+@pytest.mark.parametrize("route", ["eager", "operator"])
+def test_a_layer_without_bias_skips_the_bias_gradient(route, monkeypatch):
+    import fastconv.torch as ftm
+
+    def conv(x, w, b):
+        if route == "eager":
+            return ft.conv2d(x, w, b, 1, 1)
+        return torch.ops.fastconv.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1, False)
+
+    x = _rand((2, 2, 5, 5), F32, 13).requires_grad_()
+    w = _rand((3, 2, 3, 3), F32, 14).requires_grad_()
+    b = _rand((3,), F32, 15).requires_grad_()
+    seen = []
+    real = ftm._fc.conv2d_backward
+    monkeypatch.setattr(ftm._fc, "conv2d_backward", lambda *a, **k: seen.append(k["bias"]) or real(*a, **k))
+    for bias in (None, b):
+        gx, gw = torch.autograd.grad(conv(x, w, bias).square().sum(), (x, w))
+        wx, ww = torch.autograd.grad(F.conv2d(x, w, bias, 1, 1).square().sum(), (x, w))
+        torch.testing.assert_close(gx, wx)
+        torch.testing.assert_close(gw, ww)
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("route", ["eager", "operator"])
 def test_only_needed_grads_are_computed(route, monkeypatch):
     """A first layer (input without grad) runs only the weight-gradient pass: conv2d_backward, which
