@@ -173,7 +173,10 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_small_deep_planes_take_it_and_a_small_budget_refuses():
     # resnet50-3x3-512's 7x7 planes: the weights' transform per panel is what the plan is for
     _, _, _, p = _problem((8, 512, 7, 7), 512, dtype=np.float32)
-    assert W._cached_plan(p, "forward").kpanel and W._cached_plan(p, "grad_weight").kpanel
+    fw, gw = W._cached_plan(p, "forward", kpanel=True), W._cached_plan(p, "grad_weight", kpanel=True)
+    assert not isinstance(fw, str) and not isinstance(gw, str)
+    if G.ISA == "avx512":  # the models were fitted there (Zen 4): forward 10 -> 5.5 ms, grad_weight 9.2 -> 6.2
+        assert W._cached_plan(p, "forward").kpanel and W._cached_plan(p, "grad_weight").kpanel
     _, _, _, p = _problem((2, 8, 9, 9), 8, dtype=np.float32)
     import dataclasses
     small = dataclasses.replace(p, workspace_limit=1024)
