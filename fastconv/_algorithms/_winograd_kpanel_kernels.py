@@ -24,7 +24,8 @@ from .gemm import _lanes, _tile_of, ukernel_rowptr
 
 _u = np.uint64
 
-# G of F(m, 3), as in winograd.py (the emitted code hard-codes it; a test checks both copies agree)
+# G of F(m, 3), as in winograd.py (a test checks both copies agree); _emit_u takes its coefficients
+# from here, in an order that shares the rows' common terms
 G = {
     4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
         (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
@@ -75,14 +76,16 @@ def _emit_u(context, builder, sig, args, m):
     def mul(v, c):
         return builder.fmul(v, splat(ir.Constant(fty, c)))
 
-    def g1d(v0, v1, v2):  # (G v) for the a rows of G, common terms shared (see G)
+    gm = G[m]
+
+    def g1d(v0, v1, v2):  # (G v) for the a rows of G: rows 1 and 2 (and 3 and 4) share their terms
         s = builder.fadd(v0, v2)
+        r12 = [mul(builder.fadd(s, v1), gm[1][1]), mul(builder.fsub(s, v1), gm[2][0])]
         if m == 2:
-            return [v0, mul(builder.fadd(s, v1), 0.5), mul(builder.fsub(s, v1), 0.5), v2]
-        p = builder.call(fma, [v0, splat(ir.Constant(fty, 1 / 24)), mul(v2, 1 / 6)])
-        q = mul(v1, 1 / 12)
-        return [mul(v0, 0.25), mul(builder.fadd(s, v1), -1 / 6), mul(builder.fsub(s, v1), -1 / 6),
-                builder.fadd(p, q), builder.fsub(p, q), v2]
+            return [v0, *r12, v2]
+        p = builder.call(fma, [v0, splat(ir.Constant(fty, gm[3][0])), mul(v2, gm[3][2])])
+        q = mul(v1, gm[3][1])
+        return [mul(v0, gm[0][0]), *r12, builder.fadd(p, q), builder.fsub(p, q), v2]
 
     a = m + 2
     cols = [g1d(g[s], g[3 + s], g[6 + s]) for s in range(3)]  # cols[s][i] = (G g)[i][s]
@@ -118,6 +121,21 @@ def _item(it, nmid, nblk, blk, total):
     # and its length, at most blk of total)
     b0 = (it % nblk) * blk
     return it // (nmid * nblk), (it // nblk) % nmid, b0, min(blk, total - b0)
+
+
+@micro
+def _transform(src, s0, tmp, t0, run, n, ai, ao, ti, tc, tn, dst, d0, dstep, ot, ct):
+    # the separable 2-D transform of an ai x ai grid of runs (element k = i*ai + j's run of ``run``
+    # at src[s0 + k*run]) by the ao x ai matrix whose rows' terms are (ti, tc, tn): down the columns
+    # into tmp (ao x ai runs from t0), then along the rows, the first n of each run of element
+    # e = i*ao + j written to dst[d0 + e*dstep]
+    for i in range(ao):
+        nt = _terms(ti, tc, tn, i, 0, ai, s0, ai * run, ot, ct)
+        _comb(tmp, t0 + i * ai * run, src, ot, ct, nt, ai * run)
+    for i in range(ao):
+        for j in range(ao):
+            nt = _terms(ti, tc, tn, j, 0, ai, t0 + i * ai * run, run, ot, ct)
+            _comb(dst, d0 + (i * ao + j) * dstep, tmp, ot, ct, nt, n)
 
 
 @kernel
@@ -159,15 +177,9 @@ def transform_in(x, xsc, toffs, v, cg, g, ai, a, ntp, cb, bi, bc, bn, buf, ot, c
                         o = toffs[trow + ll]
                         val = x[base + _u(max(o, 0))]
                         bb[dst + ll] = val if o >= 0 else zero
-            # down the columns: t[i][j][cc][l] = sum_k B[i, k] d[k][j][cc][l], at bb[half + ...]
-            for i in range(a):
-                nt = _terms(bi, bc, bn, i, 0, ai, 0, ai * cb * nr, o_, c_)
-                _comb(bb, half + i * ai * cb * nr, bb, o_, c_, nt, ai * cb * nr)
-            # along the rows, into V: V[i*a + j] = sum_k B[j, k] t[i][k]
-            for i in range(a):
-                for j in range(a):
-                    nt = _terms(bi, bc, bn, j, 0, ai, half + i * ai * cb * nr, cb * nr, o_, c_)
-                    _comb(v, (((grp * a2 + i * a + j) * ntp + tp) * cg + c0) * nr, bb, o_, c_, nt, cn * nr)
+            # V[e] = (B d B^T)[e] at v[(((grp*a*a + e)*ntp + tp)*cg + c0)*nr ...], the column pass at bb[half:]
+            _transform(bb, 0, bb, half, cb * nr, cn * nr, ai, a, bi, bc, bn, v,
+                       ((grp * a2 * ntp + tp) * cg + c0) * nr, ntp * cg * nr, o_, c_)
 
 
 @kernel
@@ -203,13 +215,8 @@ def transform_in_c(x, xsc, toffs, v, cg, ldv, g, a, tp_all, cb, bi, bc, bn, buf,
                     src = _u(cbase + o)
                     for cc in range(_u(cn)):
                         bb[_u(dst) + cc] = x[src + cc * _u(xsc)]
-            for i in range(a):
-                nt = _terms(bi, bc, bn, i, 0, a, 0, a * cb, o_, c_)
-                _comb(bb, half + i * a * cb, bb, o_, c_, nt, a * cb)
-            for i in range(a):
-                for j in range(a):
-                    nt = _terms(bi, bc, bn, j, 0, a, half + i * a * cb, cb, o_, c_)
-                    _comb(v, ((grp * a2 + i * a + j) * tp_all + t) * ldv + c0, bb, o_, c_, nt, cn)
+            _transform(bb, 0, bb, half, cb, cn, a, a, bi, bc, bn, v, (grp * a2 * tp_all + t) * ldv + c0,
+                       tp_all * ldv, o_, c_)
 
 
 @intrinsic
@@ -333,15 +340,8 @@ def products_out(w, wgs, wks, wcs, flip, v, ntp, cg, kg, g, a, m, cb, tpc, ntile
                     for tp in range(tpn):
                         ukernel_rowptr(cn, ub, offs, 0, e * mr * cb, zeros, v, (vb + tp * cg) * nr,
                                        mb, e * sl + tp * nr, ldm, 1 if c0 > 0 else 0, rows)
-            # down the columns: s[r][j] = sum_k A^T[r, k] M[k*a + j] (all MR x ldm at once)
-            for r in range(m):
-                nt = _terms(ai, ac, an, r, 0, a, 0, a * sl, o_, c_)
-                _comb(ob, r * a * sl, mb, o_, c_, nt, a * sl)
-            # along the rows: Y[r*m + q] = sum_k A^T[q, k] s[r][k]
-            for r in range(m):
-                for q in range(m):
-                    nt = _terms(ai, ac, an, q, 0, a, r * a * sl, sl, o_, c_)
-                    _comb(ob, ys + (r * m + q) * sl, ob, o_, c_, nt, sl)
+            # Y = A^T M A of all MR x ldm at once: the column pass at ob[0:], Y[r*m + q] at ob[ys + ...]
+            _transform(mb, 0, ob, 0, sl, sl, a, m, ai, ac, an, ob, ys, sl, o_, c_)
             for i in range(rows):
                 kk = grp * kg + k0 + i
                 bv = bias[kk] if has_bias else 0

@@ -124,7 +124,7 @@ def _forward_blk(p):
     # once per block (resnet50-1x1-256, Zen 4, kc 128: 4.9-5.1 -> 4.65-4.7 ms).  Reading the panels
     # in place instead of gathering them was tried and measured no faster (4.8-4.9 with prefetch,
     # 6.5 without: the hardware prefetcher does not follow 256 planes)
-    most = min(512, max(tn, int(blk[0]))) if _pointwise_in_place(p) else blk[0] * 5 // 4
+    most = 512 if _pointwise_in_place(p) else blk[0] * 5 // 4
     if blk[0] < tn <= most:
         blk = blk.copy()
         blk[0] = tn

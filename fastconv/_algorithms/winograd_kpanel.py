@@ -43,13 +43,18 @@ _M_BYTES = 256 << 10   # an item's M (a*a x MR x tpc*NR)
 _IN_BYTES = 128 << 10  # the input transform's gathered and column-transformed block
 
 
+def _dims(p, m):
+    """(MR, NR, a, tiles of the batch, NR-tile panels) of F(m x m, 3 x 3) on ``p``."""
+    mr, nr = G.tile(p.itemsize)
+    total = WN.tiles(p, m)[2]
+    return mr, nr, m + 2, total, -(-total // nr)
+
+
 def _blocks(p, m):
     """(cb, tpc, cbi): input channels per block of U, tile panels per item, channels per block of
     the input transform."""
-    mr, nr = G.tile(p.itemsize)
-    a2 = (m + 2) ** 2
-    _, _, total = WN.tiles(p, m)
-    ntp = -(-total // nr)
+    mr, nr, a, _, ntp = _dims(p, m)
+    a2 = a * a
     lanes = G.VBYTES // p.itemsize
     nb = -(-p.cg // max(lanes, _U_BYTES // (a2 * mr * p.itemsize)))
     cb = -(-(-(-p.cg // nb)) // lanes) * lanes  # whole vectors: U's rows are stored a vector at a time
@@ -60,11 +65,8 @@ def _blocks(p, m):
 
 def _words(p, m):
     """(shared bytes, bytes per worker)."""
-    mr, nr = G.tile(p.itemsize)
-    a = m + 2
+    mr, nr, a, total, ntp = _dims(p, m)
     a2 = a * a
-    _, _, total = WN.tiles(p, m)
-    ntp = -(-total // nr)
     cb, tpc, cbi = _blocks(p, m)
     sl = mr * tpc * nr
     shared = p.g * a2 * ntp * nr * p.cg * p.itemsize + ntp * a2 * nr * 8 + 3 * total * 8
@@ -98,10 +100,8 @@ _Y_ELEM = 0.75e-9
 
 def cost(p, m, tpc, nthreads):
     """Modelled seconds of the forward with F(m x m, 3 x 3), ``tpc`` tile panels per item."""
-    mr, nr = G.tile(p.itemsize)
-    a2 = (m + 2) ** 2
-    _, _, total = WN.tiles(p, m)
-    ntp = -(-total // nr)
+    mr, nr, a, _, ntp = _dims(p, m)
+    a2 = a * a
     ntc = -(-ntp // tpc)
     kgp = -(-p.kg // mr) * mr
     scale = p.itemsize / 4
@@ -176,17 +176,14 @@ def forward(x, w, b, p, m, tpc, flip=False, nhwc_out=False):
     output, (N, K, OH, OW) C-contiguous, or (N, OH, OW, K) C-contiguous with ``nhwc_out``.  With
     ``flip``, ``w`` is the layer's weight and the pass grad_input's (``p`` its transposed problem)."""
     dt = p.dtype
-    a = m + 2
+    mr, nr, a, total, ntp = _dims(p, m)
     a2 = a * a
-    mr, nr = G.tile(p.itemsize)
     y = result((p.n, p.oh, p.ow, p.k) if nhwc_out else (p.n, p.k, p.oh, p.ow), dt)
     if p.n == 0 or y.size == 0:
         return y
     ys = (p.oh * p.ow * p.k, 1, p.ow * p.k, p.k) if nhwc_out else (p.k * p.oh * p.ow, p.oh * p.ow, p.ow, 1)
     xf, xs = _flat(x)
     toffs, ybase, vr, vc = _tables(p, m, xs, ys)
-    _, _, total = WN.tiles(p, m)
-    ntp = -(-total // nr)
     cb, _, cbi = _blocks(p, m)
     nw = numba.get_num_threads()
     v = scratch("winograd.kv", (p.g * a2 * ntp * p.cg * nr,), dt)
@@ -219,11 +216,11 @@ def forward_nhwc(xh, w, b, p, m, tpc, flip=False):
 def _gw_blocks(p, m):
     """(cb, cbi, cbc): input channels per item (a multiple of NR), gy's and x's channels per block of
     their transforms."""
-    mr, nr = G.tile(p.itemsize)
-    a2 = (m + 2) ** 2
+    mr, nr, a, _, _ = _dims(p, m)
+    a2 = a * a
     nb = -(-p.cg // max(nr, _U_BYTES // (a2 * mr * p.itemsize)))
     cb = -(-(-(-p.cg // nb)) // nr) * nr
-    cbi = max(1, min(p.kg, _IN_BYTES // ((m + m + 2) * m * nr * p.itemsize)))
+    cbi = max(1, min(p.kg, _IN_BYTES // ((m + a) * m * nr * p.itemsize)))
     cbc = max(1, min(p.cg, _IN_BYTES // (2 * a2 * p.itemsize)))
     return cb, cbi, cbc
 
@@ -231,11 +228,8 @@ def _gw_blocks(p, m):
 def gw_plan(p, m, nthreads):
     """grad_weight's ``(cb, bytes per worker, shared bytes)``, or the reason it does not fit
     ``p.workspace_limit``."""
-    mr, nr = G.tile(p.itemsize)
-    a = m + 2
+    mr, nr, a, _, ntp = _dims(p, m)
     a2 = a * a
-    _, _, total = WN.tiles(p, m)
-    ntp = -(-total // nr)
     cb, cbi, cbc = _gw_blocks(p, m)
     ldv = -(-p.cg // nr) * nr
     shared = (p.g * a2 * ntp * nr * (p.kg + ldv)) * p.itemsize + ntp * nr * (a2 + m * m) * 8 + p.k * p.cg * 9 * p.itemsize
@@ -258,10 +252,9 @@ _GW_TAPS = 0.5e-9
 
 def gw_cost(p, m, cb, nthreads):
     """Modelled seconds of grad_weight with F(m x m, 3 x 3)."""
-    mr, nr = G.tile(p.itemsize)
-    a2 = (m + 2) ** 2
-    _, _, total = WN.tiles(p, m)
-    tiles = -(-total // nr) * nr
+    mr, nr, a, _, ntp = _dims(p, m)
+    a2 = a * a
+    tiles = ntp * nr
     kgp = -(-p.kg // mr) * mr
     cgp = -(-p.cg // nr) * nr
     scale = p.itemsize / 4
@@ -283,19 +276,16 @@ _CALL = 25e-9
 
 def grad_weight(gy, x, p, m, cb):
     """grad_weight (K, C/groups, 3, 3) C-contiguous from ``gy`` (N, K, OH, OW) and ``x`` (N, C, H,
-    W), each NCHW or channels_last, with F(m x m, 3 x 3): ``gw = G^T [sum_tiles (A^T gy A)^T ...]``
-    as :mod:`.winograd` states it, the sums over the batch's tiles on the micro-kernel by panels
-    of output channels (:func:`._winograd_kpanel_kernels.gw_products`)."""
+    W), each NCHW or channels_last, with F(m x m, 3 x 3): ``gw_kc = G^T [sum over the batch's tiles
+    of (A gy_k A^T) (.) (B^T d_c B)] G`` as :mod:`.winograd` states it, the sums on the micro-kernel
+    by panels of output channels (:func:`._winograd_kpanel_kernels.gw_products`)."""
     dt = p.dtype
-    a = m + 2
+    mr, nr, a, _, ntp = _dims(p, m)
     a2 = a * a
-    mr, nr = G.tile(p.itemsize)
     gw = np.empty(p.w_shape, dt)
     if p.n == 0 or gw.size == 0:
         gw[...] = 0
         return gw
-    _, _, total = WN.tiles(p, m)
-    ntp = -(-total // nr)
     cb, cbi, cbc = _gw_blocks(p, m)
     ldv = -(-p.cg // nr) * nr
     nw = numba.get_num_threads()
