@@ -348,13 +348,13 @@ def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
     """3x3 windows, any stride, padding under 3, no dilation (ResNet's 3x3/s2 pool, 3x3/s1): each
     interior output row is one loop over its columns with the nine taps unrolled inside, in
     PyTorch's row-major scan order, the maximum and its position kept in registers; unsigned
-    indices let LLVM vectorise it (8-lane vectors; the stride-2 taps as interleaved loads and
-    gathers).  Windows the border clips go through :func:`_max_window`.  The same values and indices
-    as ``_max_forward``.  2 threads, one process, against the separable kernel (``_max_forward_sep``:
-    rows split by phase into scratch, a horizontal and a vertical pass through buffers):
-    512x112x112 planes 3x3/s2/p1 (resnet50-pool) 4.20 -> 3.46 ms, 512x56x56 3x3/s1/p1 3.26 -> 2.37.
-    Tried: a one-compare path for rows without NaN (found by a pre-scan) -- no faster, the loop is
-    bound by memory, not by its compares."""
+    indices let LLVM vectorise it.  At column stride 2 the window's three rows are first split into
+    their even and odd columns (scratch per chunk of planes), so that every tap reads a unit-stride
+    run (:func:`_max3s2_run`): read in place, the stride-2 taps became gathers, and resnet50-pool
+    (8x64x112x112, 3x3/s2/p1) took 4.8 ms against 1.5 for PyTorch's channels_last kernel (Zen 4,
+    2 threads).  Windows the border clips go through :func:`_max_window`.  The same values and
+    indices as ``_max_forward``.  Tried: a one-compare path for rows without NaN (found by a
+    pre-scan) -- no faster, the loop is bound by memory, not by its compares."""
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     xf = x.reshape(-1)
@@ -364,32 +364,87 @@ def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
     ihi = max(ilo, min(oh, (h - 3 + ph) // sh + 1))
     jlo = (pw + sw - 1) // sw
     jhi = max(jlo, min(ow, (w - 3 + pw) // sw + 1))
-    for p in prange(pp):
-        pb = p * h * w
-        for i in range(oh):
-            r0 = i * sh - ph
-            yo = (p * oh + i) * ow
-            inner = ilo <= i < ihi
-            for j in range(ow):
-                if inner and j == jlo:  # the interior run, below
-                    break
-                v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
-                yf[yo + j] = v
-                idf[yo + j] = t
-            if not inner:
-                continue
-            # the column stride a constant in each copy: LLVM vectorises a constant stride's taps as
-            # interleaved loads, a run-time one not at all (8.0 ms, 4.1 on the separable kernel)
-            if sw == 2:
-                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 2)
-            elif sw == 1:
-                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 1)
-            else:
-                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, sw)
-            for j in range(jhi, ow):
-                v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
-                yf[yo + j] = v
-                idf[yo + j] = t
+    half = (w + 1) // 2 + 1  # a split row's even (then odd) columns, one spare
+    nch = min(pp, 64)  # chunks of planes share their scratch
+    for ch in prange(nch):
+        eo = np.zeros(6 * half if sw == 2 else 1, x.dtype)
+        sv = np.empty(half, x.dtype)  # an output row's maxima and positions before they are stored
+        si = np.empty(half, np.int32)
+        for p in range(ch * pp // nch, (ch + 1) * pp // nch):
+            pb = p * h * w
+            for i in range(oh):
+                r0 = i * sh - ph
+                yo = (p * oh + i) * ow
+                inner = ilo <= i < ihi
+                for j in range(ow):
+                    if inner and j == jlo:  # the interior run, below
+                        break
+                    v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
+                    yf[yo + j] = v
+                    idf[yo + j] = t
+                if not inner:
+                    continue
+                # the column stride a constant in each copy: LLVM vectorises a constant stride's taps as
+                # interleaved loads, a run-time one not at all (8.0 ms, 4.1 on the separable kernel)
+                if sw == 2:
+                    for r in range(3):
+                        rb = _u(pb + (r0 + r) * w)
+                        e0 = _u(2 * r * half)
+                        o0 = e0 + _u(half)
+                        for m in range(_u(w // 2)):
+                            eo[e0 + m] = xf[rb + _u(2) * m]
+                            eo[o0 + m] = xf[rb + _u(2) * m + _u(1)]
+                        if w % 2:
+                            eo[e0 + _u(w // 2)] = xf[rb + _u(w - 1)]
+                    _max3s2_run(eo, half, pw, r0 * w - pw, w, jlo, jhi, yf, idf, yo, sv, si)
+                elif sw == 1:
+                    _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 1)
+                else:
+                    _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, sw)
+                for j in range(jhi, ow):
+                    v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
+                    yf[yo + j] = v
+                    idf[yo + j] = t
+
+
+@_micro
+def _tap_at(half, r, d, jlo):
+    # where tap column 2j + d of window row r lies in the split rows, for j = jlo: even d in the
+    # even columns at j + d/2, odd d in the odd ones at j + (d - 1)/2
+    if d % 2 == 0:
+        return _u(2 * r * half + jlo + d // 2)
+    return _u((2 * r + 1) * half + jlo + (d - 1) // 2)
+
+
+@_micro
+def _max3s2_run(eo, half, pw, t0, w, jlo, jhi, yf, idf, yo, sv, si):
+    # outputs jlo .. jhi-1 of one interior output row at column stride 2 from the window's three rows
+    # split by column phase (row r's column 2k at eo[2r*half + k], column 2k + 1 at
+    # eo[(2r + 1)*half + k]); column j's taps are columns 2j - pw .. 2j - pw + 2, flat position of
+    # the first t0 + 2j; the nine taps in order, as _max3_run
+    b00, b01, b02 = _tap_at(half, 0, -pw, jlo), _tap_at(half, 0, 1 - pw, jlo), _tap_at(half, 0, 2 - pw, jlo)
+    b10, b11, b12 = _tap_at(half, 1, -pw, jlo), _tap_at(half, 1, 1 - pw, jlo), _tap_at(half, 1, 2 - pw, jlo)
+    b20, b21, b22 = _tap_at(half, 2, -pw, jlo), _tap_at(half, 2, 1 - pw, jlo), _tap_at(half, 2, 2 - pw, jlo)
+    w1 = np.int32(w)
+    one = np.int32(1)
+    two = np.int32(2)
+    y0 = _u(yo + jlo)
+    for jj in range(_u(jhi - jlo)):
+        tj = np.int32(t0) + two * (np.int32(jlo) + np.int32(jj))
+        m, t = eo[b00 + jj], tj
+        m, t = _upd(eo[b01 + jj], m, tj + one, t)
+        m, t = _upd(eo[b02 + jj], m, tj + two, t)
+        m, t = _upd(eo[b10 + jj], m, tj + w1, t)
+        m, t = _upd(eo[b11 + jj], m, tj + w1 + one, t)
+        m, t = _upd(eo[b12 + jj], m, tj + w1 + two, t)
+        m, t = _upd(eo[b20 + jj], m, tj + two * w1, t)
+        m, t = _upd(eo[b21 + jj], m, tj + two * w1 + one, t)
+        m, t = _upd(eo[b22 + jj], m, tj + two * w1 + two, t)
+        sv[jj] = m
+        si[jj] = t
+    for jj in range(_u(jhi - jlo)):
+        yf[y0 + jj] = sv[jj]
+        idf[y0 + jj] = si[jj]
 
 
 @kernel
