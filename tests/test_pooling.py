@@ -245,7 +245,9 @@ def test_max_pool_separable_path_matches_generic_kernel(shape, kh, kw, sh, sw, p
     ((1, 2, 17, 70), 3, 3, 0, 1),     # stride 3: a run-time column stride
     ((1, 1, 2, 2), 1, 1, 1, 1),       # smaller than the window: no interior output
     ((1, 2, 5, 33), 1, 2, 0, 1),      # column stride only
-], ids=["resnet", "odd", "clipped", "s1", "s3", "tiny", "col-stride"])
+    ((1, 2, 12, 71), 2, 2, 1, 0),     # odd width, runs past a vector with a remainder
+    ((2, 1, 10, 40), 1, 2, 1, 0),     # row stride 1 at column stride 2: each split row used three times
+], ids=["resnet", "odd", "clipped", "s1", "s3", "tiny", "col-stride", "wide", "s1-rows"])
 @pytest.mark.parametrize("ceil_mode", [False, True])
 def test_max_pool_3x3_kernel_matches_generic_kernel(shape, sh, sw, ph, pw, ceil_mode, dtype, monkeypatch):
     # 3x3 windows (interior rows unrolled, clipped windows scanned) against the generic kernel and

@@ -348,13 +348,13 @@ def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
     """3x3 windows, any stride, padding under 3, no dilation (ResNet's 3x3/s2 pool, 3x3/s1): each
     interior output row is one loop over its columns with the nine taps unrolled inside, in
     PyTorch's row-major scan order, the maximum and its position kept in registers; unsigned
-    indices let LLVM vectorise it.  At column stride 2 the window's three rows are first split into
-    their even and odd columns (scratch per chunk of planes), so that every tap reads a unit-stride
-    run (:func:`_max3s2_run`): read in place, the stride-2 taps became gathers, and resnet50-pool
-    (8x64x112x112, 3x3/s2/p1) took 4.8 ms against 1.5 for PyTorch's channels_last kernel (Zen 4,
-    2 threads).  Windows the border clips go through :func:`_max_window`.  The same values and
-    indices as ``_max_forward``.  Tried: a one-compare path for rows without NaN (found by a
-    pre-scan) -- no faster, the loop is bound by memory, not by its compares."""
+    indices let LLVM vectorise it (8-lane vectors; the stride-2 taps as interleaved loads and
+    gathers).  Windows the border clips go through :func:`_max_window`.  The same values and indices
+    as ``_max_forward``.  2 threads, one process, against the separable kernel (``_max_forward_sep``:
+    rows split by phase into scratch, a horizontal and a vertical pass through buffers):
+    512x112x112 planes 3x3/s2/p1 (resnet50-pool) 4.20 -> 3.46 ms, 512x56x56 3x3/s1/p1 3.26 -> 2.37.
+    Tried: a one-compare path for rows without NaN (found by a pre-scan) -- no faster, the loop is
+    bound by memory, not by its compares."""
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     xf = x.reshape(-1)
@@ -364,73 +364,149 @@ def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
     ihi = max(ilo, min(oh, (h - 3 + ph) // sh + 1))
     jlo = (pw + sw - 1) // sw
     jhi = max(jlo, min(ow, (w - 3 + pw) // sw + 1))
-    half = (w + 1) // 2 + 1  # a split row's even (then odd) columns, one spare
+    for p in prange(pp):
+        pb = p * h * w
+        for i in range(oh):
+            r0 = i * sh - ph
+            yo = (p * oh + i) * ow
+            inner = ilo <= i < ihi
+            for j in range(ow):
+                if inner and j == jlo:  # the interior run, below
+                    break
+                v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
+                yf[yo + j] = v
+                idf[yo + j] = t
+            if not inner:
+                continue
+            # the column stride a constant in each copy: LLVM vectorises a constant stride's taps as
+            # interleaved loads, a run-time one not at all (8.0 ms, 4.1 on the separable kernel)
+            if sw == 2:
+                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 2)
+            elif sw == 1:
+                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 1)
+            else:
+                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, sw)
+            for j in range(jhi, ow):
+                v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
+                yf[yo + j] = v
+                idf[yo + j] = t
+
+
+@kernel
+def _max_forward_3x3s2(x, y, idx, sh, ph, pw):
+    """3x3 windows at column stride 2 (ResNet's 3x3/s2/p1 pool), any row stride, padding under 3, as
+    ``_max_forward_3x3``'s cases: each plane's rows are first split into their even and odd columns
+    (scratch per chunk of planes), so that every tap of an output row reads a unit-stride run; each
+    output row is then one loop over its columns with the window's in-bounds rows' taps unrolled
+    (three rows, or two where the padding clips the window: the first and last output rows), the
+    maximum and its position in registers, into scratch rows stored after (:func:`_max3s2_rows`);
+    each input row is split once, into one of three slots (three consecutive rows never share one).
+    Only the columns the padding clips go through :func:`_max_window`.  Read in place, the
+    stride-2 taps were gathers and LLVM (znver4) left the loop scalar: resnet50-pool (8x64x112x112)
+    took 4.8 ms against 1.5 for the channels_last kernel (Zen 4, 2 threads).  The same values and
+    indices as ``_max_forward``."""
+    pp, h, w = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    idf = idx.reshape(-1)
+    jlo = (pw + 1) // 2  # output columns whose windows lie inside the plane's columns
+    jhi = max(jlo, min(ow, (w - 3 + pw) // 2 + 1))
+    # the runs rounded up to whole vectors (a scalar remainder of 7 columns took as long as the
+    # vector part of a 55-column row); the split rows hold what the rounded runs read
+    nl = (jhi - jlo) + (-(jhi - jlo)) % _RUN
+    half = max((w + 1) // 2 + 1, jlo + nl + 2)  # a split row's even (then odd) columns
     nch = min(pp, 64)  # chunks of planes share their scratch
     for ch in prange(nch):
-        eo = np.zeros(6 * half if sw == 2 else 1, x.dtype)
+        eo = np.zeros(6 * half, x.dtype)  # slot q's column 2k at eo[2q*half + k], 2k+1 at eo[(2q+1)*half + k]
+        tag = np.empty(3, np.int64)  # the input row each slot holds
         sv = np.empty(half, x.dtype)  # an output row's maxima and positions before they are stored
         si = np.empty(half, np.int32)
         for p in range(ch * pp // nch, (ch + 1) * pp // nch):
             pb = p * h * w
+            for q in range(3):
+                tag[q] = -1
             for i in range(oh):
                 r0 = i * sh - ph
+                ra = max(r0, 0)
+                nr = min(r0 + 3, h) - ra
                 yo = (p * oh + i) * ow
-                inner = ilo <= i < ihi
-                for j in range(ow):
-                    if inner and j == jlo:  # the interior run, below
-                        break
-                    v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
+                for r in range(ra, ra + nr):
+                    if tag[r % 3] != r:
+                        tag[r % 3] = r
+                        _split_row(xf, _u(pb + r * w), w, eo, _u(2 * (r % 3) * half), _u(half))
+                for j in range(jlo):
+                    v, t = _max_window(xf, pb, h, w, r0, 2 * j - pw, 3, 3)
                     yf[yo + j] = v
                     idf[yo + j] = t
-                if not inner:
-                    continue
-                # the column stride a constant in each copy: LLVM vectorises a constant stride's taps as
-                # interleaved loads, a run-time one not at all (8.0 ms, 4.1 on the separable kernel)
-                if sw == 2:
-                    for r in range(3):
-                        rb = _u(pb + (r0 + r) * w)
-                        e0 = _u(2 * r * half)
-                        o0 = e0 + _u(half)
-                        for m in range(_u(w // 2)):
-                            eo[e0 + m] = xf[rb + _u(2) * m]
-                            eo[o0 + m] = xf[rb + _u(2) * m + _u(1)]
-                        if w % 2:
-                            eo[e0 + _u(w // 2)] = xf[rb + _u(w - 1)]
-                    _max3s2_run(eo, half, pw, r0 * w - pw, w, jlo, jhi, yf, idf, yo, sv, si)
-                elif sw == 1:
-                    _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 1)
-                else:
-                    _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, sw)
+                if jhi > jlo:
+                    _max3s2_rows(eo, half, ra, nr, pw, w, jlo, nl, sv, si)
+                    yu = _u(yo + jlo)
+                    for jj in range(_u(jhi - jlo)):
+                        yf[yu + jj] = sv[jj]
+                        idf[yu + jj] = si[jj]
                 for j in range(jhi, ow):
-                    v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
+                    v, t = _max_window(xf, pb, h, w, r0, 2 * j - pw, 3, 3)
                     yf[yo + j] = v
                     idf[yo + j] = t
 
 
 @_micro
-def _tap_at(half, r, d, jlo):
-    # where tap column 2j + d of window row r lies in the split rows, for j = jlo: even d in the
-    # even columns at j + d/2, odd d in the odd ones at j + (d - 1)/2
-    if d % 2 == 0:
-        return _u(2 * r * half + jlo + d // 2)
-    return _u((2 * r + 1) * half + jlo + (d - 1) // 2)
+def _split_row(xf, rb, w, eo, e0, half):
+    # the row at xf[rb:rb + w] into its even columns at eo[e0:] and odd ones at eo[e0 + half:]
+    o0 = e0 + half
+    for m in range(_u(w // 2)):
+        eo[e0 + m] = xf[rb + _u(2) * m]
+        eo[o0 + m] = xf[rb + _u(2) * m + _u(1)]
+    if w % 2:
+        eo[e0 + _u(w // 2)] = xf[rb + _u(w - 1)]
 
 
 @_micro
-def _max3s2_run(eo, half, pw, t0, w, jlo, jhi, yf, idf, yo, sv, si):
-    # outputs jlo .. jhi-1 of one interior output row at column stride 2 from the window's three rows
-    # split by column phase (row r's column 2k at eo[2r*half + k], column 2k + 1 at
-    # eo[(2r + 1)*half + k]); column j's taps are columns 2j - pw .. 2j - pw + 2, flat position of
-    # the first t0 + 2j; the nine taps in order, as _max3_run
-    b00, b01, b02 = _tap_at(half, 0, -pw, jlo), _tap_at(half, 0, 1 - pw, jlo), _tap_at(half, 0, 2 - pw, jlo)
-    b10, b11, b12 = _tap_at(half, 1, -pw, jlo), _tap_at(half, 1, 1 - pw, jlo), _tap_at(half, 1, 2 - pw, jlo)
-    b20, b21, b22 = _tap_at(half, 2, -pw, jlo), _tap_at(half, 2, 1 - pw, jlo), _tap_at(half, 2, 2 - pw, jlo)
+def _tap_at(half, row, d, jlo):
+    # where column 2j + d of input row ``row`` lies in the split rows (in slot row % 3), for j = jlo:
+    # even d among the even columns at j + d/2, odd d among the odd ones at j + (d - 1)/2
+    q = row % 3
+    if d % 2 == 0:
+        return _u(2 * q * half + jlo + d // 2)
+    return _u((2 * q + 1) * half + jlo + (d - 1) // 2)
+
+
+@_micro
+def _max3s2_rows(eo, half, ra, nr, pw, w, jlo, n, sv, si):
+    # n outputs from column jlo of one output row whose window's in-bounds rows are ra .. ra+nr-1
+    # (nr of 1 to 3), from the split rows: column j's taps are columns 2j - pw .. 2j - pw + 2 of each,
+    # in PyTorch's row-major order; maxima into sv[0:n], flat positions into si[0:n]
     w1 = np.int32(w)
     one = np.int32(1)
     two = np.int32(2)
-    y0 = _u(yo + jlo)
-    for jj in range(_u(jhi - jlo)):
-        tj = np.int32(t0) + two * (np.int32(jlo) + np.int32(jj))
+    t0 = np.int32(ra * w - pw) + two * np.int32(jlo)
+    b00, b01, b02 = _tap_at(half, ra, -pw, jlo), _tap_at(half, ra, 1 - pw, jlo), _tap_at(half, ra, 2 - pw, jlo)
+    if nr == 1:
+        for jj in range(_u(n)):
+            tj = t0 + two * np.int32(jj)
+            m, t = eo[b00 + jj], tj
+            m, t = _upd(eo[b01 + jj], m, tj + one, t)
+            m, t = _upd(eo[b02 + jj], m, tj + two, t)
+            sv[jj] = m
+            si[jj] = t
+        return
+    b10, b11, b12 = _tap_at(half, ra + 1, -pw, jlo), _tap_at(half, ra + 1, 1 - pw, jlo), _tap_at(half, ra + 1, 2 - pw, jlo)
+    if nr == 2:
+        for jj in range(_u(n)):
+            tj = t0 + two * np.int32(jj)
+            m, t = eo[b00 + jj], tj
+            m, t = _upd(eo[b01 + jj], m, tj + one, t)
+            m, t = _upd(eo[b02 + jj], m, tj + two, t)
+            m, t = _upd(eo[b10 + jj], m, tj + w1, t)
+            m, t = _upd(eo[b11 + jj], m, tj + w1 + one, t)
+            m, t = _upd(eo[b12 + jj], m, tj + w1 + two, t)
+            sv[jj] = m
+            si[jj] = t
+        return
+    b20, b21, b22 = _tap_at(half, ra + 2, -pw, jlo), _tap_at(half, ra + 2, 1 - pw, jlo), _tap_at(half, ra + 2, 2 - pw, jlo)
+    for jj in range(_u(n)):
+        tj = t0 + two * np.int32(jj)
         m, t = eo[b00 + jj], tj
         m, t = _upd(eo[b01 + jj], m, tj + one, t)
         m, t = _upd(eo[b02 + jj], m, tj + two, t)
@@ -442,9 +518,6 @@ def _max3s2_run(eo, half, pw, t0, w, jlo, jhi, yf, idf, yo, sv, si):
         m, t = _upd(eo[b22 + jj], m, tj + two * w1 + two, t)
         sv[jj] = m
         si[jj] = t
-    for jj in range(_u(jhi - jlo)):
-        yf[y0 + jj] = sv[jj]
-        idf[y0 + jj] = si[jj]
 
 
 @kernel
