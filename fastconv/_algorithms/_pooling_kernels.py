@@ -12,9 +12,9 @@ positions ``ih*w + iw`` in each plane.
 
 2x2 windows with stride 2 and no padding (LeNet's, VGG's pools) have their own forward kernel,
 ``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.  So do
-3x3 windows (ResNet's 3x3/s2, 3x3/s1), ``_max_forward_3x3``, the nine taps unrolled per output
-column; and the other windows at column stride 1 (YOLO's 5x5/s1) or 3 wide at column stride 2,
-``_max_forward_sep``, separable: 2-3x.  Average pooling at column stride 1 or 2 is separable too
+3x3 windows (ResNet's 3x3/s2, 3x3/s1), ``_max_forward_3x3_rows`` (``_max_forward_3x3`` at wider
+column strides), the nine taps unrolled per output column; and the other windows at column
+stride 1 (YOLO's 5x5/s1) or 3 wide at column stride 2, ``_max_forward_sep``, separable: 2-3x.  Average pooling at column stride 1 or 2 is separable too
 (``_avg_forward_sep``, ``_avg_backward_sep``: row sums, then sums of rows; 3-8x).
 
 Adaptive average pooling and the channels_last (NHWC) kernels are here too; ``pooling.py`` holds
@@ -345,7 +345,8 @@ def _max3_run(xf, rb, w, pw, t0, jlo, jhi, yf, idf, yo, sw):
 
 @kernel
 def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
-    """3x3 windows, any stride, padding under 3, no dilation (ResNet's 3x3/s2 pool, 3x3/s1): each
+    """3x3 windows, padding under 3, no dilation, read in place: the column strides from 3 on
+    (strides 1 and 2, ResNet's 3x3/s2 pool and 3x3/s1, take :func:`_max_forward_3x3_rows`).  Each
     interior output row is one loop over its columns with the nine taps unrolled inside, in
     PyTorch's row-major scan order, the maximum and its position kept in registers; unsigned
     indices let LLVM vectorise it (8-lane vectors; the stride-2 taps as interleaved loads and
@@ -393,32 +394,37 @@ def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
 
 
 @kernel
-def _max_forward_3x3s2(x, y, idx, sh, ph, pw):
-    """3x3 windows at column stride 2 (ResNet's 3x3/s2/p1 pool), any row stride, padding under 3, as
-    ``_max_forward_3x3``'s cases: each plane's rows are first split into their even and odd columns
-    (scratch per chunk of planes), so that every tap of an output row reads a unit-stride run; each
-    output row is then one loop over its columns with the window's in-bounds rows' taps unrolled
-    (three rows, or two where the padding clips the window: the first and last output rows), the
-    maximum and its position in registers, into scratch rows stored after (:func:`_max3s2_rows`);
-    each input row is split once, into one of three slots (three consecutive rows never share one).
-    Only the columns the padding clips go through :func:`_max_window`.  Read in place, the
-    stride-2 taps were gathers and LLVM (znver4) left the loop scalar: resnet50-pool (8x64x112x112)
-    took 4.8 ms against 1.5 for the channels_last kernel (Zen 4, 2 threads).  The same values and
-    indices as ``_max_forward``."""
+def _max_forward_3x3_rows(x, y, idx, sh, sw, ph, pw):
+    """3x3 windows at column stride 1 or 2 (ResNet's 3x3/s2/p1 pool, 3x3/s1), any row stride,
+    as ``_max_forward_3x3``'s cases, through rows copied to scratch (per chunk of planes): at
+    stride 2 each input row split into its even and odd columns, at stride 1 copied as it is, so
+    that every tap of an output row reads a unit-stride run with room for the run rounded up to
+    whole vectors.  Each output row is one loop over its columns with the window's in-bounds rows'
+    taps unrolled (three rows, or the two or one the padding leaves at the first and last output
+    rows), the maximum and its position in registers, into scratch rows stored after
+    (:func:`_max3_rows`); each input row is copied once, into one of three slots (three
+    consecutive rows never share one).  Only the columns the padding clips go through
+    :func:`_max_window`.  Read in place (``_max_forward_3x3``) the stride-2 taps were gathers,
+    and LLVM (znver4) left both strides' loops scalar; a 7-column scalar remainder cost as much as
+    the vector part of a 55-column row.  Zen 4, 2 threads, ms before -> after (the channels_last
+    kernel): resnet50-pool (8x64x112x112, 3x3/s2/p1) 4.8 -> 1.9 (1.5), 32x64x32x32 3x3/s2/p1
+    4.7 -> 1.3 (0.5), 8x64x56x56 3x3/s1/p1 3.4 -> 2.0 (1.3).  The same values and indices as
+    ``_max_forward``."""
     pp, h, w = x.shape
     oh, ow = y.shape[1], y.shape[2]
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     idf = idx.reshape(-1)
-    jlo = (pw + 1) // 2  # output columns whose windows lie inside the plane's columns
-    jhi = max(jlo, min(ow, (w - 3 + pw) // 2 + 1))
-    # the runs rounded up to whole vectors (a scalar remainder of 7 columns took as long as the
-    # vector part of a 55-column row); the split rows hold what the rounded runs read
-    nl = (jhi - jlo) + (-(jhi - jlo)) % _RUN
-    half = max((w + 1) // 2 + 1, jlo + nl + 2)  # a split row's even (then odd) columns
+    jlo = (pw + sw - 1) // sw  # output columns whose windows lie inside the plane's columns
+    jhi = max(jlo, min(ow, (w - 3 + pw) // sw + 1))
+    nl = (jhi - jlo) + (-(jhi - jlo)) % _RUN  # the runs rounded up to whole vectors
+    if sw == 2:
+        half = max((w + 1) // 2 + 1, jlo + nl + 2)  # a split row's even (then odd) columns
+    else:
+        half = max(w + 1, jlo + nl + 3)  # a copied row (the odd half unused)
     nch = min(pp, 64)  # chunks of planes share their scratch
     for ch in prange(nch):
-        eo = np.zeros(6 * half, x.dtype)  # slot q's column 2k at eo[2q*half + k], 2k+1 at eo[(2q+1)*half + k]
+        eo = np.zeros(6 * half, x.dtype)  # slot q: eo[2q*half:] and eo[(2q+1)*half:] (see _copy_row)
         tag = np.empty(3, np.int64)  # the input row each slot holds
         sv = np.empty(half, x.dtype)  # an output row's maxima and positions before they are stored
         si = np.empty(half, np.int32)
@@ -434,67 +440,77 @@ def _max_forward_3x3s2(x, y, idx, sh, ph, pw):
                 for r in range(ra, ra + nr):
                     if tag[r % 3] != r:
                         tag[r % 3] = r
-                        _split_row(xf, _u(pb + r * w), w, eo, _u(2 * (r % 3) * half), _u(half))
+                        _copy_row(xf, _u(pb + r * w), w, sw, eo, _u(2 * (r % 3) * half), _u(half))
                 for j in range(jlo):
-                    v, t = _max_window(xf, pb, h, w, r0, 2 * j - pw, 3, 3)
+                    v, t = _max_window(xf, pb, h, w, r0, sw * j - pw, 3, 3)
                     yf[yo + j] = v
                     idf[yo + j] = t
                 if jhi > jlo:
-                    _max3s2_rows(eo, half, ra, nr, pw, w, jlo, nl, sv, si)
+                    _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, nl, sv, si)
                     yu = _u(yo + jlo)
                     for jj in range(_u(jhi - jlo)):
                         yf[yu + jj] = sv[jj]
                         idf[yu + jj] = si[jj]
                 for j in range(jhi, ow):
-                    v, t = _max_window(xf, pb, h, w, r0, 2 * j - pw, 3, 3)
+                    v, t = _max_window(xf, pb, h, w, r0, sw * j - pw, 3, 3)
                     yf[yo + j] = v
                     idf[yo + j] = t
 
 
 @_micro
-def _split_row(xf, rb, w, eo, e0, half):
-    # the row at xf[rb:rb + w] into its even columns at eo[e0:] and odd ones at eo[e0 + half:]
-    o0 = e0 + half
-    for m in range(_u(w // 2)):
-        eo[e0 + m] = xf[rb + _u(2) * m]
-        eo[o0 + m] = xf[rb + _u(2) * m + _u(1)]
-    if w % 2:
-        eo[e0 + _u(w // 2)] = xf[rb + _u(w - 1)]
+def _copy_row(xf, rb, w, sw, eo, e0, half):
+    # the row at xf[rb:rb + w] into scratch: at stride 2 its even columns at eo[e0:] and odd ones at
+    # eo[e0 + half:], at stride 1 all of it at eo[e0:]
+    if sw == 2:
+        o0 = e0 + half
+        for m in range(_u(w // 2)):
+            eo[e0 + m] = xf[rb + _u(2) * m]
+            eo[o0 + m] = xf[rb + _u(2) * m + _u(1)]
+        if w % 2:
+            eo[e0 + _u(w // 2)] = xf[rb + _u(w - 1)]
+    else:
+        for m in range(_u(w)):
+            eo[e0 + m] = xf[rb + m]
 
 
 @_micro
-def _tap_at(half, row, d, jlo):
-    # where column 2j + d of input row ``row`` lies in the split rows (in slot row % 3), for j = jlo:
-    # even d among the even columns at j + d/2, odd d among the odd ones at j + (d - 1)/2
+def _tap_at(half, row, d, jlo, sw):
+    # where column sw*j + d of input row ``row`` lies in the scratch rows (slot row % 3), for j =
+    # jlo: at stride 2 even d among the even columns at j + d/2, odd d among the odd ones at
+    # j + (d - 1)/2; at stride 1 at j + d
     q = row % 3
+    if sw == 1:
+        return _u(2 * q * half + jlo + d)
     if d % 2 == 0:
         return _u(2 * q * half + jlo + d // 2)
     return _u((2 * q + 1) * half + jlo + (d - 1) // 2)
 
 
 @_micro
-def _max3s2_rows(eo, half, ra, nr, pw, w, jlo, n, sv, si):
+def _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, n, sv, si):
     # n outputs from column jlo of one output row whose window's in-bounds rows are ra .. ra+nr-1
-    # (nr of 1 to 3), from the split rows: column j's taps are columns 2j - pw .. 2j - pw + 2 of each,
-    # in PyTorch's row-major order; maxima into sv[0:n], flat positions into si[0:n]
+    # (nr of 1 to 3), from the scratch rows: column j's taps are columns sw*j - pw .. sw*j - pw + 2
+    # of each, in PyTorch's row-major order; maxima into sv[0:n], flat positions into si[0:n]
     w1 = np.int32(w)
     one = np.int32(1)
     two = np.int32(2)
-    t0 = np.int32(ra * w - pw) + two * np.int32(jlo)
-    b00, b01, b02 = _tap_at(half, ra, -pw, jlo), _tap_at(half, ra, 1 - pw, jlo), _tap_at(half, ra, 2 - pw, jlo)
+    st = np.int32(sw)
+    t0 = np.int32(ra * w - pw) + st * np.int32(jlo)
+    b00, b01, b02 = _tap_at(half, ra, -pw, jlo, sw), _tap_at(half, ra, 1 - pw, jlo, sw), _tap_at(half, ra, 2 - pw, jlo, sw)
     if nr == 1:
         for jj in range(_u(n)):
-            tj = t0 + two * np.int32(jj)
+            tj = t0 + st * np.int32(jj)
             m, t = eo[b00 + jj], tj
             m, t = _upd(eo[b01 + jj], m, tj + one, t)
             m, t = _upd(eo[b02 + jj], m, tj + two, t)
             sv[jj] = m
             si[jj] = t
         return
-    b10, b11, b12 = _tap_at(half, ra + 1, -pw, jlo), _tap_at(half, ra + 1, 1 - pw, jlo), _tap_at(half, ra + 1, 2 - pw, jlo)
+    r1 = ra + 1
+    b10, b11, b12 = _tap_at(half, r1, -pw, jlo, sw), _tap_at(half, r1, 1 - pw, jlo, sw), _tap_at(half, r1, 2 - pw, jlo, sw)
     if nr == 2:
         for jj in range(_u(n)):
-            tj = t0 + two * np.int32(jj)
+            tj = t0 + st * np.int32(jj)
             m, t = eo[b00 + jj], tj
             m, t = _upd(eo[b01 + jj], m, tj + one, t)
             m, t = _upd(eo[b02 + jj], m, tj + two, t)
@@ -504,9 +520,10 @@ def _max3s2_rows(eo, half, ra, nr, pw, w, jlo, n, sv, si):
             sv[jj] = m
             si[jj] = t
         return
-    b20, b21, b22 = _tap_at(half, ra + 2, -pw, jlo), _tap_at(half, ra + 2, 1 - pw, jlo), _tap_at(half, ra + 2, 2 - pw, jlo)
+    r2 = ra + 2
+    b20, b21, b22 = _tap_at(half, r2, -pw, jlo, sw), _tap_at(half, r2, 1 - pw, jlo, sw), _tap_at(half, r2, 2 - pw, jlo, sw)
     for jj in range(_u(n)):
-        tj = t0 + two * np.int32(jj)
+        tj = t0 + st * np.int32(jj)
         m, t = eo[b00 + jj], tj
         m, t = _upd(eo[b01 + jj], m, tj + one, t)
         m, t = _upd(eo[b02 + jj], m, tj + two, t)

@@ -13,8 +13,8 @@ from .nhwc import to_nhwc as _nhwc
 from ._pooling_kernels import (_adaptive_avg_backward, _adaptive_avg_backward_nhwc, _adaptive_avg_forward,
                                _adaptive_avg_forward_nhwc, _avg_backward, _avg_backward_nhwc, _avg_backward_sep,
                                _avg_forward, _avg_forward_nhwc, _avg_forward_sep, _max_backward, _max_backward_nhwc,
-                               _max_forward, _max_forward_2x2, _max_forward_3x3, _max_forward_3x3s2, _max_forward_nhwc,
-                               _max_forward_sep)
+                               _max_forward, _max_forward_2x2, _max_forward_3x3, _max_forward_3x3_rows,
+                               _max_forward_nhwc, _max_forward_sep)
 
 
 # --------------------------------------------------------------------------- Python drivers
@@ -71,8 +71,9 @@ def max_forward(x, p):
     idx = result(p.y_shape, np.int64)
     if y.size and _is_2x2(p):
         _max_forward_2x2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow))
-    elif y.size and _is_3x3(p) and p.sw == 2:
-        _max_forward_3x3s2(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow), p.sh, p.ph, p.pw)
+    elif y.size and _is_3x3(p) and p.sw <= 2:
+        _max_forward_3x3_rows(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow), p.sh, p.sw, p.ph,
+                              p.pw)
     elif y.size and _is_3x3(p):
         _max_forward_3x3(_planes(x), y.reshape(-1, p.oh, p.ow), idx.reshape(-1, p.oh, p.ow), p.sh, p.sw, p.ph, p.pw)
     elif y.size and _is_separable(p):
