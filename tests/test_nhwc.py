@@ -979,3 +979,72 @@ def test_auto_nchw_keeps_winograd_of_dilated_layers(monkeypatch):
     np.testing.assert_allclose(gx, ref.conv2d_grad_input(gy, x.shape, w, **kw), rtol=1e-9, atol=1e-9)
     for got in (gw, gw2):
         np.testing.assert_allclose(got, ref.conv2d_grad_weight(gy, x, w.shape, **kw), rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------- few channels
+FEW_CASES = [  # a first layer's 1-4 input channels, output channels around whole vectors
+    ("rgb-s2-same", (2, 3, 11, 13), (16, 3, 3, 3), {"stride": 2, "padding": 1}),
+    ("rgb-k17", (3, 3, 9, 8), (17, 3, 3, 3), {"padding": 1}),
+    ("grey-5x5", (2, 1, 12, 12), (6, 1, 5, 5), {"padding": 2}),
+    ("stem-7x7", (1, 3, 19, 17), (64, 3, 7, 7), {"stride": 2, "padding": 3}),
+    ("rgba-dilated", (2, 4, 10, 11), (33, 4, 3, 2), {"dilation": (2, 1), "padding": (2, 0), "stride": (1, 2)}),
+    ("same-even", (1, 2, 7, 6), (3, 2, 4, 2), {"padding": "same"}),
+    ("widest", (1, 3, 6, 5), (128, 3, 3, 3), {}),
+    ("stride-past-kernel", (2, 3, 13, 14), (8, 3, 2, 2), {"stride": 3, "padding": 1}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FEW_CASES, ids=[c[0] for c in FEW_CASES])
+def test_few_channel_kernels_against_reference(case, dtype):
+    # forward and grad_weight of a first layer on the few-channel kernels (a zero-padded copy, output
+    # channels as the lanes) against the float64 reference, and the public ops on channels_last
+    # arrays in the input's layout
+    x, w, b, gy, kw = _make(case, dtype)
+    p = _params(x, w, kw)
+    assert nhwc.few_channels(p) == (p.k * p.itemsize <= 8 * G.VBYTES)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    want = _reference(x, w, b, gy, kw)
+    got = {"forward": nhwc.forward(xh, w, b, p).transpose(0, 3, 1, 2), "grad_weight": nhwc.grad_weight(gyh, xh, p)}
+    assert_results(got, {k: want[k] for k in got}, dtype, scale=4.0)
+    y = fastconv.conv2d(_cl(x), w, b, **kw)
+    gw, gb = fastconv.conv2d_grad_weight(_cl(gy), _cl(x), w, **kw)
+    assert _nhwc_memory(y) or x.shape[1] == 1
+    assert_results({"forward": y, "grad_weight": gw}, {k: want[k] for k in ("forward", "grad_weight")}, dtype,
+                   scale=4.0)
+
+
+@pytest.mark.boundscheck
+def test_few_channel_kernels_bounds_and_threads():
+    # every output column and padded row reached (boundscheck run), the same bits for 1 and 2 threads
+    case = ("few", (2, 3, 9, 10), (20, 3, 3, 3), {"padding": 1, "stride": (2, 1)})
+    x, w, b, gy, kw = _make(case, np.float32)
+    p = _params(x, w, kw)
+    assert nhwc.few_channels(p)
+    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
+    prev = numba.get_num_threads()
+    out = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            out.append((nhwc.forward(xh, w, b, p), nhwc.grad_weight(gyh, xh, p)))
+    finally:
+        numba.set_num_threads(prev)
+    for one, two in zip(*out):
+        np.testing.assert_array_equal(one, two)
+    want = _reference(x, w, b, gy, kw)
+    assert_results({"forward": out[0][0].transpose(0, 3, 1, 2), "grad_weight": out[0][1]},
+                   {k: want[k] for k in ("forward", "grad_weight")}, np.float32, scale=4.0)
+
+
+def test_auto_runs_first_layers_natively(monkeypatch):
+    # a channels_last first layer's forward and grad_weight on the few-channel kernels, not converted
+    x, w, b, gy, kw = _make(FEW_CASES[0], np.float32)
+    p = _params(x, w, kw)
+    assert nhwc.native_beats_converting(p, "forward") and nhwc.native_beats_converting(p, "grad_weight")
+    assert not nhwc.native_beats_converting(p, "forward", nchw=True)
+    calls = []
+    real = nhwc._few_forward
+    monkeypatch.setattr(nhwc, "_few_forward", lambda *a: calls.append(1) or real(*a))
+    fastconv.conv2d(_cl(x), w, b, **kw)
+    assert calls

@@ -36,9 +36,10 @@ import functools
 import numba
 import numpy as np
 
-from .._config import result, result_zeros, scratch
+from .._config import empty_aligned, result, result_zeros, scratch
 from .. import _cpu
 from . import _nhwc_kernels as K
+from . import _nhwc_small_kernels as KS
 from . import gemm as G
 from ._blas import _BLAS, serial_blas
 from .common import _threads, _transposed
@@ -353,6 +354,14 @@ def native_beats_converting(p, pass_, isa=None, nchw=False):
     (its forward 9.0 / 7.8: not taken); stride 2, 32x32x14x14 -> 64: 0.56 / 0.77, 0.68 / 0.81,
     1.43 / 1.75; 4x32x64x64 forward 2.1 / 1.7 and 8x64x56x56 6.7 / 4.4 lose."""
     isa = _cpu.isa() if isa is None else isa
+    if not nchw and pass_ != "grad_input" and few_channels(p):
+        # a first layer's forward and grad_weight on the few-channel kernels, against converting
+        # to NCHW (2 threads, Zen 4, ms few-channel / converted, forward and grad_weight):
+        # 16x3x96x96 -> 16 s2 0.37 / 0.73 and 0.34 / 0.76; 32x3x32x32 -> 64 0.69 / 1.64 and
+        # 0.76 / 0.75; 4x3x128x128 -> 16 0.41 / 0.60 and 0.45 / 1.48; resnet50-stem (8x3x224x224
+        # -> 64, 7x7 s2) 9.9 / 14.0 and 9.9 / 10.1 (PyTorch channels_last 0.24, 0.61, 0.33, 9.3
+        # forward; 0.21, 0.61, 0.33, 11.2 grad_weight)
+        return True
     if not nchw and native_beats_converting(p, pass_, isa, nchw=True):
         # what pays off with both conversions does without them (a channels_last 32x16x28x28 -> 32
         # stride-2 forward took 0.85 ms converted to NCHW's direct, 0.36 natively)
@@ -406,7 +415,74 @@ def forward(xh, w, b, p):
         return result((p.n, p.oh, p.ow, p.k), p.dtype)
     if pointwise(p) and not own_product(p, "forward"):
         return _pointwise_rows(xh, w, b, p, p.k, p.c, True)
+    if few_channels(p):
+        return _few_forward(xh, w, b, p)
     return _forward_rows(xh, w, b, p)
+
+
+# ---------------------------------------------------------------------------------------- few channels
+#: Most input channels (one group) of a layer that :func:`few_channels` serves: a first layer's
+#: RGB or grey images (taps of 3 channels are too short for the rows kernels' channel runs)
+FEW_CHANNELS = 4
+
+
+def few_channels(p):
+    """Whether the forward and grad_weight run on the few-channel kernels
+    (:mod:`._nhwc_small_kernels`: output channels as the vector lanes, one input element per tap
+    and position, read from a zero-padded copy): one group of at most FEW_CHANNELS input channels
+    and at most ``MAX_VECTORS`` vectors of output channels (128 float32 on AVX-512)."""
+    return p.g == 1 and p.c <= FEW_CHANNELS and p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize)
+
+
+def _few_layout(p):
+    """(kp, hp, wp, toff): output channels rounded up to whole vectors, the zero-padded input's
+    rows and columns (what the windows reach), and each tap's offset in it from its position's
+    first element."""
+    lanes = G.VBYTES // p.itemsize
+    hp = (p.oh - 1) * p.sh + (p.r - 1) * p.dh + 1
+    wp = (p.ow - 1) * p.sw + (p.s - 1) * p.dw + 1
+    rr, ss, cc = np.meshgrid(np.arange(p.r), np.arange(p.s), np.arange(p.c), indexing="ij")
+    toff = ((rr * p.dh * wp + ss * p.dw) * p.c + cc).reshape(-1).astype(np.int64)
+    return -(-p.k // lanes) * lanes, hp, wp, toff
+
+
+def _few_padded(xh, p, hp, wp):
+    """The NHWC input in a zero-padded (n, hp, wp, c) copy, flat (kept scratch memory)."""
+    xp = scratch("nhwc.few_padded", (p.n * hp * wp * p.c,), p.dtype)
+    with _threads(_nw(p.n * hp)):
+        KS.pad_input(np.ascontiguousarray(xh).reshape(-1), p.n, p.h, p.w, p.c, p.ph0, p.pw0, xp, hp, wp)
+    return xp
+
+
+def _few_forward(xh, w, b, p):
+    """:func:`forward` of a :func:`few_channels` layer."""
+    kp, hp, wp, toff = _few_layout(p)
+    wt = empty_aligned((p.r * p.s * p.c, kp), p.dtype)  # whole vectors on cache lines
+    wt[:, p.k:] = 0
+    wt[:, :p.k] = np.asarray(w).transpose(2, 3, 1, 0).reshape(-1, p.k)  # taps (rr, ss, cc), then k
+    xp = _few_padded(xh, p, hp, wp)
+    y = result((p.n, p.oh, p.ow, p.k), p.dtype)
+    bias = np.zeros(p.k, p.dtype) if b is None else np.ascontiguousarray(b, dtype=p.dtype)
+    nw = _nw(p.n * p.oh)
+    with _threads(nw):
+        KS.forward(xp, hp, wp, p.c, p.oh, p.ow, p.sh, p.sw, toff, wt.reshape(-1), kp, bias,
+                   b is not None, y.reshape(-1), p.n, p.k, empty_aligned((nw, p.ow * kp), p.dtype))
+    return y
+
+
+def _few_grad_weight(gyh, xh, p):
+    """:func:`grad_weight` of a :func:`few_channels` layer: GW_SPLITS parts of the output rows (a
+    count from the problem alone), their sums added in order."""
+    kp, hp, wp, toff = _few_layout(p)
+    xp = _few_padded(xh, p, hp, wp)
+    rows = p.n * p.oh
+    per = -(-rows // max(1, min(rows, GW_SPLITS)))
+    parts = empty_aligned((-(-rows // per), p.r * p.s * p.c, kp), p.dtype)
+    with _threads(_nw(parts.shape[0])):
+        KS.grad_weight(np.ascontiguousarray(gyh).reshape(-1), xp, hp, wp, p.c, p.oh, p.ow, p.sh, p.sw,
+                       toff, p.n, p.k, kp, per, parts, empty_aligned((parts.shape[0], p.ow * kp), p.dtype))
+    total = _summed(parts)[:, :p.k].reshape(p.r, p.s, p.c, p.k)
+    return np.ascontiguousarray(total.transpose(3, 2, 0, 1))
 
 
 # ---------------------------------------------------------------------------------------- 1x1 layers
@@ -576,6 +652,8 @@ def grad_weight(gyh, xh, p):
         return np.zeros((p.k, p.cg, p.r, p.s), dtype=p.dtype)
     if pointwise(p) and not gw_taps(p):
         return _pointwise_gw(gyh, xh, p)
+    if few_channels(p):
+        return _few_grad_weight(gyh, xh, p)
     ns, per = _parts(p, m)
     if gw_taps(p):
         return _grad_weight_taps(gyh, xh, p, ns, per)
