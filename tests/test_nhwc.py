@@ -1018,23 +1018,9 @@ def test_few_channel_kernels_against_reference(case, dtype):
 def test_few_channel_kernels_bounds_and_threads():
     # every output column and padded row reached (boundscheck run), the same bits for 1 and 2 threads
     case = ("few", (2, 3, 9, 10), (20, 3, 3, 3), {"padding": 1, "stride": (2, 1)})
-    x, w, b, gy, kw = _make(case, np.float32)
-    p = _params(x, w, kw)
-    assert nhwc.few_channels(p)
-    xh, gyh = nhwc.to_nhwc(x), nhwc.to_nhwc(gy)
-    prev = numba.get_num_threads()
-    out = []
-    try:
-        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(n)
-            out.append((nhwc.forward(xh, w, b, p), nhwc.grad_weight(gyh, xh, p)))
-    finally:
-        numba.set_num_threads(prev)
-    for one, two in zip(*out):
-        np.testing.assert_array_equal(one, two)
-    want = _reference(x, w, b, gy, kw)
-    assert_results({"forward": out[0][0].transpose(0, 3, 1, 2), "grad_weight": out[0][1]},
-                   {k: want[k] for k in ("forward", "grad_weight")}, np.float32, scale=4.0)
+    assert nhwc.few_channels(_params(*_make(case, np.float32)[:2], case[3]))
+    _assert_same_bits_for_thread_counts(case)
+    test_few_channel_kernels_against_reference(case, np.float32)
 
 
 def test_auto_runs_first_layers_natively(monkeypatch):

@@ -318,6 +318,15 @@ def _max_window(xf, pb, h, w, r0, c0, kh, kw):
 
 
 @_micro
+def _clipped_windows(xf, pb, h, w, r0, sw, pw, j0, j1, yf, idf, yo):
+    # output columns j0 .. j1-1 of one output row (windows from row r0) one window at a time
+    for j in range(j0, j1):
+        v, t = _max_window(xf, pb, h, w, r0, sw * j - pw, 3, 3)
+        yf[yo + j] = v
+        idf[yo + j] = t
+
+
+@_micro
 def _max3_run(xf, rb, w, pw, t0, jlo, jhi, yf, idf, yo, sw):
     # outputs jlo .. jhi-1 of one interior output row: window rows from xf[rb] (w apart), column j's
     # window from column sw*j - pw (flat position t0 + sw*j of its first tap); nine taps in order.
@@ -345,15 +354,11 @@ def _max3_run(xf, rb, w, pw, t0, jlo, jhi, yf, idf, yo, sw):
 
 @kernel
 def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
-    """3x3 windows, padding under 3, no dilation, read in place: the column strides from 3 on
-    (strides 1 and 2, ResNet's 3x3/s2 pool and 3x3/s1, take :func:`_max_forward_3x3_rows`).  Each
-    interior output row is one loop over its columns with the nine taps unrolled inside, in
-    PyTorch's row-major scan order, the maximum and its position kept in registers; unsigned
-    indices let LLVM vectorise it (8-lane vectors; the stride-2 taps as interleaved loads and
-    gathers).  Windows the border clips go through :func:`_max_window`.  The same values and indices
-    as ``_max_forward``.  2 threads, one process, against the separable kernel (``_max_forward_sep``:
-    rows split by phase into scratch, a horizontal and a vertical pass through buffers):
-    512x112x112 planes 3x3/s2/p1 (resnet50-pool) 4.20 -> 3.46 ms, 512x56x56 3x3/s1/p1 3.26 -> 2.37.
+    """3x3 windows at column strides from 3 on, padding under 3, no dilation, read in place (strides
+    1 and 2, ResNet's 3x3/s2 pool and 3x3/s1, take :func:`_max_forward_3x3_rows`).  Each interior
+    output row is one loop over its columns with the nine taps unrolled inside, in PyTorch's
+    row-major scan order, the maximum and its position kept in registers; windows the border clips
+    go one at a time (:func:`_clipped_windows`).  The same values and indices as ``_max_forward``.
     Tried: a one-compare path for rows without NaN (found by a pre-scan) -- no faster, the loop is
     bound by memory, not by its compares."""
     pp, h, w = x.shape
@@ -379,18 +384,8 @@ def _max_forward_3x3(x, y, idx, sh, sw, ph, pw):
                 idf[yo + j] = t
             if not inner:
                 continue
-            # the column stride a constant in each copy: LLVM vectorises a constant stride's taps as
-            # interleaved loads, a run-time one not at all (8.0 ms, 4.1 on the separable kernel)
-            if sw == 2:
-                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 2)
-            elif sw == 1:
-                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, 1)
-            else:
-                _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, sw)
-            for j in range(jhi, ow):
-                v, t = _max_window(xf, pb, h, w, r0, j * sw - pw, 3, 3)
-                yf[yo + j] = v
-                idf[yo + j] = t
+            _max3_run(xf, pb + r0 * w, w, pw, r0 * w - pw, jlo, jhi, yf, idf, yo, sw)
+            _clipped_windows(xf, pb, h, w, r0, sw, pw, jhi, ow, yf, idf, yo)
 
 
 @kernel
@@ -441,20 +436,14 @@ def _max_forward_3x3_rows(x, y, idx, sh, sw, ph, pw):
                     if tag[r % 3] != r:
                         tag[r % 3] = r
                         _copy_row(xf, _u(pb + r * w), w, sw, eo, _u(2 * (r % 3) * half), _u(half))
-                for j in range(jlo):
-                    v, t = _max_window(xf, pb, h, w, r0, sw * j - pw, 3, 3)
-                    yf[yo + j] = v
-                    idf[yo + j] = t
+                _clipped_windows(xf, pb, h, w, r0, sw, pw, 0, jlo, yf, idf, yo)
                 if jhi > jlo:
                     _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, nl, sv, si)
                     yu = _u(yo + jlo)
                     for jj in range(_u(jhi - jlo)):
                         yf[yu + jj] = sv[jj]
                         idf[yu + jj] = si[jj]
-                for j in range(jhi, ow):
-                    v, t = _max_window(xf, pb, h, w, r0, sw * j - pw, 3, 3)
-                    yf[yo + j] = v
-                    idf[yo + j] = t
+                _clipped_windows(xf, pb, h, w, r0, sw, pw, jhi, ow, yf, idf, yo)
 
 
 @_micro
