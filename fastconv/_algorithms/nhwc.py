@@ -117,10 +117,17 @@ def _col_rows(p):
 
 def need(p, pass_):
     """Bytes of scratch a pass takes: the forward's packed weights (and im2row blocks); col2im's
-    tiles, row offsets and packed weights; grad_weight's GEMM buffers and partial sums."""
+    tiles, row offsets and packed weights; grad_weight's GEMM buffers and partial sums; for a
+    :func:`few_channels` layer the padded input copy, the weights' rows and the workers' rows or
+    the parts' sums."""
     nt = numba.get_num_threads()
     ws = G.workspace_size(p.dtype) * p.itemsize * nt
     weights = p.k * p.cg * p.r * p.s * p.itemsize
+    if pass_ != "grad_input" and few_channels(p):
+        kp, hp, wp, toff = _few_layout(p)
+        rows = nt if pass_ == "forward" else min(max(1, p.n * p.oh), GW_SPLITS)
+        sums = toff.size * kp * (1 if pass_ == "forward" else rows)
+        return (p.n * hp * wp * p.c + sums + rows * p.ow * kp) * p.itemsize
     if pass_ == "forward":
         return _rows_bytes(p)
     if pass_ == "grad_input":
