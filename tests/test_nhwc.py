@@ -1034,3 +1034,17 @@ def test_auto_runs_first_layers_natively(monkeypatch):
     monkeypatch.setattr(nhwc, "_few_forward", lambda *a: calls.append(1) or real(*a))
     fastconv.conv2d(_cl(x), w, b, **kw)
     assert calls
+
+
+def test_few_channel_scratch_counts_against_the_budget():
+    # the padded copy and sums count in nhwc.need: a budget below them refuses the native passes,
+    # and 'auto' converts instead (same results)
+    x, w, b, gy, kw = _make(FEW_CASES[0], np.float32)
+    p = _params(x, w, kw)
+    for pass_ in ("forward", "grad_weight"):
+        need = nhwc.need(p, pass_)
+        assert need >= p.n * (p.h + 2) * p.w * p.c * p.itemsize
+        small = conv_params("conv2d", x.shape, w.shape, x.dtype, 2, 1, 1, 1, workspace_limit=need - 1)
+        assert "workspace" in nhwc.supports(small, pass_)
+    y = fastconv.conv2d(_cl(x), w, b, workspace_limit=4096, **kw)
+    assert_results({"forward": y}, {"forward": _reference(x, w, b, gy, kw)["forward"]}, np.float32, scale=4.0)
