@@ -14,8 +14,9 @@ positions ``ih*w + iw`` in each plane.
 ``_max_forward_2x2``: 3.5-5x faster than the general one there, with the same results.  So do
 3x3 windows (ResNet's 3x3/s2, 3x3/s1), ``_max_forward_3x3_rows`` (``_max_forward_3x3`` at wider
 column strides), the nine taps unrolled per output column; and the other windows at column
-stride 1 (YOLO's 5x5/s1) or 3 wide at column stride 2, ``_max_forward_sep``, separable: 2-3x.  Average pooling at column stride 1 or 2 is separable too
-(``_avg_forward_sep``, ``_avg_backward_sep``: row sums, then sums of rows; 3-8x).
+stride 1 (YOLO's 5x5/s1) or 3 wide at column stride 2, ``_max_forward_sep``, separable: 2-3x.
+Average pooling at column stride 1 or 2 is separable too (``_avg_forward_sep``,
+``_avg_backward_sep``: row sums, then sums of rows; 3-8x).
 
 Adaptive average pooling and the channels_last (NHWC) kernels are here too; ``pooling.py`` holds
 the Python drivers that allocate and call them.
@@ -485,7 +486,9 @@ def _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, n, sv, si):
     two = np.int32(2)
     st = np.int32(sw)
     t0 = np.int32(ra * w - pw) + st * np.int32(jlo)
-    b00, b01, b02 = _tap_at(half, ra, -pw, jlo, sw), _tap_at(half, ra, 1 - pw, jlo, sw), _tap_at(half, ra, 2 - pw, jlo, sw)
+    b00 = _tap_at(half, ra, -pw, jlo, sw)
+    b01 = _tap_at(half, ra, 1 - pw, jlo, sw)
+    b02 = _tap_at(half, ra, 2 - pw, jlo, sw)
     if nr == 1:
         for jj in range(_u(n)):
             tj = t0 + st * np.int32(jj)
@@ -496,7 +499,9 @@ def _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, n, sv, si):
             si[jj] = t
         return
     r1 = ra + 1
-    b10, b11, b12 = _tap_at(half, r1, -pw, jlo, sw), _tap_at(half, r1, 1 - pw, jlo, sw), _tap_at(half, r1, 2 - pw, jlo, sw)
+    b10 = _tap_at(half, r1, -pw, jlo, sw)
+    b11 = _tap_at(half, r1, 1 - pw, jlo, sw)
+    b12 = _tap_at(half, r1, 2 - pw, jlo, sw)
     if nr == 2:
         for jj in range(_u(n)):
             tj = t0 + st * np.int32(jj)
@@ -510,7 +515,9 @@ def _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, n, sv, si):
             si[jj] = t
         return
     r2 = ra + 2
-    b20, b21, b22 = _tap_at(half, r2, -pw, jlo, sw), _tap_at(half, r2, 1 - pw, jlo, sw), _tap_at(half, r2, 2 - pw, jlo, sw)
+    b20 = _tap_at(half, r2, -pw, jlo, sw)
+    b21 = _tap_at(half, r2, 1 - pw, jlo, sw)
+    b22 = _tap_at(half, r2, 2 - pw, jlo, sw)
     for jj in range(_u(n)):
         tj = t0 + st * np.int32(jj)
         m, t = eo[b00 + jj], tj
