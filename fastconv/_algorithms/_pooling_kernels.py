@@ -480,7 +480,9 @@ def _tap_at(half, row, d, jlo, sw):
 def _max3_rows(eo, half, ra, nr, pw, w, sw, jlo, n, sv, si):
     # n outputs from column jlo of one output row whose window's in-bounds rows are ra .. ra+nr-1
     # (nr of 1 to 3), from the scratch rows: column j's taps are columns sw*j - pw .. sw*j - pw + 2
-    # of each, in PyTorch's row-major order; maxima into sv[0:n], flat positions into si[0:n]
+    # of each, in PyTorch's row-major order; maxima into sv[0:n], flat positions into si[0:n].  One
+    # straight loop per row count: pointing a clipped row's taps at a present row instead would
+    # let a NaN there take a position outside the window
     w1 = np.int32(w)
     one = np.int32(1)
     two = np.int32(2)

@@ -441,15 +441,17 @@ def few_channels(p):
     return p.g == 1 and p.c <= FEW_CHANNELS and p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize)
 
 
+@functools.lru_cache(maxsize=256)
 def _few_layout(p):
     """(kp, hp, wp, toff): output channels rounded up to whole vectors, the zero-padded input's
     rows and columns (what the windows reach), and each tap's offset in it from its position's
-    first element."""
+    first element (read-only; kept per geometry: ``need`` asks for it on every call too)."""
     lanes = G.VBYTES // p.itemsize
     hp = (p.oh - 1) * p.sh + (p.r - 1) * p.dh + 1
     wp = (p.ow - 1) * p.sw + (p.s - 1) * p.dw + 1
     rr, ss, cc = np.meshgrid(np.arange(p.r), np.arange(p.s), np.arange(p.c), indexing="ij")
     toff = ((rr * p.dh * wp + ss * p.dw) * p.c + cc).reshape(-1).astype(np.int64)
+    toff.flags.writeable = False
     return -(-p.k // lanes) * lanes, hp, wp, toff
 
 
