@@ -4,7 +4,7 @@ import numpy as np
 from numba import literally
 
 from ..._jit import BOUNDSCHECK, micro, round_run, RUN_VECTOR, serial, VECTOR_BYTES
-from ..common import SLACK, mac_taps
+from ..common import SLACK, copy_vector, mac_taps
 
 _FWD_TILE = 8192  # elements of the forward accumulator (channels x row-block run): stays in L1/L2
 _FWD_KB = 8       # output channels per forward work item
@@ -138,9 +138,14 @@ def _fwd_block(xv, c0, wt, offs, b, y, n, k0, nk, i0, i1, wq, sh, acc):
     while q < nk:
         _mac_run(acc, q, xv, base, offs, wt, k0, b, ln, lanes, 1)
         q += 1
-    for q in range(nk):
-        for i in range(i0, i1):
-            _copy(y[n, k0 + q, i], acc[q, (i - i0) * wq:(i - i0) * wq + ow], ow)
+    if wq == ow:  # rows back to back in acc as in y's plane: one copy per channel, not per row
+        m = (i1 - i0) * ow
+        for q in range(nk):
+            _copy(y[n, k0 + q].reshape(-1)[i0 * ow:i0 * ow + m], acc[q, :m], m)
+    else:
+        for q in range(nk):
+            for i in range(i0, i1):
+                _copy(y[n, k0 + q, i], acc[q, (i - i0) * wq:(i - i0) * wq + ow], ow)
 
 
 @_micro
@@ -185,7 +190,12 @@ def _fill_shifted(src, bufs, hp, ow, top, left, dw):
     # (i, j + s*dw), i.e. src[i - top, j + s*dw - left] or 0: tap (r, s) of output row i is then
     # bufs[s][(i + r*dh)*ow + j], and a block of rows one contiguous run.  The zeros were
     # written once (same geometry for every plane) and are never overwritten.
+    # A row with no zeros on either side is copied as whole vectors (copy_vector), the last one
+    # running past the row into the next row (copied after it) or the SLACK: lenet5-c3's 10-wide
+    # rows went element by element, and the 30 shifted planes of an image then cost a third of
+    # its arithmetic.  Never where the spill would reach a zero row or the read leave the plane.
     h, w = src.shape
+    lanes = VECTOR_BYTES // bufs.itemsize
     for s in range(bufs.shape[0]):
         d = bufs[s]
         j0 = max(0, left - s * dw)
@@ -193,7 +203,18 @@ def _fill_shifted(src, bufs, hp, ow, top, left, dw):
         if j1 <= j0:
             continue
         c0 = j0 + s * dw - left
-        for i in range(max(0, top), min(hp, h + top)):
-            _copy(d[i * ow + j0:i * ow + j1], src[i - top, c0:c0 + j1 - j0], j1 - j0)
+        i_hi = min(hp, h + top)
+        wide = j0 == 0 and j1 == ow
+        nv = (ow + lanes - 1) // lanes
+        for i in range(max(0, top), i_hi):
+            so = (i - top) * w + c0
+            if (wide and (i + 1 == i_hi == hp or i + 1 < i_hi) and so + nv * lanes <= h * w
+                    and i * ow + nv * lanes <= d.shape[0]):
+                if BOUNDSCHECK:
+                    _ = src.reshape(-1)[so + nv * lanes - 1] + d[i * ow + nv * lanes - 1]
+                for v in range(nv):
+                    copy_vector(d, i * ow + v * lanes, src, so + v * lanes)
+            else:
+                _copy(d[i * ow + j0:i * ow + j1], src[i - top, c0:c0 + j1 - j0], j1 - j0)
 
 
