@@ -16,6 +16,7 @@ CASES += [("lenet5-c3-like", (20, 6, 14, 14), (16, 6, 5, 5), {}),
 
 
 def _paths(monkeypatch, per_image):
+    monkeypatch.setattr(direct, "_ROWS_MAX_BYTES", -1)  # grad_weight by the per-image / padded kernels
     monkeypatch.setattr(direct, "_IMG_MIN_ITEMS", 1 if per_image else 10**9)
     # the per-image grad_input too wherever it fits, not only where it pays (_gi_img_pays)
     monkeypatch.setattr(direct, "_GI_IMG_MAX_TAPS", 10**9 if per_image else 160)
@@ -53,13 +54,19 @@ def test_per_image_path_is_taken_for_lenet_sized_layers(monkeypatch):
     assert not direct._per_image(8, 1, 256, 56 * 56 + direct.SLACK, 4)
     assert not direct._per_image(4, 1, 6, 14 * 14 + direct.SLACK, 4)
     calls = []
-    for name in ("_forward_img", "_grad_input_img", "_grad_weight_img", "_forward", "_grad_weight"):
+    for name in ("_forward_img", "_grad_input_img", "_grad_weight_img", "_forward", "_grad_weight",
+                 "grad_weight_rows"):
         original = getattr(direct, name)
         monkeypatch.setattr(direct, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     x = np.ones((64, 6, 14, 14), np.float32)
     w = np.ones((16, 6, 5, 5), np.float32)
     run_conv("direct", x, w, None, np.ones((64, 16, 10, 10), np.float32))
-    assert calls == ["_forward_img", "_grad_input_img", "_grad_weight_img"]  # forward, grad_input, grad_weight
+    assert calls == ["_forward_img", "_grad_input_img", "grad_weight_rows"]  # forward, grad_input, grad_weight
+    # without the output-channel-lane grad_weight (tap_rows), the per-image one
+    calls.clear()
+    monkeypatch.setattr(direct, "_ROWS_MAX_BYTES", -1)
+    run_conv("direct", x, w, None, np.ones((64, 16, 10, 10), np.float32))
+    assert calls == ["_forward_img", "_grad_input_img", "_grad_weight_img"]
     # one image of many groups: the per-image forward is parallel over (image, group) items, the
     # per-image grad_weight only over images, so it keeps the padded-copy kernel
     calls.clear()
