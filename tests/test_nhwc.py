@@ -1036,6 +1036,53 @@ def test_auto_runs_first_layers_natively(monkeypatch):
     assert calls
 
 
+FEW_GW_CASES = [  # grad_weight on the few-channel kernel: any input channels, output channels off the NR panels
+    ("c16-k20", (2, 16, 18, 17), (20, 16, 3, 3), {"padding": 1}),
+    ("c24-k40-s2", (3, 24, 35, 34), (40, 24, 3, 3), {"stride": 2, "padding": 1}),
+    ("c9-k20-dilated", (2, 9, 20, 21), (20, 9, 3, 2), {"dilation": (2, 1), "padding": (2, 0)}),
+    ("c5-k6-5x5", (2, 5, 20, 20), (6, 5, 5, 5), {"padding": 2}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FEW_GW_CASES, ids=[c[0] for c in FEW_GW_CASES])
+def test_few_channel_grad_weight_of_wider_layers(case, dtype, monkeypatch):
+    # the rule takes them (rows of at least FEW_GW_MIN_COLS, not a 1x1 product, no whole panels) and
+    # they match the reference and the GEMM panels' result through the native pass and the public op
+    x, w, b, gy, kw = _make(case, dtype)
+    p = _params(x, w, kw)
+    assert nhwc.few_grad_weight(p) and not nhwc.few_channels(p)
+    calls = []
+    real = nhwc._few_grad_weight
+    monkeypatch.setattr(nhwc, "_few_grad_weight", lambda *a: calls.append(1) or real(*a))
+    want = _reference(x, w, b, gy, kw)["grad_weight"]
+    got = nhwc.grad_weight(nhwc.to_nhwc(gy), nhwc.to_nhwc(x), p)
+    assert calls == [1]
+    assert_results({"grad_weight": got}, {"grad_weight": want}, dtype, scale=4.0)
+    gw, _ = fastconv.conv2d_grad_weight(_cl(gy), _cl(x), w, **kw)
+    assert_results({"grad_weight": gw}, {"grad_weight": want}, dtype, scale=4.0)
+    monkeypatch.setattr(nhwc, "FEW_GW_MIN_COLS", 10**6)  # the panels instead
+    assert not nhwc.few_grad_weight(p)
+    assert_results({"grad_weight": nhwc.grad_weight(nhwc.to_nhwc(gy), nhwc.to_nhwc(x), p)}, {"grad_weight": want},
+                   dtype, scale=4.0)
+
+
+def test_few_grad_weight_rule():
+    def p_(xs, ws, **kw):
+        return conv_params("t", xs, ws, np.dtype(np.float32), kw.get("stride", 1), kw.get("padding", 0), 1, 1, None)
+    nr = G.tile(4)[1]
+    assert nhwc.few_grad_weight(p_((32, 16, 28, 28), (16, 16, 3, 3), padding=1))
+    assert not nhwc.few_grad_weight(p_((32, 16, 28, 28), (nr, 16, 3, 3), padding=1))      # whole panels
+    assert not nhwc.few_grad_weight(p_((32, 16, 7, 7), (16, 16, 3, 3), padding=1))        # short rows
+    assert not nhwc.few_grad_weight(p_((16, 16, 48, 48), (24, 16, 1, 1)))                 # a 1x1 product
+    assert not nhwc.few_grad_weight(p_((2, 16, 20, 20), (8 * G.VBYTES + 8, 16, 3, 3)))    # too many channels
+
+
+@pytest.mark.boundscheck
+def test_few_channel_grad_weight_of_wider_layers_bounds_and_threads():
+    _assert_same_bits_for_thread_counts(FEW_GW_CASES[1])
+
+
 def test_few_channel_scratch_counts_against_the_budget():
     # the padded copy and sums count in nhwc.need: a budget below them refuses the native passes,
     # and 'auto' converts instead (same results)

@@ -123,7 +123,7 @@ def need(p, pass_):
     nt = numba.get_num_threads()
     ws = G.workspace_size(p.dtype) * p.itemsize * nt
     weights = p.k * p.cg * p.r * p.s * p.itemsize
-    if pass_ != "grad_input" and few_channels(p):
+    if (few_channels(p) and pass_ == "forward") or (pass_ == "grad_weight" and few_grad_weight(p)):
         kp, hp, wp, toff = _few_layout(p)
         rows = nt if pass_ == "forward" else min(max(1, p.n * p.oh), GW_SPLITS)
         sums = toff.size * kp * (1 if pass_ == "forward" else rows)
@@ -441,6 +441,26 @@ def few_channels(p):
     return p.g == 1 and p.c <= FEW_CHANNELS and p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize)
 
 
+#: Shortest output rows of a :func:`few_grad_weight` layer: the kernel loops over a row's positions
+#: per tap block, and 7-position rows lost (ms few-channel / GEMM panels below)
+FEW_GW_MIN_COLS = 16
+
+
+def few_grad_weight(p):
+    """Whether grad_weight runs on the few-channel kernel (:func:`_few_grad_weight`): a
+    :func:`few_channels` layer, or one group of any input channels whose output channels are not a
+    whole number of the GEMM's NR-column panels (neither the tap-by-tap kernel nor the panels then
+    fill their tiles), not a 1x1 product, rows of at least FEW_GW_MIN_COLS positions.  Measured
+    (Zen 4, 2 threads, float32, ms few-channel / panels): 3x3 stride 1 32x16x28x28 -> 16 0.70 /
+    1.84, 4x16x128x128 -> 16 1.94 / 4.80, 16x16x48x48 -> 16 1.16 / 2.67, 32x8x28x28 -> 16 0.48 /
+    1.41, 16x24x24x24 -> 48 1.00 / 1.53; lost: 32x16x7x7 -> 16 0.16 / 0.14, 32x16x14x14 -> 16 s2
+    0.17 / 0.15, 1x1 16x16x48x48 -> 24 0.30 / 0.16; with whole panels (k = 32, 64) mixed, 0.74-1.26x."""
+    if few_channels(p):
+        return True
+    return (p.g == 1 and not pointwise(p) and p.k % G.tile(p.itemsize)[1] != 0 and p.ow >= FEW_GW_MIN_COLS
+            and p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize))
+
+
 @functools.lru_cache(maxsize=256)
 def _few_layout(p):
     """(kp, hp, wp, toff): output channels rounded up to whole vectors, the zero-padded input's
@@ -661,7 +681,7 @@ def grad_weight(gyh, xh, p):
         return np.zeros((p.k, p.cg, p.r, p.s), dtype=p.dtype)
     if pointwise(p) and not gw_taps(p):
         return _pointwise_gw(gyh, xh, p)
-    if few_channels(p):
+    if few_grad_weight(p):
         return _few_grad_weight(gyh, xh, p)
     ns, per = _parts(p, m)
     if gw_taps(p):
