@@ -23,6 +23,10 @@ MAX_CASES = [
     ("ceil-pad", (1, 2, 6, 7), {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}),
     ("ceil-dilation", (1, 1, 8, 8), {"kernel_size": 2, "stride": 3, "dilation": 2, "ceil_mode": True}),
     ("ceil-stride-list", (1, 2, 5, 8), {"kernel_size": [3, 2], "stride": [2, 3], "ceil_mode": True}),
+    # 16+ channels on short output rows: NCHW arrays through the channels_last kernels (pooling._via_cl)
+    ("many-channels-k3-s1-p1", (2, 16, 5, 5), {"kernel_size": 3, "stride": 1, "padding": 1}),
+    ("many-channels-k2", (1, 17, 8, 9), {"kernel_size": 2}),
+    ("many-channels-ceil-dilation", (1, 16, 7, 7), {"kernel_size": 2, "stride": 2, "dilation": 2, "ceil_mode": True}),
 ]
 MAX_IDS = [c[0] for c in MAX_CASES]
 
@@ -47,6 +51,10 @@ AVG_CASES = [
     ("wide-k5-s1-p2", (1, 1, 4, 37), {"kernel_size": 5, "stride": 1, "padding": 2}),
     ("wide-k4-s2-p2-exclude-ceil", (1, 1, 5, 38), {"kernel_size": 4, "stride": 2, "padding": 2,
                                                    "ceil_mode": True, "count_include_pad": False}),
+    # 16+ channels on short output rows: NCHW arrays through the channels_last kernels (pooling._via_cl)
+    ("many-channels-k3-s2-p1-exclude", (2, 16, 7, 7), {"kernel_size": 3, "stride": 2, "padding": 1,
+                                                       "count_include_pad": False}),
+    ("many-channels-ceil", (1, 20, 6, 7), {"kernel_size": 2, "ceil_mode": True}),
 ]
 AVG_IDS = [c[0] for c in AVG_CASES]
 
@@ -514,3 +522,47 @@ def test_large_pool_results_use_kept_memory_without_clobbering_live_ones(layout)
     del g1, keep
     g3 = fastconv.max_pool2d_backward(gy1, idx, x.shape)
     assert [b.ctypes.data for b in _config._results if np.shares_memory(b, g3)] == raw  # reused once freed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nchw_small_planes_via_channels_last_match_the_nchw_kernels(dtype, monkeypatch):
+    # 16+ channels on short output rows run the channels_last kernels on a transposed copy: the same
+    # values and indices as the NCHW kernels, returned C-contiguous in NCHW; the rule's edges
+    from fastconv._algorithms import pooling
+    rng = np.random.default_rng(5)
+    x = random_array(rng, (3, 24, 9, 10), dtype)
+    monkeypatch.setattr(pooling, "NCHW_VIA_CL_2X2_MIN", 0)  # the 2x2 kernel's route too, on a small tensor
+    calls = []
+    real = pooling._max_forward_cl
+    monkeypatch.setattr(pooling, "_max_forward_cl", lambda *a: calls.append(1) or real(*a))
+    runs = [lambda: fastconv.max_pool2d(x, 3, 2, 1, return_indices=True),
+            lambda: fastconv.max_pool2d(x, 2, return_indices=True),
+            lambda: (fastconv.avg_pool2d(x, 3, 1, 1, count_include_pad=False),),
+            lambda: (fastconv.avg_pool2d(x, 2, 2, 0, divisor_override=3),)]
+    via = [f() for f in runs]
+    gy = random_array(rng, via[2][0].shape, dtype)
+    gx_via = fastconv.avg_pool2d_backward(gy, x.shape, 3, 1, 1, count_include_pad=False)
+    assert len(calls) == 2
+    for out in via:
+        assert all(a.flags.c_contiguous for a in out)
+    monkeypatch.setattr(pooling, "NCHW_VIA_CL_MAX_COLS", {"max2x2": 0, "max": 0, "avg": 0})
+    nchw = [f() for f in runs]
+    assert len(calls) == 2
+    for a, b in zip(via, nchw):
+        for u, v in zip(a, b):
+            if u.dtype.kind == "i":
+                np.testing.assert_array_equal(u, v)
+            else:
+                np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx_via, fastconv.avg_pool2d_backward(gy, x.shape, 3, 1, 1, count_include_pad=False),
+                               rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
+    p = fastconv._validation.pool_params("t", (2, 16, 16, 16), (2, 2), (2, 2), (0, 0), 1, False)
+    assert not pooling._via_cl(np.zeros((2, 16, 16, 16)), p, "max")  # 8 output columns: the 2x2 kernel
+    p6 = fastconv._validation.pool_params("t", (32, 16, 12, 12), (2, 2), (2, 2), (0, 0), 1, False)
+    assert not pooling._via_cl(np.zeros((32, 16, 12, 12)), p6, "max")  # 6 columns, but a small tensor
+    p6 = fastconv._validation.pool_params("t", (32, 64, 12, 12), (2, 2), (2, 2), (0, 0), 1, False)
+    assert pooling._via_cl(np.zeros((32, 64, 12, 12)), p6, "max")
+    assert pooling._via_cl(np.zeros((2, 16, 16, 16)), p, "avg")
+    p15 = fastconv._validation.pool_params("t", (2, 15, 16, 16), (2, 2), (2, 2), (0, 0), 1, False)
+    assert not pooling._via_cl(np.zeros((2, 15, 16, 16)), p15, "avg")  # 15 channels

@@ -61,10 +61,34 @@ def _to_cl(a):
     return _nchw_view(_nhwc(a))
 
 
+# The other way round, NCHW planes with at least CL_MIN_CHANNELS channels whose output rows are at
+# most this short run the channels_last kernels on a transposed copy (outputs transposed back): the
+# NCHW kernels' row loops then cover a vector or less.  2 threads, Zen 4, ms NCHW / via channels_last
+# (transposes included), max with indices: 16x512x3x3 3x3/s1/p1 0.83 / 0.16, 16x64x14x14 3x3/s1/p1
+# 0.62 / 0.35, 16x128x20x20 3x3/s2/p1 0.93 / 0.36, 32x256x8x8 2x2 0.52 / 0.28, 32x64x12x12 2x2
+# 0.19 / 0.12; kept: 32x64x16x16 2x2 0.07 / 0.17, 16x32x32x32 3x3/s1 0.86 / 1.27.  Average (forward
+# / backward): 32x256x8x8 2x2 1.28 / 0.19 and 1.49 / 0.17, 16x512x3x3 3x3/s1/p1 0.45 / 0.08,
+# 8x64x56x56 2x2 0.82 / 0.31 and 0.94 / 0.51; kept: 64x6x28x28 2x2 0.26 / 0.42 (6 channels),
+# 8x64x112x112 3x3/s2/p1 3.26 / 3.46.  The 2x2 max kernel loses only on large tensors: LeNet's
+# 32x16x10x10 0.050 / 0.073, 16x64x6x6 0.042 / 0.054 (hence NCHW_VIA_CL_2X2_MIN elements).
+NCHW_VIA_CL_MAX_COLS = {"max2x2": 6, "max": 16, "avg": 32}
+NCHW_VIA_CL_2X2_MIN = 1 << 18
+
+
+def _via_cl(x, p, kind):
+    two = kind == "max" and _is_2x2(p)
+    return (not is_channels_last(x) and p.c >= CL_MIN_CHANNELS and p.h * p.w < 2**31 and x.size
+            and p.ow <= NCHW_VIA_CL_MAX_COLS["max2x2" if two else kind]
+            and (not two or x.size >= NCHW_VIA_CL_2X2_MIN))
+
+
 def max_forward(x, p):
     if is_channels_last(x) and p.c < CL_MIN_CHANNELS:
         y, idx = max_forward(to_nchw(x), p)
         return _to_cl(y), _to_cl(idx)
+    if _via_cl(x, p, "max"):
+        y, idx = _max_forward_cl(x, p)
+        return to_nchw(y), to_nchw(idx)
     if is_channels_last(x) and p.h * p.w < 2**31:
         return _max_forward_cl(x, p)
     y = result(p.y_shape, x.dtype)
@@ -105,12 +129,13 @@ def max_backward(gy, idx, input_shape):
 
 def avg_forward(x, p, count_include_pad, divisor_override=0):
     """``divisor_override`` 0 means none (PyTorch refuses 0 itself)."""
-    if is_channels_last(x):
+    via = _via_cl(x, p, "avg")
+    if via or is_channels_last(x):
         y = result((p.n, p.oh, p.ow, p.c), x.dtype)
         if y.size:
             _avg_forward_nhwc(_nhwc(x), y, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
                               int(divisor_override))
-        return _nchw_view(y)
+        return to_nchw(_nchw_view(y)) if via else _nchw_view(y)
     y = result(p.y_shape, x.dtype)
     if y.size:
         kernel = _avg_forward_sep if p.sw <= 2 else _avg_forward
@@ -120,12 +145,13 @@ def avg_forward(x, p, count_include_pad, divisor_override=0):
 
 
 def avg_backward(gy, p, count_include_pad, divisor_override=0):
-    if is_channels_last(gy):
+    via = _via_cl(gy, p, "avg")
+    if via or is_channels_last(gy):
         gx = result((p.n, p.h, p.w, p.c), gy.dtype)
         if gx.size:
             _avg_backward_nhwc(_nhwc(gy), gx, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, bool(count_include_pad),
                                int(divisor_override))
-        return _nchw_view(gx)
+        return to_nchw(_nchw_view(gx)) if via else _nchw_view(gx)
     sep = p.sw <= 2 and gy.size > 0  # _avg_backward_sep writes every element of gx
     gx = (result if sep else result_zeros)((p.n * p.c, p.h, p.w), gy.dtype)
     if gx.size:
