@@ -139,3 +139,23 @@ def test_column_shifted_layout_gives_the_padded_paths_bits(pads, dil, dtype, mon
     xp = xp[:, :, max(-top, 0):xp.shape[2] - max(-bottom, 0), max(-left, 0):xp.shape[3] - max(-right, 0)]
     tol = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(got, ref.conv2d(xp, w, dilation=dil), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pads", [(0, 2, 0, 0), (1, 3, 0, 0), (0, 0, 0, 0)])
+def test_shifted_rows_copied_as_vectors_leave_the_zero_rows_zero(pads, dtype, monkeypatch):
+    # output rows narrower than a vector (3 columns): a row's whole-vector copy runs over the next
+    # rows, which must all be copied after it -- never into the zero rows of the bottom padding
+    rng = np.random.default_rng(4)
+    x = random_array(rng, (17, 2, 9, 5), dtype)
+    w = random_array(rng, (3, 2, 3, 3), dtype)
+    top, bottom, left, right = pads
+    oh, ow = 9 + top + bottom - 2, 3
+    calls = []
+    original = direct._forward_img
+    monkeypatch.setattr(direct, "_forward_img", lambda *a: calls.append(a[-2]) or original(*a))
+    got = direct._conv(x, top, bottom, left, right, w, None, 1, 1, 1, 1, 1, oh, ow)
+    assert calls == [3]
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (0, 0)))
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(got, ref.conv2d(xp, w), rtol=tol, atol=tol)

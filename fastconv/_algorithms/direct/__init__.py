@@ -359,7 +359,7 @@ def _grad_input_by_phases(gy, w, p):
 def _gw_by_rows(p):
     """Whether grad_weight runs by ``tap_rows``: one group whose output channels fit its registers,
     and an image's gradient rows (``oh x wq x kp``) within _ROWS_MAX_BYTES per part."""
-    if p.g != 1 or _depthwise(p) or not _rows_usable(p.k, p.itemsize):
+    if p.g != 1 or p.n == 0 or _depthwise(p) or not _rows_usable(p.k, p.itemsize):
         return False
     lanes = VBYTES // p.itemsize
     return p.oh * p.wp * -(-p.k // lanes) * lanes * p.itemsize <= _ROWS_MAX_BYTES

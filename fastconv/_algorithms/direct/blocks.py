@@ -199,7 +199,7 @@ def _fill_shifted(src, bufs, hp, ow, top, left, dw):
     # bufs[s][(i + r*dh)*ow + j], and a block of rows one contiguous run.  The zeros were
     # written once (same geometry for every plane) and are never overwritten.
     # A row with no zeros on either side is copied as whole vectors (copy_vector), the last one
-    # running past the row into the next row (copied after it) or the SLACK: lenet5-c3's 10-wide
+    # running past the row into the next rows (copied after it) or the SLACK: lenet5-c3's 10-wide
     # rows went element by element, and the 30 shifted planes of an image then cost a third of
     # its arithmetic.  Never where the spill would reach a zero row or the read leave the plane.
     h, w = src.shape
@@ -216,8 +216,10 @@ def _fill_shifted(src, bufs, hp, ow, top, left, dw):
         nv = (ow + lanes - 1) // lanes
         for i in range(max(0, top), i_hi):
             so = (i - top) * w + c0
-            if (wide and (i + 1 == i_hi == hp or i + 1 < i_hi) and so + nv * lanes <= h * w
-                    and i * ow + nv * lanes <= d.shape[0]):
+            end = i * ow + nv * lanes  # the copy's end: inside the rows copied after this one, or
+            # past the plane's last row into the SLACK (never into zero rows of the bottom padding)
+            if (wide and so + nv * lanes <= h * w
+                    and (end <= i_hi * ow or (i_hi == hp and end <= d.shape[0]))):
                 if BOUNDSCHECK:
                     _ = src.reshape(-1)[so + nv * lanes - 1] + d[i * ow + nv * lanes - 1]
                 for v in range(nv):
