@@ -38,7 +38,7 @@ def _make(xs, ws, kw, dtype, seed=0):
 def test_rows_grad_weight_matches_reference(case, dtype):
     _, xs, ws, kw = case
     p = _params(xs, ws, kw, dtype)
-    assert direct._gw_by_rows(p)
+    assert direct._gw_by_rows(p) == (2 * ws[0] >= direct.VBYTES // np.dtype(dtype).itemsize)
     x, gy = _make(xs, ws, kw, dtype)
     got = direct._gw_rows(gy, x, p)
     want = ref.conv2d_grad_weight(gy.astype(np.float64), x.astype(np.float64), ws, **kw)
@@ -110,3 +110,6 @@ def test_rows_rule():
                                                 None))
     assert not direct._gw_by_rows(_params((8, 3, 224, 224), (64, 3, 7, 7), {"stride": 2, "padding": 3},
                                           np.float32))
+    half = direct.VBYTES // 4 // 2  # fewer output channels than half a vector: the dot kernels
+    assert direct._gw_by_rows(_params((8, 1, 28, 28), (half, 1, 5, 5), {"padding": 2}, np.float32))
+    assert not direct._gw_by_rows(_params((8, 1, 28, 28), (half - 1, 1, 5, 5), {"padding": 2}, np.float32))
