@@ -36,11 +36,13 @@ warnings.simplefilter("always")
 import numpy as np
 import fastconv
 from fastconv._algorithms import pooling
-X = np.arange(8 * 16 * 32 * 32, dtype=np.float32).reshape(8, 16, 32, 32) % 97
-REF = X.reshape(8, 16, 8, 4, 8, 4).mean(axis=(3, 5))
+X = np.arange(8 * 8 * 32 * 32, dtype=np.float32).reshape(8, 8, 32, 32) % 97
+REF = X.reshape(8, 8, 8, 4, 8, 4).mean(axis=(3, 5))
 
 def call():
-    y = fastconv.avg_pool2d(X, 4)  # column stride 4: the per-window kernel, not the separable one
+    # column stride 4: the per-window NCHW kernel, not the separable one; fewer than
+    # pooling.CL_MIN_CHANNELS channels, so not the channels_last kernel either
+    y = fastconv.avg_pool2d(X, 4)
     assert np.array_equal(y, REF), "wrong result"
 
 def report(**extra):
@@ -213,7 +215,7 @@ def test_interrupted_calls_leave_settings_and_results_intact(warm, tmp_path):
     blas = getattr(im2col, "_BLAS", None)
     if blas is not None and hasattr(blas, "args"):
         blas.args = interrupt
-        w = np.ones((4, 16, 1, 1), np.float32)
+        w = np.ones((4, 8, 1, 1), np.float32)
         try:
             fastconv.conv2d(X, w, algorithm="im2col")
         except KeyboardInterrupt:
