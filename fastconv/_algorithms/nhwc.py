@@ -438,7 +438,12 @@ def few_channels(p):
     (:mod:`._nhwc_small_kernels`: output channels as the vector lanes, one input element per tap
     and position, read from a zero-padded copy): one group of at most FEW_CHANNELS input channels
     and at most ``MAX_VECTORS`` vectors of output channels (128 float32 on AVX-512)."""
-    return p.g == 1 and p.c <= FEW_CHANNELS and p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize)
+    return p.g == 1 and p.c <= FEW_CHANNELS and _few_lanes_fit(p)
+
+
+def _few_lanes_fit(p):
+    # the emitted loops keep at most MAX_VECTORS vectors of output channels
+    return p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize)
 
 
 #: Shortest output rows of a :func:`few_grad_weight` layer: the kernel loops over a row's positions
@@ -458,7 +463,7 @@ def few_grad_weight(p):
     if few_channels(p):
         return True
     return (p.g == 1 and not pointwise(p) and p.k % G.tile(p.itemsize)[1] != 0 and p.ow >= FEW_GW_MIN_COLS
-            and p.k <= KS.MAX_VECTORS * (G.VBYTES // p.itemsize))
+            and _few_lanes_fit(p))
 
 
 @functools.lru_cache(maxsize=256)

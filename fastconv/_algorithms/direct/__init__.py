@@ -50,7 +50,7 @@ from .depthwise import _DW_RB, _dw_forward, _dw_grad_weight, _dw_same3x3
 from .depthwise_cv import dwc_forward, dwc_grad_input, dwc_grad_weight
 from .general import _forward, _grad_input, _grad_weight
 from .per_image import _STACK_COLS, _forward_img, _grad_input_img, _grad_weight_img
-from .tap_rows import GW_PARTS, grad_weight_rows, usable as _rows_usable
+from .tap_rows import GW_PARTS, grad_weight_rows, padded_channels, taps_per_pass, usable as _rows_usable
 from .._gemm_kernels import VBYTES
 
 _GI_CB = 8        # input channels per work item of the strided grad_input scatter
@@ -362,18 +362,17 @@ def _gw_by_rows(p):
     _ROWS_MAX_BYTES per part."""
     if p.g != 1 or p.n == 0 or _depthwise(p) or not _rows_usable(p.k, p.itemsize):
         return False
-    lanes = VBYTES // p.itemsize
     # at least half a vector of output channels: lenet5-c1's 6 of 16 lanes took 0.41 ms where the
     # per-image dot kernel takes 0.21
-    return 2 * p.k >= lanes and p.oh * p.wp * -(-p.k // lanes) * lanes * p.itemsize <= _ROWS_MAX_BYTES
+    return (2 * p.k >= VBYTES // p.itemsize
+            and p.oh * p.wp * padded_channels(p.k, p.itemsize) * p.itemsize <= _ROWS_MAX_BYTES)
 
 
 def _rows_eff(p):
     """Share of ``tap_rows``' lanes and loop steps that are real products: channels past k in the
     last vector, the columns between the rows of a merged run, a partial block of taps."""
-    lanes = VBYTES // p.itemsize
-    kp = -(-p.k // lanes) * lanes
-    npos = max(1, min(8, 16 // (kp // lanes)))
+    kp = padded_channels(p.k, p.itemsize)
+    npos = taps_per_pass(kp, p.itemsize)
     tn = p.cg * p.r * p.s
     run = (p.oh - 1) * p.wp + p.ow if p.sh == 1 and p.sw == 1 else p.oh * p.ow
     return (p.k / kp) * (p.oh * p.ow / run) * (tn / (-(-tn // npos) * npos))
@@ -383,8 +382,7 @@ def _gw_rows(gy, x, p):
     """grad_weight by ``tap_rows`` (output channels as lanes): one group only."""
     xq, _, wq, finite = pad_planes(x, p.ph0, p.ph1, p.pw0, p.pw1, 1, check_finite=True)
     toff = _rows_taps(p.cg, p.r, p.s, p.dh, p.dw, wq, xq.shape[2])
-    lanes = VBYTES // p.itemsize
-    kp = -(-p.k // lanes) * lanes
+    kp = padded_channels(p.k, p.itemsize)
     per = -(-p.n // min(p.n, GW_PARTS))
     npart = -(-p.n // per)
     tn = toff.size

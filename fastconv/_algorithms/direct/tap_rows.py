@@ -20,8 +20,8 @@ import numpy as np
 from numba import prange
 
 from ..._jit import BOUNDSCHECK, kernel
-from .._gemm_kernels import _lanes
-from .._nhwc_small_kernels import MAX_VECTORS, _npos, _row_dot
+from .._gemm_kernels import VBYTES, _lanes
+from .._nhwc_small_kernels import MAX_VECTORS, _npos, _positions, _row_dot
 
 #: Most parts the images are summed in (a count from the shape alone: the bits do not depend on
 #: the threads); enough for two threads to share out evenly.
@@ -75,9 +75,17 @@ def grad_weight_rows(xq, toff, gy, oh, ow, wq, sh, sw, merged, kp, per, parts, g
                                  sw, nt - t)
 
 
+def padded_channels(k, itemsize):
+    """k output channels rounded up to whole vectors: the gradient rows' ``kp``."""
+    lanes = VBYTES // itemsize
+    return -(-k // lanes) * lanes
+
+
 def usable(k, itemsize):
     """Whether k output channels fit the emitted loop (at most MAX_VECTORS vectors)."""
-    from .._gemm_kernels import VBYTES
+    return padded_channels(k, itemsize) <= MAX_VECTORS * (VBYTES // itemsize)
 
-    lanes = VBYTES // itemsize
-    return -(-k // lanes) <= MAX_VECTORS
+
+def taps_per_pass(kp, itemsize):
+    """Taps whose sums one pass of the emitted loop keeps in registers for kp channels."""
+    return _positions(kp // (VBYTES // itemsize))
